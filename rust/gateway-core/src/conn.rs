@@ -1,0 +1,398 @@
+//! Connections: shared frames, the bounded priority outbound queue and its drop policy.
+//!
+//! Backpressure policy (docs/architecture.md):
+//! - each queue is bounded in bytes (`queue_bytes`); a frame is always admitted into an
+//!   empty queue, so one large message cannot wedge a connection;
+//! - low priority is admitted only while the queue is under half the bound;
+//! - over the bound, queued frames of lower priority than the new one are evicted, oldest
+//!   first; if that is not enough a normal frame is dropped, and a high-priority frame
+//!   closes the connection as a slow consumer (4008);
+//! - publishers never wait: every outcome is decided under one short lock.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU32, AtomicU64};
+use std::sync::{Arc, OnceLock};
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+use tokio::sync::Notify;
+
+use crate::metrics::{self, Counters};
+use crate::protocol::deflate::deflate;
+use crate::protocol::frame::{self, OP_TEXT};
+use crate::protocol::CloseCode;
+
+pub const PRIO_LOW: u8 = 0;
+pub const PRIO_NORMAL: u8 = 1;
+pub const PRIO_HIGH: u8 = 2;
+
+/// A server frame encoded once and shared by reference with every recipient.
+pub struct Frame {
+    /// The complete uncompressed frame (header + payload).
+    plain: Bytes,
+    header_len: usize,
+    /// Data frame long enough to be worth compressing.
+    compressible: bool,
+    /// Compressed frames, by server window bits 9..=15, made on first use.
+    deflated: [OnceLock<Bytes>; 7],
+    /// Logical messages inside (a batch frame carries several).
+    pub logical: u32,
+    /// Monotonic publish time in µs since engine start (0 = untracked), for lag stats.
+    pub born_us: u64,
+}
+
+impl Frame {
+    fn build(opcode: u8, payload: &[u8], min_deflate: usize, logical: u32) -> Self {
+        let buf = frame::encode(opcode, false, payload);
+        Self {
+            header_len: buf.len() - payload.len(),
+            plain: Bytes::from(buf),
+            compressible: opcode < 0x8 && payload.len() >= min_deflate,
+            deflated: Default::default(),
+            logical,
+            born_us: 0,
+        }
+    }
+
+    /// A text message frame.
+    pub fn text(payload: &[u8], min_deflate: usize) -> Arc<Self> {
+        Arc::new(Self::build(OP_TEXT, payload, min_deflate, 1))
+    }
+
+    /// A data frame with an explicit opcode and logical message count.
+    pub fn data(opcode: u8, payload: &[u8], min_deflate: usize, logical: u32) -> Arc<Self> {
+        Arc::new(Self::build(opcode, payload, min_deflate, logical))
+    }
+
+    /// A control frame (ping, pong, close) from pre-encoded bytes.
+    pub fn control(encoded: Vec<u8>) -> Arc<Self> {
+        Arc::new(Self {
+            header_len: 2,
+            plain: Bytes::from(encoded),
+            compressible: false,
+            deflated: Default::default(),
+            logical: 0,
+            born_us: 0,
+        })
+    }
+
+    pub fn payload(&self) -> &[u8] {
+        &self.plain[self.header_len..]
+    }
+
+    /// Size used for queue accounting.
+    pub fn len(&self) -> usize {
+        self.plain.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.plain.is_empty()
+    }
+
+    /// The bytes to send to a connection with the given deflate window (None = no deflate).
+    /// Compression happens once per window size, whoever needs it first.
+    pub fn bytes_for(&self, deflate_bits: Option<u8>, level: u32, counters: &Counters) -> &Bytes {
+        match deflate_bits {
+            Some(bits) if self.compressible => {
+                let bits = bits.clamp(9, 15);
+                self.deflated[(bits - 9) as usize].get_or_init(|| {
+                    metrics::inc(&counters.deflate_compressions);
+                    let z = deflate(self.payload(), bits, level);
+                    let opcode = self.plain[0] & 0x0F;
+                    Bytes::from(frame::encode(opcode, true, &z))
+                })
+            }
+            _ => &self.plain,
+        }
+    }
+}
+
+/// A queued frame.
+pub struct Item {
+    pub frame: Arc<Frame>,
+    pub prio: u8,
+}
+
+/// Why and how a connection is being closed by the server.
+#[derive(Debug, Clone)]
+pub struct Closing {
+    pub code: CloseCode,
+    pub reason: String,
+    /// Discard frames still queued (slow consumer, protocol error) instead of flushing them.
+    pub discard: bool,
+}
+
+/// The outbound queue of one connection.
+#[derive(Default)]
+pub struct OutQueue {
+    pub items: VecDeque<Item>,
+    pub bytes: usize,
+    /// A wake-up is pending for the writer: later pushes need not notify again.
+    pub woken: bool,
+    pub closing: Option<Closing>,
+}
+
+/// What happened to a pushed frame.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Push {
+    /// Queued; the writer must be notified.
+    Wake,
+    /// Queued; the writer was already notified.
+    Queued,
+    /// Dropped by the priority policy.
+    Dropped,
+    /// Over the bound with high-priority traffic: the connection is now closing (4008).
+    SlowConsumer,
+    /// The connection is closing; nothing more is queued.
+    Closed,
+}
+
+impl OutQueue {
+    /// Admit a frame according to the backpressure policy (see the module docs).
+    pub fn push(&mut self, frame: &Arc<Frame>, prio: u8, bound: usize, c: &Counters) -> Push {
+        if self.closing.is_some() {
+            metrics::inc(&c.dropped_closed);
+            return Push::Closed;
+        }
+        let len = frame.len();
+        if !self.items.is_empty() {
+            let limit = if prio == PRIO_LOW { bound / 2 } else { bound };
+            if self.bytes + len > limit {
+                if prio == PRIO_LOW {
+                    metrics::inc(&c.dropped_low);
+                    return Push::Dropped;
+                }
+                self.evict_below(prio, len, bound, c);
+                if self.bytes + len > bound {
+                    if prio == PRIO_NORMAL {
+                        metrics::inc(&c.dropped_normal);
+                        return Push::Dropped;
+                    }
+                    metrics::add(&c.dropped_high, 1 + self.items.len() as u64);
+                    self.items.clear();
+                    self.bytes = 0;
+                    self.closing = Some(Closing {
+                        code: crate::protocol::close::SLOW_CONSUMER,
+                        reason: "slow consumer".into(),
+                        discard: true,
+                    });
+                    metrics::inc(&c.close_slow_consumer);
+                    return self.wake();
+                }
+            }
+        }
+        self.items.push_back(Item { frame: frame.clone(), prio });
+        self.bytes += len;
+        self.wake()
+    }
+
+    fn wake(&mut self) -> Push {
+        if self.closing.as_ref().is_some_and(|c| c.code == crate::protocol::close::SLOW_CONSUMER) {
+            self.woken = true;
+            return Push::SlowConsumer;
+        }
+        if self.woken {
+            Push::Queued
+        } else {
+            self.woken = true;
+            Push::Wake
+        }
+    }
+
+    /// Evict frames with priority lower than `prio`, oldest first, until `len` more fits.
+    fn evict_below(&mut self, prio: u8, len: usize, bound: usize, c: &Counters) {
+        let mut i = 0;
+        while self.bytes + len > bound && i < self.items.len() {
+            if self.items[i].prio < prio {
+                let it = self.items.remove(i).expect("index in range");
+                self.bytes -= it.frame.len();
+                metrics::inc(if it.prio == PRIO_LOW { &c.dropped_low } else { &c.dropped_normal });
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    /// Start a server-side close. Returns false if one is already under way.
+    pub fn close(&mut self, code: CloseCode, reason: &str, discard: bool) -> bool {
+        if self.closing.is_some() {
+            return false;
+        }
+        if discard {
+            self.items.clear();
+            self.bytes = 0;
+        }
+        self.closing = Some(Closing { code, reason: reason.to_owned(), discard });
+        true
+    }
+}
+
+/// One accepted WebSocket connection, shared by its I/O task, the hub and the binding.
+pub struct Conn {
+    pub id: u64,
+    pub user: Option<Arc<str>>,
+    /// Opaque JSON text set by the application at accept time (member lists return it).
+    pub meta: Option<Arc<str>>,
+    pub deflate_bits: Option<u8>,
+    pub out: Mutex<OutQueue>,
+    pub notify: Notify,
+    /// Names of the rooms this connection is in.
+    pub rooms: Mutex<Vec<Arc<str>>>,
+    /// Engine clock seconds of the last frame received / last ping sent.
+    pub last_rx: AtomicU32,
+    pub last_ping: AtomicU32,
+    pub bytes_in: AtomicU64,
+}
+
+impl Conn {
+    pub fn new(id: u64, user: Option<Arc<str>>, meta: Option<Arc<str>>, deflate_bits: Option<u8>, now: u32) -> Self {
+        Self {
+            id,
+            user,
+            meta,
+            deflate_bits,
+            out: Mutex::new(OutQueue::default()),
+            notify: Notify::new(),
+            rooms: Mutex::new(Vec::new()),
+            last_rx: AtomicU32::new(now),
+            last_ping: AtomicU32::new(now),
+            bytes_in: AtomicU64::new(0),
+        }
+    }
+
+    /// Queue one frame and wake the writer if needed. Never blocks on the socket.
+    pub fn push(&self, frame: &Arc<Frame>, prio: u8, bound: usize, c: &Counters) -> Push {
+        let r = self.out.lock().push(frame, prio, bound, c);
+        if matches!(r, Push::Wake | Push::SlowConsumer) {
+            self.notify.notify_one();
+        }
+        r
+    }
+
+    /// Queue several frames under one lock (the cork for a batch of room messages).
+    /// Returns how many were queued.
+    pub fn push_all(&self, frames: &[(Arc<Frame>, u8)], bound: usize, c: &Counters) -> usize {
+        let mut wake = false;
+        let mut queued = 0;
+        {
+            let mut q = self.out.lock();
+            for (f, p) in frames {
+                match q.push(f, *p, bound, c) {
+                    Push::Wake => {
+                        wake = true;
+                        queued += 1;
+                    }
+                    Push::Queued => queued += 1,
+                    Push::Dropped => {}
+                    Push::SlowConsumer => {
+                        wake = true;
+                        break;
+                    }
+                    Push::Closed => break,
+                }
+            }
+        }
+        if wake {
+            self.notify.notify_one();
+        }
+        queued
+    }
+
+    /// Ask the I/O task to close with `code`. `discard` drops frames not yet written.
+    pub fn close(&self, code: CloseCode, reason: &str, discard: bool) {
+        let started = {
+            let mut q = self.out.lock();
+            let s = q.close(code, reason, discard);
+            q.woken = true;
+            s
+        };
+        if started {
+            self.notify.notify_one();
+        }
+    }
+
+    pub fn is_closing(&self) -> bool {
+        self.out.lock().closing.is_some()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::Ordering::Relaxed;
+
+    fn f(n: usize) -> Arc<Frame> {
+        Frame::text(&vec![b'x'; n], usize::MAX)
+    }
+
+    #[test]
+    fn wakes_once_until_drained() {
+        let c = Counters::default();
+        let mut q = OutQueue::default();
+        assert_eq!(q.push(&f(10), PRIO_NORMAL, 1000, &c), Push::Wake);
+        assert_eq!(q.push(&f(10), PRIO_NORMAL, 1000, &c), Push::Queued);
+        assert_eq!(q.items.len(), 2);
+    }
+
+    #[test]
+    fn low_priority_dropped_first_at_half_the_bound() {
+        let c = Counters::default();
+        let mut q = OutQueue::default();
+        for _ in 0..5 {
+            q.push(&f(98), PRIO_NORMAL, 1000, &c); // 100 bytes each
+        }
+        assert_eq!(q.push(&f(98), PRIO_LOW, 1000, &c), Push::Dropped);
+        assert_eq!(c.dropped_low.load(Relaxed), 1);
+        assert_eq!(q.push(&f(98), PRIO_NORMAL, 1000, &c), Push::Queued);
+    }
+
+    #[test]
+    fn high_evicts_lower_then_slow_consumer() {
+        let c = Counters::default();
+        let mut q = OutQueue::default();
+        q.push(&f(98), PRIO_LOW, 1000, &c);
+        for _ in 0..9 {
+            q.push(&f(98), PRIO_NORMAL, 1000, &c);
+        }
+        assert_eq!(q.bytes, 1000);
+        // Normal evicts the older low frame.
+        assert_eq!(q.push(&f(98), PRIO_NORMAL, 1000, &c), Push::Queued);
+        assert_eq!(c.dropped_low.load(Relaxed), 1);
+        assert!(q.items.iter().all(|i| i.prio == PRIO_NORMAL));
+        // Normal cannot evict normal: the new one is dropped.
+        assert_eq!(q.push(&f(98), PRIO_NORMAL, 1000, &c), Push::Dropped);
+        assert_eq!(c.dropped_normal.load(Relaxed), 1);
+        // High evicts the oldest normal frame.
+        assert_eq!(q.push(&f(98), PRIO_HIGH, 1000, &c), Push::Queued);
+        assert_eq!(c.dropped_normal.load(Relaxed), 2);
+        assert_eq!(q.items.back().unwrap().prio, PRIO_HIGH);
+        // Fill with high until nothing lower is left: the next high closes the connection.
+        for _ in 0..9 {
+            assert_eq!(q.push(&f(98), PRIO_HIGH, 1000, &c), Push::Queued);
+        }
+        assert_eq!(q.items.iter().filter(|i| i.prio == PRIO_HIGH).count(), 10);
+        assert_eq!(q.push(&f(98), PRIO_HIGH, 1000, &c), Push::SlowConsumer);
+        assert!(q.items.is_empty());
+        assert_eq!(q.push(&f(1), PRIO_HIGH, 1000, &c), Push::Closed);
+        assert_eq!(c.close_slow_consumer.load(Relaxed), 1);
+    }
+
+    #[test]
+    fn oversized_frame_fits_an_empty_queue() {
+        let c = Counters::default();
+        let mut q = OutQueue::default();
+        assert_eq!(q.push(&f(5000), PRIO_LOW, 1000, &c), Push::Wake);
+    }
+
+    #[test]
+    fn shared_deflate_is_computed_once() {
+        let c = Counters::default();
+        let fr = Frame::text(&b"hello ".repeat(100), 64);
+        let a = fr.bytes_for(Some(15), 5, &c).clone();
+        let b = fr.bytes_for(Some(15), 5, &c).clone();
+        assert_eq!(a, b);
+        assert_eq!(a[0], 0xC1, "FIN + RSV1 + text");
+        assert_eq!(c.deflate_compressions.load(Relaxed), 1);
+        assert_eq!(fr.bytes_for(None, 5, &c)[0], 0x81);
+    }
+}

@@ -1,0 +1,309 @@
+//! The engine object: owns its tokio runtime (no global one), the listener and the hub.
+//! Every method is non-blocking except `start` and `stop`.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::runtime::Runtime;
+use tokio::sync::Notify;
+
+use crate::config::EngineConfig;
+use crate::conn::Frame;
+use crate::events::{Event, EventQueue};
+use crate::hub::{Hub, Join, MemberInfo, RoomOptions};
+use crate::metrics::Counters;
+use crate::protocol::frame::{OP_BINARY, OP_TEXT};
+use crate::protocol::CloseCode;
+use crate::server::{self, Decision, Shared};
+
+pub use crate::server::Decision as ConnectDecision;
+
+pub struct Engine {
+    sh: Arc<Shared>,
+    rt: Mutex<Option<Runtime>>,
+    addr: Mutex<Option<SocketAddr>>,
+}
+
+/// Raise RLIMIT_NOFILE's soft limit to the hard limit. Returns (soft, hard) after.
+pub fn raise_nofile_limit() -> (u64, u64) {
+    let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit with a valid rlimit struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 && r.rlim_cur < r.rlim_max {
+            let want = libc::rlimit { rlim_cur: r.rlim_max, rlim_max: r.rlim_max };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &want) == 0 {
+                r = want;
+            }
+        }
+    }
+    (r.rlim_cur as u64, r.rlim_max as u64)
+}
+
+fn bind(cfg: &EngineConfig) -> io::Result<std::net::TcpListener> {
+    let addr: SocketAddr = (cfg.host.as_str(), cfg.port)
+        .to_socket_addrs()?
+        .next()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, format!("cannot resolve host {:?}", cfg.host)))?;
+    let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    if addr.is_ipv6() {
+        // "::" serves IPv4 too (dual stack).
+        let _ = sock.set_only_v6(false);
+    }
+    sock.set_reuse_address(true)?;
+    if cfg.reuse_port {
+        sock.set_reuse_port(true)?;
+    }
+    sock.set_nonblocking(true)?;
+    sock.bind(&addr.into())?;
+    sock.listen(cfg.backlog as i32)?;
+    Ok(sock.into())
+}
+
+impl Engine {
+    pub fn new(cfg: EngineConfig) -> io::Result<Self> {
+        let counters = Arc::new(Counters::default());
+        let hub = Arc::new(Hub::new(
+            counters.clone(),
+            cfg.queue_bytes,
+            cfg.fanout_chunk,
+            cfg.deflate.min_size,
+            cfg.deflate.level,
+        ));
+        let events = EventQueue::new(cfg.event_queue_cap)?;
+        let sh = Arc::new(Shared {
+            cfg,
+            hub,
+            events,
+            counters,
+            pending: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+            draining: AtomicBool::new(false),
+            stop_accepting: Notify::new(),
+            started: Instant::now(),
+        });
+        Ok(Self { sh, rt: Mutex::new(None), addr: Mutex::new(None) })
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.sh.cfg
+    }
+
+    /// Build the runtime, bind the listener and start serving. Returns the bound address.
+    pub fn start(&self) -> io::Result<SocketAddr> {
+        let mut rt_slot = self.rt.lock();
+        if rt_slot.is_some() {
+            return Err(io::Error::new(io::ErrorKind::AlreadyExists, "engine already started"));
+        }
+        let workers = match self.sh.cfg.workers {
+            0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            n => n,
+        };
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(workers)
+            .thread_name("gateway-io")
+            .enable_all()
+            .build()?;
+        let std_listener = bind(&self.sh.cfg)?;
+        let addr = std_listener.local_addr()?;
+        let listener = {
+            let _guard = rt.enter();
+            tokio::net::TcpListener::from_std(std_listener)?
+        };
+        self.sh.hub.set_runtime(rt.handle().clone());
+        rt.spawn(server::accept_loop(self.sh.clone(), listener));
+        rt.spawn(server::sweeper(self.sh.clone()));
+        *rt_slot = Some(rt);
+        *self.addr.lock() = Some(addr);
+        Ok(addr)
+    }
+
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        *self.addr.lock()
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.rt.lock().is_some()
+    }
+
+    // ---- events -------------------------------------------------------------------------
+
+    pub fn events_fd(&self) -> i32 {
+        self.sh.events.fd()
+    }
+
+    pub fn drain_events(&self, max: usize) -> (Vec<Event>, bool) {
+        self.sh.events.drain(max)
+    }
+
+    // ---- connect decisions ------------------------------------------------------------------
+
+    /// Decide a pending connect. False if it is no longer pending (timed out or gone).
+    pub fn decide(&self, conn: u64, d: Decision) -> bool {
+        match self.sh.pending.lock().remove(&conn) {
+            Some(tx) => tx.send(d).is_ok(),
+            None => false,
+        }
+    }
+
+    // ---- sending ----------------------------------------------------------------------
+
+    fn frame(&self, data: &[u8], binary: bool) -> Arc<Frame> {
+        Frame::data(if binary { OP_BINARY } else { OP_TEXT }, data, self.sh.cfg.deflate.min_size, 1)
+    }
+
+    /// Queue a message to one connection. False if unknown or not accepted by the queue.
+    pub fn send(&self, conn: u64, data: &[u8], prio: u8, binary: bool) -> bool {
+        match self.sh.hub.conn(conn) {
+            Some(c) => {
+                let f = self.frame(data, binary);
+                let ok = matches!(c.push(&f, prio, self.sh.cfg.queue_bytes, &self.sh.counters), crate::conn::Push::Wake | crate::conn::Push::Queued);
+                if ok {
+                    crate::metrics::inc(&self.sh.counters.deliveries);
+                    crate::metrics::inc(&self.sh.counters.deliveries_logical);
+                }
+                ok
+            }
+            None => false,
+        }
+    }
+
+    pub fn send_user(&self, user: &str, data: &[u8], prio: u8) -> usize {
+        self.sh.hub.send_user(user, &self.frame(data, false), prio)
+    }
+
+    pub fn publish(&self, room: &str, data: &[u8], prio: u8) -> usize {
+        self.sh.hub.publish(room, self.frame(data, false), prio)
+    }
+
+    pub fn broadcast(&self, data: &[u8], prio: u8) -> usize {
+        self.sh.hub.broadcast(self.frame(data, false), prio)
+    }
+
+    // ---- rooms and presence ------------------------------------------------------------
+
+    pub fn join(&self, conn: u64, room: &str) -> Join {
+        self.sh.hub.join(conn, room)
+    }
+
+    pub fn leave(&self, conn: u64, room: &str) -> bool {
+        self.sh.hub.leave(conn, room)
+    }
+
+    pub fn set_room_options(&self, prefix: &str, opts: RoomOptions) {
+        self.sh.hub.set_room_options(prefix, opts)
+    }
+
+    pub fn room_counts(&self, room: &str) -> (usize, usize) {
+        self.sh.hub.room_counts(room)
+    }
+
+    pub fn room_members(&self, room: &str, offset: usize, limit: usize) -> Vec<MemberInfo> {
+        self.sh.hub.room_members(room, offset, limit)
+    }
+
+    pub fn rooms(&self) -> Vec<(String, usize, usize)> {
+        self.sh.hub.rooms()
+    }
+
+    pub fn conn_rooms(&self, conn: u64) -> Option<Vec<String>> {
+        self.sh.hub.conn(conn).map(|c| c.rooms.lock().iter().map(|r| r.to_string()).collect())
+    }
+
+    pub fn user_conns(&self, user: &str) -> Vec<u64> {
+        self.sh.hub.user_conns(user).iter().map(|c| c.id).collect()
+    }
+
+    // ---- closing ----------------------------------------------------------------------
+
+    /// Close one connection: frames already queued are flushed first.
+    pub fn disconnect(&self, conn: u64, code: CloseCode, reason: &str) -> bool {
+        match self.sh.hub.conn(conn) {
+            Some(c) => {
+                self.sh.counters.close_server.fetch_add(1, Relaxed);
+                c.close(code, reason, false);
+                true
+            }
+            None => false,
+        }
+    }
+
+    pub fn disconnect_user(&self, user: &str, code: CloseCode, reason: &str) -> usize {
+        let conns = self.sh.hub.user_conns(user);
+        for c in &conns {
+            self.sh.counters.close_server.fetch_add(1, Relaxed);
+            c.close(code, reason, false);
+        }
+        conns.len()
+    }
+
+    pub fn counters(&self) -> Vec<(&'static str, u64)> {
+        let mut v = self.sh.counters.snapshot();
+        v.push(("event_queue_len", self.sh.events.len() as u64));
+        v
+    }
+
+    pub fn connection_count(&self) -> usize {
+        self.sh.hub.conn_count()
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.sh.draining.load(Relaxed)
+    }
+
+    /// Stop accepting (health answers 503), then ask every connection to close with
+    /// `code`, after an optional last frame (e.g. `{"op":"drain","retry_ms":…}`).
+    /// Returns immediately; see `wait_closed`.
+    pub fn drain(&self, code: CloseCode, reason: &str, last: Option<&[u8]>) -> usize {
+        self.sh.draining.store(true, Relaxed);
+        self.sh.stop_accepting.notify_one();
+        let conns = self.sh.hub.all_conns();
+        let last = last.map(|d| self.frame(d, false));
+        for c in &conns {
+            if let Some(f) = &last {
+                c.push(f, crate::conn::PRIO_HIGH, usize::MAX, &self.sh.counters);
+            }
+            c.close(code, reason, false);
+        }
+        conns.len()
+    }
+
+    /// Block until no connection is left or `timeout` passed. Returns those left.
+    pub fn wait_closed(&self, timeout: Duration) -> usize {
+        let end = Instant::now() + timeout;
+        loop {
+            let n = self.connection_count();
+            if n == 0 || Instant::now() >= end {
+                return n;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Graceful stop: drain with `code`, wait up to `timeout`, then shut the runtime down
+    /// (connections still open are dropped). Blocks the caller.
+    pub fn stop(&self, code: CloseCode, reason: &str, timeout: Duration) -> usize {
+        if !self.is_running() {
+            return 0;
+        }
+        self.drain(code, reason, None);
+        let left = self.wait_closed(timeout);
+        if let Some(rt) = self.rt.lock().take() {
+            rt.shutdown_timeout(Duration::from_millis(500));
+        }
+        left
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        if let Some(rt) = self.rt.get_mut().take() {
+            rt.shutdown_background();
+        }
+    }
+}

@@ -1,0 +1,559 @@
+//! The hub: sharded maps of connections, users and rooms; presence; ordered fan-out.
+//!
+//! Fan-out keeps per-room order and corks: a room has one drainer task at a time. It takes
+//! every message published since its last run and queues all of them to each member under
+//! one lock per member, so a busy room costs one writer wake-up per member per round, not
+//! per message. Rooms larger than `fanout_chunk` are split across worker threads; the
+//! drainer waits for every chunk before the next round, which keeps the order.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, Hash, Hasher};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use parking_lot::{Mutex, RwLock};
+use tokio::runtime::Handle;
+
+use crate::conn::{Conn, Frame, PRIO_LOW};
+use crate::metrics::{self, Counters};
+use crate::protocol::frame::OP_TEXT;
+
+const SHARDS: usize = 64;
+
+/// Per-room delivery options, matched by the longest room-name prefix.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RoomOptions {
+    /// Merge window: messages published within it go out as one batch frame. 0 = off.
+    pub merge_ms: u32,
+    /// Most messages per batch frame.
+    pub merge_max: u32,
+}
+
+#[derive(Default)]
+struct Members {
+    list: Vec<Arc<Conn>>,
+    index: HashMap<u64, usize>,
+    users: HashMap<Arc<str>, u32>,
+    /// Shared copy of `list` for fan-out, rebuilt lazily after membership changes.
+    snapshot: Option<Arc<Vec<Arc<Conn>>>>,
+}
+
+#[derive(Default)]
+struct Pending {
+    msgs: Vec<(Arc<Frame>, u8)>,
+    scheduled: bool,
+}
+
+pub struct Room {
+    pub name: Arc<str>,
+    opts: RoomOptions,
+    members: Mutex<Members>,
+    pending: Mutex<Pending>,
+}
+
+impl Room {
+    fn snapshot(&self) -> Arc<Vec<Arc<Conn>>> {
+        let mut m = self.members.lock();
+        if let Some(s) = &m.snapshot {
+            return s.clone();
+        }
+        let s = Arc::new(m.list.clone());
+        m.snapshot = Some(s.clone());
+        s
+    }
+
+    /// (connections, distinct users) in this room on this node.
+    pub fn counts(&self) -> (usize, usize) {
+        let m = self.members.lock();
+        (m.list.len(), m.users.len())
+    }
+}
+
+/// One member in a presence listing.
+#[derive(Debug, Clone)]
+pub struct MemberInfo {
+    pub conn: u64,
+    pub user: Option<Arc<str>>,
+    pub meta: Option<Arc<str>>,
+}
+
+/// Outcome of a join.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Join {
+    Joined,
+    AlreadyMember,
+    NoSuchConn,
+}
+
+pub struct Hub {
+    rooms: Box<[Mutex<HashMap<Arc<str>, Arc<Room>>>]>,
+    conns: Box<[Mutex<HashMap<u64, Arc<Conn>>>]>,
+    users: Box<[Mutex<HashMap<Arc<str>, Vec<Arc<Conn>>>>]>,
+    room_opts: RwLock<Vec<(String, RoomOptions)>>,
+    pub counters: Arc<Counters>,
+    pub queue_bytes: usize,
+    pub fanout_chunk: usize,
+    pub min_deflate: usize,
+    pub deflate_level: u32,
+    rt: OnceLock<Handle>,
+    hasher: std::collections::hash_map::RandomState,
+}
+
+fn shards<T: Default>() -> Box<[Mutex<T>]> {
+    (0..SHARDS).map(|_| Mutex::new(T::default())).collect()
+}
+
+impl Hub {
+    pub fn new(counters: Arc<Counters>, queue_bytes: usize, fanout_chunk: usize, min_deflate: usize, deflate_level: u32) -> Self {
+        Self {
+            rooms: shards(),
+            conns: shards(),
+            users: shards(),
+            room_opts: RwLock::new(Vec::new()),
+            counters,
+            queue_bytes,
+            fanout_chunk: fanout_chunk.max(64),
+            min_deflate,
+            deflate_level,
+            rt: OnceLock::new(),
+            hasher: Default::default(),
+        }
+    }
+
+    /// Give the hub the runtime it spawns fan-out tasks on.
+    pub fn set_runtime(&self, h: Handle) {
+        let _ = self.rt.set(h);
+    }
+
+    fn shard_of(&self, s: &str) -> usize {
+        let mut h = self.hasher.build_hasher();
+        s.hash(&mut h);
+        (h.finish() as usize) % SHARDS
+    }
+
+    fn conn_shard(&self, id: u64) -> &Mutex<HashMap<u64, Arc<Conn>>> {
+        &self.conns[(id as usize) % SHARDS]
+    }
+
+    // ---- connections and users ------------------------------------------------------
+
+    pub fn add_conn(&self, c: Arc<Conn>) {
+        if let Some(u) = &c.user {
+            self.users[self.shard_of(u)].lock().entry(u.clone()).or_default().push(c.clone());
+        }
+        self.conn_shard(c.id).lock().insert(c.id, c);
+    }
+
+    pub fn conn(&self, id: u64) -> Option<Arc<Conn>> {
+        self.conn_shard(id).lock().get(&id).cloned()
+    }
+
+    /// Forget a closed connection; returns the rooms it was still in.
+    pub fn remove_conn(&self, c: &Arc<Conn>) -> Vec<String> {
+        self.conn_shard(c.id).lock().remove(&c.id);
+        if let Some(u) = &c.user {
+            let mut users = self.users[self.shard_of(u)].lock();
+            if let Some(v) = users.get_mut(u) {
+                v.retain(|x| x.id != c.id);
+                if v.is_empty() {
+                    users.remove(u);
+                }
+            }
+        }
+        let rooms: Vec<Arc<str>> = std::mem::take(&mut *c.rooms.lock());
+        for r in &rooms {
+            self.remove_member(r, c);
+        }
+        rooms.iter().map(|r| r.to_string()).collect()
+    }
+
+    pub fn user_conns(&self, user: &str) -> Vec<Arc<Conn>> {
+        self.users[self.shard_of(user)].lock().get(user).cloned().unwrap_or_default()
+    }
+
+    /// Every connection (for broadcast, heartbeats and drain).
+    pub fn all_conns(&self) -> Vec<Arc<Conn>> {
+        let mut v = Vec::new();
+        for s in self.conns.iter() {
+            v.extend(s.lock().values().cloned());
+        }
+        v
+    }
+
+    /// Visit every connection, one shard lock at a time.
+    pub fn for_each_conn(&self, mut f: impl FnMut(&Arc<Conn>)) {
+        for s in self.conns.iter() {
+            for c in s.lock().values() {
+                f(c);
+            }
+        }
+    }
+
+    // ---- rooms ----------------------------------------------------------------------
+
+    /// Set delivery options for rooms whose name starts with `prefix` ("" = every room).
+    /// Applies to rooms created afterwards.
+    pub fn set_room_options(&self, prefix: &str, opts: RoomOptions) {
+        let mut v = self.room_opts.write();
+        v.retain(|(p, _)| p != prefix);
+        v.push((prefix.to_owned(), opts));
+        v.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+    }
+
+    fn options_for(&self, room: &str) -> RoomOptions {
+        self.room_opts
+            .read()
+            .iter()
+            .find(|(p, _)| room.starts_with(p.as_str()))
+            .map(|(_, o)| *o)
+            .unwrap_or_default()
+    }
+
+    pub fn room(&self, name: &str) -> Option<Arc<Room>> {
+        self.rooms[self.shard_of(name)].lock().get(name).cloned()
+    }
+
+    pub fn join(&self, conn_id: u64, room: &str) -> Join {
+        let Some(c) = self.conn(conn_id) else { return Join::NoSuchConn };
+        if c.is_closing() {
+            return Join::NoSuchConn;
+        }
+        let mut shard = self.rooms[self.shard_of(room)].lock();
+        let r = match shard.get(room) {
+            Some(r) => r.clone(),
+            None => {
+                let name: Arc<str> = Arc::from(room);
+                let r = Arc::new(Room {
+                    name: name.clone(),
+                    opts: self.options_for(room),
+                    members: Mutex::default(),
+                    pending: Mutex::default(),
+                });
+                shard.insert(name, r.clone());
+                metrics::inc(&self.counters.rooms_current);
+                r
+            }
+        };
+        let mut m = r.members.lock();
+        if m.index.contains_key(&conn_id) {
+            return Join::AlreadyMember;
+        }
+        let at = m.list.len();
+        m.list.push(c.clone());
+        m.index.insert(conn_id, at);
+        if let Some(u) = &c.user {
+            *m.users.entry(u.clone()).or_insert(0) += 1;
+        }
+        m.snapshot = None;
+        drop(m);
+        drop(shard);
+        c.rooms.lock().push(r.name.clone());
+        Join::Joined
+    }
+
+    pub fn leave(&self, conn_id: u64, room: &str) -> bool {
+        let Some(c) = self.conn(conn_id) else { return false };
+        let removed = {
+            let mut rooms = c.rooms.lock();
+            let before = rooms.len();
+            rooms.retain(|r| &**r != room);
+            rooms.len() != before
+        };
+        removed && self.remove_member(room, &c)
+    }
+
+    fn remove_member(&self, room: &str, c: &Conn) -> bool {
+        let mut shard = self.rooms[self.shard_of(room)].lock();
+        let Some(r) = shard.get(room).cloned() else { return false };
+        let mut m = r.members.lock();
+        let Some(at) = m.index.remove(&c.id) else { return false };
+        m.list.swap_remove(at);
+        if at < m.list.len() {
+            let moved = m.list[at].id;
+            m.index.insert(moved, at);
+        }
+        if let Some(u) = &c.user {
+            if let Some(n) = m.users.get_mut(u) {
+                *n -= 1;
+                if *n == 0 {
+                    m.users.remove(u);
+                }
+            }
+        }
+        m.snapshot = None;
+        if m.list.is_empty() {
+            drop(m);
+            shard.remove(room);
+            metrics::dec(&self.counters.rooms_current);
+        }
+        true
+    }
+
+    pub fn room_counts(&self, room: &str) -> (usize, usize) {
+        self.room(room).map(|r| r.counts()).unwrap_or((0, 0))
+    }
+
+    pub fn room_members(&self, room: &str, offset: usize, limit: usize) -> Vec<MemberInfo> {
+        let Some(r) = self.room(room) else { return Vec::new() };
+        let m = r.members.lock();
+        m.list
+            .iter()
+            .skip(offset)
+            .take(limit)
+            .map(|c| MemberInfo { conn: c.id, user: c.user.clone(), meta: c.meta.clone() })
+            .collect()
+    }
+
+    /// (room, connections, users) for every room on this node.
+    pub fn rooms(&self) -> Vec<(String, usize, usize)> {
+        let mut out = Vec::new();
+        for s in self.rooms.iter() {
+            let rooms: Vec<Arc<Room>> = s.lock().values().cloned().collect();
+            for r in rooms {
+                let (c, u) = r.counts();
+                out.push((r.name.to_string(), c, u));
+            }
+        }
+        out
+    }
+
+    // ---- fan-out ----------------------------------------------------------------------
+
+    /// Queue `frame` to every member of `room`, in publish order. Returns the member count
+    /// at the time of the call. Never blocks on a member.
+    pub fn publish(self: &Arc<Self>, room: &str, frame: Arc<Frame>, prio: u8) -> usize {
+        metrics::inc(&self.counters.publishes);
+        let Some(r) = self.room(room) else { return 0 };
+        let n = r.counts().0;
+        let spawn = {
+            let mut p = r.pending.lock();
+            p.msgs.push((frame, prio));
+            !std::mem::replace(&mut p.scheduled, true)
+        };
+        if spawn {
+            let hub = self.clone();
+            match self.rt.get() {
+                Some(h) => {
+                    h.spawn(async move { hub.run_room(r).await });
+                }
+                None => {
+                    // No runtime (unit tests): deliver inline, without merging.
+                    let msgs = std::mem::take(&mut r.pending.lock().msgs);
+                    r.pending.lock().scheduled = false;
+                    hub.deliver(&r.snapshot(), &msgs);
+                }
+            }
+        }
+        n
+    }
+
+    async fn run_room(self: Arc<Self>, r: Arc<Room>) {
+        loop {
+            if r.opts.merge_ms > 0 {
+                tokio::time::sleep(Duration::from_millis(u64::from(r.opts.merge_ms))).await;
+            }
+            let msgs = {
+                let mut p = r.pending.lock();
+                if p.msgs.is_empty() {
+                    p.scheduled = false;
+                    return;
+                }
+                std::mem::take(&mut p.msgs)
+            };
+            let frames = if r.opts.merge_ms > 0 { self.merge(&r, msgs) } else { msgs };
+            let members = r.snapshot();
+            self.clone().fan_out(members, frames).await;
+            if r.opts.merge_ms == 0 {
+                // Let other rooms' drainers run between rounds of a busy room.
+                tokio::task::yield_now().await;
+            }
+        }
+    }
+
+    /// Deliver `frames` to `members`, splitting large rooms across worker threads.
+    async fn fan_out(self: Arc<Self>, members: Arc<Vec<Arc<Conn>>>, frames: Vec<(Arc<Frame>, u8)>) {
+        let n = members.len();
+        let chunk = self.fanout_chunk;
+        if n <= chunk {
+            self.deliver(&members, &frames);
+            return;
+        }
+        let frames = Arc::new(frames);
+        let mut tasks = Vec::with_capacity(n / chunk);
+        for start in (chunk..n).step_by(chunk) {
+            let (hub, members, frames) = (self.clone(), members.clone(), frames.clone());
+            tasks.push(tokio::spawn(async move {
+                hub.deliver(&members[start..(start + chunk).min(members.len())], &frames);
+            }));
+        }
+        self.deliver(&members[..chunk], &frames);
+        for t in tasks {
+            let _ = t.await;
+        }
+    }
+
+    /// Queue every frame to every member, one lock per member.
+    pub fn deliver(&self, members: &[Arc<Conn>], frames: &[(Arc<Frame>, u8)]) {
+        let c = &self.counters;
+        let mut frames_queued = 0u64;
+        let mut logical = 0u64;
+        let per_round_logical: u64 = frames.iter().map(|(f, _)| u64::from(f.logical)).sum();
+        for m in members {
+            let q = m.push_all(frames, self.queue_bytes, c) as u64;
+            frames_queued += q;
+            logical += if q == frames.len() as u64 { per_round_logical } else { q };
+        }
+        metrics::add(&c.deliveries, frames_queued);
+        metrics::add(&c.deliveries_logical, logical);
+    }
+
+    /// Merge a window's messages into batch frames of at most `merge_max` messages:
+    /// `{"op":"batch","room":"…","msgs":[m1,m2,…]}`. A lone message goes out as itself.
+    fn merge(&self, r: &Room, msgs: Vec<(Arc<Frame>, u8)>) -> Vec<(Arc<Frame>, u8)> {
+        let max = r.opts.merge_max.max(1) as usize;
+        let room_json = serde_json::to_string(&*r.name).expect("string serializes");
+        let mut out = Vec::with_capacity(msgs.len() / max + 1);
+        for group in msgs.chunks(max) {
+            if group.len() == 1 {
+                out.push(group[0].clone());
+                continue;
+            }
+            let size: usize = group.iter().map(|(f, _)| f.payload().len() + 1).sum();
+            let mut p = Vec::with_capacity(size + room_json.len() + 32);
+            p.extend_from_slice(b"{\"op\":\"batch\",\"room\":");
+            p.extend_from_slice(room_json.as_bytes());
+            p.extend_from_slice(b",\"msgs\":[");
+            for (i, (f, _)) in group.iter().enumerate() {
+                if i > 0 {
+                    p.push(b',');
+                }
+                p.extend_from_slice(f.payload());
+            }
+            p.extend_from_slice(b"]}");
+            let prio = group.iter().map(|(_, p)| *p).max().unwrap_or(PRIO_LOW);
+            metrics::inc(&self.counters.batches);
+            out.push((Frame::data(OP_TEXT, &p, self.min_deflate, group.len() as u32), prio));
+        }
+        out
+    }
+
+    /// Queue a frame to every connection of `user`. Returns how many got it.
+    pub fn send_user(&self, user: &str, frame: &Arc<Frame>, prio: u8) -> usize {
+        let conns = self.user_conns(user);
+        self.deliver(&conns, &[(frame.clone(), prio)]);
+        conns.len()
+    }
+
+    /// Queue a frame to every connection on this node.
+    pub fn broadcast(self: &Arc<Self>, frame: Arc<Frame>, prio: u8) -> usize {
+        let all = Arc::new(self.all_conns());
+        let n = all.len();
+        match self.rt.get() {
+            Some(h) => {
+                let hub = self.clone();
+                h.spawn(async move { hub.fan_out(all, vec![(frame, prio)]).await });
+            }
+            None => self.deliver(&all, &[(frame, prio)]),
+        }
+        n
+    }
+
+    pub fn conn_count(&self) -> usize {
+        self.counters.connections_current.load(Relaxed) as usize
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::conn::PRIO_NORMAL;
+
+    fn hub() -> Arc<Hub> {
+        Arc::new(Hub::new(Arc::new(Counters::default()), 1 << 20, 64, usize::MAX, 5))
+    }
+
+    fn add(h: &Hub, id: u64, user: &str) -> Arc<Conn> {
+        let c = Arc::new(Conn::new(id, Some(Arc::from(user)), None, None, 0));
+        h.add_conn(c.clone());
+        c
+    }
+
+    #[test]
+    fn presence_counts_conns_and_distinct_users() {
+        let h = hub();
+        add(&h, 1, "a");
+        add(&h, 2, "a");
+        add(&h, 3, "b");
+        for id in 1..=3 {
+            assert_eq!(h.join(id, "live:1"), Join::Joined);
+        }
+        assert_eq!(h.join(1, "live:1"), Join::AlreadyMember);
+        assert_eq!(h.join(99, "live:1"), Join::NoSuchConn);
+        assert_eq!(h.room_counts("live:1"), (3, 2));
+        assert!(h.leave(2, "live:1"));
+        assert!(!h.leave(2, "live:1"));
+        assert_eq!(h.room_counts("live:1"), (2, 2));
+        assert_eq!(h.room_members("live:1", 0, 10).len(), 2);
+        assert_eq!(h.counters.rooms_current.load(Relaxed), 1);
+        let c1 = h.conn(1).unwrap();
+        assert_eq!(h.remove_conn(&c1), vec!["live:1".to_string()]);
+        h.leave(3, "live:1");
+        assert_eq!(h.room_counts("live:1"), (0, 0));
+        assert!(h.room("live:1").is_none(), "empty rooms are removed");
+        assert_eq!(h.counters.rooms_current.load(Relaxed), 0);
+    }
+
+    #[test]
+    fn publish_queues_one_shared_frame_per_member_in_order() {
+        let h = hub();
+        let conns: Vec<_> = (0..200).map(|i| add(&h, i, &format!("u{i}"))).collect();
+        for i in 0..200 {
+            h.join(i, "r");
+        }
+        let f1 = Frame::text(b"one", usize::MAX);
+        let f2 = Frame::text(b"two", usize::MAX);
+        assert_eq!(h.publish("r", f1.clone(), PRIO_NORMAL), 200);
+        h.publish("r", f2.clone(), PRIO_NORMAL);
+        for c in &conns {
+            let q = c.out.lock();
+            assert_eq!(q.items.len(), 2);
+            assert!(Arc::ptr_eq(&q.items[0].frame, &f1), "shared, not copied");
+            assert!(Arc::ptr_eq(&q.items[1].frame, &f2));
+        }
+        assert_eq!(h.counters.deliveries.load(Relaxed), 400);
+        assert_eq!(h.publish("nobody", f1, PRIO_NORMAL), 0);
+    }
+
+    #[test]
+    fn merge_builds_batch_frames() {
+        let h = hub();
+        h.set_room_options("live:", RoomOptions { merge_ms: 50, merge_max: 2 });
+        add(&h, 1, "a");
+        h.join(1, "live:9");
+        let r = h.room("live:9").unwrap();
+        let msgs: Vec<_> = (0..3).map(|i| (Frame::text(format!("{{\"op\":\"msg\",\"seq\":{i}}}").as_bytes(), usize::MAX), PRIO_NORMAL)).collect();
+        let out = h.merge(&r, msgs);
+        assert_eq!(out.len(), 2);
+        let v: serde_json::Value = serde_json::from_slice(out[0].0.payload()).unwrap();
+        assert_eq!(v["op"], "batch");
+        assert_eq!(v["room"], "live:9");
+        assert_eq!(v["msgs"].as_array().unwrap().len(), 2);
+        assert_eq!(out[0].0.logical, 2);
+        assert_eq!(out[1].0.payload(), b"{\"op\":\"msg\",\"seq\":2}");
+    }
+
+    #[test]
+    fn send_user_reaches_every_connection_of_the_user() {
+        let h = hub();
+        let a1 = add(&h, 1, "alice");
+        let a2 = add(&h, 2, "alice");
+        let b = add(&h, 3, "bob");
+        assert_eq!(h.send_user("alice", &Frame::text(b"x", usize::MAX), PRIO_NORMAL), 2);
+        assert_eq!(a1.out.lock().items.len(), 1);
+        assert_eq!(a2.out.lock().items.len(), 1);
+        assert_eq!(b.out.lock().items.len(), 0);
+        h.remove_conn(&a1);
+        assert_eq!(h.user_conns("alice").len(), 1);
+    }
+}

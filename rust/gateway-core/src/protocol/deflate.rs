@@ -1,0 +1,280 @@
+//! permessage-deflate (RFC 7692): offer negotiation, per-connection inflate, shared deflate.
+//!
+//! The server always answers with `server_no_context_takeover`, so a server message is a
+//! self-contained deflate block: it is compressed once per window size and the same bytes
+//! go to every recipient that negotiated that window size.
+
+use std::cell::RefCell;
+
+use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, Status};
+
+use super::frame::ProtoError;
+
+const TAIL: [u8; 4] = [0x00, 0x00, 0xff, 0xff];
+
+/// What the engine allows; clients can only ask for less.
+#[derive(Debug, Clone)]
+pub struct DeflateConfig {
+    pub enabled: bool,
+    /// Upper bound for the client's compression window (memory of our inflater: 2^bits).
+    pub client_max_window_bits: u8,
+    /// Messages shorter than this are sent uncompressed (RSV1 clear).
+    pub min_size: usize,
+    /// zlib level 0..=9 for server messages.
+    pub level: u32,
+}
+
+impl Default for DeflateConfig {
+    fn default() -> Self {
+        Self { enabled: true, client_max_window_bits: 15, min_size: 128, level: 5 }
+    }
+}
+
+/// Negotiated parameters of one connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeflateParams {
+    /// Window the server compresses with (9..=15; a requested 8 is served with 9, as zlib does).
+    pub server_window_bits: u8,
+    pub client_window_bits: u8,
+    pub client_no_context_takeover: bool,
+}
+
+#[derive(Default)]
+struct Offer {
+    server_no_context: bool,
+    client_no_context: bool,
+    server_bits: Option<u8>,
+    client_bits: Option<Option<u8>>,
+}
+
+fn parse_bits(v: Option<&str>) -> Result<Option<u8>, ()> {
+    match v {
+        None => Ok(None),
+        Some(v) => {
+            let v = v.trim().trim_matches('"');
+            if v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit()) || v.len() > 2 {
+                return Err(());
+            }
+            let n: u8 = v.parse().map_err(|_| ())?;
+            if (8..=15).contains(&n) {
+                Ok(Some(n))
+            } else {
+                Err(())
+            }
+        }
+    }
+}
+
+fn parse_offer(s: &str) -> Option<Offer> {
+    let mut parts = s.split(';').map(str::trim);
+    if !parts.next()?.eq_ignore_ascii_case("permessage-deflate") {
+        return None;
+    }
+    let mut o = Offer::default();
+    for p in parts {
+        if p.is_empty() {
+            return None;
+        }
+        let (k, v) = match p.split_once('=') {
+            Some((k, v)) => (k.trim(), Some(v)),
+            None => (p, None),
+        };
+        match k.to_ascii_lowercase().as_str() {
+            "server_no_context_takeover" if v.is_none() && !o.server_no_context => o.server_no_context = true,
+            "client_no_context_takeover" if v.is_none() && !o.client_no_context => o.client_no_context = true,
+            "server_max_window_bits" if o.server_bits.is_none() => o.server_bits = Some(parse_bits(v).ok()??),
+            "client_max_window_bits" if o.client_bits.is_none() => o.client_bits = Some(parse_bits(v).ok()?),
+            _ => return None, // unknown or duplicate parameter: decline this offer
+        }
+    }
+    Some(o)
+}
+
+/// Pick the first acceptable offer among the `Sec-WebSocket-Extensions` header values.
+/// Returns the parameters and the response header value.
+pub fn negotiate<'a>(
+    values: impl IntoIterator<Item = &'a str>,
+    cfg: &DeflateConfig,
+) -> Option<(DeflateParams, String)> {
+    if !cfg.enabled {
+        return None;
+    }
+    for value in values {
+        for offer in value.split(',') {
+            let Some(o) = parse_offer(offer) else { continue };
+            let mut resp = String::from("permessage-deflate; server_no_context_takeover");
+            let server_bits = match o.server_bits {
+                Some(b) => {
+                    resp.push_str(&format!("; server_max_window_bits={b}"));
+                    b.max(9)
+                }
+                None => 15,
+            };
+            if o.client_no_context {
+                resp.push_str("; client_no_context_takeover");
+            }
+            let cap = cfg.client_max_window_bits.clamp(9, 15);
+            let client_bits = match o.client_bits {
+                // The client said it can limit its window: ask for our cap.
+                Some(offered) => {
+                    let b = offered.unwrap_or(15).min(cap);
+                    resp.push_str(&format!("; client_max_window_bits={b}"));
+                    b
+                }
+                None if cap < 15 => continue, // cannot limit this client's window: decline
+                None => 15,
+            };
+            return Some((
+                DeflateParams {
+                    server_window_bits: server_bits,
+                    client_window_bits: client_bits.max(9),
+                    client_no_context_takeover: o.client_no_context,
+                },
+                resp,
+            ));
+        }
+    }
+    None
+}
+
+/// Per-connection decompressor for client messages. Its state (about 40 KiB with a
+/// 15-bit window) is allocated on the first compressed message only, and dropped after
+/// each message when the client promised `client_no_context_takeover`.
+pub struct Inflater {
+    bits: u8,
+    no_context: bool,
+    d: Option<Box<Decompress>>,
+}
+
+impl Inflater {
+    pub fn new(p: &DeflateParams) -> Self {
+        Self { bits: p.client_window_bits, no_context: p.client_no_context_takeover, d: None }
+    }
+
+    /// Inflate one message (all its fragments concatenated), at most `max` bytes out.
+    pub fn inflate(&mut self, data: &[u8], max: usize) -> Result<Vec<u8>, ProtoError> {
+        let bad = ProtoError { code: 1007, reason: "invalid deflate data" };
+        let big = ProtoError { code: 1009, reason: "message too large" };
+        let bits = self.bits;
+        let d = self.d.get_or_insert_with(|| Box::new(Decompress::new_with_window_bits(false, bits)));
+        let mut out = Vec::with_capacity((data.len() * 3).clamp(64, max.max(64)));
+        for input in [data, &TAIL[..]] {
+            let mut pos = 0;
+            loop {
+                if out.len() == out.capacity() {
+                    if out.len() >= max {
+                        return Err(big);
+                    }
+                    out.reserve((out.len()).clamp(256, max - out.len()));
+                }
+                let before_in = d.total_in();
+                let st = d.decompress_vec(&input[pos..], &mut out, FlushDecompress::Sync).map_err(|_| bad)?;
+                pos += (d.total_in() - before_in) as usize;
+                if out.len() > max {
+                    return Err(big);
+                }
+                if st == Status::StreamEnd && pos < input.len() {
+                    return Err(bad);
+                }
+                if pos >= input.len() && out.len() < out.capacity() {
+                    break;
+                }
+            }
+        }
+        if self.no_context {
+            self.d = None;
+        }
+        Ok(out)
+    }
+}
+
+thread_local! {
+    static COMPRESSORS: RefCell<[Option<Compress>; 7]> = const { RefCell::new([None, None, None, None, None, None, None]) };
+}
+
+/// Raw-deflate `payload` as one self-contained message (no context takeover), with the
+/// trailing `00 00 ff ff` removed as RFC 7692 §7.2.1 requires. One compressor per window
+/// size is kept per thread and reset between messages.
+pub fn deflate(payload: &[u8], window_bits: u8, level: u32) -> Vec<u8> {
+    let bits = window_bits.clamp(9, 15);
+    COMPRESSORS.with(|c| {
+        let mut c = c.borrow_mut();
+        let comp = c[(bits - 9) as usize]
+            .get_or_insert_with(|| Compress::new_with_window_bits(Compression::new(level), false, bits));
+        comp.reset();
+        let mut out = Vec::with_capacity(payload.len() / 2 + 64);
+        let mut pos = 0;
+        loop {
+            let before = comp.total_in();
+            comp.compress_vec(&payload[pos..], &mut out, FlushCompress::Sync).expect("deflate cannot fail");
+            pos += (comp.total_in() - before) as usize;
+            if pos >= payload.len() && out.len() < out.capacity() {
+                break;
+            }
+            out.reserve(out.capacity().max(64));
+        }
+        if out.ends_with(&TAIL) {
+            out.truncate(out.len() - 4);
+        }
+        out
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn negotiates_browser_offer() {
+        let (p, resp) = negotiate(
+            ["permessage-deflate; client_max_window_bits"],
+            &DeflateConfig::default(),
+        )
+        .unwrap();
+        assert_eq!(resp, "permessage-deflate; server_no_context_takeover; client_max_window_bits=15");
+        assert_eq!(p.server_window_bits, 15);
+    }
+
+    #[test]
+    fn honours_server_window_and_skips_bad_offers() {
+        let (p, resp) = negotiate(
+            ["permessage-deflate; server_max_window_bits=16, permessage-deflate; server_max_window_bits=10; client_no_context_takeover"],
+            &DeflateConfig::default(),
+        )
+        .unwrap();
+        assert_eq!(p.server_window_bits, 10);
+        assert!(p.client_no_context_takeover);
+        assert!(resp.contains("server_max_window_bits=10"));
+        assert!(negotiate(["permessage-deflate; foo"], &DeflateConfig::default()).is_none());
+        assert!(negotiate(["x-webkit-deflate-frame"], &DeflateConfig::default()).is_none());
+        assert!(negotiate(
+            ["permessage-deflate; server_no_context_takeover; server_no_context_takeover"],
+            &DeflateConfig::default()
+        )
+        .is_none());
+    }
+
+    #[test]
+    fn round_trip_through_inflater() {
+        let msg = br#"{"op":"msg","room":"live:1","data":{"text":"hello hello hello hello"}}"#.repeat(20);
+        for bits in [9u8, 12, 15] {
+            let z = deflate(&msg, bits, 5);
+            assert!(z.len() < msg.len());
+            let p = DeflateParams { server_window_bits: bits, client_window_bits: bits, client_no_context_takeover: true };
+            let mut inf = Inflater::new(&p);
+            assert_eq!(inf.inflate(&z, 1 << 20).unwrap(), msg);
+            // The same bytes decode again with a fresh context: no context takeover.
+            assert_eq!(inf.inflate(&z, 1 << 20).unwrap(), msg);
+        }
+        assert_eq!(deflate(b"", 15, 5), vec![0x00]);
+    }
+
+    #[test]
+    fn inflate_limit_is_1009() {
+        let msg = vec![b'a'; 200_000];
+        let z = deflate(&msg, 15, 5);
+        let p = DeflateParams { server_window_bits: 15, client_window_bits: 15, client_no_context_takeover: false };
+        assert_eq!(Inflater::new(&p).inflate(&z, 65536).unwrap_err().code, 1009);
+        assert_eq!(Inflater::new(&p).inflate(&[0xff, 0xff, 0xff], 65536).unwrap_err().code, 1007);
+    }
+}
