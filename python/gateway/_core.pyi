@@ -1,0 +1,109 @@
+"""Type stubs and contract of the compiled engine (rust/gateway-py).
+
+The engine owns every client socket on its own threads and never takes the GIL there.
+Python drives it with the non-blocking methods below and drains events in batches:
+
+    loop.add_reader(engine.fd, on_readable)
+    def on_readable():
+        events, more = engine.poll(1024)
+        ...                      # handle each event tuple
+        if more: loop.call_soon(on_readable)
+"""
+
+from typing import Final
+
+EV_CONNECT: Final[int]
+"""``(EV_CONNECT, conn, peer, path, query, headers, protocols)``: an upgrade waits for
+:meth:`Engine.accept` or :meth:`Engine.reject` (within ``auth_timeout``, else 503)."""
+EV_MESSAGE: Final[int]
+"""``(EV_MESSAGE, conn, data: bytes, binary: bool)``: a client data message. Application
+pings (``{"op":"ping"}``) never arrive here: the engine answers them."""
+EV_CLOSED: Final[int]
+"""``(EV_CLOSED, conn, code, reason, rooms: list[str], user: str | None)``: the connection
+is gone (1006 when the TCP connection just vanished); ``rooms`` it was still in."""
+PRIO_LOW: Final[int]
+PRIO_NORMAL: Final[int]
+PRIO_HIGH: Final[int]
+__version__: Final[str]
+
+ConnectEvent = tuple[int, int, str, str, str, list[tuple[str, str]], list[str]]
+MessageEvent = tuple[int, int, bytes, bool]
+ClosedEvent = tuple[int, int, int, str, list[str], str | None]
+Event = ConnectEvent | MessageEvent | ClosedEvent
+
+class EngineError(Exception):
+    """Raised when the engine cannot do what was asked (bind failed, already started)."""
+
+def raise_fd_limit() -> tuple[int, int]:
+    """Raise the soft open-files limit to the hard limit; returns ``(soft, hard)``."""
+
+class Engine:
+    """The connection engine. Keyword arguments (all optional):
+
+    host ("0.0.0.0"; "::" = IPv6 + IPv4), port (8080; 0 = any free port), reuse_port (False),
+    backlog (4096), workers (0 = CPU count: tokio I/O threads), ws_path ("/ws"; "" = any),
+    health_path ("/healthz"), static_files ({path: (content_type, body)}),
+    handshake_timeout (5.0 s), auth_timeout (5.0 s), max_headers (64),
+    max_header_bytes (8192), max_frame_size (65536), max_message_size (65536),
+    deflate (True), deflate_min_size (128), deflate_level (5),
+    deflate_client_max_window_bits (15), idle_timeout (90.0 s), ping_interval (30.0 s;
+    0 = no WebSocket pings), app_ping (True), queue_bytes (1 MiB per connection),
+    fanout_chunk (2048 members per fan-out task), event_queue_cap (1048576),
+    close_timeout (2.0 s). Unknown keywords raise TypeError; bad values ValueError.
+    """
+
+    def __init__(self, **kwargs: object) -> None: ...
+    def start(self) -> tuple[str, int]:
+        """Bind and serve; returns the bound (host, port). Raises EngineError."""
+    @property
+    def fd(self) -> int:
+        """eventfd that becomes readable when events wait (only on empty -> non-empty)."""
+    @property
+    def running(self) -> bool: ...
+    @property
+    def draining(self) -> bool: ...
+    @property
+    def connections(self) -> int: ...
+    def poll(self, max: int = 1024) -> tuple[list[Event], bool]:
+        """Take up to ``max`` events; the bool says more are waiting (call again soon)."""
+    def accept(self, conn: int, user: str | None = None, meta: str | None = None, protocol: str | None = None, first: bytes | None = None) -> bool:
+        """Complete a pending upgrade. ``meta`` is JSON text returned by member listings,
+        ``protocol`` the Sec-WebSocket-Protocol to echo, ``first`` the first text frame.
+        False if the connect is no longer pending (deadline passed, client gone)."""
+    def reject(self, conn: int, status: int = 403, reason: str = "forbidden") -> bool:
+        """Refuse a pending upgrade with an HTTP 4xx/5xx status."""
+    def send(self, conn: int, data: bytes, priority: int = 2, binary: bool = False) -> bool:
+        """Queue one message to one connection; False if unknown, closing or dropped."""
+    def send_user(self, user: str, data: bytes, priority: int = 2) -> int:
+        """Queue to every local connection of ``user``; returns how many."""
+    def publish(self, room: str, data: bytes, priority: int = 1) -> int:
+        """Encode once, queue a shared reference to every local member in publish order
+        (merged into batch frames when the room has a merge window). Never blocks on a
+        member. Returns the member count."""
+    def broadcast(self, data: bytes, priority: int = 1) -> int:
+        """Queue to every local connection."""
+    def join(self, conn: int, room: str) -> int:
+        """1 joined, 0 already a member, -1 no such (or closing) connection."""
+    def leave(self, conn: int, room: str) -> bool: ...
+    def set_room_options(self, prefix: str, merge_ms: int = 0, merge_max: int = 20) -> None:
+        """Merge window for rooms whose name starts with ``prefix`` (rooms created later)."""
+    def room_counts(self, room: str) -> tuple[int, int]:
+        """(connections, distinct users) of ``room`` on this node, exact."""
+    def room_members(self, room: str, offset: int = 0, limit: int = 100) -> list[tuple[int, str | None, str | None]]:
+        """Paged (conn, user, meta) of local members."""
+    def rooms(self) -> list[tuple[str, int, int]]:
+        """(room, connections, users) for every local room."""
+    def conn_rooms(self, conn: int) -> list[str] | None: ...
+    def user_conns(self, user: str) -> list[int]: ...
+    def disconnect(self, conn: int, code: int = 1000, reason: str = "") -> bool:
+        """Close after flushing what is queued. Codes: 1000, 1001, 1008, 1011-1013, 3000-4999."""
+    def disconnect_user(self, user: str, code: int = 4003, reason: str = "") -> int: ...
+    def counters(self) -> dict[str, int]:
+        """Snapshot of the engine's atomic counters (see gateway.metrics)."""
+    def drain(self, code: int = 1012, reason: str = "restarting", last: bytes | None = None) -> int:
+        """Stop accepting (health -> 503) and close every connection with ``code``, after
+        the optional ``last`` frame. Returns how many were asked to close."""
+    def wait_closed(self, timeout: float) -> int:
+        """Block (GIL released) until no connection is left or timeout; returns those left."""
+    def stop(self, code: int = 1001, reason: str = "server stopping", timeout: float = 5.0) -> int:
+        """Drain, wait up to ``timeout``, shut the runtime down. Returns connections dropped."""

@@ -1,0 +1,805 @@
+"""The ``Gateway`` app: owns the engine, runs on uvloop, composed of plugins.
+
+Python sees control events only (connects, client messages, closes) and makes decisions;
+the engine does every socket operation and every per-recipient delivery. A room message
+costs one broker publish and one engine call on each node, whatever the room size.
+
+Backend teams customise it with plugins (subclasses of :class:`Plugin`) or decorators::
+
+    gw = Gateway(load_config("gateway.toml"))
+
+    @gw.on_message
+    async def moderate(client, msg):
+        if "spam" in str(msg.data):
+            raise Reject(4050, "no spam")
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import signal
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from . import protocol as P
+from ._core import EV_CLOSED, EV_CONNECT, EV_MESSAGE, Engine, raise_fd_limit
+from ._eager import is_pending, run_eager
+from .auth import AuthError, Authenticator, ConnectRequest, Identity
+from .broker import Broker, BrokerError, HistoryPolicy, MemoryBroker, PublishResult
+from .config import Config
+from .routing import Moderation, Policy, RateLimiter, Route, Router
+
+log = logging.getLogger("gateway")
+
+#: Returned by an ``on_message`` hook: drop the message silently (the sender still gets an ack).
+DROP = object()
+
+HOOKS = ("on_connect", "on_join", "on_message", "on_leave", "on_disconnect", "after_publish")
+
+
+class Reject(Exception):
+    """Raise from a hook to refuse: the client gets an error frame with ``code``
+    (or, from ``on_connect``, the upgrade is refused with HTTP ``status``)."""
+
+    def __init__(self, code: int = P.E_REJECTED, message: str = "rejected", status: int = 403) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.status = status
+
+
+class HookTimeout(Exception):
+    """An async hook did not finish within ``hooks.timeout``."""
+
+
+@dataclass(slots=True, eq=False)
+class Client:
+    """One connected client, as hooks see it."""
+
+    conn: int
+    identity: Identity
+    session: str
+    peer: str
+    rooms: set[str] = field(default_factory=set)
+    connected_at: float = field(default_factory=time.time)
+    # Internal: per-connection ordering of messages whose handling had to wait.
+    busy: bool = False
+    backlog: deque[bytes] = field(default_factory=deque)
+    errors: int = 0
+
+    @property
+    def user(self) -> str:
+        return self.identity.user
+
+
+@dataclass(slots=True)
+class Message:
+    """A client message on its way into a room. Hooks may change ``data``, ``type`` and
+    ``priority``, or set ``rooms`` to re-route it (to one or several rooms)."""
+
+    room: str
+    type: str
+    data: Any
+    sender: Client | None
+    priority: int = P.PRIO_NORMAL
+    rooms: list[str] | None = None
+
+
+class Plugin:
+    """Base class for plugins. Override any hook; each may be sync or ``async``.
+
+    - ``on_connect(req, identity)``: return an :class:`Identity` (replace), None (keep) or
+      raise :class:`Reject` (refused with ``status``).
+    - ``on_join(client, room)``: return False or raise :class:`Reject` to deny.
+    - ``on_message(client, msg)``: return None (as is), a :class:`Message` (modified),
+      :data:`DROP`, or raise :class:`Reject`. Set ``msg.rooms`` to re-route.
+    - ``on_leave(client, room)``, ``on_disconnect(client, code, reason)``: notifications.
+    - ``after_publish(msg, result)``: after a message was published (``result.seq``).
+
+    ``setup(gateway)`` runs once at start (async allowed) and ``teardown()`` at stop.
+    """
+
+    name = "plugin"
+
+    def setup(self, gateway: Gateway) -> Any:
+        return None
+
+    def teardown(self) -> Any:
+        return None
+
+
+def _prefix_of(pattern: str) -> str | None:
+    """Literal room-name prefix of a route pattern (``live:{id}`` -> ``live:``)."""
+    if pattern == "*":
+        return ""
+    return pattern.split("{", 1)[0] if "{" in pattern else pattern
+
+
+class Stats:
+    """Python-side counters, exported as metrics."""
+
+    def __init__(self) -> None:
+        self.hook_calls: dict[str, int] = dict.fromkeys(HOOKS, 0)
+        self.hook_timeouts: dict[str, int] = dict.fromkeys(HOOKS, 0)
+        self.hook_errors: dict[str, int] = dict.fromkeys(HOOKS, 0)
+        self.hook_seconds: dict[str, list[float]] = {h: [] for h in HOOKS}
+        self.auth_rejects = 0
+        self.errors_sent: dict[int, int] = {}
+        self.published: dict[tuple[str, int], int] = {}
+        self.dropped: dict[str, int] = {"rate_limit": 0, "mute": 0, "filter": 0, "forbidden": 0, "too_large": 0}
+        self.broker_publish_errors = 0
+
+
+class Gateway:
+    """The application. ``Gateway(config, plugins=[...])``, then ``run()`` or ``await serve()``."""
+
+    def __init__(self, config: Config | None = None, plugins: Iterable[Plugin] = (), broker: Broker | None = None) -> None:
+        if config is None:
+            config = Config()
+            config.auth.mode = "dev"
+            config.check()
+        self.config = config
+        self.node_id = config.node_id
+        self.router = Router(config.routes)
+        self.moderation = Moderation()
+        self.policy = Policy(self.router, RateLimiter(), self.moderation)
+        self.auth = Authenticator(config.auth)
+        self.broker: Broker = broker or self._make_broker()
+        self.stats = Stats()
+        self.engine: Engine | None = None
+        self.clients: dict[int, Client] = {}
+        self._hooks: dict[str, list[Callable[..., Any]]] = {h: [] for h in HOOKS}
+        self.plugins: list[Plugin] = []
+        self._tasks: set[asyncio.Future[Any]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopping: asyncio.Event | None = None
+        self._presence_last: dict[str, tuple[int, int]] = {}
+        self._api_runner: Any = None
+        self._session_seq = 0
+        for p in plugins:
+            self.use(p)
+
+    def _make_broker(self) -> Broker:
+        if self.config.broker.kind == "redis":
+            try:
+                from .broker.redis import RedisBroker  # type: ignore[import-not-found]
+            except ImportError:
+                from .auth import ConfigError
+
+                raise ConfigError("broker.kind", "the redis broker is not available in this build yet") from None
+            return RedisBroker(self.config.broker)  # type: ignore[no-any-return]
+        return MemoryBroker()
+
+    # ---- composition ---------------------------------------------------------------------
+
+    def use(self, plugin: Plugin) -> Plugin:
+        """Add a plugin: every hook method it overrides is registered, in plugin order."""
+        self.plugins.append(plugin)
+        for h in HOOKS:
+            fn = getattr(plugin, h, None)
+            if fn is not None and callable(fn):
+                self._hooks[h].append(fn)
+        return plugin
+
+    def _decorator(self, name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        def register(fn: Callable[..., Any]) -> Callable[..., Any]:
+            self._hooks[name].append(fn)
+            return fn
+
+        return register
+
+    @property
+    def on_connect(self) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        return self._decorator("on_connect")
+
+    @property
+    def on_join(self) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        return self._decorator("on_join")
+
+    @property
+    def on_message(self) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        return self._decorator("on_message")
+
+    @property
+    def on_leave(self) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        return self._decorator("on_leave")
+
+    @property
+    def on_disconnect(self) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        return self._decorator("on_disconnect")
+
+    @property
+    def after_publish(self) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        return self._decorator("after_publish")
+
+    # ---- helpers for plugins and the HTTP API --------------------------------------------
+
+    async def publish(self, room: str, data: Any, type: str = "chat", priority: int | None = None, sender: str | None = None) -> PublishResult:
+        """Publish into a room from the server side (no rate limits, no hooks)."""
+        route = self.router.match(room)
+        if route is None:
+            raise ValueError(f"no route for room {room!r}")
+        prio = self.router.priority(route, type) if priority is None else priority
+        return await self._publish(room, route, type, data, prio, sender)
+
+    async def send_user(self, user: str, data: Any, type: str = "push", priority: int = P.PRIO_HIGH) -> None:
+        """Push to every connection of ``user`` on every node (e.g. an order status)."""
+        await self.broker.send_user(user, P.push(type, data), priority)
+
+    async def broadcast(self, data: Any, type: str = "broadcast", priority: int = P.PRIO_NORMAL) -> None:
+        """Push to every connection on every node."""
+        await self.broker.control("broadcast", {"frame": P.push(type, data).decode(), "prio": priority})
+
+    async def kick(self, user: str, reason: str = "kicked", code: int = P.CLOSE_KICKED) -> None:
+        """Close every connection of ``user`` on every node."""
+        await self.broker.control("kick", {"user": user, "code": code, "reason": reason})
+
+    async def mute(self, room: str, user: str | None = None, seconds: float | None = None, whitelist: Iterable[str] = ()) -> None:
+        """Mute ``user`` in ``room`` (or the whole room, except ``whitelist``), on every node."""
+        until = time.time() + seconds if seconds else None
+        await self.broker.control("mute", {"room": room, "user": user, "until": until, "whitelist": list(whitelist)})
+
+    async def unmute(self, room: str, user: str | None = None) -> None:
+        await self.broker.control("unmute", {"room": room, "user": user})
+
+    async def ban(self, room: str, user: str, seconds: float | None = None) -> None:
+        """Ban ``user`` from ``room`` (``*`` = everywhere) and remove them from it."""
+        until = time.time() + seconds if seconds else None
+        await self.broker.control("ban", {"room": room, "user": user, "until": until})
+
+    async def close_room(self, room: str, reason: str = "room closed") -> None:
+        """Remove every member from ``room`` on every node (they get a presence notice)."""
+        await self.broker.control("close_room", {"room": room, "reason": reason})
+
+    async def presence(self, room: str) -> tuple[int, int]:
+        """(connections, users) in ``room`` across nodes."""
+        if isinstance(self.broker, MemoryBroker):
+            return self._engine().room_counts(room)
+        return await self.broker.presence(room)
+
+    def members(self, room: str, offset: int = 0, limit: int = 100) -> list[dict[str, Any]]:
+        """Local members of ``room`` (user ids and meta), paged."""
+        out = []
+        for conn, user, meta in self._engine().room_members(room, offset, limit):
+            out.append({"conn": conn, "user": user, "meta": orjson.loads(meta) if meta else {}})
+        return out
+
+    def _engine(self) -> Engine:
+        if self.engine is None:
+            raise RuntimeError("the gateway is not running")
+        return self.engine
+
+    # ---- BrokerHandler ---------------------------------------------------------------------
+
+    def deliver_room(self, room: str, payload: bytes, prio: int) -> int:
+        return self._engine().publish(room, payload, prio)
+
+    def deliver_user(self, user: str, payload: bytes, prio: int) -> int:
+        return self._engine().send_user(user, payload, prio)
+
+    def control(self, kind: str, data: dict[str, Any]) -> None:
+        eng = self._engine()
+        if kind == "kick":
+            eng.disconnect_user(data["user"], int(data.get("code", P.CLOSE_KICKED)), data.get("reason", "")[:120])
+        elif kind == "broadcast":
+            eng.broadcast(data["frame"].encode(), int(data.get("prio", 1)))
+        elif kind == "mute":
+            if data.get("user"):
+                self.moderation.mute_user(data["room"], data["user"], data.get("until"))
+            else:
+                self.moderation.mute_room(data["room"], data.get("until"), data.get("whitelist", ()))
+        elif kind == "unmute":
+            if data.get("user"):
+                self.moderation.unmute_user(data["room"], data["user"])
+            else:
+                self.moderation.unmute_room(data["room"])
+        elif kind == "ban":
+            room, user = data["room"], data["user"]
+            self.moderation.ban(room, user, data.get("until"))
+            for conn in eng.user_conns(user):
+                c = self.clients.get(conn)
+                if c is None:
+                    continue
+                for r in list(c.rooms):
+                    if room in ("*", r):
+                        self._spawn(self._leave(c, r, notify=True))
+        elif kind == "close_room":
+            room = data["room"]
+            for conn, _user, _meta in eng.room_members(room, 0, 1 << 30):
+                c = self.clients.get(conn)
+                if c is not None:
+                    eng.send(conn, P.presence_event(room, "closed", ""), P.PRIO_HIGH)
+                    self._spawn(self._leave(c, room, notify=True))
+        else:
+            log.warning("unknown control command %r", kind)
+
+    # ---- hooks ---------------------------------------------------------------------------
+
+    async def _call(self, hook: str, fn: Callable[..., Any], *args: Any) -> Any:
+        """Call a hook, sync or async, with the configured timeout for async ones."""
+        st = self.stats
+        st.hook_calls[hook] += 1
+        t0 = time.perf_counter()
+        try:
+            r = fn(*args)
+            if inspect.isawaitable(r):
+                if inspect.iscoroutine(r):
+                    value, task = run_eager(r)
+                else:
+                    value, task = None, asyncio.ensure_future(r)
+                if task is not None:
+                    try:
+                        value = await asyncio.wait_for(task, self.config.hooks.timeout)
+                    except TimeoutError:
+                        st.hook_timeouts[hook] += 1
+                        log.warning("hook %s (%s) timed out after %.1fs", hook, getattr(fn, "__qualname__", fn), self.config.hooks.timeout)
+                        raise HookTimeout(hook) from None
+                r = value
+            return r
+        except (Reject, HookTimeout):
+            raise
+        except Exception:
+            st.hook_errors[hook] += 1
+            log.exception("hook %s failed", hook)
+            raise
+        finally:
+            st.hook_seconds[hook].append(time.perf_counter() - t0)
+            if len(st.hook_seconds[hook]) > 4096:
+                del st.hook_seconds[hook][:2048]
+
+    def _fallback_allows(self) -> bool:
+        return self.config.hooks.fallback == "allow"
+
+    # ---- the event pump ------------------------------------------------------------------
+
+    def _on_readable(self) -> None:
+        eng = self.engine
+        if eng is None:
+            return
+        events, more = eng.poll(1024)
+        for ev in events:
+            try:
+                kind = ev[0]
+                if kind == EV_MESSAGE:
+                    self._on_message(ev[1], ev[2], ev[3])
+                elif kind == EV_CONNECT:
+                    self._on_connect(ev)
+                elif kind == EV_CLOSED:
+                    self._on_closed(ev)
+            except Exception:
+                log.exception("event handling failed")
+        if more:
+            assert self._loop is not None
+            self._loop.call_soon(self._on_readable)
+
+    def _spawn(self, coro: Awaitable[Any]) -> None:
+        value, task = run_eager(coro) if inspect.iscoroutine(coro) else (None, asyncio.ensure_future(coro))
+        if task is not None:
+            self._tasks.add(task)
+            task.add_done_callback(self._task_done)
+
+    def _task_done(self, t: asyncio.Future[Any]) -> None:
+        self._tasks.discard(t)
+        if not t.cancelled() and t.exception() is not None:
+            log.error("background task failed", exc_info=t.exception())
+
+    # ---- connect ---------------------------------------------------------------------------
+
+    def _on_connect(self, ev: tuple[Any, ...]) -> None:
+        _, conn, peer, path, query, headers, protocols = ev
+        req = ConnectRequest(conn, peer, path, query, tuple(headers), tuple(protocols))
+        self._spawn(self._connect(req))
+
+    async def _connect(self, req: ConnectRequest) -> None:
+        eng = self._engine()
+        try:
+            ident = self.auth.authenticate(req)
+            for fn in self._hooks["on_connect"]:
+                try:
+                    r = await self._call("on_connect", fn, req, ident)
+                except HookTimeout:
+                    if self._fallback_allows():
+                        continue
+                    raise AuthError(503, "authentication timed out") from None
+                if isinstance(r, Identity):
+                    ident = r
+                elif r is False:
+                    raise AuthError(403, "connection refused")
+        except AuthError as e:
+            self.stats.auth_rejects += 1
+            if self.config.log.access_log:
+                log.info("connect rejected", extra={"conn": req.conn, "peer": req.peer, "status": e.status, "reason": e.reason})
+            eng.reject(req.conn, e.status, e.reason)
+            return
+        except Reject as e:
+            self.stats.auth_rejects += 1
+            eng.reject(req.conn, e.status, e.message)
+            return
+        except Exception:
+            log.exception("on_connect failed")
+            eng.reject(req.conn, 500, "internal error")
+            return
+        if self.config.server.single_session:
+            for old in eng.user_conns(ident.user):
+                eng.disconnect(old, P.CLOSE_REPLACED, "replaced by a new login")
+        self._session_seq += 1
+        session = f"{self.node_id}-{req.conn}"
+        client = Client(req.conn, ident, session, req.peer)
+        self.clients[req.conn] = client
+        proto = self.auth.choose_subprotocol(req, self.config.server.subprotocols)
+        meta = orjson.dumps(ident.meta).decode() if ident.meta else None
+        first = P.connected(session, ident.user, self.config.heartbeat.interval, self.node_id)
+        if not eng.accept(req.conn, user=ident.user, meta=meta, protocol=proto, first=first):
+            # The engine gave up waiting (auth deadline); its close event cleans up.
+            self.clients.pop(req.conn, None)
+            return
+        if self.config.log.access_log:
+            log.info("connected", extra={"conn": req.conn, "peer": req.peer, "user": ident.user})
+
+    # ---- close -----------------------------------------------------------------------------
+
+    def _on_closed(self, ev: tuple[Any, ...]) -> None:
+        _, conn, code, reason, rooms, _user = ev
+        client = self.clients.pop(conn, None)
+        if client is None:
+            return
+        if self.config.log.access_log:
+            log.info("disconnected", extra={"conn": conn, "user": client.user, "code": code, "reason": reason})
+        for room in rooms:
+            client.rooms.discard(room)
+            self._spawn(self._after_leave(client, room))
+        if self._hooks["on_disconnect"]:
+            self._spawn(self._notify("on_disconnect", client, code, reason))
+
+    async def _notify(self, hook: str, *args: Any) -> None:
+        for fn in self._hooks[hook]:
+            try:
+                await self._call(hook, fn, *args)
+            except Exception:
+                pass  # counted and logged in _call; notifications cannot be refused
+
+    # ---- client messages -------------------------------------------------------------------
+
+    def _on_message(self, conn: int, data: bytes, binary: bool) -> None:
+        c = self.clients.get(conn)
+        if c is None:
+            return
+        if c.busy:
+            c.backlog.append(data if not binary else b"\x00")
+            return
+        self._run_for(c, data if not binary else b"\x00")
+
+    def _run_for(self, c: Client, data: bytes) -> None:
+        """Handle ``data`` now; if it must wait, hold the client's later messages behind it."""
+        value, task = run_eager(self._handle(c, data))
+        if task is not None:
+            c.busy = True
+            task.add_done_callback(lambda _t, c=c: self._resume(c))
+
+    def _resume(self, c: Client) -> None:
+        c.busy = False
+        while c.backlog and not c.busy:
+            self._run_for(c, c.backlog.popleft())
+
+    def _error(self, c: Client, rid: Any, code: int, message: str) -> None:
+        st = self.stats
+        st.errors_sent[code] = st.errors_sent.get(code, 0) + 1
+        eng = self._engine()
+        eng.send(c.conn, P.error(rid, code, message), P.PRIO_HIGH)
+        c.errors += 1
+        if c.errors >= self.config.limits.max_errors:
+            eng.disconnect(c.conn, P.CLOSE_ABUSE, "too many errors")
+
+    async def _handle(self, c: Client, data: bytes) -> None:
+        if data == b"\x00":
+            return self._error(c, None, P.E_BAD_REQUEST, "binary frames are not supported; send JSON text")
+        try:
+            msg = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            return self._error(c, None, P.E_BAD_REQUEST, "invalid JSON")
+        if not isinstance(msg, dict):
+            return self._error(c, None, P.E_BAD_REQUEST, "a request must be a JSON object")
+        rid = msg.get("id")
+        op = msg.get("op")
+        try:
+            if op == "publish":
+                await self._op_publish(c, msg, rid, len(data))
+            elif op == "join":
+                await self._op_join(c, msg, rid)
+            elif op == "leave":
+                await self._op_leave(c, msg, rid)
+            elif op == "ping":  # only reaches Python when the engine's app_ping is off
+                self._engine().send(c.conn, orjson.dumps({"op": "pong", "ts": P.now_ms()}), P.PRIO_HIGH)
+            elif not isinstance(op, str):
+                return self._error(c, rid, P.E_BAD_REQUEST, "missing field: op")
+            else:
+                return self._error(c, rid, P.E_UNKNOWN_OP, f"unknown op {op[:32]!r}")
+            c.errors = 0
+        except Reject as r:
+            self._error(c, rid, r.code, r.message)
+        except HookTimeout:
+            self._error(c, rid, P.E_HOOK_TIMEOUT, "timed out")
+        except BrokerError as e:
+            self.stats.broker_publish_errors += 1
+            self._error(c, rid, P.E_INTERNAL, f"temporarily unavailable: {e}")
+        except Exception:
+            log.exception("handling %s failed", op)
+            self._error(c, rid, P.E_INTERNAL, "internal error")
+
+    @staticmethod
+    def _room_of(msg: dict[str, Any]) -> str:
+        room = msg.get("room")
+        if not isinstance(room, str) or not room:
+            raise Reject(P.E_BAD_REQUEST, "missing field: room")
+        return room
+
+    async def _op_join(self, c: Client, msg: dict[str, Any], rid: Any) -> None:
+        room = self._room_of(msg)
+        verdict, route = self.policy.check_join(c.identity, room)
+        if not verdict.ok or route is None:
+            raise Reject(verdict.code, verdict.message)
+        for fn in self._hooks["on_join"]:
+            try:
+                r = await self._call("on_join", fn, c, room)
+            except HookTimeout:
+                if self._fallback_allows():
+                    continue
+                raise
+            if r is False:
+                raise Reject(P.E_FORBIDDEN, f"not allowed to join {room}")
+        history = msg.get("history", 0)
+        resume = msg.get("resume")
+        if not isinstance(history, int) or isinstance(history, bool) or history < 0:
+            raise Reject(P.E_BAD_REQUEST, "history must be a non-negative integer")
+        if resume is not None and not (isinstance(resume, dict) and isinstance(resume.get("seq"), int) and isinstance(resume.get("epoch", ""), str)):
+            raise Reject(P.E_BAD_REQUEST, "resume must be {\"seq\": int, \"epoch\": str}")
+        eng = self._engine()
+        joined = eng.join(c.conn, room)
+        if joined < 0:
+            return  # the connection is gone
+        c.rooms.add(room)
+        if joined == 1:
+            conns, _ = eng.room_counts(room)
+            if conns == 1:
+                await self.broker.subscribe(room)
+        cap = min(50, route.cfg.history_size)
+        if resume is not None:
+            h = await self.broker.history(room, limit=route.cfg.history_size, since=resume["seq"], epoch=resume.get("epoch", ""))
+        else:
+            h = await self.broker.history(room, limit=min(history, cap))
+        reply: dict[str, Any] = {"op": "ack", "id": rid, "room": room, "seq": h.seq, "epoch": h.epoch, "msgs": [orjson.Fragment(m) for m in h.messages]}
+        if h.recovered is not None:
+            reply["recovered"] = h.recovered
+        eng.send(c.conn, orjson.dumps(reply), P.PRIO_HIGH)
+        if joined == 1:
+            await self._presence_change(room, route, "join", c.user)
+
+    async def _op_leave(self, c: Client, msg: dict[str, Any], rid: Any) -> None:
+        room = self._room_of(msg)
+        if room not in c.rooms:
+            raise Reject(P.E_NOT_JOINED, f"not in room {room}")
+        await self._leave(c, room, notify=False)
+        self._engine().send(c.conn, P.ack(rid, room=room), P.PRIO_HIGH)
+
+    async def _leave(self, c: Client, room: str, notify: bool) -> None:
+        """Remove ``c`` from ``room`` (client request, ban or room close)."""
+        if room not in c.rooms:
+            return
+        c.rooms.discard(room)
+        self._engine().leave(c.conn, room)
+        await self._after_leave(c, room)
+
+    async def _after_leave(self, c: Client, room: str) -> None:
+        conns, _ = self._engine().room_counts(room)
+        if conns == 0:
+            await self.broker.unsubscribe(room)
+        route = self.router.match(room)
+        if route is not None:
+            await self._presence_change(room, route, "leave", c.user)
+        if self._hooks["on_leave"]:
+            await self._notify("on_leave", c, room)
+
+    async def _presence_change(self, room: str, route: Route, event: str, user: str) -> None:
+        limit = route.cfg.presence_events_max_members
+        if limit and self._engine().room_counts(room)[0] <= limit:
+            try:
+                await self.broker.publish_frame(room, P.presence_event(room, event, user), P.PRIO_LOW)
+            except BrokerError:
+                self.stats.broker_publish_errors += 1
+
+    async def _op_publish(self, c: Client, msg: dict[str, Any], rid: Any, size: int) -> None:
+        room = self._room_of(msg)
+        mtype = msg.get("type", "chat")
+        if not isinstance(mtype, str) or not mtype or len(mtype) > 64:
+            raise Reject(P.E_BAD_REQUEST, "type must be a short string")
+        if "data" not in msg:
+            raise Reject(P.E_BAD_REQUEST, "missing field: data")
+        if room not in c.rooms:
+            raise Reject(P.E_NOT_JOINED, f"join {room} before publishing")
+        verdict, route = self.policy.check_publish(c.identity, room, mtype, size)
+        if not verdict.ok or route is None:
+            self._count_drop(verdict.code)
+            raise Reject(verdict.code, verdict.message)
+        m = Message(room, mtype, msg["data"], c, verdict.priority)
+        for fn in self._hooks["on_message"]:
+            try:
+                r = await self._call("on_message", fn, c, m)
+            except HookTimeout:
+                if self._fallback_allows():
+                    continue
+                raise
+            if r is DROP:
+                self.stats.dropped["filter"] += 1
+                self._engine().send(c.conn, P.ack(rid, seq=0), P.PRIO_HIGH)
+                return
+            if isinstance(r, Message):
+                m = r
+        seq = 0
+        for target in m.rooms or [m.room]:
+            troute = route if target == room else self.router.match(target)
+            if troute is None:
+                raise Reject(P.E_NO_ROUTE, f"no route for room {target}")
+            res = await self._publish(target, troute, m.type, m.data, m.priority, c.user)
+            if target == room or not seq:
+                seq = res.seq
+            if self._hooks["after_publish"]:
+                self._spawn(self._notify("after_publish", m, res))
+        self._engine().send(c.conn, P.ack(rid, seq=seq), P.PRIO_HIGH)
+
+    def _count_drop(self, code: int) -> None:
+        d = self.stats.dropped
+        key = {P.E_RATE: "rate_limit", P.E_MUTED: "mute", P.E_TOO_LARGE: "too_large", P.E_FORBIDDEN: "forbidden"}.get(code)
+        if key:
+            d[key] += 1
+
+    async def _publish(self, room: str, route: Route, mtype: str, data: Any, prio: int, sender: str | None) -> PublishResult:
+        head, tail = P.message_parts(room, mtype, prio, sender, data, P.now_ms())
+        recoverable = mtype in route.cfg.recoverable_types
+        key = (mtype if mtype in route.cfg.priorities else "other", prio)
+        self.stats.published[key] = self.stats.published.get(key, 0) + 1
+        try:
+            return await self.broker.publish(room, head, tail, prio, recoverable, HistoryPolicy(route.cfg.history_size, route.cfg.history_ttl))
+        except BrokerError:
+            self.stats.broker_publish_errors += 1
+            raise
+
+    # ---- presence counts -----------------------------------------------------------------
+
+    async def _presence_loop(self) -> None:
+        interval = self.config.presence.interval
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self._presence_tick()
+            except Exception:
+                log.exception("presence tick failed")
+
+    async def _presence_tick(self) -> None:
+        eng = self._engine()
+        local = {room: (c, u) for room, c, u in eng.rooms()}
+        await self.broker.report_presence(local)
+        last = self._presence_last
+        fresh: dict[str, tuple[int, int]] = {}
+        for room in local:
+            counts = local[room] if isinstance(self.broker, MemoryBroker) else await self.broker.presence(room)
+            fresh[room] = counts
+            if last.get(room) != counts:
+                eng.publish(room, P.presence_counts(room, *counts), P.PRIO_LOW)
+        self._presence_last = fresh
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    def _engine_kwargs(self) -> dict[str, Any]:
+        cfg = self.config
+        s, lim, hb, d = cfg.server, cfg.limits, cfg.heartbeat, cfg.deflate
+        static: dict[str, tuple[str, bytes]] = {}
+        if s.demo:
+            from .demo import static_files
+
+            static = static_files(s.ws_path)
+        return dict(
+            host=s.host, port=s.port, reuse_port=s.reuse_port or s.workers > 1, backlog=s.backlog, workers=s.threads,
+            ws_path=s.ws_path, health_path=s.health_path, static_files=static,
+            handshake_timeout=lim.handshake_timeout, auth_timeout=cfg.auth.deadline,
+            max_headers=lim.max_headers, max_header_bytes=lim.max_header_bytes,
+            max_frame_size=lim.max_frame_bytes, max_message_size=lim.max_message_bytes,
+            deflate=d.enabled, deflate_min_size=d.min_size, deflate_level=d.level,
+            deflate_client_max_window_bits=d.client_max_window_bits,
+            idle_timeout=hb.idle_timeout, ping_interval=float(hb.interval) if hb.ws_ping else 0.0,
+            queue_bytes=lim.queue_bytes, fanout_chunk=lim.fanout_chunk, event_queue_cap=lim.event_queue,
+        )
+
+    async def start(self) -> tuple[str, int]:
+        """Start the engine, the broker, plugins and the HTTP API. Returns the client
+        listener's (host, port)."""
+        self._loop = asyncio.get_running_loop()
+        self._stopping = asyncio.Event()
+        soft, hard = raise_fd_limit()
+        log.info("open files limit raised to %d (hard limit %d)", soft, hard)
+        for p in self.plugins:
+            r = p.setup(self)
+            if inspect.isawaitable(r):
+                await r
+        await self.broker.start(self, self.node_id)
+        eng = Engine(**self._engine_kwargs())
+        for route in self.config.routes:
+            prefix = _prefix_of(route.pattern)
+            if route.merge_ms > 0 and prefix is not None:
+                eng.set_room_options(prefix, route.merge_ms, route.merge_max)
+        self.engine = eng
+        addr = eng.start()
+        self._loop.add_reader(eng.fd, self._on_readable)
+        self._spawn_task(self._presence_loop())
+        if self.config.api.enabled:
+            from .api import start_api
+
+            self._api_runner = await start_api(self)
+        log.info("gateway %s listening on ws://%s:%d%s", self.node_id, addr[0], addr[1], self.config.server.ws_path)
+        return addr
+
+    def _spawn_task(self, coro: Awaitable[Any]) -> None:
+        t = asyncio.ensure_future(coro)
+        self._tasks.add(t)
+        t.add_done_callback(self._task_done)
+
+    @property
+    def ready(self) -> bool:
+        """True while serving and the broker is usable: ``/readyz``."""
+        eng = self.engine
+        return eng is not None and eng.running and not eng.draining and self.broker.ready
+
+    async def stop(self, code: int = P.CLOSE_RESTART, reason: str = "restarting") -> int:
+        """Graceful stop: readiness goes false, clients get a ``drain`` frame and a close
+        with ``code``; waits up to ``drain.timeout``. Returns connections dropped."""
+        eng = self.engine
+        if eng is None:
+            return 0
+        eng.drain(code, reason, P.drain(self.config.drain.retry_ms))
+        left = await asyncio.to_thread(eng.wait_closed, self.config.drain.timeout)
+        # Let close events reach the hooks before the engine goes.
+        self._on_readable()
+        dropped = eng.stop(code, reason, 0.5)
+        if self._loop is not None:
+            self._loop.remove_reader(eng.fd)
+        for t in list(self._tasks):
+            t.cancel()
+        if self._api_runner is not None:
+            await self._api_runner.cleanup()
+            self._api_runner = None
+        await self.broker.close()
+        for p in self.plugins:
+            r = p.teardown()
+            if inspect.isawaitable(r):
+                await r
+        self.engine = None
+        if self._stopping is not None:
+            self._stopping.set()
+        log.info("gateway stopped (%d connections dropped after the drain deadline)", left + dropped)
+        return left
+
+    async def serve(self) -> None:
+        """Start, run until SIGINT/SIGTERM, then stop gracefully."""
+        await self.start()
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                loop.add_signal_handler(sig, stop.set)
+            except (NotImplementedError, RuntimeError):
+                pass
+        await stop.wait()
+        log.info("signal received: draining")
+        await self.stop()
+
+    def run(self) -> None:
+        """Run on uvloop until a signal stops it."""
+        import uvloop
+
+        uvloop.run(self.serve())

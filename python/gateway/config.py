@@ -1,0 +1,364 @@
+"""Configuration: one TOML file, overridden by environment variables, then CLI flags.
+
+Precedence (last wins): defaults < TOML file < ``GATEWAY_<SECTION>__<KEY>`` environment
+variables < ``--set section.key=value`` and the named CLI flags. Everything is validated
+at start-up; errors name the offending key (``server.port: must be 1..65535``).
+
+Environment values are parsed as TOML values when they parse (``8080``, ``true``,
+``["a","b"]``, ``"x"``), else taken as strings: ``GATEWAY_SERVER__PORT=9000``,
+``GATEWAY_AUTH__SECRET=...``, ``GATEWAY_NODE_ID=n2``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .auth import AuthConfig, ConfigError
+from .routing import Router, RouteConfig
+
+__all__ = ["Config", "ConfigError", "load_config"]
+
+ENV_PREFIX = "GATEWAY_"
+
+
+@dataclass
+class ServerConfig:
+    """Client-facing listener (the engine)."""
+
+    host: str = "0.0.0.0"
+    port: int = 8080
+    ws_path: str = "/ws"
+    health_path: str = "/healthz"
+    #: Worker processes sharing the port (SO_REUSEPORT); >1 needs the redis broker.
+    workers: int = 1
+    #: Engine I/O threads per process; 0 = the CPU count.
+    threads: int = 0
+    reuse_port: bool = False
+    backlog: int = 4096
+    subprotocols: list[str] = field(default_factory=lambda: ["gateway.v1"])
+    #: Serve the live-room demo page at ``/``.
+    demo: bool = True
+    #: A new login of a user closes the user's older connections (4004).
+    single_session: bool = False
+
+
+@dataclass
+class LimitsConfig:
+    max_message_bytes: int = 65536
+    max_frame_bytes: int = 65536
+    #: Bound of each connection's outbound queue.
+    queue_bytes: int = 1 << 20
+    handshake_timeout: float = 5.0
+    max_headers: int = 64
+    max_header_bytes: int = 8192
+    #: Client messages waiting for Python above this are shed.
+    event_queue: int = 1 << 20
+    #: Members per fan-out task; larger rooms are split across threads.
+    fanout_chunk: int = 2048
+    #: Consecutive client errors (bad JSON, rate limits, ...) before closing with 4029.
+    max_errors: int = 50
+
+
+@dataclass
+class HeartbeatConfig:
+    #: Seconds between client pings, announced in the ``connected`` frame.
+    interval: int = 30
+    #: Close a connection silent for this long (code 4000). Default: 3 intervals.
+    idle_timeout: float = 90.0
+    #: Send WebSocket pings to connections silent for ``interval``.
+    ws_ping: bool = True
+
+
+@dataclass
+class DeflateSection:
+    enabled: bool = True
+    min_size: int = 128
+    level: int = 5
+    client_max_window_bits: int = 15
+
+
+@dataclass
+class ApiConfig:
+    """Internal HTTP API, ``/metrics``, ``/healthz`` and ``/readyz``."""
+
+    host: str = "127.0.0.1"
+    port: int = 8081
+    #: Required in the ``Authorization: Bearer`` or ``X-API-Key`` header. May be empty
+    #: only when ``host`` is a loopback address.
+    api_key: str = ""
+    enabled: bool = True
+
+
+@dataclass
+class HooksConfig:
+    #: Seconds an async hook may take.
+    timeout: float = 2.0
+    #: What a timed-out hook means: "allow" or "deny".
+    fallback: str = "deny"
+
+
+@dataclass
+class PresenceConfig:
+    #: Seconds between presence count frames (only sent when counts changed).
+    interval: float = 10.0
+
+
+@dataclass
+class BrokerConfig:
+    kind: str = "memory"
+    url: str = "redis://127.0.0.1:6379/0"
+    #: Redis Cluster: sharded pub/sub (SSUBSCRIBE/SPUBLISH).
+    cluster: bool = False
+    #: Key and channel prefix, so several deployments can share one Redis.
+    prefix: str = "gw"
+    #: Seconds a node's presence report lives without renewal.
+    presence_ttl: float = 30.0
+    #: Seconds a reconnect may take before a leave is reported to hooks.
+    leave_grace: float = 5.0
+
+
+@dataclass
+class LogConfig:
+    level: str = "info"
+    #: JSON lines (True) or plain text.
+    json: bool = True
+    #: One line per connect and disconnect.
+    access_log: bool = False
+
+
+@dataclass
+class DrainConfig:
+    #: Seconds to wait for connections to close on stop.
+    timeout: float = 10.0
+    #: Reconnect delay suggested to clients in the ``drain`` frame.
+    retry_ms: int = 1500
+
+
+@dataclass
+class Config:
+    """The whole configuration; see ``gateway.example.toml``."""
+
+    node_id: str = ""
+    server: ServerConfig = field(default_factory=ServerConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    heartbeat: HeartbeatConfig = field(default_factory=HeartbeatConfig)
+    deflate: DeflateSection = field(default_factory=DeflateSection)
+    api: ApiConfig = field(default_factory=ApiConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    hooks: HooksConfig = field(default_factory=HooksConfig)
+    presence: PresenceConfig = field(default_factory=PresenceConfig)
+    broker: BrokerConfig = field(default_factory=BrokerConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    drain: DrainConfig = field(default_factory=DrainConfig)
+    routes: list[RouteConfig] = field(default_factory=Router.default_routes)
+
+    def check(self) -> None:
+        """Validate every section; raise :class:`ConfigError` naming the key."""
+        if not self.node_id:
+            self.node_id = f"{socket.gethostname()}-{os.getpid()}"
+        s = self.server
+        for key, port in (("server.port", s.port), ("api.port", self.api.port)):
+            if not 0 <= port <= 65535:
+                raise ConfigError(key, "must be 0..65535")
+        if not s.ws_path.startswith("/"):
+            raise ConfigError("server.ws_path", "must start with '/'")
+        if s.workers < 1:
+            raise ConfigError("server.workers", "must be >= 1")
+        if s.workers > 1 and self.broker.kind != "redis":
+            raise ConfigError("server.workers", "several workers share rooms through a broker: set broker.kind = 'redis'")
+        if s.threads < 0:
+            raise ConfigError("server.threads", "must be >= 0 (0 = CPU count)")
+        if not s.subprotocols:
+            raise ConfigError("server.subprotocols", "must list at least one protocol")
+        lim = self.limits
+        for name in ("max_message_bytes", "max_frame_bytes", "queue_bytes", "max_headers", "max_header_bytes", "event_queue", "fanout_chunk", "max_errors"):
+            if getattr(lim, name) <= 0:
+                raise ConfigError(f"limits.{name}", "must be > 0")
+        if lim.handshake_timeout <= 0:
+            raise ConfigError("limits.handshake_timeout", "must be > 0")
+        hb = self.heartbeat
+        if hb.interval < 1:
+            raise ConfigError("heartbeat.interval", "must be >= 1 second")
+        if hb.idle_timeout <= hb.interval:
+            raise ConfigError("heartbeat.idle_timeout", "must be longer than heartbeat.interval (2-3 intervals is usual)")
+        if not 0 <= self.deflate.level <= 9:
+            raise ConfigError("deflate.level", "must be 0..9")
+        if not 9 <= self.deflate.client_max_window_bits <= 15:
+            raise ConfigError("deflate.client_max_window_bits", "must be 9..15")
+        if self.api.enabled and not self.api.api_key and self.api.host not in ("127.0.0.1", "::1", "localhost"):
+            raise ConfigError("api.api_key", "required when the API listens on a non-loopback address")
+        if self.hooks.timeout <= 0:
+            raise ConfigError("hooks.timeout", "must be > 0")
+        if self.hooks.fallback not in ("allow", "deny"):
+            raise ConfigError("hooks.fallback", "must be 'allow' or 'deny'")
+        if self.presence.interval <= 0:
+            raise ConfigError("presence.interval", "must be > 0")
+        if self.broker.kind not in ("memory", "redis"):
+            raise ConfigError("broker.kind", "must be 'memory' or 'redis'")
+        if self.log.level.lower() not in ("debug", "info", "warning", "error", "critical"):
+            raise ConfigError("log.level", "must be debug, info, warning, error or critical")
+        if self.drain.timeout < 0:
+            raise ConfigError("drain.timeout", "must be >= 0")
+        self.auth.check("auth")
+        seen = set()
+        for i, r in enumerate(self.routes):
+            r.check(f"routes[{i}]")
+            if r.pattern in seen:
+                raise ConfigError(f"routes[{i}].pattern", f"duplicate pattern {r.pattern!r}")
+            seen.add(r.pattern)
+
+
+# ---- building dataclasses from plain data, with key-naming errors ----------------------
+
+
+def _type_ok(value: Any, tp: Any) -> tuple[bool, Any]:
+    """Check (and lightly coerce: int -> float) ``value`` against annotation ``tp``."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return True, value
+    if origin in (typing.Union, types.UnionType):
+        for arm in typing.get_args(tp):
+            ok, v = _type_ok(value, arm)
+            if ok:
+                return True, v
+        return False, value
+    if tp is type(None):
+        return value is None, value
+    if tp is bool:
+        return isinstance(value, bool), value
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True, float(value)
+        return False, value
+    if tp is str:
+        return isinstance(value, str), value
+    if origin is list:
+        (arg,) = typing.get_args(tp) or (Any,)
+        if not isinstance(value, list):
+            return False, value
+        out = []
+        for item in value:
+            ok, v = _type_ok(item, arg)
+            if not ok:
+                return False, value
+            out.append(v)
+        return True, out
+    if origin is dict:
+        return isinstance(value, dict), value
+    return True, value
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
+    """Instantiate dataclass ``cls`` from ``data``; unknown keys and wrong types raise
+    :class:`ConfigError` naming ``prefix.key``."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(prefix, "must be a table")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}.{key}" if prefix else key
+        if key not in fields:
+            raise ConfigError(name, f"unknown setting (known: {', '.join(sorted(fields))})")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = build(tp, value, name)  # type: ignore[arg-type]
+            continue
+        if key == "routes":
+            if not isinstance(value, list):
+                raise ConfigError(name, "must be an array of tables ([[routes]])")
+            kwargs[key] = [build(RouteConfig, r, f"routes[{i}]") for i, r in enumerate(value)]
+            continue
+        ok, v = _type_ok(value, tp)
+        if not ok:
+            raise ConfigError(name, f"must be {_type_name(tp)}, got {value!r}")
+        kwargs[key] = v
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # a required field is missing
+        raise ConfigError(prefix or "config", str(e)) from None
+
+
+def _parse_scalar(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _set_path(data: dict[str, Any], dotted: str, value: Any, origin: str) -> None:
+    parts = [p for p in dotted.split(".") if p]
+    if not parts:
+        raise ConfigError(origin, "empty key")
+    node = data
+    for p in parts[:-1]:
+        nxt = node.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(dotted, f"{p} is not a section ({origin})")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    """``GATEWAY_SECTION__KEY=value`` -> {"section": {"key": value}}."""
+    out: dict[str, Any] = {}
+    for k, v in environ.items():
+        if not k.startswith(ENV_PREFIX) or k in ("GATEWAY_CONFIG", "GATEWAY_APP"):
+            continue
+        dotted = k[len(ENV_PREFIX):].lower().replace("__", ".")
+        _set_path(out, dotted, _parse_scalar(v), k)
+    return out
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    for k, v in over.items():
+        if isinstance(v, Mapping) and isinstance(base.get(k), dict):
+            _merge(base[k], v)
+        else:
+            base[k] = v
+    return base
+
+
+def load_config(
+    path: str | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    sets: list[str] | None = None,
+) -> Config:
+    """Load, merge and validate. ``sets`` are ``section.key=value`` strings (``--set``)."""
+    data: dict[str, Any] = {}
+    path = path or (environ if environ is not None else os.environ).get("GATEWAY_CONFIG")
+    if path:
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except FileNotFoundError:
+            raise ConfigError("config", f"file not found: {path}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError("config", f"{path} is not valid TOML: {e}") from None
+    _merge(data, env_overrides(os.environ if environ is None else environ))
+    for s in sets or []:
+        if "=" not in s:
+            raise ConfigError("--set", f"expected section.key=value, got {s!r}")
+        k, v = s.split("=", 1)
+        _set_path(data, k.strip(), _parse_scalar(v.strip()), "--set")
+    for k, v in (overrides or {}).items():
+        _set_path(data, k, v, "command line")
+    cfg: Config = build(Config, data, "")
+    cfg.check()
+    return cfg

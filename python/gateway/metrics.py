@@ -1,0 +1,105 @@
+"""Prometheus metrics. Engine counters live in Rust as atomics and are read here at scrape
+time by a custom collector: nothing is incremented from Python per delivered message."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.process_collector import ProcessCollector
+
+if TYPE_CHECKING:
+    from .app import Gateway
+
+# engine counter -> (metric, help, labels)
+_SIMPLE = {
+    "tcp_accepted": ("gateway_tcp_accepted_total", "TCP connections accepted"),
+    "accept_errors": ("gateway_accept_errors_total", "accept() failures (e.g. out of file descriptors)"),
+    "connects": ("gateway_connects_total", "WebSocket upgrades completed"),
+    "disconnects": ("gateway_disconnects_total", "WebSocket connections closed"),
+    "messages_in": ("gateway_messages_in_total", "Data messages received from clients"),
+    "messages_to_app": ("gateway_messages_to_app_total", "Client messages handed to the Python layer"),
+    "messages_shed": ("gateway_messages_shed_total", "Client messages shed because the event queue was full"),
+    "app_pings": ("gateway_app_pings_total", "Application-level pings answered by the engine"),
+    "publishes": ("gateway_room_publishes_total", "Room messages published on this node"),
+    "deliveries": ("gateway_deliveries_total", "Frames queued to connections"),
+    "deliveries_logical": ("gateway_deliveries_logical_total", "Logical messages delivered (batch members counted)"),
+    "frames_out": ("gateway_frames_out_total", "Frames written to sockets"),
+    "bytes_in": ("gateway_received_bytes_total", "Bytes read from client sockets"),
+    "bytes_out": ("gateway_sent_bytes_total", "Bytes written to client sockets"),
+    "writev_calls": ("gateway_writev_calls_total", "Vectored socket writes"),
+    "batches": ("gateway_batches_total", "Merged batch frames built"),
+    "deflate_compressions": ("gateway_deflate_compressions_total", "Server messages compressed (shared by recipients)"),
+    "pings_sent": ("gateway_ws_pings_sent_total", "WebSocket pings sent to quiet connections"),
+}
+
+
+class EngineCollector:
+    def __init__(self, gw: Gateway) -> None:
+        self.gw = gw
+
+    def collect(self) -> Any:
+        gw = self.gw
+        eng = gw.engine
+        if eng is None:
+            return
+        c = eng.counters()
+        yield GaugeMetricFamily("gateway_connections", "Open WebSocket connections", value=c["connections_current"])
+        yield GaugeMetricFamily("gateway_rooms", "Rooms with local members", value=c["rooms_current"])
+        yield GaugeMetricFamily("gateway_event_queue_length", "Events waiting for the Python layer", value=c["event_queue_len"])
+        for key, (name, doc) in _SIMPLE.items():
+            yield CounterMetricFamily(name.removesuffix("_total"), doc, value=c[key])
+        hs = CounterMetricFamily("gateway_handshake_failures", "Failed HTTP upgrades by reason", labels=["reason"])
+        for reason, key in (("timeout", "handshake_timeout"), ("bad_request", "handshake_bad_request"), ("too_large", "handshake_too_large"), ("not_found", "handshake_not_found"), ("auth_timeout", "connects_auth_timeout")):
+            hs.add_metric([reason], c[key])
+        yield hs
+        rej = CounterMetricFamily("gateway_auth_rejects", "Connections refused by auth or on_connect hooks")
+        rej.add_metric([], gw.stats.auth_rejects)
+        yield rej
+        dc = CounterMetricFamily("gateway_disconnect_reasons", "Disconnects by reason", labels=["reason"])
+        for reason, key in (("client", "close_client"), ("protocol_error", "close_protocol_error"), ("too_big", "close_too_big"), ("invalid_utf8", "close_invalid_utf8"), ("idle_timeout", "close_idle"), ("slow_consumer", "close_slow_consumer"), ("server", "close_server"), ("io_error", "close_io_error")):
+            dc.add_metric([reason], c[key])
+        yield dc
+        slow = CounterMetricFamily("gateway_slow_consumer_disconnects", "Connections closed as slow consumers (4008)")
+        slow.add_metric([], c["close_slow_consumer"])
+        yield slow
+        drops = CounterMetricFamily("gateway_dropped_messages", "Messages dropped, by reason", labels=["reason", "priority"])
+        drops.add_metric(["queue_full", "low"], c["dropped_low"])
+        drops.add_metric(["queue_full", "normal"], c["dropped_normal"])
+        drops.add_metric(["queue_full", "high"], c["dropped_high"])
+        drops.add_metric(["closed", "any"], c["dropped_closed"])
+        for reason, n in gw.stats.dropped.items():
+            drops.add_metric([reason, "any"], n)
+        yield drops
+        pub = CounterMetricFamily("gateway_messages_published", "Room messages accepted from clients and the API", labels=["type", "priority"])
+        for (mtype, prio), n in gw.stats.published.items():
+            pub.add_metric([mtype, str(prio)], n)
+        yield pub
+        ht = CounterMetricFamily("gateway_hook_timeouts", "Hook calls that timed out", labels=["hook"])
+        hc = CounterMetricFamily("gateway_hook_calls", "Hook calls", labels=["hook"])
+        for hook, n in gw.stats.hook_timeouts.items():
+            ht.add_metric([hook], n)
+            hc.add_metric([hook], gw.stats.hook_calls[hook])
+        yield ht
+        yield hc
+        be = CounterMetricFamily("gateway_broker_publish_errors", "Broker publishes that failed")
+        be.add_metric([], gw.stats.broker_publish_errors)
+        yield be
+        yield GaugeMetricFamily("gateway_broker_connected", "1 while the broker is usable", value=1 if gw.broker.ready else 0)
+        yield GaugeMetricFamily("gateway_ready", "1 while /readyz answers ready", value=1 if gw.ready else 0)
+
+
+def registry_for(gw: Gateway) -> CollectorRegistry:
+    reg = getattr(gw, "_metrics_registry", None)
+    if reg is None:
+        reg = CollectorRegistry(auto_describe=False)
+        reg.register(EngineCollector(gw))
+        ProcessCollector(namespace="gateway", registry=reg)
+        gw._metrics_registry = reg  # type: ignore[attr-defined]
+    return reg
+
+
+def render(gw: Gateway) -> tuple[bytes, str]:
+    return generate_latest(registry_for(gw)), CONTENT_TYPE_LATEST

@@ -1,0 +1,312 @@
+//! Command-line flags and the validated run configuration derived from them.
+
+use clap::Parser;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
+use std::time::Duration;
+
+/// High-scale WebSocket load client for the live-chat gateway.
+///
+/// Opens --conns receiver connections (plus --publishers publisher
+/// connections) with one mio event loop per thread, joins --room on each,
+/// publishes at --rate during --warmup + --duration and measures fan-out
+/// throughput, delivery ratio and latency with little client CPU. Prints
+/// progress to stderr and one JSON summary to stdout.
+///
+/// Phases: connect all -> [warmup, then a quiet --drain-wait] -> measured
+/// --duration -> stop publishing, wait --drain-wait -> report.
+/// With --hold S: connect, print `READY <n>`, keep the connections (and
+/// heartbeats) for S seconds, report.
+#[derive(Parser, Debug, Clone)]
+#[command(name = "gw-load", version, about, long_about)]
+pub struct Args {
+    /// Gateway endpoint, ws://host:port/path[?query] (plain ws only).
+    #[arg(long, default_value = "ws://127.0.0.1:8080/ws")]
+    pub url: String,
+
+    /// Number of receiver connections.
+    #[arg(long, default_value_t = 1000)]
+    pub conns: u32,
+
+    /// Event-loop threads (connections are spread round-robin).
+    #[arg(long, default_value_t = 1)]
+    pub threads: u32,
+
+    /// Bind connections round-robin to 127.0.0.1 .. 127.0.0.N before
+    /// connecting, so ephemeral ports don't run out (loopback targets only;
+    /// 1 = don't bind).
+    #[arg(long, default_value_t = 1)]
+    pub sources: u32,
+
+    /// Connection attempts started per second (0 = unlimited).
+    #[arg(long, default_value_t = 0.0)]
+    pub connect_rate: f64,
+
+    /// Maximum handshakes in flight (TCP connect + upgrade + join).
+    #[arg(long, default_value_t = 512)]
+    pub connect_inflight: u32,
+
+    /// Seconds a connection may take to become ready before it counts as
+    /// failed.
+    #[arg(long, default_value_t = 15.0)]
+    pub connect_timeout: f64,
+
+    /// Mint an HS256 JWT per connection ({"sub":"<prefix><i>","exp":now+3600})
+    /// with this secret and pass it as ?token=. Without it: ?user=<prefix><i>
+    /// (gateway dev auth mode).
+    #[arg(long)]
+    pub jwt_secret: Option<String>,
+
+    /// User id prefix; connection i is user <prefix><i> (publishers continue
+    /// the numbering after the receivers).
+    #[arg(long, default_value = "u")]
+    pub user_prefix: String,
+
+    /// Value of the Sec-WebSocket-Protocol header ("" = none).
+    #[arg(long, default_value = "gateway.v1")]
+    pub subprotocol: String,
+
+    /// Room every connection joins and publishers publish to.
+    #[arg(long, default_value = "bench")]
+    pub room: String,
+
+    /// Don't join a room: a connection is ready after the `connected` frame
+    /// (idle-connection tests).
+    #[arg(long)]
+    pub no_join: bool,
+
+    /// Record the latency of every K-th received message (bounds the cost).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pub lat_sample: u32,
+
+    /// Send {"op":"ping"} on each connection every S seconds, spread evenly
+    /// over the interval (0 = off).
+    #[arg(long, default_value_t = 20.0)]
+    pub ping_interval: f64,
+
+    /// Publisher connections (they join the room too; 0 = no publishing).
+    #[arg(long, default_value_t = 1)]
+    pub publishers: u32,
+
+    /// Total publish rate across publishers in msgs/s, or `max` (keep up to
+    /// --window unacked publishes per publisher).
+    #[arg(long, default_value = "100")]
+    pub rate: String,
+
+    /// Unacked publishes per publisher with --rate max.
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..))]
+    pub window: u32,
+
+    /// Approximate size in bytes of each publish's `data` object
+    /// ({"t":<micros>,"p":"<padding>"}).
+    #[arg(long, default_value_t = 128)]
+    pub payload_bytes: usize,
+
+    /// Seconds of unmeasured publishing before the measurement.
+    #[arg(long, default_value_t = 0.0)]
+    pub warmup: f64,
+
+    /// Measured seconds of publishing.
+    #[arg(long, default_value_t = 10.0)]
+    pub duration: f64,
+
+    /// Seconds to wait for in-flight messages after publishing stops (also
+    /// the quiet gap between warmup and measurement).
+    #[arg(long, default_value_t = 1.0)]
+    pub drain_wait: f64,
+
+    /// Idle mode: connect, then hold the connections S seconds (heartbeats
+    /// only, progress every second on stderr), then report. No publishing.
+    #[arg(long)]
+    pub hold: Option<f64>,
+
+    /// Hard stop after this many seconds (default: warmup + duration + hold
+    /// + 2 x drain-wait + 60).
+    #[arg(long)]
+    pub timeout: Option<f64>,
+
+    /// Don't print progress lines to stderr (READY is still printed).
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// Publishing mode.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Rate {
+    /// Total messages per second across all publishers.
+    Fixed(f64),
+    /// Window-limited: as fast as acks come back.
+    Max,
+}
+
+/// Validated configuration shared (read-only) by all threads.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub args: Args,
+    pub target: SocketAddr,
+    /// `Host` header value.
+    pub host_header: String,
+    /// Request path with the query the user gave (without the identity).
+    pub path: String,
+    /// Source addresses to bind before connecting (empty = don't bind).
+    pub sources: Vec<Ipv4Addr>,
+    pub rate: Rate,
+    pub ping_interval: Option<Duration>,
+    pub connect_timeout: Duration,
+    pub timeout: Duration,
+}
+
+impl Config {
+    pub fn from_args(args: Args) -> Result<Config, String> {
+        let rest = args
+            .url
+            .strip_prefix("ws://")
+            .ok_or_else(|| format!("--url must start with ws:// (got {})", args.url))?;
+        let (authority, path) = match rest.find(['/', '?']) {
+            Some(i) if rest.as_bytes()[i] == b'/' => (&rest[..i], rest[i..].to_string()),
+            Some(i) => (&rest[..i], format!("/{}", &rest[i..])),
+            None => (rest, "/".to_string()),
+        };
+        if authority.is_empty() {
+            return Err("--url has no host".into());
+        }
+        let with_port = if authority.starts_with('[') {
+            if authority.contains("]:") {
+                authority.to_string()
+            } else {
+                format!("{authority}:80")
+            }
+        } else if authority.contains(':') {
+            authority.to_string()
+        } else {
+            format!("{authority}:80")
+        };
+        let target = with_port
+            .to_socket_addrs()
+            .map_err(|e| format!("cannot resolve {authority}: {e}"))?
+            .min_by_key(|a| !a.is_ipv4()) // prefer IPv4
+            .ok_or_else(|| format!("{authority} resolves to no address"))?;
+
+        if args.threads == 0 {
+            return Err("--threads must be >= 1".into());
+        }
+        if args.sources == 0 || args.sources > 254 {
+            return Err("--sources must be between 1 and 254".into());
+        }
+        let sources = if args.sources > 1 {
+            match target.ip() {
+                IpAddr::V4(ip) if ip.is_loopback() => {}
+                _ => return Err("--sources > 1 needs an IPv4 loopback target (127.x.x.x)".into()),
+            }
+            (1..=args.sources).map(|i| Ipv4Addr::new(127, 0, 0, i as u8)).collect()
+        } else {
+            Vec::new()
+        };
+        let rate = match args.rate.as_str() {
+            "max" => Rate::Max,
+            s => {
+                let r: f64 = s.parse().map_err(|_| format!("--rate must be a number or `max` (got {s})"))?;
+                if !(r >= 0.0 && r.is_finite()) {
+                    return Err("--rate must be >= 0".into());
+                }
+                Rate::Fixed(r)
+            }
+        };
+        for (name, v) in [
+            ("--warmup", args.warmup),
+            ("--duration", args.duration),
+            ("--drain-wait", args.drain_wait),
+            ("--ping-interval", args.ping_interval),
+            ("--connect-rate", args.connect_rate),
+            ("--hold", args.hold.unwrap_or(0.0)),
+        ] {
+            if !(v >= 0.0 && v.is_finite()) {
+                return Err(format!("{name} must be a finite number >= 0"));
+            }
+        }
+        if !(args.connect_timeout > 0.0 && args.connect_timeout.is_finite()) {
+            return Err("--connect-timeout must be > 0".into());
+        }
+        let timeout = args.timeout.unwrap_or(
+            args.warmup + args.duration + args.hold.unwrap_or(0.0) + 2.0 * args.drain_wait + 60.0,
+        );
+        if !(timeout > 0.0 && timeout.is_finite()) {
+            return Err("--timeout must be > 0".into());
+        }
+        Ok(Config {
+            host_header: authority.to_string(),
+            path,
+            target,
+            sources,
+            rate,
+            ping_interval: (args.ping_interval > 0.0).then(|| Duration::from_secs_f64(args.ping_interval)),
+            connect_timeout: Duration::from_secs_f64(args.connect_timeout),
+            timeout: Duration::from_secs_f64(timeout),
+            args,
+        })
+    }
+
+    /// Total connections (receivers + publishers; no publishers in hold mode).
+    pub fn total_conns(&self) -> u64 {
+        self.args.conns as u64 + self.publishers() as u64
+    }
+
+    pub fn publishers(&self) -> u32 {
+        if self.args.hold.is_some() {
+            0
+        } else {
+            self.args.publishers
+        }
+    }
+
+    /// Request path for connection `i`, carrying its identity.
+    pub fn request_path(&self, i: u64, now_secs: u64) -> String {
+        let sep = if self.path.contains('?') { '&' } else { '?' };
+        let user = format!("{}{}", self.args.user_prefix, i);
+        match &self.args.jwt_secret {
+            Some(secret) => {
+                let token = crate::jwt::mint(secret.as_bytes(), &user, now_secs + 3600);
+                format!("{}{sep}token={token}", self.path)
+            }
+            None => format!("{}{sep}user={}", self.path, url_encode(&user)),
+        }
+    }
+}
+
+/// Percent-encodes everything but RFC 3986 unreserved characters.
+fn url_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(extra: &[&str]) -> Result<Config, String> {
+        let mut argv = vec!["gw-load"];
+        argv.extend_from_slice(extra);
+        Config::from_args(Args::try_parse_from(argv).map_err(|e| e.to_string())?)
+    }
+
+    #[test]
+    fn url_and_identity() {
+        let c = cfg(&["--url", "ws://127.0.0.1:9001/ws", "--sources", "3"]).unwrap();
+        assert_eq!(c.target, "127.0.0.1:9001".parse().unwrap());
+        assert_eq!(c.host_header, "127.0.0.1:9001");
+        assert_eq!(c.sources.len(), 3);
+        assert_eq!(c.request_path(7, 0), "/ws?user=u7");
+        let c = cfg(&["--url", "ws://127.0.0.1:9001/ws?x=1", "--jwt-secret", "k", "--rate", "max"]).unwrap();
+        assert!(c.request_path(1, 0).starts_with("/ws?x=1&token=eyJ"));
+        assert_eq!(c.rate, Rate::Max);
+        assert!(cfg(&["--url", "http://x"]).is_err());
+        assert!(cfg(&["--rate", "fast"]).is_err());
+        assert_eq!(url_encode("a b/c"), "a%20b%2Fc");
+    }
+}

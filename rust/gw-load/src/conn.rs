@@ -1,0 +1,348 @@
+//! One client connection: its small state and the protocol state machine
+//! (HTTP upgrade -> `connected` -> `join`/`ack` -> counting room messages).
+//!
+//! A `Conn` is ~100 bytes while idle: the socket, a few integers and three
+//! empty `Vec`s (partial frame, fragmented message, unsent output). The
+//! handshake data lives in a boxed side struct that is freed once the
+//! upgrade completed.
+
+use crate::scan::{op_of, Scanner};
+use crate::stats::{Counters, Histogram};
+use crate::sys::Rng;
+use crate::ws::{self, Flow, FrameReader, Message, ProtoError, UpgradeError};
+use mio::net::TcpStream;
+use std::collections::HashMap;
+use std::io::{self, Write};
+use std::time::Instant;
+
+/// Connection life cycle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    /// TCP connect in progress.
+    Connecting,
+    /// Upgrade request sent, waiting for `101`.
+    Upgrading,
+    /// Waiting for the `{"op":"connected"}` frame.
+    AwaitConnected,
+    /// `join` sent, waiting for its `ack`.
+    AwaitJoinAck,
+    /// Established; counting messages.
+    Ready,
+    /// Socket dropped.
+    Closed,
+}
+
+/// Data only needed during the HTTP upgrade.
+pub struct Handshake {
+    /// Our `Sec-WebSocket-Key`.
+    pub key: String,
+    /// Response bytes received so far.
+    pub buf: Vec<u8>,
+}
+
+/// Why a connection ended (the key it is counted under in `closes_by_code`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum End {
+    /// Close frame from the server (1005 when it carried no code).
+    Server(u16),
+    /// TCP closed without a close frame.
+    Eof,
+    Io(io::ErrorKind),
+    Protocol(ProtoError),
+    Upgrade(UpgradeError),
+    /// `error` reply to our join.
+    JoinError,
+    ConnectError(io::ErrorKind),
+    ConnectTimeout,
+}
+
+impl End {
+    /// Key for the `closes_by_code` report.
+    pub fn key(&self) -> String {
+        match self {
+            End::Server(c) => c.to_string(),
+            End::Eof => "eof".into(),
+            End::Io(k) => format!("io_{k:?}"),
+            End::Protocol(e) => format!("protocol_{e:?}"),
+            End::Upgrade(UpgradeError::Status(s)) => format!("http_{s}"),
+            End::Upgrade(e) => format!("upgrade_{e:?}"),
+            End::JoinError => "join_error".into(),
+            End::ConnectError(k) => format!("connect_{k:?}"),
+            End::ConnectTimeout => "connect_timeout".into(),
+        }
+    }
+}
+
+/// Per-thread state the connections need while handling input.
+pub struct Ctx {
+    pub scanner: Scanner,
+    pub rng: Rng,
+    pub counters: Counters,
+    /// Delivery latency, microseconds (measured phase only).
+    pub lat: Histogram,
+    /// Connect-to-ready time, microseconds.
+    pub connect_hist: Histogram,
+    pub closes: HashMap<String, u64>,
+    /// True during the measured phase and the drain after it.
+    pub measuring: bool,
+    /// Wall clock (unix µs) of the current read, for latency.
+    pub now_us: u64,
+    /// Latency sampling: countdown and period (--lat-sample).
+    pub lat_countdown: u32,
+    pub lat_every: u32,
+    /// Unacked publishes per publisher slot.
+    pub pub_inflight: Vec<u32>,
+    /// Pre-encoded (unmasked) join request payload, None with --no-join.
+    pub join_payload: Option<Vec<u8>>,
+    /// Monotonic reference for connect timing.
+    pub epoch: Instant,
+    /// Handshakes in progress on this thread.
+    pub handshaking: u32,
+}
+
+impl Ctx {
+    /// Microseconds since `epoch` (monotonic).
+    #[inline]
+    pub fn mono_us(&self) -> u64 {
+        self.epoch.elapsed().as_micros() as u64
+    }
+}
+
+pub const NOT_PUBLISHER: u32 = u32::MAX;
+
+pub struct Conn {
+    /// None once closed (the fd is released).
+    pub stream: Option<TcpStream>,
+    pub state: State,
+    /// Publisher slot, or [`NOT_PUBLISHER`].
+    pub pub_slot: u32,
+    /// Global connection number (user id suffix).
+    pub gid: u32,
+    /// When the connect started (µs on `Ctx::epoch`).
+    pub started_us: u64,
+    pub hs: Option<Box<Handshake>>,
+    pub reader: FrameReader,
+    /// Encoded frames not yet accepted by the socket.
+    pub out: Vec<u8>,
+}
+
+impl Conn {
+    pub fn new(stream: TcpStream, gid: u32, pub_slot: u32, started_us: u64, key: String) -> Conn {
+        Conn {
+            stream: Some(stream),
+            state: State::Connecting,
+            pub_slot,
+            gid,
+            started_us,
+            hs: Some(Box::new(Handshake { key, buf: Vec::new() })),
+            reader: FrameReader::default(),
+            out: Vec::new(),
+        }
+    }
+
+    #[inline]
+    pub fn is_publisher(&self) -> bool {
+        self.pub_slot != NOT_PUBLISHER
+    }
+
+    /// Still handshaking (counts against --connect-inflight).
+    #[inline]
+    pub fn is_pending(&self) -> bool {
+        matches!(self.state, State::Connecting | State::Upgrading | State::AwaitConnected | State::AwaitJoinAck)
+    }
+
+    /// Appends a masked text frame to the output buffer (sent by `flush`).
+    #[inline]
+    pub fn queue_text(&mut self, payload: &[u8], rng: &mut Rng) {
+        ws::encode_frame(&mut self.out, ws::OP_TEXT, payload, rng.mask());
+    }
+
+    /// Writes as much queued output as the socket takes. Remaining bytes
+    /// stay queued; the next writable event flushes them.
+    pub fn flush(&mut self) -> Result<(), End> {
+        let Some(stream) = self.stream.as_mut() else { return Ok(()) };
+        let mut off = 0;
+        while off < self.out.len() {
+            match stream.write(&self.out[off..]) {
+                Ok(0) => return Err(End::Io(io::ErrorKind::WriteZero)),
+                Ok(n) => off += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(End::Io(e.kind())),
+            }
+        }
+        if off == self.out.len() {
+            // Everything sent: release large buffers, keep small ones.
+            if self.out.capacity() > 4096 {
+                self.out = Vec::new();
+            } else {
+                self.out.clear();
+            }
+        } else if off > 0 {
+            self.out.drain(..off);
+        }
+        Ok(())
+    }
+
+    /// Handles bytes read from the socket.
+    pub fn on_bytes(&mut self, data: &[u8], ctx: &mut Ctx) -> Result<(), End> {
+        match self.state {
+            State::Upgrading => {
+                let hs = self.hs.as_mut().expect("handshake data while upgrading");
+                hs.buf.extend_from_slice(data);
+                match ws::check_upgrade_response(&hs.buf, &hs.key) {
+                    Ok(None) => Ok(()),
+                    Ok(Some(n)) => {
+                        // Upgrade done: free the handshake data and parse any
+                        // frames that arrived in the same segment.
+                        let hs = self.hs.take().expect("checked above");
+                        self.state = State::AwaitConnected;
+                        self.on_frames(&hs.buf[n..], ctx)
+                    }
+                    Err(e) => Err(End::Upgrade(e)),
+                }
+            }
+            State::AwaitConnected | State::AwaitJoinAck | State::Ready => self.on_frames(data, ctx),
+            State::Connecting | State::Closed => Ok(()),
+        }
+    }
+
+    /// Parses WebSocket frames and reacts to each message.
+    fn on_frames(&mut self, data: &[u8], ctx: &mut Ctx) -> Result<(), End> {
+        let Conn { reader, state, out, pub_slot, started_us, .. } = self;
+        let mut end: Result<(), End> = Ok(());
+        let res = reader.feed(data, |m| match m {
+            Message::Text(p) => {
+                // Hot path: an established receiver counting room messages.
+                if *state == State::Ready && *pub_slot == NOT_PUBLISHER {
+                    count_messages(p, ctx, false);
+                    return Flow::Continue;
+                }
+                match on_control_text(p, state, out, *pub_slot, *started_us, ctx) {
+                    Ok(()) => Flow::Continue,
+                    Err(e) => {
+                        end = Err(e);
+                        Flow::Stop
+                    }
+                }
+            }
+            Message::Ping(p) => {
+                ws::encode_frame(out, ws::OP_PONG, p, ctx.rng.mask());
+                Flow::Continue
+            }
+            Message::Close(code, _reason) => {
+                // Echo the close (masked, same code) before dropping.
+                let payload = code.map(|c| c.to_be_bytes());
+                ws::encode_frame(out, ws::OP_CLOSE, payload.as_ref().map_or(&[][..], |p| &p[..]), ctx.rng.mask());
+                end = Err(End::Server(code.unwrap_or(1005)));
+                Flow::Stop
+            }
+            Message::Binary(_) | Message::Pong(_) => Flow::Continue,
+        });
+        res.map_err(End::Protocol)?;
+        end
+    }
+}
+
+/// Counts the room messages in a text payload, with latency sampling on
+/// receivers during the measured phase. `publisher` selects which counter is
+/// charged (a publisher's copies of the room traffic are not sampled).
+#[inline]
+fn count_messages(p: &[u8], ctx: &mut Ctx, publisher: bool) {
+    if publisher {
+        if ctx.measuring {
+            ctx.counters.pub_received += ctx.scanner.count(p);
+        }
+        return;
+    }
+    let n = if ctx.measuring {
+        let now = ctx.now_us;
+        let lat = &mut ctx.lat;
+        let no_t = &mut ctx.counters.no_t;
+        let n = ctx.scanner.count_and_sample(p, &mut ctx.lat_countdown, ctx.lat_every, |t| match t {
+            Some(t) => lat.record(now.saturating_sub(t)),
+            None => *no_t += 1,
+        });
+        ctx.counters.received += n;
+        n
+    } else {
+        ctx.scanner.count(p)
+    };
+    ctx.counters.received_total += n;
+}
+
+/// Text frames outside the receiver hot path: the handshake sequence and
+/// publisher acks/errors.
+fn on_control_text(
+    p: &[u8],
+    state: &mut State,
+    out: &mut Vec<u8>,
+    pub_slot: u32,
+    started_us: u64,
+    ctx: &mut Ctx,
+) -> Result<(), End> {
+    let op = op_of(p);
+    match *state {
+        State::AwaitConnected => {
+            if op == Some(b"connected") {
+                match &ctx.join_payload {
+                    Some(join) => {
+                        ws::encode_frame(out, ws::OP_TEXT, join, ctx.rng.mask());
+                        *state = State::AwaitJoinAck;
+                    }
+                    None => become_ready(state, pub_slot, started_us, ctx),
+                }
+            }
+            Ok(())
+        }
+        State::AwaitJoinAck => match op {
+            Some(b"ack") => {
+                become_ready(state, pub_slot, started_us, ctx);
+                Ok(())
+            }
+            Some(b"error") => Err(End::JoinError),
+            // Presence or early room messages: ignore until the ack.
+            _ => Ok(()),
+        },
+        State::Ready => {
+            // Publisher (receivers take the hot path in on_frames).
+            match op {
+                Some(b"ack") => {
+                    ctx.counters.acks_total += 1;
+                    if ctx.measuring {
+                        ctx.counters.acks += 1;
+                    }
+                    release_slot(ctx, pub_slot);
+                }
+                Some(b"error") => {
+                    if ctx.measuring {
+                        ctx.counters.errors += 1;
+                    }
+                    release_slot(ctx, pub_slot);
+                }
+                _ => count_messages(p, ctx, true),
+            }
+            Ok(())
+        }
+        _ => Ok(()),
+    }
+}
+
+#[inline]
+fn release_slot(ctx: &mut Ctx, slot: u32) {
+    if let Some(n) = ctx.pub_inflight.get_mut(slot as usize) {
+        *n = n.saturating_sub(1);
+    }
+}
+
+fn become_ready(state: &mut State, pub_slot: u32, started_us: u64, ctx: &mut Ctx) {
+    *state = State::Ready;
+    ctx.handshaking -= 1;
+    if pub_slot == NOT_PUBLISHER {
+        ctx.counters.ready += 1;
+    } else {
+        ctx.counters.pub_ready += 1;
+    }
+    let now = ctx.mono_us();
+    ctx.connect_hist.record(now.saturating_sub(started_us));
+}

@@ -1,0 +1,295 @@
+//! `gw-load`: a compiled, low-CPU WebSocket load client for the live-chat
+//! gateway. It holds tens of thousands of connections with one mio event
+//! loop per thread (no async runtime), measures fan-out throughput, delivery
+//! ratio and latency, and prints one JSON summary to stdout.
+//!
+//! Modules: `cli` (flags), `worker` (event loop), `conn` (per-connection
+//! protocol state), `ws` (frame parse/encode, upgrade), `scan` (message
+//! counting without JSON parsing), `jwt`, `stats` (histogram, counters),
+//! `sys` (rlimit, rusage, clock, PRNG).
+
+#![forbid(unsafe_code)]
+
+mod cli;
+mod conn;
+mod jwt;
+mod scan;
+mod stats;
+mod sys;
+mod worker;
+mod ws;
+
+use clap::Parser;
+use cli::{Config, Rate};
+use serde_json::{json, Map, Value};
+use stats::{Counters, Histogram, Snapshot};
+use std::io::Write;
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+use worker::{Phase, Shared, Worker};
+
+/// Extra descriptors besides the connections (epoll fds, stdio, slack).
+const FD_RESERVE: u64 = 64;
+
+fn main() {
+    let args = cli::Args::parse();
+    let cfg = match Config::from_args(args) {
+        Ok(c) => Arc::new(c),
+        Err(e) => {
+            eprintln!("gw-load: {e}");
+            std::process::exit(2);
+        }
+    };
+    match run(cfg) {
+        Ok(summary) => {
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "{summary}");
+            let _ = out.flush();
+        }
+        Err(e) => {
+            eprintln!("gw-load: {e}");
+            std::process::exit(1);
+        }
+    }
+}
+
+/// The coordinator: starts the workers, walks through the phases, collects
+/// the results.
+struct Coordinator {
+    cfg: Arc<Config>,
+    shared: Arc<Shared>,
+    start: Instant,
+    deadline: Instant,
+    timed_out: bool,
+    last_progress: Instant,
+    last_received: u64,
+}
+
+impl Coordinator {
+    fn snapshot(&self) -> Snapshot {
+        Snapshot::read(&self.shared.counters)
+    }
+
+    /// Prints a progress line to stderr at most once a second.
+    fn progress(&mut self, label: &str) {
+        let now = Instant::now();
+        if now.duration_since(self.last_progress) < Duration::from_secs(1) {
+            return;
+        }
+        let dt = now.duration_since(self.last_progress).as_secs_f64();
+        self.last_progress = now;
+        let s = self.snapshot();
+        let rate = (s.received_total - self.last_received.min(s.received_total)) as f64 / dt;
+        self.last_received = s.received_total;
+        if self.cfg.args.quiet {
+            return;
+        }
+        eprintln!(
+            "[{:7.1}s] phase={:<7} ready={}/{} pub_ready={}/{} failed={} lost={} published={} acks={} received={} ({:.0}/s)",
+            now.duration_since(self.start).as_secs_f64(),
+            label,
+            s.ready - s.lost,
+            self.cfg.args.conns,
+            s.pub_ready - s.pub_lost,
+            self.cfg.publishers(),
+            s.failed,
+            s.lost + s.pub_lost,
+            s.published_total,
+            s.acks_total,
+            s.received_total,
+            rate
+        );
+    }
+
+    /// Sleeps `secs` (printing progress lines labelled `label`), or until the
+    /// overall deadline. Returns false when the deadline was hit.
+    fn wait(&mut self, label: &str, secs: f64) -> bool {
+        let until = Instant::now() + Duration::from_secs_f64(secs);
+        loop {
+            let now = Instant::now();
+            if now >= self.deadline {
+                self.timed_out = true;
+                return false;
+            }
+            if now >= until {
+                return true;
+            }
+            self.progress(label);
+            thread::sleep((until.min(self.deadline) - now).min(Duration::from_millis(50)));
+        }
+    }
+
+    /// Waits until every connection is ready or failed (or the deadline).
+    fn wait_connected(&mut self) -> bool {
+        let total = self.cfg.total_conns();
+        loop {
+            let s = self.snapshot();
+            if s.ready + s.pub_ready + s.failed >= total {
+                return true;
+            }
+            if Instant::now() >= self.deadline {
+                self.timed_out = true;
+                return false;
+            }
+            self.progress("connect");
+            thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+fn run(cfg: Arc<Config>) -> Result<Value, String> {
+    // File descriptors: raise the soft limit and warn if N won't fit.
+    let needed = cfg.total_conns() + FD_RESERVE;
+    match sys::raise_nofile_limit() {
+        Ok(limit) if limit < needed => eprintln!(
+            "gw-load: warning: RLIMIT_NOFILE is {limit} but {} connections need about {needed}; \
+             connections beyond the limit will fail",
+            cfg.total_conns()
+        ),
+        Ok(_) => {}
+        Err(e) => eprintln!("gw-load: warning: cannot raise RLIMIT_NOFILE: {e}"),
+    }
+    if cfg.sources.is_empty() && cfg.total_conns() > 25_000 {
+        eprintln!("gw-load: warning: {} connections from one source address may exhaust ephemeral ports; use --sources", cfg.total_conns());
+    }
+
+    let threads = cfg.args.threads as usize;
+    let shared = Arc::new(Shared::new(threads));
+    let start = Instant::now();
+    let mut co = Coordinator {
+        cfg: cfg.clone(),
+        shared: shared.clone(),
+        start,
+        deadline: start + cfg.timeout,
+        timed_out: false,
+        last_progress: start,
+        last_received: 0,
+    };
+
+    let mut handles = Vec::with_capacity(threads);
+    for tid in 0..threads {
+        let w = Worker::new(tid, cfg.clone(), shared.clone()).map_err(|e| format!("cannot create event loop: {e}"))?;
+        let h = thread::Builder::new()
+            .name(format!("gw-load-{tid}"))
+            .spawn(move || w.run())
+            .map_err(|e| format!("cannot spawn thread: {e}"))?;
+        handles.push(h);
+    }
+
+    // Phase 1: connect everything.
+    co.wait_connected();
+    let connect_s = start.elapsed().as_secs_f64();
+    let after_connect = co.snapshot();
+    eprintln!("READY {}", after_connect.ready + after_connect.pub_ready);
+    let _ = std::io::stderr().flush();
+
+    // Phase 2: hold, or warmup + measure + drain.
+    let mut measured_s = 0.0;
+    let mut cpu_ns = 0u64;
+    let mut receivers = after_connect.ready - after_connect.lost;
+    let mode;
+    if let Some(hold) = cfg.args.hold {
+        mode = "hold";
+        let cpu0 = sys::process_cpu_ns();
+        let t0 = Instant::now();
+        co.wait("hold", hold);
+        measured_s = t0.elapsed().as_secs_f64();
+        cpu_ns = sys::process_cpu_ns() - cpu0;
+    } else if !co.timed_out {
+        mode = "publish";
+        let s = co.snapshot();
+        let can_publish = s.pub_ready > s.pub_lost;
+        if !can_publish && cfg.publishers() > 0 {
+            eprintln!("gw-load: warning: no publisher connection is ready; nothing will be published");
+        }
+        let mut ok = true;
+        if cfg.args.warmup > 0.0 {
+            shared.set_phase(Phase::Warmup);
+            ok = co.wait(Phase::Warmup.name(), cfg.args.warmup);
+            shared.set_phase(Phase::Quiet);
+            // Let warmup messages drain so they are not counted as measured.
+            ok = ok && co.wait(Phase::Quiet.name(), cfg.args.drain_wait);
+        }
+        if ok {
+            let s = co.snapshot();
+            receivers = s.ready - s.lost;
+            let cpu0 = sys::process_cpu_ns();
+            let t0 = Instant::now();
+            shared.set_phase(Phase::Measure);
+            co.wait(Phase::Measure.name(), cfg.args.duration);
+            measured_s = t0.elapsed().as_secs_f64();
+            shared.set_phase(Phase::Drain);
+            co.wait(Phase::Drain.name(), cfg.args.drain_wait);
+            cpu_ns = sys::process_cpu_ns() - cpu0;
+        }
+    } else {
+        mode = "publish";
+    }
+    shared.set_phase(Phase::Done);
+
+    // Collect.
+    let mut counters = Counters::default();
+    let mut lat = Histogram::default();
+    let mut connect_hist = Histogram::default();
+    let mut closes: Map<String, Value> = Map::new();
+    for h in handles {
+        let r = h.join().map_err(|_| "a worker thread panicked".to_string())?;
+        counters.add(&r.counters);
+        lat.merge(&r.lat);
+        connect_hist.merge(&r.connect_hist);
+        for (k, v) in r.closes {
+            let e = closes.entry(k).or_insert(json!(0));
+            *e = json!(e.as_u64().unwrap_or(0) + v);
+        }
+    }
+
+    let ms = |us: u64| us as f64 / 1000.0; // histogram unit is µs
+    let round3 = |x: f64| (x * 1000.0).round() / 1000.0;
+    let conns_ok = counters.ready + counters.pub_ready;
+    let expected = counters.published * receivers;
+    let ratio = if expected > 0 { counters.received as f64 / expected as f64 } else { 0.0 };
+    let per_s = if measured_s > 0.0 { counters.received as f64 / measured_s } else { 0.0 };
+    let ns_per = if counters.received > 0 { cpu_ns as f64 / counters.received as f64 } else { 0.0 };
+    Ok(json!({
+        "mode": mode,
+        "url": cfg.args.url,
+        "threads": threads,
+        "conns_requested": cfg.total_conns(),
+        "conns_ok": conns_ok,
+        "conns_failed": counters.failed,
+        "conns_lost": counters.lost + counters.pub_lost,
+        "receivers": receivers,
+        "publishers": counters.pub_ready,
+        "connect_s": round3(connect_s),
+        "connect_rate": if connect_s > 0.0 { (conns_ok as f64 / connect_s).round() } else { 0.0 },
+        "connect_ms": {
+            "p50": ms(connect_hist.quantile(0.50)),
+            "p99": ms(connect_hist.quantile(0.99)),
+            "max": ms(connect_hist.max()),
+        },
+        "rate": match cfg.rate { Rate::Max => json!("max"), Rate::Fixed(r) => json!(r) },
+        "published": counters.published,
+        "published_total": counters.published_total,
+        "publish_acks": counters.acks,
+        "publish_errors": counters.errors,
+        "received": counters.received,
+        "publisher_received": counters.pub_received,
+        "duration_s": round3(measured_s),
+        "deliveries_per_s": per_s.round(),
+        "expected_deliveries": expected,
+        "delivery_ratio": (ratio * 10000.0).round() / 10000.0,
+        "latency_ms": {
+            "p50": ms(lat.quantile(0.50)),
+            "p90": ms(lat.quantile(0.90)),
+            "p99": ms(lat.quantile(0.99)),
+            "max": ms(lat.max()),
+            "samples": lat.count(),
+            "samples_without_t": counters.no_t,
+        },
+        "client_cpu_s": round3(cpu_ns as f64 / 1e9),
+        "client_cpu_ns_per_delivery": ns_per.round(),
+        "closes_by_code": closes,
+        "timed_out": co.timed_out,
+    }))
+}

@@ -1,0 +1,602 @@
+//! One event-loop thread: a mio `Poll` (edge-triggered epoll) driving a
+//! share of the connections. It opens them (rate- and inflight-limited),
+//! sends heartbeats spread over the interval, publishes (fixed-rate or
+//! window-limited) when it owns publisher connections, and counts what it
+//! receives. The coordinator (main thread) drives the phases through
+//! [`Shared::phase`].
+
+use crate::cli::{Config, Rate};
+use crate::conn::{Conn, Ctx, End, State, NOT_PUBLISHER};
+use crate::scan::Scanner;
+use crate::stats::{Counters, Histogram, SharedCounters};
+use crate::sys::{self, Rng};
+use crate::ws;
+use mio::event::Event;
+use mio::net::TcpStream;
+use mio::{Events, Interest, Poll, Token};
+use socket2::{Domain, Protocol, Socket, Type};
+use std::collections::HashMap;
+use std::io::{self, Read};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Size of the per-thread read buffer all connections read into.
+const SCRATCH: usize = 256 * 1024;
+/// Don't queue more publishes on a connection whose unsent output exceeds
+/// this (the server is not reading); the pacer catches up later.
+const MAX_PUB_BACKLOG: usize = 1 << 20;
+/// At most this many publishes per publisher per loop iteration.
+const MAX_PUB_BURST: u64 = 1000;
+
+/// Run phases, set by the coordinator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Phase {
+    /// Connecting / idle: no publishing.
+    Idle = 0,
+    /// Unmeasured publishing.
+    Warmup = 1,
+    /// Gap between warmup and measurement: no publishing, nothing counted.
+    Quiet = 2,
+    /// Measured publishing.
+    Measure = 3,
+    /// Publishing stopped; late deliveries still counted.
+    Drain = 4,
+    /// Close everything and return.
+    Done = 5,
+}
+
+impl Phase {
+    fn from_u8(v: u8) -> Phase {
+        match v {
+            1 => Phase::Warmup,
+            2 => Phase::Quiet,
+            3 => Phase::Measure,
+            4 => Phase::Drain,
+            5 => Phase::Done,
+            _ => Phase::Idle,
+        }
+    }
+
+    fn publishing(self) -> bool {
+        matches!(self, Phase::Warmup | Phase::Measure)
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::Idle => "idle",
+            Phase::Warmup => "warmup",
+            Phase::Quiet => "quiet",
+            Phase::Measure => "measure",
+            Phase::Drain => "drain",
+            Phase::Done => "done",
+        }
+    }
+}
+
+/// State shared between the coordinator and the workers.
+pub struct Shared {
+    phase: AtomicU8,
+    pub counters: Vec<SharedCounters>,
+}
+
+impl Shared {
+    pub fn new(threads: usize) -> Shared {
+        Shared { phase: AtomicU8::new(Phase::Idle as u8), counters: (0..threads).map(|_| SharedCounters::default()).collect() }
+    }
+
+    pub fn phase(&self) -> Phase {
+        Phase::from_u8(self.phase.load(Ordering::Acquire))
+    }
+
+    pub fn set_phase(&self, p: Phase) {
+        self.phase.store(p as u8, Ordering::Release);
+    }
+}
+
+/// What a worker hands back when done.
+pub struct ThreadResult {
+    pub counters: Counters,
+    pub lat: Histogram,
+    pub connect_hist: Histogram,
+    pub closes: HashMap<String, u64>,
+}
+
+/// A publisher owned by this thread.
+struct Publisher {
+    /// Index into `conns`.
+    conn: usize,
+    /// Next request id (1 is the join).
+    next_id: u64,
+    /// Publishes sent since the current publishing phase started.
+    sent_in_phase: u64,
+}
+
+pub struct Worker {
+    tid: usize,
+    cfg: Arc<Config>,
+    shared: Arc<Shared>,
+    poll: Poll,
+    conns: Vec<Conn>,
+    scratch: Vec<u8>,
+    ctx: Ctx,
+    /// Global ids this thread connects (publishers first), and progress.
+    todo: Vec<u32>,
+    next_todo: usize,
+    connect_started_at: Option<Instant>,
+    max_inflight: u32,
+    /// Per-thread connect rate (conns/s), 0 = unlimited.
+    connect_rate: f64,
+    // Heartbeat: a cursor sweeps the connections once per interval.
+    ping_cursor: usize,
+    ping_cycle_start: Instant,
+    ping_payload: &'static [u8],
+    // Publishing.
+    pubs: Vec<Publisher>,
+    /// Messages/s per publisher with a fixed rate.
+    rate_per_pub: f64,
+    phase: Phase,
+    phase_started: Instant,
+    /// Room name as a JSON string (with quotes).
+    room_json: String,
+    /// Padding for the publish `data`.
+    padding: String,
+    msg_buf: Vec<u8>,
+}
+
+impl Worker {
+    pub fn new(tid: usize, cfg: Arc<Config>, shared: Arc<Shared>) -> io::Result<Worker> {
+        let threads = cfg.args.threads as u64;
+        let receivers = cfg.args.conns as u64;
+        let publishers = cfg.publishers() as u64;
+        // Global ids: receivers 0..N, publishers N..N+P; thread = id % threads.
+        let mine = |id: &u64| id % threads == tid as u64;
+        let mut todo: Vec<u32> = (receivers..receivers + publishers).filter(mine).map(|i| i as u32).collect();
+        let n_pubs = todo.len();
+        todo.extend((0..receivers).filter(mine).map(|i| i as u32));
+
+        let room_json = serde_json::to_string(&cfg.args.room).expect("string serializes");
+        let join_payload = (!cfg.args.no_join).then(|| format!(r#"{{"op":"join","id":1,"room":{room_json}}}"#).into_bytes());
+        // data = {"t":<16 digits>,"p":"<pad>"} -> 29 bytes + padding.
+        let padding = "x".repeat(cfg.args.payload_bytes.saturating_sub(29));
+        let rate_per_pub = match cfg.rate {
+            Rate::Fixed(r) if publishers > 0 => r / publishers as f64,
+            _ => 0.0,
+        };
+        let now = Instant::now();
+        Ok(Worker {
+            tid,
+            poll: Poll::new()?,
+            conns: Vec::with_capacity(todo.len()),
+            scratch: vec![0; SCRATCH],
+            ctx: Ctx {
+                scanner: Scanner::default(),
+                rng: Rng::new(tid as u64 + 1),
+                counters: Counters::default(),
+                lat: Histogram::default(),
+                connect_hist: Histogram::default(),
+                closes: HashMap::new(),
+                measuring: false,
+                now_us: 0,
+                lat_countdown: cfg.args.lat_sample,
+                lat_every: cfg.args.lat_sample,
+                pub_inflight: vec![0; n_pubs],
+                join_payload,
+                epoch: now,
+                handshaking: 0,
+            },
+            todo,
+            next_todo: 0,
+            connect_started_at: None,
+            max_inflight: (cfg.args.connect_inflight / cfg.args.threads).max(1),
+            connect_rate: cfg.args.connect_rate / threads as f64,
+            ping_cursor: 0,
+            ping_cycle_start: now,
+            ping_payload: br#"{"op":"ping"}"#,
+            pubs: Vec::with_capacity(n_pubs),
+            rate_per_pub,
+            phase: Phase::Idle,
+            phase_started: now,
+            room_json,
+            padding,
+            msg_buf: Vec::with_capacity(256),
+            cfg,
+            shared,
+        })
+    }
+
+    /// Runs the event loop until the coordinator sets [`Phase::Done`].
+    pub fn run(mut self) -> ThreadResult {
+        let mut events = Events::with_capacity(1024);
+        let mut next_timeout_check = Instant::now();
+        loop {
+            let phase = self.shared.phase();
+            if phase == Phase::Done {
+                break;
+            }
+            if phase != self.phase {
+                self.enter_phase(phase);
+            }
+            let now = Instant::now();
+            self.connect_more(now);
+            self.heartbeat(now);
+            if self.phase.publishing() && matches!(self.cfg.rate, Rate::Fixed(_)) {
+                self.publish_fixed_rate(now);
+            }
+            if self.ctx.handshaking > 0 && now >= next_timeout_check {
+                self.expire_handshakes();
+                next_timeout_check = now + Duration::from_millis(100);
+            }
+            self.ctx.counters.publish_to(&self.shared.counters[self.tid]);
+
+            let timeout = self.poll_timeout();
+            if let Err(e) = self.poll.poll(&mut events, Some(timeout)) {
+                if e.kind() != io::ErrorKind::Interrupted {
+                    eprintln!("gw-load: thread {}: poll failed: {e}", self.tid);
+                    break;
+                }
+            }
+            for ev in events.iter() {
+                self.on_event(ev);
+            }
+        }
+        self.close_all();
+        self.ctx.counters.publish_to(&self.shared.counters[self.tid]);
+        ThreadResult {
+            counters: self.ctx.counters,
+            lat: self.ctx.lat,
+            connect_hist: self.ctx.connect_hist,
+            closes: self.ctx.closes,
+        }
+    }
+
+    /// How long to sleep in epoll: short while pacing publishes or connects,
+    /// otherwise long enough to be cheap but short enough for the heartbeat
+    /// sweep and phase changes.
+    fn poll_timeout(&self) -> Duration {
+        let pacing_pubs = self.phase.publishing() && !self.pubs.is_empty() && matches!(self.cfg.rate, Rate::Fixed(_));
+        let pacing_connects = self.next_todo < self.todo.len() && self.connect_rate > 0.0;
+        if pacing_pubs || pacing_connects {
+            Duration::from_millis(1)
+        } else {
+            Duration::from_millis(10)
+        }
+    }
+
+    fn enter_phase(&mut self, phase: Phase) {
+        self.phase = phase;
+        self.phase_started = Instant::now();
+        self.ctx.measuring = matches!(phase, Phase::Measure | Phase::Drain);
+        for p in &mut self.pubs {
+            p.sent_in_phase = 0;
+        }
+        if phase.publishing() && self.cfg.rate == Rate::Max {
+            for slot in 0..self.pubs.len() {
+                self.top_up(slot);
+            }
+        }
+    }
+
+    // ----- connecting -----
+
+    /// Starts as many connections as the inflight cap and rate allow.
+    fn connect_more(&mut self, now: Instant) {
+        if self.next_todo >= self.todo.len() {
+            return;
+        }
+        let started_at = *self.connect_started_at.get_or_insert(now);
+        let mut allowed = self.todo.len();
+        if self.connect_rate > 0.0 {
+            let due = (now.duration_since(started_at).as_secs_f64() * self.connect_rate) as usize + 1;
+            allowed = allowed.min(due);
+        }
+        while self.next_todo < allowed && self.ctx.handshaking < self.max_inflight {
+            let gid = self.todo[self.next_todo];
+            self.next_todo += 1;
+            let is_pub = self.next_todo <= self.ctx.pub_inflight.len();
+            if let Err(end) = self.start_connect(gid, is_pub) {
+                self.ctx.counters.failed += 1;
+                *self.ctx.closes.entry(end.key()).or_insert(0) += 1;
+            }
+        }
+    }
+
+    /// Creates a non-blocking socket, binds the source address, starts the
+    /// TCP connect and registers the socket. Completion arrives as a
+    /// writable event.
+    fn start_connect(&mut self, gid: u32, is_pub: bool) -> Result<(), End> {
+        let cfg = &self.cfg;
+        let err = |e: io::Error| End::ConnectError(e.kind());
+        let socket = Socket::new(Domain::for_address(cfg.target), Type::STREAM, Some(Protocol::TCP)).map_err(err)?;
+        socket.set_nonblocking(true).map_err(err)?;
+        socket.set_tcp_nodelay(true).map_err(err)?;
+        if !cfg.sources.is_empty() {
+            let src = cfg.sources[gid as usize % cfg.sources.len()];
+            socket.bind(&SocketAddr::new(src.into(), 0).into()).map_err(err)?;
+        }
+        match socket.connect(&cfg.target.into()) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(nix::errno::Errno::EINPROGRESS as i32) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(err(e)),
+        }
+        let mut stream = TcpStream::from_std(socket.into());
+        let idx = self.conns.len();
+        self.poll
+            .registry()
+            .register(&mut stream, Token(idx), Interest::READABLE | Interest::WRITABLE)
+            .map_err(err)?;
+        let pub_slot = if is_pub {
+            let slot = self.pubs.len();
+            self.pubs.push(Publisher { conn: idx, next_id: 2, sent_in_phase: 0 });
+            slot as u32
+        } else {
+            NOT_PUBLISHER
+        };
+        let key = ws::make_key(self.ctx.rng.bytes16());
+        self.conns.push(Conn::new(stream, gid, pub_slot, self.ctx.mono_us(), key));
+        self.ctx.handshaking += 1;
+        Ok(())
+    }
+
+    /// Fails handshakes older than --connect-timeout.
+    fn expire_handshakes(&mut self) {
+        let limit = self.cfg.connect_timeout.as_micros() as u64;
+        let now = self.ctx.mono_us();
+        for idx in 0..self.conns.len() {
+            let c = &self.conns[idx];
+            if c.is_pending() && now.saturating_sub(c.started_us) > limit {
+                self.end_conn(idx, End::ConnectTimeout);
+            }
+        }
+    }
+
+    /// The TCP connect finished (writable event): check it and send the
+    /// upgrade request.
+    fn on_connected(&mut self, idx: usize) -> Result<(), End> {
+        let conn = &mut self.conns[idx];
+        let stream = conn.stream.as_mut().expect("connecting conn has a socket");
+        match stream.take_error() {
+            Ok(Some(e)) | Err(e) => return Err(End::ConnectError(e.kind())),
+            Ok(None) => {}
+        }
+        match stream.peer_addr() {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotConnected => return Ok(()), // spurious wake-up
+            Err(e) => return Err(End::ConnectError(e.kind())),
+        }
+        let path = self.cfg.request_path(conn.gid as u64, sys::unix_secs());
+        let key = &conn.hs.as_ref().expect("handshake data").key;
+        let req = ws::upgrade_request(&self.cfg.host_header, &path, key, &self.cfg.args.subprotocol);
+        conn.out.extend_from_slice(req.as_bytes());
+        conn.state = State::Upgrading;
+        conn.flush()
+    }
+
+    // ----- I/O -----
+
+    fn on_event(&mut self, ev: &Event) {
+        let idx = ev.token().0;
+        let Some(conn) = self.conns.get(idx) else { return };
+        let res = match conn.state {
+            State::Closed => return,
+            State::Connecting => self.on_connected(idx).and_then(|()| {
+                // Data may already be there (unlikely before our request).
+                if ev.is_readable() && self.conns[idx].state != State::Connecting {
+                    self.read_conn(idx, ev.is_read_closed())
+                } else {
+                    Ok(())
+                }
+            }),
+            _ => {
+                let mut r = Ok(());
+                if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
+                    r = self.read_conn(idx, ev.is_read_closed() || ev.is_error());
+                }
+                if r.is_ok() && ev.is_writable() && !self.conns[idx].out.is_empty() {
+                    r = self.conns[idx].flush();
+                }
+                r
+            }
+        };
+        match res {
+            Ok(()) => {
+                let slot = self.conns[idx].pub_slot;
+                if slot != NOT_PUBLISHER && self.cfg.rate == Rate::Max && self.phase.publishing() {
+                    self.top_up(slot as usize);
+                }
+            }
+            Err(end) => self.end_conn(idx, end),
+        }
+    }
+
+    /// Reads until the socket is drained, feeding the protocol handler, then
+    /// flushes replies (pongs, join, close echo).
+    ///
+    /// mio registers edge-triggered. On Linux a short read (less than the
+    /// buffer) means the receive queue was emptied, and any later arrival
+    /// raises a new edge, so we skip the extra read that would only return
+    /// EAGAIN -- unless the peer already half-closed (`drain_all`), where
+    /// we read on to see the EOF.
+    fn read_conn(&mut self, idx: usize, drain_all: bool) -> Result<(), End> {
+        let conn = &mut self.conns[idx];
+        loop {
+            let Some(stream) = conn.stream.as_mut() else { return Ok(()) };
+            match stream.read(&mut self.scratch) {
+                Ok(0) => {
+                    // Flush a pending close echo etc. before reporting EOF.
+                    let _ = conn.flush();
+                    return Err(End::Eof);
+                }
+                Ok(n) => {
+                    self.ctx.now_us = sys::unix_micros();
+                    if let Err(end) = conn.on_bytes(&self.scratch[..n], &mut self.ctx) {
+                        let _ = conn.flush();
+                        return Err(end);
+                    }
+                    if n < self.scratch.len() && !drain_all {
+                        break;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(End::Io(e.kind())),
+            }
+        }
+        if conn.out.is_empty() {
+            Ok(())
+        } else {
+            conn.flush()
+        }
+    }
+
+    /// Closes a connection and accounts for it.
+    fn end_conn(&mut self, idx: usize, end: End) {
+        let conn = &mut self.conns[idx];
+        if conn.state == State::Closed {
+            return;
+        }
+        if conn.is_pending() {
+            self.ctx.handshaking -= 1;
+            self.ctx.counters.failed += 1;
+        } else {
+            if conn.is_publisher() {
+                self.ctx.counters.pub_lost += 1;
+            } else {
+                self.ctx.counters.lost += 1;
+            }
+        }
+        *self.ctx.closes.entry(end.key()).or_insert(0) += 1;
+        conn.state = State::Closed;
+        if let Some(mut s) = conn.stream.take() {
+            let _ = self.poll.registry().deregister(&mut s);
+        }
+        conn.reader = Default::default();
+        conn.out = Vec::new();
+        conn.hs = None;
+    }
+
+    /// At the end: send a normal close on every established connection and
+    /// drop all sockets.
+    fn close_all(&mut self) {
+        for c in &mut self.conns {
+            if c.state == State::Ready {
+                ws::encode_frame(&mut c.out, ws::OP_CLOSE, &1000u16.to_be_bytes(), self.ctx.rng.mask());
+                let _ = c.flush();
+            }
+            c.stream = None;
+            c.state = State::Closed;
+        }
+    }
+
+    // ----- heartbeat -----
+
+    /// Sends the app-level `{"op":"ping"}`: a cursor sweeps all connections
+    /// once per --ping-interval, so pings are spread evenly over time.
+    fn heartbeat(&mut self, now: Instant) {
+        let Some(interval) = self.cfg.ping_interval else { return };
+        if self.conns.is_empty() {
+            return;
+        }
+        let mut elapsed = now.duration_since(self.ping_cycle_start);
+        if elapsed >= interval {
+            // Finish the previous sweep, then start a new cycle.
+            self.ping_until(self.conns.len());
+            self.ping_cursor = 0;
+            self.ping_cycle_start += interval;
+            if now.duration_since(self.ping_cycle_start) >= interval {
+                self.ping_cycle_start = now; // we fell far behind; resync
+            }
+            elapsed = now.duration_since(self.ping_cycle_start);
+        }
+        let target = ((elapsed.as_secs_f64() / interval.as_secs_f64()) * self.conns.len() as f64) as usize;
+        self.ping_until(target.min(self.conns.len()));
+    }
+
+    fn ping_until(&mut self, target: usize) {
+        while self.ping_cursor < target {
+            let idx = self.ping_cursor;
+            self.ping_cursor += 1;
+            let c = &mut self.conns[idx];
+            if matches!(c.state, State::Ready | State::AwaitJoinAck) {
+                c.queue_text(self.ping_payload, &mut self.ctx.rng);
+                if let Err(end) = c.flush() {
+                    self.end_conn(idx, end);
+                }
+            }
+        }
+    }
+
+    // ----- publishing -----
+
+    /// Fixed-rate pacing: each publisher sends `floor(rate * elapsed)`
+    /// messages since the phase started.
+    fn publish_fixed_rate(&mut self, now: Instant) {
+        let elapsed = now.duration_since(self.phase_started).as_secs_f64();
+        let due = (elapsed * self.rate_per_pub) as u64;
+        for slot in 0..self.pubs.len() {
+            let backlog = due.saturating_sub(self.pubs[slot].sent_in_phase).min(MAX_PUB_BURST);
+            if backlog == 0 {
+                continue;
+            }
+            let ci = self.pubs[slot].conn;
+            if self.conns[ci].state != State::Ready {
+                continue;
+            }
+            for _ in 0..backlog {
+                if self.conns[ci].out.len() > MAX_PUB_BACKLOG {
+                    break;
+                }
+                self.queue_publish(slot);
+            }
+            if let Err(end) = self.conns[ci].flush() {
+                self.end_conn(ci, end);
+            }
+        }
+    }
+
+    /// Window mode: keep --window publishes unacked.
+    fn top_up(&mut self, slot: usize) {
+        let ci = self.pubs[slot].conn;
+        if self.conns[ci].state != State::Ready {
+            return;
+        }
+        let mut queued = false;
+        while self.ctx.pub_inflight[slot] < self.cfg.args.window {
+            self.queue_publish(slot);
+            queued = true;
+        }
+        if queued {
+            if let Err(end) = self.conns[ci].flush() {
+                self.end_conn(ci, end);
+            }
+        }
+    }
+
+    /// Queues one publish frame on publisher `slot`:
+    /// `{"op":"publish","id":N,"room":R,"type":"chat","data":{"t":µs,"p":"…"}}`.
+    fn queue_publish(&mut self, slot: usize) {
+        use std::io::Write as _;
+        let p = &mut self.pubs[slot];
+        let id = p.next_id;
+        p.next_id += 1;
+        p.sent_in_phase += 1;
+        self.msg_buf.clear();
+        let _ = write!(
+            self.msg_buf,
+            r#"{{"op":"publish","id":{id},"room":{},"type":"chat","data":{{"t":{},"p":"{}"}}}}"#,
+            self.room_json,
+            sys::unix_micros(),
+            self.padding
+        );
+        let ci = p.conn;
+        self.conns[ci].queue_text(&self.msg_buf, &mut self.ctx.rng);
+        self.ctx.pub_inflight[slot] += 1;
+        self.ctx.counters.published_total += 1;
+        if self.phase == Phase::Measure {
+            self.ctx.counters.published += 1;
+        }
+    }
+}
