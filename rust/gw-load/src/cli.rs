@@ -96,6 +96,18 @@ pub struct Args {
     #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..))]
     pub window: u32,
 
+    /// Message `type` of each publish (the route maps it to a priority, e.g.
+    /// `gift` is high priority by default).
+    #[arg(long, default_value = "chat")]
+    pub msg_type: String,
+
+    /// Slow consumers: the first N receivers (users <prefix>0 ..) stop
+    /// reading once joined (they still send heartbeats). They are not counted
+    /// as receivers; at the end their pending input is read to see whether
+    /// the server closed them (`slow_closes_by_code`).
+    #[arg(long, default_value_t = 0)]
+    pub slow: u32,
+
     /// Approximate size in bytes of each publish's `data` object
     /// ({"t":<micros>,"p":"<padding>"}).
     #[arg(long, default_value_t = 128)]
@@ -118,6 +130,12 @@ pub struct Args {
     /// only, progress every second on stderr), then report. No publishing.
     #[arg(long)]
     pub hold: Option<f64>,
+
+    /// Also measure this server process: its CPU time (from /proc/PID/stat) over the
+    /// measured phase, reported as server_cpu_s and server_cpu_ns_per_delivery, and its
+    /// RSS at the end of the connect and measured phases.
+    #[arg(long)]
+    pub server_pid: Option<u32>,
 
     /// Hard stop after this many seconds (default: warmup + duration + hold
     /// + 2 x drain-wait + 60).
@@ -188,6 +206,12 @@ impl Config {
 
         if args.threads == 0 {
             return Err("--threads must be >= 1".into());
+        }
+        if args.slow > args.conns {
+            return Err("--slow must be <= --conns".into());
+        }
+        if args.slow > 0 && args.no_join {
+            return Err("--slow needs joined receivers (not --no-join)".into());
         }
         if args.sources == 0 || args.sources > 254 {
             return Err("--sources must be between 1 and 254".into());
@@ -307,6 +331,8 @@ mod tests {
         assert_eq!(c.rate, Rate::Max);
         assert!(cfg(&["--url", "http://x"]).is_err());
         assert!(cfg(&["--rate", "fast"]).is_err());
+        assert!(cfg(&["--conns", "2", "--slow", "3"]).is_err());
+        assert_eq!(cfg(&["--conns", "2", "--slow", "1"]).unwrap().args.slow, 1);
         assert_eq!(url_encode("a b/c"), "a%20b%2Fc");
     }
 }

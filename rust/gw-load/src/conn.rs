@@ -83,6 +83,8 @@ pub struct Ctx {
     /// Connect-to-ready time, microseconds.
     pub connect_hist: Histogram,
     pub closes: HashMap<String, u64>,
+    /// How slow consumers (--slow) ended, by the same keys as `closes`.
+    pub slow_closes: HashMap<String, u64>,
     /// True during the measured phase and the drain after it.
     pub measuring: bool,
     /// Wall clock (unix µs) of the current read, for latency.
@@ -116,6 +118,10 @@ pub struct Conn {
     pub state: State,
     /// Publisher slot, or [`NOT_PUBLISHER`].
     pub pub_slot: u32,
+    /// A slow consumer (--slow): stops reading once joined.
+    pub slow: bool,
+    /// Set by the worker when it stopped reading a slow consumer.
+    pub paused: bool,
     /// Global connection number (user id suffix).
     pub gid: u32,
     /// When the connect started (µs on `Ctx::epoch`).
@@ -127,11 +133,13 @@ pub struct Conn {
 }
 
 impl Conn {
-    pub fn new(stream: TcpStream, gid: u32, pub_slot: u32, started_us: u64, key: String) -> Conn {
+    pub fn new(stream: TcpStream, gid: u32, pub_slot: u32, slow: bool, started_us: u64, key: String) -> Conn {
         Conn {
             stream: Some(stream),
             state: State::Connecting,
             pub_slot,
+            slow,
+            paused: false,
             gid,
             started_us,
             hs: Some(Box::new(Handshake { key, buf: Vec::new() })),
@@ -209,16 +217,18 @@ impl Conn {
 
     /// Parses WebSocket frames and reacts to each message.
     fn on_frames(&mut self, data: &[u8], ctx: &mut Ctx) -> Result<(), End> {
-        let Conn { reader, state, out, pub_slot, started_us, .. } = self;
+        let Conn { reader, state, out, pub_slot, started_us, slow, .. } = self;
         let mut end: Result<(), End> = Ok(());
         let res = reader.feed(data, |m| match m {
             Message::Text(p) => {
                 // Hot path: an established receiver counting room messages.
                 if *state == State::Ready && *pub_slot == NOT_PUBLISHER {
-                    count_messages(p, ctx, false);
+                    if !*slow {
+                        count_messages(p, ctx, false);
+                    }
                     return Flow::Continue;
                 }
-                match on_control_text(p, state, out, *pub_slot, *started_us, ctx) {
+                match on_control_text(p, state, out, *pub_slot, *slow, *started_us, ctx) {
                     Ok(()) => Flow::Continue,
                     Err(e) => {
                         end = Err(e);
@@ -278,6 +288,7 @@ fn on_control_text(
     state: &mut State,
     out: &mut Vec<u8>,
     pub_slot: u32,
+    slow: bool,
     started_us: u64,
     ctx: &mut Ctx,
 ) -> Result<(), End> {
@@ -290,14 +301,14 @@ fn on_control_text(
                         ws::encode_frame(out, ws::OP_TEXT, join, ctx.rng.mask());
                         *state = State::AwaitJoinAck;
                     }
-                    None => become_ready(state, pub_slot, started_us, ctx),
+                    None => become_ready(state, pub_slot, slow, started_us, ctx),
                 }
             }
             Ok(())
         }
         State::AwaitJoinAck => match op {
             Some(b"ack") => {
-                become_ready(state, pub_slot, started_us, ctx);
+                become_ready(state, pub_slot, slow, started_us, ctx);
                 Ok(())
             }
             Some(b"error") => Err(End::JoinError),
@@ -335,10 +346,12 @@ fn release_slot(ctx: &mut Ctx, slot: u32) {
     }
 }
 
-fn become_ready(state: &mut State, pub_slot: u32, started_us: u64, ctx: &mut Ctx) {
+fn become_ready(state: &mut State, pub_slot: u32, slow: bool, started_us: u64, ctx: &mut Ctx) {
     *state = State::Ready;
     ctx.handshaking -= 1;
-    if pub_slot == NOT_PUBLISHER {
+    if slow {
+        ctx.counters.slow_ready += 1;
+    } else if pub_slot == NOT_PUBLISHER {
         ctx.counters.ready += 1;
     } else {
         ctx.counters.pub_ready += 1;

@@ -187,15 +187,20 @@ fn run(cfg: Arc<Config>) -> Result<Value, String> {
     // Phase 2: hold, or warmup + measure + drain.
     let mut measured_s = 0.0;
     let mut cpu_ns = 0u64;
+    let server_pid = cfg.args.server_pid;
+    let server_rss_connected = server_pid.and_then(sys::other_process_rss_kib);
+    let mut server_cpu_ns: Option<u64> = None;
     let mut receivers = after_connect.ready - after_connect.lost;
     let mode;
     if let Some(hold) = cfg.args.hold {
         mode = "hold";
         let cpu0 = sys::process_cpu_ns();
+        let scpu0 = server_pid.and_then(sys::other_process_cpu_ns);
         let t0 = Instant::now();
         co.wait("hold", hold);
         measured_s = t0.elapsed().as_secs_f64();
         cpu_ns = sys::process_cpu_ns() - cpu0;
+        server_cpu_ns = scpu0.zip(server_pid.and_then(sys::other_process_cpu_ns)).map(|(a, b)| b - a);
     } else if !co.timed_out {
         mode = "publish";
         let s = co.snapshot();
@@ -215,6 +220,7 @@ fn run(cfg: Arc<Config>) -> Result<Value, String> {
             let s = co.snapshot();
             receivers = s.ready - s.lost;
             let cpu0 = sys::process_cpu_ns();
+            let scpu0 = server_pid.and_then(sys::other_process_cpu_ns);
             let t0 = Instant::now();
             shared.set_phase(Phase::Measure);
             co.wait(Phase::Measure.name(), cfg.args.duration);
@@ -222,6 +228,7 @@ fn run(cfg: Arc<Config>) -> Result<Value, String> {
             shared.set_phase(Phase::Drain);
             co.wait(Phase::Drain.name(), cfg.args.drain_wait);
             cpu_ns = sys::process_cpu_ns() - cpu0;
+            server_cpu_ns = scpu0.zip(server_pid.and_then(sys::other_process_cpu_ns)).map(|(a, b)| b - a);
         }
     } else {
         mode = "publish";
@@ -289,6 +296,11 @@ fn run(cfg: Arc<Config>) -> Result<Value, String> {
         },
         "client_cpu_s": round3(cpu_ns as f64 / 1e9),
         "client_cpu_ns_per_delivery": ns_per.round(),
+        "server_pid": server_pid,
+        "server_cpu_s": server_cpu_ns.map(|n| round3(n as f64 / 1e9)),
+        "server_cpu_ns_per_delivery": server_cpu_ns.filter(|_| counters.received > 0).map(|n| (n as f64 / counters.received as f64).round()),
+        "server_rss_kib_connected": server_rss_connected,
+        "server_rss_kib_end": server_pid.and_then(sys::other_process_rss_kib),
         "closes_by_code": closes,
         "timed_out": co.timed_out,
     }))

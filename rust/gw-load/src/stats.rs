@@ -119,6 +119,8 @@ pub struct SharedCounters {
     pub ready: AtomicU64,
     /// Publisher connections fully established (joined).
     pub pub_ready: AtomicU64,
+    /// Slow-consumer receivers (--slow) that joined.
+    pub slow_ready: AtomicU64,
     /// Connection attempts that failed before becoming ready.
     pub failed: AtomicU64,
     /// Receiver connections lost after becoming ready.
@@ -138,12 +140,15 @@ pub struct SharedCounters {
 pub struct Counters {
     pub ready: u64,
     pub pub_ready: u64,
+    pub slow_ready: u64,
     pub failed: u64,
     pub lost: u64,
     pub pub_lost: u64,
     pub received_total: u64,
     pub published_total: u64,
     pub acks_total: u64,
+    /// Bytes read from slow consumers at the end (what the server had sent).
+    pub slow_bytes: u64,
     // Measured phase only:
     /// Room messages received by receiver connections.
     pub received: u64,
@@ -161,6 +166,7 @@ impl Counters {
     pub fn publish_to(&self, s: &SharedCounters) {
         s.ready.store(self.ready, Relaxed);
         s.pub_ready.store(self.pub_ready, Relaxed);
+        s.slow_ready.store(self.slow_ready, Relaxed);
         s.failed.store(self.failed, Relaxed);
         s.lost.store(self.lost, Relaxed);
         s.pub_lost.store(self.pub_lost, Relaxed);
@@ -172,6 +178,8 @@ impl Counters {
     pub fn add(&mut self, o: &Counters) {
         self.ready += o.ready;
         self.pub_ready += o.pub_ready;
+        self.slow_ready += o.slow_ready;
+        self.slow_bytes += o.slow_bytes;
         self.failed += o.failed;
         self.lost += o.lost;
         self.pub_lost += o.pub_lost;
@@ -192,6 +200,7 @@ impl Counters {
 pub struct Snapshot {
     pub ready: u64,
     pub pub_ready: u64,
+    pub slow_ready: u64,
     pub failed: u64,
     pub lost: u64,
     pub pub_lost: u64,
@@ -206,6 +215,7 @@ impl Snapshot {
         for c in all {
             s.ready += c.ready.load(Relaxed);
             s.pub_ready += c.pub_ready.load(Relaxed);
+            s.slow_ready += c.slow_ready.load(Relaxed);
             s.failed += c.failed.load(Relaxed);
             s.lost += c.lost.load(Relaxed);
             s.pub_lost += c.pub_lost.load(Relaxed);

@@ -1,0 +1,56 @@
+# Every target documents itself: `make help`.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.deps-installed
+PORT ?= 8080
+export PATH := $(HOME)/.cargo/bin:$(PATH)
+
+.DEFAULT_GOAL := help
+.PHONY: help setup build run test test-rust test-python test-fast autobahn autobahn-full bench lint clean
+
+help: ## Show this help
+	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "maturin>=1.7,<2"
+	touch $(STAMP)
+
+setup: $(STAMP) ## Create the virtualenv with the build tool
+
+build: setup ## Build the Rust engine into gateway._core (release) and install the package with test extras
+	$(VENV)/bin/maturin develop --release --extras test -q
+	cargo build --release -p gw-load -q
+
+run: build ## Build everything and run the gateway on its embedded default (ws://localhost:8080/ws, demo at http://localhost:8080/)
+	$(VENV)/bin/gateway run --port $(PORT)
+
+test: build test-rust test-python ## Run every test: Rust unit tests, then Python unit + integration + conformance
+
+test-rust: ## Rust unit tests (codec, handshake, deflate, queues, hub, load client)
+	cargo test -q --workspace --exclude gateway-py
+
+test-python: ## Python tests (real servers, real sockets); needs `make build` first
+	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
+
+test-fast: ## Python unit tests only
+	$(PY) -m pytest -q tests/unit
+
+autobahn: build ## Autobahn|Testsuite quick set against the engine's echo app (about 10 s)
+	tools/autobahn.sh --quick
+
+autobahn-full: build ## Autobahn|Testsuite cases 1-13, including performance and permessage-deflate (about 10 min)
+	tools/autobahn.sh
+
+bench: build ## Benchmarks under loadtest/bench (see loadtest/README.md)
+	$(PY) loadtest/bench/run.py --quick
+
+lint: ## clippy and rustfmt check
+	cargo clippy --workspace --exclude gateway-py -q -- -D warnings
+	cargo fmt --check
+
+clean: ## Remove build artefacts and the virtualenv
+	cargo clean
+	rm -rf $(VENV) .pytest_cache
