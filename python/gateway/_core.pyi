@@ -100,6 +100,10 @@ class Engine:
     def disconnect_user(self, user: str, code: int = 4003, reason: str = "") -> int: ...
     def counters(self) -> dict[str, int]:
         """Snapshot of the engine's atomic counters (see gateway.metrics)."""
+    def histograms(self) -> dict[str, tuple[list[tuple[float, int]], float]]:
+        """``fanout_seconds`` (one room fan-out round) and ``flush_lag_seconds`` (publish
+        to socket write, sampled per write): cumulative ``(le, count)`` buckets ending
+        with ``+Inf``, and the sum in seconds."""
     def drain(self, code: int = 1012, reason: str = "restarting", last: bytes | None = None) -> int:
         """Stop accepting (health -> 503) and close every connection with ``code``, after
         the optional ``last`` frame. Returns how many were asked to close."""

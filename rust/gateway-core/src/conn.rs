@@ -64,6 +64,13 @@ impl Frame {
         Arc::new(Self::build(opcode, payload, min_deflate, logical))
     }
 
+    /// A data frame stamped with its publish time (engine clock, µs) for lag statistics.
+    pub fn stamped(opcode: u8, payload: &[u8], min_deflate: usize, logical: u32, born_us: u64) -> Arc<Self> {
+        let mut f = Self::build(opcode, payload, min_deflate, logical);
+        f.born_us = born_us;
+        Arc::new(f)
+    }
+
     /// A control frame (ping, pong, close) from pre-encoded bytes.
     pub fn control(encoded: Vec<u8>) -> Arc<Self> {
         Arc::new(Self {

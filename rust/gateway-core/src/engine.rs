@@ -154,7 +154,8 @@ impl Engine {
     // ---- sending ----------------------------------------------------------------------
 
     fn frame(&self, data: &[u8], binary: bool) -> Arc<Frame> {
-        Frame::data(if binary { OP_BINARY } else { OP_TEXT }, data, self.sh.cfg.deflate.min_size, 1)
+        let op = if binary { OP_BINARY } else { OP_TEXT };
+        Frame::stamped(op, data, self.sh.cfg.deflate.min_size, 1, self.sh.hub.now_us())
     }
 
     /// Queue a message to one connection. False if unknown or not accepted by the queue.
@@ -246,6 +247,14 @@ impl Engine {
         let mut v = self.sh.counters.snapshot();
         v.push(("event_queue_len", self.sh.events.len() as u64));
         v
+    }
+
+    /// Histograms: name -> (cumulative (le, count) buckets, sum of seconds).
+    pub fn histograms(&self) -> Vec<(&'static str, Vec<(f64, u64)>, f64)> {
+        let h = &self.sh.hub.hist;
+        let (fb, fs) = h.fanout.snapshot();
+        let (lb, ls) = h.flush_lag.snapshot();
+        vec![("fanout_seconds", fb, fs), ("flush_lag_seconds", lb, ls)]
     }
 
     pub fn connection_count(&self) -> usize {

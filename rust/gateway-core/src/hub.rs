@@ -16,7 +16,7 @@ use parking_lot::{Mutex, RwLock};
 use tokio::runtime::Handle;
 
 use crate::conn::{Conn, Frame, PRIO_LOW};
-use crate::metrics::{self, Counters};
+use crate::metrics::{self, Counters, Histograms};
 use crate::protocol::frame::OP_TEXT;
 
 const SHARDS: usize = 64;
@@ -92,6 +92,9 @@ pub struct Hub {
     users: Box<[Mutex<HashMap<Arc<str>, Vec<Arc<Conn>>>>]>,
     room_opts: RwLock<Vec<(String, RoomOptions)>>,
     pub counters: Arc<Counters>,
+    pub hist: Histograms,
+    /// Engine clock origin, for frame timestamps (lag histogram).
+    pub epoch: std::time::Instant,
     pub queue_bytes: usize,
     pub fanout_chunk: usize,
     pub min_deflate: usize,
@@ -112,6 +115,8 @@ impl Hub {
             users: shards(),
             room_opts: RwLock::new(Vec::new()),
             counters,
+            hist: Histograms::default(),
+            epoch: std::time::Instant::now(),
             queue_bytes,
             fanout_chunk: fanout_chunk.max(64),
             min_deflate,
@@ -363,7 +368,9 @@ impl Hub {
             };
             let frames = if r.opts.merge_ms > 0 { self.merge(&r, msgs) } else { msgs };
             let members = r.snapshot();
+            let t0 = std::time::Instant::now();
             self.clone().fan_out(members, frames).await;
+            self.hist.fanout.observe_ns(t0.elapsed().as_nanos() as u64);
             if r.opts.merge_ms == 0 {
                 // Let other rooms' drainers run between rounds of a busy room.
                 tokio::task::yield_now().await;
@@ -433,7 +440,8 @@ impl Hub {
             p.extend_from_slice(b"]}");
             let prio = group.iter().map(|(_, p)| *p).max().unwrap_or(PRIO_LOW);
             metrics::inc(&self.counters.batches);
-            out.push((Frame::data(OP_TEXT, &p, self.min_deflate, group.len() as u32), prio));
+            let born = group.iter().map(|(f, _)| f.born_us).filter(|b| *b > 0).min().unwrap_or(0);
+            out.push((Frame::stamped(OP_TEXT, &p, self.min_deflate, group.len() as u32, born), prio));
         }
         out
     }
@@ -457,6 +465,11 @@ impl Hub {
             None => self.deliver(&all, &[(frame, prio)]),
         }
         n
+    }
+
+    /// Microseconds since the engine started (never 0), stamped on frames.
+    pub fn now_us(&self) -> u64 {
+        self.epoch.elapsed().as_micros() as u64 + 1
     }
 
     pub fn conn_count(&self) -> usize {

@@ -85,3 +85,68 @@ pub fn add(c: &AtomicU64, n: u64) {
 pub fn dec(c: &AtomicU64) {
     c.fetch_sub(1, Relaxed);
 }
+
+/// Upper bounds (seconds) of the latency histogram buckets: 10 µs .. 10 s.
+pub const LATENCY_BUCKETS: [f64; 18] = [
+    1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+];
+
+/// A fixed-bucket histogram of durations, lock-free. Observations are made per fan-out
+/// round or per socket write, never per delivery.
+pub struct Histogram {
+    counts: [AtomicU64; LATENCY_BUCKETS.len() + 1],
+    sum_ns: AtomicU64,
+}
+
+impl Default for Histogram {
+    fn default() -> Self {
+        Self { counts: std::array::from_fn(|_| AtomicU64::new(0)), sum_ns: AtomicU64::new(0) }
+    }
+}
+
+impl Histogram {
+    pub fn observe_ns(&self, ns: u64) {
+        let s = ns as f64 * 1e-9;
+        let i = LATENCY_BUCKETS.iter().position(|b| s <= *b).unwrap_or(LATENCY_BUCKETS.len());
+        self.counts[i].fetch_add(1, Relaxed);
+        self.sum_ns.fetch_add(ns, Relaxed);
+    }
+
+    /// (cumulative counts per bucket bound incl. +Inf last, sum in seconds).
+    pub fn snapshot(&self) -> (Vec<(f64, u64)>, f64) {
+        let mut acc = 0;
+        let mut out = Vec::with_capacity(self.counts.len());
+        for (i, c) in self.counts.iter().enumerate() {
+            acc += c.load(Relaxed);
+            out.push((LATENCY_BUCKETS.get(i).copied().unwrap_or(f64::INFINITY), acc));
+        }
+        (out, self.sum_ns.load(Relaxed) as f64 * 1e-9)
+    }
+}
+
+/// Engine histograms.
+#[derive(Default)]
+pub struct Histograms {
+    /// Duration of one fan-out round of a room (queueing to every member).
+    pub fanout: Histogram,
+    /// Lag from publish (frame built) to the socket write that sent it, sampled per write.
+    pub flush_lag: Histogram,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_are_cumulative() {
+        let h = Histogram::default();
+        h.observe_ns(5_000); // 5 µs -> first bucket
+        h.observe_ns(2_000_000); // 2 ms -> the 2.5 ms bucket
+        h.observe_ns(60_000_000_000); // 60 s -> +Inf
+        let (b, sum) = h.snapshot();
+        assert_eq!(b[0], (1e-5, 1));
+        assert_eq!(b.iter().find(|(le, _)| *le == 2.5e-3).unwrap().1, 2);
+        assert_eq!(b.last().unwrap(), &(f64::INFINITY, 3));
+        assert!((sum - 60.002005).abs() < 1e-6);
+    }
+}

@@ -255,6 +255,11 @@ impl Engine {
         self.inner.counters().into_iter().collect()
     }
 
+    /// name -> (cumulative [(le, count)] buckets with +Inf last, sum of seconds).
+    fn histograms(&self) -> HashMap<&'static str, (Vec<(f64, u64)>, f64)> {
+        self.inner.histograms().into_iter().map(|(n, b, s)| (n, (b, s))).collect()
+    }
+
     #[getter]
     fn connections(&self) -> usize {
         self.inner.connection_count()
