@@ -292,6 +292,11 @@ fn flush(stream: &TcpStream, conn: &Conn, wq: &mut VecDeque<Arc<Frame>>, off: &m
         };
         metrics::inc(&c.writev_calls);
         metrics::add(&c.bytes_out, n as u64);
+        // One lag sample per write (not per frame): the oldest frame in this write.
+        let born = wq[0].born_us;
+        if born > 0 {
+            sh.hub.hist.flush_lag.observe_ns(sh.hub.now_us().saturating_sub(born) * 1000);
+        }
         while n > 0 {
             let len = wq[0].bytes_for(conn.deflate_bits, level, c).len() - *off;
             if n >= len {
@@ -320,6 +325,7 @@ async fn run_ws(sh: &Shared, stream: &TcpStream, conn: &Arc<Conn>, mut dec: Deco
     let mut input_dead = false; // after a protocol error: discard input until EOF
     let mut result: Option<(u16, String)> = None;
     let mut deadline: Option<tokio::time::Instant> = None;
+    let mut write_shut = false;
 
     if !inbuf.is_empty() {
         // Bytes that arrived right behind the request head.
@@ -376,6 +382,15 @@ async fn run_ws(sh: &Shared, stream: &TcpStream, conn: &Arc<Conn>, mut dec: Deco
         }
         if close_sent && close_recv && wq.is_empty() {
             return result.unwrap_or((1000, String::new()));
+        }
+        if close_sent && input_dead && wq.is_empty() && !write_shut {
+            // Failing the connection (RFC 6455 §7.1.7): our close frame is out and the
+            // peer's reply cannot be parsed, so close the TCP connection now (the server
+            // closes first, §7.1.1). Half-close, then drain input until the peer's EOF
+            // or the close deadline, so unread input does not turn the close into an RST
+            // that could destroy the close frame in flight.
+            write_shut = true;
+            let _ = socket2::SockRef::from(stream).shutdown(std::net::Shutdown::Write);
         }
         let sleep = async {
             match deadline {

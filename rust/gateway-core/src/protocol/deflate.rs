@@ -269,6 +269,169 @@ mod tests {
         assert_eq!(deflate(b"", 15, 5), vec![0x00]);
     }
 
+    /// A minimal raw-deflate parser (after RFC 1951 and zlib's puff.c) that only measures:
+    /// returns (decoded length, longest back-reference distance).
+    fn measure_distances(z: &[u8]) -> (usize, usize) {
+        struct Bits<'a> {
+            d: &'a [u8],
+            pos: usize, // in bits
+        }
+        impl Bits<'_> {
+            fn bits(&mut self, n: u32) -> usize {
+                let mut v = 0;
+                for i in 0..n {
+                    let b = (self.d[self.pos / 8] >> (self.pos % 8)) & 1;
+                    self.pos += 1;
+                    v |= (b as usize) << i;
+                }
+                v
+            }
+        }
+        struct Huff {
+            count: [usize; 16],
+            symbol: Vec<usize>,
+        }
+        fn huff(lengths: &[u8]) -> Huff {
+            let mut count = [0; 16];
+            for &l in lengths {
+                count[l as usize] += 1;
+            }
+            count[0] = 0;
+            let mut offs = [0; 16];
+            for l in 1..15 {
+                offs[l + 1] = offs[l] + count[l];
+            }
+            let mut symbol = vec![0; lengths.len()];
+            for (sym, &l) in lengths.iter().enumerate() {
+                if l != 0 {
+                    symbol[offs[l as usize]] = sym;
+                    offs[l as usize] += 1;
+                }
+            }
+            Huff { count, symbol }
+        }
+        fn decode(b: &mut Bits, h: &Huff) -> usize {
+            let (mut code, mut first, mut index) = (0usize, 0usize, 0usize);
+            for len in 1..16 {
+                code |= b.bits(1);
+                let count = h.count[len];
+                if code < first + count {
+                    return h.symbol[index + code - first];
+                }
+                index += count;
+                first = (first + count) << 1;
+                code <<= 1;
+            }
+            panic!("bad Huffman code");
+        }
+        const LBASE: [usize; 29] = [3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 15, 17, 19, 23, 27, 31, 35, 43, 51, 59, 67, 83, 99, 115, 131, 163, 195, 227, 258];
+        const LEXT: [u32; 29] = [0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3, 4, 4, 4, 4, 5, 5, 5, 5, 0];
+        const DBASE: [usize; 30] = [1, 2, 3, 4, 5, 7, 9, 13, 17, 25, 33, 49, 65, 97, 129, 193, 257, 385, 513, 769, 1025, 1537, 2049, 3073, 4097, 6145, 8193, 12289, 16385, 24577];
+        const DEXT: [u32; 30] = [0, 0, 0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7, 8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13];
+        let data = [z, &TAIL[..]].concat();
+        let mut b = Bits { d: &data, pos: 0 };
+        let (mut out, mut max_dist) = (0usize, 0usize);
+        while b.pos + 3 <= data.len() * 8 {
+            let last = b.bits(1) == 1;
+            let (lit, dist) = match b.bits(2) {
+                0 => {
+                    b.pos = b.pos.div_ceil(8) * 8;
+                    let len = b.bits(16);
+                    b.bits(16);
+                    b.pos += 8 * len;
+                    out += len;
+                    if last {
+                        break;
+                    }
+                    continue;
+                }
+                1 => {
+                    let mut l = [8u8; 288];
+                    l[144..256].fill(9);
+                    l[256..280].fill(7);
+                    (huff(&l), huff(&[5u8; 30]))
+                }
+                2 => {
+                    let (nlen, ndist, ncode) = (b.bits(5) + 257, b.bits(5) + 1, b.bits(4) + 4);
+                    const ORDER: [usize; 19] = [16, 17, 18, 0, 8, 7, 9, 6, 10, 5, 11, 4, 12, 3, 13, 2, 14, 1, 15];
+                    let mut cl = [0u8; 19];
+                    for &o in &ORDER[..ncode] {
+                        cl[o] = b.bits(3) as u8;
+                    }
+                    let ch = huff(&cl);
+                    let mut lengths = Vec::new();
+                    while lengths.len() < nlen + ndist {
+                        match decode(&mut b, &ch) {
+                            s @ 0..=15 => lengths.push(s as u8),
+                            16 => {
+                                let prev = *lengths.last().expect("repeat after a length");
+                                let n = 3 + b.bits(2);
+                                lengths.extend(std::iter::repeat_n(prev, n));
+                            }
+                            17 => {
+                                let n = 3 + b.bits(3);
+                                lengths.extend(std::iter::repeat_n(0, n));
+                            }
+                            _ => {
+                                let n = 11 + b.bits(7);
+                                lengths.extend(std::iter::repeat_n(0, n));
+                            }
+                        }
+                    }
+                    (huff(&lengths[..nlen]), huff(&lengths[nlen..]))
+                }
+                t => panic!("block type {t}"),
+            };
+            loop {
+                let sym = decode(&mut b, &lit);
+                match sym {
+                    0..=255 => out += 1,
+                    256 => break,
+                    _ => {
+                        let i = sym - 257;
+                        out += LBASE[i] + b.bits(LEXT[i]);
+                        let d = decode(&mut b, &dist);
+                        let d = DBASE[d] + b.bits(DEXT[d]);
+                        max_dist = max_dist.max(d);
+                    }
+                }
+            }
+            if last {
+                break;
+            }
+        }
+        (out, max_dist)
+    }
+
+    #[test]
+    fn window_8_is_served_by_a_stream_that_fits_256_bytes() {
+        // A client asking server_max_window_bits=8 gets 8 echoed; zlib cannot deflate with
+        // 8 and uses 9, but its matches never reach further back than 512 - 262 = 250 bytes
+        // (MAX_DIST), so every back-reference fits the 256-byte window promised.
+        let mut msg = Vec::new();
+        let mut x = 12345u32;
+        for i in 0..4000u32 {
+            x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
+            msg.extend_from_slice(format!("w{} ", (x >> 16) % 64).as_bytes());
+            if i % 7 == 0 {
+                let back = msg.len().saturating_sub(300);
+                let rep = msg[back..back + 20.min(msg.len() - back)].to_vec();
+                msg.extend_from_slice(&rep); // repeats about 300 bytes back
+            }
+        }
+        for level in [1, 5, 9] {
+            let z = deflate(&msg, 8, level);
+            let (len, dist) = measure_distances(&z);
+            assert_eq!(len, msg.len(), "parser read the whole stream");
+            assert!(dist <= 256, "level {level}: distance {dist} > 256");
+            // The measurement has teeth: with a 15-bit window the same data reaches further.
+            assert!(measure_distances(&deflate(&msg, 15, level)).1 > 256);
+        }
+        let (p, resp) = negotiate(["permessage-deflate; server_max_window_bits=8"], &DeflateConfig::default()).unwrap();
+        assert_eq!(p.server_window_bits, 9);
+        assert!(resp.contains("server_max_window_bits=8"));
+    }
+
     #[test]
     fn inflate_limit_is_1009() {
         let msg = vec![b'a'; 200_000];

@@ -57,8 +57,6 @@ struct Partial {
     opcode: u8,
     compressed: bool,
     data: Vec<u8>,
-    /// Prefix of `data` already known to be valid UTF-8 (text, uncompressed only).
-    utf8_ok: usize,
 }
 
 /// Incremental frame decoder and message assembler for one connection.
@@ -67,6 +65,70 @@ pub struct Decoder {
     partial: Option<Partial>,
     inflater: Option<Inflater>,
     closed: bool,
+    /// UTF-8 state of the uncompressed text message in progress.
+    utf8: Utf8Stream,
+    /// Payload bytes of the (incomplete) frame at the head of the input already fed to
+    /// `utf8`, so invalid text fails fast, before the frame is complete (RFC 6455 §8.1).
+    frame_fed: usize,
+}
+
+const BAD_UTF8: ProtoError = ProtoError::new(1007, "invalid UTF-8 in text message");
+
+/// Incremental UTF-8 validation of one message fed in arbitrary pieces: an error is
+/// reported at the first byte that cannot start or continue a valid sequence.
+#[derive(Debug, Default, Clone, Copy)]
+struct Utf8Stream {
+    /// The start of a code point cut at the end of the last piece.
+    carry: [u8; 4],
+    len: u8,
+}
+
+impl Utf8Stream {
+    fn feed(&mut self, mut data: &[u8]) -> Result<(), ProtoError> {
+        if self.len > 0 {
+            let have = self.len as usize;
+            let width = match self.carry[0] {
+                0xC2..=0xDF => 2,
+                0xE0..=0xEF => 3,
+                _ => 4, // 0xF0..=0xF4: other lead bytes are never carried
+            };
+            let take = (width - have).min(data.len());
+            let mut seq = self.carry;
+            seq[have..have + take].copy_from_slice(&data[..take]);
+            match std::str::from_utf8(&seq[..have + take]) {
+                Ok(_) => self.len = 0,
+                Err(e) if e.error_len().is_none() => {
+                    // Still incomplete: `data` was used up.
+                    self.carry = seq;
+                    self.len = (have + take) as u8;
+                    return Ok(());
+                }
+                Err(_) => return Err(BAD_UTF8),
+            }
+            data = &data[take..];
+        }
+        match std::str::from_utf8(data) {
+            Ok(_) => Ok(()),
+            Err(e) if e.error_len().is_none() => {
+                let rest = &data[e.valid_up_to()..];
+                self.carry[..rest.len()].copy_from_slice(rest);
+                self.len = rest.len() as u8;
+                Ok(())
+            }
+            Err(_) => Err(BAD_UTF8),
+        }
+    }
+
+    /// At the end of the message: a cut code point is invalid.
+    fn finish(&mut self) -> Result<(), ProtoError> {
+        let complete = self.len == 0;
+        *self = Self::default();
+        if complete {
+            Ok(())
+        } else {
+            Err(BAD_UTF8)
+        }
+    }
 }
 
 /// Parsed fixed part of a frame header.
@@ -155,19 +217,9 @@ fn valid_close_code(code: u16) -> bool {
     matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
 }
 
-/// Validate as much of `data[from..]` as is complete; returns the new valid prefix length.
-/// An incomplete code point at the end is fine unless `fin`.
-fn check_utf8(data: &[u8], from: usize, fin: bool) -> Result<usize, ProtoError> {
-    match std::str::from_utf8(&data[from..]) {
-        Ok(_) => Ok(data.len()),
-        Err(e) if e.error_len().is_none() && !fin => Ok(from + e.valid_up_to()),
-        Err(_) => Err(ProtoError::new(1007, "invalid UTF-8 in text message")),
-    }
-}
-
 impl Decoder {
     pub fn new(cfg: DecoderConfig, inflater: Option<Inflater>) -> Self {
-        Self { cfg, partial: None, inflater, closed: false }
+        Self { cfg, partial: None, inflater, closed: false, utf8: Utf8Stream::default(), frame_fed: 0 }
     }
 
     /// True once a close frame has been decoded; later bytes are ignored.
@@ -182,25 +234,40 @@ impl Decoder {
         let mut pos = 0;
         while !self.closed {
             let Some(h) = parse_header(&buf[pos..], self.cfg.max_frame)? else { break };
-            let total = h.header_len + h.len;
-            if buf.len() - pos < total {
+            // Everything the header alone decides fails now, before the payload arrives.
+            self.check_header(&h)?;
+            let start = pos + h.header_len;
+            let plain_text = self.is_plain_text(&h);
+            if buf.len() < start + h.len {
+                // Incomplete frame: validate the text that already arrived (fail fast),
+                // without unmasking in place: these bytes are offered again later.
+                if plain_text {
+                    self.feed_masked(&h, &buf[start..])?;
+                }
                 break;
             }
-            let payload = &mut buf[pos + h.header_len..pos + total];
-            match h.mask {
-                Some(m) => apply_mask(payload, m),
-                None if self.cfg.require_mask => {
-                    return Err(ProtoError::new(1002, "client frame not masked"))
-                }
-                None => {}
+            let payload = &mut buf[start..start + h.len];
+            if let Some(m) = h.mask {
+                apply_mask(payload, m);
             }
+            if plain_text {
+                if h.opcode == OP_TEXT && self.frame_fed == 0 {
+                    self.utf8 = Utf8Stream::default();
+                }
+                self.utf8.feed(&payload[self.frame_fed..])?;
+            }
+            self.frame_fed = 0;
             self.frame(h, payload, out)?;
-            pos += total;
+            pos = start + h.len;
         }
         Ok(pos)
     }
 
-    fn frame(&mut self, h: Header, payload: &[u8], out: &mut Vec<Event>) -> Result<(), ProtoError> {
+    /// The rules a frame header alone decides (RFC 6455 §5.2, §5.4, §5.5; RFC 7692 §6).
+    fn check_header(&self, h: &Header) -> Result<(), ProtoError> {
+        if h.mask.is_none() && self.cfg.require_mask {
+            return Err(ProtoError::new(1002, "client frame not masked"));
+        }
         match h.opcode {
             OP_TEXT | OP_BINARY => {
                 if self.partial.is_some() {
@@ -209,12 +276,74 @@ impl Decoder {
                 if h.rsv1 && self.inflater.is_none() {
                     return Err(ProtoError::new(1002, "RSV1 set without permessage-deflate"));
                 }
-                if payload.len() > self.cfg.max_message {
+                if h.len > self.cfg.max_message {
                     return Err(ProtoError::new(1009, "message too large"));
                 }
+            }
+            OP_CONT => {
+                if h.rsv1 {
+                    return Err(ProtoError::new(1002, "RSV1 set on a continuation frame"));
+                }
+                let Some(p) = self.partial.as_ref() else {
+                    return Err(ProtoError::new(1002, "continuation frame without a message"));
+                };
+                if p.data.len() + h.len > self.cfg.max_message {
+                    return Err(ProtoError::new(1009, "message too large"));
+                }
+            }
+            OP_PING | OP_PONG | OP_CLOSE if h.rsv1 => {
+                return Err(ProtoError::new(1002, "RSV1 set on a control frame"));
+            }
+            OP_PING | OP_PONG | OP_CLOSE => {}
+            _ => return Err(ProtoError::new(1002, "unknown opcode")),
+        }
+        Ok(())
+    }
+
+    /// True when the payload of `h` is part of an uncompressed text message (validated
+    /// as UTF-8 while it arrives). Only called after [`Self::check_header`] passed.
+    fn is_plain_text(&self, h: &Header) -> bool {
+        match h.opcode {
+            OP_TEXT => !h.rsv1,
+            OP_CONT => self.partial.as_ref().is_some_and(|p| p.opcode == OP_TEXT && !p.compressed),
+            _ => false,
+        }
+    }
+
+    /// Validate the still-masked payload bytes `masked[frame_fed..]` of an incomplete text
+    /// frame (`masked` is the part of the payload that has arrived).
+    fn feed_masked(&mut self, h: &Header, masked: &[u8]) -> Result<(), ProtoError> {
+        let avail = masked.len();
+        if avail <= self.frame_fed {
+            return Ok(());
+        }
+        if h.opcode == OP_TEXT && self.frame_fed == 0 {
+            self.utf8 = Utf8Stream::default();
+        }
+        let mut chunk = [0u8; 512];
+        let mut off = self.frame_fed;
+        while off < avail {
+            let n = (avail - off).min(chunk.len());
+            let piece = &mut chunk[..n];
+            piece.copy_from_slice(&masked[off..off + n]);
+            if let Some(m) = h.mask {
+                // Chunks start at multiples of 512 past `frame_fed`: rotate the key.
+                let r = off & 3;
+                apply_mask(piece, [m[r], m[(r + 1) & 3], m[(r + 2) & 3], m[(r + 3) & 3]]);
+            }
+            self.utf8.feed(piece)?;
+            off += n;
+        }
+        self.frame_fed = avail;
+        Ok(())
+    }
+
+    fn frame(&mut self, h: Header, payload: &[u8], out: &mut Vec<Event>) -> Result<(), ProtoError> {
+        match h.opcode {
+            OP_TEXT | OP_BINARY => {
                 if h.fin && !h.rsv1 {
                     if h.opcode == OP_TEXT {
-                        check_utf8(payload, 0, true)?;
+                        self.utf8.finish()?;
                         out.push(Event::Text(payload.to_vec()));
                     } else {
                         out.push(Event::Binary(payload.to_vec()));
@@ -225,27 +354,15 @@ impl Decoder {
                     opcode: h.opcode,
                     compressed: h.rsv1,
                     data: Vec::with_capacity(payload.len().max(256)),
-                    utf8_ok: 0,
                 };
                 p.data.extend_from_slice(payload);
                 self.partial = Some(p);
                 self.continue_message(h.fin, out)
             }
             OP_CONT => {
-                if h.rsv1 {
-                    return Err(ProtoError::new(1002, "RSV1 set on a continuation frame"));
-                }
-                let Some(p) = self.partial.as_mut() else {
-                    return Err(ProtoError::new(1002, "continuation frame without a message"));
-                };
-                if p.data.len() + payload.len() > self.cfg.max_message {
-                    return Err(ProtoError::new(1009, "message too large"));
-                }
+                let p = self.partial.as_mut().expect("checked by check_header");
                 p.data.extend_from_slice(payload);
                 self.continue_message(h.fin, out)
-            }
-            OP_PING | OP_PONG | OP_CLOSE if h.rsv1 => {
-                Err(ProtoError::new(1002, "RSV1 set on a control frame"))
             }
             OP_PING => {
                 out.push(Event::Ping(payload.to_vec()));
@@ -278,11 +395,7 @@ impl Decoder {
 
     /// After appending a fragment: validate incrementally and emit the message on FIN.
     fn continue_message(&mut self, fin: bool, out: &mut Vec<Event>) -> Result<(), ProtoError> {
-        let p = self.partial.as_mut().expect("partial message");
-        if p.opcode == OP_TEXT && !p.compressed {
-            // Fail fast on invalid UTF-8, even before the message is complete.
-            p.utf8_ok = check_utf8(&p.data, p.utf8_ok, fin)?;
-        }
+        // Uncompressed text was validated as it arrived (see `decode`).
         if !fin {
             return Ok(());
         }
@@ -290,11 +403,14 @@ impl Decoder {
         let data = if p.compressed {
             let inflater = self.inflater.as_mut().expect("checked at first frame");
             let data = inflater.inflate(&p.data, self.cfg.max_message)?;
-            if p.opcode == OP_TEXT {
-                check_utf8(&data, 0, true)?;
+            if p.opcode == OP_TEXT && std::str::from_utf8(&data).is_err() {
+                return Err(BAD_UTF8);
             }
             data
         } else {
+            if p.opcode == OP_TEXT {
+                self.utf8.finish()?;
+            }
             p.data
         };
         out.push(if p.opcode == OP_TEXT { Event::Text(data) } else { Event::Binary(data) });
@@ -463,6 +579,130 @@ mod tests {
         bytes.extend(encode_client(OP_CONT, true, &[0xac], M));
         let (_, ev) = run(&mut dec(), &bytes).unwrap();
         assert_eq!(ev, vec![Event::Text("a€".as_bytes().to_vec())]);
+    }
+
+    /// Feed `bytes` in pieces of `chop` bytes the way the server does (an incomplete frame
+    /// is offered again with more bytes appended). Returns the events or the first error.
+    fn run_chopped(d: &mut Decoder, bytes: &[u8], chop: usize) -> Result<Vec<Event>, ProtoError> {
+        let mut pending = Vec::new();
+        let mut out = Vec::new();
+        for piece in bytes.chunks(chop.max(1)) {
+            pending.extend_from_slice(piece);
+            let n = d.decode(&mut pending, &mut out)?;
+            pending.drain(..n);
+        }
+        Ok(out)
+    }
+
+    #[test]
+    fn invalid_utf8_fails_fast_inside_an_incomplete_frame() {
+        // Autobahn 6.4.3: one text frame whose payload arrives in three chops; the second
+        // chop holds a code point above U+10FFFF and must fail before the frame is complete.
+        let part1 = [0xce, 0xba, 0xe1, 0xbd, 0xb9, 0xcf, 0x83, 0xce, 0xbc, 0xce, 0xb5];
+        let part2 = [0xf4, 0x90, 0x80, 0x80];
+        let part3 = b"edited";
+        let payload = [&part1[..], &part2[..], &part3[..]].concat();
+        let f = encode_client(OP_TEXT, true, &payload, M);
+        let head = f.len() - payload.len();
+        let mut d = dec();
+        let mut buf = f[..head + part1.len()].to_vec();
+        let mut out = Vec::new();
+        assert_eq!(d.decode(&mut buf, &mut out), Ok(0), "first chop is valid so far");
+        assert_eq!(buf, f[..head + part1.len()], "incomplete frame is left masked");
+        let mut buf = f[..head + part1.len() + part2.len()].to_vec();
+        assert_eq!(d.decode(&mut buf, &mut out).unwrap_err().code, 1007);
+        // Autobahn 6.4.4: byte by byte, the error is seen at the 0x90 after 0xf4.
+        let mut d = dec();
+        let mut buf = Vec::new();
+        for (i, b) in f.iter().enumerate() {
+            buf.push(*b);
+            let r = d.decode(&mut buf.clone(), &mut out);
+            if i < head + part1.len() + 1 {
+                assert_eq!(r, Ok(0), "byte {i}");
+            } else {
+                assert_eq!(r.unwrap_err().code, 1007, "byte {i}");
+                break;
+            }
+        }
+        // Same in a continuation frame of a fragmented message.
+        let mut bytes = encode_client(OP_TEXT, false, &part1, M);
+        bytes.extend(encode_client(OP_CONT, true, &[&part2[..], &part3[..]].concat(), M));
+        let cut = bytes.len() - part3.len() - 1;
+        assert_eq!(run(&mut dec(), &bytes[..cut]).unwrap_err().code, 1007);
+    }
+
+    #[test]
+    fn utf8_validation_agrees_with_std_for_every_split() {
+        let samples: &[&[u8]] = &[
+            "κόσμε".as_bytes(),
+            "a€b𝄞c\u{10FFFF}".as_bytes(),
+            "\u{7ff}\u{800}\u{ffff}\u{10000}".as_bytes(),
+            &[0xed, 0x9f, 0xbf, b'x'],       // U+D7FF: valid
+            &[0xed, 0xa0, 0x80],             // surrogate
+            &[0xc0, 0xaf],                   // overlong '/'
+            &[0xe0, 0x80, 0xaf],             // overlong
+            &[0xf0, 0x8f, 0xbf, 0xbf],       // overlong
+            &[0xf4, 0x90, 0x80, 0x80],       // above U+10FFFF
+            &[0xf5, 0x80, 0x80, 0x80],       // invalid lead
+            &[b'a', 0x80],                   // lone continuation
+            &[b'a', 0xe2, 0x82],             // truncated at the end
+            &[0xf0, 0x9d, 0x84],             // truncated 4-byte
+            &[0xe2, 0x82, b'a', 0xac],       // interrupted sequence
+        ];
+        for &msg in samples {
+            let valid = std::str::from_utf8(msg).is_ok();
+            for split in 0..=msg.len() {
+                // Two fragments split at `split`, each fed in chops of 1..=3 bytes.
+                let mut bytes = encode_client(OP_TEXT, false, &msg[..split], M);
+                bytes.extend(encode_client(OP_CONT, true, &msg[split..], M));
+                for chop in [1usize, 2, 3, 7, bytes.len()] {
+                    let r = run_chopped(&mut dec(), &bytes, chop);
+                    match r {
+                        Ok(ev) => {
+                            assert!(valid, "{msg:02x?} split {split} chop {chop} accepted");
+                            assert_eq!(ev, vec![Event::Text(msg.to_vec())]);
+                        }
+                        Err(e) => {
+                            assert!(!valid, "{msg:02x?} split {split} chop {chop}: {e:?}");
+                            assert_eq!(e.code, 1007);
+                        }
+                    }
+                }
+            }
+            let single = encode_client(OP_TEXT, true, msg, M);
+            for chop in [1usize, 4, single.len()] {
+                assert_eq!(run_chopped(&mut dec(), &single, chop).is_ok(), valid, "{msg:02x?} chop {chop}");
+            }
+        }
+    }
+
+    #[test]
+    fn large_text_frame_in_many_reads_is_validated_once() {
+        // A 1 MiB text frame arriving in 1000-byte reads (mask offsets not multiples of 4).
+        let text = "añ€𝄞".repeat(1 << 16);
+        let f = encode_client(OP_TEXT, true, text.as_bytes(), M);
+        let mut d = Decoder::new(DecoderConfig { max_frame: 1 << 21, max_message: 1 << 21, require_mask: true }, None);
+        let ev = run_chopped(&mut d, &f, 1000).unwrap();
+        assert_eq!(ev, vec![Event::Text(text.into_bytes())]);
+        // And the next message starts with a fresh UTF-8 state.
+        assert_eq!(run_chopped(&mut d, &encode_client(OP_TEXT, true, b"ok", M), 1).unwrap(), vec![Event::Text(b"ok".to_vec())]);
+    }
+
+    #[test]
+    fn header_rules_fail_before_the_payload_arrives() {
+        // Unmasked, unknown opcode, RSV1 without deflate: decided by the header alone.
+        let mut unmasked = encode(OP_TEXT, false, &[b'a'; 1000]);
+        unmasked.truncate(10);
+        assert_eq!(run(&mut dec(), &unmasked).unwrap_err().code, 1002);
+        assert_eq!(run(&mut dec(), &encode_client(0x5, true, &[0; 200], M)[..10]).unwrap_err().code, 1002);
+        let mut rsv1 = encode_client(OP_BINARY, true, &[0; 200], M);
+        rsv1[0] |= 0x40;
+        assert_eq!(run(&mut dec(), &rsv1[..10]).unwrap_err().code, 1002);
+        // A continuation that would take the message over the cap: 1009 from its header.
+        let mut bytes = encode_client(OP_BINARY, false, &vec![0; 40 * 1024], M);
+        let cont = encode_client(OP_CONT, true, &vec![0; 40 * 1024], M);
+        bytes.extend_from_slice(&cont[..8]);
+        assert_eq!(run(&mut dec(), &bytes).unwrap_err().code, 1009);
     }
 
     #[test]
