@@ -24,6 +24,9 @@ use crate::server::{self, Decision, Shared};
 
 pub use crate::server::Decision as ConnectDecision;
 
+/// Cumulative histogram buckets: (upper bound in seconds, count), +Inf last.
+pub type Buckets = Vec<(f64, u64)>;
+
 pub struct Engine {
     sh: Arc<Shared>,
     rt: Mutex<Option<Runtime>>,
@@ -42,7 +45,7 @@ pub fn raise_nofile_limit() -> (u64, u64) {
             }
         }
     }
-    (r.rlim_cur as u64, r.rlim_max as u64)
+    (r.rlim_cur, r.rlim_max)
 }
 
 fn bind(cfg: &EngineConfig) -> io::Result<std::net::TcpListener> {
@@ -250,7 +253,7 @@ impl Engine {
     }
 
     /// Histograms: name -> (cumulative (le, count) buckets, sum of seconds).
-    pub fn histograms(&self) -> Vec<(&'static str, Vec<(f64, u64)>, f64)> {
+    pub fn histograms(&self) -> Vec<(&'static str, Buckets, f64)> {
         let h = &self.sh.hub.hist;
         let (fb, fs) = h.fanout.snapshot();
         let (lb, ls) = h.flush_lag.snapshot();

@@ -7,7 +7,7 @@
 //! drainer waits for every chunk before the next round, which keeps the order.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::hash::BuildHasher;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -86,10 +86,12 @@ pub enum Join {
     NoSuchConn,
 }
 
+type Shards<K, V> = Box<[Mutex<HashMap<K, V>>]>;
+
 pub struct Hub {
-    rooms: Box<[Mutex<HashMap<Arc<str>, Arc<Room>>>]>,
-    conns: Box<[Mutex<HashMap<u64, Arc<Conn>>>]>,
-    users: Box<[Mutex<HashMap<Arc<str>, Vec<Arc<Conn>>>>]>,
+    rooms: Shards<Arc<str>, Arc<Room>>,
+    conns: Shards<u64, Arc<Conn>>,
+    users: Shards<Arc<str>, Vec<Arc<Conn>>>,
     room_opts: RwLock<Vec<(String, RoomOptions)>>,
     pub counters: Arc<Counters>,
     pub hist: Histograms,
@@ -132,9 +134,7 @@ impl Hub {
     }
 
     fn shard_of(&self, s: &str) -> usize {
-        let mut h = self.hasher.build_hasher();
-        s.hash(&mut h);
-        (h.finish() as usize) % SHARDS
+        (self.hasher.hash_one(s) as usize) % SHARDS
     }
 
     fn conn_shard(&self, id: u64) -> &Mutex<HashMap<u64, Arc<Conn>>> {
@@ -203,7 +203,7 @@ impl Hub {
         let mut v = self.room_opts.write();
         v.retain(|(p, _)| p != prefix);
         v.push((prefix.to_owned(), opts));
-        v.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+        v.sort_by_key(|(p, _)| std::cmp::Reverse(p.len()));
     }
 
     fn options_for(&self, room: &str) -> RoomOptions {
