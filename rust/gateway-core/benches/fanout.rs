@@ -21,7 +21,15 @@ fn fanout(c: &mut Criterion) {
             })
             .collect();
         let frames: Vec<_> = (0..batch)
-            .map(|i| (Frame::text(format!("{{\"op\":\"msg\",\"seq\":{i},\"data\":{{\"text\":\"hello\"}}}}").as_bytes(), usize::MAX), PRIO_NORMAL))
+            .map(|i| {
+                (
+                    Frame::text(
+                        format!("{{\"op\":\"msg\",\"seq\":{i},\"data\":{{\"text\":\"hello\"}}}}").as_bytes(),
+                        usize::MAX,
+                    ),
+                    PRIO_NORMAL,
+                )
+            })
             .collect();
         g.throughput(Throughput::Elements((members * batch) as u64));
         g.bench_function(format!("{members}_members_x{batch}"), |b| {

@@ -166,7 +166,10 @@ impl Engine {
         match self.sh.hub.conn(conn) {
             Some(c) => {
                 let f = self.frame(data, binary);
-                let ok = matches!(c.push(&f, prio, self.sh.cfg.queue_bytes, &self.sh.counters), crate::conn::Push::Wake | crate::conn::Push::Queued);
+                let ok = matches!(
+                    c.push(&f, prio, self.sh.cfg.queue_bytes, &self.sh.counters),
+                    crate::conn::Push::Wake | crate::conn::Push::Queued
+                );
                 if ok {
                     crate::metrics::inc(&self.sh.counters.deliveries);
                     crate::metrics::inc(&self.sh.counters.deliveries_logical);

@@ -110,7 +110,13 @@ fn shards<T: Default>() -> Box<[Mutex<T>]> {
 }
 
 impl Hub {
-    pub fn new(counters: Arc<Counters>, queue_bytes: usize, fanout_chunk: usize, min_deflate: usize, deflate_level: u32) -> Self {
+    pub fn new(
+        counters: Arc<Counters>,
+        queue_bytes: usize,
+        fanout_chunk: usize,
+        min_deflate: usize,
+        deflate_level: u32,
+    ) -> Self {
         Self {
             rooms: shards(),
             conns: shards(),
@@ -207,12 +213,7 @@ impl Hub {
     }
 
     fn options_for(&self, room: &str) -> RoomOptions {
-        self.room_opts
-            .read()
-            .iter()
-            .find(|(p, _)| room.starts_with(p.as_str()))
-            .map(|(_, o)| *o)
-            .unwrap_or_default()
+        self.room_opts.read().iter().find(|(p, _)| room.starts_with(p.as_str())).map(|(_, o)| *o).unwrap_or_default()
     }
 
     pub fn room(&self, name: &str) -> Option<Arc<Room>> {
@@ -545,7 +546,9 @@ mod tests {
         add(&h, 1, "a");
         h.join(1, "live:9");
         let r = h.room("live:9").unwrap();
-        let msgs: Vec<_> = (0..3).map(|i| (Frame::text(format!("{{\"op\":\"msg\",\"seq\":{i}}}").as_bytes(), usize::MAX), PRIO_NORMAL)).collect();
+        let msgs: Vec<_> = (0..3)
+            .map(|i| (Frame::text(format!("{{\"op\":\"msg\",\"seq\":{i}}}").as_bytes(), usize::MAX), PRIO_NORMAL))
+            .collect();
         let out = h.merge(&r, msgs);
         assert_eq!(out.len(), 2);
         let v: serde_json::Value = serde_json::from_slice(out[0].0.payload()).unwrap();

@@ -87,9 +87,8 @@ pub fn dec(c: &AtomicU64) {
 }
 
 /// Upper bounds (seconds) of the latency histogram buckets: 10 µs .. 10 s.
-pub const LATENCY_BUCKETS: [f64; 18] = [
-    1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
-];
+pub const LATENCY_BUCKETS: [f64; 18] =
+    [1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0];
 
 /// A fixed-bucket histogram of durations, lock-free. Observations are made per fan-out
 /// round or per socket write, never per delivery.

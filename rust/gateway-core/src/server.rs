@@ -37,7 +37,10 @@ pub enum Decision {
         /// Sent as the first text frame (the `connected` reply).
         first: Option<Vec<u8>>,
     },
-    Reject { status: u16, reason: String },
+    Reject {
+        status: u16,
+        reason: String,
+    },
 }
 
 /// State shared by every task of one engine.
@@ -127,7 +130,11 @@ async fn write_plain(stream: &mut TcpStream, status: u16, ctype: &str, body: &[u
 }
 
 /// Read the request head. Errors carry the status to answer with.
-async fn read_head(stream: &TcpStream, buf: &mut Vec<u8>, cfg: &EngineConfig) -> Result<(handshake::Request, usize), (u16, &'static str)> {
+async fn read_head(
+    stream: &TcpStream,
+    buf: &mut Vec<u8>,
+    cfg: &EngineConfig,
+) -> Result<(handshake::Request, usize), (u16, &'static str)> {
     loop {
         stream.readable().await.map_err(|_| (400, "read error"))?;
         let mut chunk = [0u8; 2048];
@@ -204,13 +211,19 @@ async fn handle(sh: Arc<Shared>, mut stream: TcpStream, peer: SocketAddr) {
         }
         Ok(Err(_)) | Err(_) => {
             metrics::inc(&c.connects_auth_timeout);
-            sh.events.push(Event::Closed { conn: id, code: 1006, reason: "auth timeout".into(), rooms: vec![], user: None }, c);
+            sh.events.push(
+                Event::Closed { conn: id, code: 1006, reason: "auth timeout".into(), rooms: vec![], user: None },
+                c,
+            );
             return write_plain(&mut stream, 503, "text/plain", b"auth timeout\n", &[("Retry-After", "1")]).await;
         }
     };
     let resp = handshake::response_101(&key, protocol.as_deref(), deflate.as_ref().map(|d| d.1.as_str()));
     if tokio::time::timeout(cfg.handshake_timeout, stream.write_all(&resp)).await.map_or(true, |r| r.is_err()) {
-        sh.events.push(Event::Closed { conn: id, code: 1006, reason: "handshake write failed".into(), rooms: vec![], user }, c);
+        sh.events.push(
+            Event::Closed { conn: id, code: 1006, reason: "handshake write failed".into(), rooms: vec![], user },
+            c,
+        );
         return;
     }
     metrics::inc(&c.connects);
@@ -255,7 +268,14 @@ async fn serve_plain(sh: &Shared, stream: &mut TcpStream, req: &handshake::Reque
         return write_plain(stream, 200, ctype, body, &[]).await;
     }
     if req.path == cfg.ws_path {
-        return write_plain(stream, 426, "text/plain", b"WebSocket upgrade required\n", &[("Sec-WebSocket-Version", "13")]).await;
+        return write_plain(
+            stream,
+            426,
+            "text/plain",
+            b"WebSocket upgrade required\n",
+            &[("Sec-WebSocket-Version", "13")],
+        )
+        .await;
     }
     metrics::inc(&sh.counters.handshake_not_found);
     write_plain(stream, 404, "text/plain", b"not found\n", &[]).await
@@ -274,7 +294,13 @@ fn is_app_ping(data: &[u8]) -> bool {
 }
 
 /// Write as much of `wq` as the socket takes. Ok(true) when everything was written.
-fn flush(stream: &TcpStream, conn: &Conn, wq: &mut VecDeque<Arc<Frame>>, off: &mut usize, sh: &Shared) -> io::Result<bool> {
+fn flush(
+    stream: &TcpStream,
+    conn: &Conn,
+    wq: &mut VecDeque<Arc<Frame>>,
+    off: &mut usize,
+    sh: &Shared,
+) -> io::Result<bool> {
     let c = &sh.counters;
     let level = sh.cfg.deflate.level;
     while !wq.is_empty() {
@@ -315,7 +341,13 @@ fn flush(stream: &TcpStream, conn: &Conn, wq: &mut VecDeque<Arc<Frame>>, off: &m
 
 /// Serve one upgraded connection until it closes. Returns the close code and reason to
 /// report: the client's, ours, or 1006 when the TCP connection just went away.
-async fn run_ws(sh: &Shared, stream: &TcpStream, conn: &Arc<Conn>, mut dec: Decoder, mut inbuf: Vec<u8>) -> (u16, String) {
+async fn run_ws(
+    sh: &Shared,
+    stream: &TcpStream,
+    conn: &Arc<Conn>,
+    mut dec: Decoder,
+    mut inbuf: Vec<u8>,
+) -> (u16, String) {
     let c = &sh.counters;
     let mut wq: VecDeque<Arc<Frame>> = VecDeque::new();
     let mut off = 0usize;
@@ -495,7 +527,13 @@ fn read_some(
     })
 }
 
-fn handle_events(sh: &Shared, conn: &Arc<Conn>, evs: &mut Vec<WsEvent>, close_recv: &mut bool, result: &mut Option<(u16, String)>) {
+fn handle_events(
+    sh: &Shared,
+    conn: &Arc<Conn>,
+    evs: &mut Vec<WsEvent>,
+    close_recv: &mut bool,
+    result: &mut Option<(u16, String)>,
+) {
     let c = &sh.counters;
     for ev in evs.drain(..) {
         match ev {

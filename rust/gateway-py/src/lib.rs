@@ -16,7 +16,12 @@ use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyTuple};
 
-create_exception!(_core, EngineError, pyo3::exceptions::PyException, "The engine could not do what was asked (bind failed, already started, ...).");
+create_exception!(
+    _core,
+    EngineError,
+    pyo3::exceptions::PyException,
+    "The engine could not do what was asked (bind failed, already started, ...)."
+);
 
 /// Event kinds, first element of every event tuple.
 const EV_CONNECT: u8 = 1;
@@ -91,7 +96,9 @@ fn close_code(code: u16) -> PyResult<u16> {
     if matches!(code, 1000 | 1001 | 1008 | 1011 | 1012 | 1013 | 3000..=4999) {
         Ok(code)
     } else {
-        Err(PyValueError::new_err(format!("close code {code} may not be sent by a server (use 1000, 1001, 1008, 1011-1013 or 3000-4999)")))
+        Err(PyValueError::new_err(format!(
+            "close code {code} may not be sent by a server (use 1000, 1001, 1008, 1011-1013 or 3000-4999)"
+        )))
     }
 }
 
@@ -164,7 +171,14 @@ impl Engine {
 
     /// Accept a pending connection. `first` is sent as the first text frame.
     #[pyo3(signature = (conn, user = None, meta = None, protocol = None, first = None))]
-    fn accept(&self, conn: u64, user: Option<String>, meta: Option<String>, protocol: Option<String>, first: Option<Vec<u8>>) -> bool {
+    fn accept(
+        &self,
+        conn: u64,
+        user: Option<String>,
+        meta: Option<String>,
+        protocol: Option<String>,
+        first: Option<Vec<u8>>,
+    ) -> bool {
         self.inner.decide(conn, ConnectDecision::Accept { user, meta, protocol, first })
     }
 
@@ -256,7 +270,7 @@ impl Engine {
     }
 
     /// name -> (cumulative [(le, count)] buckets with +Inf last, sum of seconds).
-    fn histograms(&self) -> HashMap<&'static str, (Vec<(f64, u64)>, f64)> {
+    fn histograms(&self) -> HashMap<&'static str, (gateway_core::engine::Buckets, f64)> {
         self.inner.histograms().into_iter().map(|(n, b, s)| (n, (b, s))).collect()
     }
 

@@ -226,11 +226,7 @@ mod tests {
 
     #[test]
     fn negotiates_browser_offer() {
-        let (p, resp) = negotiate(
-            ["permessage-deflate; client_max_window_bits"],
-            &DeflateConfig::default(),
-        )
-        .unwrap();
+        let (p, resp) = negotiate(["permessage-deflate; client_max_window_bits"], &DeflateConfig::default()).unwrap();
         assert_eq!(resp, "permessage-deflate; server_no_context_takeover; client_max_window_bits=15");
         assert_eq!(p.server_window_bits, 15);
     }
@@ -260,7 +256,8 @@ mod tests {
         for bits in [9u8, 12, 15] {
             let z = deflate(&msg, bits, 5);
             assert!(z.len() < msg.len());
-            let p = DeflateParams { server_window_bits: bits, client_window_bits: bits, client_no_context_takeover: true };
+            let p =
+                DeflateParams { server_window_bits: bits, client_window_bits: bits, client_no_context_takeover: true };
             let mut inf = Inflater::new(&p);
             assert_eq!(inf.inflate(&z, 1 << 20).unwrap(), msg);
             // The same bytes decode again with a fresh context: no context takeover.
@@ -324,10 +321,17 @@ mod tests {
             }
             panic!("bad Huffman code");
         }
-        const LBASE: [usize; 29] = [3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 15, 17, 19, 23, 27, 31, 35, 43, 51, 59, 67, 83, 99, 115, 131, 163, 195, 227, 258];
+        const LBASE: [usize; 29] = [
+            3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 15, 17, 19, 23, 27, 31, 35, 43, 51, 59, 67, 83, 99, 115, 131, 163, 195,
+            227, 258,
+        ];
         const LEXT: [u32; 29] = [0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3, 4, 4, 4, 4, 5, 5, 5, 5, 0];
-        const DBASE: [usize; 30] = [1, 2, 3, 4, 5, 7, 9, 13, 17, 25, 33, 49, 65, 97, 129, 193, 257, 385, 513, 769, 1025, 1537, 2049, 3073, 4097, 6145, 8193, 12289, 16385, 24577];
-        const DEXT: [u32; 30] = [0, 0, 0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7, 8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13];
+        const DBASE: [usize; 30] = [
+            1, 2, 3, 4, 5, 7, 9, 13, 17, 25, 33, 49, 65, 97, 129, 193, 257, 385, 513, 769, 1025, 1537, 2049, 3073,
+            4097, 6145, 8193, 12289, 16385, 24577,
+        ];
+        const DEXT: [u32; 30] =
+            [0, 0, 0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7, 8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13];
         let data = [z, &TAIL[..]].concat();
         let mut b = Bits { d: &data, pos: 0 };
         let (mut out, mut max_dist) = (0usize, 0usize);

@@ -350,11 +350,8 @@ impl Decoder {
                     }
                     return Ok(());
                 }
-                let mut p = Partial {
-                    opcode: h.opcode,
-                    compressed: h.rsv1,
-                    data: Vec::with_capacity(payload.len().max(256)),
-                };
+                let mut p =
+                    Partial { opcode: h.opcode, compressed: h.rsv1, data: Vec::with_capacity(payload.len().max(256)) };
                 p.data.extend_from_slice(payload);
                 self.partial = Some(p);
                 self.continue_message(h.fin, out)
@@ -545,10 +542,8 @@ mod tests {
     fn lengths_16_and_64_bit() {
         for len in [125usize, 126, 65535, 65536, 100_000] {
             let payload = vec![b'a'; len];
-            let mut d = Decoder::new(
-                DecoderConfig { max_frame: 1 << 20, max_message: 1 << 20, require_mask: true },
-                None,
-            );
+            let mut d =
+                Decoder::new(DecoderConfig { max_frame: 1 << 20, max_message: 1 << 20, require_mask: true }, None);
             let (_, ev) = run(&mut d, &encode_client(OP_BINARY, true, &payload, M)).unwrap();
             assert_eq!(ev, vec![Event::Binary(payload)]);
             let enc = encode(OP_BINARY, false, &vec![0; len]);
@@ -637,17 +632,17 @@ mod tests {
             "κόσμε".as_bytes(),
             "a€b𝄞c\u{10FFFF}".as_bytes(),
             "\u{7ff}\u{800}\u{ffff}\u{10000}".as_bytes(),
-            &[0xed, 0x9f, 0xbf, b'x'],       // U+D7FF: valid
-            &[0xed, 0xa0, 0x80],             // surrogate
-            &[0xc0, 0xaf],                   // overlong '/'
-            &[0xe0, 0x80, 0xaf],             // overlong
-            &[0xf0, 0x8f, 0xbf, 0xbf],       // overlong
-            &[0xf4, 0x90, 0x80, 0x80],       // above U+10FFFF
-            &[0xf5, 0x80, 0x80, 0x80],       // invalid lead
-            &[b'a', 0x80],                   // lone continuation
-            &[b'a', 0xe2, 0x82],             // truncated at the end
-            &[0xf0, 0x9d, 0x84],             // truncated 4-byte
-            &[0xe2, 0x82, b'a', 0xac],       // interrupted sequence
+            &[0xed, 0x9f, 0xbf, b'x'], // U+D7FF: valid
+            &[0xed, 0xa0, 0x80],       // surrogate
+            &[0xc0, 0xaf],             // overlong '/'
+            &[0xe0, 0x80, 0xaf],       // overlong
+            &[0xf0, 0x8f, 0xbf, 0xbf], // overlong
+            &[0xf4, 0x90, 0x80, 0x80], // above U+10FFFF
+            &[0xf5, 0x80, 0x80, 0x80], // invalid lead
+            &[b'a', 0x80],             // lone continuation
+            &[b'a', 0xe2, 0x82],       // truncated at the end
+            &[0xf0, 0x9d, 0x84],       // truncated 4-byte
+            &[0xe2, 0x82, b'a', 0xac], // interrupted sequence
         ];
         for &msg in samples {
             let valid = std::str::from_utf8(msg).is_ok();
@@ -685,7 +680,10 @@ mod tests {
         let ev = run_chopped(&mut d, &f, 1000).unwrap();
         assert_eq!(ev, vec![Event::Text(text.into_bytes())]);
         // And the next message starts with a fresh UTF-8 state.
-        assert_eq!(run_chopped(&mut d, &encode_client(OP_TEXT, true, b"ok", M), 1).unwrap(), vec![Event::Text(b"ok".to_vec())]);
+        assert_eq!(
+            run_chopped(&mut d, &encode_client(OP_TEXT, true, b"ok", M), 1).unwrap(),
+            vec![Event::Text(b"ok".to_vec())]
+        );
     }
 
     #[test]

@@ -118,12 +118,8 @@ impl Request {
                 .filter(|s| !s.is_empty())
                 .collect()
         };
-        let extensions = self
-            .headers
-            .iter()
-            .filter(|(k, _)| k == "sec-websocket-extensions")
-            .map(|(_, v)| v.clone())
-            .collect();
+        let extensions =
+            self.headers.iter().filter(|(k, _)| k == "sec-websocket-extensions").map(|(_, v)| v.clone()).collect();
         Kind::Upgrade { key: key.to_owned(), protocols: list("sec-websocket-protocol"), extensions }
     }
 }
