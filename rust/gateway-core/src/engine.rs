@@ -93,6 +93,11 @@ impl Engine {
         Ok(Self { sh, rt: Mutex::new(None), addr: Mutex::new(None) })
     }
 
+    #[cfg(test)]
+    pub(crate) fn shared_for_tests(&self) -> Arc<Shared> {
+        self.sh.clone()
+    }
+
     pub fn config(&self) -> &EngineConfig {
         &self.sh.cfg
     }

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use parking_lot::Mutex;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{oneshot, Notify};
 
@@ -154,77 +154,102 @@ async fn read_head(
 
 async fn handle(sh: Arc<Shared>, mut stream: TcpStream, peer: SocketAddr) {
     let _ = stream.set_nodelay(true);
+    // Everything the handshake allocated is gone once `upgrade` returns: only what the
+    // connection needs for its whole life is kept (see the idle-memory NOTE in
+    // docs/architecture.md).
+    // The handshake future is boxed: its timers and buffers are freed when it ends
+    // instead of sizing the task for the connection's whole life.
+    let Some((conn, decoder, leftover)) = Box::pin(upgrade(&sh, &mut stream, peer)).await else { return };
+    let (code, reason) = run_ws(&sh, &stream, &conn, decoder, leftover).await;
+    drop(stream);
+    let c = &sh.counters;
+    let rooms = sh.hub.remove_conn(&conn);
+    metrics::dec(&c.connections_current);
+    metrics::inc(&c.disconnects);
+    let user = conn.user.as_ref().map(|u| u.to_string());
+    sh.events.push(Event::Closed { conn: conn.id, code, reason, rooms, user }, c);
+}
+
+/// Read and answer the HTTP request; for an accepted upgrade return the registered
+/// connection, its decoder and any bytes that arrived behind the request head.
+async fn upgrade(sh: &Arc<Shared>, stream: &mut TcpStream, peer: SocketAddr) -> Option<(Arc<Conn>, Decoder, Vec<u8>)> {
     let cfg = &sh.cfg;
     let c = &sh.counters;
     let mut buf = Vec::with_capacity(1024);
-    let (req, used) = match tokio::time::timeout(cfg.handshake_timeout, read_head(&stream, &mut buf, cfg)).await {
+    let (req, used) = match tokio::time::timeout(cfg.handshake_timeout, read_head(stream, &mut buf, cfg)).await {
         Err(_) => {
             metrics::inc(&c.handshake_timeout);
-            return write_plain(&mut stream, 408, "text/plain", b"request timeout\n", &[]).await;
+            write_plain(stream, 408, "text/plain", b"request timeout\n", &[]).await;
+            return None;
         }
         Ok(Err((status, why))) => {
             metrics::inc(if status == 431 { &c.handshake_too_large } else { &c.handshake_bad_request });
-            return write_plain(&mut stream, status, "text/plain", format!("{why}\n").as_bytes(), &[]).await;
+            write_plain(stream, status, "text/plain", format!("{why}\n").as_bytes(), &[]).await;
+            return None;
         }
         Ok(Ok(x)) => x,
     };
     let (key, protocols, extensions) = match req.kind() {
-        Kind::Plain => return serve_plain(&sh, &mut stream, &req).await,
+        Kind::Plain => {
+            serve_plain(sh, stream, &req).await;
+            return None;
+        }
         Kind::Bad(status, why) => {
             metrics::inc(&c.handshake_bad_request);
             let extra: &[(&str, &str)] = if status == 426 { &[("Sec-WebSocket-Version", "13")] } else { &[] };
-            return write_plain(&mut stream, status, "text/plain", format!("{why}\n").as_bytes(), extra).await;
+            write_plain(stream, status, "text/plain", format!("{why}\n").as_bytes(), extra).await;
+            return None;
         }
         Kind::Upgrade { key, protocols, extensions } => (key, protocols, extensions),
     };
     if !cfg.ws_path.is_empty() && req.path != cfg.ws_path {
         metrics::inc(&c.handshake_not_found);
-        return write_plain(&mut stream, 404, "text/plain", b"no WebSocket endpoint here\n", &[]).await;
+        write_plain(stream, 404, "text/plain", b"no WebSocket endpoint here\n", &[]).await;
+        return None;
     }
     if sh.draining.load(Relaxed) {
-        return write_plain(&mut stream, 503, "text/plain", b"draining\n", &[("Retry-After", "1")]).await;
+        write_plain(stream, 503, "text/plain", b"draining\n", &[("Retry-After", "1")]).await;
+        return None;
     }
     // Ask the application.
     let id = sh.next_id.fetch_add(1, Relaxed);
     let (tx, rx) = oneshot::channel();
     sh.pending.lock().insert(id, tx);
     let deflate = negotiate(extensions.iter().map(String::as_str), &cfg.deflate);
-    sh.events.push(
-        Event::Connect {
-            conn: id,
-            peer: peer.to_string(),
-            path: req.path,
-            query: req.query,
-            headers: req.headers,
-            protocols,
-        },
-        c,
-    );
+    let event = Event::Connect {
+        conn: id,
+        peer: peer.to_string(),
+        path: req.path,
+        query: req.query,
+        headers: req.headers,
+        protocols,
+    };
+    sh.events.push(event, c);
     let decision = tokio::time::timeout(cfg.auth_timeout, rx).await;
     sh.pending.lock().remove(&id);
     let (user, meta, protocol, first) = match decision {
         Ok(Ok(Decision::Accept { user, meta, protocol, first })) => (user, meta, protocol, first),
         Ok(Ok(Decision::Reject { status, reason })) => {
             metrics::inc(&c.connects_rejected);
-            // Tell the app this pending connection is gone, so per-connection state is freed.
-            return write_plain(&mut stream, status, "text/plain", format!("{reason}\n").as_bytes(), &[]).await;
+            write_plain(stream, status, "text/plain", format!("{reason}\n").as_bytes(), &[]).await;
+            return None;
         }
         Ok(Err(_)) | Err(_) => {
+            // Tell the app this pending connection is gone, so per-connection state is freed.
             metrics::inc(&c.connects_auth_timeout);
-            sh.events.push(
-                Event::Closed { conn: id, code: 1006, reason: "auth timeout".into(), rooms: vec![], user: None },
-                c,
-            );
-            return write_plain(&mut stream, 503, "text/plain", b"auth timeout\n", &[("Retry-After", "1")]).await;
+            let closed =
+                Event::Closed { conn: id, code: 1006, reason: "auth timeout".into(), rooms: vec![], user: None };
+            sh.events.push(closed, c);
+            write_plain(stream, 503, "text/plain", b"auth timeout\n", &[("Retry-After", "1")]).await;
+            return None;
         }
     };
     let resp = handshake::response_101(&key, protocol.as_deref(), deflate.as_ref().map(|d| d.1.as_str()));
     if tokio::time::timeout(cfg.handshake_timeout, stream.write_all(&resp)).await.map_or(true, |r| r.is_err()) {
-        sh.events.push(
-            Event::Closed { conn: id, code: 1006, reason: "handshake write failed".into(), rooms: vec![], user },
-            c,
-        );
-        return;
+        let closed =
+            Event::Closed { conn: id, code: 1006, reason: "handshake write failed".into(), rooms: vec![], user };
+        sh.events.push(closed, c);
+        return None;
     }
     metrics::inc(&c.connects);
     metrics::inc(&c.connections_current);
@@ -240,15 +265,9 @@ async fn handle(sh: Arc<Shared>, mut stream: TcpStream, peer: SocketAddr) {
         conn.push(&Frame::text(&first, usize::MAX), PRIO_HIGH, usize::MAX, c);
     }
     let decoder = Decoder::new(cfg.decoder.clone(), deflate.map(|d| Inflater::new(&d.0)));
-    let leftover = buf.split_off(used);
-    drop(buf);
-    let (code, reason) = run_ws(&sh, &stream, &conn, decoder, leftover).await;
-    drop(stream);
-    let rooms = sh.hub.remove_conn(&conn);
-    metrics::dec(&c.connections_current);
-    metrics::inc(&c.disconnects);
-    let user = conn.user.as_ref().map(|u| u.to_string());
-    sh.events.push(Event::Closed { conn: id, code, reason, rooms, user }, c);
+    let mut leftover = buf.split_off(used);
+    leftover.shrink_to_fit();
+    Some((conn, decoder, leftover))
 }
 
 async fn serve_plain(sh: &Shared, stream: &mut TcpStream, req: &handshake::Request) {
@@ -357,6 +376,7 @@ async fn run_ws(
     let mut input_dead = false; // after a protocol error: discard input until EOF
     let mut result: Option<(u16, String)> = None;
     let mut deadline: Option<tokio::time::Instant> = None;
+    let mut close_timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
     let mut write_shut = false;
 
     if !inbuf.is_empty() {
@@ -424,40 +444,49 @@ async fn run_ws(
             write_shut = true;
             let _ = socket2::SockRef::from(stream).shutdown(std::net::Shutdown::Write);
         }
-        let sleep = async {
-            match deadline {
-                Some(d) => tokio::time::sleep_until(d).await,
+        if let (Some(d), None) = (deadline, close_timer.as_ref()) {
+            close_timer = Some(Box::pin(tokio::time::sleep_until(d)));
+        }
+        let timer = async {
+            match close_timer.as_mut() {
+                Some(t) => t.as_mut().await,
                 None => std::future::pending().await,
             }
         };
+        // One readiness future for both directions keeps the task small (each is 152 bytes).
+        let interest = match (!close_recv, !wq.is_empty()) {
+            (true, true) => Some(Interest::READABLE | Interest::WRITABLE),
+            (true, false) => Some(Interest::READABLE),
+            (false, true) => Some(Interest::WRITABLE),
+            (false, false) => None,
+        };
         tokio::select! {
             _ = conn.notify.notified(), if wq.is_empty() && !close_sent => {}
-            r = stream.writable(), if !wq.is_empty() => {
-                if r.is_err() {
-                    return result.unwrap_or((1006, "write error".into()));
-                }
-            }
-            r = stream.readable(), if !close_recv => {
-                if r.is_err() {
-                    return result.unwrap_or((1006, "read error".into()));
-                }
-                match read_some(sh, stream, conn, &mut dec, &mut inbuf, &mut evs, &mut input_dead) {
-                    Ok(true) => {}
-                    Ok(false) => {
-                        // EOF. A clean close already happened if close_recv; else the peer vanished.
-                        if !close_recv {
-                            metrics::inc(&c.close_io_error);
+            r = stream.ready(interest.unwrap_or(Interest::READABLE)), if interest.is_some() => {
+                let ready = match r {
+                    Ok(r) => r,
+                    Err(_) => return result.unwrap_or((1006, "socket error".into())),
+                };
+                if !close_recv && (ready.is_readable() || ready.is_read_closed()) {
+                    match read_some(sh, stream, conn, &mut dec, &mut inbuf, &mut evs, &mut input_dead) {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            // EOF. A clean close already happened if close_recv; else the peer vanished.
+                            if !close_recv {
+                                metrics::inc(&c.close_io_error);
+                            }
+                            return result.unwrap_or((1006, "connection lost".into()));
                         }
-                        return result.unwrap_or((1006, "connection lost".into()));
+                        Err(_) => {
+                            metrics::inc(&c.close_io_error);
+                            return result.unwrap_or((1006, "read error".into()));
+                        }
                     }
-                    Err(_) => {
-                        metrics::inc(&c.close_io_error);
-                        return result.unwrap_or((1006, "read error".into()));
-                    }
+                    handle_events(sh, conn, &mut evs, &mut close_recv, &mut result);
                 }
-                handle_events(sh, conn, &mut evs, &mut close_recv, &mut result);
+                // Writable: the loop flushes.
             }
-            _ = sleep => {
+            _ = timer => {
                 return result.unwrap_or((1006, "close timeout".into()));
             }
         }
@@ -579,5 +608,30 @@ mod tests {
         assert!(!is_app_ping(br#"{"op":"publish","data":"ping"}"#));
         assert!(!is_app_ping(br#"{"op":"ping""#));
         assert!(!is_app_ping(b"ping"));
+    }
+}
+
+#[cfg(test)]
+mod size_tests {
+    use super::*;
+
+    /// The connection task's future is allocated once per connection for its whole life:
+    /// keep it small (see the idle-memory target in docs/architecture.md).
+    #[test]
+    fn connection_future_size() {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = l.local_addr().unwrap();
+            let client = TcpStream::connect(addr).await.unwrap();
+            let (server, peer) = l.accept().await.unwrap();
+            let eng = crate::Engine::new(EngineConfig::default()).unwrap();
+            let sh = eng.shared_for_tests();
+            let fut = handle(sh, server, peer);
+            let size = std::mem::size_of_val(&fut);
+            eprintln!("handle() future: {size} bytes");
+            drop(client);
+            assert!(size <= 1024, "connection future is {size} bytes");
+        });
     }
 }
