@@ -7,7 +7,7 @@ PORT ?= 8080
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup build run test test-rust test-python test-fast autobahn autobahn-full bench lint clean
+.PHONY: help setup build run test test-rust test-python test-js test-fast autobahn autobahn-full bench lint clean
 
 help: ## Show this help
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -27,13 +27,16 @@ build: setup ## Build the Rust engine into gateway._core (release) and install t
 run: build ## Build everything and run the gateway on its embedded default (ws://localhost:8080/ws, demo at http://localhost:8080/)
 	$(VENV)/bin/gateway run --port $(PORT)
 
-test: build test-rust test-python ## Run every test: Rust unit tests, then Python unit + integration + conformance
+test: build test-rust test-python test-js ## Run every test: Rust unit tests, Python (unit, integration, Redis, conformance, browser), JS SDK
 
 test-rust: ## Rust unit tests (codec, handshake, deflate, queues, hub, load client)
 	cargo test -q --workspace --exclude gateway-py
 
 test-python: ## Python tests (real servers, real sockets); needs `make build` first
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
+
+test-js: ## JS SDK tests under Node against a real gateway
+	tests/js/run.sh
 
 test-fast: ## Python unit tests only
 	$(PY) -m pytest -q tests/unit

@@ -8,6 +8,7 @@ are open (put the port behind your network policy). Bad input gets a 4xx with
 
 from __future__ import annotations
 
+import heapq
 import hmac
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
@@ -15,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from aiohttp import web
 
+from .app import NotRunning
 from .routing import valid_room_name
 
 if TYPE_CHECKING:
@@ -96,6 +98,8 @@ def build_app(gw: Gateway) -> web.Application:
             return await handler(req)
         except BadRequest as e:
             return _json({"error": str(e)}, e.status)
+        except NotRunning:
+            return _json({"error": "the gateway is not running"}, 503)
         except ValueError as e:
             return _json({"error": str(e)}, 400)
         except web.HTTPException as e:
@@ -114,14 +118,16 @@ def build_app(gw: Gateway) -> web.Application:
         user = req.match_info.get("user") or _str(d, "user")
         if "data" not in d:
             raise BadRequest("field 'data' is required")
-        await gw.send_user(user, d["data"], type=_str(d, "type", default="push"), priority=_prio(d) or 2)
+        prio = _prio(d)
+        await gw.send_user(user, d["data"], type=_str(d, "type", default="push"), priority=2 if prio is None else prio)
         return _json({"user": user, "sent": True})
 
     async def broadcast(req: web.Request) -> web.Response:
         d = await _body(req)
         if "data" not in d:
             raise BadRequest("field 'data' is required")
-        await gw.broadcast(d["data"], type=_str(d, "type", default="broadcast"), priority=_prio(d) or 1)
+        prio = _prio(d)
+        await gw.broadcast(d["data"], type=_str(d, "type", default="broadcast"), priority=1 if prio is None else prio)
         return _json({"sent": True})
 
     async def kick(req: web.Request) -> web.Response:
@@ -156,6 +162,15 @@ def build_app(gw: Gateway) -> web.Application:
         await gw.ban(room, user, _num(d, "seconds"))
         return _json({"room": room, "user": user, "banned": True})
 
+    async def unban(req: web.Request) -> web.Response:
+        d = await _body(req)
+        room = _str(d, "room")
+        if room != "*" and not valid_room_name(room):
+            raise BadRequest(f"invalid room name {room!r}")
+        user = _str(d, "user")
+        await gw.unban(room, user)
+        return _json({"room": room, "user": user, "banned": False})
+
     async def close_room(req: web.Request) -> web.Response:
         room = req.match_info["room"]
         if not valid_room_name(room):
@@ -185,15 +200,18 @@ def build_app(gw: Gateway) -> web.Application:
 
     async def stats(req: web.Request) -> web.Response:
         eng = gw._engine()
-        rooms = sorted(eng.rooms(), key=lambda r: -r[1])[:20]
+        all_rooms = eng.rooms()
+        rooms = heapq.nlargest(20, all_rooms, key=lambda r: r[1])
         return _json({
             "node": gw.node_id,
             "connections": eng.connections,
-            "rooms": len(eng.rooms()),
+            "rooms": len(all_rooms),
             "top_rooms": [{"room": r, "conns": c, "users": u} for r, c, u in rooms],
             "engine": eng.counters(),
             "auth_rejects": gw.stats.auth_rejects,
             "hook_timeouts": gw.stats.hook_timeouts,
+            "hook_errors": gw.stats.hook_errors,
+            "errors_sent": {str(k): v for k, v in gw.stats.errors_sent.items()},
             "dropped": gw.stats.dropped,
         })
 
@@ -220,6 +238,7 @@ def build_app(gw: Gateway) -> web.Application:
     r.add_post("/v1/mute", mute)
     r.add_post("/v1/unmute", unmute)
     r.add_post("/v1/ban", ban)
+    r.add_post("/v1/unban", unban)
     r.add_post("/v1/rooms/{room}/close", close_room)
     r.add_get("/v1/rooms/{room}/presence", presence)
     r.add_get("/v1/rooms/{room}/members", members)

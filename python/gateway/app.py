@@ -30,8 +30,8 @@ import orjson
 
 from . import protocol as P
 from ._core import EV_CLOSED, EV_CONNECT, EV_MESSAGE, Engine, raise_fd_limit
-from ._eager import is_pending, run_eager
-from .auth import AuthError, Authenticator, ConnectRequest, Identity
+from ._eager import run_eager
+from .auth import Authenticator, AuthError, ConnectRequest, Identity
 from .broker import Broker, BrokerError, HistoryPolicy, MemoryBroker, PublishResult
 from .config import Config
 from .routing import Moderation, Policy, RateLimiter, Route, Router
@@ -40,6 +40,9 @@ log = logging.getLogger("gateway")
 
 #: Returned by an ``on_message`` hook: drop the message silently (the sender still gets an ack).
 DROP = object()
+
+#: Client messages held behind one that waits on a slow hook; more are refused (4029).
+MAX_BACKLOG = 256
 
 HOOKS = ("on_connect", "on_join", "on_message", "on_leave", "on_disconnect", "after_publish")
 
@@ -53,6 +56,10 @@ class Reject(Exception):
         self.code = code
         self.message = message
         self.status = status
+
+
+class NotRunning(RuntimeError):
+    """The gateway is not started (or already stopped)."""
 
 
 class HookTimeout(Exception):
@@ -116,10 +123,29 @@ class Plugin:
 
 
 def _prefix_of(pattern: str) -> str | None:
-    """Literal room-name prefix of a route pattern (``live:{id}`` -> ``live:``)."""
+    """Literal room-name prefix of a route pattern (``live:{id}`` -> ``live:``, ``*`` ->
+    ``""``); None when the pattern starts with a placeholder (no usable prefix)."""
     if pattern == "*":
         return ""
+    if pattern.startswith("{"):
+        return None
     return pattern.split("{", 1)[0] if "{" in pattern else pattern
+
+
+def _request_id(data: bytes) -> Any:
+    """The ``id`` of a raw request, or None (slow path only)."""
+    try:
+        msg = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+    return msg.get("id") if isinstance(msg, dict) else None
+
+
+def _consume_result(t: asyncio.Future[Any]) -> None:
+    """Done callback for abandoned tasks (timed-out hooks): retrieve the outcome so
+    asyncio does not log "exception was never retrieved"."""
+    if not t.cancelled():
+        t.exception()
 
 
 class Stats:
@@ -254,6 +280,10 @@ class Gateway:
         until = time.time() + seconds if seconds else None
         await self.broker.control("ban", {"room": room, "user": user, "until": until})
 
+    async def unban(self, room: str, user: str) -> None:
+        """Lift a ban set with the same ``room`` (``*`` = the everywhere ban), on every node."""
+        await self.broker.control("unban", {"room": room, "user": user})
+
     async def close_room(self, room: str, reason: str = "room closed") -> None:
         """Remove every member from ``room`` on every node (they get a presence notice)."""
         await self.broker.control("close_room", {"room": room, "reason": reason})
@@ -273,7 +303,7 @@ class Gateway:
 
     def _engine(self) -> Engine:
         if self.engine is None:
-            raise RuntimeError("the gateway is not running")
+            raise NotRunning("the gateway is not running")
         return self.engine
 
     # ---- BrokerHandler ---------------------------------------------------------------------
@@ -309,14 +339,15 @@ class Gateway:
                     continue
                 for r in list(c.rooms):
                     if room in ("*", r):
-                        self._spawn(self._leave(c, r, notify=True))
+                        self._spawn(self._leave(c, r, notify="banned"))
+        elif kind == "unban":
+            self.moderation.unban(data["room"], data["user"])
         elif kind == "close_room":
             room = data["room"]
             for conn, _user, _meta in eng.room_members(room, 0, 1 << 30):
                 c = self.clients.get(conn)
                 if c is not None:
-                    eng.send(conn, P.presence_event(room, "closed", ""), P.PRIO_HIGH)
-                    self._spawn(self._leave(c, room, notify=True))
+                    self._spawn(self._leave(c, room, notify="closed"))
         else:
             log.warning("unknown control command %r", kind)
 
@@ -335,12 +366,20 @@ class Gateway:
                 else:
                     value, task = None, asyncio.ensure_future(r)
                 if task is not None:
+                    # Not asyncio.wait_for: it waits for the cancelled hook to finish
+                    # unwinding, so a hook that ignores cancellation would never time out.
                     try:
-                        value = await asyncio.wait_for(task, self.config.hooks.timeout)
-                    except TimeoutError:
+                        done, _ = await asyncio.wait((task,), timeout=self.config.hooks.timeout)
+                    except asyncio.CancelledError:
+                        task.cancel()
+                        raise
+                    if not done:
+                        task.cancel()
+                        task.add_done_callback(_consume_result)
                         st.hook_timeouts[hook] += 1
                         log.warning("hook %s (%s) timed out after %.1fs", hook, getattr(fn, "__qualname__", fn), self.config.hooks.timeout)
-                        raise HookTimeout(hook) from None
+                        raise HookTimeout(hook)
+                    value = task.result()
                 r = value
             return r
         except (Reject, HookTimeout):
@@ -472,6 +511,10 @@ class Gateway:
         if c is None:
             return
         if c.busy:
+            if len(c.backlog) >= MAX_BACKLOG:
+                # A hook of this client is slow and it keeps sending: shed, tell it why.
+                self._error(c, _request_id(data), P.E_RATE, "too many requests waiting for a slow handler")
+                return
             c.backlog.append(data if not binary else b"\x00")
             return
         self._run_for(c, data if not binary else b"\x00")
@@ -481,10 +524,15 @@ class Gateway:
         value, task = run_eager(self._handle(c, data))
         if task is not None:
             c.busy = True
+            self._tasks.add(task)  # cancelled at stop
+            task.add_done_callback(self._task_done)
             task.add_done_callback(lambda _t, c=c: self._resume(c))
 
     def _resume(self, c: Client) -> None:
         c.busy = False
+        if self.engine is None or self.clients.get(c.conn) is not c:
+            c.backlog.clear()  # closed meanwhile: nobody to answer
+            return
         while c.backlog and not c.busy:
             self._run_for(c, c.backlog.popleft())
 
@@ -566,6 +614,8 @@ class Gateway:
             return  # the connection is gone
         c.rooms.add(room)
         if joined == 1:
+            if route.cfg.single_session:
+                self._replace_older_sessions(c, room)
             conns, _ = eng.room_counts(room)
             if conns == 1:
                 await self.broker.subscribe(room)
@@ -581,19 +631,34 @@ class Gateway:
         if joined == 1:
             await self._presence_change(room, route, "join", c.user)
 
+    def _replace_older_sessions(self, c: Client, room: str) -> None:
+        """``single_session`` routes: the user's other connections in ``room`` (older
+        logins, on this node) are closed with 4004."""
+        eng = self._engine()
+        for conn in eng.user_conns(c.user):
+            if conn != c.conn:
+                other = self.clients.get(conn)
+                if other is not None and room in other.rooms:
+                    eng.disconnect(conn, P.CLOSE_REPLACED, "replaced by a newer login")
+
     async def _op_leave(self, c: Client, msg: dict[str, Any], rid: Any) -> None:
         room = self._room_of(msg)
         if room not in c.rooms:
             raise Reject(P.E_NOT_JOINED, f"not in room {room}")
-        await self._leave(c, room, notify=False)
+        await self._leave(c, room)
         self._engine().send(c.conn, P.ack(rid, room=room), P.PRIO_HIGH)
 
-    async def _leave(self, c: Client, room: str, notify: bool) -> None:
-        """Remove ``c`` from ``room`` (client request, ban or room close)."""
+    async def _leave(self, c: Client, room: str, notify: str | None = None) -> None:
+        """Remove ``c`` from ``room`` (client request, ban or room close). With
+        ``notify`` (``"banned"``, ``"closed"``) the client is told first, with a presence
+        event ``{"op":"presence","room":…,"event":notify,"user":…}``."""
         if room not in c.rooms:
             return
         c.rooms.discard(room)
-        self._engine().leave(c.conn, room)
+        eng = self._engine()
+        if notify:
+            eng.send(c.conn, P.presence_event(room, notify, c.user), P.PRIO_HIGH)
+        eng.leave(c.conn, room)
         await self._after_leave(c, room)
 
     async def _after_leave(self, c: Client, room: str) -> None:
@@ -729,10 +794,7 @@ class Gateway:
                 await r
         await self.broker.start(self, self.node_id)
         eng = Engine(**self._engine_kwargs())
-        for route in self.config.routes:
-            prefix = _prefix_of(route.pattern)
-            if route.merge_ms > 0 and prefix is not None:
-                eng.set_room_options(prefix, route.merge_ms, route.merge_max)
+        self._set_room_options(eng)
         self.engine = eng
         addr = eng.start()
         self._loop.add_reader(eng.fd, self._on_readable)
@@ -743,6 +805,21 @@ class Gateway:
             self._api_runner = await start_api(self)
         log.info("gateway %s listening on ws://%s:%d%s", self.node_id, addr[0], addr[1], self.config.server.ws_path)
         return addr
+
+    def _set_room_options(self, eng: Engine) -> None:
+        """Merge windows by room-name prefix. The engine picks the longest matching
+        prefix, so once any route merges, every route with a prefix states its own
+        setting (``live:vip:{id}`` without merging must not inherit ``live:{id}``'s)."""
+        routes = self.config.routes
+        if not any(r.merge_ms > 0 for r in routes):
+            return
+        for route in routes:
+            prefix = _prefix_of(route.pattern)
+            if prefix is None:
+                if route.merge_ms > 0:
+                    log.warning("routes: merge_ms of %r is ignored: the engine matches merge windows by a literal room-name prefix", route.pattern)
+                continue
+            eng.set_room_options(prefix, route.merge_ms, route.merge_max)
 
     def _spawn_task(self, coro: Awaitable[Any]) -> None:
         t = asyncio.ensure_future(coro)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import logging
 import os
 import sys
@@ -84,10 +85,16 @@ def load_app(spec: str, config: Config) -> Any:
     if isinstance(obj, Gateway):
         return obj
     if callable(obj):
+        # Call with the config when the factory takes an argument. Not "try with, retry
+        # without on TypeError": that would hide TypeErrors raised inside the factory.
         try:
-            gw = obj(config)
-        except TypeError:
-            gw = obj()
+            params = inspect.signature(obj).parameters.values()
+            takes_config = any(
+                p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL) for p in params
+            )
+        except (TypeError, ValueError):  # no signature (some builtins): try with the config
+            takes_config = True
+        gw = obj(config) if takes_config else obj()
         if isinstance(gw, Gateway):
             return gw
     raise ConfigError("--app", f"{spec} is not a Gateway or a factory returning one")
@@ -121,9 +128,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     setup_logging(cfg.log.level, cfg.log.json)
     if cfg.server.workers > 1:
-        from .supervisor import supervise
-
-        return supervise(cfg, a)
+        try:
+            from .supervisor import supervise  # type: ignore[import-not-found]
+        except ImportError:
+            print("gateway: configuration error: server.workers: several worker processes are not available in this build yet", file=sys.stderr)
+            return 2
+        return supervise(cfg, a)  # type: ignore[no-any-return]
     try:
         if a.app:
             gw = load_app(a.app, cfg)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .auth import AuthConfig, ConfigError
-from .routing import Router, RouteConfig
+from .routing import RouteConfig, Router
 
 __all__ = ["Config", "ConfigError", "load_config"]
 
@@ -262,9 +262,26 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+class _Text:
+    """A value given as text (environment variable, ``--set``): its TOML reading and the
+    raw text, so a string setting keeps its text even when it looks like a number
+    (``GATEWAY_AUTH__SECRET=123456``)."""
+
+    __slots__ = ("raw", "value")
+
+    def __init__(self, raw: str, value: Any) -> None:
+        self.raw = raw
+        self.value = value
+
+    def __repr__(self) -> str:
+        return repr(self.value)
+
+
 def build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
     """Instantiate dataclass ``cls`` from ``data``; unknown keys and wrong types raise
     :class:`ConfigError` naming ``prefix.key``."""
+    if isinstance(data, _Text):
+        data = data.value
     if not isinstance(data, Mapping):
         raise ConfigError(prefix, "must be a table")
     hints = typing.get_type_hints(cls)
@@ -278,12 +295,17 @@ def build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
         if dataclasses.is_dataclass(tp):
             kwargs[key] = build(tp, value, name)  # type: ignore[arg-type]
             continue
+        raw = None
+        if isinstance(value, _Text):
+            raw, value = value.raw, value.value
         if key == "routes":
             if not isinstance(value, list):
                 raise ConfigError(name, "must be an array of tables ([[routes]])")
             kwargs[key] = [build(RouteConfig, r, f"routes[{i}]") for i, r in enumerate(value)]
             continue
         ok, v = _type_ok(value, tp)
+        if not ok and raw is not None:
+            ok, v = _type_ok(raw, tp)
         if not ok:
             raise ConfigError(name, f"must be {_type_name(tp)}, got {value!r}")
         kwargs[key] = v
@@ -300,6 +322,10 @@ def _parse_scalar(text: str) -> Any:
         return text
 
 
+def _text(text: str) -> _Text:
+    return _Text(text, _parse_scalar(text))
+
+
 def _set_path(data: dict[str, Any], dotted: str, value: Any, origin: str) -> None:
     parts = [p for p in dotted.split(".") if p]
     if not parts:
@@ -313,14 +339,21 @@ def _set_path(data: dict[str, Any], dotted: str, value: Any, origin: str) -> Non
     node[parts[-1]] = value
 
 
-def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
-    """``GATEWAY_SECTION__KEY=value`` -> {"section": {"key": value}}."""
-    out: dict[str, Any] = {}
+def _env_items(environ: Mapping[str, str]) -> list[tuple[str, str, str]]:
+    """(variable, dotted key, value) of every ``GATEWAY_*`` setting variable."""
+    out = []
     for k, v in environ.items():
         if not k.startswith(ENV_PREFIX) or k in ("GATEWAY_CONFIG", "GATEWAY_APP"):
             continue
-        dotted = k[len(ENV_PREFIX):].lower().replace("__", ".")
-        _set_path(out, dotted, _parse_scalar(v), k)
+        out.append((k, k[len(ENV_PREFIX):].lower().replace("__", "."), v))
+    return out
+
+
+def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    """``GATEWAY_SECTION__KEY=value`` -> {"section": {"key": value}}."""
+    out: dict[str, Any] = {}
+    for k, dotted, v in _env_items(environ):
+        _set_path(out, dotted, _text(v), k)
     return out
 
 
@@ -351,14 +384,30 @@ def load_config(
             raise ConfigError("config", f"file not found: {path}") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError("config", f"{path} is not valid TOML: {e}") from None
-    _merge(data, env_overrides(os.environ if environ is None else environ))
+    env = os.environ if environ is None else environ
+    _merge(data, env_overrides(env))
+    origins = {dotted: f"environment variable {k}" for k, dotted, _ in _env_items(env)}
     for s in sets or []:
         if "=" not in s:
             raise ConfigError("--set", f"expected section.key=value, got {s!r}")
         k, v = s.split("=", 1)
-        _set_path(data, k.strip(), _parse_scalar(v.strip()), "--set")
+        _set_path(data, k.strip(), _text(v.strip()), "--set")
+        origins[k.strip()] = "--set"
     for k, v in (overrides or {}).items():
         _set_path(data, k, v, "command line")
-    cfg: Config = build(Config, data, "")
-    cfg.check()
+        origins.pop(k, None)
+    try:
+        cfg: Config = build(Config, data, "")
+        cfg.check()
+    except ConfigError as e:
+        origin = origins.get(e.key)
+        if origin is None:
+            # An unknown key inside a section set from the environment names its variable too.
+            for dotted, o in origins.items():
+                if e.key.startswith(dotted + ".") or dotted.startswith(e.key + "."):
+                    origin = o
+                    break
+        if origin is not None:
+            raise ConfigError(e.key, f"{e.message} (from {origin})") from None
+        raise
     return cfg

@@ -8,27 +8,60 @@ from collections import deque
 from typing import Any
 
 from ..protocol import splice
-from .base import Broker, BrokerHandler, BrokerStats, HistoryPolicy, HistoryResult, PublishResult
+from .base import (
+    Broker,
+    BrokerHandler,
+    BrokerStats,
+    HistoryPolicy,
+    HistoryResult,
+    PublishResult,
+)
 
 
 class _Ring:
-    __slots__ = ("epoch", "seq", "items")
+    """One room's position (``epoch``, ``seq``) and its recent recoverable messages."""
+
+    __slots__ = ("epoch", "items", "seq", "size", "touched", "ttl")
 
     def __init__(self, size: int) -> None:
         self.epoch = secrets.token_hex(4)
         self.seq = 0
+        self.size = size
         self.items: deque[tuple[int, float, bytes]] = deque(maxlen=max(size, 1))
+        self.ttl = 0.0
+        self.touched = _monotonic()
+
+    def resize(self, size: int) -> None:
+        self.size = size
+        self.items = deque(self.items, maxlen=max(size, 1))
+
+
+_monotonic = time.monotonic
+
+#: History size of a ring created by a join, before the room's first publish sets it.
+_DEFAULT_SIZE = 50
+#: Seconds between sweeps for rings of rooms without members and without live history.
+_SWEEP_INTERVAL = 60.0
 
 
 class MemoryBroker(Broker):
     """One node, no network. Epochs are random per process, so history never survives a
-    restart and resumes after one answer ``recovered: false``."""
+    restart and resumes after one answer ``recovered: false``.
+
+    A room gets its epoch the first time it is joined or published to, so the epoch in a
+    join ack is the one later messages carry (a client that joined an empty room and was
+    then disconnected can still resume). Rooms nobody is in and whose history has expired
+    are forgotten (bounded memory); their next epoch differs, which makes a late resume
+    answer ``recovered: false`` as it must.
+    """
 
     def __init__(self) -> None:
         self.stats = BrokerStats()
         self._handler: BrokerHandler | None = None
         self._rings: dict[str, _Ring] = {}
         self._counts: dict[str, tuple[int, int]] = {}
+        self._subscribed: set[str] = set()
+        self._next_sweep = _monotonic() + _SWEEP_INTERVAL
 
     async def start(self, handler: BrokerHandler, node_id: str) -> None:
         self._handler = handler
@@ -36,29 +69,50 @@ class MemoryBroker(Broker):
     async def close(self) -> None:
         self._handler = None
 
-    def _ring(self, room: str, size: int) -> _Ring:
+    def _ring(self, room: str, size: int | None) -> _Ring:
+        """The room's ring, created on first use; ``size`` (when known) resizes it."""
         r = self._rings.get(room)
         if r is None:
-            r = self._rings[room] = _Ring(size)
-        elif r.items.maxlen != max(size, 1):
-            r.items = deque(r.items, maxlen=max(size, 1))
+            r = self._rings[room] = _Ring(_DEFAULT_SIZE if size is None else size)
+        elif size is not None and r.size != size:
+            r.resize(size)
         return r
+
+    def _maybe_sweep(self, now: float) -> None:
+        if now < self._next_sweep:
+            return
+        self._next_sweep = now + _SWEEP_INTERVAL
+        subscribed = self._subscribed
+        drop = []
+        for room, r in self._rings.items():
+            if room in subscribed:
+                continue
+            newest = r.items[-1][1] if r.items else r.touched + r.ttl
+            if newest < now and r.touched + _SWEEP_INTERVAL < now:
+                drop.append(room)
+        for room in drop:
+            del self._rings[room]
 
     async def publish(self, room: str, head: bytes, tail: bytes, prio: int, recoverable: bool, history: HistoryPolicy) -> PublishResult:
         handler = self._handler
-        if recoverable and history.size > 0:
+        now = _monotonic()
+        ring = self._rings.get(room)
+        if ring is None or ring.size != history.size:
             ring = self._ring(room, history.size)
+        ring.touched = now
+        ring.ttl = history.ttl
+        if recoverable and history.size > 0:
             ring.seq += 1
             frame = splice(head, ring.seq, ring.epoch, tail)
-            ring.items.append((ring.seq, time.monotonic() + history.ttl, frame))
+            ring.items.append((ring.seq, now + history.ttl, frame))
             result = PublishResult(ring.seq, ring.epoch)
         else:
-            ring = self._rings.get(room)
-            epoch = ring.epoch if ring else ""
-            frame = splice(head, 0, epoch, tail)
-            result = PublishResult(0, epoch)
+            frame = splice(head, 0, ring.epoch, tail)
+            result = PublishResult(0, ring.epoch)
         if handler is not None:
             handler.deliver_room(room, frame, prio)
+        if now >= self._next_sweep:
+            self._maybe_sweep(now)
         return result
 
     async def publish_frame(self, room: str, frame: bytes, prio: int) -> None:
@@ -66,30 +120,37 @@ class MemoryBroker(Broker):
             self._handler.deliver_room(room, frame, prio)
 
     async def history(self, room: str, *, limit: int, since: int | None = None, epoch: str | None = None) -> HistoryResult:
-        ring = self._rings.get(room)
-        if ring is None:
-            if since is None:
-                return HistoryResult([], 0, "", None)
-            # Nothing was ever kept here: only a client that saw nothing is complete.
-            return HistoryResult([], 0, "", since == 0 and not epoch)
-        now = time.monotonic()
-        while ring.items and ring.items[0][1] < now:
-            ring.items.popleft()
+        now = _monotonic()
+        if now >= self._next_sweep:
+            self._maybe_sweep(now)
+        ring = self._ring(room, None)
+        ring.touched = now
+        items = ring.items
+        while items and items[0][1] < now:
+            items.popleft()
         if since is None:
-            msgs = [f for _, _, f in list(ring.items)[-limit:]] if limit > 0 else []
+            if limit <= 0 or not items:
+                return HistoryResult([], ring.seq, ring.epoch, None)
+            n = len(items)
+            msgs = [items[i][2] for i in range(max(0, n - limit), n)]
             return HistoryResult(msgs, ring.seq, ring.epoch, None)
-        if epoch != ring.epoch or since > ring.seq:
+        if epoch != ring.epoch or since > ring.seq or since < 0:
             return HistoryResult([], ring.seq, ring.epoch, False)
-        missed = [(s, f) for s, _, f in ring.items if s > since]
+        missed = [(s, f) for s, _, f in items if s > since]
+        # Complete when nothing recoverable happened since, or the ring still holds the
+        # message right after the client's position (seqs in the ring are consecutive).
         complete = since == ring.seq or (bool(missed) and missed[0][0] == since + 1)
         msgs = [f for _, f in missed[-limit:]] if limit > 0 else []
         return HistoryResult(msgs, ring.seq, ring.epoch, complete and len(msgs) == len(missed))
 
     async def subscribe(self, room: str) -> None:
-        return None
+        self._subscribed.add(room)
 
     async def unsubscribe(self, room: str) -> None:
-        return None
+        self._subscribed.discard(room)
+        ring = self._rings.get(room)
+        if ring is not None:
+            ring.touched = _monotonic()
 
     async def send_user(self, user: str, payload: bytes, prio: int) -> None:
         if self._handler is not None:

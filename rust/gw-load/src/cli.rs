@@ -108,6 +108,11 @@ pub struct Args {
     #[arg(long, default_value_t = 0)]
     pub slow: u32,
 
+    /// SO_RCVBUF in bytes for the slow consumers' sockets (0 = the OS default,
+    /// which lets loopback buffer several MB before the server's queue fills).
+    #[arg(long, default_value_t = 0)]
+    pub slow_rcvbuf: usize,
+
     /// Approximate size in bytes of each publish's `data` object
     /// ({"t":<micros>,"p":"<padding>"}).
     #[arg(long, default_value_t = 128)]
@@ -175,10 +180,8 @@ pub struct Config {
 
 impl Config {
     pub fn from_args(args: Args) -> Result<Config, String> {
-        let rest = args
-            .url
-            .strip_prefix("ws://")
-            .ok_or_else(|| format!("--url must start with ws:// (got {})", args.url))?;
+        let rest =
+            args.url.strip_prefix("ws://").ok_or_else(|| format!("--url must start with ws:// (got {})", args.url))?;
         let (authority, path) = match rest.find(['/', '?']) {
             Some(i) if rest.as_bytes()[i] == b'/' => (&rest[..i], rest[i..].to_string()),
             Some(i) => (&rest[..i], format!("/{}", &rest[i..])),
@@ -250,9 +253,9 @@ impl Config {
         if !(args.connect_timeout > 0.0 && args.connect_timeout.is_finite()) {
             return Err("--connect-timeout must be > 0".into());
         }
-        let timeout = args.timeout.unwrap_or(
-            args.warmup + args.duration + args.hold.unwrap_or(0.0) + 2.0 * args.drain_wait + 60.0,
-        );
+        let timeout = args
+            .timeout
+            .unwrap_or(args.warmup + args.duration + args.hold.unwrap_or(0.0) + 2.0 * args.drain_wait + 60.0);
         if !(timeout > 0.0 && timeout.is_finite()) {
             return Err("--timeout must be > 0".into());
         }

@@ -37,10 +37,7 @@ mod tests {
     #[test]
     fn known_vector_jwt_io() {
         // The canonical HS256 example token from jwt.io / RFC-style docs.
-        let t = sign_hs256(
-            b"your-256-bit-secret",
-            r#"{"sub":"1234567890","name":"John Doe","iat":1516239022}"#,
-        );
+        let t = sign_hs256(b"your-256-bit-secret", r#"{"sub":"1234567890","name":"John Doe","iat":1516239022}"#);
         assert_eq!(
             t,
             "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.\

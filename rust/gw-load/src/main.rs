@@ -125,7 +125,7 @@ impl Coordinator {
         let total = self.cfg.total_conns();
         loop {
             let s = self.snapshot();
-            if s.ready + s.pub_ready + s.failed >= total {
+            if s.ready + s.pub_ready + s.slow_ready + s.failed >= total {
                 return true;
             }
             if Instant::now() >= self.deadline {
@@ -151,7 +151,10 @@ fn run(cfg: Arc<Config>) -> Result<Value, String> {
         Err(e) => eprintln!("gw-load: warning: cannot raise RLIMIT_NOFILE: {e}"),
     }
     if cfg.sources.is_empty() && cfg.total_conns() > 25_000 {
-        eprintln!("gw-load: warning: {} connections from one source address may exhaust ephemeral ports; use --sources", cfg.total_conns());
+        eprintln!(
+            "gw-load: warning: {} connections from one source address may exhaust ephemeral ports; use --sources",
+            cfg.total_conns()
+        );
     }
 
     let threads = cfg.args.threads as usize;
@@ -181,7 +184,7 @@ fn run(cfg: Arc<Config>) -> Result<Value, String> {
     co.wait_connected();
     let connect_s = start.elapsed().as_secs_f64();
     let after_connect = co.snapshot();
-    eprintln!("READY {}", after_connect.ready + after_connect.pub_ready);
+    eprintln!("READY {}", after_connect.ready + after_connect.pub_ready + after_connect.slow_ready);
     let _ = std::io::stderr().flush();
 
     // Phase 2: hold, or warmup + measure + drain.
@@ -240,20 +243,23 @@ fn run(cfg: Arc<Config>) -> Result<Value, String> {
     let mut lat = Histogram::default();
     let mut connect_hist = Histogram::default();
     let mut closes: Map<String, Value> = Map::new();
+    let mut slow_closes: Map<String, Value> = Map::new();
     for h in handles {
         let r = h.join().map_err(|_| "a worker thread panicked".to_string())?;
         counters.add(&r.counters);
         lat.merge(&r.lat);
         connect_hist.merge(&r.connect_hist);
-        for (k, v) in r.closes {
-            let e = closes.entry(k).or_insert(json!(0));
-            *e = json!(e.as_u64().unwrap_or(0) + v);
+        for (map, part) in [(&mut closes, r.closes), (&mut slow_closes, r.slow_closes)] {
+            for (k, v) in part {
+                let e = map.entry(k).or_insert(json!(0));
+                *e = json!(e.as_u64().unwrap_or(0) + v);
+            }
         }
     }
 
     let ms = |us: u64| us as f64 / 1000.0; // histogram unit is µs
     let round3 = |x: f64| (x * 1000.0).round() / 1000.0;
-    let conns_ok = counters.ready + counters.pub_ready;
+    let conns_ok = counters.ready + counters.pub_ready + counters.slow_ready;
     let expected = counters.published * receivers;
     let ratio = if expected > 0 { counters.received as f64 / expected as f64 } else { 0.0 };
     let per_s = if measured_s > 0.0 { counters.received as f64 / measured_s } else { 0.0 };
@@ -302,6 +308,11 @@ fn run(cfg: Arc<Config>) -> Result<Value, String> {
         "server_rss_kib_connected": server_rss_connected,
         "server_rss_kib_end": server_pid.and_then(sys::other_process_rss_kib),
         "closes_by_code": closes,
+        "slow": cfg.args.slow,
+        "slow_ready": counters.slow_ready,
+        "slow_closes_by_code": slow_closes,
+        "slow_bytes_read_at_end": counters.slow_bytes,
+        "msg_type": cfg.args.msg_type,
         "timed_out": co.timed_out,
     }))
 }

@@ -29,6 +29,9 @@ const SCRATCH: usize = 256 * 1024;
 const MAX_PUB_BACKLOG: usize = 1 << 20;
 /// At most this many publishes per publisher per loop iteration.
 const MAX_PUB_BURST: u64 = 1000;
+/// At the end, how long to keep reading slow consumers for the server's
+/// close frame (in total, across all of a thread's slow consumers).
+const SLOW_DRAIN: Duration = Duration::from_secs(2);
 
 /// Run phases, set by the coordinator.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,7 +87,10 @@ pub struct Shared {
 
 impl Shared {
     pub fn new(threads: usize) -> Shared {
-        Shared { phase: AtomicU8::new(Phase::Idle as u8), counters: (0..threads).map(|_| SharedCounters::default()).collect() }
+        Shared {
+            phase: AtomicU8::new(Phase::Idle as u8),
+            counters: (0..threads).map(|_| SharedCounters::default()).collect(),
+        }
     }
 
     pub fn phase(&self) -> Phase {
@@ -102,6 +108,7 @@ pub struct ThreadResult {
     pub lat: Histogram,
     pub connect_hist: Histogram,
     pub closes: HashMap<String, u64>,
+    pub slow_closes: HashMap<String, u64>,
 }
 
 /// A publisher owned by this thread.
@@ -141,6 +148,8 @@ pub struct Worker {
     phase_started: Instant,
     /// Room name as a JSON string (with quotes).
     room_json: String,
+    /// Publish `type` as a JSON string (with quotes).
+    type_json: String,
     /// Padding for the publish `data`.
     padding: String,
     msg_buf: Vec<u8>,
@@ -158,7 +167,9 @@ impl Worker {
         todo.extend((0..receivers).filter(mine).map(|i| i as u32));
 
         let room_json = serde_json::to_string(&cfg.args.room).expect("string serializes");
-        let join_payload = (!cfg.args.no_join).then(|| format!(r#"{{"op":"join","id":1,"room":{room_json}}}"#).into_bytes());
+        let type_json = serde_json::to_string(&cfg.args.msg_type).expect("string serializes");
+        let join_payload =
+            (!cfg.args.no_join).then(|| format!(r#"{{"op":"join","id":1,"room":{room_json}}}"#).into_bytes());
         // data = {"t":<16 digits>,"p":"<pad>"} -> 29 bytes + padding.
         let padding = "x".repeat(cfg.args.payload_bytes.saturating_sub(29));
         let rate_per_pub = match cfg.rate {
@@ -178,6 +189,7 @@ impl Worker {
                 lat: Histogram::default(),
                 connect_hist: Histogram::default(),
                 closes: HashMap::new(),
+                slow_closes: HashMap::new(),
                 measuring: false,
                 now_us: 0,
                 lat_countdown: cfg.args.lat_sample,
@@ -200,6 +212,7 @@ impl Worker {
             phase: Phase::Idle,
             phase_started: now,
             room_json,
+            type_json,
             padding,
             msg_buf: Vec::with_capacity(256),
             cfg,
@@ -242,6 +255,7 @@ impl Worker {
                 self.on_event(ev);
             }
         }
+        self.drain_slow();
         self.close_all();
         self.ctx.counters.publish_to(&self.shared.counters[self.tid]);
         ThreadResult {
@@ -249,6 +263,7 @@ impl Worker {
             lat: self.ctx.lat,
             connect_hist: self.ctx.connect_hist,
             closes: self.ctx.closes,
+            slow_closes: self.ctx.slow_closes,
         }
     }
 
@@ -312,6 +327,11 @@ impl Worker {
         let socket = Socket::new(Domain::for_address(cfg.target), Type::STREAM, Some(Protocol::TCP)).map_err(err)?;
         socket.set_nonblocking(true).map_err(err)?;
         socket.set_tcp_nodelay(true).map_err(err)?;
+        let slow = !is_pub && gid < cfg.args.slow;
+        if slow && cfg.args.slow_rcvbuf > 0 {
+            // Before connect, so the advertised window (scale) follows it.
+            socket.set_recv_buffer_size(cfg.args.slow_rcvbuf).map_err(err)?;
+        }
         if !cfg.sources.is_empty() {
             let src = cfg.sources[gid as usize % cfg.sources.len()];
             socket.bind(&SocketAddr::new(src.into(), 0).into()).map_err(err)?;
@@ -324,10 +344,7 @@ impl Worker {
         }
         let mut stream = TcpStream::from_std(socket.into());
         let idx = self.conns.len();
-        self.poll
-            .registry()
-            .register(&mut stream, Token(idx), Interest::READABLE | Interest::WRITABLE)
-            .map_err(err)?;
+        self.poll.registry().register(&mut stream, Token(idx), Interest::READABLE | Interest::WRITABLE).map_err(err)?;
         let pub_slot = if is_pub {
             let slot = self.pubs.len();
             self.pubs.push(Publisher { conn: idx, next_id: 2, sent_in_phase: 0 });
@@ -336,7 +353,7 @@ impl Worker {
             NOT_PUBLISHER
         };
         let key = ws::make_key(self.ctx.rng.bytes16());
-        self.conns.push(Conn::new(stream, gid, pub_slot, self.ctx.mono_us(), key));
+        self.conns.push(Conn::new(stream, gid, pub_slot, slow, self.ctx.mono_us(), key));
         self.ctx.handshaking += 1;
         Ok(())
     }
@@ -390,6 +407,14 @@ impl Worker {
                     Ok(())
                 }
             }),
+            _ if conn.paused => {
+                // A slow consumer: never read, only send (heartbeats).
+                if ev.is_writable() && !conn.out.is_empty() {
+                    self.conns[idx].flush()
+                } else {
+                    Ok(())
+                }
+            }
             _ => {
                 let mut r = Ok(());
                 if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
@@ -436,6 +461,18 @@ impl Worker {
                         let _ = conn.flush();
                         return Err(end);
                     }
+                    if conn.slow && conn.state == State::Ready {
+                        // Joined: from now on this slow consumer never reads.
+                        // Watching only writability keeps its heartbeats going.
+                        conn.paused = true;
+                        if let Some(stream) = conn.stream.as_mut() {
+                            self.poll
+                                .registry()
+                                .reregister(stream, Token(idx), Interest::WRITABLE)
+                                .map_err(|e| End::Io(e.kind()))?;
+                        }
+                        break;
+                    }
                     if n < self.scratch.len() && !drain_all {
                         break;
                     }
@@ -461,6 +498,13 @@ impl Worker {
         if conn.is_pending() {
             self.ctx.handshaking -= 1;
             self.ctx.counters.failed += 1;
+        } else if conn.slow {
+            *self.ctx.slow_closes.entry(end.key()).or_insert(0) += 1;
+            conn.state = State::Closed;
+            conn.stream = None;
+            conn.reader = Default::default();
+            conn.out = Vec::new();
+            return;
         } else {
             if conn.is_publisher() {
                 self.ctx.counters.pub_lost += 1;
@@ -476,6 +520,43 @@ impl Worker {
         conn.reader = Default::default();
         conn.out = Vec::new();
         conn.hs = None;
+    }
+
+    /// At the end: read what the server queued to each slow consumer, to
+    /// learn whether it closed the connection (e.g. 4008 slow consumer).
+    /// Slow consumers still open when the time is up count as `open`.
+    fn drain_slow(&mut self) {
+        let deadline = Instant::now() + SLOW_DRAIN;
+        for idx in 0..self.conns.len() {
+            if !self.conns[idx].paused || self.conns[idx].state == State::Closed {
+                continue;
+            }
+            let end = loop {
+                let conn = &mut self.conns[idx];
+                let Some(stream) = conn.stream.as_mut() else { break None };
+                match stream.read(&mut self.scratch) {
+                    Ok(0) => break Some(End::Eof),
+                    Ok(n) => {
+                        self.ctx.counters.slow_bytes += n as u64;
+                        if let Err(end) = conn.on_bytes(&self.scratch[..n], &mut self.ctx) {
+                            break Some(end);
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        if Instant::now() >= deadline {
+                            break None;
+                        }
+                        std::thread::sleep(Duration::from_millis(2));
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => break Some(End::Io(e.kind())),
+                }
+            };
+            match end {
+                Some(end) => self.end_conn(idx, end),
+                None => *self.ctx.slow_closes.entry("open".into()).or_insert(0) += 1,
+            }
+        }
     }
 
     /// At the end: send a normal close on every established connection and
@@ -586,8 +667,9 @@ impl Worker {
         self.msg_buf.clear();
         let _ = write!(
             self.msg_buf,
-            r#"{{"op":"publish","id":{id},"room":{},"type":"chat","data":{{"t":{},"p":"{}"}}}}"#,
+            r#"{{"op":"publish","id":{id},"room":{},"type":{},"data":{{"t":{},"p":"{}"}}}}"#,
             self.room_json,
+            self.type_json,
             sys::unix_micros(),
             self.padding
         );
@@ -598,5 +680,104 @@ impl Worker {
         if self.phase == Phase::Measure {
             self.ctx.counters.published += 1;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli;
+    use crate::stats::Snapshot;
+    use clap::Parser as _;
+    use std::io::{BufRead, BufReader, Write};
+    use std::net::TcpListener;
+
+    /// Server frame (unmasked) with a 16-bit or 7-bit length.
+    fn server_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
+        let mut f = vec![0x80 | opcode];
+        if payload.len() < 126 {
+            f.push(payload.len() as u8);
+        } else {
+            f.push(126);
+            f.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+        }
+        f.extend_from_slice(payload);
+        f
+    }
+
+    /// A one-connection fake gateway: upgrade, `connected`, ack the join, then
+    /// (once told) send room messages and a 4008 close without reading.
+    #[test]
+    fn slow_consumer_stops_reading_and_reports_the_close() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let url = format!("ws://127.0.0.1:{port}/ws");
+        let args = cli::Args::try_parse_from([
+            "gw-load",
+            "--url",
+            &url,
+            "--conns",
+            "1",
+            "--slow",
+            "1",
+            "--publishers",
+            "0",
+            "--ping-interval",
+            "0",
+        ])
+        .unwrap();
+        let cfg = Arc::new(Config::from_args(args).unwrap());
+        let shared = Arc::new(Shared::new(1));
+        let worker = Worker::new(0, cfg, shared.clone()).unwrap();
+        let handle = std::thread::spawn(move || worker.run());
+
+        let (mut sock, _) = listener.accept().unwrap();
+        let mut reader = BufReader::new(sock.try_clone().unwrap());
+        let mut key = String::new();
+        loop {
+            let mut line = String::new();
+            reader.read_line(&mut line).unwrap();
+            if let Some(k) = line.strip_prefix("Sec-WebSocket-Key:") {
+                key = k.trim().to_string();
+            }
+            if line == "\r\n" {
+                break;
+            }
+        }
+        let resp = format!(
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\nSec-WebSocket-Protocol: gateway.v1\r\n\r\n",
+            ws::accept_for(&key)
+        );
+        sock.write_all(resp.as_bytes()).unwrap();
+        sock.write_all(&server_frame(ws::OP_TEXT, br#"{"op":"connected"}"#)).unwrap();
+        // The join (a masked client frame): wait for it, then ack.
+        let mut hdr = [0u8; 2];
+        reader.read_exact(&mut hdr).unwrap();
+        let mut rest = vec![0u8; 4 + (hdr[1] & 0x7f) as usize];
+        reader.read_exact(&mut rest).unwrap();
+        sock.write_all(&server_frame(ws::OP_TEXT, br#"{"op":"ack","id":1}"#)).unwrap();
+
+        let t0 = Instant::now();
+        while Snapshot::read(&shared.counters).slow_ready < 1 {
+            assert!(t0.elapsed() < Duration::from_secs(5), "slow consumer never joined");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let msg = br#"{"op":"msg","room":"bench","seq":1,"data":{"t":1}}"#;
+        let mut burst = Vec::new();
+        for _ in 0..1000 {
+            burst.extend_from_slice(&server_frame(ws::OP_TEXT, msg));
+        }
+        burst.extend_from_slice(&server_frame(ws::OP_CLOSE, &4008u16.to_be_bytes()));
+        sock.write_all(&burst).unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        shared.set_phase(Phase::Done);
+        let r = handle.join().unwrap();
+
+        assert_eq!(r.counters.slow_ready, 1);
+        assert_eq!(r.counters.ready, 0, "a slow consumer is not a receiver");
+        assert_eq!(r.counters.received_total, 0, "slow consumers' messages are not counted");
+        assert_eq!(r.counters.slow_bytes, burst.len() as u64, "everything was left unread until the end");
+        assert_eq!(r.slow_closes.get("4008"), Some(&1));
+        assert!(r.closes.is_empty());
     }
 }

@@ -221,11 +221,7 @@ impl FrameReader {
                     return Err(ProtoError::BadContinuation);
                 }
                 if hdr.fin {
-                    Ok(on_msg(if hdr.opcode == OP_TEXT {
-                        Message::Text(payload)
-                    } else {
-                        Message::Binary(payload)
-                    }))
+                    Ok(on_msg(if hdr.opcode == OP_TEXT { Message::Text(payload) } else { Message::Binary(payload) }))
                 } else {
                     self.frag_op = hdr.opcode;
                     self.frag.extend_from_slice(payload);
@@ -420,10 +416,7 @@ mod tests {
         buf.extend(server_frame(true, OP_BINARY, &[1, 2, 3]));
         let mut r = FrameReader::default();
         let got = collect(&mut r, &[&buf]);
-        assert_eq!(
-            got,
-            vec![Owned::Text(b"hello".to_vec()), Owned::Ping(b"p".to_vec()), Owned::Binary(vec![1, 2, 3])]
-        );
+        assert_eq!(got, vec![Owned::Text(b"hello".to_vec()), Owned::Ping(b"p".to_vec()), Owned::Binary(vec![1, 2, 3])]);
         assert!(!r.is_buffering());
         assert_eq!(r.buffered_capacity(), 0);
     }

@@ -1,0 +1,236 @@
+// Socket adapters: each turns a platform's WebSocket API into one small interface.
+//
+//   adapter.connect({url, protocols, header}) -> socket
+//   socket.onopen(), socket.onmessage(text), socket.onclose({code, reason}), socket.onerror(err)
+//     (set by the client; each socket reports onclose at most once)
+//   socket.send(text) -> boolean, socket.close(code, reason), socket.protocol (string or null)
+//   adapter.watchLifecycle(onShow, onHide) -> unbind   (optional)
+
+import { noop, payloadText, utf8Decode, base64Decode, clientCloseCode, truncateUtf8 } from "./util.js";
+
+function newSocket() {
+  return { onopen: noop, onmessage: noop, onclose: noop, onerror: noop, protocol: null, send: noop, close: noop };
+}
+
+/** Report a close once, asynchronously (some runtimes call `fail` synchronously, before the
+ * client has set its handlers). */
+function closer(sock) {
+  let done = false;
+  return function (code, reason, extra) {
+    if (done) return;
+    done = true;
+    const info = { code: typeof code === "number" && code > 0 ? code : 1006, reason: reason ? String(reason) : "" };
+    if (extra) info.detail = extra;
+    setTimeout(() => sock.onclose(info), 0);
+  };
+}
+
+function errText(e) {
+  if (!e) return "";
+  if (typeof e === "string") return e;
+  return e.errMsg || e.errorMessage || e.message || (e.data && e.data.errMsg) || "";
+}
+
+/** The text of a mini-program `onMessage` event: `{data}` on wx/tt/uni, `{data: {data,
+ * isBuffer}}` on Alipay (`isBuffer`: the payload is base64 of binary data). */
+export function miniProgramMessageText(res) {
+  let d = res && typeof res === "object" && "data" in res ? res.data : res;
+  if (d && typeof d === "object" && typeof d.byteLength !== "number" && "data" in d) {
+    if (d.isBuffer) return utf8Decode(base64Decode(d.data) || []);
+    d = d.data;
+  }
+  return payloadText(d);
+}
+
+function closeInfo(res) {
+  if (!res || typeof res !== "object") return { code: 1006, reason: "" };
+  const src = typeof res.code === "number" ? res : res.data && typeof res.data.code === "number" ? res.data : res;
+  return { code: src.code, reason: src.reason || "" };
+}
+
+function headerValue(headers, name) {
+  if (!headers || typeof headers !== "object") return null;
+  const lower = name.toLowerCase();
+  for (const k in headers) if (k.toLowerCase() === lower) return headers[k];
+  return null;
+}
+
+/**
+ * Adapter for a mini-program API object: `wx` (WeChat), `tt` (Douyin/ByteDance), `my`
+ * (Alipay), `uni` (uni-app), or anything with the same `connectSocket` + SocketTask shape.
+ * `kind` selects the quirks: Alipay needs `multiple: true` to get a SocketTask and nests the
+ * payload at `event.data.data`; uni-app returns a Promise instead of a SocketTask unless a
+ * callback is passed.
+ */
+export function miniProgramAdapter(api, kind) {
+  if (!api || typeof api.connectSocket !== "function") throw new Error("livegate: " + (kind || "platform") + ".connectSocket is not available");
+  kind = kind || "wx";
+  return {
+    name: kind,
+    connect(o) {
+      const sock = newSocket();
+      const close = closer(sock);
+      const params = {
+        url: o.url,
+        header: o.header || {},
+        success: noop,
+        fail: (e) => {
+          sock.onerror(e);
+          close(1006, errText(e) || "connectSocket failed");
+        },
+        complete: noop,
+      };
+      if (o.protocols && o.protocols.length) params.protocols = o.protocols.slice();
+      if (kind === "my" || kind === "uni") params.multiple = true; // uni passes it on to Alipay
+      if (kind === "wx") params.tcpNoDelay = true;
+      const task = api.connectSocket(params);
+      if (!task || typeof task.onOpen !== "function") {
+        throw new Error("livegate: " + kind + ".connectSocket returned no SocketTask");
+      }
+      task.onOpen((res) => {
+        const p = headerValue(res && res.header, "sec-websocket-protocol");
+        sock.protocol = p || (o.protocols && o.protocols[0]) || null;
+        sock.onopen(res);
+      });
+      task.onMessage((res) => sock.onmessage(miniProgramMessageText(res)));
+      task.onError((e) => {
+        sock.onerror(e);
+      });
+      task.onClose((res) => {
+        const i = closeInfo(res);
+        close(i.code, i.reason);
+      });
+      sock.send = (text) => {
+        try {
+          task.send({
+            data: text,
+            fail: (e) => {
+              // A failed send means the socket is gone, whether or not onClose follows.
+              sock.onerror(e);
+              try {
+                task.close({ code: 1000, reason: "send failed", fail: noop });
+              } catch (e2) {
+                // already closed
+              }
+              close(1006, errText(e) || "send failed");
+            },
+          });
+          return true;
+        } catch (e) {
+          return false;
+        }
+      };
+      sock.close = (code, reason) => {
+        try {
+          task.close({ code: clientCloseCode(code), reason: truncateUtf8(reason || ""), fail: noop });
+        } catch (e) {
+          // already closed
+        }
+      };
+      sock.task = task;
+      return sock;
+    },
+    watchLifecycle(onShow, onHide) {
+      if (typeof api.onAppShow !== "function" || typeof api.onAppHide !== "function") return noop;
+      api.onAppShow(onShow);
+      api.onAppHide(onHide);
+      return () => {
+        if (typeof api.offAppShow === "function") api.offAppShow(onShow);
+        if (typeof api.offAppHide === "function") api.offAppHide(onHide);
+      };
+    },
+  };
+}
+
+/** Adapter for the standard `WebSocket` (browsers, Node >= 22, or Node 20 with
+ * `--experimental-websocket`). Pass a constructor to use another implementation. */
+export function browserAdapter(WebSocketImpl) {
+  const WS = WebSocketImpl || (typeof WebSocket !== "undefined" ? WebSocket : null);
+  if (!WS) throw new Error("livegate: no WebSocket implementation available");
+  return {
+    name: "browser",
+    connect(o) {
+      const sock = newSocket();
+      const close = closer(sock);
+      const ws = o.protocols && o.protocols.length ? new WS(o.url, o.protocols) : new WS(o.url);
+      try {
+        ws.binaryType = "arraybuffer";
+      } catch (e) {
+        // not supported
+      }
+      ws.onopen = () => {
+        sock.protocol = ws.protocol || null;
+        sock.onopen();
+      };
+      ws.onmessage = (e) => sock.onmessage(payloadText(e.data));
+      ws.onerror = (e) => sock.onerror(e);
+      ws.onclose = (e) => close(e.code, e.reason);
+      sock.send = (text) => {
+        if (ws.readyState !== 1) return false;
+        ws.send(text);
+        return true;
+      };
+      sock.close = (code, reason) => {
+        try {
+          ws.close(clientCloseCode(code), truncateUtf8(reason || ""));
+        } catch (e) {
+          try {
+            ws.close();
+          } catch (e2) {
+            // ignore
+          }
+        }
+      };
+      sock.ws = ws;
+      return sock;
+    },
+    watchLifecycle(onShow, onHide) {
+      if (typeof document === "undefined" || !document.addEventListener) return noop;
+      const f = () => (document.visibilityState === "hidden" ? onHide() : onShow());
+      document.addEventListener("visibilitychange", f);
+      return () => document.removeEventListener("visibilitychange", f);
+    },
+  };
+}
+
+/* global uni, wx, tt, my */
+/** The platform object called `name` in this runtime (mini-programs expose `wx` & co. as
+ * free variables, not always as properties of the global object). */
+function globalApi(name) {
+  const g = typeof globalThis !== "undefined" ? globalThis : typeof self !== "undefined" ? self : {};
+  let v;
+  if (name === "uni") v = typeof uni !== "undefined" ? uni : undefined;
+  else if (name === "wx") v = typeof wx !== "undefined" ? wx : undefined;
+  else if (name === "tt") v = typeof tt !== "undefined" ? tt : undefined;
+  else if (name === "my") v = typeof my !== "undefined" ? my : undefined;
+  return v || g[name];
+}
+
+/** The platform of this runtime: [kind, api] or null. uni-app is preferred (it also defines
+ * `wx` on WeChat), then wx, tt, my, then the standard WebSocket. */
+export function detectPlatform() {
+  const names = ["uni", "wx", "tt", "my"];
+  for (let i = 0; i < names.length; i++) {
+    const api = globalApi(names[i]);
+    if (api && typeof api.connectSocket === "function") return [names[i], api];
+  }
+  return typeof WebSocket !== "undefined" ? ["browser", null] : null;
+}
+
+/** Build the adapter for `platform` ("wx" | "tt" | "my" | "uni" | "browser" | an adapter
+ * object | undefined = detect) using `api` (the platform object, or a WebSocket constructor
+ * for "browser"; default: the global one). */
+export function createAdapter(platform, api) {
+  if (platform && typeof platform === "object" && typeof platform.connect === "function") return platform;
+  if (!platform) {
+    const found = detectPlatform();
+    if (!found) throw new Error("livegate: no WebSocket API found; pass `platform`");
+    platform = found[0];
+    if (!api) api = found[1];
+  }
+  if (platform === "browser") return browserAdapter(api || undefined);
+  if (platform === "wx" || platform === "tt" || platform === "my" || platform === "uni") {
+    return miniProgramAdapter(api || globalApi(platform), platform);
+  }
+  throw new Error("livegate: unknown platform " + platform);
+}

@@ -1,0 +1,922 @@
+// The client: one socket for every room, requests matched to acks, heartbeat, reconnect
+// with backoff, resume by (seq, epoch), background/foreground handling, token refresh.
+// Protocol: docs/protocol.md. Written in plain ES2017 (no async/await, no optional chaining)
+// so mini-program runtimes run it without a transpiler.
+
+import { noop, now, truncateUtf8, jwtExp, withQuery, clientCloseCode } from "./util.js";
+import { Emitter } from "./emitter.js";
+import { ErrorCodes, GatewayError } from "./errors.js";
+import { createAdapter } from "./adapters.js";
+
+export const VERSION = "1.0.0";
+
+/** Defaults of every option (see docs/sdk-js.md). Times are in milliseconds. */
+export const DEFAULTS = {
+  url: "",
+  platform: null, // "wx" | "tt" | "my" | "uni" | "browser" | adapter object; null = detect
+  api: null, // the platform object (wx, tt, my, uni) or a WebSocket constructor
+  protocols: ["gateway.v1"], // the server echoes the first it supports (WeChat needs an echo)
+  query: null, // extra query parameters, e.g. {user: "u1"} for dev auth
+  header: null, // extra handshake headers (mini-programs only; browsers cannot set them)
+  token: null, // a JWT
+  tokenIn: "query", // "query" (?token=) | "header" (Authorization: Bearer) | "protocol" (token.<JWT>)
+  tokenParam: "token",
+  getToken: null, // function(oldToken) -> token or Promise<token>: called before `exp`
+  tokenRefreshMargin: 60000, // refresh this long before exp (at most half the lifetime)
+  heartbeatInterval: 0, // 0 = the interval announced by the server; else min(this, server's)
+  maxMissedPongs: 2, // intervals without any frame before the connection is declared dead
+  showProbeTimeout: 3000, // after onShow(): a pong must arrive within this
+  connectTimeout: 10000, // from connectSocket to the `connected` frame
+  requestTimeout: 10000, // from sending a request to its ack/error
+  reconnect: true,
+  maxReconnectAttempts: Infinity, // consecutive failed attempts before giving up
+  backoffInitial: 500,
+  backoffMax: 30000,
+  backoffFactor: 2,
+  backoffJitter: 0.5, // 0 = none; 1 = delay uniformly in [0, base]
+  offline: "queue", // publish while disconnected: "queue" (bounded) or "reject"
+  offlineQueueSize: 100,
+  history: 0, // default `history` of join()
+  autoConnect: true, // join()/publish() connect when idle
+  random: Math.random,
+};
+
+/** Close codes after which the client does not reconnect: kicked, replaced by a newer
+ * login of the same user. */
+const FINAL_CLOSE_CODES = { 4003: "kicked", 4004: "replaced by a newer login" };
+const CLOSE_AUTH = 4001;
+const MAX_EARLY = 1000;
+const MAX_TIMER = 0x7fffffff;
+
+/** Exponential backoff with jitter: attempt 0, 1, 2... -> a delay in ms. */
+export function backoffDelay(attempt, o, random) {
+  const base = Math.min(o.backoffMax, o.backoffInitial * Math.pow(o.backoffFactor, Math.max(0, attempt)));
+  const j = Math.min(1, Math.max(0, o.backoffJitter));
+  return Math.max(0, Math.round(base * (1 - j + j * (random || Math.random)())));
+}
+
+/**
+ * A gateway client. Events (`client.on(name, fn)`):
+ * - `message` (msg): a room message (`msg` frames and entries of `batch` frames, history and
+ *   recovered messages included; deduplicated by seq)
+ * - `presence` (frame), `push` (frame)
+ * - `state` (state, previous): "idle" | "connecting" | "open" | "reconnecting" | "closed"
+ * - `connected` (connected frame), `ready` (after every room was rejoined/resumed)
+ * - `disconnect` ({code, reason}), `close` ({code, reason}) when the client stops for good
+ * - `joined` ({room, ack, resumed}), `resync` ({room, ack, reason}): messages were lost,
+ *   reload the room's state; `gap` ({room, from, to}) seqs skipped on a live connection
+ * - `removed` ({room, reason}): the server took this connection out of a room ("banned",
+ *   "closed"); the room is not rejoined
+ * - `drain` (frame), `error` (GatewayError for error frames without a request, or Error),
+ *   `token` (new token), `frame` (every frame received)
+ */
+export class Client extends Emitter {
+  constructor(options) {
+    super();
+    const o = {};
+    for (const k in DEFAULTS) o[k] = DEFAULTS[k];
+    for (const k in options || {}) if (options[k] !== undefined) o[k] = options[k];
+    if (!o.url) throw new Error("livegate: `url` is required");
+    if (o.offline !== "queue" && o.offline !== "reject") throw new Error('livegate: `offline` must be "queue" or "reject"');
+    this.options = o;
+    this.adapter = createAdapter(o.platform, o.api);
+    this.state = "idle";
+    this.session = null;
+    this.user = null;
+    this.connectedFrame = null;
+    this._token = o.token || null;
+    this._sock = null;
+    this._gen = 0;
+    this._nextId = 1;
+    this._pending = new Map(); // id -> {kind, room, resolve, reject, timer}
+    this._rooms = new Map(); // name -> room state
+    this._queue = []; // offline publishes: {frame, resolve, reject}
+    this._connectWaiters = [];
+    this._attempts = 0; // consecutive failed attempts
+    this._failedBeforeOpen = 0;
+    this._hidden = false;
+    this._lastRecv = 0;
+    this._lastPing = 0;
+    this._missed = 0;
+    this._hbInterval = 30000;
+    this._idleTimeout = 90000;
+    this._drainRetry = null;
+    this._forceRefresh = false;
+    this._tokenPromise = null;
+    this._timers = {};
+    this._unbindLifecycle = null;
+    this._stopped = false;
+    this._reconnectOnShow = false;
+    this._scheduleTokenRefresh();
+  }
+
+  // ------------------------------------------------------------------ public API
+
+  /** Connect (idempotent). Resolves with the `connected` frame; rejects if `close()` is
+   * called or the client gives up (final close code, maxReconnectAttempts). */
+  connect() {
+    if (this.state === "open" && this.connectedFrame) return Promise.resolve(this.connectedFrame);
+    const p = new Promise((resolve, reject) => this._connectWaiters.push({ resolve, reject }));
+    if (this.state === "idle" || this.state === "closed") {
+      this._stopped = false;
+      this._attempts = 0;
+      this._openSocket();
+    }
+    return p;
+  }
+
+  /** Join `room` (kept across reconnects and resumed). Options: `history` (last K messages,
+   * max 50), `onMessage` (called for this room's messages). History and recovered messages
+   * are delivered as `message` events before the promise resolves with the server's ack. */
+  join(room, opts) {
+    opts = opts || {};
+    let r = this._rooms.get(room);
+    if (r) {
+      if (opts.onMessage) r.handler = opts.onMessage;
+      if (r.acked && r.active) return Promise.resolve(r.lastAck);
+      return new Promise((resolve, reject) => r.waiters.push({ resolve, reject }));
+    }
+    if (this._stopped && this.state === "closed") return Promise.reject(this._closedError());
+    r = {
+      name: room,
+      seq: 0,
+      epoch: null,
+      history: opts.history !== undefined ? opts.history : this.options.history,
+      handler: opts.onMessage || null,
+      active: false,
+      joining: false,
+      acked: false,
+      lastAck: null,
+      waiters: [],
+      early: [],
+    };
+    this._rooms.set(room, r);
+    const p = new Promise((resolve, reject) => r.waiters.push({ resolve, reject }));
+    if (this.state === "open") this._sendJoin(r);
+    else this._autoConnect();
+    return p;
+  }
+
+  /** Leave `room`. Resolves with the ack (or at once when not connected). */
+  leave(room) {
+    const r = this._rooms.get(room);
+    if (r) {
+      this._rooms.delete(room);
+      this._settleWaiters(r, null, new GatewayError(ErrorCodes.CLOSED, "left " + room + " before the join completed"));
+    }
+    const keep = [];
+    for (let i = 0; i < this._queue.length; i++) {
+      const item = this._queue[i];
+      if (item.frame.room === room) item.reject(new GatewayError(ErrorCodes.CLOSED, "left " + room + " before the queued publish was sent"));
+      else keep.push(item);
+    }
+    this._queue = keep;
+    if (this.state === "open" && (!r || r.active || r.joining)) {
+      return this._request({ op: "leave", room: room }, "leave");
+    }
+    return Promise.resolve({ op: "ack", room: room, local: true });
+  }
+
+  /** Publish `data` into `room` (type from `opts.type`, default "chat"). Resolves with the
+   * ack (`seq` > 0 for recoverable types); rejects with the server's error code (e.g.
+   * 4029), or E_OFFLINE / E_QUEUE_FULL / E_TIMEOUT / E_CONNECTION_LOST / E_CLOSED. */
+  publish(room, data, opts) {
+    const frame = { op: "publish", room: room, type: (opts && opts.type) || "chat", data: data === undefined ? null : data };
+    return new Promise((resolve, reject) => {
+      if (this._canSend(room)) this._sendRequest(frame, "publish", resolve, reject);
+      else this._enqueue({ frame: frame, resolve: resolve, reject: reject });
+    });
+  }
+
+  /** Send any request frame (`op` plus fields) and wait for its ack. */
+  request(op, fields) {
+    const frame = { op: op };
+    for (const k in fields || {}) frame[k] = fields[k];
+    return this._request(frame, "request");
+  }
+
+  /** Call when the app goes to the background (wx.onAppHide / Page onHide / hidden tab):
+   * stops the heartbeat (timers are frozen anyway) and expects the socket to die. */
+  onHide() {
+    if (this._hidden) return;
+    this._hidden = true;
+    this._clearTimer("heartbeat");
+    this._clearTimer("probe");
+    if (this._timers.reconnect) {
+      this._clearTimer("reconnect");
+      this._reconnectOnShow = true;
+    }
+    this.emit("hide");
+  }
+
+  /** Call when the app comes back (wx.onAppShow): checks the connection at once (a ping that
+   * must be answered within `showProbeTimeout`, or a reconnect when the silence already
+   * exceeds the server's idle timeout), then reconnects and resumes every room if needed. */
+  onShow() {
+    if (!this._hidden) return;
+    this._hidden = false;
+    this.emit("show");
+    if (this._stopped || this.state === "idle" || this.state === "closed") return;
+    this._maybeRefreshTokenSoon();
+    if (this.state === "open" && this._sock) {
+      if (now() - this._lastRecv > this._idleTimeout) {
+        this._drop(1006, "silent for longer than the idle timeout while hidden", 0);
+        return;
+      }
+      const sentAt = now();
+      if (!this._sendFrame({ op: "ping" })) return;
+      this._lastPing = sentAt;
+      this._setTimer("probe", this.options.showProbeTimeout, () => {
+        if (this._lastRecv < sentAt) this._drop(1006, "no pong after onShow", 0);
+      });
+      this._scheduleHeartbeat();
+    } else if (this.state === "reconnecting" || this._reconnectOnShow) {
+      this._reconnectOnShow = false;
+      this._clearTimer("reconnect");
+      this._openSocket();
+    }
+  }
+
+  /** Call onShow/onHide automatically from the platform's app lifecycle events
+   * (wx/tt/my/uni onAppShow/onAppHide, or the page's visibilitychange in browsers). */
+  bindLifecycle() {
+    if (this._unbindLifecycle || !this.adapter.watchLifecycle) return this;
+    this._unbindLifecycle = this.adapter.watchLifecycle(() => this.onShow(), () => this.onHide());
+    return this;
+  }
+
+  /** Replace the token (used from the next connection on). */
+  setToken(token) {
+    this._token = token || null;
+    this._scheduleTokenRefresh();
+  }
+
+  get token() {
+    return this._token;
+  }
+
+  /** The rooms this client is in (or joining). */
+  rooms() {
+    return Array.from(this._rooms.keys());
+  }
+
+  /** {seq, epoch} of the last recoverable message seen in `room` (what a resume sends). */
+  position(room) {
+    const r = this._rooms.get(room);
+    return r ? { seq: r.seq, epoch: r.epoch } : null;
+  }
+
+  /** Publishes waiting for the connection. */
+  get queued() {
+    return this._queue.length;
+  }
+
+  /** Close for good: no reconnect; pending requests, queued publishes and unfinished joins
+   * are rejected with E_CLOSED. `reason` is cut to 123 UTF-8 bytes. */
+  close(code, reason) {
+    this._stopped = true;
+    const sock = this._sock;
+    this._gen++;
+    this._sock = null;
+    this._clearAllTimers();
+    if (sock) sock.close(clientCloseCode(code || 1000), truncateUtf8(reason || "client closed", 123));
+    const err = this._closedError();
+    this._failPending(err, true);
+    this._failQueue(err);
+    this._rooms.forEach((r) => this._settleWaiters(r, null, err));
+    this._rooms.clear();
+    this._rejectConnectWaiters(err);
+    if (this._unbindLifecycle) {
+      this._unbindLifecycle();
+      this._unbindLifecycle = null;
+    }
+    const was = this.state;
+    this._setState("closed");
+    if (was !== "closed") this.emit("close", { code: code || 1000, reason: reason || "client closed", local: true });
+  }
+
+  // ------------------------------------------------------------------ connection
+
+  _autoConnect() {
+    if (this.options.autoConnect && (this.state === "idle" || (this.state === "closed" && !this._stopped))) {
+      this.connect().catch(noop);
+    }
+  }
+
+  _setState(s) {
+    if (s === this.state) return;
+    const prev = this.state;
+    this.state = s;
+    this.emit("state", s, prev);
+  }
+
+  _openSocket() {
+    this._clearTimer("reconnect");
+    if (this._stopped) return;
+    if (this._hidden) {
+      // A mini-program cannot connect from the background: wait for onShow().
+      this._reconnectOnShow = true;
+      this._setState("reconnecting");
+      return;
+    }
+    this._setState("connecting");
+    const gen = ++this._gen;
+    const o = this.options;
+    const needToken = o.getToken && (this._forceRefresh || !this._token || this._tokenExpiresWithin(5000));
+    const ready = needToken ? this._refreshToken() : Promise.resolve(this._token);
+    ready.then(
+      (token) => {
+        if (gen === this._gen && !this._stopped) this._openWith(token);
+      },
+      (e) => {
+        if (gen !== this._gen || this._stopped) return;
+        this.emit("error", e instanceof Error ? e : new Error(String(e)));
+        this._onDisconnected({ code: 1006, reason: "token refresh failed" });
+      }
+    );
+  }
+
+  _openWith(token) {
+    const o = this.options;
+    const gen = ++this._gen;
+    const query = {};
+    for (const k in o.query || {}) query[k] = o.query[k];
+    const protocols = (o.protocols || []).slice();
+    const header = {};
+    for (const k in o.header || {}) header[k] = o.header[k];
+    if (token) {
+      if (o.tokenIn === "protocol") protocols.push("token." + token);
+      else if (o.tokenIn === "header") header.Authorization = "Bearer " + token;
+      else query[o.tokenParam] = token;
+    }
+    const url = withQuery(o.url, query);
+    let sock;
+    try {
+      sock = this.adapter.connect({ url: url, protocols: protocols, header: header });
+    } catch (e) {
+      this.emit("error", e);
+      this._onDisconnected({ code: 1006, reason: String((e && e.message) || e) });
+      return;
+    }
+    this._sock = sock;
+    this._lastRecv = now();
+    sock.onopen = () => {
+      if (gen !== this._gen) return;
+      this._lastRecv = now();
+      this.emit("open", { protocol: sock.protocol });
+    };
+    sock.onmessage = (text) => {
+      if (gen === this._gen) this._onText(text);
+    };
+    sock.onerror = (e) => {
+      if (gen === this._gen) this.emit("socketError", e);
+    };
+    sock.onclose = (info) => {
+      if (gen !== this._gen) return;
+      this._gen++;
+      this._sock = null;
+      this._onDisconnected(info || { code: 1006, reason: "" });
+    };
+    this._setTimer("connect", o.connectTimeout, () => {
+      if (gen === this._gen) this._drop(1006, "no connected frame within " + o.connectTimeout + " ms");
+    });
+  }
+
+  /** Declare the current socket dead without waiting for its onClose (which may never come
+   * after a background period or on a half-open connection). */
+  _drop(code, reason, delay) {
+    const sock = this._sock;
+    this._gen++;
+    this._sock = null;
+    if (sock) {
+      try {
+        sock.close(1000, truncateUtf8(reason, 123));
+      } catch (e) {
+        // ignore
+      }
+    }
+    this._onDisconnected({ code: code, reason: reason, local: true }, delay);
+  }
+
+  _onDisconnected(info, delay) {
+    const wasOpen = this.state === "open";
+    this._clearTimer("connect");
+    this._clearTimer("heartbeat");
+    this._clearTimer("probe");
+    this.connectedFrame = null;
+    this._failPending(new GatewayError(ErrorCodes.CONNECTION_LOST, "connection lost before the ack (" + info.code + ")"), false);
+    this._rooms.forEach((r) => {
+      r.active = false;
+      r.joining = false;
+      r.early = [];
+    });
+    this.emit("disconnect", info);
+    if (this._stopped) return;
+    const final = FINAL_CLOSE_CODES[info.code];
+    if (final || !this.options.reconnect) {
+      this._giveUp(info, final ? "closed by the server: " + final : "disconnected (reconnect disabled)");
+      return;
+    }
+    if (info.code === CLOSE_AUTH) this._forceRefresh = true;
+    if (!wasOpen) {
+      this._failedBeforeOpen++;
+      // A refused upgrade (bad token) looks like any network error: after two in a row,
+      // fetch a fresh token before the next attempt.
+      if (this.options.getToken && this._failedBeforeOpen >= 2) this._forceRefresh = true;
+    }
+    if (this._attempts >= this.options.maxReconnectAttempts) {
+      this._giveUp(info, "gave up after " + this._attempts + " reconnect attempts");
+      return;
+    }
+    let d = delay;
+    if (d === undefined) {
+      if (this._drainRetry !== null) {
+        d = Math.round(this._drainRetry * (1 + Math.min(1, Math.max(0, this.options.backoffJitter)) * this.options.random() * 0.5));
+      } else {
+        d = backoffDelay(this._attempts, this.options, this.options.random);
+      }
+    }
+    this._drainRetry = null;
+    this._attempts++;
+    this._setState("reconnecting");
+    if (this._hidden) {
+      this._reconnectOnShow = true;
+      return;
+    }
+    this.emit("reconnecting", { attempt: this._attempts, delay: d });
+    this._setTimer("reconnect", d, () => this._openSocket());
+  }
+
+  _giveUp(info, why) {
+    this._stopped = true;
+    this._clearAllTimers();
+    const err = new GatewayError(ErrorCodes.CLOSED, why + " (" + info.code + (info.reason ? " " + info.reason : "") + ")");
+    this._failQueue(err);
+    this._rooms.forEach((r) => this._settleWaiters(r, null, err));
+    this._rejectConnectWaiters(err);
+    this._setState("closed");
+    this.emit("close", { code: info.code, reason: info.reason, final: true });
+  }
+
+  _closedError() {
+    return new GatewayError(ErrorCodes.CLOSED, "client closed");
+  }
+
+  _rejectConnectWaiters(err) {
+    const w = this._connectWaiters;
+    this._connectWaiters = [];
+    for (let i = 0; i < w.length; i++) w[i].reject(err);
+  }
+
+  // ------------------------------------------------------------------ frames
+
+  _sendFrame(frame) {
+    const sock = this._sock;
+    if (!sock) return false;
+    let ok = false;
+    try {
+      ok = sock.send(JSON.stringify(frame)) !== false;
+    } catch (e) {
+      ok = false;
+    }
+    if (!ok) this._drop(1006, "send failed");
+    return ok;
+  }
+
+  _onText(text) {
+    this._lastRecv = now();
+    this._missed = 0;
+    let f;
+    try {
+      f = JSON.parse(text);
+    } catch (e) {
+      this.emit("error", new Error("livegate: invalid JSON frame"));
+      return;
+    }
+    if (!f || typeof f !== "object") return;
+    this.emit("frame", f);
+    this._dispatch(f, false);
+  }
+
+  _dispatch(f, inBatch) {
+    switch (f.op) {
+      case "connected":
+        if (!inBatch) this._onConnected(f);
+        break;
+      case "pong":
+        break;
+      case "msg":
+        this._onRoomMessage(f);
+        break;
+      case "batch": {
+        // Entries are `msg` frames, and also the room's `presence` events of the window.
+        if (inBatch) break;
+        const msgs = Array.isArray(f.msgs) ? f.msgs : [];
+        for (let i = 0; i < msgs.length; i++) {
+          const m = msgs[i];
+          if (!m || typeof m !== "object") continue;
+          if (m.room === undefined) m.room = f.room;
+          if (m.op === undefined) m.op = "msg";
+          this._dispatch(m, true);
+        }
+        break;
+      }
+      case "ack":
+      case "error":
+        this._onReply(f);
+        break;
+      case "presence":
+        // "banned"/"closed": the server removed this connection from the room.
+        if ((f.event === "banned" || f.event === "closed") && f.room && (f.user === undefined || f.user === this.user)) this._onRemoved(f);
+        this.emit("presence", f);
+        break;
+      case "push":
+        this.emit("push", f);
+        break;
+      case "drain":
+        this._onDrain(f);
+        break;
+      default:
+        break;
+    }
+  }
+
+  _onConnected(f) {
+    this._clearTimer("connect");
+    this.connectedFrame = f;
+    this.session = f.session;
+    this.user = f.user;
+    this._failedBeforeOpen = 0;
+    this._forceRefresh = false;
+    const hb = typeof f.heartbeat === "number" && f.heartbeat > 0 ? f.heartbeat * 1000 : 30000;
+    this._idleTimeout = typeof f.idle_timeout === "number" && f.idle_timeout > 0 ? f.idle_timeout * 1000 : hb * 3;
+    this._hbInterval = this.options.heartbeatInterval > 0 ? Math.min(this.options.heartbeatInterval, hb) : hb;
+    this._missed = 0;
+    this._lastPing = 0;
+    this._setState("open");
+    this._scheduleHeartbeat();
+    this.emit("connected", f);
+    const w = this._connectWaiters;
+    this._connectWaiters = [];
+    for (let i = 0; i < w.length; i++) w[i].resolve(f);
+    // Rejoin (resume) every room, then flush the offline queue.
+    const gen = this._gen;
+    const rooms = Array.from(this._rooms.values());
+    let left = rooms.length;
+    const done = () => {
+      if (--left > 0 || gen !== this._gen) return;
+      this._attempts = 0;
+      this._flushQueue();
+      this.emit("ready");
+    };
+    if (!left) {
+      left = 1;
+      done();
+      return;
+    }
+    for (let i = 0; i < rooms.length; i++) this._sendJoin(rooms[i], done);
+  }
+
+  _onDrain(f) {
+    const ms = typeof f.retry_ms === "number" && f.retry_ms >= 0 ? f.retry_ms : null;
+    this.emit("drain", f);
+    this._drainRetry = ms;
+    // The server closes with 1012 next; do not depend on that close arriving.
+    this._drop(1012, "server draining");
+  }
+
+  // ------------------------------------------------------------------ heartbeat
+
+  _scheduleHeartbeat() {
+    this._clearTimer("heartbeat");
+    if (this._hidden || this.state !== "open") return;
+    this._setTimer("heartbeat", this._hbInterval, () => this._heartbeatTick());
+  }
+
+  _heartbeatTick() {
+    if (this.state !== "open" || this._hidden) return;
+    if (this._lastPing && this._lastRecv < this._lastPing) {
+      this._missed++;
+      if (this._missed >= this.options.maxMissedPongs) {
+        this._drop(1006, "heartbeat timeout: " + this._missed + " pongs missed");
+        return;
+      }
+    } else {
+      this._missed = 0;
+    }
+    this._lastPing = now();
+    if (this._sendFrame({ op: "ping" })) this._scheduleHeartbeat();
+  }
+
+  // ------------------------------------------------------------------ requests
+
+  _request(frame, kind) {
+    return new Promise((resolve, reject) => {
+      if (this.state !== "open" || !this._sock) {
+        reject(new GatewayError(ErrorCodes.OFFLINE, "not connected"));
+        return;
+      }
+      this._sendRequest(frame, kind, resolve, reject);
+    });
+  }
+
+  _sendRequest(frame, kind, resolve, reject, room) {
+    const id = this._nextId++;
+    frame.id = id;
+    const entry = { kind: kind, room: room || null, resolve: resolve, reject: reject, timer: null };
+    entry.timer = setTimeout(() => {
+      if (this._pending.get(id) !== entry) return;
+      this._pending.delete(id);
+      this._onRequestTimeout(entry, frame);
+    }, this.options.requestTimeout);
+    this._pending.set(id, entry);
+    this._sendFrame(frame);
+    return id;
+  }
+
+  _onRequestTimeout(entry, frame) {
+    const err = new GatewayError(ErrorCodes.TIMEOUT, "no reply to " + frame.op + " within " + this.options.requestTimeout + " ms", frame.id);
+    entry.reject(err);
+  }
+
+  _onReply(f) {
+    const entry = f.id === undefined || f.id === null ? null : this._pending.get(f.id);
+    if (!entry) {
+      if (f.op === "error") this.emit("error", new GatewayError(f.code, f.message || "", f.id, f));
+      return;
+    }
+    this._pending.delete(f.id);
+    clearTimeout(entry.timer);
+    if (f.op === "ack") entry.resolve(f);
+    else entry.reject(new GatewayError(f.code, f.message || "", f.id, f));
+  }
+
+  _failPending(err, all) {
+    const pending = this._pending;
+    this._pending = new Map();
+    pending.forEach((entry) => {
+      clearTimeout(entry.timer);
+      if (entry.kind === "join" && !all) return; // rooms are rejoined on the next connection
+      if (entry.kind === "leave" && !all) entry.resolve({ op: "ack", local: true });
+      else entry.reject(err);
+    });
+  }
+
+  // ------------------------------------------------------------------ rooms
+
+  _sendJoin(r, done) {
+    const frame = { op: "join", room: r.name };
+    const resumed = r.epoch !== null;
+    if (resumed) frame.resume = { seq: r.seq, epoch: r.epoch };
+    else if (r.history > 0) frame.history = Math.min(50, r.history);
+    r.joining = true;
+    r.early = [];
+    const gen = this._gen;
+    const finish = () => {
+      if (done) done();
+    };
+    const ok = (ack) => {
+      if (this._rooms.get(r.name) !== r || gen !== this._gen) return finish();
+      this._onJoinAck(r, ack, resumed);
+      finish();
+    };
+    const fail = (err) => {
+      if (this._rooms.get(r.name) !== r || gen !== this._gen) return finish();
+      r.joining = false;
+      if (err.code === ErrorCodes.TIMEOUT && r.acked) {
+        // A resume that got no answer: the connection is not healthy.
+        finish();
+        this._drop(1006, "no reply to a resume join");
+        return;
+      }
+      this._rooms.delete(r.name);
+      if (r.acked) this.emit("error", new GatewayError(err.code, "rejoining " + r.name + " failed: " + (err.reason || ""), err.id, err.frame));
+      this._settleWaiters(r, null, err);
+      finish();
+    };
+    this._sendRequest(frame, "join", ok, fail, r);
+  }
+
+  _onJoinAck(r, ack, resumed) {
+    r.joining = false;
+    r.active = true;
+    const epoch = ack.epoch === undefined ? null : ack.epoch;
+    let resync = null;
+    if (resumed && r.epoch !== null && epoch !== null && epoch !== r.epoch) resync = "epoch changed";
+    else if (resumed && ack.recovered === false) resync = "history gap could not be filled";
+    if (resync && epoch !== r.epoch) r.seq = 0;
+    r.epoch = epoch;
+    const msgs = Array.isArray(ack.msgs) ? ack.msgs : [];
+    for (let i = 0; i < msgs.length; i++) {
+      const m = msgs[i];
+      if (m && typeof m === "object") {
+        if (m.room === undefined) m.room = r.name;
+        this._deliver(r, m, true);
+      }
+    }
+    if (typeof ack.seq === "number" && ack.seq > r.seq) r.seq = ack.seq;
+    const early = r.early;
+    r.early = [];
+    for (let i = 0; i < early.length; i++) this._deliver(r, early[i], false);
+    r.acked = true;
+    r.lastAck = ack;
+    this.emit("joined", { room: r.name, ack: ack, resumed: resumed });
+    if (resync) this.emit("resync", { room: r.name, ack: ack, reason: resync });
+    this._settleWaiters(r, ack, null);
+    this._flushQueue();
+  }
+
+  _onRemoved(f) {
+    const r = this._rooms.get(f.room);
+    if (!r) return;
+    this._rooms.delete(f.room);
+    const err = f.event === "banned" ? new GatewayError(4010, "banned from " + f.room, null, f) : new GatewayError(ErrorCodes.CLOSED, f.room + " was closed", null, f);
+    this._settleWaiters(r, null, err);
+    const keep = [];
+    for (let i = 0; i < this._queue.length; i++) {
+      const item = this._queue[i];
+      if (item.frame.room === f.room) item.reject(err);
+      else keep.push(item);
+    }
+    this._queue = keep;
+    this.emit("removed", { room: f.room, reason: f.event, frame: f });
+  }
+
+  _settleWaiters(r, ack, err) {
+    const w = r.waiters;
+    r.waiters = [];
+    for (let i = 0; i < w.length; i++) {
+      if (err) w[i].reject(err);
+      else w[i].resolve(ack);
+    }
+  }
+
+  _onRoomMessage(m) {
+    const r = this._rooms.get(m.room);
+    if (!r) return; // left, or never joined
+    if (!r.active) {
+      if (r.early.length < MAX_EARLY) r.early.push(m);
+      return;
+    }
+    this._deliver(r, m, false);
+  }
+
+  _deliver(r, m, replay) {
+    const seq = typeof m.seq === "number" ? m.seq : 0;
+    if (seq > 0) {
+      if (!replay && m.epoch !== undefined && r.epoch !== null && m.epoch !== r.epoch) {
+        this.emit("resync", { room: r.name, ack: null, reason: "epoch changed" });
+        r.epoch = m.epoch;
+        r.seq = 0;
+      }
+      if (seq <= r.seq) return; // duplicate (resume overlap, history + live)
+      if (!replay && r.acked && r.seq > 0 && seq > r.seq + 1) this.emit("gap", { room: r.name, from: r.seq + 1, to: seq - 1 });
+      r.seq = seq;
+    }
+    this.emit("message", m);
+    if (r.handler) {
+      try {
+        r.handler(m);
+      } catch (e) {
+        this.emit("listenerError", e, "message");
+      }
+    }
+  }
+
+  // ------------------------------------------------------------------ offline queue
+
+  /** Whether a publish into `room` can go out now: connected, the room (if joined) is
+   * joined on this connection, and no earlier publish into it is still queued. */
+  _canSend(room) {
+    if (!this._roomSendable(room)) return false;
+    for (let i = 0; i < this._queue.length; i++) if (this._queue[i].frame.room === room) return false;
+    return true;
+  }
+
+  _roomSendable(room) {
+    if (this.state !== "open" || !this._sock) return false;
+    const r = this._rooms.get(room);
+    return !r || r.active;
+  }
+
+  _enqueue(item) {
+    if (this._stopped && this.state === "closed") {
+      item.reject(this._closedError());
+      return;
+    }
+    if (this.options.offline === "reject") {
+      item.reject(new GatewayError(ErrorCodes.OFFLINE, "not connected: publish rejected (offline: \"reject\")"));
+      this._autoConnect();
+      return;
+    }
+    if (this._queue.length >= this.options.offlineQueueSize) {
+      item.reject(new GatewayError(ErrorCodes.QUEUE_FULL, "not connected and the offline queue is full (" + this.options.offlineQueueSize + ")"));
+      return;
+    }
+    this._queue.push(item);
+    this._autoConnect();
+  }
+
+  /** Send the queued publishes whose room is ready (order kept within each room). */
+  _flushQueue() {
+    if (!this._queue.length) return;
+    const q = this._queue;
+    const keep = [];
+    const blocked = {};
+    this._queue = keep;
+    for (let i = 0; i < q.length; i++) {
+      const item = q[i];
+      const room = item.frame.room;
+      if (!blocked[room] && this._roomSendable(room)) this._sendRequest(item.frame, "publish", item.resolve, item.reject);
+      else {
+        blocked[room] = true;
+        keep.push(item);
+      }
+    }
+  }
+
+  _failQueue(err) {
+    const q = this._queue;
+    this._queue = [];
+    for (let i = 0; i < q.length; i++) q[i].reject(err);
+  }
+
+  // ------------------------------------------------------------------ token
+
+  _tokenExpiresWithin(ms) {
+    const exp = jwtExp(this._token);
+    return exp !== null && exp * 1000 - now() <= ms;
+  }
+
+  _refreshToken() {
+    if (this._tokenPromise) return this._tokenPromise;
+    const old = this._token;
+    const p = Promise.resolve()
+      .then(() => this.options.getToken(old))
+      .then(
+        (token) => {
+          if (this._tokenPromise === p) this._tokenPromise = null;
+          if (!token || typeof token !== "string") throw new Error("livegate: getToken returned no token");
+          this._token = token;
+          this._forceRefresh = false;
+          this.emit("token", token);
+          this._scheduleTokenRefresh();
+          return token;
+        },
+        (e) => {
+          if (this._tokenPromise === p) this._tokenPromise = null;
+          throw e;
+        }
+      );
+    this._tokenPromise = p;
+    p.catch((e) => {
+      // Try again in a while (the connection logic also retries on its own).
+      this.emit("error", e instanceof Error ? e : new Error(String(e)));
+      if (!this._stopped) this._setTimer("token", 5000, () => this._refreshToken().catch(noop));
+    });
+    return p;
+  }
+
+  _scheduleTokenRefresh() {
+    this._clearTimer("token");
+    if (!this.options.getToken || this._stopped) return;
+    const exp = jwtExp(this._token);
+    if (exp === null) return;
+    const left = exp * 1000 - now();
+    const margin = Math.min(this.options.tokenRefreshMargin, left / 2);
+    const delay = Math.min(MAX_TIMER, Math.max(0, left - margin));
+    this._setTimer("token", delay, () => this._refreshToken().catch(noop));
+  }
+
+  _maybeRefreshTokenSoon() {
+    if (this.options.getToken && this._tokenExpiresWithin(this.options.tokenRefreshMargin)) this._refreshToken().catch(noop);
+  }
+
+  // ------------------------------------------------------------------ timers
+
+  _setTimer(name, ms, fn) {
+    this._clearTimer(name);
+    this._timers[name] = setTimeout(() => {
+      this._timers[name] = null;
+      fn();
+    }, Math.max(0, ms));
+  }
+
+  _clearTimer(name) {
+    if (this._timers[name]) {
+      clearTimeout(this._timers[name]);
+      this._timers[name] = null;
+    }
+  }
+
+  _clearAllTimers() {
+    for (const k in this._timers) this._clearTimer(k);
+  }
+}
+
+/** `new Client(options)` and start connecting. */
+export function connect(options) {
+  const c = new Client(options);
+  c.connect().catch(noop);
+  return c;
+}

@@ -1,0 +1,31 @@
+// Errors: server error codes are numbers (docs/protocol.md); client-side ones are strings.
+
+/** Client-side error codes (strings, so they never collide with the server's numbers). */
+export const ErrorCodes = {
+  /** publish while disconnected with `offline: "reject"` */
+  OFFLINE: "E_OFFLINE",
+  /** publish while disconnected and the offline queue is full */
+  QUEUE_FULL: "E_QUEUE_FULL",
+  /** no ack within `requestTimeout` */
+  TIMEOUT: "E_TIMEOUT",
+  /** the connection dropped after a publish was sent and before its ack: it may or may not
+   * have been delivered */
+  CONNECTION_LOST: "E_CONNECTION_LOST",
+  /** `client.close()` was called, or the server ended the session for good (kicked,
+   * replaced by a newer login) */
+  CLOSED: "E_CLOSED",
+};
+
+/** A rejected request. `code` is the server's error code (a number, e.g. 4029 rate limited,
+ * 4003 forbidden) or one of `ErrorCodes` (a string). `id` is the request id, `frame` the
+ * server's error frame (if any). */
+export class GatewayError extends Error {
+  constructor(code, message, id, frame) {
+    super(code + ": " + message);
+    this.name = "GatewayError";
+    this.code = code;
+    this.reason = message;
+    this.id = id === undefined ? null : id;
+    this.frame = frame || null;
+  }
+}

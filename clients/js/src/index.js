@@ -1,0 +1,8 @@
+// livegate: the JavaScript SDK of the live-chat gateway (ES module entry point).
+// The single-file build (dist/livegate.js) exports the same names.
+
+export { Client, connect, backoffDelay, DEFAULTS, VERSION } from "./client.js";
+export { GatewayError, ErrorCodes } from "./errors.js";
+export { Emitter } from "./emitter.js";
+export { createAdapter, browserAdapter, miniProgramAdapter, miniProgramMessageText, detectPlatform } from "./adapters.js";
+export { jwtExp, truncateUtf8, utf8Length, utf8Decode, base64Decode } from "./util.js";

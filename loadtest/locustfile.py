@@ -1,0 +1,535 @@
+"""Locust scenarios for the live-chat gateway (WebSocket users, docs/protocol.md).
+
+Start a gateway with the load-test config, then run locust headless:
+
+    gateway run -c loadtest/locust.toml --port 8080 --api-port 8081 &
+    locust -f loadtest/locustfile.py --headless -u 200 -r 50 -t 1m --host ws://127.0.0.1:8080/ws
+
+User classes (pick some by naming them after the options, e.g. `locust ... ChatterUser`):
+
+* ``ViewerUser``       joins a live room, receives, sends heartbeats, and now and then drops
+                       the socket (app backgrounded) and comes back with ``resume: {seq, epoch}``;
+* ``ChatterUser``      publishes chat messages at ``--chat-rate`` msgs/s into a live room;
+* ``GiftUser``         sends gifts (high priority) at ``--gift-rate`` msgs/s;
+* ``ReconnectStormUser`` connects, joins and disconnects in a tight loop;
+* ``CustomerServiceUser`` a customer and an agent in a one-to-one ``cs:`` room: the customer
+                       asks, the agent answers what it received.
+
+What appears in locust's statistics (request type / name):
+
+* ``WS connect``            TCP + upgrade + the ``connected`` frame;
+* ``WS join`` / ``WS resume`` join ack time (resume: ``recovered`` true or false in the name);
+* ``WS publish-ack chat|gift|cs`` publish to ack time (errors such as 4029 are failures);
+* ``WS ping``               app-level ping to pong;
+* ``RECV msg chat|gift|cs`` receive latency: now minus the publisher's timestamp ``t``
+                            (ms) embedded in the message data (same machine clock);
+* ``WS disconnect``         unexpected closes (failures, with the close code).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import itertools
+import json
+import os
+import random
+import socket
+import struct
+import time
+from typing import Any
+from urllib.parse import urlsplit
+
+import gevent
+import gevent.event
+import gevent.lock
+from gevent.event import AsyncResult
+from locust import User, between, constant_throughput, events, task
+
+_ids = itertools.count(1)
+ACK_TIMEOUT = 10.0
+
+
+@events.init_command_line_parser.add_listener
+def _options(parser: Any) -> None:
+    parser.add_argument("--live-rooms", type=int, default=2, env_var="LOCUST_LIVE_ROOMS",
+                        help="number of live rooms (live:lt-0 ..) users spread over")
+    parser.add_argument("--chat-rate", type=float, default=1.0, env_var="LOCUST_CHAT_RATE",
+                        help="chat messages per second per ChatterUser")
+    parser.add_argument("--gift-rate", type=float, default=0.5, env_var="LOCUST_GIFT_RATE",
+                        help="gifts per second per GiftUser")
+    parser.add_argument("--heartbeat", type=float, default=5.0, env_var="LOCUST_HEARTBEAT",
+                        help="seconds between app-level pings of a viewer")
+    parser.add_argument("--drop-chance", type=float, default=0.1, env_var="LOCUST_DROP_CHANCE",
+                        help="chance per viewer heartbeat that the app is backgrounded (socket dropped)")
+    parser.add_argument("--recv-sample", type=int, default=1, env_var="LOCUST_RECV_SAMPLE",
+                        help="report the receive latency of every K-th message (big rooms)")
+
+
+def ws_url(host: str, user: str) -> str:
+    """``--host`` (ws://, wss:// or http://host:port[/path]) -> the endpoint for ``user``."""
+    if host.startswith("http"):
+        host = "ws" + host[4:]
+    if "://" not in host:
+        host = "ws://" + host
+    scheme, rest = host.split("://", 1)
+    if "/" not in rest:
+        rest += "/ws"
+    sep = "&" if "?" in rest else "?"
+    return f"{scheme}://{rest}{sep}user={user}"
+
+
+def now_ms() -> float:
+    return time.time() * 1000.0
+
+
+class WebSocket:
+    """A minimal RFC 6455 client on a plain socket (cooperative under locust's gevent
+    monkey-patching; no extra dependency). Text frames, fragmentation, ping/pong, close."""
+
+    OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
+    GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+    def __init__(self, url: str, subprotocol: str = "gateway.v1", timeout: float = 10.0) -> None:
+        u = urlsplit(url)
+        if u.scheme != "ws":
+            raise ValueError(f"only ws:// URLs are supported (got {url})")
+        port = u.port or 80
+        path = (u.path or "/") + (f"?{u.query}" if u.query else "")
+        self.sock = socket.create_connection((u.hostname, port), timeout=timeout)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.lock = gevent.lock.Semaphore()
+        self.buf = b""
+        key = base64.b64encode(os.urandom(16))
+        req = (f"GET {path} HTTP/1.1\r\nHost: {u.hostname}:{port}\r\nUpgrade: websocket\r\n"
+               f"Connection: Upgrade\r\nSec-WebSocket-Key: {key.decode()}\r\nSec-WebSocket-Version: 13\r\n"
+               + (f"Sec-WebSocket-Protocol: {subprotocol}\r\n" if subprotocol else "") + "\r\n")
+        self.sock.sendall(req.encode())
+        while b"\r\n\r\n" not in self.buf:
+            chunk = self.sock.recv(4096)
+            if not chunk:
+                raise ConnectionError("connection closed during the upgrade")
+            self.buf += chunk
+            if len(self.buf) > 16384:
+                raise ConnectionError("upgrade response too large")
+        head, self.buf = self.buf.split(b"\r\n\r\n", 1)
+        lines = head.decode("latin-1").split("\r\n")
+        if len(lines[0].split()) < 2 or lines[0].split()[1] != "101":
+            raise ConnectionError(f"upgrade refused: {lines[0]}")
+        headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:])}
+        accept = base64.b64encode(hashlib.sha1(key + self.GUID).digest()).decode()
+        if headers.get("sec-websocket-accept") != accept:
+            raise ConnectionError("bad Sec-WebSocket-Accept")
+
+    def settimeout(self, t: float | None) -> None:
+        self.sock.settimeout(t)
+
+    def _send_frame(self, opcode: int, payload: bytes) -> None:
+        n = len(payload)
+        head = bytes([0x80 | opcode])
+        if n < 126:
+            head += bytes([0x80 | n])
+        elif n < 65536:
+            head += bytes([0x80 | 126]) + struct.pack("!H", n)
+        else:
+            head += bytes([0x80 | 127]) + struct.pack("!Q", n)
+        mask = os.urandom(4)
+        if n:
+            m = int.from_bytes((mask * (n // 4 + 1))[:n], "big")
+            payload = (int.from_bytes(payload, "big") ^ m).to_bytes(n, "big")
+        with self.lock:
+            self.sock.sendall(head + mask + payload)
+
+    def send(self, text: str) -> None:
+        self._send_frame(self.OP_TEXT, text.encode())
+
+    def _read(self, n: int) -> bytes:
+        while len(self.buf) < n:
+            chunk = self.sock.recv(max(65536, n - len(self.buf)))
+            if not chunk:
+                raise ConnectionError("connection closed")
+            self.buf += chunk
+        out, self.buf = self.buf[:n], self.buf[n:]
+        return out
+
+    def recv_data(self) -> tuple[int, bytes]:
+        """The next message: (opcode, payload). Pings are answered here."""
+        parts: list[bytes] = []
+        first_op = None
+        while True:
+            b0, b1 = self._read(2)
+            fin, op, n = b0 & 0x80, b0 & 0x0F, b1 & 0x7F
+            if n == 126:
+                n = struct.unpack("!H", self._read(2))[0]
+            elif n == 127:
+                n = struct.unpack("!Q", self._read(8))[0]
+            mask = self._read(4) if b1 & 0x80 else None
+            payload = self._read(n)
+            if mask:
+                payload = bytes(c ^ mask[i % 4] for i, c in enumerate(payload))
+            if op == self.OP_PING:
+                self._send_frame(self.OP_PONG, payload)
+                continue
+            if op == self.OP_PONG:
+                continue
+            if op == self.OP_CLOSE:
+                return op, payload
+            if op != self.OP_CONT:
+                first_op = op
+            parts.append(payload)
+            if fin:
+                return first_op or self.OP_TEXT, b"".join(parts)
+
+    def recv(self) -> str:
+        op, payload = self.recv_data()
+        if op == self.OP_CLOSE:
+            raise ConnectionError("closed by server")
+        return payload.decode()
+
+    def close(self, code: int = 1000) -> None:
+        try:
+            self._send_frame(self.OP_CLOSE, struct.pack("!H", code))
+        finally:
+            self.shutdown()
+
+    def shutdown(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+
+
+class GatewayClient:
+    """One WebSocket of a locust user: request/ack bookkeeping, a receiver greenlet that
+    reports receive latency, and room positions (seq, epoch) for resume."""
+
+    def __init__(self, user: User, uid: str) -> None:
+        self.user = user
+        self.env = user.environment
+        self.uid = uid
+        self.ws: WebSocket | None = None
+        self.reader: gevent.Greenlet | None = None
+        self.pending: dict[int, tuple[float, str, str, AsyncResult | None]] = {}
+        self.next_id = 1
+        self.rooms: dict[str, dict[str, Any]] = {}  # room -> {"seq": n, "epoch": e}
+        self.closing = False
+        self.sample_every = max(1, getattr(self.env.parsed_options, "recv_sample", 1) or 1)
+        self._sample = 0
+        self.inbox: list[dict] = []  # room messages, kept only when ``keep_inbox``
+        self.keep_inbox = False
+        self.inbox_event = gevent.event.Event()
+
+    # -- reporting
+    def fire(self, rtype: str, name: str, ms: float, exc: Exception | None = None, length: int = 0) -> None:
+        self.env.events.request.fire(request_type=rtype, name=name, response_time=ms, response_length=length,
+                                     exception=exc, context={"user": self.uid})
+
+    # -- connection
+    def connect(self) -> bool:
+        self.closing = False
+        t0 = time.perf_counter()
+        try:
+            ws = WebSocket(ws_url(self.user.host, self.uid), timeout=10)
+            first = json.loads(ws.recv())
+            if first.get("op") != "connected":
+                raise RuntimeError(f"expected connected, got {first.get('op')}")
+        except Exception as e:  # noqa: BLE001 (any failure is a failed connect)
+            self.fire("WS", "connect", (time.perf_counter() - t0) * 1000, e)
+            return False
+        self.fire("WS", "connect", (time.perf_counter() - t0) * 1000)
+        ws.settimeout(None)
+        self.ws = ws
+        self.reader = gevent.spawn(self._read_loop, ws)
+        return True
+
+    def close(self, abrupt: bool = False) -> None:
+        """Close (``abrupt``: drop the TCP connection without a close frame, like a killed app)."""
+        self.closing = True
+        ws, self.ws = self.ws, None
+        if ws is not None:
+            try:
+                if abrupt:
+                    ws.shutdown()
+                else:
+                    ws.close()
+            except OSError:
+                pass  # already gone: that is what closing wants
+        if self.reader is not None:
+            self.reader.join(timeout=2)
+            self.reader.kill(block=False)
+            self.reader = None
+        for _t0, _kind, _name, res in self.pending.values():
+            if res is not None:
+                res.set(None)
+        self.pending.clear()
+
+    # -- requests
+    def request(self, frame: dict, kind: str, name: str, wait: bool = False) -> dict | None:
+        """Send ``frame`` with a fresh id; its ack/error is reported as (kind, name).
+        With ``wait`` the ack (or None on error/timeout/close) is returned."""
+        if self.ws is None:
+            return None
+        rid = self.next_id
+        self.next_id += 1
+        frame["id"] = rid
+        res = AsyncResult() if wait else None
+        self.pending[rid] = (time.perf_counter(), kind, name, res)
+        try:
+            self.ws.send(json.dumps(frame))
+        except Exception as e:  # noqa: BLE001
+            self.pending.pop(rid, None)
+            self.fire(kind, name, 0, e)
+            return None
+        if res is None:
+            return None
+        try:
+            return res.get(timeout=ACK_TIMEOUT)
+        except gevent.Timeout:
+            if self.pending.pop(rid, None) is not None:
+                self.fire(kind, name, ACK_TIMEOUT * 1000, TimeoutError(f"no ack within {ACK_TIMEOUT} s"))
+            return None
+
+    def join(self, room: str, resume: bool = False) -> dict | None:
+        frame: dict[str, Any] = {"op": "join", "room": room}
+        pos = self.rooms.get(room)
+        name = "join"
+        if resume and pos and pos.get("epoch") is not None:
+            frame["resume"] = {"seq": pos["seq"], "epoch": pos["epoch"]}
+            name = "resume"
+        ack = self.request(frame, "WS", name, wait=True)
+        if ack is not None:
+            seq = max(ack.get("seq", 0), *(m.get("seq", 0) for m in ack.get("msgs", [])), 0)
+            self.rooms[room] = {"seq": seq, "epoch": ack.get("epoch")}
+        return ack
+
+    def publish(self, room: str, mtype: str, payload: dict | None = None, name: str | None = None) -> None:
+        data = {"t": now_ms(), **(payload or {})}
+        self.request({"op": "publish", "room": room, "type": mtype, "data": data}, "WS", f"publish-ack {name or mtype}")
+
+    def ping(self) -> None:
+        self.request({"op": "ping"}, "WS", "ping")
+
+    def check_timeouts(self) -> None:
+        limit = time.perf_counter() - ACK_TIMEOUT
+        for rid, (t0, kind, name, res) in list(self.pending.items()):
+            if t0 < limit and res is None:
+                del self.pending[rid]
+                self.fire(kind, name, ACK_TIMEOUT * 1000, TimeoutError(f"no reply within {ACK_TIMEOUT} s"))
+
+    # -- receiving
+    def _read_loop(self, ws: WebSocket) -> None:
+        while True:
+            try:
+                opcode, payload = ws.recv_data()
+            except Exception as e:  # noqa: BLE001
+                if not self.closing:
+                    self.fire("WS", "disconnect", 0, e)
+                    self.ws = None
+                return
+            if opcode == WebSocket.OP_CLOSE:
+                if not self.closing:
+                    code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
+                    self.fire("WS", "disconnect", 0, ConnectionError(f"closed by server: {code}"))
+                    self.ws = None
+                return
+            if opcode != WebSocket.OP_TEXT:
+                continue
+            try:
+                self._on_frame(json.loads(payload))
+            except Exception as e:  # noqa: BLE001 (report, keep reading)
+                self.fire("WS", "bad frame", 0, e)
+
+    def _on_frame(self, f: dict) -> None:
+        op = f.get("op")
+        if op == "msg":
+            self._on_msg(f)
+        elif op == "batch":
+            for m in f.get("msgs", []):
+                self._on_msg(m)
+        elif op in ("ack", "pong", "error"):
+            rid = f.get("id")
+            if op == "pong" and rid is None:
+                # pongs carry no id: match the oldest pending ping
+                rid = next((k for k, v in self.pending.items() if v[2] == "ping"), None)
+            entry = self.pending.pop(rid, None) if rid is not None else None
+            if entry is None:
+                if op == "error":
+                    self.fire("WS", "error (no request)", 0, RuntimeError(f"{f.get('code')}: {f.get('message')}"))
+                return
+            t0, kind, name, res = entry
+            ms = (time.perf_counter() - t0) * 1000
+            if op == "error":
+                self.fire(kind, name, ms, RuntimeError(f"{f.get('code')}: {f.get('message')}"))
+                if res is not None:
+                    res.set(None)
+            else:
+                if name == "resume":
+                    name = f"resume (recovered={str(f.get('recovered')).lower()})"
+                self.fire(kind, name, ms)
+                if res is not None:
+                    res.set(f)
+
+    def _on_msg(self, m: dict) -> None:
+        room = str(m.get("room"))
+        seq = m.get("seq") or 0
+        pos = self.rooms.get(room)
+        if pos is not None and seq:
+            if m.get("epoch") is not None:
+                pos["epoch"] = m["epoch"]
+            pos["seq"] = max(pos["seq"], seq)
+        data = m.get("data")
+        if isinstance(data, dict) and isinstance(data.get("t"), (int, float)):
+            self._sample += 1
+            if self._sample >= self.sample_every:
+                self._sample = 0
+                label = "cs" if room.startswith("cs:") else m.get("type", "?")
+                self.fire("RECV", f"msg {label}", max(0.0, now_ms() - data["t"]))
+        if self.keep_inbox:
+            self.inbox.append(m)
+            self.inbox_event.set()
+
+
+def live_room(user: User) -> str:
+    n = max(1, getattr(user.environment.parsed_options, "live_rooms", 2) or 1)
+    return f"live:lt-{random.randrange(n)}"
+
+
+class _GatewayUser(User):
+    abstract = True
+    kind = "user"
+
+    def on_start(self) -> None:
+        self.uid = f"{self.kind}-{os.getpid()}-{next(_ids)}"
+        self.client = GatewayClient(self, self.uid)
+        self.room = live_room(self)
+        self._connect_and_join()
+
+    def _connect_and_join(self, resume: bool = False) -> bool:
+        if not self.client.connect():
+            return False
+        return self.client.join(self.room, resume=resume) is not None
+
+    def _ensure(self) -> bool:
+        if self.client.ws is None:
+            return self._connect_and_join(resume=True)
+        return True
+
+    def on_stop(self) -> None:
+        self.client.close()
+
+
+class ViewerUser(_GatewayUser):
+    """Joins a live room, receives, heartbeats; sometimes backgrounded and resumed."""
+
+    weight = 4
+    kind = "viewer"
+
+    def wait_time(self) -> float:
+        return getattr(self.environment.parsed_options, "heartbeat", 5.0)
+
+    @task
+    def heartbeat(self) -> None:
+        if not self._ensure():
+            return
+        opts = self.environment.parsed_options
+        if random.random() < getattr(opts, "drop_chance", 0.1):
+            # App backgrounded: the OS kills the socket; messages keep flowing meanwhile.
+            self.client.close(abrupt=True)
+            gevent.sleep(random.uniform(0.5, 2.0))
+            self._connect_and_join(resume=True)
+        else:
+            self.client.ping()
+            self.client.check_timeouts()
+
+
+class ChatterUser(_GatewayUser):
+    """Publishes chat at --chat-rate msgs/s (and receives the room)."""
+
+    weight = 2
+    kind = "chatter"
+
+    def wait_time(self) -> float:
+        return constant_throughput(getattr(self.environment.parsed_options, "chat_rate", 1.0))(self)
+
+    @task
+    def chat(self) -> None:
+        if self._ensure():
+            self.client.publish(self.room, "chat", {"text": "hello from " + self.uid})
+            self.client.check_timeouts()
+
+
+class GiftUser(_GatewayUser):
+    """Sends high-priority gifts at --gift-rate msgs/s."""
+
+    weight = 1
+    kind = "gifter"
+
+    def wait_time(self) -> float:
+        return constant_throughput(getattr(self.environment.parsed_options, "gift_rate", 0.5))(self)
+
+    @task
+    def gift(self) -> None:
+        if self._ensure():
+            self.client.publish(self.room, "gift", {"gift": random.choice(["rose", "rocket", "car"]), "n": 1})
+            self.client.check_timeouts()
+
+
+class ReconnectStormUser(User):
+    """Connect, join, leave abruptly, again: a reconnect storm (e.g. after a network blip)."""
+
+    weight = 1
+    wait_time = between(0.05, 0.2)
+
+    def on_start(self) -> None:
+        self.uid = f"storm-{os.getpid()}-{next(_ids)}"
+        self.client = GatewayClient(self, self.uid)
+        self.room = live_room(self)
+
+    @task
+    def reconnect(self) -> None:
+        if self.client.connect():
+            self.client.join(self.room, resume=True)
+            self.client.close(abrupt=random.random() < 0.5)
+
+    def on_stop(self) -> None:
+        self.client.close()
+
+
+class CustomerServiceUser(User):
+    """A customer and an agent in a one-to-one ``cs:{session}`` room: the customer asks,
+    the agent replies to each question it receives."""
+
+    weight = 1
+    wait_time = between(0.5, 1.5)
+
+    def on_start(self) -> None:
+        n = next(_ids)
+        self.session = f"cs:lt-{os.getpid()}-{n}"
+        self.customer = GatewayClient(self, f"cust-{os.getpid()}-{n}")
+        self.agent = GatewayClient(self, f"agent-{os.getpid()}-{n}")
+        self.agent.keep_inbox = True
+        for c in (self.customer, self.agent):
+            if c.connect():
+                c.join(self.session)
+
+    @task
+    def ask_and_answer(self) -> None:
+        for c in (self.customer, self.agent):
+            if c.ws is None and c.connect():
+                c.join(self.session, resume=True)
+        if self.customer.ws is None or self.agent.ws is None:
+            return
+        self.agent.inbox_event.clear()
+        self.customer.publish(self.session, "chat", {"text": "where is my order?", "from": "customer"}, "cs")
+        if self.agent.inbox_event.wait(timeout=5):
+            asked = [m for m in self.agent.inbox if m.get("from") == self.customer.uid]
+            self.agent.inbox.clear()
+            if asked:
+                self.agent.publish(self.session, "chat", {"text": "on its way", "from": "agent"}, "cs")
+        self.customer.check_timeouts()
+        self.agent.check_timeouts()
+
+    def on_stop(self) -> None:
+        self.customer.close()
+        self.agent.close()

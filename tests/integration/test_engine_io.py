@@ -1,0 +1,365 @@
+"""Engine behaviour through real sockets: HTTP endpoints, subprotocols, fan-out to 1,000
+members, ordering, slow consumers, bad frames, heartbeats and graceful stop."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import struct
+import time
+from typing import Any
+
+import aiohttp
+import pytest
+from gwtest import GatewayProcess, uniq
+from gateway.client import GatewayClient
+from wsraw import (
+    OP_CLOSE,
+    OP_CONT,
+    OP_TEXT,
+    RawWS,
+    blocking_upgrade,
+    encode_frame,
+    http_get,
+)
+
+# ---- plain HTTP on the client port ----------------------------------------------------------
+
+
+async def test_healthz_and_non_upgrade_requests(gw: GatewayProcess) -> None:
+    status, _, body = await http_get(gw.host, gw.port, "/healthz")
+    assert (status, body.strip()) == (200, b"ok")
+    status, headers, _ = await http_get(gw.host, gw.port, "/ws")
+    assert status == 426
+    assert headers.get("sec-websocket-version") == "13"
+    status, _, _ = await http_get(gw.host, gw.port, "/no-such-page")
+    assert status == 404
+    # A WebSocket upgrade on another path is not served either.
+    ws = await RawWS.connect(gw.host, gw.port, "/elsewhere?user=x")
+    assert ws.status == 404
+    ws.close()
+
+
+# ---- subprotocols ----------------------------------------------------------------------------
+
+
+async def test_subprotocol_is_echoed(gw: GatewayProcess) -> None:
+    c = GatewayClient(gw.ws_url(), user=uniq("sp"), subprotocols=["x.unknown", "gateway.v1"])
+    await c.connect()
+    assert c.subprotocol == "gateway.v1"
+    await c.close()
+    # A client offering only something else still gets an echo (mini-programs fail without).
+    ws = await RawWS.connect(gw.host, gw.port, f"/ws?user={uniq('sp')}", protocols=("weird.v9",))
+    assert ws.status == 101
+    assert ws.headers.get("sec-websocket-protocol") == "weird.v9"
+    ws.close()
+    # Nothing offered, nothing echoed.
+    ws = await RawWS.connect(gw.host, gw.port, f"/ws?user={uniq('sp')}")
+    assert ws.status == 101
+    assert "sec-websocket-protocol" not in ws.headers
+    ws.close()
+
+
+# ---- application ping ------------------------------------------------------------------------
+
+
+async def test_application_ping_is_answered(gw: GatewayProcess) -> None:
+    ws = await RawWS.connect(gw.host, gw.port, f"/ws?user={uniq('ping')}", protocols=("gateway.v1",))
+    assert ws.status == 101
+    hello = await ws.recv_json()
+    assert hello["op"] == "connected" and hello["heartbeat"] == 30
+    before = time.time() * 1000
+    await ws.send_json({"op": "ping"})
+    pong = await ws.recv_json()
+    assert pong["op"] == "pong"
+    assert isinstance(pong["ts"], int) and pong["ts"] >= before - 5000
+    ws.close()
+
+
+# ---- fan-out: exact delivery to 1,000 members ---------------------------------------------------
+
+
+async def _raw_member(gw: GatewayProcess, user: str, room: str, sem: asyncio.Semaphore) -> RawWS:
+    async with sem:
+        ws = await RawWS.connect(gw.host, gw.port, f"/ws?user={user}", timeout=60)
+        assert ws.status == 101, ws.status
+        assert (await ws.recv_json(60))["op"] == "connected"
+        await ws.send_json({"op": "join", "id": 1, "room": room})
+        ack = await ws.recv_json(60)
+        assert ack["op"] == "ack" and ack["id"] == 1, ack
+        return ws
+
+
+async def _collect(ws: RawWS, n: int, timeout: float) -> list[dict[str, Any]]:
+    """Read until ``n`` room messages (batches unpacked) arrived."""
+    out: list[dict[str, Any]] = []
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while len(out) < n:
+        f = await ws.recv_json(max(0.01, deadline - loop.time()))
+        if f["op"] == "msg":
+            out.append(f)
+        elif f["op"] == "batch":
+            out.extend(f["msgs"])
+    return out
+
+
+async def test_exact_delivery_to_1000_members(gw: GatewayProcess) -> None:
+    room, members, n = f"live:{uniq('big')}", 1000, 20
+    sem = asyncio.Semaphore(100)
+    conns = await asyncio.gather(*(_raw_member(gw, f"{uniq('m')}", room, sem) for _ in range(members)))
+    try:
+        status, body = await gw.api("GET", f"/v1/rooms/{room}/presence")
+        assert status == 200 and body["conns"] == members, body
+        readers = [asyncio.ensure_future(_collect(ws, n, 120)) for ws in conns]
+        # Publish concurrently through the API: the server decides the order.
+        async with aiohttp.ClientSession(headers={"X-API-Key": gw.api_key or ""}) as s:
+
+            async def pub(i: int) -> int:
+                async with s.post(gw.api_url + "/v1/publish", json={"room": room, "data": {"i": i}}) as r:
+                    assert r.status == 200
+                    return int((await r.json())["seq"])
+
+            seqs = await asyncio.gather(*(pub(i) for i in range(n)))
+        assert sorted(seqs) == list(range(1, n + 1))
+        results = await asyncio.gather(*readers)
+        first = [m["data"]["i"] for m in results[0]]
+        assert sorted(first) == list(range(n))
+        for msgs in results:
+            # Every member got every message exactly once, in the same order, seq +1 each.
+            assert [m["seq"] for m in msgs] == list(range(1, n + 1))
+            assert [m["data"]["i"] for m in msgs] == first
+            assert all(m["room"] == room and m["op"] == "msg" for m in msgs)
+        # Nothing more is pending for anyone (no duplicates behind the n-th message):
+        # a final marker message is the next frame everyone sees.
+        readers = [asyncio.ensure_future(_collect(ws, 1, 60)) for ws in conns]
+        await gw.publish(room, {"end": True})
+        for (marker,) in await asyncio.gather(*readers):
+            assert marker["data"] == {"end": True} and marker["seq"] == n + 1
+    finally:
+        for ws in conns:
+            ws.close()
+
+
+async def test_per_room_ordering_with_concurrent_publishers(gw: GatewayProcess) -> None:
+    """Four publishers pipeline 10 messages each: every member sees seq 1..40 in order,
+    and each publisher's messages in the order it sent them."""
+    room = f"live:{uniq('order')}"
+    sem = asyncio.Semaphore(50)
+    members = await asyncio.gather(*(_raw_member(gw, uniq("om"), room, sem) for _ in range(50)))
+    pubs = [GatewayClient(gw.ws_url(), user=uniq("op")) for _ in range(4)]
+    try:
+        for p in pubs:
+            await p.connect()
+            await p.join(room)
+        readers = [asyncio.ensure_future(_collect(ws, 40, 60)) for ws in members]
+
+        async def burst(k: int, p: GatewayClient) -> list[dict[str, Any]]:
+            return list(await asyncio.gather(*(p.publish(room, {"p": k, "n": i}) for i in range(10))))
+
+        acks = await asyncio.gather(*(burst(k, p) for k, p in enumerate(pubs)))
+        assert sorted(a["seq"] for batch in acks for a in batch) == list(range(1, 41))
+        for msgs in await asyncio.gather(*readers):
+            assert [m["seq"] for m in msgs] == list(range(1, 41))
+            for k in range(4):
+                assert [m["data"]["n"] for m in msgs if m["data"]["p"] == k] == list(range(10))
+    finally:
+        for ws in members:
+            ws.close()
+        for p in pubs:
+            await p.close()
+
+
+# ---- bad frames --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "frames", "code"),
+    [
+        ("oversized frame", [encode_frame(OP_TEXT, b"", length=200_000)], 1009),
+        (
+            "oversized message in fragments",
+            [encode_frame(OP_TEXT, b"x" * 40_000, fin=False), encode_frame(OP_CONT, b"y" * 40_000, fin=True)],
+            1009,
+        ),
+        ("invalid UTF-8", [encode_frame(OP_TEXT, b'{"op":"\xff\xfe"}')], 1007),
+        ("invalid UTF-8 across fragments", [encode_frame(OP_TEXT, b"ok \xe2\x82", fin=False), encode_frame(OP_CONT, b"(", fin=True)], 1007),
+        ("unmasked frame", [encode_frame(OP_TEXT, b'{"op":"ping"}', mask=False)], 1002),
+        ("reserved opcode", [encode_frame(0x3, b"x")], 1002),
+        ("reserved bits without an extension", [encode_frame(OP_TEXT, b"x", rsv=0x4)], 1002),
+    ],
+)
+async def test_bad_frames_are_rejected(gw: GatewayProcess, name: str, frames: list[bytes], code: int) -> None:
+    room = f"live:{uniq('bad')}"
+    bystander = GatewayClient(gw.ws_url(), user=uniq("by"))
+    await bystander.connect()
+    await bystander.join(room)
+    ws = await RawWS.connect(gw.host, gw.port, f"/ws?user={uniq('bad')}")
+    assert ws.status == 101
+    assert (await ws.recv_json())["op"] == "connected"
+    for f in frames:
+        ws.writer.write(f)
+    await ws.writer.drain()
+    got, _reason, _ = await ws.recv_close(20)
+    assert got == code, f"{name}: expected close {code}, got {got}"
+    assert await ws.at_eof(20)
+    ws.close()
+    # Other connections are unaffected.
+    ack = await bystander.publish(room, {"after": name})
+    msg = await bystander.recv(10)
+    assert msg["seq"] == ack["seq"] and msg["data"] == {"after": name}
+    assert bystander.connected
+    await bystander.close()
+
+
+# ---- slow consumer ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_queue_gw(module_gateway_factory: Any) -> GatewayProcess:
+    return module_gateway_factory("limits.queue_bytes=65536", "deflate.enabled=false")  # type: ignore[no-any-return]
+
+
+async def test_slow_consumer_is_closed_and_others_get_everything(small_queue_gw: GatewayProcess) -> None:
+    gw = small_queue_gw
+    room = f"live:{uniq('slow')}"
+    normal = [GatewayClient(gw.ws_url(), user=uniq("fast")) for _ in range(3)]
+    for c in normal:
+        await c.connect()
+        await c.join(room)
+    slow = await asyncio.to_thread(blocking_upgrade, gw.host, gw.port, f"/ws?user={uniq('slow')}")
+    try:
+        slow.sendall(encode_frame(OP_TEXT, b'{"op":"join","id":1,"room":"' + room.encode() + b'"}'))
+        # Wait (bounded) until the server has the slow client in the room.
+        for _ in range(400):
+            _, body = await gw.api("GET", f"/v1/rooms/{room}/presence")
+            if body["conns"] == 4:
+                break
+            await asyncio.sleep(0.05)
+        assert body["conns"] == 4, body
+        base = (await gw.stats())["engine"]["close_slow_consumer"]
+        gift = "g" * 2000
+        sent = 0
+        got: list[list[int]] = [[] for _ in normal]
+        async with aiohttp.ClientSession(headers={"X-API-Key": gw.api_key or ""}) as s:
+            while sent < 5000:
+                # High-priority gifts, paced in rounds the normal clients absorb.
+                for _ in range(25):
+                    async with s.post(gw.api_url + "/v1/publish", json={"room": room, "type": "gift", "data": {"n": sent, "pad": gift}}) as r:
+                        assert r.status == 200, await r.text()
+                    sent += 1
+                for c, g in zip(normal, got):
+                    while len(g) < sent:
+                        g.append((await c.recv(30))["data"]["n"])
+                async with s.get(gw.api_url + "/v1/stats") as r:
+                    stats = await r.json()
+                if stats["engine"]["close_slow_consumer"] > base:
+                    break
+        assert stats["engine"]["close_slow_consumer"] == base + 1, "the non-reading client was not closed as a slow consumer"
+        # Every normal client got every gift, in order, and is still connected.
+        for c, g in zip(normal, got):
+            assert c.connected
+            assert g == list(range(sent))
+            assert c.recv_nowait() is None
+        # The slow client's TCP connection is closed by the server (after the frames it
+        # had buffered; a close frame, if it got through, says 4008).
+        code = await asyncio.to_thread(_drain_until_closed, slow, 30.0)
+        assert code in (None, 4008), code
+        _, body = await gw.api("GET", f"/v1/rooms/{room}/presence")
+        assert body["conns"] == 3
+    finally:
+        slow.close()
+        for c in normal:
+            await c.close()
+
+
+def _drain_until_closed(sock: Any, timeout: float) -> int | None:
+    """Read a raw socket to its end; returns the close code if a close frame was seen."""
+    sock.settimeout(timeout)
+    data = b""
+    try:
+        while True:
+            chunk = sock.recv(1 << 16)
+            if not chunk:
+                break
+            data += chunk
+    except ConnectionResetError:
+        pass
+    # Walk the frames: the stream stays well-framed up to a possible close frame.
+    i, code = 0, None
+    while i + 2 <= len(data):
+        b0, b1 = data[i], data[i + 1]
+        n, j = b1 & 0x7F, i + 2
+        if n == 126:
+            if j + 2 > len(data):
+                break
+            (n,) = struct.unpack("!H", data[j : j + 2])
+            j += 2
+        elif n == 127:
+            if j + 8 > len(data):
+                break
+            (n,) = struct.unpack("!Q", data[j : j + 8])
+            j += 8
+        if b0 & 0x0F == OP_CLOSE and j + 2 <= len(data):
+            code = struct.unpack("!H", data[j : j + 2])[0]
+        i = j + n
+    return code
+
+
+# ---- idle timeout and heartbeats ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def heartbeat_gw(module_gateway_factory: Any) -> GatewayProcess:
+    return module_gateway_factory("heartbeat.interval=1", "heartbeat.idle_timeout=2")  # type: ignore[no-any-return]
+
+
+async def test_idle_connection_is_closed_with_4000_while_pinging_one_lives(heartbeat_gw: GatewayProcess) -> None:
+    gw = heartbeat_gw
+    lively = GatewayClient(gw.ws_url(), user=uniq("alive"))  # pings every announced interval
+    await lively.connect()
+    assert lively.heartbeat == 1
+    silent = await RawWS.connect(gw.host, gw.port, f"/ws?user={uniq('silent')}")
+    assert silent.status == 101
+    t0 = time.monotonic()
+    # The silent client never sends anything (WebSocket pings from the server go unanswered).
+    code, _reason, seen = await silent.recv_close(20)
+    elapsed = time.monotonic() - t0
+    assert code == 4000, (code, seen)
+    # The engine counts idle time in whole seconds: the close comes after 1-3 s here.
+    assert 0.5 <= elapsed < 15, elapsed
+    silent.close()
+    # Meanwhile the client that sends application pings was kept: give it 1.5 idle
+    # timeouts more and it must still be connected, with its pings answered.
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:
+        assert lively.connected, (lively.close_code, lively.close_reason)
+        await asyncio.sleep(0.25)
+    assert lively.connected and lively.pongs >= 3
+    await lively.close()
+
+
+# ---- graceful stop ---------------------------------------------------------------------------
+
+
+async def test_graceful_stop_drains_clients_and_exits_zero(gateway_factory: Any) -> None:
+    gw: GatewayProcess = gateway_factory("drain.timeout=4", "drain.retry_ms=1234")
+    clients = [GatewayClient(gw.ws_url(), user=uniq("d")) for _ in range(3)]
+    for c in clients:
+        await c.connect()
+        await c.join("live:draining")
+    # One client that never reads nor answers the close handshake.
+    raw = await asyncio.to_thread(blocking_upgrade, gw.host, gw.port, f"/ws?user={uniq('deaf')}")
+    t0 = time.monotonic()
+    gw.signal(signal.SIGTERM)
+    for c in clients:
+        code, _ = await c.wait_closed(15)
+        assert code == 1012
+        assert c.drain_retry_ms == 1234
+        drains = [e for e in c.events if e.get("op") == "drain"]
+        assert drains == [{"op": "drain", "retry_ms": 1234}]
+    exit_code = await asyncio.to_thread(gw.wait, 15)
+    elapsed = time.monotonic() - t0
+    raw.close()
+    assert exit_code == 0
+    assert elapsed < 4 + 3.5, f"took {elapsed:.1f}s with drain.timeout=4"

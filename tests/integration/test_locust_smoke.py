@@ -1,0 +1,61 @@
+"""A short headless locust run of loadtest/locustfile.py against a real gateway.
+
+Starts the gateway with the load-test config (loadtest/locust.toml), runs every user
+class for a few seconds and checks locust's CSV statistics: connects, joins, publish
+acks (chat, gift, customer service), receive latencies and pings all happened, and
+nothing failed. Any broken scenario (protocol change, config change, crash) fails it.
+"""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+LOCUSTFILE = ROOT / "loadtest" / "locustfile.py"
+LOCUST_TOML = ROOT / "loadtest" / "locust.toml"
+
+pytest.importorskip("locust")
+
+
+def _stats(prefix: Path) -> dict[tuple[str, str], dict[str, str]]:
+    with open(f"{prefix}_stats.csv", newline="") as f:
+        return {(row["Type"], row["Name"]): row for row in csv.DictReader(f)}
+
+
+@pytest.mark.slow
+def test_locust_headless_smoke(gateway_factory, tmp_path: Path) -> None:
+    gw = gateway_factory(config=LOCUST_TOML.read_text())
+    prefix = tmp_path / "smoke"
+    cmd = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "-u", "10", "-r", "10", "-t", "5s",
+           "--host", gw.ws_url(), "--csv", str(prefix), "--only-summary", "--stop-timeout", "5",
+           "--heartbeat", "1", "--drop-chance", "0.3", "--chat-rate", "2", "--gift-rate", "1"]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=90, check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"locust exited with {proc.returncode}\n{out[-4000:]}"
+    assert "Traceback" not in out, out[-4000:]
+
+    stats = _stats(prefix)
+    total = stats[("", "Aggregated")]
+    assert int(total["Failure Count"]) == 0, f"failures:\n{Path(f'{prefix}_failures.csv').read_text()}"
+
+    def count(rtype: str, name: str) -> int:
+        row = stats.get((rtype, name))
+        return int(row["Request Count"]) if row else 0
+
+    # Every user class did its part.
+    assert count("WS", "connect") >= 10
+    assert count("WS", "join") >= 5
+    assert count("WS", "publish-ack chat") >= 2
+    assert count("WS", "publish-ack gift") >= 1
+    assert count("WS", "publish-ack cs") >= 2  # customer and agent
+    assert count("RECV", "msg chat") >= 2  # receive latency from the embedded timestamp
+    assert count("RECV", "msg cs") >= 2
+    assert count("WS", "ping") >= 1
+    assert any(name.startswith("resume (recovered=") for _t, name in stats), "no resume after a drop"
+    # Receive latency on one machine: sane values, not clock garbage.
+    assert 0 <= float(stats[("RECV", "msg chat")]["Average Response Time"]) < 5000

@@ -1,0 +1,224 @@
+"""Two real gateway processes, one real redis-server, real WebSocket clients."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from typing import Any
+
+import pytest
+from gwredis import GatewayNode, RedisServer, ahttp, await_until
+
+pytestmark = pytest.mark.redis
+
+
+async def test_cross_node_publish_delivered_once(two_nodes: tuple[GatewayNode, GatewayNode], clients: Any) -> None:
+    a, b = two_nodes
+    ca = await clients(a, "alice")
+    cb = await clients(b, "bob")
+    await ca.join("live:x1")
+    await cb.join("live:x1")
+    for i in range(20):
+        r = await cb.request("publish", room="live:x1", type="chat", data={"i": i})
+        assert r["op"] == "ack" and r["seq"] == i + 1, r
+    got_a = await ca.msgs(20, room="live:x1")
+    got_b = await cb.msgs(20, room="live:x1")
+    for got in (got_a, got_b):
+        assert [m["seq"] for m in got] == list(range(1, 21))
+        assert [m["data"]["i"] for m in got] == list(range(20))
+        assert len({m["epoch"] for m in got}) == 1 and all(m["from"] == "bob" for m in got)
+    # And the other way round, through the HTTP API of node A.
+    status, body = await ahttp("POST", a.api + "/v1/publish", {"room": "live:x1", "type": "chat", "data": {"api": True}})
+    assert status == 200 and body["seq"] == 21, body
+    assert (await cb.next(room="live:x1"))["data"] == {"api": True}
+    assert (await ca.next(room="live:x1"))["data"] == {"api": True}
+    await asyncio.sleep(0.3)
+    assert ca.drain_msgs("live:x1") == [] and cb.drain_msgs("live:x1") == [], "no duplicates on either node"
+
+
+async def test_presence_is_summed_across_nodes(two_nodes: tuple[GatewayNode, GatewayNode], clients: Any) -> None:
+    a, b = two_nodes
+    for node, user in ((a, "p1"), (a, "p2"), (b, "p3")):
+        c = await clients(node, user)
+        await c.join("live:pres")
+
+    async def counts(node: GatewayNode) -> tuple[int, int] | None:
+        status, body = await ahttp("GET", node.api + "/v1/rooms/live:pres/presence")
+        return (body["conns"], body["users"]) if status == 200 else None
+
+    await await_until(lambda: _eq(counts(a), (3, 3)), 5, what="presence on A")
+    await await_until(lambda: _eq(counts(b), (3, 3)), 5, what="presence on B")
+    # Node B dies without a goodbye: its counts expire (presence_ttl = 2 s in the test config).
+    b.stop(__import__("signal").SIGKILL)
+    t0 = time.monotonic()
+    await await_until(lambda: _eq(counts(a), (2, 2)), 6, what="B's counts expire")
+    assert time.monotonic() - t0 < 5
+
+
+async def _eq(coro: Any, want: Any) -> bool:
+    return bool(await coro == want)
+
+
+async def test_send_user_and_kick_across_nodes(two_nodes: tuple[GatewayNode, GatewayNode], clients: Any) -> None:
+    a, b = two_nodes
+    target = await clients(a, "u-target")
+    other = await clients(b, "u-other")
+    status, body = await ahttp("POST", b.api + "/v1/send", {"user": "u-target", "type": "order", "data": {"id": 7}})
+    assert status == 200, body
+    push = await target.next("push")
+    assert push["type"] == "order" and push["data"] == {"id": 7}
+    status, _ = await ahttp("POST", b.api + "/v1/kick", {"user": "u-target", "reason": "bye"})
+    assert status == 200
+    code, _reason = await asyncio.wait_for(target.closed, 5)
+    assert code == 4003
+    await asyncio.sleep(0.2)
+    assert not other.closed.done(), "only the kicked user is closed"
+
+
+async def test_resume_on_the_other_node_without_gap(two_nodes: tuple[GatewayNode, GatewayNode], clients: Any) -> None:
+    a, b = two_nodes
+    pub = await clients(b, "publisher")
+    await pub.join("live:res")
+    c = await clients(a, "mobile")
+    ack = await c.join("live:res", history=5)
+    assert ack["msgs"] == []
+    for i in range(3):
+        await pub.request("publish", room="live:res", data={"i": i})
+    seen = await c.msgs(3, room="live:res")
+    last = seen[-1]
+    await c.close()
+    # While the client is away, 5 more messages (2 of them not recoverable: likes).
+    for i in range(3, 8):
+        await pub.request("publish", room="live:res", type="like" if i in (4, 6) else "chat", data={"i": i})
+    c2 = await clients(b, "mobile")
+    ack = await c2.join("live:res", resume={"seq": last["seq"], "epoch": last["epoch"]})
+    assert ack["recovered"] is True, ack
+    assert [m["seq"] for m in ack["msgs"]] == [4, 5, 6]
+    assert [m["data"]["i"] for m in ack["msgs"]] == [3, 5, 7], "likes are not recoverable"
+    assert ack["seq"] == 6 and ack["epoch"] == last["epoch"]
+    # A stale epoch cannot be resumed: the client must resync.
+    c3 = await clients(a, "late")
+    ack = await c3.join("live:res", resume={"seq": 2, "epoch": "deadbeef"})
+    assert ack["recovered"] is False and ack["msgs"] == []
+    # Last K for a joiner, from either node.
+    ack = await c3.join("live:res", history=2)
+    assert [m["seq"] for m in ack["msgs"]] == [5, 6]
+
+
+async def test_redis_killed_and_restarted_during_a_publish_stream(
+    redis_server: RedisServer, two_nodes: tuple[GatewayNode, GatewayNode], clients: Any
+) -> None:
+    a, b = two_nodes
+    pub = await clients(a, "streamer")
+    local = await clients(a, "local-listener")
+    remote = await clients(b, "remote-listener")
+    for c in (pub, local, remote):
+        await c.join("live:stream")
+
+    sent = 0
+    stop = asyncio.Event()
+
+    async def stream() -> None:
+        nonlocal sent
+        while not stop.is_set():
+            await pub.send("publish", room="live:stream", data={"n": sent})
+            sent += 1
+            await asyncio.sleep(0.01)
+
+    task = asyncio.ensure_future(stream())
+    try:
+        await remote.msgs(10, room="live:stream")
+        redis_server.kill()
+        await await_until(lambda: _status(a.api + "/readyz", 503), 5, what="node A not ready while Redis is down")
+        await asyncio.sleep(0.3)  # frames sent before the kill may still be on the wire
+        local.drain_msgs()
+        remote.drain_msgs()
+        await asyncio.sleep(1.0)
+        during_local = local.drain_msgs("live:stream")
+        assert len(during_local) >= 30, f"local delivery continues while Redis is down ({len(during_local)})"
+        assert all(m["seq"] == 0 for m in during_local), [m["seq"] for m in during_local]
+        assert a.alive() and b.alive()
+        redis_server.start()
+        await await_until(lambda: _status(a.api + "/readyz", 200) and _status(b.api + "/readyz", 200), 10, what="both nodes ready again")
+        remote.drain_msgs()
+        after = await remote.msgs(10, room="live:stream", timeout=10)
+        assert all(m["seq"] > 0 for m in after), "recoverable again after the restart"
+    finally:
+        stop.set()
+        with contextlib.suppress(Exception):
+            await task
+    assert a.alive() and b.alive(), "no crash"
+    errors = a.metric("gateway_broker_publish_errors_total")
+    assert errors is not None and errors >= 30, f"failures are counted ({errors})"
+    assert "Traceback" not in a.log() and "Traceback" not in b.log()
+
+
+def _status(url: str, want: int) -> bool:
+    from gwredis import http
+
+    return http("GET", url, timeout=1.0)[0] == want
+
+
+# ---- behaviour that needs the app.py integration diff (docs/scaling.md) ------------------
+
+
+async def test_publish_while_redis_down_acks_degraded(redis_server: RedisServer, two_nodes: tuple[GatewayNode, GatewayNode], clients: Any) -> None:
+    a, _ = two_nodes
+    c = await clients(a, "degraded")
+    await c.join("live:deg")
+    redis_server.kill()
+    await await_until(lambda: _status(a.api + "/readyz", 503), 5, what="not ready")
+    t0 = time.monotonic()
+    r = await c.request("publish", room="live:deg", data={"x": 1})
+    assert time.monotonic() - t0 < 0.5
+    assert r["op"] == "ack" and r["seq"] == 0 and r.get("degraded") is True, r
+    assert (await c.next(room="live:deg"))["data"] == {"x": 1}
+    # Joining still works (no history while Redis is down).
+    ack = await c.join("live:deg2", history=5)
+    assert ack["msgs"] == [] and ack.get("degraded") is True
+    # The API says 503 for cross-node operations it could not complete.
+    status, _ = await ahttp("POST", a.api + "/v1/kick", {"user": "nobody"})
+    assert status == 503
+    status, body = await ahttp("GET", a.api + "/v1/stats")
+    assert status == 200 and body["broker"]["publish_errors"] >= 1 and body["broker"]["connected"] is False
+
+
+async def test_leave_hook_debounced_across_nodes(redis_server: RedisServer, gateway_factory: Any, tmp_path: Any, clients: Any) -> None:
+    """A reconnect to the other node within leave_grace produces no leave/join pair; a
+    real leave is reported once. Uses examples/hook_log_app.py-like app via --app."""
+    app = tmp_path / "hooklog.py"
+    log = tmp_path / "hooks.log"
+    app.write_text(
+        "from gateway.app import Gateway, Plugin\n"
+        f"LOG = {str(log)!r}\n"
+        "class P(Plugin):\n"
+        "    def on_leave(self, client, room):\n"
+        "        open(LOG, 'a').write(f'leave {client.user} {room}\\n')\n"
+        "    def on_disconnect(self, client, code, reason):\n"
+        "        open(LOG, 'a').write(f'disconnect {client.user}\\n')\n"
+        "def make_app(config):\n"
+        "    return Gateway(config, plugins=[P()])\n"
+    )
+    import os
+    import sys
+
+    sys.path.insert(0, str(tmp_path))
+    os.environ["PYTHONPATH"] = str(tmp_path) + os.pathsep + os.environ.get("PYTHONPATH", "")
+    try:
+        a = gateway_factory(redis_server.url, name="HA", args=["--app", "hooklog:make_app"])
+        b = gateway_factory(redis_server.url, name="HB", args=["--app", "hooklog:make_app"])
+    finally:
+        os.environ["PYTHONPATH"] = os.environ["PYTHONPATH"].split(os.pathsep, 1)[1]
+    c = await clients(a, "hopper")
+    await c.join("live:hook")
+    await c.close()
+    c2 = await clients(b, "hopper")  # within leave_grace (0.5 s)
+    await c2.join("live:hook")
+    await asyncio.sleep(1.5)
+    text = log.read_text() if log.exists() else ""
+    assert "leave hopper live:hook" not in text and "disconnect hopper" not in text, text
+    await c2.close()
+    await asyncio.sleep(1.5)
+    text = log.read_text()
+    assert text.count("leave hopper live:hook") == 1 and text.count("disconnect hopper") == 1, text

@@ -1,0 +1,223 @@
+"""Configuration loading: TOML file, environment, --set, precedence and errors that name
+the offending key; plus the CLI's use of it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from gateway import cli
+from gateway.config import Config, ConfigError, load_config
+
+TOML = """
+node_id = "n7"
+
+[server]
+port = 9001
+subprotocols = ["gateway.v1", "chat"]
+
+[limits]
+queue_bytes = 524288
+
+[auth]
+mode = "jwt"
+secret = "file-secret-file-secret-file-secret-1234"
+
+[hooks]
+timeout = 1
+
+[[routes]]
+pattern = "live:{room_id}"
+merge_ms = 50
+user_rate = 2.5
+
+[[routes]]
+pattern = "*"
+"""
+
+
+@pytest.fixture
+def toml_file(tmp_path: Path) -> Path:
+    p = tmp_path / "gateway.toml"
+    p.write_text(TOML)
+    return p
+
+
+DEV = ["auth.mode=dev"]
+
+
+def test_defaults() -> None:
+    cfg = load_config(environ={}, sets=DEV)
+    assert isinstance(cfg, Config)
+    assert (cfg.server.port, cfg.server.ws_path, cfg.api.host, cfg.api.port) == (8080, "/ws", "127.0.0.1", 8081)
+    assert [r.pattern for r in cfg.routes] == ["live:{room_id}", "user:{user_id}", "cs:{session_id}", "*"]
+    assert cfg.node_id, "a node id is generated"
+
+
+def test_toml_file(toml_file: Path) -> None:
+    cfg = load_config(str(toml_file), environ={})
+    assert cfg.node_id == "n7"
+    assert cfg.server.port == 9001 and cfg.server.subprotocols == ["gateway.v1", "chat"]
+    assert cfg.limits.queue_bytes == 524288
+    assert cfg.hooks.timeout == 1.0 and isinstance(cfg.hooks.timeout, float)
+    assert [r.pattern for r in cfg.routes] == ["live:{room_id}", "*"]
+    assert cfg.routes[0].merge_ms == 50 and cfg.routes[0].user_rate == 2.5
+
+
+def test_config_path_from_the_environment(toml_file: Path) -> None:
+    cfg = load_config(environ={"GATEWAY_CONFIG": str(toml_file)})
+    assert cfg.server.port == 9001
+
+
+def test_environment_overrides_the_file(toml_file: Path) -> None:
+    env = {
+        "GATEWAY_SERVER__PORT": "9100",
+        "GATEWAY_NODE_ID": "n9",
+        "GATEWAY_HEARTBEAT__WS_PING": "false",
+        "GATEWAY_SERVER__SUBPROTOCOLS": '["x.v1"]',
+        "GATEWAY_AUTH__SECRET": "env-secret-env-secret-env-secret-12345",
+        "OTHER": "ignored",
+    }
+    cfg = load_config(str(toml_file), environ=env)
+    assert cfg.server.port == 9100 and cfg.node_id == "n9"
+    assert cfg.heartbeat.ws_ping is False
+    assert cfg.server.subprotocols == ["x.v1"]
+    assert cfg.auth.secret == "env-secret-env-secret-env-secret-12345"
+    assert cfg.limits.queue_bytes == 524288, "other file settings stay"
+
+
+def test_a_string_setting_that_looks_like_a_number() -> None:
+    cfg = load_config(environ={"GATEWAY_AUTH__SECRET": "12345678901234567890123456789012", "GATEWAY_NODE_ID": "42"})
+    assert cfg.auth.mode == "jwt"
+    assert cfg.auth.secret == "12345678901234567890123456789012"
+    assert cfg.node_id == "42"
+    cfg = load_config(environ={}, sets=["api.api_key=0042", "auth.mode=dev"])
+    assert cfg.api.api_key == "0042"
+
+
+def test_set_wins_over_environment_and_file(toml_file: Path) -> None:
+    cfg = load_config(
+        str(toml_file),
+        environ={"GATEWAY_SERVER__PORT": "9100", "GATEWAY_LIMITS__MAX_ERRORS": "7"},
+        sets=["server.port=9200", "heartbeat.interval=5", "heartbeat.idle_timeout=12.5", 'routes=[{pattern="*"}]'],
+    )
+    assert cfg.server.port == 9200
+    assert cfg.limits.max_errors == 7
+    assert (cfg.heartbeat.interval, cfg.heartbeat.idle_timeout) == (5, 12.5)
+    assert [r.pattern for r in cfg.routes] == ["*"]
+    # Named CLI flags (overrides) win over everything.
+    cfg = load_config(str(toml_file), environ={"GATEWAY_SERVER__PORT": "9100"}, sets=["server.port=9200"], overrides={"server.port": 9300})
+    assert cfg.server.port == 9300
+
+
+@pytest.mark.parametrize(
+    ("sets", "key", "words"),
+    [
+        (["server.port=70000"], "server.port", "0..65535"),
+        (["server.port=\"80\""], "server.port", "must be int"),
+        (["server.prot=1"], "server.prot", "unknown setting"),
+        (["nosuch.key=1"], "nosuch", "unknown setting"),
+        (["server=1"], "server", "must be a table"),
+        (["heartbeat.interval=10", "heartbeat.idle_timeout=5"], "heartbeat.idle_timeout", "longer than"),
+        (["hooks.fallback=maybe"], "hooks.fallback", "'allow' or 'deny'"),
+        (["limits.queue_bytes=0"], "limits.queue_bytes", "> 0"),
+        (["deflate.level=12"], "deflate.level", "0..9"),
+        (["api.host=0.0.0.0"], "api.api_key", "required"),
+        (["auth.mode=jwt"], "auth.secret", "required"),
+        (["auth.mode=magic"], "auth.mode", "must be one of"),
+        (["server.workers=2"], "server.workers", "redis"),
+        (['routes=[{pattern="live:{id}", join="friends"}]'], "routes[0].join", "must be one of"),
+        (['routes=[{pattern="live:{id}", speed=3}]'], "routes[0].speed", "unknown setting"),
+        (['routes=[{pattern="*"}, {pattern="*"}]'], "routes[1].pattern", "duplicate"),
+        (["routes=5"], "routes", "array of tables"),
+        (["novalue"], "--set", "section.key=value"),
+    ],
+)
+def test_errors_name_the_bad_key(sets: list[str], key: str, words: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        load_config(environ={}, sets=(DEV if not any(x.startswith("auth.") for x in sets) else []) + sets)
+    assert e.value.key == key, str(e.value)
+    assert words in str(e.value)
+    assert str(e.value).startswith(f"{key}: ")
+
+
+def test_errors_from_the_environment_name_the_variable() -> None:
+    with pytest.raises(ConfigError) as e:
+        load_config(environ={"GATEWAY_SERVER__PORT": "eighty", "GATEWAY_AUTH__MODE": "dev"})
+    assert e.value.key == "server.port"
+    assert "GATEWAY_SERVER__PORT" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        load_config(environ={"GATEWAY_SERVR__PORT": "1", "GATEWAY_AUTH__MODE": "dev"})
+    assert e.value.key == "servr" and "GATEWAY_SERVR__PORT" in str(e.value)
+
+
+def test_file_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as e:
+        load_config(str(tmp_path / "missing.toml"), environ={}, sets=DEV)
+    assert e.value.key == "config" and "not found" in str(e.value)
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[server\nport = 1")
+    with pytest.raises(ConfigError) as e:
+        load_config(str(bad), environ={}, sets=DEV)
+    assert "not valid TOML" in str(e.value)
+    unknown = tmp_path / "unknown.toml"
+    unknown.write_text("[server]\nport = 1\ncolour = 'blue'\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(str(unknown), environ={}, sets=DEV)
+    assert e.value.key == "server.colour" and "known:" in str(e.value)
+
+
+# ---- the CLI ---------------------------------------------------------------------------------
+
+
+def test_check_config_command(toml_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["check-config", "--config", str(toml_file)]) == 0
+    assert "ok: 2 routes" in capsys.readouterr().out
+    assert cli.main(["check-config", "--config", str(toml_file), "--set", "server.port=-1"]) == 2
+    assert "server.port" in capsys.readouterr().err
+
+
+def test_run_reports_configuration_errors(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("GATEWAY_CONFIG", raising=False)
+    assert cli.main(["run", "--set", "limits.max_errors=0"]) == 2
+    assert "limits.max_errors" in capsys.readouterr().err
+
+
+def test_token_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import jwt
+
+    p = tmp_path / "g.toml"
+    p.write_text('[auth]\nmode = "jwt"\nsecret = "s3cret-s3cret-s3cret-s3cret-s3cret-12"\n')
+    assert cli.main(["token", "alice", "--config", str(p), "--rooms", "cs:1"]) == 0
+    token = capsys.readouterr().out.strip()
+    claims = jwt.decode(token, "s3cret-s3cret-s3cret-s3cret-s3cret-12", algorithms=["HS256"])
+    assert claims["sub"] == "alice" and claims["rooms"] == ["cs:1"]
+
+
+def test_embedded_default_is_dev_auth(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("GATEWAY_CONFIG", raising=False)
+    a = cli._parser().parse_args(["run"])
+    assert cli._embedded_default(a) == {"auth.mode": "dev"}
+    a = cli._parser().parse_args(["run", "--set", "auth.secret=x"])
+    assert cli._embedded_default(a) == {}
+
+
+def test_load_app_factories(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    mod = tmp_path / "myapp_for_tests.py"
+    mod.write_text(
+        "from gateway.app import Gateway\n"
+        "def with_config(config):\n    return Gateway(config)\n"
+        "def without_config():\n    return Gateway()\n"
+        "def broken(config):\n    raise TypeError('bug inside the factory')\n"
+        "not_an_app = 42\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = load_config(environ={}, sets=["auth.mode=dev", "node_id=from-config"])
+    assert cli.load_app("myapp_for_tests:with_config", cfg).node_id == "from-config"
+    assert cli.load_app("myapp_for_tests:without_config", cfg).config is not cfg
+    with pytest.raises(TypeError, match="bug inside the factory"):
+        cli.load_app("myapp_for_tests:broken", cfg)
+    for spec in ("myapp_for_tests:not_an_app", "myapp_for_tests:missing", "no_such_module_x:app", "nocolon"):
+        with pytest.raises(ConfigError) as e:
+            cli.load_app(spec, cfg)
+        assert e.value.key == "--app"
