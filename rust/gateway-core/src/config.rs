@@ -42,6 +42,8 @@ pub struct EngineConfig {
     pub app_ping: bool,
     /// Bound of each connection's outbound queue, in bytes.
     pub queue_bytes: usize,
+    /// SO_SNDBUF for client sockets; 0 leaves the kernel's autotuning.
+    pub send_buffer: usize,
     /// Members per fan-out task: larger rooms are split across worker threads.
     pub fanout_chunk: usize,
     /// Events waiting for the application above this are shed (client messages first).
@@ -71,6 +73,7 @@ impl Default for EngineConfig {
             ping_interval: Duration::from_secs(30),
             app_ping: true,
             queue_bytes: 1 << 20,
+            send_buffer: 0,
             fanout_chunk: 2048,
             event_queue_cap: 1 << 20,
             close_timeout: Duration::from_secs(2),

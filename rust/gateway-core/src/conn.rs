@@ -10,7 +10,7 @@
 //! - publishers never wait: every outcome is decided under one short lock.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU32, AtomicU64};
+use std::sync::atomic::AtomicU32;
 use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
@@ -245,10 +245,9 @@ pub struct Conn {
     pub notify: Notify,
     /// Names of the rooms this connection is in.
     pub rooms: Mutex<Vec<Arc<str>>>,
-    /// Engine clock seconds of the last frame received / last ping sent.
+    /// Engine clock (10 ms ticks) of the last frame received / last ping sent.
     pub last_rx: AtomicU32,
     pub last_ping: AtomicU32,
-    pub bytes_in: AtomicU64,
 }
 
 impl Conn {
@@ -263,7 +262,6 @@ impl Conn {
             rooms: Mutex::new(Vec::new()),
             last_rx: AtomicU32::new(now),
             last_ping: AtomicU32::new(now),
-            bytes_in: AtomicU64::new(0),
         }
     }
 

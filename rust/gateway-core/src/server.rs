@@ -57,9 +57,9 @@ pub struct Shared {
 }
 
 impl Shared {
-    /// Coarse engine clock in seconds, for heartbeats.
-    pub fn now_s(&self) -> u32 {
-        self.started.elapsed().as_secs() as u32
+    /// Coarse engine clock for heartbeats, in ticks of 10 ms (wraps after 497 days).
+    pub fn now_ticks(&self) -> u32 {
+        (self.started.elapsed().as_millis() / TICK_MS as u128) as u32
     }
 }
 
@@ -67,6 +67,8 @@ fn unix_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
+/// Heartbeat clock resolution.
+const TICK_MS: u64 = 10;
 const SCRATCH: usize = 64 * 1024;
 /// Most bytes read from one connection before yielding to other tasks.
 const READ_BUDGET: usize = 256 * 1024;
@@ -102,13 +104,15 @@ pub async fn accept_loop(sh: Arc<Shared>, listener: TcpListener) {
 /// Heartbeats for every connection, from one task: WebSocket pings after `ping_interval`
 /// of silence, close (4000) after `idle_timeout`. Cheaper than a timer per connection.
 pub async fn sweeper(sh: Arc<Shared>) {
-    let idle = sh.cfg.idle_timeout.as_secs().max(1) as u32;
-    let ping = sh.cfg.ping_interval.as_secs() as u32;
-    let tick = Duration::from_millis((sh.cfg.idle_timeout.as_millis() as u64 / 10).clamp(100, 1000));
+    let ticks = |d: Duration| (d.as_millis() as u64 / TICK_MS).min(u64::from(u32::MAX)) as u32;
+    let idle = ticks(sh.cfg.idle_timeout).max(1);
+    let ping = ticks(sh.cfg.ping_interval);
+    // Check ten times per idle timeout (at most every second, at least every 50 ms).
+    let tick = Duration::from_millis((sh.cfg.idle_timeout.as_millis() as u64 / 10).clamp(50, 1000));
     let ping_frame = Frame::control(frame::encode(frame::OP_PING, false, b""));
     loop {
         tokio::time::sleep(tick).await;
-        let now = sh.now_s();
+        let now = sh.now_ticks();
         sh.hub.for_each_conn(|c| {
             let rx = c.last_rx.load(Relaxed);
             if now.saturating_sub(rx) >= idle {
@@ -154,6 +158,11 @@ async fn read_head(
 
 async fn handle(sh: Arc<Shared>, mut stream: TcpStream, peer: SocketAddr) {
     let _ = stream.set_nodelay(true);
+    if sh.cfg.send_buffer > 0 {
+        // A fixed kernel send buffer (no autotuning): backpressure reaches the
+        // connection's own queue sooner and the kernel holds less per slow client.
+        let _ = socket2::SockRef::from(&stream).set_send_buffer_size(sh.cfg.send_buffer);
+    }
     // Everything the handshake allocated is gone once `upgrade` returns: only what the
     // connection needs for its whole life is kept (see the idle-memory NOTE in
     // docs/architecture.md).
@@ -258,7 +267,7 @@ async fn upgrade(sh: &Arc<Shared>, stream: &mut TcpStream, peer: SocketAddr) -> 
         user.map(Arc::from),
         meta.map(Arc::from),
         deflate.as_ref().map(|d| d.0.server_window_bits),
-        sh.now_s(),
+        sh.now_ticks(),
     ));
     sh.hub.add_conn(conn.clone());
     if let Some(first) = first {
@@ -411,11 +420,13 @@ async fn run_ws(
                 }
             }
         } else if !close_sent && deadline.is_none() {
-            let q = conn.out.lock();
-            if q.closing.as_ref().is_some_and(|cl| cl.discard) {
-                drop(q);
-                // Keep only a partly written frame, so the stream stays well-framed.
+            let closing = conn.out.lock().closing.clone().filter(|cl| cl.discard);
+            if let Some(cl) = closing {
+                // Keep only a partly written frame, so the stream stays well-framed. The
+                // close is reported with our code even if the peer never reads the frame
+                // (a slow consumer's socket may stay full until the deadline).
                 wq.truncate(usize::from(off > 0));
+                result.get_or_insert((cl.code, cl.reason));
                 deadline = Some(tokio::time::Instant::now() + sh.cfg.close_timeout);
             }
         }
@@ -526,7 +537,7 @@ fn read_some(
             };
             total += n;
             metrics::add(&c.bytes_in, n as u64);
-            conn.last_rx.store(sh.now_s(), Relaxed);
+            conn.last_rx.store(sh.now_ticks(), Relaxed);
             if *input_dead || dec.is_closed() {
                 continue; // discard until EOF
             }

@@ -67,6 +67,7 @@ fn config_from(kwargs: Option<&Bound<'_, PyDict>>) -> PyResult<EngineConfig> {
             "ping_interval" => c.ping_interval = secs(v.extract()?, &key)?,
             "app_ping" => c.app_ping = v.extract()?,
             "queue_bytes" => c.queue_bytes = v.extract()?,
+            "send_buffer" => c.send_buffer = v.extract()?,
             "fanout_chunk" => c.fanout_chunk = v.extract()?,
             "event_queue_cap" => c.event_queue_cap = v.extract()?,
             "close_timeout" => c.close_timeout = secs(v.extract()?, &key)?,
