@@ -17,6 +17,7 @@ import orjson
 from aiohttp import web
 
 from .app import NotRunning
+from .broker import BrokerError
 from .routing import valid_room_name
 
 if TYPE_CHECKING:
@@ -100,6 +101,9 @@ def build_app(gw: Gateway) -> web.Application:
             return _json({"error": str(e)}, e.status)
         except NotRunning:
             return _json({"error": "the gateway is not running"}, 503)
+        except BrokerError as e:
+            # Applied on this node; other nodes could not be reached (Redis down).
+            return _json({"error": f"broker unavailable: {e}", "local": True}, 503)
         except ValueError as e:
             return _json({"error": str(e)}, 400)
         except web.HTTPException as e:
@@ -213,6 +217,14 @@ def build_app(gw: Gateway) -> web.Application:
             "hook_errors": gw.stats.hook_errors,
             "errors_sent": {str(k): v for k, v in gw.stats.errors_sent.items()},
             "dropped": gw.stats.dropped,
+            "tokens_expired": gw.stats.tokens_expired,
+            "broker": {
+                "kind": gw.config.broker.kind,
+                "connected": gw.broker.ready,
+                "publish_errors": gw.broker.stats.publish_errors,
+                "reconnects": gw.broker.stats.reconnects,
+                **gw.broker.stats.extra,
+            },
         })
 
     async def healthz(req: web.Request) -> web.Response:

@@ -17,14 +17,17 @@ Backend teams customise it with plugins (subclasses of :class:`Plugin`) or decor
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import heapq
 import inspect
 import logging
+import math
 import signal
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
@@ -32,9 +35,12 @@ from . import protocol as P
 from ._core import EV_CLOSED, EV_CONNECT, EV_MESSAGE, Engine, raise_fd_limit
 from ._eager import run_eager
 from .auth import Authenticator, AuthError, ConnectRequest, Identity
-from .broker import Broker, BrokerError, HistoryPolicy, MemoryBroker, PublishResult
+from .broker import Broker, BrokerError, HistoryPolicy, HistoryResult, MemoryBroker, PublishResult
 from .config import Config
 from .routing import Moderation, Policy, RateLimiter, Route, Router
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 log = logging.getLogger("gateway")
 
@@ -66,30 +72,72 @@ class HookTimeout(Exception):
     """An async hook did not finish within ``hooks.timeout``."""
 
 
-@dataclass(slots=True, eq=False)
 class Client:
-    """One connected client, as hooks see it."""
+    """One connected client, as hooks see it. Treat it as read-only.
 
-    conn: int
-    identity: Identity
-    session: str
-    peer: str
-    rooms: set[str] = field(default_factory=set)
-    connected_at: float = field(default_factory=time.time)
-    # Internal: per-connection ordering of messages whose handling had to wait.
-    busy: bool = False
-    backlog: deque[bytes] = field(default_factory=deque)
-    errors: int = 0
+    ``rooms`` is a tuple of the rooms the connection is in (``()`` when none); on
+    ``on_disconnect`` it still holds the rooms the connection was in when it closed.
+    ``session`` is ``<node>-<conn>`` (derived on access, not stored per connection).
+
+    Kept small on purpose (one per idle connection): slots only, no per-connection
+    containers until needed (the backlog exists only while a slow hook holds messages).
+    """
+
+    __slots__ = ("_session", "backlog", "busy", "conn", "connected_at", "errors", "identity", "node", "peer", "rooms")
+
+    def __init__(
+        self,
+        conn: int,
+        identity: Identity,
+        session: str | None = None,
+        peer: str = "",
+        rooms: Iterable[str] = (),
+        connected_at: float | None = None,
+        *,
+        node: str = "",
+    ) -> None:
+        self.conn = conn
+        self.identity = identity
+        self._session = session
+        #: The node id of the gateway holding the connection.
+        self.node = node
+        self.peer = peer
+        self.rooms: tuple[str, ...] = tuple(rooms) if rooms else ()
+        self.connected_at: float = time.time() if connected_at is None else connected_at
+        # Internal: per-connection ordering of messages whose handling had to wait.
+        self.busy = False
+        self.backlog: deque[bytes] | None = None
+        self.errors = 0
 
     @property
     def user(self) -> str:
         return self.identity.user
 
+    @property
+    def session(self) -> str:
+        s = self._session
+        return s if s is not None else f"{self.node}-{self.conn}"
+
+    def __repr__(self) -> str:
+        return f"Client(conn={self.conn}, user={self.user!r}, session={self.session!r}, peer={self.peer!r}, rooms={self.rooms!r})"
+
+
+def _with(rooms: tuple[str, ...], room: str) -> tuple[str, ...]:
+    return rooms if room in rooms else (*rooms, room)
+
+
+def _without(rooms: tuple[str, ...], room: str) -> tuple[str, ...]:
+    return tuple(r for r in rooms if r != room) if room in rooms else rooms
+
 
 @dataclass(slots=True)
 class Message:
     """A client message on its way into a room. Hooks may change ``data``, ``type`` and
-    ``priority``, or set ``rooms`` to re-route it (to one or several rooms)."""
+    ``priority``, or set ``rooms`` to re-route it (to one or several rooms).
+
+    ``after_publish`` gets it with ``room`` = the room the result belongs to: for a
+    re-routed message, a copy per target with ``room`` set to that target (``rooms``
+    still lists every target); otherwise the message itself."""
 
     room: str
     type: str
@@ -107,10 +155,14 @@ class Plugin:
     - ``on_join(client, room)``: return False or raise :class:`Reject` to deny.
     - ``on_message(client, msg)``: return None (as is), a :class:`Message` (modified),
       :data:`DROP`, or raise :class:`Reject`. Set ``msg.rooms`` to re-route.
-    - ``on_leave(client, room)``, ``on_disconnect(client, code, reason)``: notifications.
-    - ``after_publish(msg, result)``: after a message was published (``result.seq``).
+    - ``on_leave(client, room)``, ``on_disconnect(client, code, reason)``: notifications
+      (``client.rooms`` in ``on_disconnect``: the rooms it was in when it closed).
+    - ``after_publish(msg, result)``: after a message was published (``result.seq``), once
+      per target room, with ``msg.room`` = that room.
 
     ``setup(gateway)`` runs once at start (async allowed) and ``teardown()`` at stop.
+    Settings: ``gateway.config.plugins.get(self.name, {})`` (the ``[plugins.<name>]``
+    table); metrics: ``gateway.counter(...)`` / ``gauge`` / ``histogram``.
     """
 
     name = "plugin"
@@ -161,6 +213,7 @@ class Stats:
         self.published: dict[tuple[str, int], int] = {}
         self.dropped: dict[str, int] = {"rate_limit": 0, "mute": 0, "filter": 0, "forbidden": 0, "too_large": 0}
         self.broker_publish_errors = 0
+        self.tokens_expired = 0
 
 
 class Gateway:
@@ -188,7 +241,17 @@ class Gateway:
         self._stopping: asyncio.Event | None = None
         self._presence_last: dict[str, tuple[int, int]] = {}
         self._api_runner: Any = None
-        self._session_seq = 0
+        # Hook debounce (brokers with member_join/member_leave): joins in flight, so a
+        # leave of the same (room, user) is counted after its join.
+        self._member_pending: dict[tuple[str | None, str], asyncio.Future[Any]] = {}
+        # Token expiry: a heap of (deadline, conn), lazily cleaned, and one timer armed
+        # at the earliest deadline.
+        self._expiry: list[tuple[float, int]] = []
+        self._expiry_timer: asyncio.TimerHandle | None = None
+        self._expiry_at = math.inf
+        self._notifications: set[asyncio.Future[Any]] = set()
+        self._metrics_registry: CollectorRegistry | None = None
+        self._plugin_metrics: dict[str, Any] = {}
         for p in plugins:
             self.use(p)
 
@@ -306,6 +369,46 @@ class Gateway:
             raise NotRunning("the gateway is not running")
         return self.engine
 
+    # ---- metrics for plugins ---------------------------------------------------------------
+
+    @property
+    def metrics_registry(self) -> CollectorRegistry:
+        """The Prometheus registry served at ``/metrics`` on the API port. Register your
+        own collectors here, or use :meth:`counter`, :meth:`gauge`, :meth:`histogram`."""
+        from .metrics import registry_for
+
+        return registry_for(self)
+
+    def _metric(self, cls: Any, name: str, doc: str, labels: Sequence[str], **kw: Any) -> Any:
+        m = self._plugin_metrics.get(name)
+        if m is not None:
+            if type(m) is not cls or tuple(m._labelnames) != tuple(labels):
+                raise ValueError(f"metric {name!r} already exists with another type or labels")
+            return m
+        m = cls(name, doc, labelnames=tuple(labels), registry=self.metrics_registry, **kw)
+        self._plugin_metrics[name] = m
+        return m
+
+    def counter(self, name: str, doc: str, labels: Sequence[str] = ()) -> Counter:
+        """A ``prometheus_client.Counter`` served on ``/metrics`` (exported as
+        ``<name>_total``). Calling it again with the same name returns the same counter."""
+        from prometheus_client import Counter
+
+        return self._metric(Counter, name, doc, labels)  # type: ignore[no-any-return]
+
+    def gauge(self, name: str, doc: str, labels: Sequence[str] = ()) -> Gauge:
+        """A ``prometheus_client.Gauge`` served on ``/metrics`` (same name: same gauge)."""
+        from prometheus_client import Gauge
+
+        return self._metric(Gauge, name, doc, labels)  # type: ignore[no-any-return]
+
+    def histogram(self, name: str, doc: str, labels: Sequence[str] = (), buckets: Sequence[float] | None = None) -> Histogram:
+        """A ``prometheus_client.Histogram`` served on ``/metrics`` (same name: same one)."""
+        from prometheus_client import Histogram
+
+        kw = {"buckets": tuple(buckets)} if buckets is not None else {}
+        return self._metric(Histogram, name, doc, labels, **kw)  # type: ignore[no-any-return]
+
     # ---- BrokerHandler ---------------------------------------------------------------------
 
     def deliver_room(self, room: str, payload: bytes, prio: int) -> int:
@@ -418,11 +521,20 @@ class Gateway:
             assert self._loop is not None
             self._loop.call_soon(self._on_readable)
 
-    def _spawn(self, coro: Awaitable[Any]) -> None:
+    def _spawn(self, coro: Awaitable[Any]) -> asyncio.Future[Any] | None:
         value, task = run_eager(coro) if inspect.iscoroutine(coro) else (None, asyncio.ensure_future(coro))
         if task is not None:
             self._tasks.add(task)
             task.add_done_callback(self._task_done)
+        return task
+
+    def _spawn_notification(self, coro: Awaitable[Any]) -> None:
+        """A leave/disconnect notification: :meth:`stop` gives these time to finish
+        (debounced ones wait ``broker.leave_grace``) before cancelling what is left."""
+        task = self._spawn(coro)
+        if task is not None:
+            self._notifications.add(task)
+            task.add_done_callback(self._notifications.discard)
 
     def _task_done(self, t: asyncio.Future[Any]) -> None:
         self._tasks.discard(t)
@@ -468,19 +580,69 @@ class Gateway:
         if self.config.server.single_session:
             for old in eng.user_conns(ident.user):
                 eng.disconnect(old, P.CLOSE_REPLACED, "replaced by a new login")
-        self._session_seq += 1
-        session = f"{self.node_id}-{req.conn}"
-        client = Client(req.conn, ident, session, req.peer)
+        client = Client(req.conn, ident, None, req.peer, node=self.node_id)
         self.clients[req.conn] = client
         proto = self.auth.choose_subprotocol(req, self.config.server.subprotocols)
         meta = orjson.dumps(ident.meta).decode() if ident.meta else None
-        first = P.connected(session, ident.user, self.config.heartbeat.interval, self.node_id)
+        hb = self.config.heartbeat
+        first = P.connected(client.session, ident.user, hb.interval, self.node_id, hb.idle_timeout)
         if not eng.accept(req.conn, user=ident.user, meta=meta, protocol=proto, first=first):
             # The engine gave up waiting (auth deadline); its close event cleans up.
             self.clients.pop(req.conn, None)
             return
+        if ident.expires_at is not None:
+            self._watch_expiry(req.conn, ident.expires_at)
         if self.config.log.access_log:
             log.info("connected", extra={"conn": req.conn, "peer": req.peer, "user": ident.user})
+        if self._hooks["on_disconnect"]:
+            self._member_join(None, ident.user)
+
+    # ---- token expiry on open connections ----------------------------------------------------
+
+    def _watch_expiry(self, conn: int, expires_at: float) -> None:
+        """Close ``conn`` with 4001 "token expired" at ``expires_at`` (+ ``auth.leeway``)."""
+        deadline = expires_at + self.config.auth.leeway
+        heap = self._expiry
+        heapq.heappush(heap, (deadline, conn))
+        if len(heap) > 1024 and len(heap) > 2 * len(self.clients):
+            # Entries of closed connections pile up until due: rebuild from the live ones.
+            lw = self.config.auth.leeway
+            heap[:] = [(c.identity.expires_at + lw, k) for k, c in self.clients.items() if c.identity.expires_at is not None]
+            heapq.heapify(heap)
+        if heap and heap[0][0] < self._expiry_at:
+            self._arm_expiry(heap[0][0])
+
+    def _arm_expiry(self, deadline: float) -> None:
+        if self._expiry_timer is not None:
+            self._expiry_timer.cancel()
+            self._expiry_timer = None
+        self._expiry_at = deadline
+        if self._loop is None:
+            return
+        # Re-checked at least every minute: the wall clock may be adjusted meanwhile.
+        delay = min(max(0.0, deadline - time.time()), 60.0)
+        self._expiry_timer = self._loop.call_later(delay, self._expire_tokens)
+
+    def _expire_tokens(self) -> None:
+        self._expiry_timer = None
+        self._expiry_at = math.inf
+        eng = self.engine
+        if eng is None:
+            return
+        now = time.time()
+        heap = self._expiry
+        closed = 0
+        while heap and heap[0][0] <= now:
+            _, conn = heapq.heappop(heap)
+            c = self.clients.get(conn)
+            if c is not None and c.identity.expires_at is not None:
+                if eng.disconnect(conn, P.CLOSE_AUTH, "token expired"):
+                    closed += 1
+        if closed:
+            self.stats.tokens_expired += closed
+            log.info("closed %d connection(s) whose token expired", closed)
+        if heap:
+            self._arm_expiry(heap[0][0])
 
     # ---- close -----------------------------------------------------------------------------
 
@@ -491,11 +653,54 @@ class Gateway:
             return
         if self.config.log.access_log:
             log.info("disconnected", extra={"conn": conn, "user": client.user, "code": code, "reason": reason})
+        # The engine's list is authoritative; it stays on the client for on_disconnect.
+        client.rooms = tuple(rooms)
+        client.backlog = None
         for room in rooms:
-            client.rooms.discard(room)
             self._spawn(self._after_leave(client, room))
         if self._hooks["on_disconnect"]:
-            self._spawn(self._notify("on_disconnect", client, code, reason))
+            self._spawn_notification(self._disconnect_hook(client, code, reason))
+
+    async def _disconnect_hook(self, client: Client, code: int, reason: str) -> None:
+        if await self._member_left(None, client.user):
+            await self._notify("on_disconnect", client, code, reason)
+
+    # ---- join/leave debounce across nodes (RedisBroker.member_join / member_leave) ---------
+
+    def _member_join(self, room: str | None, user: str) -> None:
+        """Count a connection of ``user`` in ``room`` (None: connected) for the debounce,
+        in the background; a later leave of the same (room, user) waits for it."""
+        fn = getattr(self.broker, "member_join", None)
+        if fn is None:
+            return
+        key = (room, user)
+        task = asyncio.ensure_future(self._member_join_run(fn, room, user))
+        self._member_pending[key] = task
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        task.add_done_callback(lambda t, key=key: self._member_pending.pop(key) if self._member_pending.get(key) is t else None)
+
+    @staticmethod
+    async def _member_join_run(fn: Callable[..., Awaitable[Any]], room: str | None, user: str) -> None:
+        try:
+            await fn(room, user)
+        except BrokerError:
+            pass  # Redis unreachable: the leave is then reported at once (see _member_left)
+
+    async def _member_left(self, room: str | None, user: str) -> bool:
+        """Whether hooks hear of this leave: with a broker that debounces (Redis), once
+        per real leave, ``broker.leave_grace`` later, on one node (a reconnect within the
+        grace period, on any node, is no leave); otherwise at once."""
+        fn = getattr(self.broker, "member_leave", None)
+        if fn is None:
+            return True
+        pending = self._member_pending.get((room, user))
+        if pending is not None:
+            await asyncio.wait((pending,))
+        try:
+            return bool(await fn(room, user))
+        except BrokerError:
+            return True  # Redis unreachable: report it (at least once) rather than lose it
 
     async def _notify(self, hook: str, *args: Any) -> None:
         for fn in self._hooks[hook]:
@@ -511,11 +716,14 @@ class Gateway:
         if c is None:
             return
         if c.busy:
-            if len(c.backlog) >= MAX_BACKLOG:
+            backlog = c.backlog
+            if backlog is None:
+                backlog = c.backlog = deque()  # only while a slow hook holds this client
+            elif len(backlog) >= MAX_BACKLOG:
                 # A hook of this client is slow and it keeps sending: shed, tell it why.
                 self._error(c, _request_id(data), P.E_RATE, "too many requests waiting for a slow handler")
                 return
-            c.backlog.append(data if not binary else b"\x00")
+            backlog.append(data if not binary else b"\x00")
             return
         self._run_for(c, data if not binary else b"\x00")
 
@@ -530,11 +738,16 @@ class Gateway:
 
     def _resume(self, c: Client) -> None:
         c.busy = False
-        if self.engine is None or self.clients.get(c.conn) is not c:
-            c.backlog.clear()  # closed meanwhile: nobody to answer
+        backlog = c.backlog
+        if backlog is None:
             return
-        while c.backlog and not c.busy:
-            self._run_for(c, c.backlog.popleft())
+        if self.engine is None or self.clients.get(c.conn) is not c:
+            c.backlog = None  # closed meanwhile: nobody to answer
+            return
+        while backlog and not c.busy:
+            self._run_for(c, backlog.popleft())
+        if not backlog and c.backlog is backlog:
+            c.backlog = None  # later waits start a new one: no idle deque per connection
 
     def _error(self, c: Client, rid: Any, code: int, message: str) -> None:
         st = self.stats
@@ -575,7 +788,8 @@ class Gateway:
         except HookTimeout:
             self._error(c, rid, P.E_HOOK_TIMEOUT, "timed out")
         except BrokerError as e:
-            self.stats.broker_publish_errors += 1
+            # Publishes and joins handle broker failures themselves (degraded); this is
+            # whatever else could not reach the broker. Publish failures are counted in _publish.
             self._error(c, rid, P.E_INTERNAL, f"temporarily unavailable: {e}")
         except Exception:
             log.exception("handling %s failed", op)
@@ -612,24 +826,56 @@ class Gateway:
         joined = eng.join(c.conn, room)
         if joined < 0:
             return  # the connection is gone
-        c.rooms.add(room)
+        c.rooms = _with(c.rooms, room)
         if joined == 1:
             if route.cfg.single_session:
                 self._replace_older_sessions(c, room)
-            conns, _ = eng.room_counts(room)
-            if conns == 1:
-                await self.broker.subscribe(room)
+            if self._hooks["on_leave"]:
+                self._member_join(room, c.user)
+            # Every first join of a connection, not only the room's first member: the
+            # broker's subscribe is idempotent and returns once this node receives the
+            # room, so the history read below leaves no gap (a second joiner arriving
+            # while the first one's subscription is pending waits for it too).
+            await self.broker.subscribe(room)
         cap = min(50, route.cfg.history_size)
-        if resume is not None:
-            h = await self.broker.history(room, limit=route.cfg.history_size, since=resume["seq"], epoch=resume.get("epoch", ""))
-        else:
-            h = await self.broker.history(room, limit=min(history, cap))
-        reply: dict[str, Any] = {"op": "ack", "id": rid, "room": room, "seq": h.seq, "epoch": h.epoch, "msgs": [orjson.Fragment(m) for m in h.messages]}
+        degraded = False
+        try:
+            if resume is not None:
+                h = await self.broker.history(room, limit=route.cfg.history_size, since=resume["seq"], epoch=resume.get("epoch", ""))
+                if h.recovered is False and history > 0:
+                    # The client must resync: give it the room's last messages instead
+                    # of a partial gap.
+                    last = await self.broker.history(room, limit=min(history, cap))
+                    h = HistoryResult(last.messages, last.seq, last.epoch, False)
+            else:
+                h = await self.broker.history(room, limit=min(history, cap))
+        except BrokerError:
+            # Redis unreachable: the join stands (local delivery works), without history.
+            degraded = True
+            h = HistoryResult([], 0, "", None if resume is None else False)
+        conns, users = self._join_counts(room)
+        reply: dict[str, Any] = {
+            "op": "ack", "id": rid, "room": room, "seq": h.seq, "epoch": h.epoch,
+            "msgs": [orjson.Fragment(m) for m in h.messages], "conns": conns, "users": users,
+        }
         if h.recovered is not None:
             reply["recovered"] = h.recovered
+        if degraded:
+            reply["degraded"] = True
         eng.send(c.conn, orjson.dumps(reply), P.PRIO_HIGH)
         if joined == 1:
             await self._presence_change(room, route, "join", c.user)
+
+    def _join_counts(self, room: str) -> tuple[int, int]:
+        """(conns, users) for a join ack, without a broker round trip: this node's exact
+        counts; with a shared broker, at least the cluster-wide counts of the last
+        presence tick (``presence.interval`` old at most)."""
+        conns, users = self._engine().room_counts(room)
+        if not isinstance(self.broker, MemoryBroker):
+            last = self._presence_last.get(room)
+            if last is not None:
+                conns, users = max(conns, last[0]), max(users, last[1])
+        return conns, users
 
     def _replace_older_sessions(self, c: Client, room: str) -> None:
         """``single_session`` routes: the user's other connections in ``room`` (older
@@ -654,7 +900,7 @@ class Gateway:
         event ``{"op":"presence","room":…,"event":notify,"user":…}``."""
         if room not in c.rooms:
             return
-        c.rooms.discard(room)
+        c.rooms = _without(c.rooms, room)
         eng = self._engine()
         if notify:
             eng.send(c.conn, P.presence_event(room, notify, c.user), P.PRIO_HIGH)
@@ -669,6 +915,10 @@ class Gateway:
         if route is not None:
             await self._presence_change(room, route, "leave", c.user)
         if self._hooks["on_leave"]:
+            self._spawn_notification(self._leave_hook(c, room))
+
+    async def _leave_hook(self, c: Client, room: str) -> None:
+        if await self._member_left(room, c.user):
             await self._notify("on_leave", c, room)
 
     async def _presence_change(self, room: str, route: Route, event: str, user: str) -> None:
@@ -707,16 +957,29 @@ class Gateway:
             if isinstance(r, Message):
                 m = r
         seq = 0
+        degraded = False
         for target in m.rooms or [m.room]:
             troute = route if target == room else self.router.match(target)
             if troute is None:
                 raise Reject(P.E_NO_ROUTE, f"no route for room {target}")
-            res = await self._publish(target, troute, m.type, m.data, m.priority, c.user)
+            try:
+                res = await self._publish(target, troute, m.type, m.data, m.priority, c.user)
+            except BrokerError:
+                # Delivered to this node's members only (seq 0, not recoverable); counted
+                # in _publish. after_publish does not run: nothing was published.
+                degraded = True
+                continue
             if target == room or not seq:
                 seq = res.seq
             if self._hooks["after_publish"]:
-                self._spawn(self._notify("after_publish", m, res))
-        self._engine().send(c.conn, P.ack(rid, seq=seq), P.PRIO_HIGH)
+                # The message as published into ``target`` (a copy when re-routed), so
+                # the hook can tell which room ``res`` belongs to.
+                pm = m if m.room == target else dataclasses.replace(m, room=target)
+                self._spawn(self._notify("after_publish", pm, res))
+        if degraded:
+            self._engine().send(c.conn, P.ack(rid, seq=seq, degraded=True), P.PRIO_HIGH)
+        else:
+            self._engine().send(c.conn, P.ack(rid, seq=seq), P.PRIO_HIGH)
 
     def _count_drop(self, code: int) -> None:
         d = self.stats.dropped
@@ -749,11 +1012,20 @@ class Gateway:
     async def _presence_tick(self) -> None:
         eng = self._engine()
         local = {room: (c, u) for room, c, u in eng.rooms()}
-        await self.broker.report_presence(local)
+        shared = not isinstance(self.broker, MemoryBroker)
+        try:
+            await self.broker.report_presence(local)
+        except BrokerError:
+            shared = False  # Redis unreachable (logged by the broker): local counts meanwhile
         last = self._presence_last
         fresh: dict[str, tuple[int, int]] = {}
         for room in local:
-            counts = local[room] if isinstance(self.broker, MemoryBroker) else await self.broker.presence(room)
+            counts = local[room]
+            if shared:
+                try:
+                    counts = await self.broker.presence(room)
+                except BrokerError:
+                    shared = False
             fresh[room] = counts
             if last.get(room) != counts:
                 eng.publish(room, P.presence_counts(room, *counts), P.PRIO_LOW)
@@ -779,6 +1051,7 @@ class Gateway:
             deflate_client_max_window_bits=d.client_max_window_bits,
             idle_timeout=hb.idle_timeout, ping_interval=float(hb.interval) if hb.ws_ping else 0.0,
             queue_bytes=lim.queue_bytes, fanout_chunk=lim.fanout_chunk, event_queue_cap=lim.event_queue,
+            send_buffer=lim.socket_send_buffer,
         )
 
     async def start(self) -> tuple[str, int]:
@@ -845,6 +1118,17 @@ class Gateway:
         dropped = eng.stop(code, reason, 0.5)
         if self._loop is not None:
             self._loop.remove_reader(eng.fd)
+        if self._expiry_timer is not None:
+            self._expiry_timer.cancel()
+            self._expiry_timer = None
+        self._expiry.clear()
+        self._expiry_at = math.inf
+        if self._notifications:
+            # on_leave/on_disconnect of the drained clients: with a debouncing broker they
+            # are due leave_grace from now (a client that reconnected elsewhere meanwhile
+            # is no leave); then each hook may take hooks.timeout.
+            grace = self.config.broker.leave_grace if hasattr(self.broker, "member_leave") else 0.0
+            await asyncio.wait(list(self._notifications), timeout=grace + self.config.hooks.timeout)
         for t in list(self._tasks):
             t.cancel()
         if self._api_runner is not None:

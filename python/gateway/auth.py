@@ -29,6 +29,7 @@ __all__ = [
     "Authenticator",
     "ConfigError",
     "ConnectRequest",
+    "EMPTY_META",
     "Identity",
     "mint_token",
 ]
@@ -209,6 +210,37 @@ class ConnectRequest:
         return qp
 
 
+class _EmptyMeta(dict):  # type: ignore[type-arg]
+    """The ``meta`` of identities without meta claims: one shared, read-only empty dict
+    (saves a dict per connection). Mutating it raises ``TypeError``; to add fields,
+    return a new :class:`Identity` from ``on_connect``
+    (``dataclasses.replace(identity, meta={**identity.meta, "role": "vip"})``)."""
+
+    __slots__ = ()
+
+    def _readonly(self, *args: Any, **kwargs: Any) -> Any:
+        raise TypeError("this identity's meta is a shared read-only empty dict: return a new Identity with its own meta")
+
+    __setitem__ = __delitem__ = __ior__ = _readonly
+    setdefault = update = pop = popitem = clear = _readonly  # type: ignore[assignment]
+
+    def __copy__(self) -> dict[str, Any]:
+        return {}
+
+    def __deepcopy__(self, memo: Any) -> dict[str, Any]:
+        return {}
+
+    def __reduce__(self) -> Any:
+        return (dict, ())
+
+    def __repr__(self) -> str:
+        return "{}"
+
+
+#: Shared by every identity the authenticator builds without meta claims.
+EMPTY_META: dict[str, Any] = _EmptyMeta()
+
+
 @dataclass(slots=True)
 class Identity:
     """The authenticated user of one connection.
@@ -372,7 +404,7 @@ class Authenticator:
                 rooms = tuple(rc)
             else:
                 raise AuthError(401, f"token claim {self._rooms_claim!r} must be a list of strings")
-        meta = {k: claims[k] for k in self._meta_claims if k in claims}
+        meta = {k: claims[k] for k in self._meta_claims if k in claims} or EMPTY_META
         exp = claims.get("exp")
         expires_at = float(exp) if isinstance(exp, (int, float)) and not isinstance(exp, bool) else None
         return Identity(user, meta, rooms, False, expires_at)
@@ -409,12 +441,12 @@ class Authenticator:
             raise AuthError(401, "missing user (dev mode: ?user=<id>)")
         if len(user) > _MAX_DEV_USER:
             raise AuthError(401, "user id too long")
-        meta = {k: qp[k] for k in self._meta_claims if k in qp}
+        meta = {k: qp[k] for k in self._meta_claims if k in qp} or EMPTY_META
         return Identity(user, meta, None, False, None)
 
     @staticmethod
     def _guest() -> Identity:
-        return Identity(f"guest:{next(_guest_ids)}", {}, None, True, None)
+        return Identity(f"guest:{next(_guest_ids)}", EMPTY_META, None, True, None)
 
     def choose_subprotocol(self, req: ConnectRequest, supported: Sequence[str]) -> str | None:
         """The ``Sec-WebSocket-Protocol`` to echo, or ``None`` if the client offered none.

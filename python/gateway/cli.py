@@ -146,6 +146,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         gw.run()
+    except ConfigError as e:  # raised by a plugin's setup() (e.g. its [plugins.<name>] table)
+        print(f"gateway: configuration error: {e}", file=sys.stderr)
+        return 2
     except OSError as e:
         log.error("cannot start: %s", e)
         return 1

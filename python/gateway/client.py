@@ -137,6 +137,8 @@ class GatewayClient:
         self.user: str | None = None
         self.node: str | None = None
         self.heartbeat: float = 0.0
+        #: Seconds of silence after which the server closes (4000), from ``connected``.
+        self.idle_timeout: float | None = None
         self.server_ts: int | None = None
         #: The negotiated subprotocol.
         self.subprotocol: str | None = None
@@ -242,6 +244,7 @@ class GatewayClient:
         self.user = first.get("user")
         self.node = first.get("node")
         self.server_ts = first.get("ts")
+        self.idle_timeout = first.get("idle_timeout")
         announced = float(first.get("heartbeat") or 0)
         hb = self.heartbeat_override
         self.heartbeat = announced if hb is None else float(hb or 0)

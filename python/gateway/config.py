@@ -65,6 +65,8 @@ class LimitsConfig:
     fanout_chunk: int = 2048
     #: Consecutive client errors (bad JSON, rate limits, ...) before closing with 4029.
     max_errors: int = 50
+    #: SO_SNDBUF of accepted client sockets, in bytes; 0 = the kernel default (autotuned).
+    socket_send_buffer: int = 0
 
 
 @dataclass
@@ -159,6 +161,9 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     drain: DrainConfig = field(default_factory=DrainConfig)
     routes: list[RouteConfig] = field(default_factory=Router.default_routes)
+    #: Free-form settings of plugins: ``[plugins.<name>]`` tables, not validated here
+    #: (each plugin reads and checks its own: ``gateway.config.plugins.get(name, {})``).
+    plugins: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def check(self) -> None:
         """Validate every section; raise :class:`ConfigError` naming the key."""
@@ -184,6 +189,8 @@ class Config:
                 raise ConfigError(f"limits.{name}", "must be > 0")
         if lim.handshake_timeout <= 0:
             raise ConfigError("limits.handshake_timeout", "must be > 0")
+        if lim.socket_send_buffer < 0:
+            raise ConfigError("limits.socket_send_buffer", "must be >= 0 (0 = kernel default)")
         hb = self.heartbeat
         if hb.interval < 1:
             raise ConfigError("heartbeat.interval", "must be >= 1 second")
@@ -214,6 +221,11 @@ class Config:
             if r.pattern in seen:
                 raise ConfigError(f"routes[{i}].pattern", f"duplicate pattern {r.pattern!r}")
             seen.add(r.pattern)
+        if not isinstance(self.plugins, dict):
+            raise ConfigError("plugins", "must be a table of [plugins.<name>] tables")
+        for name, table in self.plugins.items():
+            if not isinstance(table, dict):
+                raise ConfigError(f"plugins.{name}", "must be a table ([plugins.<name>])")
 
 
 # ---- building dataclasses from plain data, with key-naming errors ----------------------
@@ -303,6 +315,9 @@ def build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
                 raise ConfigError(name, "must be an array of tables ([[routes]])")
             kwargs[key] = [build(RouteConfig, r, f"routes[{i}]") for i, r in enumerate(value)]
             continue
+        if key == "plugins" and cls is Config:
+            kwargs[key] = _plugin_tables(value, name)
+            continue
         ok, v = _type_ok(value, tp)
         if not ok and raw is not None:
             ok, v = _type_ok(raw, tp)
@@ -313,6 +328,28 @@ def build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
         return cls(**kwargs)
     except TypeError as e:  # a required field is missing
         raise ConfigError(prefix or "config", str(e)) from None
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with environment / ``--set`` texts replaced by their TOML reading."""
+    if isinstance(value, _Text):
+        return value.value
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _plugin_tables(value: Any, prefix: str) -> dict[str, dict[str, Any]]:
+    """``[plugins.<name>]`` tables: each must be a table; what is inside is free-form."""
+    value = _plain(value)
+    if not isinstance(value, dict):
+        raise ConfigError(prefix, "must be a table of [plugins.<name>] tables")
+    for name, table in value.items():
+        if not isinstance(table, dict):
+            raise ConfigError(f"{prefix}.{name}", "must be a table ([plugins.<name>])")
+    return value
 
 
 def _parse_scalar(text: str) -> Any:

@@ -88,6 +88,12 @@ class EngineCollector:
         be.add_metric([], gw.stats.broker_publish_errors)
         yield be
         yield GaugeMetricFamily("gateway_broker_connected", "1 while the broker is usable", value=1 if gw.broker.ready else 0)
+        br = CounterMetricFamily("gateway_broker_reconnects", "Broker reconnections (Redis pub/sub)")
+        br.add_metric([], gw.broker.stats.reconnects)
+        yield br
+        te = CounterMetricFamily("gateway_tokens_expired", "Connections closed (4001) because their token expired")
+        te.add_metric([], gw.stats.tokens_expired)
+        yield te
         yield GaugeMetricFamily("gateway_ready", "1 while /readyz answers ready", value=1 if gw.ready else 0)
 
 

@@ -49,8 +49,13 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-def connected(session: str, user: str, heartbeat: int, node: str) -> bytes:
-    return _dumps({"op": "connected", "session": session, "user": user, "heartbeat": heartbeat, "ts": now_ms(), "node": node})
+def connected(session: str, user: str, heartbeat: int, node: str, idle_timeout: float | None = None) -> bytes:
+    """The first frame. ``idle_timeout``: seconds of client silence before the server
+    closes with 4000 (sent as an integer when it is one)."""
+    frame: dict[str, Any] = {"op": "connected", "session": session, "user": user, "heartbeat": heartbeat, "ts": now_ms(), "node": node}
+    if idle_timeout is not None:
+        frame["idle_timeout"] = int(idle_timeout) if float(idle_timeout).is_integer() else idle_timeout
+    return _dumps(frame)
 
 
 def ack(req_id: Any, **fields: Any) -> bytes:

@@ -10,7 +10,7 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from gateway.api import build_app
 from gateway.app import NotRunning
-from gateway.broker import PublishResult
+from gateway.broker import BrokerError, PublishResult
 from gateway.config import Config
 
 KEY = "unit-key"
@@ -31,6 +31,10 @@ class FakeGateway:
     async def publish(self, room: str, data: Any, type: str = "chat", priority: int | None = None, sender: str | None = None) -> PublishResult:
         self.calls.append(("publish", room, type, priority))
         return PublishResult(3, "ep")
+
+    async def kick(self, user: str, reason: str = "kicked", code: int = 4003) -> None:
+        self.calls.append(("kick", user))
+        raise BrokerError("redis unavailable")  # applied locally, other nodes unreachable
 
     def _engine(self) -> Any:
         raise NotRunning("the gateway is not running")
@@ -84,3 +88,10 @@ async def test_not_running_is_503(client: tuple[TestClient, FakeGateway]) -> Non
     r = await c.get("/v1/stats", headers={"X-API-Key": KEY})
     assert r.status == 503
     assert await r.json() == {"error": "the gateway is not running"}
+
+
+async def test_broker_unavailable_is_503_local(client: tuple[TestClient, FakeGateway]) -> None:
+    c, gw = client
+    status, body = await _post(c, "/v1/kick", {"user": "u1"})
+    assert status == 503 and body["local"] is True and "broker unavailable" in body["error"]
+    assert gw.calls == [("kick", "u1")]

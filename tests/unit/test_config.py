@@ -131,6 +131,9 @@ def test_set_wins_over_environment_and_file(toml_file: Path) -> None:
         (['routes=[{pattern="*"}, {pattern="*"}]'], "routes[1].pattern", "duplicate"),
         (["routes=5"], "routes", "array of tables"),
         (["novalue"], "--set", "section.key=value"),
+        (["limits.socket_send_buffer=-1"], "limits.socket_send_buffer", ">= 0"),
+        (["plugins.webhook=5"], "plugins.webhook", "must be a table"),
+        (["plugins=3"], "plugins", "table of [plugins.<name>] tables"),
     ],
 )
 def test_errors_name_the_bad_key(sets: list[str], key: str, words: str) -> None:
@@ -221,3 +224,63 @@ def test_load_app_factories(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> 
         with pytest.raises(ConfigError) as e:
             cli.load_app(spec, cfg)
         assert e.value.key == "--app"
+
+
+# ---- plugin settings and the socket send buffer ----------------------------------------------
+
+
+def test_plugin_tables_are_free_form(tmp_path: Path) -> None:
+    f = tmp_path / "gw.toml"
+    f.write_text(
+        '[auth]\nmode = "dev"\n\n'
+        '[plugins.webhook]\nurl = "http://backend:9000/events"\ntypes = ["chat", "gift"]\nretry = { max = 5, base = 0.5 }\n\n'
+        "[plugins.wordfilter]\nmode = \"mask\"\n"
+    )
+    env = {"GATEWAY_PLUGINS__WEBHOOK__WORKERS": "4", "GATEWAY_PLUGINS__AUDIT__ROOM": "audit:all"}
+    cfg = load_config(str(f), environ=env, sets=["plugins.wordfilter.mode=reject", 'plugins.wordfilter.secret="123"'])
+    assert cfg.plugins == {
+        "webhook": {"url": "http://backend:9000/events", "types": ["chat", "gift"], "retry": {"max": 5, "base": 0.5}, "workers": 4},
+        "wordfilter": {"mode": "reject", "secret": "123"},
+        "audit": {"room": "audit:all"},
+    }
+    assert load_config(environ={}, sets=DEV).plugins == {}
+
+
+def test_socket_send_buffer_reaches_the_engine() -> None:
+    from gateway._core import Engine
+    from gateway.app import Gateway
+
+    cfg = load_config(environ={}, sets=[*DEV, "limits.socket_send_buffer=262144"])
+    assert cfg.limits.socket_send_buffer == 262144
+    kw = Gateway(cfg)._engine_kwargs()
+    assert kw["send_buffer"] == 262144
+    Engine(**kw)  # the engine knows the keyword
+    assert Gateway(load_config(environ={}, sets=DEV))._engine_kwargs()["send_buffer"] == 0
+
+
+def test_a_plugin_rejecting_its_settings_is_a_configuration_error(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "strict_plugin_app.py").write_text(
+        "from gateway.app import Gateway, Plugin\n"
+        "from gateway.auth import ConfigError\n"
+        "class Strict(Plugin):\n"
+        "    name = 'strict'\n"
+        "    def setup(self, gateway):\n"
+        "        url = gateway.config.plugins.get(self.name, {}).get('url')\n"
+        "        if not isinstance(url, str):\n"
+        "            raise ConfigError('plugins.strict.url', 'required')\n"
+        "def make_app(config):\n"
+        "    return Gateway(config, plugins=[Strict()])\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tmp_path), env.get("PYTHONPATH", "")]))
+    r = subprocess.run(
+        [sys.executable, "-m", "gateway", "run", "--app", "strict_plugin_app:make_app", "--set", "auth.mode=dev",
+         "--set", "server.port=0", "--set", "api.enabled=false", "--set", "plugins.strict.urll=x"],
+        env=env, capture_output=True, text=True, timeout=30,
+    )
+    assert r.returncode == 2, r.stderr
+    assert "configuration error: plugins.strict.url: required" in r.stderr

@@ -113,8 +113,11 @@ class Broker(abc.ABC):
 
     @abc.abstractmethod
     async def subscribe(self, room: str) -> None:
-        """This node now has members in ``room``: start receiving its messages.
-        Called on the 0 -> 1 transition only; implementations may batch."""
+        """This node has members in ``room``: receive its messages. Called on each
+        connection's first join of the room (so a joiner can wait for a subscription
+        another joiner started), hence idempotent and cheap when already subscribed;
+        returns once the room's messages reach this node, so a history read after it
+        leaves no gap. Implementations may batch."""
 
     @abc.abstractmethod
     async def unsubscribe(self, room: str) -> None:

@@ -1,0 +1,45 @@
+"""A plugin app for tests/integration/test_plugin_api.py, loaded with
+``--app tests.integration.feature_app:make_app``: plugin settings from
+``[plugins.feature]``, a counter made with ``Gateway.counter``, ``after_publish`` per
+re-routed target and the rooms seen by ``on_disconnect``, reported into ``audit:feature``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gateway.app import Client, Gateway, Message, Plugin
+from gateway.broker import PublishResult
+from gateway.config import Config
+
+AUDIT = "audit:feature"
+
+
+class FeaturePlugin(Plugin):
+    name = "feature"
+
+    def setup(self, gateway: Gateway) -> None:
+        self.gw = gateway
+        self.settings: dict[str, Any] = gateway.config.plugins.get(self.name, {})
+        self.published = gateway.counter("feature_published", "Messages seen by after_publish", ["kind"])
+        # The same name gives the same counter (plugins may ask again, e.g. per hook).
+        assert gateway.counter("feature_published", "Messages seen by after_publish", ["kind"]) is self.published
+
+    def on_message(self, client: Client, msg: Message) -> Message | None:
+        if msg.type == "fanout" and isinstance(msg.data, dict):
+            msg.rooms = list(msg.data["rooms"])
+            return msg
+        return None
+
+    async def after_publish(self, msg: Message, result: PublishResult) -> None:
+        if msg.room == AUDIT:
+            return
+        self.published.labels(msg.room.split(":", 1)[0]).inc()
+        event = {"event": "after_publish", "room": msg.room, "rooms": msg.rooms, "seq": result.seq, "tag": self.settings.get("tag")}
+        await self.gw.publish(AUDIT, event, type="audit")
+
+    async def on_disconnect(self, client: Client, code: int, reason: str) -> None:
+        await self.gw.publish(AUDIT, {"event": "disconnect", "user": client.user, "rooms": sorted(client.rooms), "code": code}, type="audit")
+
+
+def make_app(config: Config) -> Gateway:
+    return Gateway(config, plugins=[FeaturePlugin()])

@@ -1,0 +1,190 @@
+"""Plugin-facing features and protocol additions through real sockets: plugin settings
+(``[plugins.<name>]``), ``Gateway.counter`` on ``/metrics``, ``after_publish`` per re-routed
+target, the rooms seen by ``on_disconnect``, token expiry on open connections, and the
+``connected`` / join ack fields added in protocol v1 (``idle_timeout``, ``conns``/``users``,
+last messages after a failed resume)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+from gwtest import JWT_SECRET, GatewayProcess, uniq
+from gateway.auth import mint_token
+from gateway.client import GatewayClient
+
+APP = "tests.integration.feature_app:make_app"
+AUDIT = "audit:feature"
+
+
+@pytest.fixture(scope="module")
+def feature_gw(module_gateway_factory: Any) -> GatewayProcess:
+    return module_gateway_factory("plugins.feature.tag=from-config", "heartbeat.idle_timeout=75", app=APP)  # type: ignore[no-any-return]
+
+
+async def _client(gw: GatewayProcess, user: str | None = None, **kw: Any) -> GatewayClient:
+    c = GatewayClient(gw.ws_url(), user=user or uniq("u"), **kw)
+    await c.connect()
+    return c
+
+
+async def _audit_until(auditor: GatewayClient, pred: Any, seen: list[dict[str, Any]]) -> dict[str, Any]:
+    while True:
+        for e in seen:
+            if pred(e):
+                return e
+        m = await auditor.recv(10)
+        if m.get("room") == AUDIT and m.get("op") == "msg":
+            seen.append(m["data"])
+
+
+# ---- protocol additions --------------------------------------------------------------------
+
+
+async def test_connected_frame_announces_idle_timeout(feature_gw: GatewayProcess, gw: GatewayProcess) -> None:
+    c = await _client(feature_gw)
+    d = await _client(gw)
+    try:
+        assert c.idle_timeout == 75 and c.heartbeat == 30
+        assert d.idle_timeout == 90, "the default: 3 heartbeat intervals"
+    finally:
+        await c.close()
+        await d.close()
+
+
+async def test_join_ack_carries_room_counts(gw: GatewayProcess) -> None:
+    room = f"live:{uniq('counts')}"
+    a, b, b2 = await _client(gw), await _client(gw, uniq("bee")), None
+    try:
+        ja = await a.join(room)
+        assert (ja["conns"], ja["users"]) == (1, 1)
+        jb = await b.join(room)
+        assert (jb["conns"], jb["users"]) == (2, 2)
+        b2 = await _client(gw, b.user)  # the same user on a second connection
+        jb2 = await b2.join(room)
+        assert (jb2["conns"], jb2["users"]) == (3, 2)
+        again = await b2.join(room)  # already a member: same counts
+        assert (again["conns"], again["users"]) == (3, 2)
+    finally:
+        for c in (a, b, b2):
+            if c is not None:
+                await c.close()
+
+
+async def test_failed_resume_with_history_returns_the_last_messages(gw: GatewayProcess) -> None:
+    room = f"live:{uniq('resync')}"
+    pub = await _client(gw)
+    late = await _client(gw)
+    try:
+        j = await pub.join(room)
+        for i in range(6):
+            await pub.publish(room, {"i": i})
+        # A stale epoch: the gap cannot be filled.
+        ack = await late.request("join", room=room, resume={"seq": 2, "epoch": "stale"}, history=3)
+        assert ack["recovered"] is False
+        assert [m["seq"] for m in ack["msgs"]] == [4, 5, 6] and ack["seq"] == 6 and ack["epoch"] == j["epoch"]
+        # Without history, a failed resume carries no messages (as before).
+        other = await _client(gw)
+        try:
+            ack = await other.request("join", room=room, resume={"seq": 2, "epoch": "stale"})
+            assert ack["recovered"] is False and ack["msgs"] == []
+        finally:
+            await other.close()
+        # A successful resume ignores history: exactly the missed messages.
+        third = await _client(gw)
+        try:
+            ack = await third.request("join", room=room, resume={"seq": 4, "epoch": j["epoch"]}, history=1)
+            assert ack["recovered"] is True and [m["seq"] for m in ack["msgs"]] == [5, 6]
+        finally:
+            await third.close()
+    finally:
+        await pub.close()
+        await late.close()
+
+
+# ---- hooks ----------------------------------------------------------------------------------
+
+
+async def test_after_publish_sees_each_target_room(feature_gw: GatewayProcess) -> None:
+    src, dst1, dst2 = (f"live:{uniq(p)}" for p in ("src", "dsta", "dstb"))
+    auditor, a = await _client(feature_gw), await _client(feature_gw)
+    try:
+        await auditor.join(AUDIT)
+        await a.join(src)
+        ack = await a.publish(src, {"rooms": [dst1, dst2, src]}, type="fanout")
+        seen: list[dict[str, Any]] = []
+        events = {}
+        for room in (dst1, dst2, src):
+            events[room] = await _audit_until(auditor, lambda e, r=room: e["event"] == "after_publish" and e["room"] == r, seen)
+        for room, e in events.items():
+            assert e["rooms"] == [dst1, dst2, src], "msg.rooms still lists every target"
+            assert e["tag"] == "from-config", "plugin settings from [plugins.feature]"
+        assert events[src]["seq"] == ack["seq"], "the ack carries the original room's seq"
+        # A plain publish passes the message itself (rooms None).
+        await a.publish(src, {"x": 1})
+        e = await _audit_until(auditor, lambda e: e["event"] == "after_publish" and e["room"] == src and e["rooms"] is None, seen)
+        assert e["seq"] == ack["seq"] + 1
+        # The plugin's counter is on /metrics.
+        status, text = await feature_gw.api("GET", "/metrics")
+        assert status == 200
+        assert 'feature_published_total{kind="live"}' in text
+        line = next(x for x in text.splitlines() if x.startswith('feature_published_total{kind="live"}'))
+        assert float(line.split()[-1]) >= 4
+    finally:
+        await auditor.close()
+        await a.close()
+
+
+async def test_on_disconnect_sees_the_rooms(feature_gw: GatewayProcess) -> None:
+    r1, r2, r3 = f"live:{uniq('d1')}", f"live:{uniq('d2')}", f"live:{uniq('d3')}"
+    auditor, c = await _client(feature_gw), await _client(feature_gw)
+    try:
+        await auditor.join(AUDIT)
+        await c.join(r1)
+        await c.join(r2)
+        await c.join(r3)
+        await c.leave(r3)
+        user = c.user
+        await c.close()
+        e = await _audit_until(auditor, lambda e: e["event"] == "disconnect" and e["user"] == user, [])
+        assert e["rooms"] == sorted([r1, r2]) and e["code"] == 1000
+    finally:
+        await auditor.close()
+
+
+# ---- token expiry ----------------------------------------------------------------------------
+
+
+async def test_connection_closed_4001_when_its_token_expires(jwt_gw: GatewayProcess) -> None:
+    short = GatewayClient(jwt_gw.ws_url(), token=mint_token(JWT_SECRET, uniq("short"), ttl=2))
+    long = GatewayClient(jwt_gw.ws_url(), token=mint_token(JWT_SECRET, uniq("long"), ttl=600))
+    forever = GatewayClient(jwt_gw.ws_url(), token=mint_token(JWT_SECRET, uniq("noexp"), ttl=None))
+    for c in (short, long, forever):
+        await c.connect()
+    try:
+        t0 = time.monotonic()
+        code, reason = await short.wait_closed(6)
+        assert (code, reason) == (4001, "token expired")
+        assert time.monotonic() - t0 < 4
+        await asyncio.sleep(0.3)
+        assert long.connected and forever.connected, "other connections are untouched"
+        assert (await long.ping())["op"] == "pong"
+        stats = await jwt_gw.stats()
+        assert stats["tokens_expired"] >= 1
+    finally:
+        for c in (short, long, forever):
+            await c.close()
+
+
+# ---- API ----------------------------------------------------------------------------------------
+
+
+async def test_stats_broker_section(gw: GatewayProcess) -> None:
+    stats = await gw.stats()
+    assert stats["broker"]["kind"] == "memory" and stats["broker"]["connected"] is True
+    assert stats["broker"]["publish_errors"] == 0 and stats["broker"]["reconnects"] == 0
+    status, text = await gw.api("GET", "/metrics")
+    assert "gateway_broker_reconnects_total 0.0" in text
+    assert "gateway_tokens_expired_total" in text
