@@ -17,6 +17,7 @@ Backend teams customise it with plugins (subclasses of :class:`Plugin`) or decor
 from __future__ import annotations
 
 import asyncio
+import bisect
 import dataclasses
 import heapq
 import inspect
@@ -200,6 +201,10 @@ def _consume_result(t: asyncio.Future[Any]) -> None:
         t.exception()
 
 
+#: Upper bounds (seconds) of the hook duration histogram buckets.
+HOOK_BUCKETS = (1e-5, 5e-5, 1e-4, 5e-4, 1e-3, 5e-3, 0.01, 0.05, 0.1, 0.5, 1.0, 2.5, 5.0)
+
+
 class Stats:
     """Python-side counters, exported as metrics."""
 
@@ -207,7 +212,13 @@ class Stats:
         self.hook_calls: dict[str, int] = dict.fromkeys(HOOKS, 0)
         self.hook_timeouts: dict[str, int] = dict.fromkeys(HOOKS, 0)
         self.hook_errors: dict[str, int] = dict.fromkeys(HOOKS, 0)
-        self.hook_seconds: dict[str, list[float]] = {h: [] for h in HOOKS}
+        #: Hook durations: cumulative-free bucket counts per hook (see HOOK_BUCKETS) and sums.
+        self.hook_buckets: dict[str, list[int]] = {h: [0] * (len(HOOK_BUCKETS) + 1) for h in HOOKS}
+        self.hook_seconds_sum: dict[str, float] = dict.fromkeys(HOOKS, 0.0)
+        #: Room messages delivered on this node per room since the last presence tick, and
+        #: the resulting messages/s (for the top-rooms view).
+        self.room_messages: dict[str, int] = {}
+        self.room_rates: dict[str, float] = {}
         self.auth_rejects = 0
         self.errors_sent: dict[int, int] = {}
         self.published: dict[tuple[str, int], int] = {}
@@ -239,6 +250,7 @@ class Gateway:
         self._tasks: set[asyncio.Future[Any]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping: asyncio.Event | None = None
+        self._rates_at = time.monotonic()
         self._presence_last: dict[str, tuple[int, int]] = {}
         self._api_runner: Any = None
         # Hook debounce (brokers with member_join/member_leave): joins in flight, so a
@@ -412,6 +424,8 @@ class Gateway:
     # ---- BrokerHandler ---------------------------------------------------------------------
 
     def deliver_room(self, room: str, payload: bytes, prio: int) -> int:
+        rm = self.stats.room_messages
+        rm[room] = rm.get(room, 0) + 1
         return self._engine().publish(room, payload, prio)
 
     def deliver_user(self, user: str, payload: bytes, prio: int) -> int:
@@ -492,9 +506,9 @@ class Gateway:
             log.exception("hook %s failed", hook)
             raise
         finally:
-            st.hook_seconds[hook].append(time.perf_counter() - t0)
-            if len(st.hook_seconds[hook]) > 4096:
-                del st.hook_seconds[hook][:2048]
+            elapsed = time.perf_counter() - t0
+            st.hook_buckets[hook][bisect.bisect_left(HOOK_BUCKETS, elapsed)] += 1
+            st.hook_seconds_sum[hook] += elapsed
 
     def _fallback_allows(self) -> bool:
         return self.config.hooks.fallback == "allow"
@@ -1030,6 +1044,17 @@ class Gateway:
             if last.get(room) != counts:
                 eng.publish(room, P.presence_counts(room, *counts), P.PRIO_LOW)
         self._presence_last = fresh
+        self._update_room_rates(local)
+
+    def _update_room_rates(self, local: dict[str, tuple[int, int]]) -> None:
+        """Messages/s per local room since the last tick (for the top-rooms metrics);
+        rooms without local members are forgotten, so this stays bounded."""
+        now = time.monotonic()
+        elapsed = max(now - self._rates_at, 1e-3)
+        counts = self.stats.room_messages
+        self.stats.room_rates = {r: n / elapsed for r, n in counts.items() if r in local}
+        counts.clear()
+        self._rates_at = now
 
     # ---- lifecycle -------------------------------------------------------------------------
 

@@ -128,6 +128,13 @@ class BrokerConfig:
 
 
 @dataclass
+class MetricsConfig:
+    #: Rooms in the per-room view (``gateway_top_room_*``): the N largest plus the N busiest,
+    #: so the number of series never grows with the number of rooms.
+    top_rooms: int = 20
+
+
+@dataclass
 class LogConfig:
     level: str = "info"
     #: JSON lines (True) or plain text.
@@ -159,6 +166,7 @@ class Config:
     presence: PresenceConfig = field(default_factory=PresenceConfig)
     broker: BrokerConfig = field(default_factory=BrokerConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     drain: DrainConfig = field(default_factory=DrainConfig)
     routes: list[RouteConfig] = field(default_factory=Router.default_routes)
     #: Free-form settings of plugins: ``[plugins.<name>]`` tables, not validated here
@@ -206,6 +214,8 @@ class Config:
             raise ConfigError("hooks.timeout", "must be > 0")
         if self.hooks.fallback not in ("allow", "deny"):
             raise ConfigError("hooks.fallback", "must be 'allow' or 'deny'")
+        if not 0 <= self.metrics.top_rooms <= 1000:
+            raise ConfigError("metrics.top_rooms", "must be 0..1000")
         if self.presence.interval <= 0:
             raise ConfigError("presence.interval", "must be > 0")
         if self.broker.kind not in ("memory", "redis"):

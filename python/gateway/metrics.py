@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.process_collector import ProcessCollector
 
@@ -87,6 +87,8 @@ class EngineCollector:
         be = CounterMetricFamily("gateway_broker_publish_errors", "Broker publishes that failed")
         be.add_metric([], gw.stats.broker_publish_errors)
         yield be
+        yield from self._histograms(eng)
+        yield from self._top_rooms(eng)
         yield GaugeMetricFamily("gateway_broker_connected", "1 while the broker is usable", value=1 if gw.broker.ready else 0)
         br = CounterMetricFamily("gateway_broker_reconnects", "Broker reconnections (Redis pub/sub)")
         br.add_metric([], gw.broker.stats.reconnects)
@@ -95,6 +97,48 @@ class EngineCollector:
         te.add_metric([], gw.stats.tokens_expired)
         yield te
         yield GaugeMetricFamily("gateway_ready", "1 while /readyz answers ready", value=1 if gw.ready else 0)
+
+
+    def _histograms(self, eng: Any) -> Any:
+        from .app import HOOK_BUCKETS, HOOKS
+
+        for name, doc in (("fanout_seconds", "Duration of one room fan-out round (queueing to every local member)"),
+                          ("flush_lag_seconds", "Lag from publish to the socket write that sent it, sampled per write")):
+            buckets, total = eng.histograms()[name]
+            h = HistogramMetricFamily(f"gateway_{name}", doc)
+            h.add_metric([], [(_le(le), n) for le, n in buckets], sum_value=total)
+            yield h
+        st = self.gw.stats
+        hd = HistogramMetricFamily("gateway_hook_duration_seconds", "Hook call duration, by hook", labels=["hook"])
+        for hook in HOOKS:
+            acc, cum = 0, []
+            for le, n in zip((*HOOK_BUCKETS, float("inf")), st.hook_buckets[hook]):
+                acc += n
+                cum.append((_le(le), acc))
+            hd.add_metric([hook], cum, sum_value=st.hook_seconds_sum[hook])
+        yield hd
+
+    def _top_rooms(self, eng: Any) -> Any:
+        n = self.gw.config.metrics.top_rooms
+        members = GaugeMetricFamily("gateway_top_room_members", "Local members of the largest and busiest rooms", labels=["room"])
+        rate = GaugeMetricFamily("gateway_top_room_messages_per_second", "Room messages/s over the last presence interval", labels=["room"])
+        dps = GaugeMetricFamily("gateway_top_room_deliveries_per_second", "Deliveries/s to local members (messages/s x members)", labels=["room"])
+        if n:
+            rooms = {r: c for r, c, _u in eng.rooms()}
+            rates = self.gw.stats.room_rates
+            chosen = set(sorted(rooms, key=rooms.__getitem__, reverse=True)[:n])
+            chosen |= set(sorted((r for r in rates if r in rooms), key=rates.__getitem__, reverse=True)[:n])
+            for r in chosen:
+                members.add_metric([r], rooms[r])
+                rate.add_metric([r], rates.get(r, 0.0))
+                dps.add_metric([r], rates.get(r, 0.0) * rooms[r])
+        yield members
+        yield rate
+        yield dps
+
+
+def _le(v: float) -> str:
+    return "+Inf" if v == float("inf") else repr(float(v))
 
 
 def registry_for(gw: Gateway) -> CollectorRegistry:
