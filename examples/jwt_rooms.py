@@ -20,9 +20,11 @@ What it shows:
 3. **An ``on_join`` hook with a per-room VIP list**: some rooms additionally admit only
    listed users (or users whose token ``role`` is in ``JWT_ROOMS_VIP_ROLES``), even when
    the token's rooms claim matches (``"team:*"``). Others get ``4003`` "VIP members only".
-4. **Token expiry on open connections**: the gateway checks ``exp`` at the upgrade only;
-   this plugin closes a connection with code ``4001`` when its token expires, so a client
-   must reconnect with a fresh token.
+4. **Token expiry on open connections**: the gateway itself closes a connection with
+   ``4001`` when its token's ``exp`` passes. This plugin keeps its own timer-driven check
+   as an example of a plugin that closes connections on a schedule, with its own counter;
+   its ``JWT_ROOMS_EXPIRY_GRACE`` cannot extend a session past ``exp``, since the
+   built-in check closes first. Either way a client must reconnect with a fresh token.
 
 Tokens carry ``sub`` (user id), ``exp``, ``rooms`` and optionally ``role``::
 
