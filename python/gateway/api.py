@@ -200,7 +200,8 @@ def build_app(gw: Gateway) -> web.Application:
             raise BadRequest("offset and limit must be integers") from None
         if offset < 0 or not 1 <= limit <= 1000:
             raise BadRequest("offset must be >= 0 and limit 1..1000")
-        return _json({"room": room, "offset": offset, "members": gw.members(room, offset, limit)})
+        members, scope = await gw.members_everywhere(room, offset, limit)
+        return _json({"room": room, "offset": offset, "scope": scope, "members": members})
 
     async def stats(req: web.Request) -> web.Response:
         eng = gw._engine()

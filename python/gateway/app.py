@@ -369,6 +369,20 @@ class Gateway:
             return self._engine().room_counts(room)
         return await self.broker.presence(room)
 
+    async def members_everywhere(self, room: str, offset: int = 0, limit: int = 100) -> tuple[list[dict[str, Any]], str]:
+        """Members of ``room`` on every node when the broker shares member lists and the
+        room is small (its route's ``presence_events_max_members``), else this node's.
+        Returns ``(members, scope)`` with scope ``"cluster"`` or ``"node"``."""
+        shared: list[dict[str, Any]] | None = None
+        if not isinstance(self.broker, MemoryBroker):
+            try:
+                shared = await self.broker.members(room)
+            except BrokerError:
+                shared = None
+        if shared:
+            return shared[offset : offset + limit], "cluster"
+        return self.members(room, offset, limit), "node"
+
     def members(self, room: str, offset: int = 0, limit: int = 100) -> list[dict[str, Any]]:
         """Local members of ``room`` (user ids and meta), paged."""
         out = []
@@ -1045,6 +1059,26 @@ class Gateway:
                 eng.publish(room, P.presence_counts(room, *counts), P.PRIO_LOW)
         self._presence_last = fresh
         self._update_room_rates(local)
+        if shared:
+            await self._report_members(local)
+
+    async def _report_members(self, local: dict[str, tuple[int, int]]) -> None:
+        """Share the member lists of small rooms (route ``presence_events_max_members``)
+        with the other nodes, so member listings of those rooms cover the cluster."""
+        eng = self._engine()
+        small: dict[str, list[dict[str, Any]]] = {}
+        for room, (conns, _users) in local.items():
+            route = self.router.match(room)
+            limit = route.cfg.presence_events_max_members if route is not None else 0
+            if 0 < conns <= limit:
+                small[room] = [
+                    {"user": user, "meta": orjson.loads(meta) if meta else {}}
+                    for _conn, user, meta in eng.room_members(room, 0, limit)
+                ]
+        try:
+            await self.broker.report_members(small)
+        except BrokerError:
+            pass  # counted and logged by the broker; listings fall back to local members
 
     def _update_room_rates(self, local: dict[str, tuple[int, int]]) -> None:
         """Messages/s per local room since the last tick (for the top-rooms metrics);

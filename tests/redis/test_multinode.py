@@ -56,6 +56,24 @@ async def test_presence_is_summed_across_nodes(two_nodes: tuple[GatewayNode, Gat
     assert time.monotonic() - t0 < 5
 
 
+async def test_member_list_of_a_small_room_covers_every_node(two_nodes: tuple[GatewayNode, GatewayNode], clients: Any) -> None:
+    a, b = two_nodes
+    for node, user in ((a, "m1"), (b, "m2"), (b, "m3")):
+        c = await clients(node, user)
+        await c.join("live:members")
+
+    async def listed(node: GatewayNode) -> tuple[str, list[str]] | None:
+        status, body = await ahttp("GET", node.api + "/v1/rooms/live:members/members")
+        return (body["scope"], sorted(m["user"] for m in body["members"])) if status == 200 else None
+
+    want = ("cluster", ["m1", "m2", "m3"])
+    await await_until(lambda: _eq(listed(a), want), 5, what="members of both nodes on A")
+    await await_until(lambda: _eq(listed(b), want), 5, what="members of both nodes on B")
+    # A dead node's members vanish with its presence (presence_ttl = 2 s in the test config).
+    b.stop(__import__("signal").SIGKILL)
+    await await_until(lambda: _eq(listed(a), ("cluster", ["m1"])), 6, what="B's members expire")
+
+
 async def _eq(coro: Any, want: Any) -> bool:
     return bool(await coro == want)
 

@@ -42,6 +42,9 @@ class FakeEngine:
     def user_conns(self, user: str) -> list[int]:
         return []
 
+    def room_members(self, room: str, offset: int = 0, limit: int = 100) -> list[tuple[int, str | None, str | None]]:
+        return [(c, f"u{c}", None) for c in sorted(self.members.get(room, ()))][offset : offset + limit]
+
     def send(self, conn: int, data: bytes, prio: int = 2) -> bool:
         self.sent.append((conn, orjson.loads(data)))
         return True

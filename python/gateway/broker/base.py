@@ -135,6 +135,16 @@ class Broker(abc.ABC):
     async def report_presence(self, counts: dict[str, tuple[int, int]]) -> None:
         """Publish this node's (connections, users) per room; entries expire if not renewed."""
 
+    async def report_members(self, members: dict[str, list[dict[str, Any]]]) -> None:
+        """Publish this node's member list of each small room (``{"user", "meta"}`` per
+        connection); like presence, entries expire if not renewed. Default: not shared."""
+        return None
+
+    async def members(self, room: str) -> list[dict[str, Any]] | None:
+        """Members of a small room on every live node (each entry also names its ``node``),
+        or None when this broker does not share member lists (use the local engine)."""
+        return None
+
     @abc.abstractmethod
     async def presence(self, room: str) -> tuple[int, int]:
         """(connections, users) in ``room`` summed over live nodes. Users are summed per

@@ -462,6 +462,7 @@ class RedisBroker(Broker):
         self._handler: BrokerHandler | None = None
         self._node = ""
         self._node_b = b""
+        self._members_sent: set[str] = set()
         self._redis: Any = None
         self._ps: dict[str, _PubSub] = {}
         self._ch_conn: dict[bytes, _PubSub] = {}
@@ -1106,6 +1107,49 @@ class RedisBroker(Broker):
             self._pres_cache = {r: v for r, v in self._pres_cache.items() if now - v[0] < self.presence_cache}
         if failed:
             raise self._fail("report_presence", RedisError(f"{failed} of {len(rooms)} rooms failed"))
+
+    def _members_key(self, room: str) -> bytes:
+        return f"{self._p}:{{{room}}}:ml".encode()
+
+    async def report_members(self, members: dict[str, list[dict[str, Any]]]) -> None:
+        """One hash per small room, one field per node: ``{"exp": <unix s>, "m": [...]}``.
+        Readers skip fields whose ``exp`` passed, so a dead node's members vanish within
+        ``presence_ttl``; rooms this node no longer reports are removed from the hash."""
+        self._check("report_members")
+        ttl = self.cfg.presence_ttl
+        gone = self._members_sent - members.keys()
+        exp = time.time() + ttl
+        try:
+            pipe = self._redis.pipeline(transaction=False)
+            for room, ms in members.items():
+                key = self._members_key(room)
+                pipe.hset(key, self._node_b, orjson.dumps({"exp": exp, "m": ms}))
+                pipe.pexpire(key, max(1, int(ttl * 1000)))
+            for room in gone:
+                pipe.hdel(self._members_key(room), self._node_b)
+            await pipe.execute()
+        except (TimeoutError, RedisError, OSError) as e:
+            raise self._fail("report_members", e) from None
+        self._members_sent = set(members)
+
+    async def members(self, room: str) -> list[dict[str, Any]] | None:
+        self._check("members")
+        try:
+            fields = await self._redis.hgetall(self._members_key(room))
+        except (TimeoutError, RedisError, OSError) as e:
+            raise self._fail("members", e) from None
+        now = time.time()
+        out: list[dict[str, Any]] = []
+        for node, raw in sorted(fields.items()):
+            try:
+                entry = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                continue
+            if entry.get("exp", 0) < now:
+                continue
+            name = node.decode() if isinstance(node, bytes) else str(node)
+            out.extend({**m, "node": name} for m in entry.get("m", ()))
+        return out
 
     async def presence(self, room: str) -> tuple[int, int]:
         hit = self._pres_cache.get(room)
