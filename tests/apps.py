@@ -112,6 +112,10 @@ class HookTestPlugin(Plugin):
     async def on_disconnect(self, client: Client, code: int, reason: str) -> None:
         await self._audit(event="disconnect", user=client.user, code=code)
 
+    async def after_join(self, client: Client, room: str) -> None:
+        if room != AUDIT:
+            await self._audit(event="joined", room=room, user=client.user)
+
 
 def make_app(config: Config) -> Gateway:
     """The factory ``--app`` calls with the loaded configuration."""

@@ -51,7 +51,7 @@ DROP = object()
 #: Client messages held behind one that waits on a slow hook; more are refused (4029).
 MAX_BACKLOG = 256
 
-HOOKS = ("on_connect", "on_join", "on_message", "on_leave", "on_disconnect", "after_publish")
+HOOKS = ("on_connect", "on_join", "on_message", "on_leave", "on_disconnect", "after_publish", "after_connect", "after_join")
 
 
 class Reject(Exception):
@@ -319,6 +319,14 @@ class Gateway:
     @property
     def after_publish(self) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         return self._decorator("after_publish")
+
+    @property
+    def after_join(self) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        return self._decorator("after_join")
+
+    @property
+    def after_connect(self) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        return self._decorator("after_connect")
 
     # ---- helpers for plugins and the HTTP API --------------------------------------------
 
@@ -622,8 +630,8 @@ class Gateway:
             self._watch_expiry(req.conn, ident.expires_at)
         if self.config.log.access_log:
             log.info("connected", extra={"conn": req.conn, "peer": req.peer, "user": ident.user})
-        if self._hooks["on_disconnect"]:
-            self._member_join(None, ident.user)
+        if self._hooks["on_disconnect"] or self._hooks["after_connect"]:
+            self._member_join(None, ident.user, client)
 
     # ---- token expiry on open connections ----------------------------------------------------
 
@@ -695,25 +703,35 @@ class Gateway:
 
     # ---- join/leave debounce across nodes (RedisBroker.member_join / member_leave) ---------
 
-    def _member_join(self, room: str | None, user: str) -> None:
+    def _member_join(self, room: str | None, user: str, client: Client) -> None:
         """Count a connection of ``user`` in ``room`` (None: connected) for the debounce,
-        in the background; a later leave of the same (room, user) waits for it."""
+        in the background, and run ``after_join``/``after_connect`` when it is a real
+        change; a later leave of the same (room, user) waits for it."""
         fn = getattr(self.broker, "member_join", None)
         if fn is None:
+            # No cross-node debounce (one node): every join and connect is reported.
+            self._spawn_notification(self._join_notice(client, room))
             return
         key = (room, user)
-        task = asyncio.ensure_future(self._member_join_run(fn, room, user))
+        task = asyncio.ensure_future(self._member_join_run(fn, room, user, client))
         self._member_pending[key] = task
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
         task.add_done_callback(lambda t, key=key: self._member_pending.pop(key) if self._member_pending.get(key) is t else None)
 
-    @staticmethod
-    async def _member_join_run(fn: Callable[..., Awaitable[Any]], room: str | None, user: str) -> None:
+    async def _member_join_run(self, fn: Callable[..., Awaitable[Any]], room: str | None, user: str, client: Client) -> None:
         try:
-            await fn(room, user)
+            real = bool(await fn(room, user))
         except BrokerError:
-            pass  # Redis unreachable: the leave is then reported at once (see _member_left)
+            real = True  # Redis unreachable: report it (at least once) rather than lose it
+        if real:
+            await self._join_notice(client, room)
+
+    async def _join_notice(self, client: Client, room: str | None) -> None:
+        if room is None:
+            await self._notify("after_connect", client)
+        else:
+            await self._notify("after_join", client, room)
 
     async def _member_left(self, room: str | None, user: str) -> bool:
         """Whether hooks hear of this leave: with a broker that debounces (Redis), once
@@ -858,8 +876,8 @@ class Gateway:
         if joined == 1:
             if route.cfg.single_session:
                 self._replace_older_sessions(c, room)
-            if self._hooks["on_leave"]:
-                self._member_join(room, c.user)
+            if self._hooks["on_leave"] or self._hooks["after_join"]:
+                self._member_join(room, c.user, c)
             # Every first join of a connection, not only the room's first member: the
             # broker's subscribe is idempotent and returns once this node receives the
             # room, so the history read below leaves no gap (a second joiner arriving

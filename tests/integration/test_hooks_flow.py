@@ -230,6 +230,7 @@ async def test_after_publish_leave_and_disconnect_hooks(hook_gw: GatewayProcess)
             events.append((await auditor.recv(10))["data"])
         ap = next(e for e in events if e["event"] == "after_publish" and e["room"] == room)
         assert ap == {"event": "after_publish", "room": room, "seq": ack["seq"], "type": "chat"}
+        assert {"event": "joined", "room": room, "user": actor.user} in events, "after_join notification"
         await actor.leave(room)
         user = actor.user
         await actor.close()

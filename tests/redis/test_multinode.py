@@ -215,6 +215,10 @@ async def test_leave_hook_debounced_across_nodes(redis_server: RedisServer, gate
         "        open(LOG, 'a').write(f'leave {client.user} {room}\\n')\n"
         "    def on_disconnect(self, client, code, reason):\n"
         "        open(LOG, 'a').write(f'disconnect {client.user}\\n')\n"
+        "    def after_join(self, client, room):\n"
+        "        open(LOG, 'a').write(f'join {client.user} {room}\\n')\n"
+        "    def after_connect(self, client):\n"
+        "        open(LOG, 'a').write(f'connect {client.user}\\n')\n"
         "def make_app(config):\n"
         "    return Gateway(config, plugins=[P()])\n"
     )
@@ -236,6 +240,9 @@ async def test_leave_hook_debounced_across_nodes(redis_server: RedisServer, gate
     await asyncio.sleep(1.5)
     text = log.read_text() if log.exists() else ""
     assert "leave hopper live:hook" not in text and "disconnect hopper" not in text, text
+    # The reconnect is no new join either: one join and one connect notification so far.
+    lines = text.splitlines()
+    assert lines.count("join hopper live:hook") == 1 and lines.count("connect hopper") == 1, text
     await c2.close()
     await asyncio.sleep(1.5)
     text = log.read_text()
