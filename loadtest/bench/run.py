@@ -52,7 +52,7 @@ JWT_SECRET = "bench-secret-0123456789abcdef-0123456789"  # >= 32 chars, bench on
 FD_CAP = 20_000  # hard RLIMIT_NOFILE per process on this machine
 TARGETS = ("livegate", "websockets", "socketify")
 SCENARIOS = ("idle", "fanout", "merge", "storm", "redis", "slow")
-EXTRA = ("compare",)  # fanout's peer comparison alone
+EXTRA = ("compare", "scrape")  # fanout's peer comparison alone; scrape cost
 
 
 # ----------------------------------------------------------------- utilities
@@ -651,13 +651,69 @@ def targets_check(results: dict[str, dict]) -> str:
     return table(["issue", "target", "measured", "verdict"], rows)
 
 
+def sc_scrape(opts: argparse.Namespace) -> dict:
+    """Fan-out (5k members, rate max) on fresh gateways, without and with a thread scraping
+    /metrics every 100 ms (20x a usual 2 s scrape, 150x the default 15 s)."""
+    import threading
+    import urllib.request
+
+    n, interval = 5000, 0.1
+    runs, rows = [], []
+    for scraping in (False, True):
+        args = ["--conns", str(n), "--room", f"bench:fan{n}", "--sources", "2", "--connect-inflight", "1024",
+                *_pub_args("max", opts.quick)]
+        srv = Server("livegate", None, f"-scrape-{int(scraping)}")
+        stop = threading.Event()
+        scrapes: list[float] = []
+
+        def scraper(srv: Server = srv, stop: threading.Event = stop, scrapes: list[float] = scrapes) -> None:
+            url = f"http://127.0.0.1:{srv.api_port}/metrics"
+            while not stop.is_set():
+                t0 = time.monotonic()
+                try:
+                    with urllib.request.urlopen(url, timeout=5) as r:
+                        r.read()
+                    scrapes.append(time.monotonic() - t0)
+                except OSError:
+                    pass
+                stop.wait(max(0.0, interval - (time.monotonic() - t0)))
+
+        with srv:
+            th = threading.Thread(target=scraper, daemon=True)
+            if scraping:
+                th.start()
+            try:
+                s0 = srv.stats()
+                res = gw_load(srv, args, 120)
+                s1 = srv.stats()
+            finally:
+                stop.set()
+                if scraping:
+                    th.join(10)
+        scrapes.sort()
+        rec = {"target": "livegate", "args": args, "scraping": scraping, "load": res, "engine_delta": engine_delta(s0, s1),
+               "scrapes": len(scrapes), "scrape_ms_p50": scrapes[len(scrapes) // 2] * 1000 if scrapes else None,
+               "scrape_ms_max": scrapes[-1] * 1000 if scrapes else None}
+        runs.append(rec)
+        rows.append(_fanout_row("livegate", n, "max", res, ["every 100 ms" if scraping else "off", fmt_int(len(scrapes)),
+                                                            fmt_f(rec["scrape_ms_p50"], 2)]))
+    base, scr = (r["load"]["deliveries_per_s"] for r in runs)
+    ratio = scr / base if base else None
+    md = table([*FANOUT_COLS, "scrape", "scrapes", "scrape p50 ms"], rows)
+    md += (f"\n\nDeliveries/s while scraping / without: **{fmt_f(ratio, 3)}** "
+           f"({fmt_int(scr)} vs {fmt_int(base)}). Two fresh gateways, same fan-out; one Python thread in the "
+           "benchmark process scrapes /metrics every 100 ms during the second run.")
+    return {"runs": runs, "markdown": md, "ratio": ratio}
+
+
 # ---------------------------------------------------------------------- main
 
 RUNNERS = {"compare": sc_compare, "idle": sc_idle, "fanout": sc_fanout, "merge": sc_merge, "storm": sc_storm, "redis": sc_redis,
-           "slow": sc_slow}
+           "slow": sc_slow, "scrape": sc_scrape}
 TITLES = {"compare": "b'. Fan-out against the peers", "idle": "a. Idle joined connections", "fanout": "b. One-room fan-out, one message per frame",
           "merge": "c. Fan-out with a 50 ms merge window", "storm": "d. Connect storm",
-          "redis": "e. Two nodes + Redis", "slow": "f. A slow consumer among 5k members"}
+          "redis": "e. Two nodes + Redis", "slow": "f. A slow consumer among 5k members",
+          "scrape": "g. Fan-out while /metrics is scraped every 100 ms"}
 
 
 def render(info: dict, names: list[str], results: dict[str, dict], with_targets: bool) -> str:
