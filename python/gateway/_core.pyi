@@ -88,6 +88,8 @@ class Engine:
     def leave(self, conn: int, room: str) -> bool: ...
     def set_room_options(self, prefix: str, merge_ms: int = 0, merge_max: int = 20) -> None:
         """Merge window for rooms whose name starts with ``prefix`` (rooms created later)."""
+    def room_dropped(self, room: str) -> int:
+        """Deliveries to the room's local members that backpressure did not queue."""
     def room_counts(self, room: str) -> tuple[int, int]:
         """(connections, distinct users) of ``room`` on this node, exact."""
     def room_members(self, room: str, offset: int = 0, limit: int = 100) -> list[tuple[int, str | None, str | None]]:

@@ -108,6 +108,16 @@ class EngineCollector:
             h = HistogramMetricFamily(f"gateway_{name}", doc)
             h.add_metric([], [(_le(le), n) for le, n in buckets], sum_value=total)
             yield h
+        from .broker.base import LAG_BUCKETS
+
+        bs = self.gw.broker.stats
+        acc, cum = 0, []
+        for le, n in zip((*LAG_BUCKETS, float("inf")), bs.lag_buckets):
+            acc += n
+            cum.append((_le(le), acc))
+        lag = HistogramMetricFamily("gateway_broker_pubsub_lag_seconds", "Lag of room messages from other nodes, publish to receipt (clocks of two nodes)")
+        lag.add_metric([], cum, sum_value=bs.lag_sum)
+        yield lag
         st = self.gw.stats
         hd = HistogramMetricFamily("gateway_hook_duration_seconds", "Hook call duration, by hook", labels=["hook"])
         for hook in HOOKS:
@@ -123,6 +133,7 @@ class EngineCollector:
         members = GaugeMetricFamily("gateway_top_room_members", "Local members of the largest and busiest rooms", labels=["room"])
         rate = GaugeMetricFamily("gateway_top_room_messages_per_second", "Room messages/s over the last presence interval", labels=["room"])
         dps = GaugeMetricFamily("gateway_top_room_deliveries_per_second", "Deliveries/s to local members (messages/s x members)", labels=["room"])
+        dropped = CounterMetricFamily("gateway_top_room_dropped", "Deliveries to the room's local members that backpressure did not queue", labels=["room"])
         if n:
             rooms = {r: c for r, c, _u in eng.rooms()}
             rates = self.gw.stats.room_rates
@@ -132,9 +143,11 @@ class EngineCollector:
                 members.add_metric([r], rooms[r])
                 rate.add_metric([r], rates.get(r, 0.0))
                 dps.add_metric([r], rates.get(r, 0.0) * rooms[r])
+                dropped.add_metric([r], eng.room_dropped(r))
         yield members
         yield rate
         yield dps
+        yield dropped
 
 
 def _le(v: float) -> str:

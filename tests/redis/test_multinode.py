@@ -33,6 +33,13 @@ async def test_cross_node_publish_delivered_once(two_nodes: tuple[GatewayNode, G
     assert status == 200 and body["seq"] == 21, body
     assert (await cb.next(room="live:x1"))["data"] == {"api": True}
     assert (await ca.next(room="live:x1"))["data"] == {"api": True}
+    # Node A received 20 messages from B through pub/sub: their lag is in its histogram.
+    from prometheus_client.parser import text_string_to_metric_families
+
+    status, text = await ahttp("GET", a.api + "/metrics")
+    fams = {f.name: f for f in text_string_to_metric_families(text if isinstance(text, str) else str(text))}
+    count = [x.value for x in fams["gateway_broker_pubsub_lag_seconds"].samples if x.name.endswith("_count")]
+    assert count == [20.0], count
     await asyncio.sleep(0.3)
     assert ca.drain_msgs("live:x1") == [] and cb.drain_msgs("live:x1") == [], "no duplicates on either node"
 

@@ -9,6 +9,7 @@ once per room message per node, never per recipient; the broker calls back into 
 from __future__ import annotations
 
 import abc
+import bisect
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -60,6 +61,10 @@ class BrokerHandler(Protocol):
         """Apply a cluster-wide command locally (kick, mute, ban, close_room, broadcast)."""
 
 
+#: Upper bounds (seconds) of the pub/sub lag histogram buckets.
+LAG_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
 @dataclass(slots=True)
 class BrokerStats:
     """Counters exported as metrics."""
@@ -68,6 +73,14 @@ class BrokerStats:
     reconnects: int = 0
     connected: bool = True
     extra: dict[str, float] = field(default_factory=dict)
+    #: Pub/sub lag (publishing node's clock to receipt here) of room messages from other
+    #: nodes: bucket counts for LAG_BUCKETS (+Inf last) and their sum in seconds.
+    lag_buckets: list[int] = field(default_factory=lambda: [0] * (len(LAG_BUCKETS) + 1))
+    lag_sum: float = 0.0
+
+    def observe_lag(self, seconds: float) -> None:
+        self.lag_buckets[bisect.bisect_left(LAG_BUCKETS, seconds)] += 1
+        self.lag_sum += seconds
 
 
 class Broker(abc.ABC):

@@ -762,6 +762,13 @@ class RedisBroker(Broker):
             return
         if node == self._node_b:
             return  # our own echo: delivered locally already
+        # Lag from the publishing node's clock: the envelope ends with ,"ts":<ms>}.
+        at = frame.rfind(b'"ts":')
+        if at > 0:
+            try:
+                self.stats.observe_lag(max(0.0, time.time() - int(frame[at + 5 : -1]) / 1000))
+            except ValueError:
+                pass
         try:
             self._sequenced(room, int(seq), epoch, frame, int(prio))
         except Exception:

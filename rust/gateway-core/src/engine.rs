@@ -211,6 +211,10 @@ impl Engine {
         self.sh.hub.set_room_options(prefix, opts)
     }
 
+    pub fn room_dropped(&self, room: &str) -> u64 {
+        self.sh.hub.room_dropped(room)
+    }
+
     pub fn room_counts(&self, room: &str) -> (usize, usize) {
         self.sh.hub.room_counts(room)
     }

@@ -50,6 +50,8 @@ pub struct Room {
     opts: RoomOptions,
     members: Mutex<Members>,
     pending: Mutex<Pending>,
+    /// Deliveries to this room's members that were not queued (backpressure drops).
+    pub dropped: std::sync::atomic::AtomicU64,
 }
 
 impl Room {
@@ -235,6 +237,7 @@ impl Hub {
                     opts: self.options_for(room),
                     members: Mutex::default(),
                     pending: Mutex::default(),
+                    dropped: Default::default(),
                 });
                 shard.insert(name, r.clone());
                 metrics::inc(&self.counters.rooms_current);
@@ -296,6 +299,11 @@ impl Hub {
         true
     }
 
+    /// Deliveries to `room` not queued since the room was created on this node.
+    pub fn room_dropped(&self, room: &str) -> u64 {
+        self.room(room).map(|r| r.dropped.load(Relaxed)).unwrap_or(0)
+    }
+
     pub fn room_counts(&self, room: &str) -> (usize, usize) {
         self.room(room).map(|r| r.counts()).unwrap_or((0, 0))
     }
@@ -347,7 +355,8 @@ impl Hub {
                     // No runtime (unit tests): deliver inline, without merging.
                     let msgs = std::mem::take(&mut r.pending.lock().msgs);
                     r.pending.lock().scheduled = false;
-                    hub.deliver(&r.snapshot(), &msgs);
+                    let missed = hub.deliver(&r.snapshot(), &msgs);
+                    r.dropped.fetch_add(missed, Relaxed);
                 }
             }
         }
@@ -370,7 +379,8 @@ impl Hub {
             let frames = if r.opts.merge_ms > 0 { self.merge(&r, msgs) } else { msgs };
             let members = r.snapshot();
             let t0 = std::time::Instant::now();
-            self.clone().fan_out(members, frames).await;
+            let missed = self.clone().fan_out(members, frames).await;
+            r.dropped.fetch_add(missed, Relaxed);
             self.hist.fanout.observe_ns(t0.elapsed().as_nanos() as u64);
             if r.opts.merge_ms == 0 {
                 // Let other rooms' drainers run between rounds of a busy room.
@@ -380,29 +390,31 @@ impl Hub {
     }
 
     /// Deliver `frames` to `members`, splitting large rooms across worker threads.
-    async fn fan_out(self: Arc<Self>, members: Arc<Vec<Arc<Conn>>>, frames: Vec<(Arc<Frame>, u8)>) {
+    /// Returns how many (frame, member) deliveries were not queued (dropped or closing).
+    async fn fan_out(self: Arc<Self>, members: Arc<Vec<Arc<Conn>>>, frames: Vec<(Arc<Frame>, u8)>) -> u64 {
         let n = members.len();
         let chunk = self.fanout_chunk;
         if n <= chunk {
-            self.deliver(&members, &frames);
-            return;
+            return self.deliver(&members, &frames);
         }
         let frames = Arc::new(frames);
         let mut tasks = Vec::with_capacity(n / chunk);
         for start in (chunk..n).step_by(chunk) {
             let (hub, members, frames) = (self.clone(), members.clone(), frames.clone());
             tasks.push(tokio::spawn(async move {
-                hub.deliver(&members[start..(start + chunk).min(members.len())], &frames);
+                hub.deliver(&members[start..(start + chunk).min(members.len())], &frames)
             }));
         }
-        self.deliver(&members[..chunk], &frames);
+        let mut missed = self.deliver(&members[..chunk], &frames);
         for t in tasks {
-            let _ = t.await;
+            missed += t.await.unwrap_or(0);
         }
+        missed
     }
 
-    /// Queue every frame to every member, one lock per member.
-    pub fn deliver(&self, members: &[Arc<Conn>], frames: &[(Arc<Frame>, u8)]) {
+    /// Queue every frame to every member, one lock per member. Returns how many
+    /// (frame, member) deliveries were not queued (dropped by the policy or closing).
+    pub fn deliver(&self, members: &[Arc<Conn>], frames: &[(Arc<Frame>, u8)]) -> u64 {
         let c = &self.counters;
         let mut frames_queued = 0u64;
         let mut logical = 0u64;
@@ -414,6 +426,7 @@ impl Hub {
         }
         metrics::add(&c.deliveries, frames_queued);
         metrics::add(&c.deliveries_logical, logical);
+        (members.len() * frames.len()) as u64 - frames_queued
     }
 
     /// Merge a window's messages into batch frames of at most `merge_max` messages:
@@ -461,9 +474,13 @@ impl Hub {
         match self.rt.get() {
             Some(h) => {
                 let hub = self.clone();
-                h.spawn(async move { hub.fan_out(all, vec![(frame, prio)]).await });
+                h.spawn(async move {
+                    hub.fan_out(all, vec![(frame, prio)]).await;
+                });
             }
-            None => self.deliver(&all, &[(frame, prio)]),
+            None => {
+                self.deliver(&all, &[(frame, prio)]);
+            }
         }
         n
     }
@@ -537,6 +554,21 @@ mod tests {
         }
         assert_eq!(h.counters.deliveries.load(Relaxed), 400);
         assert_eq!(h.publish("nobody", f1, PRIO_NORMAL), 0);
+    }
+
+    #[test]
+    fn deliveries_not_queued_are_counted_per_room() {
+        let h = hub();
+        let a = add(&h, 1, "a");
+        add(&h, 2, "b");
+        h.join(1, "live:d");
+        h.join(2, "live:d");
+        a.close(1000, "", true); // a closing connection takes nothing more
+        h.publish("live:d", Frame::text(b"x", usize::MAX), PRIO_NORMAL);
+        h.publish("live:d", Frame::text(b"y", usize::MAX), PRIO_NORMAL);
+        assert_eq!(h.room_dropped("live:d"), 2);
+        assert_eq!(h.counters.deliveries.load(Relaxed), 2);
+        assert_eq!(h.room_dropped("nope"), 0);
     }
 
     #[test]

@@ -231,6 +231,12 @@ impl Engine {
         self.inner.set_room_options(prefix, RoomOptions { merge_ms, merge_max });
     }
 
+    /// Deliveries to the room's members that backpressure did not queue (since the room
+    /// was created on this node).
+    fn room_dropped(&self, room: &str) -> u64 {
+        self.inner.room_dropped(room)
+    }
+
     fn room_counts(&self, room: &str) -> (usize, usize) {
         self.inner.room_counts(room)
     }
