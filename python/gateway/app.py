@@ -201,6 +201,9 @@ def _consume_result(t: asyncio.Future[Any]) -> None:
         t.exception()
 
 
+#: Close codes reported under their own label in ``gateway_disconnects_by_code_total``.
+_KNOWN_CLOSE_CODES = frozenset({1000, 1001, 1002, 1003, 1005, 1006, 1007, 1008, 1009, 1011, 1012, 4000, 4001, 4003, 4004, 4008, 4029})
+
 #: Upper bounds (seconds) of the hook duration histogram buckets.
 HOOK_BUCKETS = (1e-5, 5e-5, 1e-4, 5e-4, 1e-3, 5e-3, 0.01, 0.05, 0.1, 0.5, 1.0, 2.5, 5.0)
 
@@ -219,6 +222,8 @@ class Stats:
         #: the resulting messages/s (for the top-rooms view).
         self.room_messages: dict[str, int] = {}
         self.room_rates: dict[str, float] = {}
+        #: Disconnects of accepted clients by close code (label), see _KNOWN_CLOSE_CODES.
+        self.disconnects_by_code: dict[str, int] = {}
         self.auth_rejects = 0
         self.errors_sent: dict[int, int] = {}
         self.published: dict[tuple[str, int], int] = {}
@@ -687,6 +692,11 @@ class Gateway:
         client = self.clients.pop(conn, None)
         if client is None:
             return
+        # One count per disconnect (not per message), by close code; codes nobody here
+        # sends or documents are folded into "other" so the label set stays bounded.
+        label = str(code) if code in _KNOWN_CLOSE_CODES else "other"
+        by_code = self.stats.disconnects_by_code
+        by_code[label] = by_code.get(label, 0) + 1
         if self.config.log.access_log:
             log.info("disconnected", extra={"conn": conn, "user": client.user, "code": code, "reason": reason})
         # The engine's list is authoritative; it stays on the client for on_disconnect.

@@ -62,6 +62,10 @@ class EngineCollector:
         for reason, key in (("client", "close_client"), ("protocol_error", "close_protocol_error"), ("too_big", "close_too_big"), ("invalid_utf8", "close_invalid_utf8"), ("idle_timeout", "close_idle"), ("slow_consumer", "close_slow_consumer"), ("server", "close_server"), ("io_error", "close_io_error")):
             dc.add_metric([reason], c[key])
         yield dc
+        bc = CounterMetricFamily("gateway_disconnects_by_code", "Disconnects of accepted clients by WebSocket close code (1006: connection lost without a close frame)", labels=["code"])
+        for code, n in sorted(gw.stats.disconnects_by_code.items()):
+            bc.add_metric([code], n)
+        yield bc
         slow = CounterMetricFamily("gateway_slow_consumer_disconnects", "Connections closed as slow consumers (4008)")
         slow.add_metric([], c["close_slow_consumer"])
         yield slow

@@ -139,6 +139,7 @@ async def test_scripted_session_exact_counters(gateway_factory: GatewayFactory) 
         assert m[("gateway_slow_consumer_disconnects_total", ())] == 1
         assert m[("gateway_disconnect_reasons_total", (("reason", "slow_consumer"),))] == 1
         assert m[("gateway_disconnects_total", ())] == 1
+        assert m[("gateway_disconnects_by_code_total", (("code", "4008"),))] == 1
         assert m[("gateway_connections", ())] == 2
         assert sum(v for (k, _), v in m.items() if k == "gateway_handshake_failures_total") == 0
         # The two members' deliveries did not change after the slow phase (it had its own room).
