@@ -30,6 +30,10 @@ _SIMPLE = {
     "bytes_in": ("gateway_received_bytes_total", "Bytes read from client sockets"),
     "bytes_out": ("gateway_sent_bytes_total", "Bytes written to client sockets"),
     "writev_calls": ("gateway_writev_calls_total", "Vectored socket writes"),
+    "direct_writes": (
+        "gateway_direct_writes_total",
+        "Socket writes made by a fan-out straight into an idle member's socket (part of writev_calls)",
+    ),
     "batches": ("gateway_batches_total", "Merged batch frames built"),
     "deflate_compressions": ("gateway_deflate_compressions_total", "Server messages compressed (shared by recipients)"),
     "pings_sent": ("gateway_ws_pings_sent_total", "WebSocket pings sent to quiet connections"),

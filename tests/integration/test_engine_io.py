@@ -10,6 +10,7 @@ import time
 from typing import Any
 
 import aiohttp
+import orjson
 import pytest
 from gwtest import GatewayProcess, uniq
 from gateway.client import GatewayClient
@@ -271,6 +272,90 @@ async def test_slow_consumer_is_closed_and_others_get_everything(small_queue_gw:
         slow.close()
         for c in normal:
             await c.close()
+
+
+@pytest.fixture(scope="module")
+def tight_socket_gw(module_gateway_factory: Any) -> GatewayProcess:
+    return module_gateway_factory("limits.queue_bytes=65536", "limits.socket_send_buffer=4096", "deflate.enabled=false")  # type: ignore[no-any-return]
+
+
+async def test_frame_written_partly_by_a_fan_out_stays_whole_through_a_slow_consumer_close(tight_socket_gw: GatewayProcess) -> None:
+    """Fan-outs write straight into idle members' sockets. When the kernel takes only part
+    of a frame, the connection's task must send the rest before anything else, even after
+    the connection is closed as a slow consumer and its queue is discarded: the client
+    then reads whole frames, in order, and the 4008 close frame."""
+    gw = tight_socket_gw
+    room = f"live:{uniq('partial')}"
+    slow = await asyncio.to_thread(blocking_upgrade, gw.host, gw.port, f"/ws?user={uniq('slow')}")
+    try:
+        slow.sendall(encode_frame(OP_TEXT, b'{"op":"join","id":1,"room":"' + room.encode() + b'"}'))
+        for _ in range(400):
+            _, body = await gw.api("GET", f"/v1/rooms/{room}/presence")
+            if body["conns"] == 1:
+                break
+            await asyncio.sleep(0.05)
+        assert body["conns"] == 1, body
+        base = (await gw.stats())["engine"]
+        pad = "p" * 3000
+        n = 0
+        # Chat messages one round at a time (each finds the writer idle) until one is
+        # taken only partly by the full socket.
+        for _ in range(300):
+            await gw.publish(room, {"n": n, "pad": pad})
+            n += 1
+            eng = (await gw.stats())["engine"]
+            if eng["direct_partial"] > base["direct_partial"]:
+                break
+        assert eng["direct_partial"] == base["direct_partial"] + 1, "no fan-out write was partial"
+        assert eng["direct_writes"] - base["direct_writes"] >= 1
+        # Gifts (high priority) until the connection is closed as a slow consumer.
+        for _ in range(300):
+            await gw.publish(room, {"n": n, "pad": pad}, type="gift")
+            n += 1
+            eng = (await gw.stats())["engine"]
+            if eng["close_slow_consumer"] > base["close_slow_consumer"]:
+                break
+        assert eng["close_slow_consumer"] == base["close_slow_consumer"] + 1
+        frames = await asyncio.to_thread(_read_whole_frames, slow, 30.0)
+    finally:
+        slow.close()
+    # connected, the join ack, then messages in publish order (later ones were dropped or
+    # discarded; the room's presence event among them), and the close frame last.
+    assert frames[-1][0] == OP_CLOSE and struct.unpack("!H", frames[-1][1][:2])[0] == 4008, frames[-1]
+    body = [orjson.loads(p) for op, p in frames[:-1]]
+    assert all(op == OP_TEXT for op, _ in frames[:-1])
+    assert [m["op"] for m in body[:2]] == ["connected", "ack"], body[:2]
+    assert {m["op"] for m in body[2:]} <= {"msg", "presence"}, body[2:5]
+    got = [m["data"]["n"] for m in body[2:] if m["op"] == "msg"]
+    assert got == list(range(len(got))) and len(got) >= 2, got
+
+
+def _read_whole_frames(sock: Any, timeout: float) -> list[tuple[int, bytes]]:
+    """Read a raw (unmasked server) stream to its end and split it into frames; fails if
+    any bytes do not form a whole frame."""
+    sock.settimeout(timeout)
+    data = b""
+    while True:
+        chunk = sock.recv(1 << 16)
+        if not chunk:
+            break
+        data += chunk
+    out, i = [], 0
+    while i < len(data):
+        assert i + 2 <= len(data), f"truncated frame header at byte {i} of {len(data)}"
+        b0, b1 = data[i], data[i + 1]
+        assert b0 & 0x70 == 0 and b1 & 0x80 == 0, f"not a frame at byte {i}: {data[i:i + 16]!r}"
+        n, j = b1 & 0x7F, i + 2
+        if n == 126:
+            (n,) = struct.unpack("!H", data[j : j + 2])
+            j += 2
+        elif n == 127:
+            (n,) = struct.unpack("!Q", data[j : j + 8])
+            j += 8
+        assert j + n <= len(data), f"truncated frame at byte {i}: {n} bytes announced, {len(data) - j} left"
+        out.append((b0 & 0x0F, data[j : j + n]))
+        i = j + n
+    return out
 
 
 def _drain_until_closed(sock: Any, timeout: float) -> int | None:

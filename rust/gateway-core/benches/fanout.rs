@@ -34,7 +34,7 @@ fn fanout(c: &mut Criterion) {
         g.throughput(Throughput::Elements((members * batch) as u64));
         g.bench_function(format!("{members}_members_x{batch}"), |b| {
             b.iter(|| {
-                hub.deliver(&conns, &frames);
+                hub.deliver(&conns, &frames, false);
                 for c in &conns {
                     let mut q = c.out.lock();
                     q.items.clear();

@@ -15,7 +15,7 @@ use std::time::Duration;
 use parking_lot::{Mutex, RwLock};
 use tokio::runtime::Handle;
 
-use crate::conn::{Conn, Frame, PRIO_LOW};
+use crate::conn::{Conn, Direct, Frame, PRIO_LOW};
 use crate::metrics::{self, Counters, Histograms};
 use crate::protocol::frame::OP_TEXT;
 
@@ -355,7 +355,7 @@ impl Hub {
                     // No runtime (unit tests): deliver inline, without merging.
                     let msgs = std::mem::take(&mut r.pending.lock().msgs);
                     r.pending.lock().scheduled = false;
-                    let missed = hub.deliver(&r.snapshot(), &msgs);
+                    let missed = hub.deliver(&r.snapshot(), &msgs, false);
                     r.dropped.fetch_add(missed, Relaxed);
                 }
             }
@@ -395,17 +395,17 @@ impl Hub {
         let n = members.len();
         let chunk = self.fanout_chunk;
         if n <= chunk {
-            return self.deliver(&members, &frames);
+            return self.deliver(&members, &frames, true);
         }
         let frames = Arc::new(frames);
         let mut tasks = Vec::with_capacity(n / chunk);
         for start in (chunk..n).step_by(chunk) {
             let (hub, members, frames) = (self.clone(), members.clone(), frames.clone());
             tasks.push(tokio::spawn(async move {
-                hub.deliver(&members[start..(start + chunk).min(members.len())], &frames)
+                hub.deliver(&members[start..(start + chunk).min(members.len())], &frames, true)
             }));
         }
-        let mut missed = self.deliver(&members[..chunk], &frames);
+        let mut missed = self.deliver(&members[..chunk], &frames, true);
         for t in tasks {
             missed += t.await.unwrap_or(0);
         }
@@ -414,15 +414,21 @@ impl Hub {
 
     /// Queue every frame to every member, one lock per member. Returns how many
     /// (frame, member) deliveries were not queued (dropped by the policy or closing).
-    pub fn deliver(&self, members: &[Arc<Conn>], frames: &[(Arc<Frame>, u8)]) -> u64 {
+    /// `direct`: write to idle members' sockets here (runtime threads only; a caller
+    /// holding the GIL only queues and wakes).
+    pub fn deliver(&self, members: &[Arc<Conn>], frames: &[(Arc<Frame>, u8)], direct: bool) -> u64 {
         let c = &self.counters;
+        let mut d = direct.then(|| Direct::new(self.deflate_level, self.epoch));
         let mut frames_queued = 0u64;
         let mut logical = 0u64;
         let per_round_logical: u64 = frames.iter().map(|(f, _)| u64::from(f.logical)).sum();
         for m in members {
-            let q = m.push_all(frames, self.queue_bytes, c) as u64;
+            let q = m.push_all(frames, self.queue_bytes, c, d.as_mut()) as u64;
             frames_queued += q;
             logical += if q == frames.len() as u64 { per_round_logical } else { q };
+        }
+        if let Some(d) = d {
+            d.finish(c, &self.hist.flush_lag);
         }
         metrics::add(&c.deliveries, frames_queued);
         metrics::add(&c.deliveries_logical, logical);
@@ -463,7 +469,7 @@ impl Hub {
     /// Queue a frame to every connection of `user`. Returns how many got it.
     pub fn send_user(&self, user: &str, frame: &Arc<Frame>, prio: u8) -> usize {
         let conns = self.user_conns(user);
-        self.deliver(&conns, &[(frame.clone(), prio)]);
+        self.deliver(&conns, &[(frame.clone(), prio)], false);
         conns.len()
     }
 
@@ -479,7 +485,7 @@ impl Hub {
                 });
             }
             None => {
-                self.deliver(&all, &[(frame, prio)]);
+                self.deliver(&all, &[(frame, prio)], false);
             }
         }
         n

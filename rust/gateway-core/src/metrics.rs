@@ -62,7 +62,12 @@ counters! {
     deliveries_logical,
     frames_out,
     bytes_out,
+    /// Socket writes (vectored), by I/O tasks and by fan-outs writing directly.
     writev_calls,
+    /// The subset of `writev_calls` made by a fan-out straight into an idle member's socket.
+    direct_writes,
+    /// Direct writes the socket took only partly; the I/O task sends the rest.
+    direct_partial,
     dropped_low,
     dropped_normal,
     dropped_high,
@@ -103,12 +108,27 @@ impl Default for Histogram {
     }
 }
 
+fn bucket_of(ns: u64) -> usize {
+    let s = ns as f64 * 1e-9;
+    LATENCY_BUCKETS.iter().position(|b| s <= *b).unwrap_or(LATENCY_BUCKETS.len())
+}
+
 impl Histogram {
     pub fn observe_ns(&self, ns: u64) {
-        let s = ns as f64 * 1e-9;
-        let i = LATENCY_BUCKETS.iter().position(|b| s <= *b).unwrap_or(LATENCY_BUCKETS.len());
-        self.counts[i].fetch_add(1, Relaxed);
+        self.counts[bucket_of(ns)].fetch_add(1, Relaxed);
         self.sum_ns.fetch_add(ns, Relaxed);
+    }
+
+    /// Add what a thread gathered on its own (one atomic per touched bucket).
+    pub fn merge(&self, local: &LocalHistogram) {
+        for (c, n) in self.counts.iter().zip(local.counts) {
+            if n > 0 {
+                c.fetch_add(n, Relaxed);
+            }
+        }
+        if local.sum_ns > 0 {
+            self.sum_ns.fetch_add(local.sum_ns, Relaxed);
+        }
     }
 
     /// (cumulative counts per bucket bound incl. +Inf last, sum in seconds).
@@ -120,6 +140,21 @@ impl Histogram {
             out.push((LATENCY_BUCKETS.get(i).copied().unwrap_or(f64::INFINITY), acc));
         }
         (out, self.sum_ns.load(Relaxed) as f64 * 1e-9)
+    }
+}
+
+/// Observations gathered without atomics during one loop, then merged into a
+/// [`Histogram`] at once (a fan-out samples once per socket write).
+#[derive(Default)]
+pub struct LocalHistogram {
+    counts: [u64; LATENCY_BUCKETS.len() + 1],
+    sum_ns: u64,
+}
+
+impl LocalHistogram {
+    pub fn observe_ns(&mut self, ns: u64) {
+        self.counts[bucket_of(ns)] += 1;
+        self.sum_ns += ns;
     }
 }
 

@@ -9,6 +9,7 @@ use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, IoSlice};
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -169,7 +170,10 @@ async fn handle(sh: Arc<Shared>, mut stream: TcpStream, peer: SocketAddr) {
     // The handshake future is boxed: its timers and buffers are freed when it ends
     // instead of sizing the task for the connection's whole life.
     let Some((conn, decoder, leftover)) = Box::pin(upgrade(&sh, &mut stream, peer)).await else { return };
+    conn.out.lock().fd = stream.as_raw_fd();
     let (code, reason) = run_ws(&sh, &stream, &conn, decoder, leftover).await;
+    // No direct write may reach this fd number once it is closed (and maybe reused).
+    conn.out.lock().fd = -1;
     drop(stream);
     let c = &sh.counters;
     let rooms = sh.hub.remove_conn(&conn);
@@ -402,21 +406,27 @@ async fn run_ws(
         // Take queued frames, or the close frame once the queue is done.
         if wq.is_empty() && !close_sent {
             let mut q = conn.out.lock();
-            if q.items.is_empty() {
+            let q = &mut *q;
+            if let Some((f, sent)) = q.head.take() {
+                // The rest of a frame a fan-out wrote partly (off > 0 keeps it whole
+                // through a discarding close below).
+                wq.push_back(f);
+                off = sent;
+            }
+            let n = q.items.len().min(IOV_MAX * 4);
+            for it in q.items.drain(..n) {
+                q.bytes -= it.frame.len();
+                wq.push_back(it.frame);
+            }
+            if wq.is_empty() {
                 if let Some(cl) = q.closing.clone() {
                     wq.push_back(Frame::control(frame::encode_close(cl.code, &cl.reason)));
                     close_sent = true;
                     result.get_or_insert((cl.code, cl.reason));
                     deadline = Some(tokio::time::Instant::now() + sh.cfg.close_timeout);
                 } else {
+                    // Idle: from now on a fan-out may write to the socket itself.
                     q.woken = false;
-                }
-            } else {
-                let n = q.items.len().min(IOV_MAX * 4);
-                let q = &mut *q;
-                for it in q.items.drain(..n) {
-                    q.bytes -= it.frame.len();
-                    wq.push_back(it.frame);
                 }
             }
         } else if !close_sent && deadline.is_none() {
