@@ -8,11 +8,13 @@ Scenarios:
   fanout   b. one room, one message per frame, 1k/5k/10k members, publish-rate sweep
              (with peers among the targets, also `compare`)
   compare  b'. the peer comparison alone: 5k/10k members, targets interleaved, ratios
+  latency  b''. the latency target: 5k members at 50 msgs/s, 10 s runs repeated, targets
+             interleaved (livegate and, when importable, socketify), p99 per run and median
   merge    c. the same with a 50 ms merge window (merge:{id} rooms): logical deliveries/s
   storm    d. connect storm with JWT auth (and dev auth for contrast): connections/s
   redis    e. two nodes + Redis vs one node (same run), and 50k connections over 3 workers
   slow     f. one slow consumer among 5k members, chat and gift traffic
-  all      every scenario above, then the targets check
+  all      every scenario above but compare and scrape, then the targets check
 
 Every measurement starts a fresh server process, waits until it is ready, runs the
 compiled load client (target/release/gw-load) with --server-pid, collects its JSON
@@ -52,7 +54,7 @@ JWT_SECRET = "bench-secret-0123456789abcdef-0123456789"  # >= 32 chars, bench on
 FD_CAP = 20_000  # hard RLIMIT_NOFILE per process on this machine
 TARGETS = ("livegate", "websockets", "socketify")
 SCENARIOS = ("idle", "fanout", "merge", "storm", "redis", "slow")
-EXTRA = ("compare", "scrape")  # fanout's peer comparison alone; scrape cost
+EXTRA = ("compare", "latency", "scrape")  # fanout's peer comparison alone; latency target; scrape cost
 
 
 # ----------------------------------------------------------------- utilities
@@ -345,6 +347,37 @@ def sc_compare(opts: argparse.Namespace) -> dict:
     return {"runs": runs, "markdown": md}
 
 
+def sc_latency(opts: argparse.Namespace) -> dict:
+    """The latency target point, repeated: one 5k-member room at 50 msgs/s (250k
+    deliveries/s offered), 10 s measured per run. Peers are interleaved run by run
+    (A B A B ...) so that a disturbance on the shared machine hits both alike."""
+    targets = ["livegate"]
+    if "socketify" in opts.peers_available:
+        targets.append("socketify")
+    reps = 2 if opts.quick else 5
+    runs, rows = [], []
+    for _ in range(reps):
+        for target in targets:
+            args = ["--conns", "5000", "--room", "bench:lat", "--sources", "2", "--connect-inflight", "1024",
+                    "--rate", "50", "--warmup", "1", "--duration", "3" if opts.quick else "10",
+                    "--drain-wait", "1", "--lat-sample", "1"]
+            rec = measure(target, args, budget=120, tag="-latency")
+            rec.update(members=5000, rate="50")
+            runs.append(rec)
+            ld = rec["load"]
+            lat = ld["latency_ms"]
+            rows.append([target, fmt_f(ld["delivery_ratio"], 4), fmt_f(lat["p50"]), fmt_f(lat["p90"]),
+                         fmt_f(lat["p99"]), fmt_f(lat["max"]), fmt_int(ld.get("server_cpu_ns_per_delivery")),
+                         fmt_int(ld["client_cpu_ns_per_delivery"])])
+    summary = []
+    for target in targets:
+        p99 = sorted(r["load"]["latency_ms"]["p99"] for r in runs if r["target"] == target)
+        summary.append([target, fmt_f(p99[len(p99) // 2]), ", ".join(f"{x:.0f}" for x in p99)])
+    md = (table(["target", "ratio", "p50 ms", "p90 ms", "p99 ms", "max ms", "server ns/dlv", "client ns/dlv"], rows)
+          + "\n\n" + table(["target", "median p99 ms", "p99 of each run (sorted)"], summary))
+    return {"runs": runs, "markdown": md}
+
+
 def complete(r: dict) -> bool:
     """Delivery ratio ~1 (every publish reached every member). A ratio above 1 means a
     backlog from the warmup was still arriving: the server was past saturation."""
@@ -608,7 +641,8 @@ def targets_check(results: dict[str, dict]) -> str:
         ns = b5["load"].get("server_cpu_ns_per_delivery")
         row("engine", "≤ 400 ns server CPU per delivery (at that load)", f"{ns:.0f} ns" if ns else "–",
             ns is not None and ns <= 400)
-    p99s = sorted(r["load"]["latency_ms"]["p99"] for r in fan if r["members"] == 5000 and r["rate"] == "50")
+    lat_runs = [r for r in results.get("latency", {}).get("runs", []) if r["target"] == "livegate"]
+    p99s = sorted(r["load"]["latency_ms"]["p99"] for r in (lat_runs or fan) if r["members"] == 5000 and r["rate"] == "50")
     med = p99s[len(p99s) // 2] if p99s else None
     row("engine", "p99 ≤ 40 ms at 50 msgs/s into 5k members",
         f"p99 {med:.1f} ms (median of {len(p99s)} runs: {', '.join(f'{x:.0f}' for x in p99s)})" if p99s
@@ -708,9 +742,9 @@ def sc_scrape(opts: argparse.Namespace) -> dict:
 
 # ---------------------------------------------------------------------- main
 
-RUNNERS = {"compare": sc_compare, "idle": sc_idle, "fanout": sc_fanout, "merge": sc_merge, "storm": sc_storm, "redis": sc_redis,
+RUNNERS = {"compare": sc_compare, "latency": sc_latency, "idle": sc_idle, "fanout": sc_fanout, "merge": sc_merge, "storm": sc_storm, "redis": sc_redis,
            "slow": sc_slow, "scrape": sc_scrape}
-TITLES = {"compare": "b'. Fan-out against the peers", "idle": "a. Idle joined connections", "fanout": "b. One-room fan-out, one message per frame",
+TITLES = {"compare": "b'. Fan-out against the peers", "latency": "b''. Latency at 50 msgs/s into 5k members", "idle": "a. Idle joined connections", "fanout": "b. One-room fan-out, one message per frame",
           "merge": "c. Fan-out with a 50 ms merge window", "storm": "d. Connect storm",
           "redis": "e. Two nodes + Redis", "slow": "f. A slow consumer among 5k members",
           "scrape": "g. Fan-out while /metrics is scraped every 100 ms"}
@@ -759,15 +793,17 @@ def main(argv: list[str] | None = None) -> int:
     if not GW_LOAD.exists():
         log("building gw-load (cargo build --release -p gw-load)")
         subprocess.run(["cargo", "build", "--release", "-p", "gw-load", "-q"], cwd=ROOT, check=True, timeout=900)
-    if "socketify" in opts.targets:
-        try:
-            import importlib
-            importlib.import_module("socketify")  # also loads its native library (needs libuv)
-        except (ImportError, OSError) as e:
+    opts.peers_available = []
+    try:
+        import importlib
+        importlib.import_module("socketify")  # also loads its native library (needs libuv)
+        opts.peers_available.append("socketify")
+    except (ImportError, OSError) as e:
+        if "socketify" in opts.targets:
             log(f"socketify cannot be used here ({e}); dropping it from the targets")
             opts.targets.remove("socketify")
 
-    names = list(SCENARIOS) if opts.scenario == "all" else [opts.scenario]
+    names = [*SCENARIOS, "latency"] if opts.scenario == "all" else [opts.scenario]
     started = dt.datetime.now(dt.UTC)
     stamp = started.strftime("%Y%m%dT%H%M%SZ")
     info = {"date": started.isoformat(timespec="seconds"), "machine": machine(), "quick": opts.quick,

@@ -105,7 +105,21 @@ async def _collect(ws: RawWS, n: int, timeout: float) -> list[dict[str, Any]]:
     return out
 
 
+@pytest.fixture(scope="module")
+def split_fanout_gw(module_gateway_factory: Any) -> GatewayProcess:
+    """Rooms over 64 members are cut into pieces fanned out by several tasks."""
+    return module_gateway_factory("limits.fanout_chunk=64")  # type: ignore[no-any-return]
+
+
 async def test_exact_delivery_to_1000_members(gw: GatewayProcess) -> None:
+    await _exact_delivery(gw)
+
+
+async def test_exact_delivery_to_1000_members_with_the_room_split_across_tasks(split_fanout_gw: GatewayProcess) -> None:
+    await _exact_delivery(split_fanout_gw)
+
+
+async def _exact_delivery(gw: GatewayProcess) -> None:
     room, members, n = f"live:{uniq('big')}", 1000, 20
     sem = asyncio.Semaphore(100)
     conns = await asyncio.gather(*(_raw_member(gw, f"{uniq('m')}", room, sem) for _ in range(members)))

@@ -88,6 +88,17 @@ pub enum Join {
     NoSuchConn,
 }
 
+/// How a fan-out to `n` members is cut: (pieces, members per piece). Pieces of at most
+/// `chunk` members, equal in size and as many as a multiple of the worker count, so that
+/// every worker ends about when the others do (3 pieces on 2 workers would leave one of
+/// them a third round alone).
+fn split(n: usize, chunk: usize, workers: usize) -> (usize, usize) {
+    let workers = workers.max(1);
+    let pieces = n.div_ceil(chunk.max(1)).div_ceil(workers) * workers;
+    let pieces = pieces.clamp(1, n.max(1));
+    (pieces, n.div_ceil(pieces))
+}
+
 type Shards<K, V> = Box<[Mutex<HashMap<K, V>>]>;
 
 pub struct Hub {
@@ -393,19 +404,23 @@ impl Hub {
     /// Returns how many (frame, member) deliveries were not queued (dropped or closing).
     async fn fan_out(self: Arc<Self>, members: Arc<Vec<Arc<Conn>>>, frames: Vec<(Arc<Frame>, u8)>) -> u64 {
         let n = members.len();
-        let chunk = self.fanout_chunk;
-        if n <= chunk {
+        if n <= self.fanout_chunk {
             return self.deliver(&members, &frames, true);
         }
+        let workers = self.rt.get().map_or(1, |h| h.metrics().num_workers());
+        let (pieces, chunk) = split(n, self.fanout_chunk, workers);
         let frames = Arc::new(frames);
-        let mut tasks = Vec::with_capacity(n / chunk);
-        for start in (chunk..n).step_by(chunk) {
+        // Every piece is a task, none runs inline: tokio keeps the last task spawned from a
+        // worker in that worker's LIFO slot, which other workers cannot steal, so a piece
+        // run inline plus one in the slot would both land on this thread.
+        let mut tasks = Vec::with_capacity(pieces);
+        for start in (0..n).step_by(chunk) {
             let (hub, members, frames) = (self.clone(), members.clone(), frames.clone());
             tasks.push(tokio::spawn(async move {
                 hub.deliver(&members[start..(start + chunk).min(members.len())], &frames, true)
             }));
         }
-        let mut missed = self.deliver(&members[..chunk], &frames, true);
+        let mut missed = 0;
         for t in tasks {
             missed += t.await.unwrap_or(0);
         }
@@ -575,6 +590,20 @@ mod tests {
         assert_eq!(h.room_dropped("live:d"), 2);
         assert_eq!(h.counters.deliveries.load(Relaxed), 2);
         assert_eq!(h.room_dropped("nope"), 0);
+    }
+
+    #[test]
+    fn large_rooms_split_into_equal_pieces_per_worker() {
+        assert_eq!(split(5000, 2048, 2), (4, 1250));
+        assert_eq!(split(4000, 2048, 2), (2, 2000));
+        assert_eq!(split(10_000, 2048, 2), (6, 1667));
+        assert_eq!(split(10_000, 2048, 4), (8, 1250));
+        assert_eq!(split(5000, 2048, 1), (3, 1667));
+        assert_eq!(split(3, 2048, 8), (3, 1), "never more pieces than members");
+        for (n, chunk, w) in [(5000, 2048, 2), (12_345, 1000, 3), (100_000, 2048, 2)] {
+            let (p, c) = split(n, chunk, w);
+            assert!(c <= chunk && p * c >= n && (p - 1) * c < n, "{n} {chunk} {w}: {p} x {c}");
+        }
     }
 
     #[test]
