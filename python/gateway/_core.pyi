@@ -49,7 +49,7 @@ class Engine:
     deflate_client_max_window_bits (15), idle_timeout (90.0 s), ping_interval (30.0 s;
     0 = no WebSocket pings), app_ping (True), queue_bytes (1 MiB per connection),
     send_buffer (0 = kernel autotuning; else SO_SNDBUF bytes for client sockets),
-    fanout_chunk (2048 members per fan-out task), event_queue_cap (1048576),
+    fanout_chunk (1024: rooms above it are cut into pieces fanned out in parallel), event_queue_cap (1048576),
     close_timeout (2.0 s). Unknown keywords raise TypeError; bad values ValueError.
     """
 

@@ -62,7 +62,7 @@ class LimitsConfig:
     #: Client messages waiting for Python above this are shed.
     event_queue: int = 1 << 20
     #: Members per fan-out task; larger rooms are split across threads.
-    fanout_chunk: int = 2048
+    fanout_chunk: int = 1024
     #: Consecutive client errors (bad JSON, rate limits, ...) before closing with 4029.
     max_errors: int = 50
     #: SO_SNDBUF of accepted client sockets, in bytes; 0 = the kernel default (autotuned).

@@ -74,7 +74,7 @@ impl Default for EngineConfig {
             app_ping: true,
             queue_bytes: 1 << 20,
             send_buffer: 0,
-            fanout_chunk: 2048,
+            fanout_chunk: 1024,
             event_queue_cap: 1 << 20,
             close_timeout: Duration::from_secs(2),
         }
