@@ -227,12 +227,9 @@ class WebhookForwarder(Plugin):
             return
         if s.types is not None and msg.type not in s.types:
             return
+        # For a message re-routed by an on_message hook the gateway calls this once per
+        # target room, with ``msg.room`` set to the room ``result.seq`` belongs to.
         room = msg.room
-        if msg.rooms:
-            # Re-routed by an on_message hook. The gateway passes the same Message for
-            # every target room, so with one target that is the room; with several, the
-            # event cannot tell which target ``seq`` belongs to (reported upstream).
-            room = msg.rooms[0] if len(msg.rooms) == 1 else room
         if s.rooms is not None and not room.startswith(s.rooms):
             return
         self._event("publish", {
