@@ -2,8 +2,9 @@
 
 ``gateway_factory`` (per test), ``module_gateway_factory`` (per module) and
 ``session_gateway_factory`` (per session) start ``python -m gateway run`` in a subprocess
-on free ports and wait until ``/healthz`` (client port) and ``/readyz`` (API port)
-answer. The returned :class:`GatewayProcess` knows its URLs and calls the HTTP API.
+on free ports and wait until it is ready (``gwproc.GatewaySubprocess``: ``/readyz`` on the
+API port, answered by this process). The returned :class:`GatewayProcess` knows its URLs
+and calls the HTTP API.
 
 At teardown the process gets SIGTERM and must exit 0 (a graceful drain); a process that
 died earlier, exited non-zero, or logged a Python traceback fails the test (pass
@@ -17,22 +18,15 @@ from __future__ import annotations
 
 import itertools
 import os
-import random
 import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
 import pytest
+from gwproc import ROOT, GatewaySubprocess  # noqa: F401  (ROOT: imported by tests from here)
 
-ROOT = Path(__file__).resolve().parent.parent
 API_KEY = "test-api-key-0123456789"
 JWT_SECRET = "test-jwt-secret-0123456789abcdef0123456789abcdef"
 
@@ -52,42 +46,8 @@ def uniq(prefix: str = "t") -> str:
     return f"{prefix}{os.getpid()}x{next(_uniq)}"
 
 
-def free_port() -> int:
-    """A TCP port that was free a moment ago. Taken below the ephemeral range
-    (/proc/sys/net/ipv4/ip_local_port_range), where outgoing connections of this
-    machine's other tests cannot grab it between the check and the server's bind."""
-    lo, _hi = 32768, 60999
-    try:
-        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
-            lo, _hi = (int(x) for x in f.read().split())
-    except (OSError, ValueError):
-        pass
-    top = lo if lo > 11000 else 65535
-    for _ in range(200):
-        port = random.randrange(10000, top)
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _http_status(url: str, timeout: float = 2.0) -> int | None:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
-            return int(r.status)
-    except urllib.error.HTTPError as e:
-        return int(e.code)
-    except (OSError, ValueError):
-        return None
-
-
-class GatewayProcess:
-    """One ``python -m gateway run`` subprocess.
+class GatewayProcess(GatewaySubprocess):
+    """One ``python -m gateway run`` subprocess (see :mod:`gwproc`).
 
     ``sets`` are ``--set key=value`` strings, ``app`` a ``module:attr`` for ``--app``,
     ``config`` a TOML text written to a file and passed with ``--config``.
@@ -103,104 +63,40 @@ class GatewayProcess:
         api_key: str | None = API_KEY,
         allow_errors: bool = False,
     ) -> None:
+        super().__init__(log_dir / "gateway.log", env=env, api_key=api_key)
         self.log_dir = log_dir
         self.sets = tuple(sets)
         self.app = app
         self.config_text = config
-        self.extra_env = dict(env or {})
-        self.api_key = api_key
         self.allow_errors = allow_errors
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.port = 0
-        self.api_port = 0
-        self.log_path = log_dir / "gateway.log"
         self.stopped_by_test = False
         self.finished = False
         self.exit_code: int | None = None
 
-    # ---- addresses ----
-
     @property
     def host(self) -> str:
         return "127.0.0.1"
-
-    @property
-    def http_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def api_url(self) -> str:
-        return f"http://127.0.0.1:{self.api_port}"
 
     def ws_url(self, path: str = "/ws", **query: Any) -> str:
         """``ws://127.0.0.1:<port>/ws?<query>`` (e.g. ``ws_url(user="u1")``)."""
         q = urlencode({k: v for k, v in query.items() if v is not None})
         return f"ws://127.0.0.1:{self.port}{path}" + (f"?{q}" if q else "")
 
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    # ---- lifecycle ----
-
-    def _command(self) -> list[str]:
-        cmd = [sys.executable, "-m", "gateway", "run", "--host", "127.0.0.1", "--port", str(self.port), "--api-port", str(self.api_port)]
+    def run_args(self) -> list[str]:
+        args = ["--host", "127.0.0.1", "--port", str(self.port), "--api-port", str(self.api_port)]
         if self.config_text is not None:
             path = self.log_dir / "gateway.toml"
             path.write_text(self.config_text)
-            cmd += ["--config", str(path)]
+            args += ["--config", str(path)]
         if self.app:
-            cmd += ["--app", self.app]
+            args += ["--app", self.app]
         sets = list(BASE_SETTINGS)
         if self.api_key:
             sets.append(f"api.api_key={self.api_key}")
         sets += self.sets
         for s in sets:
-            cmd += ["--set", s]
-        return cmd
-
-    def start(self, timeout: float = 40.0) -> GatewayProcess:
-        """Start on fresh ports (retrying if a port was taken meanwhile) and wait until
-        both listeners answer."""
-        env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
-        env["PYTHONUNBUFFERED"] = "1"
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")]))
-        env.update(self.extra_env)
-        for attempt in range(6):
-            self.port, self.api_port = free_port(), free_port()
-            if self.port == self.api_port:
-                continue
-            with open(self.log_path, "ab") as log:
-                log.write(f"---- start attempt {attempt + 1}: {' '.join(self._command())}\n".encode())
-                log.flush()
-                self.proc = subprocess.Popen(self._command(), cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-            deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline:
-                if self.proc.poll() is not None:
-                    break
-                if _http_status(self.http_url + "/healthz") == 200 and _http_status(self.api_url + "/readyz") == 200:
-                    return self
-                time.sleep(0.05)
-            else:
-                self._kill()
-                raise RuntimeError(f"gateway did not become ready within {timeout}s\n{self.log_tail()}")
-            if "address already in use" in self.log_tail().lower() and attempt < 5:
-                continue
-            raise RuntimeError(f"gateway exited with {self.proc.returncode} during start-up\n{self.log_tail()}")
-        raise RuntimeError("could not find free ports")
-
-    def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def log_tail(self, lines: int = 60) -> str:
-        return "\n".join(self.log_text().splitlines()[-lines:])
-
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
+            args += ["--set", s]
+        return args
 
     def signal(self, sig: int = signal.SIGTERM) -> None:
         """Send ``sig`` (the test takes over the process's end: see :meth:`wait`)."""
@@ -214,11 +110,6 @@ class GatewayProcess:
         self.exit_code = self.proc.wait(timeout)
         return self.exit_code
 
-    def _kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-
     def finish(self) -> list[str]:
         """Stop (SIGTERM, then SIGKILL after 20 s) and return the problems found."""
         problems: list[str] = []
@@ -228,14 +119,11 @@ class GatewayProcess:
         if self.proc.poll() is not None and not self.stopped_by_test:
             problems.append(f"gateway (port {self.port}) died during the test with exit code {self.proc.returncode}")
         elif self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                code = self.proc.wait(20)
-                if code != 0:
-                    problems.append(f"gateway (port {self.port}) exited with {code} after SIGTERM")
-            except subprocess.TimeoutExpired:
-                self._kill()
+            code = self.stop(timeout=20)
+            if self.hung:
                 problems.append(f"gateway (port {self.port}) did not exit within 20 s of SIGTERM")
+            elif code != 0:
+                problems.append(f"gateway (port {self.port}) exited with {code} after SIGTERM")
         text = self.log_text()
         if not self.allow_errors and "Traceback" in text:
             problems.append(f"gateway (port {self.port}) logged a traceback")

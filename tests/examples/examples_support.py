@@ -12,135 +12,56 @@ import asyncio
 import contextlib
 import itertools
 import json
-import os
-import signal
-import socket
-import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import websockets
+from gwproc import ROOT, GatewaySubprocess
 from websockets.asyncio.client import ClientConnection, connect
 
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
+if str(ROOT) not in sys.path:  # tests import the ``examples`` package
     sys.path.insert(0, str(ROOT))
 
 SECRET = "example-tests-secret-0123456789-abcdefghijklmnopqrstuvwxyz"
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+class GatewayProcess(GatewaySubprocess):
+    """A ``gateway run --app ...`` subprocess on free ports (``gwproc.GatewaySubprocess``)."""
 
-
-def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
-            return r.status, r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
-
-
-class GatewayProcess:
-    """A ``gateway run --app ...`` subprocess on free ports."""
+    ready_timeout = 20.0
 
     def __init__(self, app: str, sets: Sequence[str], env: Mapping[str, str], log_path: Path) -> None:
+        super().__init__(log_path, node_id=f"ex-{uuid.uuid4().hex[:8]}", env=env)
         self.app = app
         self.sets = list(sets)
-        self.env = dict(env)
-        self.log_path = log_path
-        self.node = f"ex-{uuid.uuid4().hex[:8]}"
-        self.port = 0
-        self.api_port = 0
-        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def node(self) -> str:
+        return self.node_id
 
     @property
     def ws_url(self) -> str:
         return f"ws://127.0.0.1:{self.port}/ws"
 
-    @property
-    def api_url(self) -> str:
-        return f"http://127.0.0.1:{self.api_port}"
+    log = GatewaySubprocess.log_text
 
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def start(self, timeout: float = 20.0) -> None:
-        """Start on fresh free ports; retry when a port was taken in the meantime."""
-        for _ in range(5):
-            self.port, self.api_port = free_port(), free_port()
-            if self._start_once(timeout):
-                return
-            if "already in use" not in self.log():
-                break
-        raise RuntimeError(f"gateway {self.app} did not start:\n{self.log()[-4000:]}")
-
-    def _start_once(self, timeout: float) -> bool:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
-        env.update(self.env)
-        env["PYTHONUNBUFFERED"] = "1"
-        cmd = [
-            sys.executable, "-m", "gateway", "run", "--app", self.app,
+    def run_args(self) -> list[str]:
+        args = [
+            "--app", self.app,
             "--host", "127.0.0.1", "--port", str(self.port), "--api-port", str(self.api_port),
             "--threads", "2", "--log-level", "info",
-            "--set", f"node_id={self.node}", "--set", "server.demo=false", "--set", "drain.timeout=1",
-            "--set", "log.json=false",
+            "--set", "server.demo=false", "--set", "drain.timeout=1", "--set", "log.json=false",
         ]
         for s in self.sets:
-            cmd += ["--set", s]
-        log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the process
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-        log.close()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                return False
-            try:
-                status, _ = http_get(f"http://127.0.0.1:{self.port}/healthz", 0.5)
-                if status == 200:
-                    # Make sure both ports belong to this process, not to a neighbour.
-                    status, body = http_get(f"{self.api_url}/v1/stats", 0.5)
-                    if status == 200 and json.loads(body).get("node") == self.node:
-                        return True
-            except (OSError, ValueError):
-                pass
-            time.sleep(0.05)
-        self.stop()
-        return False
-
-    def stop(self, timeout: float = 15.0) -> int | None:
-        """SIGTERM (graceful drain and plugin teardown), then SIGKILL if it hangs."""
-        p = self.proc
-        if p is None:
-            return None
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-            try:
-                p.wait(timeout)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-        return p.returncode
+            args += ["--set", s]
+        return args
 
     async def astop(self, timeout: float = 15.0) -> int | None:
         """:meth:`stop` without blocking the test's event loop (it may serve the process)."""
-        return await asyncio.to_thread(self.stop, timeout)
-
-    def metrics(self) -> str:
-        status, body = http_get(f"{self.api_url}/metrics")
-        assert status == 200
-        return body.decode()
+        return await asyncio.to_thread(self.stop, timeout=timeout)
 
 
 class WsClient:

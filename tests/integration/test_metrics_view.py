@@ -20,7 +20,7 @@ def scrape(url: str) -> dict[str, list]:
 
 
 async def test_histograms_and_top_rooms(gateway_factory: GatewayFactory) -> None:
-    gw = gateway_factory("presence.interval=0.3", "metrics.top_rooms=2").start()
+    gw = gateway_factory("presence.interval=0.3", "metrics.top_rooms=2")
     rooms = [f"live:{uniq('m')}" for _ in range(3)]
     clients = []
     try:

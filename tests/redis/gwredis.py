@@ -26,44 +26,13 @@ from typing import Any
 from websockets.asyncio.client import ClientConnection, connect
 
 ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT / "python") not in sys.path:
-    sys.path.insert(0, str(ROOT / "python"))
+for _p in (ROOT / "python", ROOT / "tests"):  # gateway, gwproc (also when run as a script)
+    if str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
 
+from gwproc import GatewaySubprocess, free_port
 
-# ---- ports and HTTP -----------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _ephemeral_range() -> tuple[int, int]:
-    try:
-        lo, hi = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
-        return int(lo), int(hi)
-    except (OSError, ValueError):
-        return 32768, 60999
-
-
-def server_port(max_port: int = 65535) -> int:
-    """A free port OUTSIDE the ephemeral range, for servers that get killed and restarted:
-    a client reconnecting to a dead local port in that range can connect to itself (TCP
-    simultaneous open) and then hold the port."""
-    lo, hi = _ephemeral_range()
-    ranges = [r for r in ((1024 + 1, lo - 1), (hi + 1, max_port)) if r[1] - r[0] > 100]
-    rnd = __import__("random").Random()
-    for _ in range(200):
-        a, b = rnd.choice(ranges)
-        port = rnd.randint(a, b)
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    return free_port()
+# ---- HTTP and polling ---------------------------------------------------------------------
 
 
 def http(method: str, url: str, body: Any = None, timeout: float = 3.0) -> tuple[int, Any]:
@@ -137,7 +106,7 @@ class RedisServer:
     def __init__(self, binary: str, workdir: Path, port: int | None = None, extra: list[str] | None = None) -> None:
         self.binary = binary
         self.workdir = workdir
-        self.port = port or server_port()
+        self.port = port or free_port()
         self.extra = extra or []
         self.proc: subprocess.Popen[bytes] | None = None
         workdir.mkdir(parents=True, exist_ok=True)
@@ -213,22 +182,21 @@ def commandstats(port: int) -> dict[str, int]:
 _node_ids = itertools.count(1)
 
 
-class GatewayNode:
+class GatewayNode(GatewaySubprocess):
     """``python -m gateway run --config <toml>`` with the redis broker, dev auth, no rate
-    limits and a fast presence tick."""
+    limits and a fast presence tick (the process itself: ``gwproc.GatewaySubprocess``)."""
+
+    ready_timeout = 20.0
 
     def __init__(self, tmp: Path, redis_url: str, name: str | None = None, extra_toml: str = "", args: list[str] | None = None,
                  presence_interval: float = 0.2) -> None:
-        self.presence_interval = presence_interval
         self.name = name or f"n{next(_node_ids)}"
+        super().__init__(tmp / f"gateway-{self.name}.log", node_id=self.name)
+        self.presence_interval = presence_interval
         self.tmp = tmp
         self.redis_url = redis_url
         self.extra_toml = extra_toml
         self.args = args or []
-        self.port = 0
-        self.api_port = 0
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.log_path = tmp / f"gateway-{self.name}.log"
 
     @property
     def ws_url(self) -> str:
@@ -236,7 +204,15 @@ class GatewayNode:
 
     @property
     def api(self) -> str:
-        return f"http://127.0.0.1:{self.api_port}"
+        return self.api_url
+
+    alive = GatewaySubprocess.running
+    log = GatewaySubprocess.log_text
+
+    def run_args(self) -> list[str]:
+        cfg = self.tmp / f"gateway-{self.name}.toml"
+        cfg.write_text(self.config_text())
+        return ["--config", str(cfg), *self.args]
 
     def config_text(self) -> str:
         return f"""
@@ -278,65 +254,6 @@ room_rate = 0.0
 user_rate = 0.0
 {self.extra_toml}
 """
-
-    def start(self, timeout: float = 20.0) -> None:
-        for _attempt in range(3):
-            self.port, self.api_port = free_port(), free_port()
-            cfg = self.tmp / f"gateway-{self.name}.toml"
-            cfg.write_text(self.config_text())
-            log = open(self.log_path, "ab")
-            env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
-            env["PYTHONPATH"] = str(ROOT / "python") + os.pathsep + env.get("PYTHONPATH", "")
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "gateway", "run", "--config", str(cfg), *self.args],
-                stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env,
-            )
-            log.close()
-            try:
-                wait_until(self._ready, timeout, what=f"gateway {self.name} ready")
-                return
-            except AssertionError:
-                if self.proc.poll() is None:
-                    raise AssertionError(f"gateway {self.name} not ready:\n{self.log()[-3000:]}") from None
-                # Port race: try again on new ports.
-        raise AssertionError(f"gateway {self.name} did not start:\n{self.log()[-3000:]}")
-
-    def _ready(self) -> bool:
-        if self.proc is not None and self.proc.poll() is not None:
-            raise AssertionError(f"gateway {self.name} exited with {self.proc.returncode}")
-        status, _ = http("GET", self.api + "/readyz", timeout=1.0)
-        return status == 200
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int | None:
-        p = self.proc
-        if p is None:
-            return None
-        if p.poll() is None:
-            p.send_signal(sig)
-            try:
-                p.wait(timeout)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(5)
-        return p.returncode
-
-    def metric(self, name: str) -> float | None:
-        status, body = http("GET", self.api + "/metrics")
-        if status != 200 or not isinstance(body, str):
-            return None
-        for line in body.splitlines():
-            if line.startswith(name + " ") or line.startswith(name + "{"):
-                return float(line.rsplit(" ", 1)[1])
-        return None
 
 
 # ---- WebSocket clients ----------------------------------------------------------------------

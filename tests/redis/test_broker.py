@@ -16,7 +16,7 @@ from gateway.broker import BrokerError, HistoryPolicy
 from gateway.broker.redis import RedisBroker
 from gateway.config import BrokerConfig
 from gateway.protocol import message_parts
-from gwredis import RedisServer, await_until, command, commandstats, server_port
+from gwredis import RedisServer, await_until, command, commandstats, free_port
 
 pytestmark = pytest.mark.redis
 
@@ -394,9 +394,9 @@ def redis_cluster(redis_binary: str, tmp_path: Path) -> Any:
         pytest.fail("redis-cli missing (it comes with redis-server)")
     servers = []
     for i in range(3):
-        port = server_port(55000)
+        port = free_port(55000)
         while not _port_free(port + 10000):  # the cluster bus uses port + 10000
-            port = server_port(55000)
+            port = free_port(55000)
         d = tmp_path / f"cluster{i}"
         srv = RedisServer(redis_binary, d, port, ["--cluster-enabled", "yes", "--cluster-config-file", str(d / "nodes.conf"), "--cluster-node-timeout", "2000"])
         srv.start()

@@ -341,7 +341,7 @@ impl Conn {
     /// Returns how many were queued (or written).
     ///
     /// With `direct`, frames for an idle writer are written to the socket right here, in
-    /// one `sendmsg`, instead of waking the connection's task to do it: at moderate rates
+    /// one non-blocking call, instead of waking the connection's task to do it: at moderate rates
     /// each delivery is its own write, and the wake-up and poll cost about as much user
     /// CPU as the rest of the fan-out. Only fan-out tasks on runtime threads pass it.
     pub fn push_all(
@@ -392,7 +392,7 @@ impl Conn {
         queued
     }
 
-    /// Write `frames` to `fd` with one non-blocking `sendmsg`. Returns how many frames
+    /// Write `frames` (up to 64) to `fd` with one non-blocking `send`/`sendmsg`. Returns how many frames
     /// went out whole and how many bytes of the next one (0 when none, or on an error:
     /// the I/O task then meets the error itself).
     fn write_direct(&self, fd: RawFd, frames: &[(Arc<Frame>, u8)], d: &mut Direct, c: &Counters) -> (usize, usize) {
