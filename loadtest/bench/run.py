@@ -10,6 +10,8 @@ Scenarios:
   compare  b'. the peer comparison alone: 5k/10k members, targets interleaved, ratios
   latency  b''. the latency target: 5k members at 50 msgs/s, 10 s runs repeated, targets
              interleaved (livegate and, when importable, socketify), p99 per run and median
+  mixed    b'''. a small room (50 members, 20 msgs/s) beside a big one (5k, 50 msgs/s) on
+             one node: does the big room's fan-out delay the small room? (3 runs)
   merge    c. the same with a 50 ms merge window (merge:{id} rooms): logical deliveries/s
   storm    d. connect storm with JWT auth (and dev auth for contrast): connections/s
   redis    e. two nodes + Redis vs one node (same run), and 50k connections over 3 workers
@@ -54,7 +56,7 @@ JWT_SECRET = "bench-secret-0123456789abcdef-0123456789"  # >= 32 chars, bench on
 FD_CAP = 20_000  # hard RLIMIT_NOFILE per process on this machine
 TARGETS = ("livegate", "websockets", "socketify")
 SCENARIOS = ("idle", "fanout", "merge", "storm", "redis", "slow")
-EXTRA = ("compare", "latency", "scrape")  # fanout's peer comparison alone; latency target; scrape cost
+EXTRA = ("compare", "latency", "mixed", "scrape")  # fanout's peer comparison alone; latency target; scrape cost
 
 
 # ----------------------------------------------------------------- utilities
@@ -375,6 +377,31 @@ def sc_latency(opts: argparse.Namespace) -> dict:
         summary.append([target, fmt_f(p99[len(p99) // 2]), ", ".join(f"{x:.0f}" for x in p99)])
     md = (table(["target", "ratio", "p50 ms", "p90 ms", "p99 ms", "max ms", "server ns/dlv", "client ns/dlv"], rows)
           + "\n\n" + table(["target", "median p99 ms", "p99 of each run (sorted)"], summary))
+    return {"runs": runs, "markdown": md}
+
+
+def sc_mixed(opts: argparse.Namespace) -> dict:
+    """A small room next to a big one on the same node, both loaded at once (two gw-load
+    processes): the small room's latency shows how long the big room's fan-out holds the
+    engine's threads."""
+    reps = 1 if opts.quick else 3
+    dur = 4 if opts.quick else 10
+    runs, rows = [], []
+    for _ in range(reps):
+        srv = Server("livegate", tag="-mixed")
+        with srv:
+            big = ["--conns", "5000", "--room", "bench:mixbig", "--sources", "2", "--user-prefix", "big",
+                   "--rate", "50", "--warmup", "1", "--duration", str(dur + 2), "--drain-wait", "1",
+                   "--lat-sample", "1", "--server-pid", str(srv.pid)]
+            small = ["--conns", "50", "--room", "bench:mixsmall", "--user-prefix", "small", "--rate", "20",
+                     "--warmup", "1", "--duration", str(dur), "--drain-wait", "1", "--lat-sample", "1"]
+            lb, ls = _parallel_loads([(srv, big), (srv, small)], budget=120)
+        runs.append({"target": "livegate", "big": lb, "small": ls})
+        for name, ld in (("big: 5,000 members, 50 msgs/s", lb), ("small: 50 members, 20 msgs/s", ls)):
+            lat = ld["latency_ms"]
+            rows.append([name, fmt_f(ld["delivery_ratio"], 4), fmt_f(lat["p50"]), fmt_f(lat["p99"]),
+                         fmt_f(lat["max"])])
+    md = table(["room", "ratio", "p50 ms", "p99 ms", "max ms"], rows)
     return {"runs": runs, "markdown": md}
 
 
@@ -742,9 +769,10 @@ def sc_scrape(opts: argparse.Namespace) -> dict:
 
 # ---------------------------------------------------------------------- main
 
-RUNNERS = {"compare": sc_compare, "latency": sc_latency, "idle": sc_idle, "fanout": sc_fanout, "merge": sc_merge, "storm": sc_storm, "redis": sc_redis,
+RUNNERS = {"compare": sc_compare, "latency": sc_latency, "mixed": sc_mixed, "idle": sc_idle, "fanout": sc_fanout, "merge": sc_merge, "storm": sc_storm, "redis": sc_redis,
            "slow": sc_slow, "scrape": sc_scrape}
-TITLES = {"compare": "b'. Fan-out against the peers", "latency": "b''. Latency at 50 msgs/s into 5k members", "idle": "a. Idle joined connections", "fanout": "b. One-room fan-out, one message per frame",
+TITLES = {"compare": "b'. Fan-out against the peers", "latency": "b''. Latency at 50 msgs/s into 5k members",
+          "mixed": "b'''. A small room beside a big one", "idle": "a. Idle joined connections", "fanout": "b. One-room fan-out, one message per frame",
           "merge": "c. Fan-out with a 50 ms merge window", "storm": "d. Connect storm",
           "redis": "e. Two nodes + Redis", "slow": "f. A slow consumer among 5k members",
           "scrape": "g. Fan-out while /metrics is scraped every 100 ms"}
