@@ -125,6 +125,9 @@ class BrokerConfig:
     presence_ttl: float = 30.0
     #: Seconds a reconnect may take before a leave is reported to hooks.
     leave_grace: float = 5.0
+    #: Seconds without a heartbeat after which the other nodes count a node as gone: its
+    #: hook-debounce counts stop holding back leaves (a crashed node's users).
+    node_timeout: float = 10.0
 
 
 @dataclass
@@ -220,6 +223,10 @@ class Config:
             raise ConfigError("presence.interval", "must be > 0")
         if self.broker.kind not in ("memory", "redis"):
             raise ConfigError("broker.kind", "must be 'memory' or 'redis'")
+        if self.broker.node_timeout <= 0:
+            raise ConfigError("broker.node_timeout", "must be > 0")
+        if self.broker.leave_grace < 0:
+            raise ConfigError("broker.leave_grace", "must be >= 0")
         if self.log.level.lower() not in ("debug", "info", "warning", "error", "critical"):
             raise ConfigError("log.level", "must be debug, info, warning, error or critical")
         if self.drain.timeout < 0:

@@ -231,6 +231,7 @@ kind = "redis"
 url = "{self.redis_url}"
 presence_ttl = 2.0
 leave_grace = 0.5
+node_timeout = 2.0
 [presence]
 interval = {self.presence_interval}
 [drain]

@@ -366,11 +366,40 @@ async def test_member_debounce(redis_server: RedisServer) -> None:
         assert time.perf_counter() - t0 >= 0.3
         assert await b.member_join("live:m", "u1") is True
         # Node-wide (connect/disconnect) scope.
+        # (a connection's leave comes from the node it joined on: counts are per node)
         assert await a.member_join(None, "u2") is True
+        assert await b.member_join(None, "u2") is False
+        assert await a.member_leave(None, "u2") is False
         assert await b.member_leave(None, "u2") is True
     finally:
         await a.close()
         await b.close()
+
+
+async def test_member_debounce_forgets_a_crashed_node(redis_server: RedisServer) -> None:
+    """A node that dies without leaving must not hold back a user's later leave: once it
+    misses its heartbeat deadline (``broker.node_timeout``) its counts are ignored."""
+    a, _ = await make(redis_server.url, "A", leave_grace=0.1, node_timeout=0.4)
+    b, _ = await make(redis_server.url, "B", leave_grace=0.1, node_timeout=0.4)
+    try:
+        assert await a.member_join("live:crash", "u1") is True
+        assert a._hb_task is not None
+        a._hb_task.cancel()  # A "crashes": no more heartbeats, and no leave for u1
+        assert await b.member_join("live:crash", "u1") is False, "u1 is still counted on A"
+        assert await b.member_leave("live:crash", "u1") is False, "A is not gone yet: u1 is still there"
+        assert await b.member_join("live:crash", "u1") is False
+        await await_until(lambda: a._inst in b._gone, 5, what="B to see A gone")
+        # Before per-node counts this stayed False for a day (A's count never went down).
+        assert await b.member_leave("live:crash", "u1") is True
+        assert await b.member_join("live:crash", "u1") is True, "and the next join is a real one"
+        hb = command(redis_server.port, "HKEYS", "gw:{nodes}:hb")
+        assert a._inst.decode() in hb and b._inst.decode() in hb, hb
+    finally:
+        await a.close()
+        await b.close()
+    # A graceful stop leaves the heartbeat hash: it is never listed as gone.
+    hb = command(redis_server.port, "HKEYS", "gw:{nodes}:hb")
+    assert b._inst.decode() not in hb, hb
 
 
 # ---- Redis Cluster --------------------------------------------------------------------------

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -209,36 +211,41 @@ async def test_publish_while_redis_down_acks_degraded(redis_server: RedisServer,
     assert status == 200 and body["broker"]["publish_errors"] >= 1 and body["broker"]["connected"] is False
 
 
-async def test_leave_hook_debounced_across_nodes(redis_server: RedisServer, gateway_factory: Any, tmp_path: Any, clients: Any) -> None:
-    """A reconnect to the other node within leave_grace produces no leave/join pair; a
-    real leave is reported once. Uses examples/hook_log_app.py-like app via --app."""
-    app = tmp_path / "hooklog.py"
-    log = tmp_path / "hooks.log"
-    app.write_text(
-        "from gateway.app import Gateway, Plugin\n"
-        f"LOG = {str(log)!r}\n"
-        "class P(Plugin):\n"
-        "    def on_leave(self, client, room):\n"
-        "        open(LOG, 'a').write(f'leave {client.user} {room}\\n')\n"
-        "    def on_disconnect(self, client, code, reason):\n"
-        "        open(LOG, 'a').write(f'disconnect {client.user}\\n')\n"
-        "    def after_join(self, client, room):\n"
-        "        open(LOG, 'a').write(f'join {client.user} {room}\\n')\n"
-        "    def after_connect(self, client):\n"
-        "        open(LOG, 'a').write(f'connect {client.user}\\n')\n"
-        "def make_app(config):\n"
-        "    return Gateway(config, plugins=[P()])\n"
-    )
-    import os
-    import sys
+_HOOK_LOG_APP = """\
+from gateway.app import Gateway, Plugin
+LOG = {log!r}
+class P(Plugin):
+    def on_leave(self, client, room):
+        open(LOG, 'a').write(f'leave {{client.user}} {{room}}\\n')
+    def on_disconnect(self, client, code, reason):
+        open(LOG, 'a').write(f'disconnect {{client.user}}\\n')
+    def after_join(self, client, room):
+        open(LOG, 'a').write(f'join {{client.user}} {{room}}\\n')
+    def after_connect(self, client):
+        open(LOG, 'a').write(f'connect {{client.user}}\\n')
+def make_app(config):
+    return Gateway(config, plugins=[P()])
+"""
 
-    sys.path.insert(0, str(tmp_path))
+
+def _hook_log_nodes(tmp_path: Any, gateway_factory: Any, redis_url: str, *names: str) -> tuple[Path, list[Any]]:
+    """Nodes running an app that appends every join/leave notification to a log file."""
+    import os
+
+    log = tmp_path / "hooks.log"
+    (tmp_path / "hooklog.py").write_text(_HOOK_LOG_APP.format(log=str(log)))
     os.environ["PYTHONPATH"] = str(tmp_path) + os.pathsep + os.environ.get("PYTHONPATH", "")
     try:
-        a = gateway_factory(redis_server.url, name="HA", args=["--app", "hooklog:make_app"])
-        b = gateway_factory(redis_server.url, name="HB", args=["--app", "hooklog:make_app"])
+        nodes = [gateway_factory(redis_url, name=n, args=["--app", "hooklog:make_app"]) for n in names]
     finally:
         os.environ["PYTHONPATH"] = os.environ["PYTHONPATH"].split(os.pathsep, 1)[1]
+    return log, nodes
+
+
+async def test_leave_hook_debounced_across_nodes(redis_server: RedisServer, gateway_factory: Any, tmp_path: Any, clients: Any) -> None:
+    """A reconnect to the other node within leave_grace produces no leave/join pair; a
+    real leave is reported once."""
+    log, (a, b) = _hook_log_nodes(tmp_path, gateway_factory, redis_server.url, "HA", "HB")
     c = await clients(a, "hopper")
     await c.join("live:hook")
     await c.close()
@@ -254,3 +261,24 @@ async def test_leave_hook_debounced_across_nodes(redis_server: RedisServer, gate
     await asyncio.sleep(1.5)
     text = log.read_text()
     assert text.count("leave hopper live:hook") == 1 and text.count("disconnect hopper") == 1, text
+
+
+async def test_leave_hook_fires_after_the_users_old_node_crashed(redis_server: RedisServer, gateway_factory: Any, tmp_path: Any, clients: Any) -> None:
+    """A node killed with SIGKILL never takes its users' counts back. Once it misses its
+    heartbeat deadline (broker.node_timeout, 2 s here) they stop counting, so the leave of
+    a user who moved to another node is reported (before: never, for a day)."""
+    log, (a, b) = _hook_log_nodes(tmp_path, gateway_factory, redis_server.url, "CA", "CB")
+    c = await clients(a, "phoenix")
+    await c.join("live:crash")
+    a.stop(signal.SIGKILL)  # no drain, no leave, no more heartbeats
+    c2 = await clients(b, "phoenix")  # the client reconnects through the load balancer
+    await c2.join("live:crash")
+    await asyncio.sleep(1.0)
+    text = log.read_text()
+    assert text.splitlines().count("join phoenix live:crash") == 1, "the reconnect is no new join: " + text
+    await asyncio.sleep(3.0)  # past node_timeout: B's heartbeat lists A as gone
+    await c2.close()
+    await await_until(lambda: "disconnect phoenix" in log.read_text(), 10, what="the leave hooks on B")
+    await asyncio.sleep(0.3)
+    text = log.read_text()
+    assert text.count("leave phoenix live:crash") == 1 and text.count("disconnect phoenix") == 1, text

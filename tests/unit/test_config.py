@@ -122,6 +122,8 @@ def test_set_wins_over_environment_and_file(toml_file: Path) -> None:
         (["hooks.fallback=maybe"], "hooks.fallback", "'allow' or 'deny'"),
         (["limits.queue_bytes=0"], "limits.queue_bytes", "> 0"),
         (["deflate.level=12"], "deflate.level", "0..9"),
+        (["broker.node_timeout=0"], "broker.node_timeout", "> 0"),
+        (["broker.leave_grace=-1"], "broker.leave_grace", ">= 0"),
         (["api.host=0.0.0.0"], "api.api_key", "required"),
         (["auth.mode=jwt"], "auth.secret", "required"),
         (["auth.mode=magic"], "auth.mode", "must be one of"),

@@ -7,9 +7,18 @@ every key of a room and its channel live in one slot)::
     P:{room}:h        stream  <seq>-0 -> frame     (MAXLEN history.size, TTL history.ttl)
     P:{room}:m        channel  node|prio|seq|epoch|frame
     P:{room}:p        hash  node -> "conns users deadline_ms"   (TTL presence_ttl)
-    P:{room}:u:USER   connection count of USER in room, all nodes (hook debounce)
+    P:{room}:c:USER   hash  node instance -> connections of USER in room (hook debounce)
     P:{room}:g:USER   pending-leave marker (hook debounce)
+    P:{nodes}:hb      hash  node instance -> heartbeat deadline_ms (hook debounce)
     P:ctl             channel  node|json  (send_user, kick, mute, ban, close_room, ...)
+
+Hook debounce: a user's connections in a room are counted per node instance; every node
+beats ``P:{nodes}:hb`` every ``node_timeout / 4`` and learns from the same call which
+instances missed their deadline. Counts of such a gone instance (a crashed node) are
+ignored and removed by the next join or leave of that user, so they cannot hold back the
+user's leaves for good. A graceful stop removes its instance from the hash (its clients'
+leaves went through the debounce during the drain), so only crashed instances are listed
+(for a day, the lifetime of the counts).
 
 A room message costs ONE round trip: ``EVALSHA`` of :data:`PUBLISH_LUA`, which assigns the
 seq (a new random epoch whenever the seq key was lost), splices it into the frame,
@@ -181,35 +190,70 @@ end
 return {c, u}
 """
 
-#: KEYS: count, marker. ARGV: safety ttl ms. 1 = a real join, 0 = already present or a
-#: reconnect within the grace period.
-MEMBER_JOIN_LUA = r"""
-local n = redis.call('INCR', KEYS[1])
-redis.call('PEXPIRE', KEYS[1], ARGV[1])
-if n == 1 then
+#: Shared by the debounce scripts: sum KEYS[1]'s per-instance counts, removing those of
+#: gone instances (ARGV from index ``first`` on).
+_SUM_LIVE = r"""
+local function live_total(first)
+  local gone = {}
+  for i = first, #ARGV do gone[ARGV[i]] = true end
+  local total = 0
+  local all = redis.call('HGETALL', KEYS[1])
+  for i = 1, #all, 2 do
+    if gone[all[i]] then redis.call('HDEL', KEYS[1], all[i]) else total = total + tonumber(all[i + 1]) end
+  end
+  return total
+end
+"""
+
+#: KEYS: counts, marker. ARGV: instance, safety ttl ms, gone instances... 1 = a real join,
+#: 0 = already present or a reconnect within the grace period.
+MEMBER_JOIN_LUA = _SUM_LIVE + r"""
+redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+if live_total(3) == 1 then
   if redis.call('DEL', KEYS[2]) == 1 then return 0 end
   return 1
 end
 return 0
 """
 
-#: KEYS: count, marker. ARGV: token, marker ttl ms. 1 = the last connection left: the
-#: caller owns the pending leave (confirm after the grace period).
-MEMBER_LEAVE_LUA = r"""
-local n = redis.call('DECR', KEYS[1])
-if n > 0 then return 0 end
+#: KEYS: counts, marker. ARGV: instance, marker ttl ms, token, gone instances... 1 = the
+#: last connection left: the caller owns the pending leave (confirm after the grace period).
+MEMBER_LEAVE_LUA = _SUM_LIVE + r"""
+if redis.call('HINCRBY', KEYS[1], ARGV[1], -1) <= 0 then redis.call('HDEL', KEYS[1], ARGV[1]) end
+if live_total(4) > 0 then return 0 end
 redis.call('DEL', KEYS[1])
-redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+redis.call('SET', KEYS[2], ARGV[3], 'PX', ARGV[2])
 return 1
 """
 
-#: KEYS: count, marker. ARGV: token. 1 = the leave is real (nobody came back).
-MEMBER_CONFIRM_LUA = r"""
+#: KEYS: counts, marker. ARGV: token, gone instances... 1 = the leave is real (nobody
+#: came back).
+MEMBER_CONFIRM_LUA = _SUM_LIVE + r"""
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
 redis.call('DEL', KEYS[2])
-local n = tonumber(redis.call('GET', KEYS[1]) or '0')
-if n > 0 then return 0 end
+if live_total(2) > 0 then return 0 end
 return 1
+"""
+
+#: KEYS: heartbeat hash. ARGV: instance, timeout ms, forget ms. Renews
+#: this instance's deadline (Redis' clock) and returns the instances past theirs; entries
+#: gone for longer than ``forget`` are dropped (debounce counts expire before that).
+HEARTBEAT_LUA = r"""
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('HSET', KEYS[1], ARGV[1], now + tonumber(ARGV[2]))
+local gone = {}
+local all = redis.call('HGETALL', KEYS[1])
+for i = 1, #all, 2 do
+  local d = tonumber(all[i + 1])
+  if d < now - tonumber(ARGV[3]) then
+    redis.call('HDEL', KEYS[1], all[i])
+  elseif d < now and all[i] ~= ARGV[1] then
+    gone[#gone + 1] = all[i]
+  end
+end
+return gone
 """
 
 
@@ -227,6 +271,7 @@ _PRESENCE = _Script(PRESENCE_LUA)
 _M_JOIN = _Script(MEMBER_JOIN_LUA)
 _M_LEAVE = _Script(MEMBER_LEAVE_LUA)
 _M_CONFIRM = _Script(MEMBER_CONFIRM_LUA)
+_HEARTBEAT = _Script(HEARTBEAT_LUA)
 
 _STATE_TTL_MS = 86_400_000  # seq/epoch survive a day of silence
 _MEMBER_TTL_MS = 86_400_000
@@ -462,6 +507,13 @@ class RedisBroker(Broker):
         self._handler: BrokerHandler | None = None
         self._node = ""
         self._node_b = b""
+        #: This process's identity for the hook debounce (node id + a random suffix: a
+        #: node restarted under the same id is another instance) and the instances seen
+        #: gone at the last heartbeat.
+        self._inst = b""
+        self._gone: list[bytes] = []
+        self._hb_task: asyncio.Task[None] | None = None
+        self._hb_key = f"{p}:{{nodes}}:hb".encode()
         self._members_sent: set[str] = set()
         self._redis: Any = None
         self._ps: dict[str, _PubSub] = {}
@@ -511,6 +563,7 @@ class RedisBroker(Broker):
         self._handler = handler
         self._node = node_id.replace("|", "_")
         self._node_b = self._node.encode()
+        self._inst = self._node_b + b"/" + os.urandom(4).hex().encode()
         to = self._timeouts()
         if self.cluster:
             self._redis = RedisCluster.from_url(
@@ -539,6 +592,7 @@ class RedisBroker(Broker):
             await asyncio.sleep(0.01)
         if not self.ready:
             log.error("redis broker %s not reachable: starting degraded (local delivery only) and retrying", self._safe_url())
+        self._hb_task = asyncio.ensure_future(self._heartbeat_loop())
 
     def _safe_url(self) -> str:
         kw = self._url_kwargs
@@ -547,10 +601,17 @@ class RedisBroker(Broker):
     async def close(self) -> None:
         if self._closed:
             return
+        if self.ready:
+            # A graceful stop drained its clients (their leaves went through the debounce):
+            # leave the heartbeat hash, so this instance is never listed as gone.
+            try:
+                await self._redis.hdel(self._hb_key, self._inst)
+            except (TimeoutError, RedisError, OSError):
+                pass
         self._closed = True
         if self._flush_handle is not None:
             self._flush_handle.cancel()
-        for t in list(self._tasks) + [x for x in (self._topo_task, self._base_task) if x is not None]:
+        for t in list(self._tasks) + [x for x in (self._topo_task, self._base_task, self._hb_task) if x is not None]:
             t.cancel()
         for ps in list(self._ps.values()):
             await ps.close()
@@ -956,7 +1017,7 @@ class RedisBroker(Broker):
             if drop_pool:
                 # Pooled command connections to the old server are stale: drop them.
                 await self._redis.connection_pool.disconnect(inuse_connections=False)
-            for sc in (_PUBLISH, _HISTORY, _PRESENCE, _M_JOIN, _M_LEAVE, _M_CONFIRM):
+            for sc in (_PUBLISH, _HISTORY, _PRESENCE, _M_JOIN, _M_LEAVE, _M_CONFIRM, _HEARTBEAT):
                 await self._redis.script_load(sc.text)  # cluster: sent to every primary
         except Exception as e:
             self._warn("script-load", "SCRIPT LOAD failed: %s", e)
@@ -1174,7 +1235,23 @@ class RedisBroker(Broker):
     def _member_keys(self, room: str | None, user: str) -> list[bytes]:
         scope = room if room is not None else "~" + user
         base = f"{self._p}:{{{scope}}}:"
-        return [(base + "u:" + user).encode(), (base + "g:" + user).encode()]
+        return [(base + "c:" + user).encode(), (base + "g:" + user).encode()]
+
+    async def _heartbeat(self, timeout_ms: int) -> None:
+        gone = await self._eval(_HEARTBEAT, [self._hb_key], [self._inst, timeout_ms, _MEMBER_TTL_MS])
+        self._gone = [g for g in gone if g != self._inst]
+
+    async def _heartbeat_loop(self) -> None:
+        """Renew this instance's deadline every ``node_timeout / 4`` and learn which
+        instances are gone (their debounce counts are then ignored)."""
+        timeout = max(0.05, self.cfg.node_timeout)
+        while not self._closed:
+            if self.ready:
+                try:
+                    await self._heartbeat(int(timeout * 1000))
+                except (TimeoutError, RedisError, OSError) as e:
+                    self._warn("heartbeat", "node heartbeat failed: %s", e)
+            await asyncio.sleep(timeout / 4)
 
     async def member_join(self, room: str | None, user: str) -> bool:
         """A connection of ``user`` joined ``room`` (``None``: connected at all). True when
@@ -1182,7 +1259,8 @@ class RedisBroker(Broker):
         leave it (within ``leave_grace``, on any node). Raises :class:`BrokerError`."""
         self._check("member_join")
         try:
-            return int(await self._eval(_M_JOIN, self._member_keys(room, user), [_MEMBER_TTL_MS])) == 1
+            args = [self._inst, _MEMBER_TTL_MS, *self._gone]
+            return int(await self._eval(_M_JOIN, self._member_keys(room, user), args)) == 1
         except (TimeoutError, RedisError, OSError) as e:
             raise self._fail("member_join", e) from None
 
@@ -1195,7 +1273,7 @@ class RedisBroker(Broker):
         token = os.urandom(8).hex()
         grace = max(0.0, self.cfg.leave_grace)
         try:
-            pending = await self._eval(_M_LEAVE, keys, [token, int(grace * 1000) + 60_000])
+            pending = await self._eval(_M_LEAVE, keys, [self._inst, int(grace * 1000) + 60_000, token, *self._gone])
         except (TimeoutError, RedisError, OSError) as e:
             raise self._fail("member_leave", e) from None
         if int(pending) != 1:
@@ -1203,6 +1281,6 @@ class RedisBroker(Broker):
         await asyncio.sleep(grace)
         self._check("member_leave")
         try:
-            return int(await self._eval(_M_CONFIRM, keys, [token])) == 1
+            return int(await self._eval(_M_CONFIRM, keys, [token, *self._gone])) == 1
         except (TimeoutError, RedisError, OSError) as e:
             raise self._fail("member_leave", e) from None
