@@ -22,6 +22,8 @@ from wsraw import (
     blocking_upgrade,
     encode_frame,
     http_get,
+    read_to_end,
+    split_frames,
 )
 
 # ---- plain HTTP on the client port ----------------------------------------------------------
@@ -235,6 +237,18 @@ def small_queue_gw(module_gateway_factory: Any) -> GatewayProcess:
     return module_gateway_factory("limits.queue_bytes=65536", "deflate.enabled=false")  # type: ignore[no-any-return]
 
 
+async def _join_raw(gw: GatewayProcess, sock: Any, room: str, members: int) -> None:
+    """Join ``room`` on a blocking raw socket and wait (bounded) until the server has
+    ``members`` connections in it."""
+    sock.sendall(encode_frame(OP_TEXT, b'{"op":"join","id":1,"room":"' + room.encode() + b'"}'))
+    for _ in range(400):
+        _, body = await gw.api("GET", f"/v1/rooms/{room}/presence")
+        if body["conns"] == members:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{room}: {body}")
+
+
 async def test_slow_consumer_is_closed_and_others_get_everything(small_queue_gw: GatewayProcess) -> None:
     gw = small_queue_gw
     room = f"live:{uniq('slow')}"
@@ -244,14 +258,7 @@ async def test_slow_consumer_is_closed_and_others_get_everything(small_queue_gw:
         await c.join(room)
     slow = await asyncio.to_thread(blocking_upgrade, gw.host, gw.port, f"/ws?user={uniq('slow')}")
     try:
-        slow.sendall(encode_frame(OP_TEXT, b'{"op":"join","id":1,"room":"' + room.encode() + b'"}'))
-        # Wait (bounded) until the server has the slow client in the room.
-        for _ in range(400):
-            _, body = await gw.api("GET", f"/v1/rooms/{room}/presence")
-            if body["conns"] == 4:
-                break
-            await asyncio.sleep(0.05)
-        assert body["conns"] == 4, body
+        await _join_raw(gw, slow, room, members=4)
         base = (await gw.stats())["engine"]["close_slow_consumer"]
         gift = "g" * 2000
         sent = 0
@@ -302,13 +309,7 @@ async def test_frame_written_partly_by_a_fan_out_stays_whole_through_a_slow_cons
     room = f"live:{uniq('partial')}"
     slow = await asyncio.to_thread(blocking_upgrade, gw.host, gw.port, f"/ws?user={uniq('slow')}")
     try:
-        slow.sendall(encode_frame(OP_TEXT, b'{"op":"join","id":1,"room":"' + room.encode() + b'"}'))
-        for _ in range(400):
-            _, body = await gw.api("GET", f"/v1/rooms/{room}/presence")
-            if body["conns"] == 1:
-                break
-            await asyncio.sleep(0.05)
-        assert body["conns"] == 1, body
+        await _join_raw(gw, slow, room, members=1)
         base = (await gw.stats())["engine"]
         pad = "p" * 3000
         n = 0
@@ -330,7 +331,7 @@ async def test_frame_written_partly_by_a_fan_out_stays_whole_through_a_slow_cons
             if eng["close_slow_consumer"] > base["close_slow_consumer"]:
                 break
         assert eng["close_slow_consumer"] == base["close_slow_consumer"] + 1
-        frames = await asyncio.to_thread(_read_whole_frames, slow, 30.0)
+        frames = split_frames(await asyncio.to_thread(read_to_end, slow, 30.0))
     finally:
         slow.close()
     # connected, the join ack, then messages in publish order (later ones were dropped or
@@ -344,64 +345,14 @@ async def test_frame_written_partly_by_a_fan_out_stays_whole_through_a_slow_cons
     assert got == list(range(len(got))) and len(got) >= 2, got
 
 
-def _read_whole_frames(sock: Any, timeout: float) -> list[tuple[int, bytes]]:
-    """Read a raw (unmasked server) stream to its end and split it into frames; fails if
-    any bytes do not form a whole frame."""
-    sock.settimeout(timeout)
-    data = b""
-    while True:
-        chunk = sock.recv(1 << 16)
-        if not chunk:
-            break
-        data += chunk
-    out, i = [], 0
-    while i < len(data):
-        assert i + 2 <= len(data), f"truncated frame header at byte {i} of {len(data)}"
-        b0, b1 = data[i], data[i + 1]
-        assert b0 & 0x70 == 0 and b1 & 0x80 == 0, f"not a frame at byte {i}: {data[i:i + 16]!r}"
-        n, j = b1 & 0x7F, i + 2
-        if n == 126:
-            (n,) = struct.unpack("!H", data[j : j + 2])
-            j += 2
-        elif n == 127:
-            (n,) = struct.unpack("!Q", data[j : j + 8])
-            j += 8
-        assert j + n <= len(data), f"truncated frame at byte {i}: {n} bytes announced, {len(data) - j} left"
-        out.append((b0 & 0x0F, data[j : j + n]))
-        i = j + n
-    return out
-
-
 def _drain_until_closed(sock: Any, timeout: float) -> int | None:
     """Read a raw socket to its end; returns the close code if a close frame was seen."""
-    sock.settimeout(timeout)
-    data = b""
-    try:
-        while True:
-            chunk = sock.recv(1 << 16)
-            if not chunk:
-                break
-            data += chunk
-    except ConnectionResetError:
-        pass
+    data = read_to_end(sock, timeout, reset_ok=True)
     # Walk the frames: the stream stays well-framed up to a possible close frame.
-    i, code = 0, None
-    while i + 2 <= len(data):
-        b0, b1 = data[i], data[i + 1]
-        n, j = b1 & 0x7F, i + 2
-        if n == 126:
-            if j + 2 > len(data):
-                break
-            (n,) = struct.unpack("!H", data[j : j + 2])
-            j += 2
-        elif n == 127:
-            if j + 8 > len(data):
-                break
-            (n,) = struct.unpack("!Q", data[j : j + 8])
-            j += 8
-        if b0 & 0x0F == OP_CLOSE and j + 2 <= len(data):
-            code = struct.unpack("!H", data[j : j + 2])[0]
-        i = j + n
+    code = None
+    for op, payload in split_frames(data, whole=False):
+        if op == OP_CLOSE and len(payload) >= 2:
+            code = struct.unpack("!H", payload[:2])[0]
     return code
 
 

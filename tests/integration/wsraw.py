@@ -169,6 +169,45 @@ async def http_get(host: str, port: int, path: str, headers: tuple[tuple[str, st
     return status, hdrs, body
 
 
+def split_frames(data: bytes, whole: bool = True) -> list[tuple[int, bytes]]:
+    """Split a server byte stream into ``(opcode, payload)`` frames. ``whole``: every byte
+    must belong to a whole frame (AssertionError otherwise); else the walk ends at a
+    truncated frame, which is returned with the payload bytes that are there."""
+    out, i = [], 0
+    while i + 2 <= len(data):
+        b0, b1 = data[i], data[i + 1]
+        if whole:
+            assert b0 & 0x70 == 0 and b1 & 0x80 == 0, f"not a frame at byte {i}: {data[i:i + 16]!r}"
+        n, j = b1 & 0x7F, i + 2
+        ext = {126: 2, 127: 8}.get(n, 0)
+        if j + ext > len(data):
+            break
+        if ext:
+            (n,) = struct.unpack("!H" if ext == 2 else "!Q", data[j : j + ext])
+            j += ext
+        if whole:
+            assert j + n <= len(data), f"truncated frame at byte {i}: {n} bytes announced, {len(data) - j} left"
+        out.append((b0 & 0x0F, data[j : j + n]))
+        i = j + n
+    if whole:
+        assert i == len(data), f"truncated frame header at byte {i} of {len(data)}"
+    return out
+
+
+def read_to_end(sock: socket.socket, timeout: float, reset_ok: bool = False) -> bytes:
+    """Everything a blocking socket receives until the peer closes (or resets the
+    connection, with ``reset_ok``)."""
+    sock.settimeout(timeout)
+    chunks = []
+    try:
+        while chunk := sock.recv(1 << 16):
+            chunks.append(chunk)
+    except ConnectionResetError:
+        if not reset_ok:
+            raise
+    return b"".join(chunks)
+
+
 def blocking_upgrade(host: str, port: int, path: str, rcvbuf: int = 4096, timeout: float = 20.0) -> socket.socket:
     """Upgrade with a blocking socket whose receive buffer is small, and return it
     unread: a client that stops reading (a slow consumer)."""
