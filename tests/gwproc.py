@@ -38,6 +38,16 @@ def _ephemeral_range() -> tuple[int, int]:
         return 32768, 60999
 
 
+def port_is_free(port: int) -> bool:
+    """Whether a server could bind ``port`` on 127.0.0.1 right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
 def free_port(max_port: int = 65535) -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago, for a server.
 
@@ -53,11 +63,7 @@ def free_port(max_port: int = 65535) -> int:
         for _ in range(200):
             a, b = rnd.choices(ranges, weights=[b - a for a, b in ranges])[0]
             port = rnd.randint(a, b)
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-                try:
-                    s.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
+            if port_is_free(port):
                 return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))

@@ -30,7 +30,7 @@ for _p in (ROOT / "python", ROOT / "tests"):  # gateway, gwproc (also when run a
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
 
-from gwproc import GatewaySubprocess, free_port
+from gwproc import GatewaySubprocess, free_port, port_is_free
 
 # ---- HTTP and polling ---------------------------------------------------------------------
 

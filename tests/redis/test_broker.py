@@ -16,7 +16,7 @@ from gateway.broker import BrokerError, HistoryPolicy
 from gateway.broker.redis import RedisBroker
 from gateway.config import BrokerConfig
 from gateway.protocol import message_parts
-from gwredis import RedisServer, await_until, command, commandstats, free_port
+from gwredis import RedisServer, await_until, command, commandstats, free_port, port_is_free
 
 pytestmark = pytest.mark.redis
 
@@ -405,17 +405,6 @@ async def test_member_debounce_forgets_a_crashed_node(redis_server: RedisServer)
 # ---- Redis Cluster --------------------------------------------------------------------------
 
 
-def _port_free(port: int) -> bool:
-    import socket
-
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
-
-
 @pytest.fixture
 def redis_cluster(redis_binary: str, tmp_path: Path) -> Any:
     cli = shutil.which("redis-cli")
@@ -424,7 +413,7 @@ def redis_cluster(redis_binary: str, tmp_path: Path) -> Any:
     servers = []
     for i in range(3):
         port = free_port(55000)
-        while not _port_free(port + 10000):  # the cluster bus uses port + 10000
+        while not port_is_free(port + 10000):  # the cluster bus uses port + 10000
             port = free_port(55000)
         d = tmp_path / f"cluster{i}"
         srv = RedisServer(redis_binary, d, port, ["--cluster-enabled", "yes", "--cluster-config-file", str(d / "nodes.conf"), "--cluster-node-timeout", "2000"])

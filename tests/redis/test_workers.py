@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from gwredis import ROOT, Client, RedisServer, free_port, http, wait_until
+from gwredis import ROOT, Client, RedisServer, free_port, http, port_is_free, wait_until
 
 pytestmark = pytest.mark.redis
 
@@ -34,7 +34,7 @@ class _Node:
 @pytest.fixture
 def supervisor(redis_server: RedisServer, tmp_path: Path) -> Any:
     port, api = free_port(), free_port()
-    while api + 1 == port or not _free(api + 1):
+    while api + 1 == port or not port_is_free(api + 1):
         api = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
     env["PYTHONPATH"] = str(ROOT / "python") + os.pathsep + env.get("PYTHONPATH", "")
@@ -60,17 +60,6 @@ def supervisor(redis_server: RedisServer, tmp_path: Path) -> Any:
                 proc.kill()
                 for c in children(proc.pid):
                     os.kill(c, signal.SIGKILL)
-
-
-def _free(port: int) -> bool:
-    import socket
-
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
 
 
 async def test_workers_share_the_port_and_rooms(supervisor: Any) -> None:
