@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import heapq
 import hmac
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -49,7 +49,7 @@ async def _body(req: web.Request) -> dict[str, Any]:
     return data
 
 
-def _str(d: dict[str, Any], key: str, *, required: bool = True, default: str | None = None) -> str:
+def _str(d: Mapping[str, Any], key: str, *, required: bool = True, default: str | None = None) -> str:
     v = d.get(key, default)
     if v is None and not required:
         return ""
@@ -58,9 +58,10 @@ def _str(d: dict[str, Any], key: str, *, required: bool = True, default: str | N
     return v
 
 
-def _room(d: dict[str, Any], key: str = "room") -> str:
+def _room(d: Mapping[str, Any], key: str = "room", star: bool = False) -> str:
+    """A valid room name from ``d[key]``; with ``star``, ``"*"`` (every room) too."""
     room = _str(d, key)
-    if not valid_room_name(room):
+    if not (star and room == "*") and not valid_room_name(room):
         raise BadRequest(f"invalid room name {room!r}")
     return room
 
@@ -159,40 +160,30 @@ def build_app(gw: Gateway) -> web.Application:
 
     async def ban(req: web.Request) -> web.Response:
         d = await _body(req)
-        room = _str(d, "room")
-        if room != "*" and not valid_room_name(room):
-            raise BadRequest(f"invalid room name {room!r}")
+        room = _room(d, star=True)
         user = _str(d, "user")
         await gw.ban(room, user, _num(d, "seconds"))
         return _json({"room": room, "user": user, "banned": True})
 
     async def unban(req: web.Request) -> web.Response:
         d = await _body(req)
-        room = _str(d, "room")
-        if room != "*" and not valid_room_name(room):
-            raise BadRequest(f"invalid room name {room!r}")
+        room = _room(d, star=True)
         user = _str(d, "user")
         await gw.unban(room, user)
         return _json({"room": room, "user": user, "banned": False})
 
     async def close_room(req: web.Request) -> web.Response:
-        room = req.match_info["room"]
-        if not valid_room_name(room):
-            raise BadRequest(f"invalid room name {room!r}")
+        room = _room(req.match_info)
         await gw.close_room(room)
         return _json({"room": room, "closed": True})
 
     async def presence(req: web.Request) -> web.Response:
-        room = req.match_info["room"]
-        if not valid_room_name(room):
-            raise BadRequest(f"invalid room name {room!r}")
+        room = _room(req.match_info)
         conns, users = await gw.presence(room)
         return _json({"room": room, "conns": conns, "users": users})
 
     async def members(req: web.Request) -> web.Response:
-        room = req.match_info["room"]
-        if not valid_room_name(room):
-            raise BadRequest(f"invalid room name {room!r}")
+        room = _room(req.match_info)
         try:
             offset = int(req.query.get("offset", "0"))
             limit = int(req.query.get("limit", "100"))
