@@ -25,7 +25,7 @@ build: setup ## Build the Rust engine into gateway._core (release) and install t
 	cargo build --release -p gw-load -q
 
 run: build ## Build everything and run the gateway on its embedded default (ws://localhost:8080/ws, demo at http://localhost:8080/)
-	$(VENV)/bin/gateway run --port $(PORT)
+	$(VENV)/bin/gateway run --dev --port $(PORT)
 
 test: build test-rust test-python test-js ## Run every test: Rust unit tests, Python (unit, integration, Redis, conformance, browser), JS SDK
 

@@ -31,7 +31,7 @@ API_KEY = "test-api-key-0123456789"
 JWT_SECRET = "test-jwt-secret-0123456789abcdef0123456789abcdef"
 
 #: Settings every test server gets (readable logs, quick drains).
-BASE_SETTINGS = ("log.json=false", "log.level=info", "drain.timeout=5", "drain.retry_ms=1500")
+BASE_SETTINGS = ("auth.mode=dev", "log.json=false", "log.level=info", "drain.timeout=5", "drain.retry_ms=1500")
 
 _uniq = itertools.count(1)
 

@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from aiohttp import web
 
-from .app import NotRunning
 from .broker import BrokerError
+from .errors import NotRunning
 from .routing import valid_room_name
 
 if TYPE_CHECKING:
@@ -195,7 +195,7 @@ def build_app(gw: Gateway) -> web.Application:
         return _json({"room": room, "offset": offset, "scope": scope, "members": members})
 
     async def stats(req: web.Request) -> web.Response:
-        eng = gw._engine()
+        eng = gw.engine_or_raise()
         all_rooms = eng.rooms()
         rooms = heapq.nlargest(20, all_rooms, key=lambda r: r[1])
         return _json({

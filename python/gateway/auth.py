@@ -22,6 +22,8 @@ from urllib.parse import parse_qsl
 
 import jwt
 
+from .errors import AuthError, ConfigError
+
 __all__ = [
     "ALGORITHMS",
     "AuthConfig",
@@ -44,19 +46,6 @@ ALGORITHMS: frozenset[str] = HMAC_ALGORITHMS | RSA_ALGORITHMS | EC_ALGORITHMS
 _MIN_HMAC_BYTES = {"HS256": 32, "HS384": 48, "HS512": 64}
 _MODES = ("jwt", "dev")
 _MAX_DEV_USER = 128
-
-
-class ConfigError(ValueError):
-    """An invalid configuration value.
-
-    ``key`` is the dotted name of the offending setting (e.g. ``"auth.secret"``), so the
-    operator can find it; ``str(err)`` is ``"<key>: <message>"``.
-    """
-
-    def __init__(self, key: str, message: str) -> None:
-        super().__init__(f"{key}: {message}")
-        self.key = key
-        self.message = message
 
 
 @dataclass
@@ -82,7 +71,10 @@ class AuthConfig:
     query_param: str = "token"
     header: str = "authorization"
     protocol_prefix: str = "token."
-    deadline: float = 5.0
+    #: Seconds an upgrade may wait for the connect decision (the engine answers 503 after).
+    deadline: float = field(default=5.0, metadata={"engine": True})
+    #: ``dev`` mode on a non-loopback ``server.host``: refused unless this is true.
+    dev_allow_remote: bool = False
 
     def check(self, prefix: str = "auth") -> None:
         """Validate the settings; raise :class:`ConfigError` naming ``<prefix>.<field>``.
@@ -276,20 +268,6 @@ class Identity:
                 elif fnmatchcase(room, p):
                     return True
         return False
-
-
-class AuthError(Exception):
-    """Refusal of a connection during the upgrade.
-
-    ``status`` is the HTTP status to answer with (``401`` bad or missing credentials,
-    ``403`` forbidden); ``reason`` is short and safe to show to the client (it never
-    contains the token).
-    """
-
-    def __init__(self, status: int, reason: str) -> None:
-        super().__init__(reason)
-        self.status = status
-        self.reason = reason
 
 
 _guest_ids = itertools.count(1)

@@ -1,9 +1,11 @@
 """Command line: ``gateway run`` (also ``python -m gateway run``).
 
-``gateway run`` with no arguments serves the embedded default: one node, in memory, no
-Redis, clients on :8080 (WebSocket at /ws, demo page at /), the internal API on
-127.0.0.1:8081. Without a config file and without auth settings, authentication is in
-``dev`` mode (``?user=<id>`` is trusted) so the demo works out of the box.
+``gateway run --dev`` serves the embedded default for a local demo: one node, in memory,
+no Redis, clients on 127.0.0.1:8080 (WebSocket at /ws, demo page at /), the internal API
+on 127.0.0.1:8081, and ``dev`` authentication (``?user=<id>`` is trusted). Without
+``--dev`` the gateway verifies JWTs and refuses to start without a key (``auth.secret``
+or ``auth.public_key_file``). ``run`` and ``check-config`` load and check the
+configuration through the same code (:func:`resolve_config`).
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ import os
 import sys
 from typing import Any
 
-from .auth import ConfigError
+from ._core import EngineError
 from .config import Config, load_config
+from .errors import ConfigError
 
 log = logging.getLogger("gateway")
 
@@ -38,14 +41,16 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--api-host", help="internal API address (api.host, default 127.0.0.1)")
     run.add_argument("--api-port", type=int, help="internal API port (api.port, default 8081)")
     run.add_argument("--workers", type=int, help="worker processes sharing the port (server.workers; >1 needs broker.kind=redis)")
-    run.add_argument("--threads", type=int, help="engine I/O threads per process (server.threads, 0 = CPU count)")
+    run.add_argument("--io-threads", "--threads", dest="io_threads", type=int, help="engine I/O threads per process (server.io_threads, 0 = CPU count)")
     run.add_argument("--broker", choices=["memory", "redis"], help="broker.kind")
     run.add_argument("--redis-url", help="broker.url, e.g. redis://127.0.0.1:6379/0")
     run.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="log.level")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any setting, e.g. --set limits.queue_bytes=524288 (repeatable)")
-    check = sub.add_parser("check-config", help="validate a config file and print the result")
-    check.add_argument("--config", "-c", metavar="FILE")
-    check.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    run.add_argument("--dev", action="store_true", help="local demo: dev authentication (?user=<id> is trusted) on 127.0.0.1 unless a host is set")
+    check = sub.add_parser("check-config", help="validate the configuration `run` would use (same arguments) and print a summary")
+    for action in run._actions:
+        if action.dest not in ("help", "app"):
+            check._add_action(action)
     token = sub.add_parser("token", help="mint an HS256 test token for a user (uses auth.secret)")
     token.add_argument("user")
     token.add_argument("--config", "-c", metavar="FILE")
@@ -57,17 +62,38 @@ def _parser() -> argparse.ArgumentParser:
 def _overrides(a: argparse.Namespace) -> dict[str, Any]:
     pairs = {
         "server.host": a.host, "server.port": a.port, "api.host": a.api_host, "api.port": a.api_port,
-        "server.workers": a.workers, "server.threads": a.threads, "broker.kind": a.broker,
+        "server.workers": a.workers, "server.io_threads": a.io_threads, "broker.kind": a.broker,
         "broker.url": a.redis_url, "log.level": a.log_level,
     }
-    return {k: v for k, v in pairs.items() if v is not None}
+    out = {k: v for k, v in pairs.items() if v is not None}
+    if a.dev:
+        out["auth.mode"] = "dev"
+    return out
 
 
-def _embedded_default(a: argparse.Namespace) -> dict[str, Any]:
-    """No config file and no auth settings anywhere: the demo's dev auth."""
-    has_file = bool(getattr(a, "config", None) or os.environ.get("GATEWAY_CONFIG"))
-    has_auth = any(k.startswith("GATEWAY_AUTH__") for k in os.environ) or any(s.startswith("auth.") for s in a.set)
-    return {} if has_file or has_auth else {"auth.mode": "dev"}
+def _host_given(a: argparse.Namespace, path: str | None) -> bool:
+    """Whether the listener address was chosen anywhere (flag, --set, environment, file)."""
+    if a.host is not None or any(s.split("=", 1)[0].strip() == "server.host" for s in a.set) or "GATEWAY_SERVER__HOST" in os.environ:
+        return True
+    if path:
+        import tomllib
+
+        try:
+            with open(path, "rb") as f:
+                return "host" in tomllib.load(f).get("server", {})
+        except (OSError, tomllib.TOMLDecodeError):
+            return False  # load_config reports it
+    return False
+
+
+def resolve_config(a: argparse.Namespace) -> Config:
+    """The configuration ``run`` (and ``check-config``) uses: file, environment, flags.
+    ``--dev`` listens on 127.0.0.1 unless an address was chosen."""
+    path = a.config or os.environ.get("GATEWAY_CONFIG")
+    overrides = _overrides(a)
+    if a.dev and not _host_given(a, path):
+        overrides["server.host"] = "127.0.0.1"
+    return load_config(path, overrides=overrides, sets=a.set)
 
 
 def load_app(spec: str, config: Config) -> Any:
@@ -109,8 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         if a.cmd == "check-config":
-            cfg = load_config(a.config, sets=a.set)
-            print(f"ok: {len(cfg.routes)} routes, broker={cfg.broker.kind}, auth={cfg.auth.mode}")
+            cfg = resolve_config(a)
+            print(f"ok: {len(cfg.routes)} routes, broker={cfg.broker.kind}, auth={cfg.auth.mode}, listening on {cfg.server.host}:{cfg.server.port}")
             return 0
         if a.cmd == "token":
             from .auth import mint_token
@@ -121,19 +147,15 @@ def main(argv: list[str] | None = None) -> int:
             claims = {"rooms": a.rooms} if a.rooms else {}
             print(mint_token(cfg.auth.secret, a.user, ttl=a.ttl, **claims))
             return 0
-        overrides = {**_embedded_default(a), **_overrides(a)}
-        cfg = load_config(a.config, overrides=overrides, sets=a.set)
+        cfg = resolve_config(a)
     except ConfigError as e:
         print(f"gateway: configuration error: {e}", file=sys.stderr)
         return 2
     setup_logging(cfg.log.level, cfg.log.json)
     if cfg.server.workers > 1:
-        try:
-            from .supervisor import supervise  # type: ignore[import-not-found]
-        except ImportError:
-            print("gateway: configuration error: server.workers: several worker processes are not available in this build yet", file=sys.stderr)
-            return 2
-        return supervise(cfg, a)  # type: ignore[no-any-return]
+        from .supervisor import supervise
+
+        return supervise(cfg, a)
     try:
         if a.app:
             gw = load_app(a.app, cfg)
@@ -149,14 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:  # raised by a plugin's setup() (e.g. its [plugins.<name>] table)
         print(f"gateway: configuration error: {e}", file=sys.stderr)
         return 2
-    except OSError as e:
+    except (OSError, EngineError) as e:  # bind failures and the like
         log.error("cannot start: %s", e)
         return 1
-    except Exception as e:  # EngineError: bind failures and the like
-        if type(e).__name__ == "EngineError":
-            log.error("cannot start: %s", e)
-            return 1
-        raise
     return 0
 
 

@@ -12,6 +12,7 @@ Environment values are parsed as TOML values when they parse (``8080``, ``true``
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import socket
 import tomllib
@@ -21,28 +22,44 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .auth import AuthConfig, ConfigError
+from .auth import AuthConfig
+from .errors import ConfigError
 from .routing import RouteConfig, Router
 
 __all__ = ["Config", "ConfigError", "load_config"]
 
 ENV_PREFIX = "GATEWAY_"
 
+#: Keys renamed since 0.1: old dotted name -> new one (the old one still loads, with a warning).
+RENAMED = {"server.threads": "server.io_threads"}
+
+_LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+def engine(default: Any, **kw: Any) -> Any:
+    """A setting the engine reads: passed to ``Engine(...)`` as ``<section>_<key>`` by
+    :meth:`Config.engine_settings`. Adding one touches its section here, the binding's
+    conversion (``rust/gateway-py``) and ``_core.pyi``, nothing else."""
+    if isinstance(default, (list, dict)):
+        raise TypeError("engine settings are scalars")
+    return field(default=default, metadata={"engine": True}, **kw)
+
 
 @dataclass
 class ServerConfig:
     """Client-facing listener (the engine)."""
 
-    host: str = "0.0.0.0"
-    port: int = 8080
-    ws_path: str = "/ws"
-    health_path: str = "/healthz"
+    host: str = engine("0.0.0.0")
+    port: int = engine(8080)
+    ws_path: str = engine("/ws")
+    health_path: str = engine("/healthz")
     #: Worker processes sharing the port (SO_REUSEPORT); >1 needs the redis broker.
     workers: int = 1
-    #: Engine I/O threads per process; 0 = the CPU count.
-    threads: int = 0
-    reuse_port: bool = False
-    backlog: int = 4096
+    #: Engine I/O threads per process; 0 = the CPU count (was ``server.threads``).
+    io_threads: int = engine(0)
+    #: SO_REUSEPORT (always on with ``workers`` > 1).
+    reuse_port: bool = engine(False)
+    backlog: int = engine(4096)
     subprotocols: list[str] = field(default_factory=lambda: ["gateway.v1"])
     #: Serve the live-room demo page at ``/``.
     demo: bool = True
@@ -52,39 +69,66 @@ class ServerConfig:
 
 @dataclass
 class LimitsConfig:
-    max_message_bytes: int = 65536
-    max_frame_bytes: int = 65536
-    #: Bound of each connection's outbound queue.
-    queue_bytes: int = 1 << 20
-    handshake_timeout: float = 5.0
-    max_headers: int = 64
-    max_header_bytes: int = 8192
-    #: Client messages waiting for Python above this are shed.
-    event_queue: int = 1 << 20
+    """Bounds on what one client, one IP or the whole node can make the server hold or do
+    (docs/operations.md, "Limits"; docs/architecture.md, "Memory bounds")."""
+
+    max_message_bytes: int = engine(65536)
+    max_frame_bytes: int = engine(65536)
+    #: Bound of each connection's outbound queue (control replies included).
+    queue_bytes: int = engine(1 << 20)
+    handshake_timeout: float = engine(5.0)
+    max_headers: int = engine(64)
+    max_header_bytes: int = engine(8192)
+    #: Events waiting for Python (count); above it, requests are shed with 4029 "overloaded".
+    event_queue: int = engine(1 << 20)
+    #: Bytes of events waiting for Python, node-wide.
+    event_queue_bytes: int = engine(64 << 20)
+    #: A connection's share of the event queue in bytes; above it the engine stops reading
+    #: that connection until Python has caught up (TCP backpressure).
+    conn_event_bytes: int = engine(256 << 10)
+    #: Client messages per second per connection, every op (token bucket), and the burst.
+    client_rate: float = engine(50.0)
+    client_burst: int = engine(100)
+    #: Open connections per node (also never more than the fd limit minus reserved_fds).
+    max_conns: int = engine(100_000)
+    #: File descriptors kept free for Redis, the API, logs and the database.
+    reserved_fds: int = engine(256)
+    #: Open connections per client IP (generous: behind a load balancer without the PROXY
+    #: protocol every client has the balancer's address).
+    max_conns_per_ip: int = engine(10_000)
+    #: Upgrades in progress per client IP.
+    max_handshakes_per_ip: int = engine(1000)
+    #: Open connections per user (a phone, a PC, a few tabs).
+    max_conns_per_user: int = engine(10)
+    #: Rooms one connection may be in, and rooms with members on this node.
+    max_rooms_per_conn: int = engine(100)
+    max_rooms: int = engine(100_000)
+    #: Bytes of history in one join ack (``history`` or ``resume``); older messages are cut.
+    max_history_bytes: int = 256 << 10
     #: Members per fan-out task; larger rooms are split across threads.
-    fanout_chunk: int = 1024
+    fanout_chunk: int = engine(1024)
     #: Consecutive client errors (bad JSON, rate limits, ...) before closing with 4029.
     max_errors: int = 50
     #: SO_SNDBUF of accepted client sockets, in bytes; 0 = the kernel default (autotuned).
-    socket_send_buffer: int = 0
+    socket_send_buffer: int = engine(0)
 
 
 @dataclass
 class HeartbeatConfig:
     #: Seconds between client pings, announced in the ``connected`` frame.
-    interval: int = 30
+    interval: int = engine(30)
     #: Close a connection silent for this long (code 4000). Default: 3 intervals.
-    idle_timeout: float = 90.0
+    idle_timeout: float = engine(90.0)
     #: Send WebSocket pings to connections silent for ``interval``.
-    ws_ping: bool = True
+    ws_ping: bool = engine(True)
 
 
 @dataclass
 class DeflateSection:
-    enabled: bool = True
-    min_size: int = 128
-    level: int = 5
-    client_max_window_bits: int = 15
+    enabled: bool = engine(True)
+    min_size: int = engine(128)
+    level: int = engine(5)
+    client_max_window_bits: int = engine(15)
 
 
 @dataclass
@@ -97,6 +141,15 @@ class ApiConfig:
     #: only when ``host`` is a loopback address.
     api_key: str = ""
     enabled: bool = True
+    #: Serve ``/metrics`` only with the API key too (``/healthz`` and ``/readyz`` stay open).
+    metrics_need_key: bool = False
+    #: Extra ``Host`` header values accepted besides loopback names and ``host`` itself
+    #: (e.g. the service name in Kubernetes). Checked only when there is no API key.
+    allowed_hosts: list[str] = field(default_factory=list)
+    #: Seconds to read a request (headers and body); slower clients get 408.
+    read_timeout: float = 10.0
+    #: Open API connections; more wait in the kernel's backlog.
+    max_connections: int = 256
 
 
 @dataclass
@@ -128,6 +181,9 @@ class BrokerConfig:
     #: Seconds without a heartbeat after which the other nodes count a node as gone: its
     #: hook-debounce counts stop holding back leaves (a crashed node's users).
     node_timeout: float = 10.0
+    #: Seconds a publish's idempotency key (client ``cid``, API ``Idempotency-Key``) is
+    #: remembered: a retry within it returns the first result instead of a duplicate.
+    idempotency_ttl: float = 600.0
 
 
 @dataclass
@@ -177,7 +233,9 @@ class Config:
     plugins: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def check(self) -> None:
-        """Validate every section; raise :class:`ConfigError` naming the key."""
+        """Validate every section; raise :class:`ConfigError` naming the key. The one
+        validation of every setting, engine settings included (the binding only
+        converts types)."""
         if not self.node_id:
             self.node_id = f"{socket.gethostname()}-{os.getpid()}"
         s = self.server
@@ -186,18 +244,37 @@ class Config:
                 raise ConfigError(key, "must be 0..65535")
         if not s.ws_path.startswith("/"):
             raise ConfigError("server.ws_path", "must start with '/'")
+        if not s.health_path.startswith("/"):
+            raise ConfigError("server.health_path", "must start with '/'")
         if s.workers < 1:
             raise ConfigError("server.workers", "must be >= 1")
         if s.workers > 1 and self.broker.kind != "redis":
             raise ConfigError("server.workers", "several workers share rooms through a broker: set broker.kind = 'redis'")
-        if s.threads < 0:
-            raise ConfigError("server.threads", "must be >= 0 (0 = CPU count)")
+        if s.io_threads < 0:
+            raise ConfigError("server.io_threads", "must be >= 0 (0 = CPU count)")
+        if s.backlog < 1:
+            raise ConfigError("server.backlog", "must be >= 1")
         if not s.subprotocols:
             raise ConfigError("server.subprotocols", "must list at least one protocol")
         lim = self.limits
-        for name in ("max_message_bytes", "max_frame_bytes", "queue_bytes", "max_headers", "max_header_bytes", "event_queue", "fanout_chunk", "max_errors"):
+        for name in (
+            "max_message_bytes", "max_frame_bytes", "queue_bytes", "max_headers", "max_header_bytes", "event_queue",
+            "event_queue_bytes", "conn_event_bytes", "client_burst", "max_conns", "max_conns_per_ip",
+            "max_handshakes_per_ip", "max_conns_per_user", "max_rooms_per_conn", "max_rooms", "max_history_bytes",
+            "fanout_chunk", "max_errors",
+        ):
             if getattr(lim, name) <= 0:
                 raise ConfigError(f"limits.{name}", "must be > 0")
+        if lim.max_frame_bytes > lim.max_message_bytes:
+            raise ConfigError("limits.max_frame_bytes", "must be <= limits.max_message_bytes")
+        if lim.conn_event_bytes < lim.max_message_bytes:
+            raise ConfigError("limits.conn_event_bytes", "must hold at least one message (>= limits.max_message_bytes)")
+        if lim.event_queue_bytes < lim.conn_event_bytes:
+            raise ConfigError("limits.event_queue_bytes", "must be >= limits.conn_event_bytes")
+        if lim.client_rate < 0:
+            raise ConfigError("limits.client_rate", "must be >= 0 (0 = unlimited)")
+        if lim.reserved_fds < 16:
+            raise ConfigError("limits.reserved_fds", "must be >= 16 (Redis, the API, logs)")
         if lim.handshake_timeout <= 0:
             raise ConfigError("limits.handshake_timeout", "must be > 0")
         if lim.socket_send_buffer < 0:
@@ -207,12 +284,20 @@ class Config:
             raise ConfigError("heartbeat.interval", "must be >= 1 second")
         if hb.idle_timeout <= hb.interval:
             raise ConfigError("heartbeat.idle_timeout", "must be longer than heartbeat.interval (2-3 intervals is usual)")
-        if not 0 <= self.deflate.level <= 9:
+        d = self.deflate
+        if not 0 <= d.level <= 9:
             raise ConfigError("deflate.level", "must be 0..9")
-        if not 9 <= self.deflate.client_max_window_bits <= 15:
+        if not 9 <= d.client_max_window_bits <= 15:
             raise ConfigError("deflate.client_max_window_bits", "must be 9..15")
-        if self.api.enabled and not self.api.api_key and self.api.host not in ("127.0.0.1", "::1", "localhost"):
+        if d.min_size < 0:
+            raise ConfigError("deflate.min_size", "must be >= 0")
+        api = self.api
+        if api.enabled and not api.api_key and api.host not in _LOOPBACK:
             raise ConfigError("api.api_key", "required when the API listens on a non-loopback address")
+        if api.read_timeout <= 0:
+            raise ConfigError("api.read_timeout", "must be > 0")
+        if api.max_connections < 1:
+            raise ConfigError("api.max_connections", "must be >= 1")
         if self.hooks.timeout <= 0:
             raise ConfigError("hooks.timeout", "must be > 0")
         if self.hooks.fallback not in ("allow", "deny"):
@@ -221,17 +306,27 @@ class Config:
             raise ConfigError("metrics.top_rooms", "must be 0..1000")
         if self.presence.interval <= 0:
             raise ConfigError("presence.interval", "must be > 0")
-        if self.broker.kind not in ("memory", "redis"):
+        b = self.broker
+        if b.kind not in ("memory", "redis"):
             raise ConfigError("broker.kind", "must be 'memory' or 'redis'")
-        if self.broker.node_timeout <= 0:
+        if b.node_timeout <= 0:
             raise ConfigError("broker.node_timeout", "must be > 0")
-        if self.broker.leave_grace < 0:
+        if b.leave_grace < 0:
             raise ConfigError("broker.leave_grace", "must be >= 0")
+        if b.idempotency_ttl <= 0:
+            raise ConfigError("broker.idempotency_ttl", "must be > 0")
         if self.log.level.lower() not in ("debug", "info", "warning", "error", "critical"):
             raise ConfigError("log.level", "must be debug, info, warning, error or critical")
         if self.drain.timeout < 0:
             raise ConfigError("drain.timeout", "must be >= 0")
         self.auth.check("auth")
+        if self.auth.mode == "dev" and s.host not in _LOOPBACK and not self.auth.dev_allow_remote:
+            raise ConfigError(
+                "auth.mode",
+                f"'dev' trusts ?user= and ?role= from anyone: refused on server.host = {s.host!r}. "
+                "Use 127.0.0.1, configure JWT (auth.secret or auth.public_key_file), "
+                "or set auth.dev_allow_remote = true for a throw-away demo",
+            )
         seen = set()
         for i, r in enumerate(self.routes):
             r.check(f"routes[{i}]")
@@ -243,6 +338,21 @@ class Config:
         for name, table in self.plugins.items():
             if not isinstance(table, dict):
                 raise ConfigError(f"plugins.{name}", "must be a table ([plugins.<name>])")
+
+    def engine_settings(self) -> dict[str, Any]:
+        """Every engine setting as ``Engine(...)`` takes it: ``<section>_<key>`` for each
+        field declared with :func:`engine`, one name on both sides."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            section = getattr(self, f.name)
+            if not dataclasses.is_dataclass(section):
+                continue
+            for sf in dataclasses.fields(section):
+                if sf.metadata.get("engine"):
+                    out[f"{f.name}_{sf.name}"] = getattr(section, sf.name)
+        if self.server.workers > 1:
+            out["server_reuse_port"] = True
+        return out
 
 
 # ---- building dataclasses from plain data, with key-naming errors ----------------------
@@ -318,6 +428,10 @@ def build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
         name = f"{prefix}.{key}" if prefix else key
+        if name in RENAMED and key not in fields:
+            new = RENAMED[name]
+            logging.getLogger("gateway.config").warning("%s is deprecated: use %s", name, new)
+            key, name = new.rsplit(".", 1)[1], new
         if key not in fields:
             raise ConfigError(name, f"unknown setting (known: {', '.join(sorted(fields))})")
         tp = hints[key]

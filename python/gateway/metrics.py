@@ -108,7 +108,8 @@ class EngineCollector:
 
 
     def _histograms(self, eng: Any) -> Any:
-        from .app import HOOK_BUCKETS, HOOKS
+        from .app.plugins import HOOKS
+        from .app.stats import HOOK_BUCKETS
 
         for name, doc in (("fanout_seconds", "Duration of one room fan-out round (queueing to every local member)"),
                           ("flush_lag_seconds", "Lag from publish to the socket write that sent it, sampled per write")):
@@ -162,15 +163,14 @@ def _le(v: float) -> str:
     return "+Inf" if v == float("inf") else repr(float(v))
 
 
-def registry_for(gw: Gateway) -> CollectorRegistry:
-    reg = getattr(gw, "_metrics_registry", None)
-    if reg is None:
-        reg = CollectorRegistry(auto_describe=False)
-        reg.register(EngineCollector(gw))
-        ProcessCollector(namespace="gateway", registry=reg)
-        gw._metrics_registry = reg  # type: ignore[attr-defined]
+def make_registry(gw: Gateway) -> CollectorRegistry:
+    """The registry served at ``/metrics``: the engine and app collector, the process
+    collector, and whatever plugins add (``Gateway.metrics_registry``)."""
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(EngineCollector(gw))  # type: ignore[no-untyped-call]
+    ProcessCollector(namespace="gateway", registry=reg)
     return reg
 
 
 def render(gw: Gateway) -> tuple[bytes, str]:
-    return generate_latest(registry_for(gw)), CONTENT_TYPE_LATEST
+    return generate_latest(gw.metrics_registry), CONTENT_TYPE_LATEST

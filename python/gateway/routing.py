@@ -1,58 +1,39 @@
-"""Room routing, permissions, rate limits and moderation.
+"""Room routing: which :class:`RouteConfig` governs a room name.
 
-* :class:`Router` maps a room name (``prefix:rest``) to the :class:`RouteConfig` whose
-  pattern matches it, extracting ``{placeholder}`` parameters.
-* :class:`Policy` decides whether an :class:`~gateway.auth.Identity` may join a room or
-  publish into it and returns a :class:`Verdict` carrying the protocol error code
-  (see ``docs/protocol.md``) and the message priority.
-* :class:`RateLimiter` (token buckets keyed by string, bounded memory) and
-  :class:`Moderation` (mutes and bans with wall-clock expiry) back the policy.
-
-Everything here is synchronous, allocation-light and meant for the per-message hot
-path. None of it is thread-safe; use it from the event loop thread.
+:class:`Router` maps a room name (``prefix:rest``) to the route whose pattern matches
+it, extracting ``{placeholder}`` parameters. The decisions built on routes live in
+:mod:`gateway.policy`; rate limits in :mod:`gateway.limits`; mutes and bans in
+:mod:`gateway.moderation`. Synchronous and allocation-light, for the hot path.
 """
 
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from itertools import islice
-from typing import Any, NamedTuple
+from typing import Any
 
-from .auth import ConfigError, Identity
+from .auth import Identity
+from .errors import ConfigError
+from .protocol.codes import Priority
 
 __all__ = [
-    "PRIO_HIGH",
-    "PRIO_LOW",
-    "PRIO_NORMAL",
     "MAX_ROOM_LEN",
-    "Moderation",
-    "Policy",
-    "RateLimiter",
+    "JoinRule",
+    "PublishRule",
     "Route",
     "RouteConfig",
     "Router",
-    "TokenBucket",
-    "Verdict",
     "valid_room_name",
 ]
 
 log = logging.getLogger("gateway.routing")
 
-PRIO_LOW, PRIO_NORMAL, PRIO_HIGH = 0, 1, 2
+PRIO_LOW, PRIO_NORMAL, PRIO_HIGH = Priority.LOW, Priority.NORMAL, Priority.HIGH
 
 MAX_ROOM_LEN = 128
 _ROOM_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789:_-.@"
 _RULES = ("all", "authenticated", "owner", "acl", "none")
-
-# Protocol error codes (docs/protocol.md).
-E_FORBIDDEN = 4003
-E_NO_ROUTE = 4005
-E_TOO_LARGE = 4009
-E_MUTED = 4010
-E_RATE = 4029
 
 JoinRule = Callable[[Identity, "Route"], bool]
 PublishRule = Callable[[Identity, "Route", str], bool]
@@ -224,7 +205,6 @@ class _Compiled:
         "role",
         "prio",
         "default_prio",
-        "ok",
         "types",
         "join_rules",
         "publish_rules",
@@ -242,7 +222,6 @@ class _Compiled:
         self.role = cfg.publish[5:] if self.publish == "role" else ""
         self.prio = dict(cfg.priorities)
         self.default_prio = cfg.default_priority
-        self.ok = {p: Verdict(True, 0, "", p) for p in (PRIO_LOW, PRIO_NORMAL, PRIO_HIGH)}
         self.types = frozenset(cfg.types) if cfg.types is not None else None
         self.join_rules: list[JoinRule] = []
         self.publish_rules: list[PublishRule] = []
@@ -370,357 +349,3 @@ class Router:
 
 
 _MISS: Any = object()
-
-
-# Tolerance for float drift when refills add up to exactly one token.
-_EPS = 1e-9
-_ONE = 1.0 - _EPS
-
-
-class TokenBucket:
-    """A single token bucket: ``rate`` tokens per second, at most ``burst`` stored.
-
-    Starts full. Use :class:`RateLimiter` for many keys.
-    """
-
-    __slots__ = ("rate", "burst", "tokens", "last")
-
-    def __init__(self, rate: float, burst: int, now: float) -> None:
-        """Create a full bucket at time ``now`` (any monotonic clock, seconds)."""
-        self.rate = rate
-        self.burst = max(1, burst)
-        self.tokens = float(self.burst)
-        self.last = now
-
-    def allow(self, now: float, cost: float = 1.0) -> bool:
-        """Take ``cost`` tokens if available; ``rate <= 0`` always allows."""
-        if self.rate <= 0:
-            return True
-        t = self.tokens + (now - self.last) * self.rate
-        if t > self.burst:
-            t = self.burst
-        self.last = now
-        if t >= cost - _EPS:
-            self.tokens = t - cost
-            return True
-        self.tokens = t
-        return False
-
-
-class RateLimiter:
-    """Token buckets keyed by string with bounded memory.
-
-    Each key's bucket remembers its rate and burst. When a new key arrives and the
-    table is full, or at most every ``sweep_interval`` seconds, buckets that have
-    refilled completely are dropped (a full bucket is equivalent to no bucket, so this
-    is lossless); if the table is still full, the oldest keys are dropped.
-    """
-
-    __slots__ = ("max_keys", "sweep_interval", "_b", "_last_sweep")
-
-    def __init__(self, max_keys: int = 100_000, sweep_interval: float = 60.0) -> None:
-        """``max_keys`` bounds the number of buckets kept."""
-        if max_keys < 1:
-            raise ValueError("max_keys must be >= 1")
-        self.max_keys = max_keys
-        self.sweep_interval = sweep_interval
-        # key -> [tokens, last, rate, burst]
-        self._b: dict[str, list[float]] = {}
-        self._last_sweep: float | None = None
-
-    def __len__(self) -> int:
-        return len(self._b)
-
-    def allow(self, key: str, rate: float, burst: int, now: float) -> bool:
-        """Take one token from ``key``'s bucket; ``rate <= 0`` always allows.
-
-        ``now`` is a monotonic time in seconds; ``burst`` < 1 is treated as 1.
-        """
-        if rate <= 0:
-            return True
-        b = self._b.get(key)
-        if b is None:
-            if burst < 1:
-                burst = 1
-            self._insert(key, [burst - 1.0, now, rate, burst], now)
-            return True
-        t = b[0] + (now - b[1]) * rate
-        if t > burst:
-            t = burst
-        b[1] = now
-        b[2] = rate
-        b[3] = burst
-        if t >= _ONE:
-            b[0] = t - 1.0
-            return True
-        b[0] = t
-        return False
-
-    def _insert(self, key: str, bucket: list[float], now: float) -> None:
-        b = self._b
-        if self._last_sweep is None:
-            self._last_sweep = now
-        if len(b) >= self.max_keys or now - self._last_sweep >= self.sweep_interval:
-            self.sweep(now)
-            if len(b) >= self.max_keys:
-                drop = max(1, self.max_keys // 10)
-                for k in list(islice(b, drop)):
-                    del b[k]
-        b[key] = bucket
-
-    def sweep(self, now: float) -> int:
-        """Drop buckets that are full again at ``now``; return how many were dropped."""
-        self._last_sweep = now
-        b = self._b
-        idle = [k for k, (tok, last, rate, burst) in b.items() if tok + (now - last) * rate >= burst]
-        for k in idle:
-            del b[k]
-        return len(idle)
-
-
-class Moderation:
-    """Mutes and bans, per room or everywhere (room ``"*"``).
-
-    ``until`` values are wall-clock Unix timestamps (``time.time()``; they travel over
-    the HTTP API and Redis), ``None`` = until lifted. Expired entries are ignored and
-    pruned when seen. A muted user may still join and read; a banned user may do neither.
-    """
-
-    __slots__ = ("_mutes", "_room_mutes", "_bans")
-
-    def __init__(self) -> None:
-        """Start with no mutes and no bans."""
-        self._mutes: dict[str, dict[str, float | None]] = {}
-        self._room_mutes: dict[str, tuple[float | None, frozenset[str]]] = {}
-        self._bans: dict[str, dict[str, float | None]] = {}
-
-    def mute_user(self, room: str, user: str, until: float | None = None) -> None:
-        """Mute ``user`` in ``room`` (``"*"`` = everywhere) until ``until``."""
-        self._mutes.setdefault(room, {})[user] = until
-
-    def unmute_user(self, room: str, user: str) -> None:
-        """Lift a user mute set with the same ``room`` (no-op if none)."""
-        _discard(self._mutes, room, user)
-
-    def mute_room(self, room: str, until: float | None = None, whitelist: Iterable[str] = ()) -> None:
-        """Mute everybody in ``room`` (``"*"`` = everywhere) except the ``whitelist`` users."""
-        self._room_mutes[room] = (until, frozenset(whitelist))
-
-    def unmute_room(self, room: str) -> None:
-        """Lift a room mute (no-op if none)."""
-        self._room_mutes.pop(room, None)
-
-    def ban(self, room: str, user: str, until: float | None = None) -> None:
-        """Ban ``user`` from ``room`` (``"*"`` = everywhere) until ``until``."""
-        self._bans.setdefault(room, {})[user] = until
-
-    def unban(self, room: str, user: str) -> None:
-        """Lift a ban set with the same ``room`` (no-op if none)."""
-        _discard(self._bans, room, user)
-
-    def is_muted(self, room: str, user: str, now: float) -> bool:
-        """Whether ``user`` may not publish in ``room`` at wall-clock time ``now``
-        (user mute in the room or everywhere, or a room mute without whitelisting)."""
-        mutes = self._mutes
-        if mutes and (_active(mutes, room, user, now) or _active(mutes, "*", user, now)):
-            return True
-        rm = self._room_mutes
-        if rm:
-            for r in (room, "*"):
-                e = rm.get(r)
-                if e is not None:
-                    until, wl = e
-                    if until is not None and until <= now:
-                        del rm[r]
-                    elif user not in wl:
-                        return True
-        return False
-
-    def is_banned(self, room: str, user: str, now: float) -> bool:
-        """Whether ``user`` is banned from ``room`` (or everywhere) at wall-clock time ``now``."""
-        bans = self._bans
-        return bool(bans) and (_active(bans, room, user, now) or _active(bans, "*", user, now))
-
-    def snapshot(self, now: float | None = None) -> dict[str, list[dict[str, Any]]]:
-        """The active entries as JSON-ready lists (expired entries are pruned first)::
-
-        {"mutes": [{"room", "user", "until"}], "bans": [{"room", "user", "until"}],
-         "room_mutes": [{"room", "until", "whitelist": [...]}]}
-        """
-        if now is None:
-            now = time.time()
-        out: dict[str, list[dict[str, Any]]] = {}
-        for name, table in (("mutes", self._mutes), ("bans", self._bans)):
-            rows: list[dict[str, Any]] = []
-            for room in list(table):
-                users = table[room]
-                for user, until in list(users.items()):
-                    if until is not None and until <= now:
-                        del users[user]
-                    else:
-                        rows.append({"room": room, "user": user, "until": until})
-                if not users:
-                    del table[room]
-            out[name] = rows
-        room_rows: list[dict[str, Any]] = []
-        for room, (until, wl) in list(self._room_mutes.items()):
-            if until is not None and until <= now:
-                del self._room_mutes[room]
-            else:
-                room_rows.append({"room": room, "until": until, "whitelist": sorted(wl)})
-        out["room_mutes"] = room_rows
-        return out
-
-
-def _active(table: dict[str, dict[str, float | None]], room: str, user: str, now: float) -> bool:
-    users = table.get(room)
-    if users is None or user not in users:
-        return False
-    until = users[user]
-    if until is None or until > now:
-        return True
-    del users[user]
-    if not users:
-        del table[room]
-    return False
-
-
-def _discard(table: dict[str, dict[str, float | None]], room: str, user: str) -> None:
-    users = table.get(room)
-    if users is not None:
-        users.pop(user, None)
-        if not users:
-            del table[room]
-
-
-class Verdict(NamedTuple):
-    """The outcome of a policy check: ``ok``, the protocol error ``code`` (0 when ok),
-    a client-safe ``message`` and the message ``priority`` (publish only)."""
-
-    ok: bool
-    code: int
-    message: str
-    priority: int = PRIO_NORMAL
-
-
-_JOIN_OK = Verdict(True, 0, "", PRIO_NORMAL)
-
-
-class Policy:
-    """Join and publish decisions for one node.
-
-    ``clock`` (monotonic seconds) drives rate limits; ``wall_clock`` (Unix seconds)
-    is compared with moderation ``until`` values. Both are injectable for tests.
-    """
-
-    def __init__(
-        self,
-        router: Router,
-        limiter: RateLimiter | None = None,
-        moderation: Moderation | None = None,
-        clock: Callable[[], float] = time.monotonic,
-        *,
-        wall_clock: Callable[[], float] = time.time,
-    ) -> None:
-        """Create a policy; a fresh :class:`RateLimiter` and :class:`Moderation` are
-        made when not given."""
-        self.router = router
-        self.limiter = limiter if limiter is not None else RateLimiter()
-        self.moderation = moderation if moderation is not None else Moderation()
-        self.clock = clock
-        self.wall_clock = wall_clock
-
-    def _no_route(self, room: str) -> Verdict:
-        if not valid_room_name(room):
-            return Verdict(False, E_NO_ROUTE, "invalid room name")
-        return Verdict(False, E_NO_ROUTE, f"no route for room {room}")
-
-    def check_join(self, ident: Identity, room: str) -> tuple[Verdict, Route | None]:
-        """May ``ident`` join ``room``? Codes: 4005 invalid name or no route, 4010 banned,
-        4003 forbidden by the route's join rule or a Python rule."""
-        route = self.router.match(room)
-        if route is None:
-            return self._no_route(room), None
-        if self.moderation.is_banned(room, ident.user, self.wall_clock()):
-            return Verdict(False, E_MUTED, f"banned from {room}"), route
-        c = route.compiled
-        rule = c.join
-        if rule == "authenticated":
-            ok = not ident.guest or c.cfg.guests_read
-        elif rule == "all":
-            ok = True
-        elif rule == "owner":
-            ok = not ident.guest and route.params.get("user_id") == ident.user
-        elif rule == "acl":
-            ok = not ident.guest and ident.rooms is not None and ident.may_join(room)
-        else:
-            ok = False
-        if ok and c.join_rules:
-            ok = _run_rules(c.join_rules, (ident, route), room)
-        if not ok:
-            return Verdict(False, E_FORBIDDEN, f"not allowed to join {room}"), route
-        return _JOIN_OK, route
-
-    def check_publish(self, ident: Identity, room: str, msg_type: str, size: int) -> tuple[Verdict, Route | None]:
-        """May ``ident`` publish a ``msg_type`` message of ``size`` bytes into ``room``?
-
-        Checked in order: route (4005), guest / publish rule / Python rules (4003),
-        message type allowed (4003), size (4009), ban then mute (4010), per-user then
-        per-room rate (4029). On success the verdict carries the route's priority for
-        ``msg_type``. Rate tokens are only taken when everything before passed.
-        """
-        route = self.router.match(room)
-        if route is None:
-            return self._no_route(room), None
-        c = route.compiled
-        if ident.guest:
-            return Verdict(False, E_FORBIDDEN, "guests may not publish"), route
-        rule = c.publish
-        if rule == "authenticated" or rule == "all":
-            ok = True
-        elif rule == "owner":
-            ok = route.params.get("user_id") == ident.user
-        elif rule == "acl":
-            ok = ident.rooms is not None and ident.may_join(room)
-        elif rule == "role":
-            role = ident.meta.get("role")
-            ok = role == c.role or (isinstance(role, (list, tuple)) and c.role in role)
-        else:
-            ok = False
-        if ok and c.publish_rules:
-            ok = _run_rules(c.publish_rules, (ident, route, msg_type), room)
-        if not ok:
-            return Verdict(False, E_FORBIDDEN, f"not allowed to publish in {room}"), route
-        if c.types is not None and msg_type not in c.types:
-            return Verdict(False, E_FORBIDDEN, f"message type {msg_type!r} not allowed in {room}"), route
-        cfg = c.cfg
-        if size > cfg.max_message_bytes:
-            return Verdict(False, E_TOO_LARGE, f"message too large: {size} > {cfg.max_message_bytes} bytes"), route
-        mod = self.moderation
-        if mod._bans or mod._mutes or mod._room_mutes:
-            now_w = self.wall_clock()
-            if mod.is_banned(room, ident.user, now_w):
-                return Verdict(False, E_MUTED, f"banned from {room}"), route
-            if mod.is_muted(room, ident.user, now_w):
-                return Verdict(False, E_MUTED, f"muted in {room}"), route
-        if cfg.user_rate > 0 or cfg.room_rate > 0:
-            now = self.clock()
-            lim = self.limiter
-            if cfg.user_rate > 0 and not lim.allow(
-                f"u\x00{cfg.pattern}\x00{ident.user}", cfg.user_rate, cfg.user_burst, now
-            ):
-                return Verdict(False, E_RATE, f"rate limited: you may send {cfg.user_rate:g} msgs/s in {room}"), route
-            if cfg.room_rate > 0 and not lim.allow(f"r\x00{room}", cfg.room_rate, cfg.room_burst, now):
-                return Verdict(False, E_RATE, f"rate limited: room {room} allows {cfg.room_rate:g} msgs/s"), route
-        return c.ok[c.prio.get(msg_type, c.default_prio)], route
-
-
-def _run_rules(rules: list[Any], args: tuple[Any, ...], room: str) -> bool:
-    for rule in rules:
-        try:
-            if not rule(*args):
-                return False
-        except Exception:
-            log.exception("routing rule %r failed for room %s; denying", rule, room)
-            return False
-    return True

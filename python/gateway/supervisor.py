@@ -3,7 +3,7 @@
 Each worker is a plain ``python -m gateway run`` process with the same settings plus:
 ``--workers 1``, ``server.reuse_port = true`` (the kernel spreads new connections over the
 workers with SO_REUSEPORT), its own node id (``<node_id>-w<i>``), its own API port
-(``api.port + i``) and a share of the engine threads (``server.threads`` or CPU count / N).
+(``api.port + i``) and a share of the engine threads (``server.io_threads`` or CPU count / N).
 Workers share rooms, users and presence through the Redis broker, exactly like nodes on
 different machines (config validation requires ``broker.kind = "redis"``).
 
@@ -63,9 +63,11 @@ def worker_argv(cfg: Config, args: argparse.Namespace, index: int) -> list[str]:
         v = getattr(args, attr, None)
         if v is not None:
             argv += [flag, str(v)]
-    threads = cfg.server.threads or max(1, (os.cpu_count() or 1) // n)
+    if getattr(args, "dev", False):
+        argv += ["--dev"]
+    threads = cfg.server.io_threads or max(1, (os.cpu_count() or 1) // n)
     api_port = cfg.api.port + index if cfg.api.port else 0
-    argv += ["--workers", "1", "--threads", str(threads), "--api-port", str(api_port)]
+    argv += ["--workers", "1", "--io-threads", str(threads), "--api-port", str(api_port)]
     argv += ["--set", f"node_id={json.dumps(worker_node_id(cfg.node_id, index))}", "--set", "server.reuse_port=true"]
     return argv
 

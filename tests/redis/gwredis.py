@@ -221,7 +221,7 @@ node_id = "{self.name}"
 host = "127.0.0.1"
 port = {self.port}
 demo = false
-threads = 2
+io_threads = 2
 [api]
 port = {self.api_port}
 [auth]

@@ -36,7 +36,7 @@ class FakeGateway:
         self.calls.append(("kick", user))
         raise BrokerError("redis unavailable")  # applied locally, other nodes unreachable
 
-    def _engine(self) -> Any:
+    def engine_or_raise(self) -> Any:
         raise NotRunning("the gateway is not running")
 
 

@@ -16,6 +16,7 @@ import orjson
 import pytest
 from gateway import protocol as P
 from gateway.app import Client, Gateway
+from gateway.protocol import Join
 from gateway.auth import EMPTY_META, Authenticator, AuthConfig, ConnectRequest, Identity
 from gateway.broker import Broker, BrokerError, HistoryPolicy, HistoryResult, MemoryBroker, PublishResult
 from gateway.config import Config
@@ -52,6 +53,12 @@ class FakeEngine:
     def publish(self, room: str, data: bytes, prio: int = 1) -> int:
         self.published.append((room, data))
         return len(self.members.get(room, ()))
+
+    def is_member(self, conn: int, room: str) -> bool:
+        return conn in self.members.get(room, ())
+
+    def conn_rooms(self, conn: int) -> list[str]:
+        return [r for r, m in self.members.items() if conn in m]
 
     def join(self, conn: int, room: str) -> int:
         m = self.members.setdefault(room, set())
@@ -101,18 +108,18 @@ class FakeEngine:
 def _gateway(broker: Any = None, **auth: Any) -> tuple[Gateway, FakeEngine]:
     cfg = Config(node_id="n1")
     cfg.auth.mode = "dev"
+    cfg.server.host = "127.0.0.1"
     for k, v in auth.items():
         setattr(cfg.auth, k, v)
     cfg.check()
     gw = Gateway(cfg, broker=broker)
     eng = FakeEngine()
     gw.engine = eng  # type: ignore[assignment]
-    gw._loop = asyncio.get_running_loop()
     return gw, eng
 
 
 def _client(gw: Gateway, conn: int = 7, user: str = "u1", expires_at: float | None = None) -> Client:
-    c = Client(conn, Identity(user, EMPTY_META, None, False, expires_at), None, "127.0.0.1:1", node=gw.node_id)
+    c = Client(conn, Identity(user, EMPTY_META, None, False, expires_at), None, "127.0.0.1:1", node=gw.node_id, engine=lambda: gw.engine)
     gw.clients[conn] = c
     return c
 
@@ -143,7 +150,7 @@ async def test_python_bytes_per_idle_connection() -> None:
     try:
         before = tracemalloc.take_snapshot()
         for i in range(n):
-            gw._on_connect((1, 1_000_000 + i, f"10.0.{i % 256}.{i // 256}:{40000 + i}", "/ws", f"user=user-{i:06d}", [("host", "x")], []))
+            gw.sessions.on_connect((1, 1_000_000 + i, f"10.0.{i % 256}.{i // 256}:{40000 + i}", "/ws", f"user=user-{i:06d}", [("host", "x")], []))
         await asyncio.sleep(0)
         gc.collect()
         after = tracemalloc.take_snapshot()
@@ -180,10 +187,10 @@ async def test_backlog_exists_only_while_a_hook_holds_the_client() -> None:
 
     gw.on_message(slow)
     c = _client(gw)
-    await gw._op_join(c, {"room": "live:1"}, 1)
-    gw._on_message(c.conn, orjson.dumps({"op": "publish", "id": 2, "room": "live:1", "data": 1}), False)
+    await gw.sessions.join(c, Join(1, "live:1"))
+    gw.sessions.on_message(c.conn, orjson.dumps({"op": "publish", "id": 2, "room": "live:1", "data": 1}), False)
     assert c.busy and c.backlog is None
-    gw._on_message(c.conn, orjson.dumps({"op": "publish", "id": 3, "room": "live:1", "data": 2}), False)
+    gw.sessions.on_message(c.conn, orjson.dumps({"op": "publish", "id": 3, "room": "live:1", "data": 2}), False)
     assert c.backlog is not None and len(c.backlog) == 1
     release.set()
     for _ in range(20):
@@ -215,9 +222,9 @@ class FailingBroker(Broker):
     async def close(self) -> None:
         await self.mem.close()
 
-    async def publish(self, room: str, head: bytes, tail: bytes, prio: int, recoverable: bool, history: HistoryPolicy) -> PublishResult:
+    async def publish(self, room: str, head: bytes, tail: bytes, prio: int, recoverable: bool, history: HistoryPolicy, idem: str | None = None) -> PublishResult:
         if not self.down:
-            return await self.mem.publish(room, head, tail, prio, recoverable, history)
+            return await self.mem.publish(room, head, tail, prio, recoverable, history, idem)
         if self.mem._handler is not None:
             self.mem._handler.deliver_room(room, P.splice(head, 0, "", tail), prio)
         self.stats.publish_errors += 1
@@ -237,9 +244,10 @@ class FailingBroker(Broker):
     async def unsubscribe(self, room: str) -> None:
         await self.mem.unsubscribe(room)
 
-    async def send_user(self, user: str, payload: bytes, prio: int) -> None:
-        await self.mem.send_user(user, payload, prio)
+    async def send_user(self, user: str, payload: bytes, prio: int, idem: str | None = None) -> bool:
+        await self.mem.send_user(user, payload, prio, idem)
         self._check()
+        return True
 
     async def control(self, kind: str, data: dict[str, Any]) -> None:
         await self.mem.control(kind, data)
@@ -248,7 +256,7 @@ class FailingBroker(Broker):
     async def report_presence(self, counts: dict[str, tuple[int, int]]) -> None:
         self._check()
 
-    async def presence(self, room: str) -> tuple[int, int]:
+    async def presence_counts(self, room: str) -> tuple[int, int]:
         self._check()
         return (100, 90)
 
@@ -259,10 +267,10 @@ async def test_publish_while_the_broker_is_down_acks_degraded() -> None:
     await broker.start(gw, "n1")
     c = _client(gw)
     broker.down = False
-    await gw._op_join(c, {"room": "live:1"}, 1)
+    await gw.sessions.join(c, Join(1, "live:1"))
     broker.down = True
     eng.sent.clear()
-    await gw._handle(c, orjson.dumps({"op": "publish", "id": 5, "room": "live:1", "data": {"x": 1}}))
+    await gw.sessions.handle(c, orjson.dumps({"op": "publish", "id": 5, "room": "live:1", "data": {"x": 1}}))
     assert eng.sent == [(7, {"op": "ack", "id": 5, "seq": 0, "degraded": True})]
     assert eng.published and b'"seq":0' in eng.published[-1][1], "delivered locally"
     assert gw.stats.broker_publish_errors == 1 and c.errors == 0
@@ -271,12 +279,12 @@ async def test_publish_while_the_broker_is_down_acks_degraded() -> None:
 async def test_join_while_the_broker_is_down_succeeds_without_history() -> None:
     gw, eng = _gateway(FailingBroker())
     c = _client(gw)
-    await gw._handle(c, orjson.dumps({"op": "join", "id": 1, "room": "live:2", "history": 5}))
+    await gw.sessions.handle(c, orjson.dumps({"op": "join", "id": 1, "room": "live:2", "history": 5}))
     ack = eng.sent[-1][1]
     assert ack["op"] == "ack" and ack["msgs"] == [] and ack["degraded"] is True and "recovered" not in ack
     assert (ack["conns"], ack["users"]) == (1, 1)
     assert c.rooms == ("live:2",)
-    await gw._handle(c, orjson.dumps({"op": "join", "id": 2, "room": "live:3", "resume": {"seq": 3, "epoch": "e"}}))
+    await gw.sessions.handle(c, orjson.dumps({"op": "join", "id": 2, "room": "live:3", "resume": {"seq": 3, "epoch": "e"}}))
     ack = eng.sent[-1][1]
     assert ack["recovered"] is False and ack["degraded"] is True
 
@@ -285,15 +293,15 @@ async def test_presence_tick_falls_back_to_local_counts() -> None:
     broker = FailingBroker()
     gw, eng = _gateway(broker)
     eng.members["live:p"] = {1, 2}
-    await gw._presence_tick()
+    await gw.rooms.presence_tick()
     assert [(r, orjson.loads(f)) for r, f in eng.published] == [("live:p", {"op": "presence", "room": "live:p", "conns": 2, "users": 2})]
     broker.down = False
     eng.published.clear()
-    await gw._presence_tick()
+    await gw.rooms.presence_tick()
     assert orjson.loads(eng.published[-1][1])["conns"] == 100, "cluster-wide counts when the broker is back"
     # A join ack uses the last cluster-wide counts (no broker round trip), never below local.
     c = _client(gw, 3)
-    await gw._op_join(c, {"room": "live:p"}, 9)
+    await gw.sessions.join(c, Join(9, "live:p"))
     ack = eng.sent[-1][1]
     assert (ack["conns"], ack["users"]) == (100, 90)
 
@@ -325,11 +333,11 @@ async def test_a_leave_is_counted_after_the_join_still_in_flight() -> None:
     seen: list[tuple[str, tuple[str, ...]]] = []
     gw.on_disconnect(lambda client, code, reason: seen.append(("disconnect", client.rooms)))
     gw.on_leave(lambda client, room: seen.append(("leave", (room,))))
-    await gw._connect(ConnectRequest(11, "p", "/ws", "user=quick", (), ()))
+    await gw.sessions.connect(ConnectRequest(11, "p", "/ws", "user=quick", (), ()))
     c = gw.clients[11]
-    await gw._op_join(c, {"room": "live:q"}, 1)
+    await gw.sessions.join(c, Join(1, "live:q"))
     # The connection drops before Redis answered the joins.
-    gw._on_closed((3, 11, 1006, "", ["live:q"], "quick"))
+    gw.sessions.on_closed((3, 11, 1006, "", ["live:q"], "quick"))
     for _ in range(50):
         await asyncio.sleep(0.01)
         if len(seen) == 2:
@@ -346,9 +354,9 @@ async def test_stop_lets_pending_leave_notifications_finish() -> None:
     gw.config.broker.leave_grace = 0.3
     seen: list[str] = []
     gw.on_disconnect(lambda client, code, reason: seen.append(client.user))
-    await gw._connect(ConnectRequest(12, "p", "/ws", "user=drained", (), ()))
+    await gw.sessions.connect(ConnectRequest(12, "p", "/ws", "user=drained", (), ()))
     await asyncio.sleep(0.1)
-    gw._on_closed((3, 12, 1012, "restarting", [], "drained"))
+    gw.sessions.on_closed((3, 12, 1012, "restarting", [], "drained"))
     assert seen == []
     await gw.stop()
     assert seen == ["drained"]
@@ -366,33 +374,31 @@ async def test_expired_tokens_close_their_connections_with_4001() -> None:
     _client(gw, 4, "d", expires_at=None)
     for c in list(gw.clients.values()):
         if c.identity.expires_at is not None:
-            gw._watch_expiry(c.conn, c.identity.expires_at)
+            gw.sessions.expiry.watch(c.conn, c.identity.expires_at)
     gw.clients.pop(gone.conn)  # closed before its token expired
     await asyncio.sleep(0.2)
-    assert eng.disconnected == [(2, P.CLOSE_AUTH, "token expired")]
+    assert eng.disconnected == [(2, P.CloseCode.AUTH, "token expired")]
     assert gw.stats.tokens_expired == 1
-    assert gw._expiry_timer is not None and gw._expiry_at == now + 3600, "armed for the next deadline"
-    gw._expiry_timer.cancel()
+    expiry = gw.sessions.expiry
+    assert expiry.timer is not None and expiry.armed_at == now + 3600, "armed for the next deadline"
+    expiry.timer.cancel()
 
 
 async def test_expiry_heap_is_compacted() -> None:
     gw, _ = _gateway()
     far = time.time() + 3600
     for conn in range(3000):
-        gw._watch_expiry(conn, far)  # connections that are gone (not in gw.clients)
-    assert len(gw._expiry) <= 1025
-    assert gw._expiry_timer is not None
-    gw._expiry_timer.cancel()
+        gw.sessions.expiry.watch(conn, far)  # connections that are gone (not in gw.clients)
+    assert len(gw.sessions.expiry.heap) <= 1025
+    assert gw.sessions.expiry.timer is not None
+    gw.sessions.expiry.timer.cancel()
 
 
 # ---- metrics API for plugins -----------------------------------------------------------------------
 
 
 def test_plugin_metrics_are_served() -> None:
-    cfg = Config()
-    cfg.auth.mode = "dev"
-    cfg.check()
-    gw = Gateway(cfg)
+    gw = Gateway()
     c = gw.counter("myplugin_events", "Events seen", ["kind"])
     c.labels("a").inc(3)
     assert gw.counter("myplugin_events", "Events seen", ["kind"]) is c

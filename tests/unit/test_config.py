@@ -43,7 +43,7 @@ def toml_file(tmp_path: Path) -> Path:
     return p
 
 
-DEV = ["auth.mode=dev"]
+DEV = ["auth.mode=dev", "server.host=127.0.0.1"]
 
 
 def test_defaults() -> None:
@@ -91,7 +91,7 @@ def test_a_string_setting_that_looks_like_a_number() -> None:
     assert cfg.auth.mode == "jwt"
     assert cfg.auth.secret == "12345678901234567890123456789012"
     assert cfg.node_id == "42"
-    cfg = load_config(environ={}, sets=["api.api_key=0042", "auth.mode=dev"])
+    cfg = load_config(environ={}, sets=["api.api_key=0042", *DEV])
     assert cfg.api.api_key == "0042"
 
 
@@ -199,12 +199,30 @@ def test_token_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     assert claims["sub"] == "alice" and claims["rooms"] == ["cs:1"]
 
 
-def test_embedded_default_is_dev_auth(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_dev_auth_only_when_asked_for(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """No silent dev auth: without --dev (or auth.mode = "dev") the gateway verifies JWTs
+    and refuses to start without a key; check-config and run answer the same."""
+    for k in [k for k in __import__("os").environ if k.startswith("GATEWAY_")]:
+        monkeypatch.delenv(k)
+    for cmd in (["run"], ["check-config"], ["run", "--workers", "2", "--broker", "redis"]):
+        assert cli.main(cmd) == 2, cmd
+        assert "auth.secret: required for HS256" in capsys.readouterr().err
+    a = cli._parser().parse_args(["run", "--dev"])
+    cfg = cli.resolve_config(a)
+    assert (cfg.auth.mode, cfg.server.host) == ("dev", "127.0.0.1"), "--dev listens on loopback"
+    assert cli.main(["check-config", "--dev"]) == 0
+    assert "auth=dev, listening on 127.0.0.1:8080" in capsys.readouterr().out
+
+
+def test_dev_auth_is_refused_on_a_public_address(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.delenv("GATEWAY_CONFIG", raising=False)
-    a = cli._parser().parse_args(["run"])
-    assert cli._embedded_default(a) == {"auth.mode": "dev"}
-    a = cli._parser().parse_args(["run", "--set", "auth.secret=x"])
-    assert cli._embedded_default(a) == {}
+    for cmd in (["check-config", "--dev", "--host", "0.0.0.0"], ["run", "--set", "auth.mode=dev"], ["run", "--dev", "--set", "server.host=::"]):
+        assert cli.main(cmd) == 2, cmd
+        assert "auth.mode: 'dev' trusts ?user=" in capsys.readouterr().err
+    monkeypatch.setenv("GATEWAY_SERVER__HOST", "10.0.0.5")
+    assert cli.main(["check-config", "--dev"]) == 2
+    assert "refused on server.host = '10.0.0.5'" in capsys.readouterr().err
+    assert cli.main(["check-config", "--dev", "--set", "auth.dev_allow_remote=true"]) == 0, "a second, explicit setting allows it"
 
 
 def test_load_app_factories(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -217,7 +235,7 @@ def test_load_app_factories(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> 
         "not_an_app = 42\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
-    cfg = load_config(environ={}, sets=["auth.mode=dev", "node_id=from-config"])
+    cfg = load_config(environ={}, sets=[*DEV, "node_id=from-config"])
     assert cli.load_app("myapp_for_tests:with_config", cfg).node_id == "from-config"
     assert cli.load_app("myapp_for_tests:without_config", cfg).config is not cfg
     with pytest.raises(TypeError, match="bug inside the factory"):
@@ -234,7 +252,7 @@ def test_load_app_factories(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> 
 def test_plugin_tables_are_free_form(tmp_path: Path) -> None:
     f = tmp_path / "gw.toml"
     f.write_text(
-        '[auth]\nmode = "dev"\n\n'
+        '[server]\nhost = "127.0.0.1"\n\n[auth]\nmode = "dev"\n\n'
         '[plugins.webhook]\nurl = "http://backend:9000/events"\ntypes = ["chat", "gift"]\nretry = { max = 5, base = 0.5 }\n\n'
         "[plugins.wordfilter]\nmode = \"mask\"\n"
     )
@@ -248,16 +266,26 @@ def test_plugin_tables_are_free_form(tmp_path: Path) -> None:
     assert load_config(environ={}, sets=DEV).plugins == {}
 
 
-def test_socket_send_buffer_reaches_the_engine() -> None:
+def test_engine_settings_have_one_name_on_both_sides() -> None:
+    """Each engine setting reaches Engine(...) as <section>_<key>, unchanged, and the
+    engine knows every one of them (an unknown keyword is a TypeError)."""
     from gateway._core import Engine
-    from gateway.app import Gateway
 
-    cfg = load_config(environ={}, sets=[*DEV, "limits.socket_send_buffer=262144"])
-    assert cfg.limits.socket_send_buffer == 262144
-    kw = Gateway(cfg)._engine_kwargs()
-    assert kw["send_buffer"] == 262144
-    Engine(**kw)  # the engine knows the keyword
-    assert Gateway(load_config(environ={}, sets=DEV))._engine_kwargs()["send_buffer"] == 0
+    cfg = load_config(environ={}, sets=[*DEV, "limits.socket_send_buffer=262144", "server.io_threads=3", "limits.max_rooms_per_conn=7"])
+    kw = cfg.engine_settings()
+    assert kw["limits_socket_send_buffer"] == 262144 and kw["server_io_threads"] == 3 and kw["limits_max_rooms_per_conn"] == 7
+    assert kw["auth_deadline"] == cfg.auth.deadline and kw["deflate_enabled"] is True
+    assert "server_workers" not in kw and "limits_max_errors" not in kw, "Python-only settings stay in Python"
+    Engine(**kw)
+    with pytest.raises(TypeError):
+        Engine(limits_no_such_setting=1)
+    assert load_config(environ={}, sets=DEV).engine_settings()["limits_socket_send_buffer"] == 0
+
+
+def test_renamed_keys_still_load(caplog: pytest.LogCaptureFixture) -> None:
+    cfg = load_config(environ={}, sets=[*DEV, "server.threads=2"])
+    assert cfg.server.io_threads == 2
+    assert "server.threads is deprecated: use server.io_threads" in caplog.text
 
 
 def test_a_plugin_rejecting_its_settings_is_a_configuration_error(tmp_path: Path) -> None:
@@ -280,7 +308,7 @@ def test_a_plugin_rejecting_its_settings_is_a_configuration_error(tmp_path: Path
     env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tmp_path), env.get("PYTHONPATH", "")]))
     r = subprocess.run(
-        [sys.executable, "-m", "gateway", "run", "--app", "strict_plugin_app:make_app", "--set", "auth.mode=dev",
+        [sys.executable, "-m", "gateway", "run", "--app", "strict_plugin_app:make_app", "--dev",
          "--set", "server.port=0", "--set", "api.enabled=false", "--set", "plugins.strict.urll=x"],
         env=env, capture_output=True, text=True, timeout=30,
     )

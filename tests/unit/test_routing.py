@@ -1,4 +1,5 @@
-"""Unit tests for gateway.routing (no sockets).
+"""Unit tests for gateway.routing, gateway.policy, gateway.limits and gateway.moderation
+(no sockets).
 
 Run as a script for the check_publish micro-benchmark::
 
@@ -10,21 +11,14 @@ from __future__ import annotations
 import logging
 
 import pytest
-from gateway.auth import ConfigError, Identity
-from gateway.routing import (
-    PRIO_HIGH,
-    PRIO_LOW,
-    PRIO_NORMAL,
-    Moderation,
-    Policy,
-    RateLimiter,
-    Route,
-    RouteConfig,
-    Router,
-    TokenBucket,
-    Verdict,
-    valid_room_name,
-)
+from gateway import ConfigError, Identity
+from gateway.limits import RateLimiter, TokenBucket
+from gateway.moderation import Moderation
+from gateway.policy import Policy, Verdict
+from gateway.protocol.codes import Priority
+from gateway.routing import Route, RouteConfig, Router, valid_room_name
+
+PRIO_LOW, PRIO_NORMAL, PRIO_HIGH = Priority.LOW, Priority.NORMAL, Priority.HIGH
 
 
 class Clock:

@@ -24,6 +24,7 @@ class PublishResult:
 
     seq: int
     epoch: str
+    duplicate: bool = False
 
 
 @dataclass(slots=True)
@@ -87,6 +88,26 @@ class Broker(abc.ABC):
     """Contract shared by every implementation. All methods run on the event loop."""
 
     stats: BrokerStats
+
+    @property
+    def presence(self) -> Any:
+        from ._compat import Presence
+
+        return Presence(self)
+
+    @property
+    def debounce(self) -> Any:
+        from ._compat import Debounce
+
+        return Debounce(self)
+
+    async def command(self, cmd: Any) -> None:
+        from ._compat import as_control
+
+        await self.control(*as_control(cmd))
+
+    async def moderation(self) -> list[Any]:
+        return []
 
     @abc.abstractmethod
     async def start(self, handler: BrokerHandler, node_id: str) -> None:
@@ -159,6 +180,6 @@ class Broker(abc.ABC):
         return None
 
     @abc.abstractmethod
-    async def presence(self, room: str) -> tuple[int, int]:
+    async def presence_counts(self, room: str) -> tuple[int, int]:
         """(connections, users) in ``room`` summed over live nodes. Users are summed per
         node, so a user connected on two nodes counts twice (approximate by design)."""

@@ -55,7 +55,7 @@ class MemoryBroker(Broker):
     answer ``recovered: false`` as it must.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, cfg: Any = None) -> None:
         self.stats = BrokerStats()
         self._handler: BrokerHandler | None = None
         self._rings: dict[str, _Ring] = {}
@@ -64,6 +64,9 @@ class MemoryBroker(Broker):
         self._next_sweep = _monotonic() + _SWEEP_INTERVAL
 
     async def start(self, handler: BrokerHandler, node_id: str) -> None:
+        from ._compat import HandlerShim
+
+        handler = HandlerShim(handler)  # type: ignore[assignment]
         self._handler = handler
 
     async def close(self) -> None:
@@ -93,7 +96,7 @@ class MemoryBroker(Broker):
         for room in drop:
             del self._rings[room]
 
-    async def publish(self, room: str, head: bytes, tail: bytes, prio: int, recoverable: bool, history: HistoryPolicy) -> PublishResult:
+    async def publish(self, room: str, head: bytes, tail: bytes, prio: int, recoverable: bool, history: HistoryPolicy, idem: str | None = None) -> PublishResult:
         handler = self._handler
         now = _monotonic()
         ring = self._rings.get(room)
@@ -152,9 +155,10 @@ class MemoryBroker(Broker):
         if ring is not None:
             ring.touched = _monotonic()
 
-    async def send_user(self, user: str, payload: bytes, prio: int) -> None:
+    async def send_user(self, user: str, payload: bytes, prio: int, idem: str | None = None) -> bool:  # type: ignore[override]
         if self._handler is not None:
             self._handler.deliver_user(user, payload, prio)
+        return True
 
     async def control(self, kind: str, data: dict[str, Any]) -> None:
         if self._handler is not None:
@@ -163,5 +167,5 @@ class MemoryBroker(Broker):
     async def report_presence(self, counts: dict[str, tuple[int, int]]) -> None:
         self._counts = counts
 
-    async def presence(self, room: str) -> tuple[int, int]:
+    async def presence_counts(self, room: str) -> tuple[int, int]:
         return self._counts.get(room, (0, 0))

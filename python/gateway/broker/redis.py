@@ -559,6 +559,9 @@ class RedisBroker(Broker):
         return cls(**kw)  # type: ignore[no-any-return]
 
     async def start(self, handler: BrokerHandler, node_id: str) -> None:
+        from ._compat import HandlerShim
+
+        handler = HandlerShim(handler)  # type: ignore[assignment]
         self._loop = asyncio.get_running_loop()
         self._handler = handler
         self._node = node_id.replace("|", "_")
@@ -1035,7 +1038,7 @@ class RedisBroker(Broker):
 
     # ---- Broker interface ----------------------------------------------------------------
 
-    async def publish(self, room: str, head: bytes, tail: bytes, prio: int, recoverable: bool, history: HistoryPolicy) -> PublishResult:
+    async def publish(self, room: str, head: bytes, tail: bytes, prio: int, recoverable: bool, history: HistoryPolicy, idem: str | None = None) -> PublishResult:
         h = self._handler
         rec = recoverable and history.size > 0
         err: BaseException | None = None
@@ -1134,11 +1137,12 @@ class RedisBroker(Broker):
         self.stats.publish_errors += 1
         raise self._fail(what, err)
 
-    async def send_user(self, user: str, payload: bytes, prio: int) -> None:
+    async def send_user(self, user: str, payload: bytes, prio: int, idem: str | None = None) -> bool:  # type: ignore[override]
         h = self._handler
         if h is not None:
             h.deliver_user(user, payload, prio)
         await self._publish_ctl("send_user", orjson.dumps({"k": _USER_KIND, "d": {"user": user, "prio": prio, "frame": payload.decode()}}))
+        return True
 
     async def control(self, kind: str, data: dict[str, Any]) -> None:
         if self._handler is not None:
@@ -1219,7 +1223,7 @@ class RedisBroker(Broker):
             out.extend({**m, "node": name} for m in entry.get("m", ()))
         return out
 
-    async def presence(self, room: str) -> tuple[int, int]:
+    async def presence_counts(self, room: str) -> tuple[int, int]:
         hit = self._pres_cache.get(room)
         if hit is not None and time.monotonic() - hit[0] < self.presence_cache:
             return hit[1]

@@ -1,7 +1,8 @@
-"""Client protocol v1: op names, error and close codes, frame encoders (docs/protocol.md).
+"""Server frames of client protocol v1 (docs/protocol.md).
 
-Every server frame is built here, so the wire format lives in one place. Encoders return
-``bytes`` ready for the engine; nothing here touches a socket.
+Every frame Python sends is built here; the engine builds only its own (``pong``, the
+``batch`` envelope and its shed/rate-limit errors, in ``rust/gateway-core/src/protocol/
+frames.rs``). Encoders return ``bytes`` ready for the engine; nothing here touches a socket.
 """
 
 from __future__ import annotations
@@ -13,33 +14,6 @@ import orjson
 
 PROTOCOL_VERSION = 1
 SUBPROTOCOLS = ("gateway.v1",)
-
-# Error codes (error frames).
-E_BAD_REQUEST = 4000
-E_UNKNOWN_OP = 4001
-E_FORBIDDEN = 4003
-E_NOT_JOINED = 4004
-E_NO_ROUTE = 4005
-E_TOO_LARGE = 4009
-E_MUTED = 4010
-E_RATE = 4029
-E_REJECTED = 4050
-E_HOOK_TIMEOUT = 4080
-E_INTERNAL = 5000
-
-# Close codes.
-CLOSE_NORMAL = 1000
-CLOSE_GOING_AWAY = 1001
-CLOSE_POLICY = 1008
-CLOSE_RESTART = 1012
-CLOSE_IDLE = 4000
-CLOSE_AUTH = 4001
-CLOSE_KICKED = 4003
-CLOSE_REPLACED = 4004
-CLOSE_SLOW = 4008
-CLOSE_ABUSE = 4029
-
-PRIO_LOW, PRIO_NORMAL, PRIO_HIGH = 0, 1, 2
 
 _dumps = orjson.dumps
 
@@ -63,7 +37,24 @@ def ack(req_id: Any, **fields: Any) -> bytes:
 
 
 def error(req_id: Any, code: int, message: str) -> bytes:
-    return _dumps({"op": "error", "id": req_id, "code": code, "message": message})
+    return _dumps({"op": "error", "id": req_id, "code": int(code), "message": message})
+
+
+def join_ack(
+    req_id: Any, room: str, seq: int, epoch: str, msgs: list[bytes], conns: int, users: int,
+    recovered: bool | None = None, degraded: bool = False,
+) -> bytes:
+    """The ``ack`` of a ``join``: the room's position, history (complete ``msg`` frames,
+    spliced in without re-encoding) and counts."""
+    reply: dict[str, Any] = {
+        "op": "ack", "id": req_id, "room": room, "seq": seq, "epoch": epoch,
+        "msgs": [orjson.Fragment(m) for m in msgs], "conns": conns, "users": users,
+    }
+    if recovered is not None:
+        reply["recovered"] = recovered
+    if degraded:
+        reply["degraded"] = True
+    return _dumps(reply)
 
 
 def push(msg_type: str, data: Any) -> bytes:

@@ -1,0 +1,66 @@
+"""What plugins see and return: :class:`Plugin`, :class:`Message`, :data:`DROP`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ..protocol.codes import Priority
+
+if TYPE_CHECKING:
+    from .node import Gateway
+    from .session import Client
+
+__all__ = ["DROP", "HOOKS", "Message", "Plugin"]
+
+#: Returned by an ``on_message`` hook: drop the message silently (the sender still gets an ack).
+DROP: Any = object()
+
+#: Every hook name, in the order a connection meets them.
+HOOKS = ("on_connect", "on_join", "on_message", "on_leave", "on_disconnect", "after_publish", "after_connect", "after_join")
+
+
+@dataclass(slots=True)
+class Message:
+    """A client message on its way into a room. Hooks may change ``data``, ``type`` and
+    ``priority``, or set ``rooms`` to re-route it (to one or several rooms).
+
+    ``after_publish`` gets it with ``room`` = the room the result belongs to: for a
+    re-routed message, a copy per target with ``room`` set to that target (``rooms``
+    still lists every target); otherwise the message itself."""
+
+    room: str
+    type: str
+    data: Any
+    sender: Client | None
+    priority: int = Priority.NORMAL
+    rooms: list[str] | None = None
+
+
+class Plugin:
+    """Base class for plugins. Override any hook; each may be sync or ``async``.
+
+    - ``on_connect(req, identity)``: return an :class:`~gateway.Identity` (replace), None
+      (keep) or raise :class:`~gateway.Reject` (refused with ``status``).
+    - ``on_join(client, room)``: return False or raise :class:`~gateway.Reject` to deny.
+    - ``on_message(client, msg)``: return None (as is), a :class:`Message` (modified),
+      :data:`DROP`, or raise :class:`~gateway.Reject`. Set ``msg.rooms`` to re-route.
+    - ``on_leave(client, room)``, ``on_disconnect(client, code, reason)``: notifications
+      (``client.rooms`` in ``on_disconnect``: the rooms it was in when it closed).
+    - ``after_publish(msg, result)``: after a message was published (``result.seq``), once
+      per target room, with ``msg.room`` = that room.
+    - ``after_join(client, room)``, ``after_connect(client)``: once per real change (with
+      the Redis broker, debounced across nodes).
+
+    ``setup(gateway)`` runs once at start (async allowed) and ``teardown()`` at stop.
+    Settings: ``gateway.config.plugins.get(self.name, {})`` (the ``[plugins.<name>]``
+    table); metrics: ``gateway.counter(...)`` / ``gauge`` / ``histogram``.
+    """
+
+    name = "plugin"
+
+    def setup(self, gateway: Gateway) -> Any:
+        return None
+
+    def teardown(self) -> Any:
+        return None
