@@ -61,9 +61,16 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import Any
 
-from gateway.app import Client, Gateway, Plugin, Reject
-from gateway.auth import ConfigError, ConnectRequest, Identity
-from gateway.config import Config
+from gateway import (
+    Client,
+    Config,
+    ConfigError,
+    ConnectRequest,
+    Gateway,
+    Identity,
+    Plugin,
+    Reject,
+)
 from gateway.routing import RouteConfig
 
 __all__ = ["RoomAccess", "RoomAccessSettings", "ensure_acl_route", "make_app"]

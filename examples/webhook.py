@@ -83,10 +83,8 @@ from typing import Any
 
 import aiohttp
 import orjson
-from gateway.app import Client, Gateway, Message, Plugin
-from gateway.auth import ConfigError
+from gateway import Client, Config, ConfigError, Gateway, Message, Plugin
 from gateway.broker import PublishResult
-from gateway.config import Config
 
 __all__ = ["WebhookForwarder", "WebhookSettings", "make_app"]
 
@@ -375,11 +373,7 @@ def _retry_after(value: str | None) -> float | None:
 
 def _register_metrics(gateway: Gateway, fw: WebhookForwarder) -> None:
     """Expose the counters on the gateway's ``/metrics`` (best effort)."""
-    try:
-        from gateway.metrics import registry_for
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-    except ImportError:
-        return
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
     class _Collector:
         def collect(self) -> Iterator[Any]:
@@ -391,7 +385,7 @@ def _register_metrics(gateway: Gateway, fw: WebhookForwarder) -> None:
             yield GaugeMetricFamily("gateway_webhook_queue_length", "Webhook events waiting", value=fw.queued)
 
     try:
-        registry_for(gateway).register(_Collector())
+        gateway.metrics_registry.register(_Collector())  # type: ignore[arg-type]
     except Exception:
         log.warning("webhook: could not register metrics", exc_info=True)
 

@@ -63,9 +63,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from gateway.app import DROP, Client, Gateway, Message, Plugin, Reject
-from gateway.auth import ConfigError
-from gateway.config import Config
+from gateway import DROP, Client, Config, ConfigError, Gateway, Message, Plugin, Reject
 
 __all__ = ["AhoCorasick", "WordFilter", "WordFilterSettings", "make_app", "normalize"]
 

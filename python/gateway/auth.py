@@ -118,10 +118,30 @@ class AuthConfig:
             if not isinstance(self.secret, str) or not self.secret:
                 raise ConfigError(f"{prefix}.secret", f"required for {', '.join(sorted(hmac))}")
             need = max(_MIN_HMAC_BYTES[a] for a in hmac)
-            if len(self.secret.encode()) < need:
-                log.warning("%s.secret is shorter than %d bytes; use a longer random secret", prefix, need)
+            weak = weak_secret(self.secret, need)
+            if weak:
+                raise ConfigError(f"{prefix}.secret", f"{weak}; use at least {need} random bytes, e.g. $(openssl rand -base64 {need + need // 2})")
         if algs - HMAC_ALGORITHMS:
             _load_public_key(self, prefix)
+
+
+#: Words that mark a secret copied from an example or left as a placeholder.
+_PLACEHOLDER_WORDS = ("changeme", "replaceme", "yoursecret", "placeholder", "xxxx", "secretkey", "jwtsecret", "0000")
+
+
+def weak_secret(secret: str, need: int) -> str | None:
+    """Why ``secret`` must not sign tokens, or None: shorter than ``need`` bytes (RFC 7518),
+    a placeholder (``change-me...``, ``your-secret...``), or too few distinct characters."""
+    raw = secret.encode()
+    if len(raw) < need:
+        return f"shorter than {need} bytes"
+    low = "".join(ch for ch in secret.lower() if ch.isalnum())
+    for word in _PLACEHOLDER_WORDS:
+        if word in low:
+            return f"looks like a placeholder (contains {word!r})"
+    if len(set(raw)) < 10:
+        return "too few distinct characters to be random"
+    return None
 
 
 def _load_public_key(cfg: AuthConfig, prefix: str) -> Any:

@@ -29,12 +29,12 @@ class Verdict(NamedTuple):
     ok: bool
     code: int
     message: str
-    priority: int = Priority.NORMAL
+    priority: int = int(Priority.NORMAL)
 
 
-_JOIN_OK = Verdict(True, 0, "", Priority.NORMAL)
+_JOIN_OK = Verdict(True, 0, "", int(Priority.NORMAL))
 #: The verdict of an allowed publish, per priority (no allocation on the hot path).
-_OK = {p: Verdict(True, 0, "", p) for p in (Priority.LOW, Priority.NORMAL, Priority.HIGH)}
+_OK = {int(p): Verdict(True, 0, "", int(p)) for p in Priority}
 
 
 class Policy:

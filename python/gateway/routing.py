@@ -29,10 +29,11 @@ __all__ = [
 
 log = logging.getLogger("gateway.routing")
 
-PRIO_LOW, PRIO_NORMAL, PRIO_HIGH = Priority.LOW, Priority.NORMAL, Priority.HIGH
+# Plain ints (they travel to Redis and the engine as numbers).
+PRIO_LOW, PRIO_NORMAL, PRIO_HIGH = int(Priority.LOW), int(Priority.NORMAL), int(Priority.HIGH)
 
 MAX_ROOM_LEN = 128
-_ROOM_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789:_-.@"
+_ROOM_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789:_-.@|"
 _RULES = ("all", "authenticated", "owner", "acl", "none")
 
 JoinRule = Callable[[Identity, "Route"], bool]
@@ -42,7 +43,7 @@ PublishRule = Callable[[Identity, "Route", str], bool]
 def valid_room_name(room: str) -> bool:
     """Whether ``room`` is a valid room name.
 
-    At most 128 characters from ``[A-Za-z0-9:_\\-.@]``, at least two ``:``-separated
+    At most 128 characters from ``[A-Za-z0-9:_\\-.@|]``, at least two ``:``-separated
     segments (``prefix:rest``) and no empty segment.
     """
     if type(room) is not str or not room or len(room) > MAX_ROOM_LEN or room.strip(_ROOM_CHARS):
@@ -197,6 +198,7 @@ class _Compiled:
     __slots__ = (
         "cfg",
         "nseg",
+        "tail",
         "literals",
         "params",
         "catch_all",
@@ -215,6 +217,9 @@ class _Compiled:
         self.cfg = cfg
         self.catch_all = catch_all
         self.nseg = len(segs)
+        #: The last segment is a placeholder: it may take the rest of a longer name
+        #: (``user:{user_id}`` matches ``user:tenant:42`` with user_id ``tenant:42``).
+        self.tail = bool(segs) and segs[-1] is None
         self.literals = tuple((i, s) for i, s in enumerate(segs) if s is not None)
         self.params = tuple(params.items())
         self.join = cfg.join
@@ -244,8 +249,12 @@ class Router:
 
     Routes are indexed by their literal first segment (one dict lookup per match); within
     a bucket and among patterns starting with a placeholder the first declared match
-    wins; literal-first patterns are tried before placeholder-first ones, and the
-    catch-all ``*`` comes last. Results are cached per room name (bounded).
+    wins; literal-first patterns are tried before placeholder-first ones. A pattern whose
+    last segment is a placeholder also matches longer names, the placeholder taking the
+    rest (``user:{user_id}`` matches ``user:tenant:42``), after every exact-length match.
+    The catch-all ``*`` only takes names whose first segment no route names: a room under
+    a known prefix that matches none of its routes has no route (4005). Results are
+    cached per room name (bounded).
     """
 
     _CACHE_MAX = 65536
@@ -293,19 +302,32 @@ class Router:
         parts = room.split(":")
         n = len(parts)
         bucket = self._by_first.get(parts[0])
-        for group in (bucket, self._var_first):
-            if not group:
-                continue
+        groups = [g for g in (bucket, self._var_first) if g]
+        # Exact segment counts first, then patterns whose last placeholder takes the rest
+        # of the name (ids that contain ':').
+        for group in groups:
             for c in group:
-                if c.nseg != n:
-                    continue
-                for i, lit in c.literals:
-                    if parts[i] != lit:
-                        break
-                else:
+                if c.nseg == n and self._literals_match(c, parts):
                     return Route(c.cfg, {name: parts[i] for name, i in c.params}, c)
+        for group in groups:
+            for c in group:
+                if c.tail and c.nseg < n and self._literals_match(c, parts):
+                    last = c.nseg - 1
+                    params = {name: (":".join(parts[last:]) if i == last else parts[i]) for name, i in c.params}
+                    return Route(c.cfg, params, c)
+        if bucket:
+            # A prefix with routes of its own never falls through to the catch-all:
+            # ``user:a:b`` must not become a public ``*`` room when ``user:{user_id}`` exists.
+            return None
         ca = self._catch_all
         return Route(ca.cfg, {}, ca) if ca is not None else None
+
+    @staticmethod
+    def _literals_match(c: _Compiled, parts: list[str]) -> bool:
+        for i, lit in c.literals:
+            if parts[i] != lit:
+                return False
+        return True
 
     def priority(self, route: Route, msg_type: str) -> int:
         """The priority (0 low, 1 normal, 2 high) of ``msg_type`` messages on ``route``."""

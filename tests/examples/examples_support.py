@@ -52,7 +52,7 @@ class GatewayProcess(GatewaySubprocess):
         args = [
             "--app", self.app,
             "--host", "127.0.0.1", "--port", str(self.port), "--api-port", str(self.api_port),
-            "--io-threads", "2", "--log-level", "info", "--dev",
+            "--io-threads", "2", "--log-level", "info", "--set", "auth.mode=dev",
             "--set", "server.demo=false", "--set", "drain.timeout=1", "--set", "log.json=false",
         ]
         for s in self.sets:

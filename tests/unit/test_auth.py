@@ -135,7 +135,7 @@ def test_alg_none_rejected() -> None:
     tok = f"{b64({'alg': 'none', 'typ': 'JWT'})}.{b64({'sub': 'admin'})}."
     assert reason(hs_auth(), req(f"token={tok}")) == (401, "token algorithm not allowed")
     # also with asymmetric/mixed configs
-    assert reason(hs_auth(algorithms=["HS256", "HS512"]), req(f"token={tok}"))[0] == 401
+    assert reason(Authenticator(AuthConfig(secret=SECRET * 2, algorithms=["HS256", "HS512"])), req(f"token={tok}"))[0] == 401
 
 
 def test_missing_or_bad_subject() -> None:
@@ -355,3 +355,31 @@ def test_dev_mode_needs_no_secret() -> None:
 def test_mint_token_claims() -> None:
     claims = jwt.decode(mint_token(SECRET, "u1", ttl=None, role="x"), SECRET, algorithms=["HS256"])
     assert claims["sub"] == "u1" and claims["role"] == "x" and "exp" not in claims
+
+
+@pytest.mark.parametrize(
+    ("secret", "why"),
+    [
+        ("change-me-to-32-random-bytes-or-more", "placeholder"),
+        ("CHANGE-ME", "shorter than 32 bytes"),
+        ("your-secret-here-your-secret-here-123", "placeholder"),
+        ("a" * 64, "too few distinct characters"),
+        ("abababababababababababababababab12", "too few distinct characters"),
+        ("short-but-random-Zq8#", "shorter than 32 bytes"),
+    ],
+)
+def test_placeholder_and_weak_secrets_refuse_to_start(secret: str, why: str) -> None:
+    with pytest.raises(ConfigError, match=f"auth.secret: .*{why}"):
+        AuthConfig(secret=secret).check()
+
+
+def test_the_example_config_carries_no_working_secret() -> None:
+    from pathlib import Path
+
+    from gateway.config import load_config
+
+    example = Path(__file__).resolve().parents[2] / "gateway.example.toml"
+    with pytest.raises(ConfigError, match="auth.secret"):
+        load_config(str(example), environ={})
+    cfg = load_config(str(example), environ={"GATEWAY_AUTH__SECRET": "q3V9x-Lr0aT7mZ2pK8sW4yB6nD1fH5jG0cE"})
+    assert cfg.auth.secret.startswith("q3V9x")

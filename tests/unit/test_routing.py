@@ -63,8 +63,10 @@ def test_router_matching_and_params() -> None:
     assert m is not None and m.cfg.pattern == "live:{room_id}" and m.params == {"room_id": "42"}
     assert r.match("user:u1").params == {"user_id": "u1"}  # type: ignore[union-attr]
     assert r.match("cs:7").cfg.pattern == "cs:{session_id}"  # type: ignore[union-attr]
-    # wrong segment count or unknown prefix -> catch-all
-    assert r.match("live:42:x").cfg.pattern == "*"  # type: ignore[union-attr]
+    # a longer name under a known prefix: the last placeholder takes the rest (it used to
+    # fall through to the public catch-all); an unknown prefix -> catch-all
+    assert r.match("live:42:x").cfg.pattern == "live:{room_id}"  # type: ignore[union-attr]
+    assert r.match("live:42:x").params == {"room_id": "42:x"}  # type: ignore[union-attr]
     assert r.match("other:1").cfg.pattern == "*"  # type: ignore[union-attr]
     assert r.match("other:1").params == {}  # type: ignore[union-attr]
     assert r.match("live:42") is m  # cached
@@ -489,3 +491,25 @@ def _bench() -> None:
 
 if __name__ == "__main__":
     _bench()
+
+
+def test_known_prefixes_never_fall_through_to_the_catch_all() -> None:
+    r = Router(Router.default_routes())
+    route = r.match("user:tenant:42")
+    assert route is not None and route.cfg.pattern == "user:{user_id}"
+    assert route.params == {"user_id": "tenant:42"}, "the last placeholder takes the rest"
+    assert r.match("user:a|b").params == {"user_id": "a|b"}  # type: ignore[union-attr]
+    assert r.match("other:thing").cfg.pattern == "*"  # type: ignore[union-attr]
+    strict = Router([RouteConfig("live:{room_id}:hd"), RouteConfig("*")])
+    assert strict.match("live:1:hd").cfg.pattern == "live:{room_id}:hd"  # type: ignore[union-attr]
+    assert strict.match("live:1") is None, "live: has routes of its own: no public catch-all room"
+    exact = Router([RouteConfig("live:{room_id}"), RouteConfig("live:{room_id}:{part}")])
+    assert exact.match("live:1:x").cfg.pattern == "live:{room_id}:{part}", "an exact-length match beats a tail match"  # type: ignore[union-attr]
+
+
+def test_owner_routes_work_for_user_ids_with_colons_and_bars() -> None:
+    p = Policy(Router(Router.default_routes()))
+    for user in ("tenant:42", "corp|7", "a:b|c"):
+        ident = Identity(user, {"role": "user"})
+        assert p.check_join(ident, f"user:{user}")[0].ok, user
+        assert not p.check_join(Identity("other"), f"user:{user}")[0].ok

@@ -183,11 +183,11 @@ class Gateway:
         """Push to every connection of ``user`` on every node (e.g. an order status).
         False when ``idempotency_key`` was already used (nothing sent again)."""
         idem = None if idempotency_key is None else f"s\x00{idempotency_key}"
-        return await self.broker.send_user(user, frames.push(type, data), priority, idem)
+        return await self.broker.send_user(user, frames.push(type, data), int(priority), idem)
 
     async def broadcast(self, data: Any, type: str = "broadcast", priority: int = Priority.NORMAL) -> None:
         """Push to every connection on every node."""
-        await self.broker.command(Broadcast(frames.push(type, data), priority))
+        await self.broker.command(Broadcast(frames.push(type, data), int(priority)))
 
     async def kick(self, user: str, reason: str = "kicked", code: int = CloseCode.KICKED) -> None:
         """Close every connection of ``user`` on every node."""

@@ -52,7 +52,7 @@ class Rooms:
         published = self.stats.published
         published[key] = published.get(key, 0) + 1
         try:
-            res = await self.broker.publish(room, head, tail, prio, recoverable, HistoryPolicy(cfg.history_size, cfg.history_ttl), idem)
+            res = await self.broker.publish(room, head, tail, int(prio), recoverable, HistoryPolicy(cfg.history_size, cfg.history_ttl), idem)
         except BrokerError:
             self.stats.broker_publish_errors += 1
             raise
