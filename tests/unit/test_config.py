@@ -192,10 +192,10 @@ def test_token_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     import jwt
 
     p = tmp_path / "g.toml"
-    p.write_text('[auth]\nmode = "jwt"\nsecret = "s3cret-s3cret-s3cret-s3cret-s3cret-12"\n')
+    p.write_text('[auth]\nmode = "jwt"\nsecret = "k7Qp2-Zr9sX-4vLm8-Nt1wB-6yHc3-Jd0fG"\n')
     assert cli.main(["token", "alice", "--config", str(p), "--rooms", "cs:1"]) == 0
     token = capsys.readouterr().out.strip()
-    claims = jwt.decode(token, "s3cret-s3cret-s3cret-s3cret-s3cret-12", algorithms=["HS256"])
+    claims = jwt.decode(token, "k7Qp2-Zr9sX-4vLm8-Nt1wB-6yHc3-Jd0fG", algorithms=["HS256"])
     assert claims["sub"] == "alice" and claims["rooms"] == ["cs:1"]
 
 
