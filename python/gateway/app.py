@@ -1129,16 +1129,17 @@ class Gateway:
 
             static = static_files(s.ws_path)
         return dict(
-            host=s.host, port=s.port, reuse_port=s.reuse_port or s.workers > 1, backlog=s.backlog, workers=s.threads,
-            ws_path=s.ws_path, health_path=s.health_path, static_files=static,
-            handshake_timeout=lim.handshake_timeout, auth_timeout=cfg.auth.deadline,
-            max_headers=lim.max_headers, max_header_bytes=lim.max_header_bytes,
-            max_frame_size=lim.max_frame_bytes, max_message_size=lim.max_message_bytes,
-            deflate=d.enabled, deflate_min_size=d.min_size, deflate_level=d.level,
+            server_host=s.host, server_port=s.port, server_reuse_port=s.reuse_port or s.workers > 1,
+            server_backlog=s.backlog, server_io_threads=s.threads, server_ws_path=s.ws_path,
+            server_health_path=s.health_path, static_files=static,
+            limits_handshake_timeout=lim.handshake_timeout, auth_deadline=cfg.auth.deadline,
+            limits_max_headers=lim.max_headers, limits_max_header_bytes=lim.max_header_bytes,
+            limits_max_frame_bytes=lim.max_frame_bytes, limits_max_message_bytes=lim.max_message_bytes,
+            deflate_enabled=d.enabled, deflate_min_size=d.min_size, deflate_level=d.level,
             deflate_client_max_window_bits=d.client_max_window_bits,
-            idle_timeout=hb.idle_timeout, ping_interval=float(hb.interval) if hb.ws_ping else 0.0,
-            queue_bytes=lim.queue_bytes, fanout_chunk=lim.fanout_chunk, event_queue_cap=lim.event_queue,
-            send_buffer=lim.socket_send_buffer,
+            heartbeat_idle_timeout=hb.idle_timeout, heartbeat_interval=hb.interval, heartbeat_ws_ping=hb.ws_ping,
+            limits_queue_bytes=lim.queue_bytes, limits_fanout_chunk=lim.fanout_chunk,
+            limits_event_queue=lim.event_queue, limits_socket_send_buffer=lim.socket_send_buffer,
         )
 
     async def start(self) -> tuple[str, int]:
