@@ -14,10 +14,14 @@ from typing import Final
 
 EV_CONNECT: Final[int]
 """``(EV_CONNECT, conn, peer, path, query, headers, protocols)``: an upgrade waits for
-:meth:`Engine.accept` or :meth:`Engine.reject` (within ``auth_timeout``, else 503)."""
+:meth:`Engine.accept` or :meth:`Engine.reject` (within ``auth_deadline``, else 503;
+connects that waited longer are dropped at poll, counter ``connects_expired``)."""
 EV_MESSAGE: Final[int]
 """``(EV_MESSAGE, conn, data: bytes, binary: bool)``: a client data message. Application
-pings (``{"op":"ping"}``) never arrive here: the engine answers them."""
+pings (``{"op":"ping"}``) never arrive here: the engine answers them. Messages over the
+connection's rate limit or shed by a full queue never arrive either: the engine answers
+them with an error frame 4029 (``"rate limited"`` / ``"overloaded"``). Messages of a
+connection that is gone are dropped at poll."""
 EV_CLOSED: Final[int]
 """``(EV_CLOSED, conn, code, reason, rooms: list[str], user: str | None)``: the connection
 is gone (1006 when the TCP connection just vanished); ``rooms`` it was still in."""
@@ -38,19 +42,31 @@ def raise_fd_limit() -> tuple[int, int]:
     """Raise the soft open-files limit to the hard limit; returns ``(soft, hard)``."""
 
 class Engine:
-    """The connection engine. Keyword arguments (all optional):
+    """The connection engine. Keyword arguments (all optional) are named after their config
+    keys, ``<section>_<key>`` (``limits.queue_bytes`` -> ``limits_queue_bytes``); the engine
+    only converts types (unknown keyword -> TypeError, wrong type -> TypeError, out of
+    the type's range -> ValueError/OverflowError); ``Config.check()`` validates ranges.
 
-    host ("0.0.0.0"; "::" = IPv6 + IPv4), port (8080; 0 = any free port), reuse_port (False),
-    backlog (4096), workers (0 = CPU count: tokio I/O threads), ws_path ("/ws"; "" = any),
-    health_path ("/healthz"), static_files ({path: (content_type, body)}),
-    handshake_timeout (5.0 s), auth_timeout (5.0 s), max_headers (64),
-    max_header_bytes (8192), max_frame_size (65536), max_message_size (65536),
-    deflate (True), deflate_min_size (128), deflate_level (5),
-    deflate_client_max_window_bits (15), idle_timeout (90.0 s), ping_interval (30.0 s;
-    0 = no WebSocket pings), app_ping (True), queue_bytes (1 MiB per connection),
-    send_buffer (0 = kernel autotuning; else SO_SNDBUF bytes for client sockets),
-    fanout_chunk (1024: rooms above it are cut into pieces fanned out in parallel), event_queue_cap (1048576),
-    close_timeout (2.0 s). Unknown keywords raise TypeError; bad values ValueError.
+    server_host ("0.0.0.0"; "::" = IPv6 + IPv4), server_port (8080; 0 = any free port),
+    server_reuse_port (False), server_backlog (4096), server_io_threads (0 = CPU count),
+    server_ws_path ("/ws"; "" = any), server_health_path ("/healthz"),
+    limits_handshake_timeout (5.0 s), auth_deadline (5.0 s: then HTTP 503),
+    limits_max_headers (64), limits_max_header_bytes (8192), limits_max_frame_bytes (65536),
+    limits_max_message_bytes (65536), deflate_enabled (True), deflate_min_size (128),
+    deflate_level (5), deflate_client_max_window_bits (15), heartbeat_idle_timeout (90.0 s),
+    heartbeat_interval (30 s), heartbeat_ws_ping (True: WebSocket pings after
+    heartbeat_interval of silence), limits_queue_bytes (1 MiB per connection, replies
+    included), limits_socket_send_buffer (0 = kernel autotuning), limits_fanout_chunk
+    (1024), limits_event_queue (1048576 events), limits_event_queue_bytes (64 MiB: client
+    messages over it are shed with error 4029 "overloaded"), limits_conn_event_bytes
+    (256 KiB: a connection over it is not read until its events are polled),
+    limits_client_rate (50.0 msgs/s; 0 = unlimited), limits_client_burst (100; also the
+    refusals in a row that close with 4029), limits_max_conns (100000 sockets, at most the
+    open-files limit minus limits_reserved_fds (256): HTTP 503), limits_max_conns_per_ip
+    (10000: HTTP 429), limits_max_handshakes_per_ip (1000: HTTP 429),
+    limits_max_conns_per_user (10: checked by accept, HTTP 429), limits_max_rooms_per_conn
+    (100), limits_max_rooms (100000). Engine-only: static_files ({path: (content_type,
+    body)}), app_ping (True), close_timeout (2.0 s).
     """
 
     def __init__(self, **kwargs: object) -> None: ...
@@ -70,7 +86,9 @@ class Engine:
     def accept(self, conn: int, user: str | None = None, meta: str | None = None, protocol: str | None = None, first: bytes | None = None) -> bool:
         """Complete a pending upgrade. ``meta`` is JSON text returned by member listings,
         ``protocol`` the Sec-WebSocket-Protocol to echo, ``first`` the first text frame.
-        False if the connect is no longer pending (deadline passed, client gone)."""
+        False if the connect is no longer pending (deadline passed, client gone), or when
+        ``user`` has ``limits_max_conns_per_user`` connections already: the upgrade is then
+        refused with HTTP 429 (counter ``conns_refused_user``)."""
     def reject(self, conn: int, status: int = 403, reason: str = "forbidden") -> bool:
         """Refuse a pending upgrade with an HTTP 4xx/5xx status."""
     def send(self, conn: int, data: bytes, priority: int = 2, binary: bool = False) -> bool:
@@ -84,7 +102,11 @@ class Engine:
     def broadcast(self, data: bytes, priority: int = 1) -> int:
         """Queue to every local connection."""
     def join(self, conn: int, room: str) -> int:
-        """1 joined, 0 already a member, -1 no such (or closing) connection."""
+        """1 joined, 0 already a member, -1 no such (or closing) connection, -2 the
+        connection is in ``limits_max_rooms_per_conn`` rooms, -3 the room is new and the
+        node has ``limits_max_rooms`` rooms."""
+    def is_member(self, conn: int, room: str) -> bool:
+        """Whether ``conn`` is in ``room`` (cheap: no list is built)."""
     def leave(self, conn: int, room: str) -> bool: ...
     def set_room_options(self, prefix: str, merge_ms: int = 0, merge_max: int = 20) -> None:
         """Merge window for rooms whose name starts with ``prefix`` (rooms created later)."""

@@ -1,4 +1,10 @@
-//! Engine configuration. The Python layer validates user config and builds this.
+//! Engine configuration. The Python layer validates user config (`Config.check()`) and
+//! builds this; each field is named after its config key, `<section>_<key>`
+//! (`limits.queue_bytes` -> `limits_queue_bytes`). Fields without a config key
+//! (`static_files`, `app_ping`, `close_timeout`) are engine-only.
+//!
+//! The engine does not validate ranges; it clamps only where a value would otherwise be
+//! unsafe (each clamp says why where it is applied).
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -12,42 +18,77 @@ use crate::protocol::frame::DecoderConfig;
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
     /// `0.0.0.0` (IPv4), `::` (IPv6 and, dual-stack, IPv4) or a specific address.
-    pub host: String,
+    pub server_host: String,
     /// 0 picks a free port (see `Engine::local_addr`).
-    pub port: u16,
+    pub server_port: u16,
     /// SO_REUSEPORT, so several worker processes can share one port.
-    pub reuse_port: bool,
-    pub backlog: u32,
-    /// Tokio worker threads; 0 = the CPU count.
-    pub workers: usize,
+    pub server_reuse_port: bool,
+    pub server_backlog: u32,
+    /// Tokio I/O threads; 0 = the CPU count.
+    pub server_io_threads: usize,
     /// Path that accepts WebSocket upgrades; empty = any path.
-    pub ws_path: String,
+    pub server_ws_path: String,
     /// Answered by the engine without Python: 200 while running, 503 while draining.
-    pub health_path: String,
+    pub server_health_path: String,
     /// Plain HTTP GET paths served from memory: path -> (content type, body).
     pub static_files: HashMap<String, (String, Bytes)>,
     /// Time for the client to send a complete request head.
-    pub handshake_timeout: Duration,
-    /// Time for the application to accept or reject an upgrade (the auth deadline).
-    pub auth_timeout: Duration,
-    pub max_headers: usize,
-    pub max_header_bytes: usize,
-    pub decoder: DecoderConfig,
-    pub deflate: DeflateConfig,
+    pub limits_handshake_timeout: Duration,
+    /// Time for the application to accept or reject an upgrade (then 503).
+    pub auth_deadline: Duration,
+    pub limits_max_headers: usize,
+    pub limits_max_header_bytes: usize,
+    pub limits_max_frame_bytes: usize,
+    pub limits_max_message_bytes: usize,
+    pub deflate_enabled: bool,
+    /// Messages shorter than this are sent uncompressed.
+    pub deflate_min_size: usize,
+    /// zlib level for server messages (0..=9).
+    pub deflate_level: u32,
+    /// Upper bound of the client's compression window (9..=15).
+    pub deflate_client_max_window_bits: u8,
     /// Close a connection that sent nothing for this long (code 4000).
-    pub idle_timeout: Duration,
-    /// Send a WebSocket ping to a connection quiet for this long.
-    pub ping_interval: Duration,
+    pub heartbeat_idle_timeout: Duration,
+    /// Quiet time after which a connection gets a WebSocket ping (with `heartbeat_ws_ping`).
+    pub heartbeat_interval: Duration,
+    pub heartbeat_ws_ping: bool,
     /// Answer `{"op":"ping"}` text messages with `{"op":"pong",...}` in the engine.
     pub app_ping: bool,
-    /// Bound of each connection's outbound queue, in bytes.
-    pub queue_bytes: usize,
+    /// Bound of everything queued for one connection, in bytes (data and control replies).
+    pub limits_queue_bytes: usize,
     /// SO_SNDBUF for client sockets; 0 leaves the kernel's autotuning.
-    pub send_buffer: usize,
+    pub limits_socket_send_buffer: usize,
     /// Members per fan-out task: larger rooms are split across worker threads.
-    pub fanout_chunk: usize,
-    /// Events waiting for the application above this are shed (client messages first).
-    pub event_queue_cap: usize,
+    pub limits_fanout_chunk: usize,
+    /// Events waiting for the application: client messages over this count are shed.
+    pub limits_event_queue: usize,
+    /// Bytes of events waiting for the application (node-wide): client messages over
+    /// this are shed (error 4029 "overloaded").
+    pub limits_event_queue_bytes: usize,
+    /// Bytes of one connection's events waiting for the application: over it, the
+    /// connection is not read until the application has taken them (backpressure).
+    pub limits_conn_event_bytes: usize,
+    /// Client data messages per second per connection (token bucket); 0 = unlimited.
+    pub limits_client_rate: f64,
+    /// Bucket size: messages a connection may send at once; also the number of refusals
+    /// in a row after which the connection is closed (4029).
+    pub limits_client_burst: u32,
+    /// Connections (sockets, including handshakes in progress) per node; never more
+    /// than the open-files limit minus `limits_reserved_fds`.
+    pub limits_max_conns: usize,
+    /// File descriptors kept free for everything else in the process (Redis, the API,
+    /// logs).
+    pub limits_reserved_fds: usize,
+    /// Connections per client IP address (IPv4-mapped IPv6 counts as IPv4).
+    pub limits_max_conns_per_ip: usize,
+    /// Connections per client IP still in their HTTP handshake or auth decision.
+    pub limits_max_handshakes_per_ip: usize,
+    /// Connections per user, enforced when the application accepts (HTTP 429).
+    pub limits_max_conns_per_user: usize,
+    /// Rooms one connection may be in.
+    pub limits_max_rooms_per_conn: usize,
+    /// Rooms with local members on this node.
+    pub limits_max_rooms: usize,
     /// How long a closing connection waits for the peer's close frame.
     pub close_timeout: Duration,
 }
@@ -55,28 +96,70 @@ pub struct EngineConfig {
 impl Default for EngineConfig {
     fn default() -> Self {
         Self {
-            host: "0.0.0.0".into(),
-            port: 8080,
-            reuse_port: false,
-            backlog: 4096,
-            workers: 0,
-            ws_path: "/ws".into(),
-            health_path: "/healthz".into(),
+            server_host: "0.0.0.0".into(),
+            server_port: 8080,
+            server_reuse_port: false,
+            server_backlog: 4096,
+            server_io_threads: 0,
+            server_ws_path: "/ws".into(),
+            server_health_path: "/healthz".into(),
             static_files: HashMap::new(),
-            handshake_timeout: Duration::from_secs(5),
-            auth_timeout: Duration::from_secs(5),
-            max_headers: 64,
-            max_header_bytes: 8192,
-            decoder: DecoderConfig::default(),
-            deflate: DeflateConfig::default(),
-            idle_timeout: Duration::from_secs(90),
-            ping_interval: Duration::from_secs(30),
+            limits_handshake_timeout: Duration::from_secs(5),
+            auth_deadline: Duration::from_secs(5),
+            limits_max_headers: 64,
+            limits_max_header_bytes: 8192,
+            limits_max_frame_bytes: 64 * 1024,
+            limits_max_message_bytes: 64 * 1024,
+            deflate_enabled: true,
+            deflate_min_size: 128,
+            deflate_level: 5,
+            deflate_client_max_window_bits: 15,
+            heartbeat_idle_timeout: Duration::from_secs(90),
+            heartbeat_interval: Duration::from_secs(30),
+            heartbeat_ws_ping: true,
             app_ping: true,
-            queue_bytes: 1 << 20,
-            send_buffer: 0,
-            fanout_chunk: 1024,
-            event_queue_cap: 1 << 20,
+            limits_queue_bytes: 1 << 20,
+            limits_socket_send_buffer: 0,
+            limits_fanout_chunk: 1024,
+            limits_event_queue: 1 << 20,
+            limits_event_queue_bytes: 64 << 20,
+            limits_conn_event_bytes: 256 << 10,
+            limits_client_rate: 50.0,
+            limits_client_burst: 100,
+            limits_max_conns: 100_000,
+            limits_reserved_fds: 256,
+            limits_max_conns_per_ip: 10_000,
+            limits_max_handshakes_per_ip: 1000,
+            limits_max_conns_per_user: 10,
+            limits_max_rooms_per_conn: 100,
+            limits_max_rooms: 100_000,
             close_timeout: Duration::from_secs(2),
         }
+    }
+}
+
+impl EngineConfig {
+    /// The codec's limits.
+    pub fn decoder(&self) -> DecoderConfig {
+        DecoderConfig {
+            max_frame: self.limits_max_frame_bytes,
+            max_message: self.limits_max_message_bytes,
+            require_mask: true,
+        }
+    }
+
+    /// What permessage-deflate may negotiate and how server messages are compressed.
+    pub fn deflate(&self) -> DeflateConfig {
+        DeflateConfig {
+            enabled: self.deflate_enabled,
+            client_max_window_bits: self.deflate_client_max_window_bits,
+            min_size: self.deflate_min_size,
+            level: self.deflate_level,
+        }
+    }
+
+    /// WebSocket ping interval: `heartbeat_interval` when `heartbeat_ws_ping`, else none.
+    pub fn ping_interval(&self) -> Option<Duration> {
+        (self.heartbeat_ws_ping && !self.heartbeat_interval.is_zero()).then_some(self.heartbeat_interval)
     }
 }

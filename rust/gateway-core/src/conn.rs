@@ -12,7 +12,7 @@
 use std::collections::VecDeque;
 use std::io::IoSlice;
 use std::os::fd::RawFd;
-use std::sync::atomic::AtomicU32;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize};
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
@@ -23,11 +23,24 @@ use tokio::sync::Notify;
 use crate::metrics::{self, Counters, Histogram, LocalHistogram};
 use crate::protocol::deflate::deflate;
 use crate::protocol::frame::{self, OP_TEXT};
-use crate::protocol::CloseCode;
+use crate::protocol::{close, CloseCode};
 
-pub const PRIO_LOW: u8 = 0;
-pub const PRIO_NORMAL: u8 = 1;
-pub const PRIO_HIGH: u8 = 2;
+pub use crate::protocol::codes::{PRIO_HIGH, PRIO_LOW, PRIO_NORMAL};
+
+/// Bytes of `limits_queue_bytes` kept for the control replies, so that they never take a
+/// queue over its bound: data frames are admitted up to the bound minus this. It holds
+/// one coalesced WebSocket pong (at most 127 bytes) and one application pong.
+pub const CONTROL_RESERVE: usize = 256;
+
+/// The reply slots: at most one reply of each kind waits per connection; a newer one
+/// replaces it (RFC 6455 §5.5.3 allows answering only the latest ping).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reply {
+    /// A WebSocket pong, or a server ping when no pong waits.
+    Control,
+    /// `{"op":"pong",…}`.
+    AppPong,
+}
 
 /// A server frame encoded once and shared by reference with every recipient.
 pub struct Frame {
@@ -151,13 +164,26 @@ pub struct OutQueue {
     /// writer sends the rest before anything else; no drop policy or discarding close
     /// removes it (the stream must stay well-framed).
     pub head: Option<(Arc<Frame>, usize)>,
+    /// Queued bytes, reply slots included.
     pub bytes: usize,
     pub closing: Option<Closing>,
+    /// Reply slots (see [`Reply`]); the writer sends them before queued data.
+    pub control: Option<Arc<Frame>>,
+    pub app_pong: Option<Arc<Frame>>,
 }
 
 impl Default for OutQueue {
     fn default() -> Self {
-        Self { items: VecDeque::new(), bytes: 0, woken: false, closing: None, head: None, fd: -1 }
+        Self {
+            items: VecDeque::new(),
+            bytes: 0,
+            woken: false,
+            closing: None,
+            head: None,
+            fd: -1,
+            control: None,
+            app_pong: None,
+        }
     }
 }
 
@@ -200,11 +226,8 @@ impl OutQueue {
                     metrics::add(&c.dropped_high, 1 + self.items.len() as u64);
                     self.items.clear();
                     self.bytes = 0;
-                    self.closing = Some(Closing {
-                        code: crate::protocol::close::SLOW_CONSUMER,
-                        reason: "slow consumer".into(),
-                        discard: true,
-                    });
+                    self.closing =
+                        Some(Closing { code: close::SLOW_CONSUMER, reason: "slow consumer".into(), discard: true });
                     metrics::inc(&c.close_slow_consumer);
                     return self.wake();
                 }
@@ -216,7 +239,7 @@ impl OutQueue {
     }
 
     fn wake(&mut self) -> Push {
-        if self.closing.as_ref().is_some_and(|c| c.code == crate::protocol::close::SLOW_CONSUMER) {
+        if self.closing.as_ref().is_some_and(|c| c.code == close::SLOW_CONSUMER) {
             self.woken = true;
             return Push::SlowConsumer;
         }
@@ -226,6 +249,37 @@ impl OutQueue {
             self.woken = true;
             Push::Wake
         }
+    }
+
+    /// Put a reply in its slot, replacing (coalescing) one that is still waiting. Replies
+    /// fit in [`CONTROL_RESERVE`].
+    pub fn reply(&mut self, kind: Reply, frame: &Arc<Frame>, c: &Counters) -> Push {
+        if self.closing.is_some() {
+            return Push::Closed;
+        }
+        let slot = match kind {
+            Reply::Control => &mut self.control,
+            Reply::AppPong => &mut self.app_pong,
+        };
+        if let Some(old) = slot.take() {
+            metrics::inc(&c.pongs_coalesced);
+            self.bytes -= old.len();
+        }
+        *slot = Some(frame.clone());
+        self.bytes += frame.len();
+        self.wake()
+    }
+
+    /// The waiting replies, for the writer (they go out before queued data).
+    pub fn take_replies(&mut self) -> impl Iterator<Item = Arc<Frame>> {
+        let (a, b) = (self.control.take(), self.app_pong.take());
+        self.bytes -= a.as_ref().map_or(0, |f| f.len()) + b.as_ref().map_or(0, |f| f.len());
+        a.into_iter().chain(b)
+    }
+
+    /// Whether a reply waits for the writer.
+    pub fn reply_waiting(&self) -> bool {
+        self.control.is_some() || self.app_pong.is_some()
     }
 
     /// Evict frames with priority lower than `prio`, oldest first, until `len` more fits.
@@ -254,6 +308,8 @@ impl OutQueue {
         }
         if discard {
             self.items.clear();
+            self.control = None;
+            self.app_pong = None;
             self.bytes = 0;
         }
         self.closing = Some(Closing { code, reason: reason.to_owned(), discard });
@@ -311,6 +367,10 @@ pub struct Conn {
     /// Engine clock (10 ms ticks) of the last frame received / last ping sent.
     pub last_rx: AtomicU32,
     pub last_ping: AtomicU32,
+    /// Bytes of this connection's messages waiting for the application (events.rs).
+    pub ev_bytes: AtomicUsize,
+    /// The I/O task has ended: queued events of this connection are dropped at poll.
+    pub gone: AtomicBool,
 }
 
 impl Conn {
@@ -325,6 +385,8 @@ impl Conn {
             rooms: Mutex::new(Vec::new()),
             last_rx: AtomicU32::new(now),
             last_ping: AtomicU32::new(now),
+            ev_bytes: AtomicUsize::new(0),
+            gone: AtomicBool::new(false),
         }
     }
 
@@ -335,6 +397,31 @@ impl Conn {
             self.notify.notify_one();
         }
         r
+    }
+
+    /// Put a reply in its slot and wake the writer if needed.
+    pub fn reply(&self, kind: Reply, frame: &Arc<Frame>, c: &Counters) -> Push {
+        let r = self.out.lock().reply(kind, frame, c);
+        if r == Push::Wake {
+            self.notify.notify_one();
+        }
+        r
+    }
+
+    /// Queue a server ping in the control slot unless something waits there already (a
+    /// pong proves liveness as well; a ping waiting means the socket is not flushing).
+    pub fn ping(&self, frame: &Arc<Frame>, c: &Counters) -> bool {
+        let r = {
+            let mut q = self.out.lock();
+            if q.control.is_some() {
+                return false;
+            }
+            q.reply(Reply::Control, frame, c)
+        };
+        if r == Push::Wake {
+            self.notify.notify_one();
+        }
+        matches!(r, Push::Wake | Push::Queued)
     }
 
     /// Queue several frames under one lock (the cork for a batch of room messages).

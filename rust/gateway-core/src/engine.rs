@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::{SocketAddr, ToSocketAddrs};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -14,13 +14,14 @@ use tokio::runtime::Runtime;
 use tokio::sync::Notify;
 
 use crate::config::EngineConfig;
-use crate::conn::Frame;
-use crate::events::{Event, EventQueue};
+use crate::conn::{Frame, CONTROL_RESERVE, PRIO_HIGH};
+use crate::events::{Event, EventLimits, EventQueue};
 use crate::hub::{Hub, Join, MemberInfo, RoomOptions};
+use crate::limits::IpTable;
 use crate::metrics::Counters;
 use crate::protocol::frame::{OP_BINARY, OP_TEXT};
 use crate::protocol::CloseCode;
-use crate::server::{self, Decision, Shared};
+use crate::server::{self, Decision, Shared, UserSlot, Verdict};
 
 pub use crate::server::Decision as ConnectDecision;
 
@@ -31,6 +32,21 @@ pub struct Engine {
     sh: Arc<Shared>,
     rt: Mutex<Option<Runtime>>,
     addr: Mutex<Option<SocketAddr>>,
+}
+
+/// RLIMIT_NOFILE: (soft, hard).
+pub fn nofile_limit() -> (u64, u64) {
+    let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit with a valid rlimit struct.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } != 0 {
+        return (u64::MAX, u64::MAX);
+    }
+    (r.rlim_cur, r.rlim_max)
+}
+
+/// The bound data frames are admitted up to: the queue bound less the reply reserve.
+fn data_bound(queue_bytes: usize) -> usize {
+    queue_bytes.saturating_sub(CONTROL_RESERVE).max(1)
 }
 
 /// Raise RLIMIT_NOFILE's soft limit to the hard limit. Returns (soft, hard) after.
@@ -49,37 +65,49 @@ pub fn raise_nofile_limit() -> (u64, u64) {
 }
 
 fn bind(cfg: &EngineConfig) -> io::Result<std::net::TcpListener> {
-    let addr: SocketAddr = (cfg.host.as_str(), cfg.port)
-        .to_socket_addrs()?
-        .next()
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, format!("cannot resolve host {:?}", cfg.host)))?;
+    let addr: SocketAddr = (cfg.server_host.as_str(), cfg.server_port).to_socket_addrs()?.next().ok_or_else(|| {
+        io::Error::new(io::ErrorKind::InvalidInput, format!("cannot resolve host {:?}", cfg.server_host))
+    })?;
     let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     if addr.is_ipv6() {
         // "::" serves IPv4 too (dual stack).
         let _ = sock.set_only_v6(false);
     }
     sock.set_reuse_address(true)?;
-    if cfg.reuse_port {
+    if cfg.server_reuse_port {
         sock.set_reuse_port(true)?;
     }
     sock.set_nonblocking(true)?;
     sock.bind(&addr.into())?;
-    sock.listen(cfg.backlog as i32)?;
+    // listen() takes an int; the kernel caps it at somaxconn anyway.
+    sock.listen(cfg.server_backlog.min(i32::MAX as u32) as i32)?;
     Ok(sock.into())
 }
 
 impl Engine {
     pub fn new(cfg: EngineConfig) -> io::Result<Self> {
         let counters = Arc::new(Counters::default());
-        let hub = Arc::new(Hub::new(
-            counters.clone(),
-            cfg.queue_bytes,
-            cfg.fanout_chunk,
-            cfg.deflate.min_size,
-            cfg.deflate.level,
-        ));
-        let events = EventQueue::new(cfg.event_queue_cap)?;
+        let hub = Arc::new(
+            Hub::new(
+                counters.clone(),
+                data_bound(cfg.limits_queue_bytes),
+                cfg.limits_fanout_chunk,
+                cfg.deflate_min_size,
+                cfg.deflate_level,
+            )
+            .with_room_caps(cfg.limits_max_rooms_per_conn, cfg.limits_max_rooms),
+        );
+        let events = EventQueue::new(EventLimits {
+            max_events: cfg.limits_event_queue,
+            max_bytes: cfg.limits_event_queue_bytes,
+            conn_bytes: cfg.limits_conn_event_bytes,
+            connect_ttl: cfg.auth_deadline,
+        })?;
         let sh = Arc::new(Shared {
+            ips: IpTable::new(cfg.limits_max_conns_per_ip, cfg.limits_max_handshakes_per_ip),
+            conn_cap: AtomicUsize::new(cfg.limits_max_conns),
+            decoder: cfg.decoder(),
+            deflate: cfg.deflate(),
             cfg,
             hub,
             events,
@@ -108,7 +136,7 @@ impl Engine {
         if rt_slot.is_some() {
             return Err(io::Error::new(io::ErrorKind::AlreadyExists, "engine already started"));
         }
-        let workers = match self.sh.cfg.workers {
+        let workers = match self.sh.cfg.server_io_threads {
             0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
             n => n,
         };
@@ -123,6 +151,11 @@ impl Engine {
             let _guard = rt.enter();
             tokio::net::TcpListener::from_std(std_listener)?
         };
+        // The node cap: never more sockets than the open-files limit leaves after the
+        // reserve (read now: the application may have raised the limit before start).
+        let (soft, _) = nofile_limit();
+        let fd_room = usize::try_from(soft).unwrap_or(usize::MAX).saturating_sub(self.sh.cfg.limits_reserved_fds);
+        self.sh.conn_cap.store(self.sh.cfg.limits_max_conns.min(fd_room).max(1), Relaxed);
         self.sh.hub.set_runtime(rt.handle().clone());
         rt.spawn(server::accept_loop(self.sh.clone(), listener));
         rt.spawn(server::sweeper(self.sh.clone()));
@@ -146,24 +179,44 @@ impl Engine {
     }
 
     pub fn drain_events(&self, max: usize) -> (Vec<Event>, bool) {
-        self.sh.events.drain(max)
+        self.sh.events.drain(max, &self.sh.counters)
     }
 
     // ---- connect decisions ------------------------------------------------------------------
 
-    /// Decide a pending connect. False if it is no longer pending (timed out or gone).
+    /// Decide a pending connect. False if it is no longer pending (timed out or gone),
+    /// and for an accept over `limits_max_conns_per_user`: the upgrade is then refused
+    /// with HTTP 429 instead.
     pub fn decide(&self, conn: u64, d: Decision) -> bool {
-        match self.sh.pending.lock().remove(&conn) {
-            Some(tx) => tx.send(d).is_ok(),
-            None => false,
-        }
+        let Some(tx) = self.sh.pending.lock().remove(&conn) else { return false };
+        let v = match d {
+            Decision::Accept { user, meta, protocol, first } => {
+                let slot = match user.as_deref() {
+                    Some(u) => {
+                        let u: Arc<str> = Arc::from(u);
+                        if !self.sh.hub.reserve_user(&u, self.sh.cfg.limits_max_conns_per_user) {
+                            self.sh.counters.conns_refused_user.fetch_add(1, Relaxed);
+                            let reason = "too many connections for this user".into();
+                            let _ = tx.send(Verdict::Reject { status: 429, reason });
+                            return false;
+                        }
+                        Some(UserSlot::new(self.sh.hub.clone(), u))
+                    }
+                    None => None,
+                };
+                Verdict::Accept { user, meta, protocol, first, slot }
+            }
+            Decision::Reject { status, reason } => Verdict::Reject { status, reason },
+        };
+        // A verdict that is not received (the deadline passed) gives its user slot back.
+        tx.send(v).is_ok()
     }
 
     // ---- sending ----------------------------------------------------------------------
 
     fn frame(&self, data: &[u8], binary: bool) -> Arc<Frame> {
         let op = if binary { OP_BINARY } else { OP_TEXT };
-        Frame::stamped(op, data, self.sh.cfg.deflate.min_size, 1, self.sh.hub.now_us())
+        Frame::stamped(op, data, self.sh.cfg.deflate_min_size, 1, self.sh.hub.now_us())
     }
 
     /// Queue a message to one connection. False if unknown or not accepted by the queue.
@@ -172,7 +225,7 @@ impl Engine {
             Some(c) => {
                 let f = self.frame(data, binary);
                 let ok = matches!(
-                    c.push(&f, prio, self.sh.cfg.queue_bytes, &self.sh.counters),
+                    c.push(&f, prio, self.sh.hub.queue_bytes, &self.sh.counters),
                     crate::conn::Push::Wake | crate::conn::Push::Queued
                 );
                 if ok {
@@ -201,6 +254,10 @@ impl Engine {
 
     pub fn join(&self, conn: u64, room: &str) -> Join {
         self.sh.hub.join(conn, room)
+    }
+
+    pub fn is_member(&self, conn: u64, room: &str) -> bool {
+        self.sh.hub.is_member(conn, room)
     }
 
     pub fn leave(&self, conn: u64, room: &str) -> bool {
@@ -260,7 +317,10 @@ impl Engine {
 
     pub fn counters(&self) -> Vec<(&'static str, u64)> {
         let mut v = self.sh.counters.snapshot();
-        v.push(("event_queue_len", self.sh.events.len() as u64));
+        let (len, bytes) = self.sh.events.usage();
+        v.push(("event_queue_len", len as u64));
+        v.push(("event_queue_bytes", bytes as u64));
+        v.push(("conns_cap", self.sh.conn_cap.load(Relaxed) as u64));
         v
     }
 
@@ -290,7 +350,8 @@ impl Engine {
         let last = last.map(|d| self.frame(d, false));
         for c in &conns {
             if let Some(f) = &last {
-                c.push(f, crate::conn::PRIO_HIGH, usize::MAX, &self.sh.counters);
+                // One frame per connection, once: admitted even over the bound.
+                c.push(f, PRIO_HIGH, usize::MAX, &self.sh.counters);
             }
             c.close(code, reason, false);
         }

@@ -18,6 +18,7 @@ use tokio::runtime::Handle;
 use crate::conn::{Conn, Direct, Frame, PRIO_LOW};
 use crate::metrics::{self, Counters, Histograms};
 use crate::protocol::frame::OP_TEXT;
+use crate::protocol::frames;
 
 const SHARDS: usize = 64;
 
@@ -85,7 +86,12 @@ pub struct MemberInfo {
 pub enum Join {
     Joined,
     AlreadyMember,
+    /// No such connection, or it is closing.
     NoSuchConn,
+    /// The connection is in `max_rooms_per_conn` rooms already.
+    ConnRoomsFull,
+    /// The room does not exist and the node has `max_rooms` rooms.
+    NodeRoomsFull,
 }
 
 /// How a fan-out to `n` members is cut: (pieces, members per piece). Pieces of at most
@@ -127,6 +133,12 @@ pub struct Hub {
     pub fanout_chunk: usize,
     pub min_deflate: usize,
     pub deflate_level: u32,
+    /// Rooms one connection may be in, and rooms on this node.
+    pub max_rooms_per_conn: usize,
+    pub max_rooms: usize,
+    /// Upgrades accepted for a user whose connection is not registered yet (the
+    /// per-user cap counts them with the registered ones).
+    user_pending: Shards<Arc<str>, u32>,
     rt: OnceLock<Handle>,
     hasher: std::collections::hash_map::RandomState,
 }
@@ -155,9 +167,19 @@ impl Hub {
             fanout_chunk: fanout_chunk.max(64),
             min_deflate,
             deflate_level,
+            max_rooms_per_conn: usize::MAX,
+            max_rooms: usize::MAX,
+            user_pending: shards(),
             rt: OnceLock::new(),
             hasher: Default::default(),
         }
+    }
+
+    /// Caps on rooms per connection and per node (unlimited by default).
+    pub fn with_room_caps(mut self, per_conn: usize, node: usize) -> Self {
+        self.max_rooms_per_conn = per_conn;
+        self.max_rooms = node;
+        self
     }
 
     /// Give the hub the runtime it spawns fan-out tasks on.
@@ -203,6 +225,31 @@ impl Hub {
             self.remove_member(r, c);
         }
         rooms.iter().map(|r| r.to_string()).collect()
+    }
+
+    /// Hold a place for one more connection of `user` (accepted, not yet registered),
+    /// unless the user has `cap` already: open ones not closing, plus places held.
+    /// A place is given back with [`Hub::unreserve_user`] once the connection is
+    /// registered or its upgrade failed.
+    pub fn reserve_user(&self, user: &Arc<str>, cap: usize) -> bool {
+        let open = self.user_conns(user).iter().filter(|c| !c.is_closing()).count();
+        let mut pending = self.user_pending[self.shard_of(user)].lock();
+        let held = pending.get(&**user).copied().unwrap_or(0) as usize;
+        if open + held >= cap {
+            return false;
+        }
+        *pending.entry(user.clone()).or_insert(0) += 1;
+        true
+    }
+
+    pub fn unreserve_user(&self, user: &str) {
+        let mut pending = self.user_pending[self.shard_of(user)].lock();
+        if let Some(n) = pending.get_mut(user) {
+            *n -= 1;
+            if *n == 0 {
+                pending.remove(user);
+            }
+        }
     }
 
     pub fn user_conns(&self, user: &str) -> Vec<Arc<Conn>> {
@@ -251,10 +298,24 @@ impl Hub {
         if c.is_closing() {
             return Join::NoSuchConn;
         }
+        {
+            let rooms = c.rooms.lock();
+            if rooms.iter().any(|r| &**r == room) {
+                return Join::AlreadyMember;
+            }
+            if rooms.len() >= self.max_rooms_per_conn {
+                metrics::inc(&self.counters.rooms_refused_conn);
+                return Join::ConnRoomsFull;
+            }
+        }
         let mut shard = self.rooms[self.shard_of(room)].lock();
         let r = match shard.get(room) {
             Some(r) => r.clone(),
             None => {
+                if self.counters.rooms_current.load(Relaxed) as usize >= self.max_rooms {
+                    metrics::inc(&self.counters.rooms_refused_node);
+                    return Join::NodeRoomsFull;
+                }
                 let name: Arc<str> = Arc::from(room);
                 let r = Arc::new(Room {
                     name: name.clone(),
@@ -283,6 +344,11 @@ impl Hub {
         drop(shard);
         c.rooms.lock().push(r.name.clone());
         Join::Joined
+    }
+
+    /// Whether `conn_id` is in `room` (a scan of its at most `max_rooms_per_conn` rooms).
+    pub fn is_member(&self, conn_id: u64, room: &str) -> bool {
+        self.conn(conn_id).is_some_and(|c| c.rooms.lock().iter().any(|r| &**r == room))
     }
 
     pub fn leave(&self, conn_id: u64, room: &str) -> bool {
@@ -472,25 +538,13 @@ impl Hub {
     /// `{"op":"batch","room":"…","msgs":[m1,m2,…]}`. A lone message goes out as itself.
     fn merge(&self, r: &Room, msgs: Vec<(Arc<Frame>, u8)>) -> Vec<(Arc<Frame>, u8)> {
         let max = r.opts.merge_max.max(1) as usize;
-        let room_json = serde_json::to_string(&*r.name).expect("string serializes");
         let mut out = Vec::with_capacity(msgs.len() / max + 1);
         for group in msgs.chunks(max) {
             if group.len() == 1 {
                 out.push(group[0].clone());
                 continue;
             }
-            let size: usize = group.iter().map(|(f, _)| f.payload().len() + 1).sum();
-            let mut p = Vec::with_capacity(size + room_json.len() + 32);
-            p.extend_from_slice(b"{\"op\":\"batch\",\"room\":");
-            p.extend_from_slice(room_json.as_bytes());
-            p.extend_from_slice(b",\"msgs\":[");
-            for (i, (f, _)) in group.iter().enumerate() {
-                if i > 0 {
-                    p.push(b',');
-                }
-                p.extend_from_slice(f.payload());
-            }
-            p.extend_from_slice(b"]}");
+            let p = frames::batch(&r.name, group.iter().map(|(f, _)| f.payload()));
             let prio = group.iter().map(|(_, p)| *p).max().unwrap_or(PRIO_LOW);
             metrics::inc(&self.counters.batches);
             let born = group.iter().map(|(f, _)| f.born_us).filter(|b| *b > 0).min().unwrap_or(0);

@@ -9,6 +9,7 @@ pub mod conn;
 pub mod engine;
 pub mod events;
 pub mod hub;
+pub mod limits;
 pub mod metrics;
 pub mod protocol;
 mod server;

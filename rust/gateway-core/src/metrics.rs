@@ -77,6 +77,35 @@ counters! {
     /// Server messages compressed (once per window size, shared by recipients).
     deflate_compressions,
     pings_sent,
+    /// Sockets the engine holds: handshakes, plain HTTP requests and open connections
+    /// (gauge; the node cap `limits_max_conns` applies to it).
+    sockets_current,
+    /// Pongs (WebSocket and `{"op":"pong"}`) that replaced one still waiting to be sent.
+    pongs_coalesced,
+    /// Client messages refused by the per-connection rate limit (error 4029).
+    rate_limited,
+    /// Connections closed with 4029 for going on over the rate limit.
+    closed_abuse,
+    /// Times a connection stopped being read: its events waited for the application over
+    /// its share, or a reply could not be written (TCP backpressure to the client).
+    read_paused,
+    /// Queued messages of connections already gone, dropped at poll.
+    events_discarded,
+    /// Connect requests older than the auth deadline, dropped at poll (already answered 503).
+    connects_expired,
+    /// Sockets refused (HTTP 503) because the node holds `limits_max_conns` sockets.
+    conns_refused_node,
+    /// Sockets refused (HTTP 429) over `limits_max_conns_per_ip`.
+    conns_refused_ip,
+    /// Sockets refused (HTTP 429) over `limits_max_handshakes_per_ip`.
+    handshakes_refused_ip,
+    /// Upgrades refused (HTTP 429) at accept over `limits_max_conns_per_user`.
+    conns_refused_user,
+    /// Times the accept loop paused because refused sockets would eat the reserved fds.
+    accept_paused,
+    /// Joins refused over `limits_max_rooms_per_conn` / `limits_max_rooms`.
+    rooms_refused_conn,
+    rooms_refused_node,
 }
 
 pub fn inc(c: &AtomicU64) {

@@ -8,28 +8,30 @@
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, IoSlice};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use parking_lot::Mutex;
-use tokio::io::{AsyncWriteExt, Interest};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{oneshot, Notify};
 
 use crate::config::EngineConfig;
-use crate::conn::{Conn, Frame, PRIO_HIGH};
+use crate::conn::{Conn, Frame, Reply, PRIO_HIGH, PRIO_NORMAL};
 use crate::events::{Event, EventQueue};
 use crate::hub::Hub;
+use crate::limits::{self, Bucket, IpRefusal, IpTable};
 use crate::metrics::{self, Counters};
-use crate::protocol::close;
-use crate::protocol::deflate::{negotiate, Inflater};
-use crate::protocol::frame::{self, Decoder, Event as WsEvent, OP_PONG};
+use crate::protocol::deflate::{negotiate, DeflateConfig, Inflater};
+use crate::protocol::frame::{self, Decoder, DecoderConfig, Event as WsEvent};
 use crate::protocol::handshake::{self, Kind, Parsed};
+use crate::protocol::{close, error, frames};
 
 /// The application's answer to a connect request.
+#[derive(Debug)]
 pub enum Decision {
     Accept {
         user: Option<String>,
@@ -44,13 +46,55 @@ pub enum Decision {
     },
 }
 
+/// A decision on its way to the connection's task. An accept holds the user's place
+/// under the per-user cap until the connection is registered (or the verdict is dropped).
+pub enum Verdict {
+    Accept {
+        user: Option<String>,
+        meta: Option<String>,
+        protocol: Option<String>,
+        first: Option<Vec<u8>>,
+        slot: Option<UserSlot>,
+    },
+    Reject {
+        status: u16,
+        reason: String,
+    },
+}
+
+/// One place under `limits_max_conns_per_user`, given back when dropped.
+pub struct UserSlot {
+    hub: Arc<Hub>,
+    user: Arc<str>,
+}
+
+impl UserSlot {
+    /// Wrap a place already taken with `Hub::reserve_user`.
+    pub fn new(hub: Arc<Hub>, user: Arc<str>) -> Self {
+        Self { hub, user }
+    }
+}
+
+impl Drop for UserSlot {
+    fn drop(&mut self) {
+        self.hub.unreserve_user(&self.user);
+    }
+}
+
 /// State shared by every task of one engine.
 pub struct Shared {
     pub cfg: EngineConfig,
+    /// Built once from `cfg`.
+    pub decoder: DecoderConfig,
+    pub deflate: DeflateConfig,
     pub hub: Arc<Hub>,
     pub events: EventQueue,
     pub counters: Arc<Counters>,
-    pub pending: Mutex<HashMap<u64, oneshot::Sender<Decision>>>,
+    pub ips: IpTable,
+    /// Sockets this node holds at most (`limits_max_conns`, lowered to the open-files
+    /// limit minus `limits_reserved_fds` at start).
+    pub conn_cap: AtomicUsize,
+    pub pending: Mutex<HashMap<u64, oneshot::Sender<Verdict>>>,
     pub next_id: AtomicU64,
     pub draining: AtomicBool,
     pub stop_accepting: Notify,
@@ -75,24 +119,41 @@ const SCRATCH: usize = 64 * 1024;
 const READ_BUDGET: usize = 256 * 1024;
 /// Most frames per writev.
 const IOV_MAX: usize = 64;
+/// The writer takes at most this many bytes (and 4 x IOV_MAX frames) off its queue at
+/// a time: what is taken no longer counts against the queue bound, so this is all a
+/// connection holds beyond it.
+const WRITE_BATCH: usize = 64 * 1024;
 
 thread_local! {
     static SCRATCH_BUF: RefCell<Vec<u8>> = RefCell::new(vec![0; SCRATCH]);
 }
 
 pub async fn accept_loop(sh: Arc<Shared>, listener: TcpListener) {
+    let c = &sh.counters;
     loop {
+        // A refused socket still holds a descriptor while it gets its 503: past the cap
+        // plus half the reserve, stop accepting for a moment (the kernel backlog holds
+        // the rest) rather than eat the descriptors kept for Redis, the API and logs.
+        let ceiling = sh.conn_cap.load(Relaxed) + sh.cfg.limits_reserved_fds / 2;
+        if c.sockets_current.load(Relaxed) as usize >= ceiling {
+            metrics::inc(&c.accept_paused);
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(20)) => continue,
+                _ = sh.stop_accepting.notified() => return,
+            }
+        }
         let res = tokio::select! {
             r = listener.accept() => r,
             _ = sh.stop_accepting.notified() => return,
         };
         match res {
             Ok((stream, peer)) => {
-                metrics::inc(&sh.counters.tcp_accepted);
+                metrics::inc(&c.tcp_accepted);
+                metrics::inc(&c.sockets_current);
                 tokio::spawn(handle(sh.clone(), stream, peer));
             }
             Err(e) => {
-                metrics::inc(&sh.counters.accept_errors);
+                metrics::inc(&c.accept_errors);
                 // EMFILE/ENFILE: back off instead of spinning; the backlog holds the rest.
                 if matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE) | Some(libc::ENOMEM)) {
                     tokio::time::sleep(Duration::from_millis(20)).await;
@@ -102,15 +163,16 @@ pub async fn accept_loop(sh: Arc<Shared>, listener: TcpListener) {
     }
 }
 
-/// Heartbeats for every connection, from one task: WebSocket pings after `ping_interval`
-/// of silence, close (4000) after `idle_timeout`. Cheaper than a timer per connection.
+/// Heartbeats for every connection, from one task: WebSocket pings after the heartbeat
+/// interval of silence, close (4000) after `heartbeat_idle_timeout`. Cheaper than a
+/// timer per connection.
 pub async fn sweeper(sh: Arc<Shared>) {
     let ticks = |d: Duration| (d.as_millis() as u64 / TICK_MS).min(u64::from(u32::MAX)) as u32;
-    let idle = ticks(sh.cfg.idle_timeout).max(1);
-    let ping = ticks(sh.cfg.ping_interval);
+    let idle = ticks(sh.cfg.heartbeat_idle_timeout).max(1);
+    let ping = sh.cfg.ping_interval().map_or(0, ticks);
     // Check ten times per idle timeout (at most every second, at least every 50 ms).
-    let tick = Duration::from_millis((sh.cfg.idle_timeout.as_millis() as u64 / 10).clamp(50, 1000));
-    let ping_frame = Frame::control(frame::encode(frame::OP_PING, false, b""));
+    let tick = Duration::from_millis((sh.cfg.heartbeat_idle_timeout.as_millis() as u64 / 10).clamp(50, 1000));
+    let ping_frame = Frame::control(frames::ws_ping());
     loop {
         tokio::time::sleep(tick).await;
         let now = sh.now_ticks();
@@ -121,11 +183,30 @@ pub async fn sweeper(sh: Arc<Shared>) {
                 c.close(close::IDLE_TIMEOUT, "heartbeat timeout", true);
             } else if ping > 0 && now.saturating_sub(rx.max(c.last_ping.load(Relaxed))) >= ping {
                 c.last_ping.store(now, Relaxed);
-                metrics::inc(&sh.counters.pings_sent);
-                c.push(&ping_frame, PRIO_HIGH, usize::MAX, &sh.counters);
+                if c.ping(&ping_frame, &sh.counters) {
+                    metrics::inc(&sh.counters.pings_sent);
+                }
             }
         });
     }
+}
+
+/// Refuse a socket over a cap: a short HTTP answer with `Retry-After`, then close. The
+/// request is read (briefly) after the answer so that closing does not reset the
+/// connection before the client has read it.
+async fn refuse(stream: &mut TcpStream, status: u16, body: &'static [u8]) {
+    write_plain(stream, status, "text/plain", body, &[("Retry-After", "1")]).await;
+    let _ = tokio::time::timeout(Duration::from_millis(500), async {
+        let mut sink = [0u8; 1024];
+        let mut left: usize = 16 * 1024;
+        while left > 0 {
+            match stream.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
+    })
+    .await;
 }
 
 async fn write_plain(stream: &mut TcpStream, status: u16, ctype: &str, body: &[u8], extra: &[(&str, &str)]) {
@@ -149,7 +230,7 @@ async fn read_head(
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             Err(_) => return Err((400, "read error")),
         }
-        match handshake::parse_request(buf, cfg.max_headers, cfg.max_header_bytes) {
+        match handshake::parse_request(buf, cfg.limits_max_headers, cfg.limits_max_header_bytes) {
             Parsed::Partial => continue,
             Parsed::Done(r, n) => return Ok((r, n)),
             Parsed::Error(s, why) => return Err((s, why)),
@@ -158,38 +239,81 @@ async fn read_head(
 }
 
 async fn handle(sh: Arc<Shared>, mut stream: TcpStream, peer: SocketAddr) {
+    let ip = limits::canonical(peer.ip());
+    if let Err(status) = admit(&sh, ip) {
+        let body: &'static [u8] = if status == 503 { b"server full\n" } else { b"too many connections\n" };
+        Box::pin(refuse(&mut stream, status, body)).await;
+        metrics::dec(&sh.counters.sockets_current);
+        return;
+    }
+    serve(sh, stream, peer, ip).await;
+}
+
+/// Check a new socket against the node and per-IP caps (and count it); Err(status).
+fn admit(sh: &Shared, ip: IpAddr) -> Result<(), u16> {
+    let c = &sh.counters;
+    // sockets_current already counts this socket.
+    if c.sockets_current.load(Relaxed) as usize > sh.conn_cap.load(Relaxed) {
+        metrics::inc(&c.conns_refused_node);
+        return Err(503);
+    }
+    match sh.ips.open(ip) {
+        Ok(()) => Ok(()),
+        Err(IpRefusal::Conns) => {
+            metrics::inc(&c.conns_refused_ip);
+            Err(429)
+        }
+        Err(IpRefusal::Handshakes) => {
+            metrics::inc(&c.handshakes_refused_ip);
+            Err(429)
+        }
+    }
+}
+
+/// Serve an admitted socket; gives its place under the caps back at the end.
+async fn serve(sh: Arc<Shared>, mut stream: TcpStream, peer: SocketAddr, ip: IpAddr) {
     let _ = stream.set_nodelay(true);
-    if sh.cfg.send_buffer > 0 {
+    if sh.cfg.limits_socket_send_buffer > 0 {
         // A fixed kernel send buffer (no autotuning): backpressure reaches the
         // connection's own queue sooner and the kernel holds less per slow client.
-        let _ = socket2::SockRef::from(&stream).set_send_buffer_size(sh.cfg.send_buffer);
+        let _ = socket2::SockRef::from(&stream).set_send_buffer_size(sh.cfg.limits_socket_send_buffer);
     }
     // Everything the handshake allocated is gone once `upgrade` returns: only what the
     // connection needs for its whole life is kept (see the idle-memory NOTE in
     // docs/architecture.md).
     // The handshake future is boxed: its timers and buffers are freed when it ends
     // instead of sizing the task for the connection's whole life.
-    let Some((conn, decoder, leftover)) = Box::pin(upgrade(&sh, &mut stream, peer)).await else { return };
+    let up = Box::pin(upgrade(&sh, &mut stream, peer)).await;
+    sh.ips.handshake_done(ip);
+    let Some((conn, inp)) = up else {
+        drop(stream);
+        sh.ips.close(ip);
+        metrics::dec(&sh.counters.sockets_current);
+        return;
+    };
     conn.out.lock().fd = stream.as_raw_fd();
-    let (code, reason) = run_ws(&sh, &stream, &conn, decoder, leftover).await;
+    let (code, reason) = run_ws(&sh, &stream, &conn, inp).await;
     // No direct write may reach this fd number once it is closed (and maybe reused).
     conn.out.lock().fd = -1;
+    conn.gone.store(true, Relaxed);
     drop(stream);
     let c = &sh.counters;
     let rooms = sh.hub.remove_conn(&conn);
     metrics::dec(&c.connections_current);
     metrics::inc(&c.disconnects);
     let user = conn.user.as_ref().map(|u| u.to_string());
-    sh.events.push(Event::Closed { conn: conn.id, code, reason, rooms, user }, c);
+    sh.events.push(Event::Closed { conn: conn.id, code, reason, rooms, user });
+    sh.ips.close(ip);
+    metrics::dec(&c.sockets_current);
 }
 
 /// Read and answer the HTTP request; for an accepted upgrade return the registered
 /// connection, its decoder and any bytes that arrived behind the request head.
-async fn upgrade(sh: &Arc<Shared>, stream: &mut TcpStream, peer: SocketAddr) -> Option<(Arc<Conn>, Decoder, Vec<u8>)> {
+async fn upgrade(sh: &Arc<Shared>, stream: &mut TcpStream, peer: SocketAddr) -> Option<(Arc<Conn>, Box<Input>)> {
     let cfg = &sh.cfg;
     let c = &sh.counters;
     let mut buf = Vec::with_capacity(1024);
-    let (req, used) = match tokio::time::timeout(cfg.handshake_timeout, read_head(stream, &mut buf, cfg)).await {
+    let (req, used) = match tokio::time::timeout(cfg.limits_handshake_timeout, read_head(stream, &mut buf, cfg)).await {
         Err(_) => {
             metrics::inc(&c.handshake_timeout);
             write_plain(stream, 408, "text/plain", b"request timeout\n", &[]).await;
@@ -215,7 +339,7 @@ async fn upgrade(sh: &Arc<Shared>, stream: &mut TcpStream, peer: SocketAddr) -> 
         }
         Kind::Upgrade { key, protocols, extensions } => (key, protocols, extensions),
     };
-    if !cfg.ws_path.is_empty() && req.path != cfg.ws_path {
+    if !cfg.server_ws_path.is_empty() && req.path != cfg.server_ws_path {
         metrics::inc(&c.handshake_not_found);
         write_plain(stream, 404, "text/plain", b"no WebSocket endpoint here\n", &[]).await;
         return None;
@@ -228,7 +352,7 @@ async fn upgrade(sh: &Arc<Shared>, stream: &mut TcpStream, peer: SocketAddr) -> 
     let id = sh.next_id.fetch_add(1, Relaxed);
     let (tx, rx) = oneshot::channel();
     sh.pending.lock().insert(id, tx);
-    let deflate = negotiate(extensions.iter().map(String::as_str), &cfg.deflate);
+    let deflate = negotiate(extensions.iter().map(String::as_str), &sh.deflate);
     let event = Event::Connect {
         conn: id,
         peer: peer.to_string(),
@@ -237,12 +361,12 @@ async fn upgrade(sh: &Arc<Shared>, stream: &mut TcpStream, peer: SocketAddr) -> 
         headers: req.headers,
         protocols,
     };
-    sh.events.push(event, c);
-    let decision = tokio::time::timeout(cfg.auth_timeout, rx).await;
+    sh.events.push(event);
+    let decision = tokio::time::timeout(cfg.auth_deadline, rx).await;
     sh.pending.lock().remove(&id);
-    let (user, meta, protocol, first) = match decision {
-        Ok(Ok(Decision::Accept { user, meta, protocol, first })) => (user, meta, protocol, first),
-        Ok(Ok(Decision::Reject { status, reason })) => {
+    let (user, meta, protocol, first, slot) = match decision {
+        Ok(Ok(Verdict::Accept { user, meta, protocol, first, slot })) => (user, meta, protocol, first, slot),
+        Ok(Ok(Verdict::Reject { status, reason })) => {
             metrics::inc(&c.connects_rejected);
             write_plain(stream, status, "text/plain", format!("{reason}\n").as_bytes(), &[]).await;
             return None;
@@ -250,18 +374,22 @@ async fn upgrade(sh: &Arc<Shared>, stream: &mut TcpStream, peer: SocketAddr) -> 
         Ok(Err(_)) | Err(_) => {
             // Tell the app this pending connection is gone, so per-connection state is freed.
             metrics::inc(&c.connects_auth_timeout);
-            let closed =
-                Event::Closed { conn: id, code: 1006, reason: "auth timeout".into(), rooms: vec![], user: None };
-            sh.events.push(closed, c);
+            let closed = Event::Closed {
+                conn: id,
+                code: close::ABNORMAL,
+                reason: "auth timeout".into(),
+                rooms: vec![],
+                user: None,
+            };
+            sh.events.push(closed);
             write_plain(stream, 503, "text/plain", b"auth timeout\n", &[("Retry-After", "1")]).await;
             return None;
         }
     };
     let resp = handshake::response_101(&key, protocol.as_deref(), deflate.as_ref().map(|d| d.1.as_str()));
-    if tokio::time::timeout(cfg.handshake_timeout, stream.write_all(&resp)).await.map_or(true, |r| r.is_err()) {
-        let closed =
-            Event::Closed { conn: id, code: 1006, reason: "handshake write failed".into(), rooms: vec![], user };
-        sh.events.push(closed, c);
+    if tokio::time::timeout(cfg.limits_handshake_timeout, stream.write_all(&resp)).await.map_or(true, |r| r.is_err()) {
+        let reason = "handshake write failed".into();
+        sh.events.push(Event::Closed { conn: id, code: close::ABNORMAL, reason, rooms: vec![], user });
         return None;
     }
     metrics::inc(&c.connects);
@@ -274,13 +402,26 @@ async fn upgrade(sh: &Arc<Shared>, stream: &mut TcpStream, peer: SocketAddr) -> 
         sh.now_ticks(),
     ));
     sh.hub.add_conn(conn.clone());
+    // Registered: the user's connections count it now.
+    drop(slot);
     if let Some(first) = first {
-        conn.push(&Frame::text(&first, usize::MAX), PRIO_HIGH, usize::MAX, c);
+        // The queue is empty: always admitted.
+        conn.push(&Frame::text(&first, usize::MAX), PRIO_HIGH, sh.hub.queue_bytes, c);
     }
-    let decoder = Decoder::new(cfg.decoder.clone(), deflate.map(|d| Inflater::new(&d.0)));
     let mut leftover = buf.split_off(used);
     leftover.shrink_to_fit();
-    Some((conn, decoder, leftover))
+    // Boxed: the connection task's future stays small (async fn arguments are kept in
+    // it for its whole life).
+    let inp = Box::new(Input {
+        dec: Decoder::new(sh.decoder.clone(), deflate.map(|d| Inflater::new(&d.0))),
+        // Bytes that arrived right behind the request head are decoded like a backlog.
+        backlog: !leftover.is_empty(),
+        buf: leftover,
+        evs: Vec::new(),
+        dead: false,
+        bucket: Bucket::new(sh.cfg.limits_client_burst, sh.now_ticks()),
+    });
+    Some((conn, inp))
 }
 
 async fn serve_plain(sh: &Shared, stream: &mut TcpStream, req: &handshake::Request) {
@@ -289,7 +430,7 @@ async fn serve_plain(sh: &Shared, stream: &mut TcpStream, req: &handshake::Reque
     if req.method != "GET" && req.method != "HEAD" {
         return write_plain(stream, 405, "text/plain", b"method not allowed\n", &[]).await;
     }
-    if req.path == cfg.health_path {
+    if req.path == cfg.server_health_path {
         return if sh.draining.load(Relaxed) {
             write_plain(stream, 503, "text/plain", b"draining\n", &[]).await
         } else {
@@ -299,7 +440,7 @@ async fn serve_plain(sh: &Shared, stream: &mut TcpStream, req: &handshake::Reque
     if let Some((ctype, body)) = cfg.static_files.get(&req.path) {
         return write_plain(stream, 200, ctype, body, &[]).await;
     }
-    if req.path == cfg.ws_path {
+    if req.path == cfg.server_ws_path {
         return write_plain(
             stream,
             426,
@@ -313,18 +454,6 @@ async fn serve_plain(sh: &Shared, stream: &mut TcpStream, req: &handshake::Reque
     write_plain(stream, 404, "text/plain", b"not found\n", &[]).await
 }
 
-/// The application-level heartbeat `{"op":"ping"}` is answered here, never in Python.
-fn is_app_ping(data: &[u8]) -> bool {
-    #[derive(serde::Deserialize)]
-    struct Probe<'a> {
-        #[serde(borrow)]
-        op: &'a str,
-    }
-    data.len() <= 256
-        && memchr::memmem::find(data, b"\"ping\"").is_some()
-        && serde_json::from_slice::<Probe>(data).is_ok_and(|p| p.op == "ping")
-}
-
 /// Write as much of `wq` as the socket takes. Ok(true) when everything was written.
 fn flush(
     stream: &TcpStream,
@@ -334,7 +463,7 @@ fn flush(
     sh: &Shared,
 ) -> io::Result<bool> {
     let c = &sh.counters;
-    let level = sh.cfg.deflate.level;
+    let level = sh.deflate.level;
     while !wq.is_empty() {
         let mut iov = [IoSlice::new(&[]); IOV_MAX];
         let mut k = 0;
@@ -371,38 +500,41 @@ fn flush(
     Ok(true)
 }
 
+/// Per-connection input state of the I/O task.
+pub(crate) struct Input {
+    dec: Decoder,
+    /// The tail of input not decoded yet: an incomplete frame, or complete frames left
+    /// when a decode budget ran out (`backlog`).
+    buf: Vec<u8>,
+    evs: Vec<WsEvent>,
+    /// `buf` holds complete frames not decoded yet.
+    backlog: bool,
+    /// After a protocol error or an abuse close: discard input until EOF.
+    dead: bool,
+    bucket: Bucket,
+}
+
 /// Serve one upgraded connection until it closes. Returns the close code and reason to
 /// report: the client's, ours, or 1006 when the TCP connection just went away.
-async fn run_ws(
-    sh: &Shared,
-    stream: &TcpStream,
-    conn: &Arc<Conn>,
-    mut dec: Decoder,
-    mut inbuf: Vec<u8>,
-) -> (u16, String) {
+async fn run_ws(sh: &Shared, stream: &TcpStream, conn: &Arc<Conn>, mut inp: Box<Input>) -> (u16, String) {
     let c = &sh.counters;
     let mut wq: VecDeque<Arc<Frame>> = VecDeque::new();
     let mut off = 0usize;
-    let mut evs: Vec<WsEvent> = Vec::new();
     let mut close_sent = false;
     let mut close_recv = false;
-    let mut input_dead = false; // after a protocol error: discard input until EOF
+    let mut paused = false;
     let mut result: Option<(u16, String)> = None;
     let mut deadline: Option<tokio::time::Instant> = None;
     let mut close_timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
     let mut write_shut = false;
 
-    if !inbuf.is_empty() {
-        // Bytes that arrived right behind the request head.
-        let mut pending = std::mem::take(&mut inbuf);
-        match dec.decode(&mut pending, &mut evs) {
-            Ok(n) => inbuf = pending.split_off(n),
-            Err(e) => protocol_error(conn, c, e, &mut input_dead),
-        }
-        handle_events(sh, conn, &mut evs, &mut close_recv, &mut result);
-    }
-
     loop {
+        // Input left undecoded when a decode budget ran out, once the connection may
+        // be read again.
+        if inp.backlog && !paused && !close_recv {
+            decode_backlog(sh, conn, &mut inp);
+            handle_events(sh, conn, &mut inp, &mut close_recv, &mut result);
+        }
         // Take queued frames, or the close frame once the queue is done.
         if wq.is_empty() && !close_sent {
             let mut q = conn.out.lock();
@@ -413,14 +545,17 @@ async fn run_ws(
                 wq.push_back(f);
                 off = sent;
             }
-            let n = q.items.len().min(IOV_MAX * 4);
-            for it in q.items.drain(..n) {
+            wq.extend(q.take_replies());
+            let mut took = 0;
+            while took < WRITE_BATCH && wq.len() < IOV_MAX * 4 {
+                let Some(it) = q.items.pop_front() else { break };
                 q.bytes -= it.frame.len();
+                took += it.frame.len();
                 wq.push_back(it.frame);
             }
             if wq.is_empty() {
                 if let Some(cl) = q.closing.clone() {
-                    wq.push_back(Frame::control(frame::encode_close(cl.code, &cl.reason)));
+                    wq.push_back(Frame::control(frames::close(cl.code, &cl.reason)));
                     close_sent = true;
                     result.get_or_insert((cl.code, cl.reason));
                     deadline = Some(tokio::time::Instant::now() + sh.cfg.close_timeout);
@@ -446,17 +581,17 @@ async fn run_ws(
                 Ok(false) => {}
                 Err(_) => {
                     metrics::inc(&c.close_io_error);
-                    return result.unwrap_or((1006, "write error".into()));
+                    return result.unwrap_or((close::ABNORMAL, "write error".into()));
                 }
             }
         }
-        if close_sent && wq.is_empty() && (close_recv || input_dead && result.is_none()) {
-            return result.unwrap_or((1006, String::new()));
+        if close_sent && wq.is_empty() && (close_recv || inp.dead && result.is_none()) {
+            return result.unwrap_or((close::ABNORMAL, String::new()));
         }
         if close_sent && close_recv && wq.is_empty() {
-            return result.unwrap_or((1000, String::new()));
+            return result.unwrap_or((close::NORMAL, String::new()));
         }
-        if close_sent && input_dead && wq.is_empty() && !write_shut {
+        if close_sent && inp.dead && wq.is_empty() && !write_shut {
             // Failing the connection (RFC 6455 §7.1.7): our close frame is out and the
             // peer's reply cannot be parsed, so close the TCP connection now (the server
             // closes first, §7.1.1). Half-close, then drain input until the peer's EOF
@@ -464,6 +599,17 @@ async fn run_ws(
             // that could destroy the close frame in flight.
             write_shut = true;
             let _ = socket2::SockRef::from(stream).shutdown(std::net::Shutdown::Write);
+        }
+        // Backpressure to the client: stop reading while its messages wait for the
+        // application over its share, or while a reply waits behind a full socket (the
+        // client does not read what we send; reading more would only make more replies).
+        let was_paused = paused;
+        paused = !close_sent
+            && !inp.dead
+            && (conn.ev_bytes.load(Relaxed) >= sh.cfg.limits_conn_event_bytes
+                || !wq.is_empty() && conn.out.lock().reply_waiting());
+        if paused && !was_paused {
+            metrics::inc(&c.read_paused);
         }
         if let (Some(d), None) = (deadline, close_timer.as_ref()) {
             close_timer = Some(Box::pin(tokio::time::sleep_until(d)));
@@ -475,7 +621,8 @@ async fn run_ws(
             }
         };
         // One readiness future for both directions keeps the task small (each is 152 bytes).
-        let interest = match (!close_recv, !wq.is_empty()) {
+        let read = !close_recv && !paused;
+        let interest = match (read, !wq.is_empty()) {
             (true, true) => Some(Interest::READABLE | Interest::WRITABLE),
             (true, false) => Some(Interest::READABLE),
             (false, true) => Some(Interest::WRITABLE),
@@ -483,58 +630,78 @@ async fn run_ws(
         };
         tokio::select! {
             _ = conn.notify.notified(), if wq.is_empty() && !close_sent => {}
+            // A backlog to decode: come back after letting other tasks run.
+            _ = tokio::task::yield_now(), if inp.backlog && read => {}
             r = stream.ready(interest.unwrap_or(Interest::READABLE)), if interest.is_some() => {
                 let ready = match r {
                     Ok(r) => r,
-                    Err(_) => return result.unwrap_or((1006, "socket error".into())),
+                    Err(_) => return result.unwrap_or((close::ABNORMAL, "socket error".into())),
                 };
-                if !close_recv && (ready.is_readable() || ready.is_read_closed()) {
-                    match read_some(sh, stream, conn, &mut dec, &mut inbuf, &mut evs, &mut input_dead) {
+                if read && !inp.backlog && (ready.is_readable() || ready.is_read_closed()) {
+                    match read_some(sh, stream, conn, &mut inp) {
                         Ok(true) => {}
                         Ok(false) => {
                             // EOF. A clean close already happened if close_recv; else the peer vanished.
                             if !close_recv {
                                 metrics::inc(&c.close_io_error);
                             }
-                            return result.unwrap_or((1006, "connection lost".into()));
+                            return result.unwrap_or((close::ABNORMAL, "connection lost".into()));
                         }
                         Err(_) => {
                             metrics::inc(&c.close_io_error);
-                            return result.unwrap_or((1006, "read error".into()));
+                            return result.unwrap_or((close::ABNORMAL, "read error".into()));
                         }
                     }
-                    handle_events(sh, conn, &mut evs, &mut close_recv, &mut result);
+                    handle_events(sh, conn, &mut inp, &mut close_recv, &mut result);
                 }
                 // Writable: the loop flushes.
             }
             _ = timer => {
-                return result.unwrap_or((1006, "close timeout".into()));
+                return result.unwrap_or((close::ABNORMAL, "close timeout".into()));
             }
         }
     }
 }
 
-fn protocol_error(conn: &Conn, c: &Counters, e: frame::ProtoError, input_dead: &mut bool) {
+fn protocol_error(conn: &Conn, c: &Counters, e: frame::ProtoError, inp: &mut Input) {
     metrics::inc(match e.code {
-        1009 => &c.close_too_big,
-        1007 => &c.close_invalid_utf8,
+        close::TOO_BIG => &c.close_too_big,
+        close::INVALID_PAYLOAD => &c.close_invalid_utf8,
         _ => &c.close_protocol_error,
     });
     conn.close(e.code, e.reason, true);
-    *input_dead = true;
+    inp.dead = true;
+    inp.backlog = false;
+    inp.buf = Vec::new();
+}
+
+/// What the events decoded from one read may cost (see `Decoder::decode_some`): the
+/// connection's remaining share of the event queue, at least one message.
+fn decode_budget(sh: &Shared, conn: &Conn) -> usize {
+    sh.cfg.limits_conn_event_bytes.saturating_sub(conn.ev_bytes.load(Relaxed)).max(1)
+}
+
+/// Decode complete frames left in the input buffer, within the budget.
+fn decode_backlog(sh: &Shared, conn: &Conn, inp: &mut Input) {
+    let mut budget = decode_budget(sh, conn);
+    let mut pending = std::mem::take(&mut inp.buf);
+    match inp.dec.decode_some(&mut pending, &mut inp.evs, &mut budget) {
+        Ok((n, more)) => {
+            inp.backlog = more;
+            pending.drain(..n);
+            if pending.is_empty() {
+                pending = Vec::new(); // give the memory back while idle
+            }
+            inp.buf = pending;
+        }
+        Err(e) => protocol_error(conn, &sh.counters, e, inp),
+    }
 }
 
 /// Read what the socket has (up to the budget) and decode it. Ok(false) on EOF.
-fn read_some(
-    sh: &Shared,
-    stream: &TcpStream,
-    conn: &Conn,
-    dec: &mut Decoder,
-    inbuf: &mut Vec<u8>,
-    evs: &mut Vec<WsEvent>,
-    input_dead: &mut bool,
-) -> io::Result<bool> {
+fn read_some(sh: &Shared, stream: &TcpStream, conn: &Conn, inp: &mut Input) -> io::Result<bool> {
     let c = &sh.counters;
+    let mut budget = decode_budget(sh, conn);
     SCRATCH_BUF.with(|s| {
         let mut scratch = s.borrow_mut();
         let mut total = 0;
@@ -548,87 +715,108 @@ fn read_some(
             total += n;
             metrics::add(&c.bytes_in, n as u64);
             conn.last_rx.store(sh.now_ticks(), Relaxed);
-            if *input_dead || dec.is_closed() {
+            if inp.dead || inp.dec.is_closed() {
                 continue; // discard until EOF
             }
-            let res = if inbuf.is_empty() {
-                dec.decode(&mut scratch[..n], evs).map(|used| {
+            // The input buffer holds at most one incomplete frame (max frame + header)
+            // plus one read, or one read's worth of frames left by the budget.
+            let res = if inp.buf.is_empty() {
+                inp.dec.decode_some(&mut scratch[..n], &mut inp.evs, &mut budget).map(|(used, more)| {
                     if used < n {
-                        inbuf.extend_from_slice(&scratch[used..n]);
+                        inp.buf.extend_from_slice(&scratch[used..n]);
                     }
+                    more
                 })
             } else {
-                inbuf.extend_from_slice(&scratch[..n]);
-                dec.decode(inbuf, evs).map(|used| {
-                    inbuf.drain(..used);
-                    if inbuf.is_empty() {
-                        *inbuf = Vec::new(); // give the memory back while idle
+                inp.buf.extend_from_slice(&scratch[..n]);
+                inp.dec.decode_some(&mut inp.buf, &mut inp.evs, &mut budget).map(|(used, more)| {
+                    inp.buf.drain(..used);
+                    if inp.buf.is_empty() {
+                        inp.buf = Vec::new(); // give the memory back while idle
                     }
+                    more
                 })
             };
-            if let Err(e) = res {
-                protocol_error(conn, c, e, input_dead);
-                inbuf.clear();
+            match res {
+                Ok(true) => {
+                    // The budget ran out: the rest waits until the application has taken
+                    // this connection's events.
+                    inp.backlog = true;
+                    return Ok(true);
+                }
+                Ok(false) => {}
+                Err(e) => protocol_error(conn, c, e, inp),
             }
-            if total >= READ_BUDGET || !evs.is_empty() && evs.len() >= 64 {
+            if total >= READ_BUDGET || inp.evs.len() >= 64 {
                 return Ok(true);
             }
         }
     })
 }
 
+/// Answer a refused client message with an error frame carrying the request's id.
+fn refuse_message(sh: &Shared, conn: &Conn, data: &[u8], message: &str) {
+    let id = frames::request_id(data);
+    let f = Frame::text(&frames::error(id.as_deref(), error::RATE_LIMITED, message), usize::MAX);
+    conn.push(&f, PRIO_NORMAL, sh.hub.queue_bytes, &sh.counters);
+}
+
 fn handle_events(
     sh: &Shared,
     conn: &Arc<Conn>,
-    evs: &mut Vec<WsEvent>,
+    inp: &mut Input,
     close_recv: &mut bool,
     result: &mut Option<(u16, String)>,
 ) {
     let c = &sh.counters;
-    for ev in evs.drain(..) {
+    let (rate, burst) = (sh.cfg.limits_client_rate, sh.cfg.limits_client_burst);
+    for ev in inp.evs.drain(..) {
         match ev {
-            WsEvent::Text(data) => {
+            WsEvent::Text(data) | WsEvent::Binary(data) if inp.dead => drop(data),
+            ev @ (WsEvent::Text(_) | WsEvent::Binary(_)) => {
+                let (data, binary) = match ev {
+                    WsEvent::Text(d) => (d, false),
+                    WsEvent::Binary(d) => (d, true),
+                    _ => unreachable!("matched above"),
+                };
                 metrics::inc(&c.messages_in);
-                if sh.cfg.app_ping && is_app_ping(&data) {
-                    metrics::inc(&c.app_pings);
-                    let pong = format!("{{\"op\":\"pong\",\"ts\":{}}}", unix_ms());
-                    conn.push(&Frame::text(pong.as_bytes(), usize::MAX), PRIO_HIGH, usize::MAX, c);
-                } else if sh.events.push(Event::Message { conn: conn.id, data, binary: false }, c) {
-                    metrics::inc(&c.messages_to_app);
+                // The 10 ms clock of the read that brought this message.
+                if !inp.bucket.admit(rate, burst, conn.last_rx.load(Relaxed)) {
+                    metrics::inc(&c.rate_limited);
+                    if inp.bucket.refused > burst {
+                        // Goes on without a pause: close, discarding what is queued.
+                        metrics::inc(&c.closed_abuse);
+                        conn.close(close::ABUSE, "rate limit exceeded", true);
+                        inp.dead = true;
+                        inp.backlog = false;
+                    } else {
+                        refuse_message(sh, conn, &data, "rate limited");
+                    }
+                    continue;
                 }
-            }
-            WsEvent::Binary(data) => {
-                metrics::inc(&c.messages_in);
-                if sh.events.push(Event::Message { conn: conn.id, data, binary: true }, c) {
-                    metrics::inc(&c.messages_to_app);
+                if !binary && sh.cfg.app_ping && frames::is_app_ping(&data) {
+                    metrics::inc(&c.app_pings);
+                    let pong = Frame::text(&frames::app_pong(unix_ms()), usize::MAX);
+                    conn.reply(Reply::AppPong, &pong, c);
+                    continue;
+                }
+                match sh.events.push_message(conn, data, binary, c) {
+                    Ok(()) => metrics::inc(&c.messages_to_app),
+                    Err(data) => refuse_message(sh, conn, &data, "overloaded"),
                 }
             }
             WsEvent::Ping(p) => {
-                conn.push(&Frame::control(frame::encode(OP_PONG, false, &p)), PRIO_HIGH, usize::MAX, c);
+                conn.reply(Reply::Control, &Frame::control(frames::ws_pong(&p)), c);
             }
             WsEvent::Pong(_) => {}
             WsEvent::Close(code, reason) => {
                 *close_recv = true;
                 metrics::inc(&c.close_client);
-                result.get_or_insert((code.unwrap_or(1005), reason));
+                result.get_or_insert((code.unwrap_or(close::NO_STATUS), reason));
                 // Echo the code (RFC 6455 §5.5.1); nothing more is sent after it.
                 conn.close(code.unwrap_or(close::NORMAL), "", true);
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::is_app_ping;
-
-    #[test]
-    fn app_ping_detection() {
-        assert!(is_app_ping(br#"{"op":"ping"}"#));
-        assert!(is_app_ping(br#"{ "id": 3, "op" : "ping" }"#));
-        assert!(!is_app_ping(br#"{"op":"publish","data":"ping"}"#));
-        assert!(!is_app_ping(br#"{"op":"ping""#));
-        assert!(!is_app_ping(b"ping"));
     }
 }
 

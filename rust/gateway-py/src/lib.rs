@@ -10,6 +10,8 @@ use std::time::Duration;
 use gateway_core::engine::{raise_nofile_limit, ConnectDecision};
 use gateway_core::events::Event;
 use gateway_core::hub::{Join, RoomOptions};
+use gateway_core::protocol::close;
+use gateway_core::protocol::codes::{PRIO_HIGH, PRIO_LOW, PRIO_NORMAL};
 use gateway_core::{Engine as CoreEngine, EngineConfig};
 use pyo3::create_exception;
 use pyo3::exceptions::{PyTypeError, PyValueError};
@@ -28,73 +30,78 @@ const EV_CONNECT: u8 = 1;
 const EV_MESSAGE: u8 = 2;
 const EV_CLOSED: u8 = 3;
 
+/// Seconds as a Duration: a conversion, so NaN, infinity and negative values are errors.
 fn secs(v: f64, key: &str) -> PyResult<Duration> {
-    if !(v.is_finite() && v >= 0.0) {
-        return Err(PyValueError::new_err(format!("{key} must be a non-negative number of seconds")));
-    }
-    Ok(Duration::from_secs_f64(v))
+    Duration::try_from_secs_f64(v).map_err(|_| PyValueError::new_err(format!("{key}: not a number of seconds: {v}")))
 }
 
-/// Build the engine config from keyword arguments; unknown keys are an error.
+/// Build the engine config from keyword arguments, each named like its config key
+/// (`limits.queue_bytes` -> `limits_queue_bytes`). Only types are converted here (unknown
+/// keyword -> TypeError, wrong type -> TypeError, out of the type's range -> ValueError
+/// or OverflowError); ranges are checked by `Config.check()` in Python.
 fn config_from(kwargs: Option<&Bound<'_, PyDict>>) -> PyResult<EngineConfig> {
     let mut c = EngineConfig::default();
     let Some(kw) = kwargs else { return Ok(c) };
     for (k, v) in kw.iter() {
         let key: String = k.extract()?;
+        let d = |v: &Bound<'_, PyAny>| -> PyResult<Duration> { secs(v.extract()?, &key) };
         match key.as_str() {
-            "host" => c.host = v.extract()?,
-            "port" => c.port = v.extract()?,
-            "reuse_port" => c.reuse_port = v.extract()?,
-            "backlog" => c.backlog = v.extract()?,
-            "workers" => c.workers = v.extract()?,
-            "ws_path" => c.ws_path = v.extract()?,
-            "health_path" => c.health_path = v.extract()?,
+            "server_host" => c.server_host = v.extract()?,
+            "server_port" => c.server_port = v.extract()?,
+            "server_reuse_port" => c.server_reuse_port = v.extract()?,
+            "server_backlog" => c.server_backlog = v.extract()?,
+            "server_io_threads" => c.server_io_threads = v.extract()?,
+            "server_ws_path" => c.server_ws_path = v.extract()?,
+            "server_health_path" => c.server_health_path = v.extract()?,
             "static_files" => {
                 let m: HashMap<String, (String, Vec<u8>)> = v.extract()?;
                 c.static_files = m.into_iter().map(|(p, (t, b))| (p, (t, b.into()))).collect();
             }
-            "handshake_timeout" => c.handshake_timeout = secs(v.extract()?, &key)?,
-            "auth_timeout" => c.auth_timeout = secs(v.extract()?, &key)?,
-            "max_headers" => c.max_headers = v.extract()?,
-            "max_header_bytes" => c.max_header_bytes = v.extract()?,
-            "max_frame_size" => c.decoder.max_frame = v.extract()?,
-            "max_message_size" => c.decoder.max_message = v.extract()?,
-            "deflate" => c.deflate.enabled = v.extract()?,
-            "deflate_min_size" => c.deflate.min_size = v.extract()?,
-            "deflate_level" => c.deflate.level = v.extract()?,
-            "deflate_client_max_window_bits" => c.deflate.client_max_window_bits = v.extract()?,
-            "idle_timeout" => c.idle_timeout = secs(v.extract()?, &key)?,
-            "ping_interval" => c.ping_interval = secs(v.extract()?, &key)?,
+            "limits_handshake_timeout" => c.limits_handshake_timeout = d(&v)?,
+            "auth_deadline" => c.auth_deadline = d(&v)?,
+            "limits_max_headers" => c.limits_max_headers = v.extract()?,
+            "limits_max_header_bytes" => c.limits_max_header_bytes = v.extract()?,
+            "limits_max_frame_bytes" => c.limits_max_frame_bytes = v.extract()?,
+            "limits_max_message_bytes" => c.limits_max_message_bytes = v.extract()?,
+            "deflate_enabled" => c.deflate_enabled = v.extract()?,
+            "deflate_min_size" => c.deflate_min_size = v.extract()?,
+            "deflate_level" => c.deflate_level = v.extract()?,
+            "deflate_client_max_window_bits" => c.deflate_client_max_window_bits = v.extract()?,
+            "heartbeat_idle_timeout" => c.heartbeat_idle_timeout = d(&v)?,
+            "heartbeat_interval" => c.heartbeat_interval = d(&v)?,
+            "heartbeat_ws_ping" => c.heartbeat_ws_ping = v.extract()?,
             "app_ping" => c.app_ping = v.extract()?,
-            "queue_bytes" => c.queue_bytes = v.extract()?,
-            "send_buffer" => c.send_buffer = v.extract()?,
-            "fanout_chunk" => c.fanout_chunk = v.extract()?,
-            "event_queue_cap" => c.event_queue_cap = v.extract()?,
-            "close_timeout" => c.close_timeout = secs(v.extract()?, &key)?,
+            "limits_queue_bytes" => c.limits_queue_bytes = v.extract()?,
+            "limits_socket_send_buffer" => c.limits_socket_send_buffer = v.extract()?,
+            "limits_fanout_chunk" => c.limits_fanout_chunk = v.extract()?,
+            "limits_event_queue" => c.limits_event_queue = v.extract()?,
+            "limits_event_queue_bytes" => c.limits_event_queue_bytes = v.extract()?,
+            "limits_conn_event_bytes" => c.limits_conn_event_bytes = v.extract()?,
+            "limits_client_rate" => c.limits_client_rate = v.extract()?,
+            "limits_client_burst" => c.limits_client_burst = v.extract()?,
+            "limits_max_conns" => c.limits_max_conns = v.extract()?,
+            "limits_reserved_fds" => c.limits_reserved_fds = v.extract()?,
+            "limits_max_conns_per_ip" => c.limits_max_conns_per_ip = v.extract()?,
+            "limits_max_handshakes_per_ip" => c.limits_max_handshakes_per_ip = v.extract()?,
+            "limits_max_conns_per_user" => c.limits_max_conns_per_user = v.extract()?,
+            "limits_max_rooms_per_conn" => c.limits_max_rooms_per_conn = v.extract()?,
+            "limits_max_rooms" => c.limits_max_rooms = v.extract()?,
+            "close_timeout" => c.close_timeout = d(&v)?,
             _ => return Err(PyTypeError::new_err(format!("Engine() got an unexpected keyword argument {key:?}"))),
         }
-    }
-    if c.decoder.max_frame == 0 || c.decoder.max_message == 0 {
-        return Err(PyValueError::new_err("max_frame_size and max_message_size must be positive"));
-    }
-    if c.deflate.level > 9 {
-        return Err(PyValueError::new_err("deflate_level must be 0..9"));
-    }
-    if !(9..=15).contains(&c.deflate.client_max_window_bits) {
-        return Err(PyValueError::new_err("deflate_client_max_window_bits must be 9..15"));
     }
     Ok(c)
 }
 
 fn prio(p: u8) -> PyResult<u8> {
-    if p > 2 {
+    if p > PRIO_HIGH {
         return Err(PyValueError::new_err("priority must be 0 (low), 1 (normal) or 2 (high)"));
     }
     Ok(p)
 }
 
 fn close_code(code: u16) -> PyResult<u16> {
-    if matches!(code, 1000 | 1001 | 1008 | 1011 | 1012 | 1013 | 3000..=4999) {
+    if close::server_may_send(code) {
         Ok(code)
     } else {
         Err(PyValueError::new_err(format!(
@@ -138,7 +145,7 @@ impl Engine {
     fn start(&self, py: Python<'_>) -> PyResult<(String, u16)> {
         let addr = py.detach(|| self.inner.start()).map_err(|e| {
             let cfg = self.inner.config();
-            EngineError::new_err(format!("cannot listen on {}:{}: {e}", cfg.host, cfg.port))
+            EngineError::new_err(format!("cannot listen on {}:{}: {e}", cfg.server_host, cfg.server_port))
         })?;
         Ok((addr.ip().to_string(), addr.port()))
     }
@@ -193,33 +200,40 @@ impl Engine {
         Ok(self.inner.decide(conn, ConnectDecision::Reject { status, reason }))
     }
 
-    #[pyo3(signature = (conn, data, priority = 2, binary = false))]
+    #[pyo3(signature = (conn, data, priority = PRIO_HIGH, binary = false))]
     fn send(&self, conn: u64, data: &[u8], priority: u8, binary: bool) -> PyResult<bool> {
         Ok(self.inner.send(conn, data, prio(priority)?, binary))
     }
 
-    #[pyo3(signature = (user, data, priority = 2))]
+    #[pyo3(signature = (user, data, priority = PRIO_HIGH))]
     fn send_user(&self, user: &str, data: &[u8], priority: u8) -> PyResult<usize> {
         Ok(self.inner.send_user(user, data, prio(priority)?))
     }
 
-    #[pyo3(signature = (room, data, priority = 1))]
+    #[pyo3(signature = (room, data, priority = PRIO_NORMAL))]
     fn publish(&self, room: &str, data: &[u8], priority: u8) -> PyResult<usize> {
         Ok(self.inner.publish(room, data, prio(priority)?))
     }
 
-    #[pyo3(signature = (data, priority = 1))]
+    #[pyo3(signature = (data, priority = PRIO_NORMAL))]
     fn broadcast(&self, data: &[u8], priority: u8) -> PyResult<usize> {
         Ok(self.inner.broadcast(data, prio(priority)?))
     }
 
-    /// Returns 1 joined, 0 already a member, -1 no such connection.
+    /// Returns 1 joined, 0 already a member, -1 no such (or closing) connection, -2 over
+    /// the per-connection room cap, -3 over the node's room cap.
     fn join(&self, conn: u64, room: &str) -> i8 {
         match self.inner.join(conn, room) {
             Join::Joined => 1,
             Join::AlreadyMember => 0,
             Join::NoSuchConn => -1,
+            Join::ConnRoomsFull => -2,
+            Join::NodeRoomsFull => -3,
         }
+    }
+
+    fn is_member(&self, conn: u64, room: &str) -> bool {
+        self.inner.is_member(conn, room)
     }
 
     fn leave(&self, conn: u64, room: &str) -> bool {
@@ -262,12 +276,12 @@ impl Engine {
         self.inner.user_conns(user)
     }
 
-    #[pyo3(signature = (conn, code = 1000, reason = String::new()))]
+    #[pyo3(signature = (conn, code = close::NORMAL, reason = String::new()))]
     fn disconnect(&self, conn: u64, code: u16, reason: String) -> PyResult<bool> {
         Ok(self.inner.disconnect(conn, close_code(code)?, &reason))
     }
 
-    #[pyo3(signature = (user, code = 4003, reason = String::new()))]
+    #[pyo3(signature = (user, code = close::KICKED, reason = String::new()))]
     fn disconnect_user(&self, user: &str, code: u16, reason: String) -> PyResult<usize> {
         Ok(self.inner.disconnect_user(user, close_code(code)?, &reason))
     }
@@ -287,7 +301,7 @@ impl Engine {
     }
 
     /// Stop accepting and ask every connection to close; returns how many were asked.
-    #[pyo3(signature = (code = 1012, reason = String::from("restarting"), last = None))]
+    #[pyo3(signature = (code = close::RESTART, reason = String::from("restarting"), last = None))]
     fn drain(&self, code: u16, reason: String, last: Option<Vec<u8>>) -> PyResult<usize> {
         Ok(self.inner.drain(close_code(code)?, &reason, last.as_deref()))
     }
@@ -300,7 +314,7 @@ impl Engine {
 
     /// Graceful stop: drain, wait up to `timeout`, shut the runtime down. Returns how
     /// many connections had to be dropped.
-    #[pyo3(signature = (code = 1001, reason = String::from("server stopping"), timeout = 5.0))]
+    #[pyo3(signature = (code = close::GOING_AWAY, reason = String::from("server stopping"), timeout = 5.0))]
     fn stop(&self, py: Python<'_>, code: u16, reason: String, timeout: f64) -> PyResult<usize> {
         let code = close_code(code)?;
         let t = secs(timeout, "timeout")?;
@@ -322,9 +336,9 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("EV_CONNECT", EV_CONNECT)?;
     m.add("EV_MESSAGE", EV_MESSAGE)?;
     m.add("EV_CLOSED", EV_CLOSED)?;
-    m.add("PRIO_LOW", 0u8)?;
-    m.add("PRIO_NORMAL", 1u8)?;
-    m.add("PRIO_HIGH", 2u8)?;
+    m.add("PRIO_LOW", PRIO_LOW)?;
+    m.add("PRIO_NORMAL", PRIO_NORMAL)?;
+    m.add("PRIO_HIGH", PRIO_HIGH)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

@@ -8,6 +8,7 @@ use std::cell::RefCell;
 
 use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, Status};
 
+use super::close;
 use super::frame::ProtoError;
 
 const TAIL: [u8; 4] = [0x00, 0x00, 0xff, 0xff];
@@ -113,6 +114,7 @@ pub fn negotiate<'a>(
             if o.client_no_context {
                 resp.push_str("; client_no_context_takeover");
             }
+            // zlib cannot inflate with a window outside 9..=15: clamped, not validated.
             let cap = cfg.client_max_window_bits.clamp(9, 15);
             let client_bits = match o.client_bits {
                 // The client said it can limit its window: ask for our cap.
@@ -153,19 +155,23 @@ impl Inflater {
 
     /// Inflate one message (all its fragments concatenated), at most `max` bytes out.
     pub fn inflate(&mut self, data: &[u8], max: usize) -> Result<Vec<u8>, ProtoError> {
-        let bad = ProtoError { code: 1007, reason: "invalid deflate data" };
-        let big = ProtoError { code: 1009, reason: "message too large" };
+        let bad = ProtoError { code: close::INVALID_PAYLOAD, reason: "invalid deflate data" };
+        let big = ProtoError { code: close::TOO_BIG, reason: "message too large" };
         let bits = self.bits;
         let d = self.d.get_or_insert_with(|| Box::new(Decompress::new_with_window_bits(false, bits)));
-        let mut out = Vec::with_capacity((data.len() * 3).clamp(64, max.max(64)));
+        let mut out = Vec::with_capacity((data.len() * 3).clamp(64, max.max(64)).min(max.saturating_add(1)));
         for input in [data, &TAIL[..]] {
             let mut pos = 0;
             loop {
                 if out.len() == out.capacity() {
-                    if out.len() >= max {
+                    if out.len() > max {
                         return Err(big);
                     }
-                    out.reserve((out.len()).clamp(256, max - out.len()));
+                    // Exact growth: the buffer never exceeds max + 1 bytes (one byte over
+                    // the cap proves the message too large), whatever the ratio (a
+                    // deflate bomb inflates 1,000:1).
+                    let room = max.saturating_add(1) - out.len();
+                    out.reserve_exact(out.len().max(256).min(room));
                 }
                 let before_in = d.total_in();
                 let st = d.decompress_vec(&input[pos..], &mut out, FlushDecompress::Sync).map_err(|_| bad)?;
@@ -196,11 +202,12 @@ thread_local! {
 /// trailing `00 00 ff ff` removed as RFC 7692 §7.2.1 requires. One compressor per window
 /// size is kept per thread and reset between messages.
 pub fn deflate(payload: &[u8], window_bits: u8, level: u32) -> Vec<u8> {
+    // zlib knows windows 9..=15 and levels 0..=9 only ("expect" below would fail).
     let bits = window_bits.clamp(9, 15);
     COMPRESSORS.with(|c| {
         let mut c = c.borrow_mut();
         let comp = c[(bits - 9) as usize]
-            .get_or_insert_with(|| Compress::new_with_window_bits(Compression::new(level), false, bits));
+            .get_or_insert_with(|| Compress::new_with_window_bits(Compression::new(level.min(9)), false, bits));
         comp.reset();
         let mut out = Vec::with_capacity(payload.len() / 2 + 64);
         let mut pos = 0;
@@ -443,5 +450,21 @@ mod tests {
         let p = DeflateParams { server_window_bits: 15, client_window_bits: 15, client_no_context_takeover: false };
         assert_eq!(Inflater::new(&p).inflate(&z, 65536).unwrap_err().code, 1009);
         assert_eq!(Inflater::new(&p).inflate(&[0xff, 0xff, 0xff], 65536).unwrap_err().code, 1007);
+    }
+
+    #[test]
+    fn inflate_output_never_outgrows_the_cap() {
+        let p = DeflateParams { server_window_bits: 15, client_window_bits: 15, client_no_context_takeover: false };
+        // A deflate bomb: 64 MiB of zeros in about 64 KiB.
+        let bomb = deflate(&vec![0u8; 64 << 20], 15, 9);
+        assert!(bomb.len() < 100_000, "{}", bomb.len());
+        assert_eq!(Inflater::new(&p).inflate(&bomb, 65536).unwrap_err().code, 1009);
+        // Exactly the cap is fine, and the buffer is never larger than cap + 1.
+        for max in [1000, 4096, 65536, 100_000] {
+            let out = Inflater::new(&p).inflate(&deflate(&vec![7u8; max], 15, 5), max).unwrap();
+            assert_eq!(out.len(), max);
+            assert!(out.capacity() <= max + 1, "{max}: capacity {}", out.capacity());
+            assert_eq!(Inflater::new(&p).inflate(&deflate(&vec![7u8; max + 1], 15, 5), max).unwrap_err().code, 1009);
+        }
     }
 }

@@ -4,8 +4,8 @@
 //! (masking, control-frame limits, reserved bits, fragmentation order, UTF-8, sizes).
 //! [`encode`] builds the unmasked server frames.
 
+use super::close;
 use super::deflate::Inflater;
-use super::CloseCode;
 
 pub const OP_CONT: u8 = 0x0;
 pub const OP_TEXT: u8 = 0x1;
@@ -36,6 +36,20 @@ pub enum Event {
     Pong(Vec<u8>),
     /// `None` when the close frame carried no status code.
     Close(Option<u16>, String),
+}
+
+/// What an event costs against a decode budget besides its payload.
+pub const EVENT_COST: usize = 64;
+
+impl Event {
+    /// Payload bytes plus [`EVENT_COST`].
+    pub fn cost(&self) -> usize {
+        EVENT_COST
+            + match self {
+                Event::Text(d) | Event::Binary(d) | Event::Ping(d) | Event::Pong(d) => d.len(),
+                Event::Close(_, r) => r.len(),
+            }
+    }
 }
 
 /// Limits applied while decoding.
@@ -72,7 +86,7 @@ pub struct Decoder {
     frame_fed: usize,
 }
 
-const BAD_UTF8: ProtoError = ProtoError::new(1007, "invalid UTF-8 in text message");
+const BAD_UTF8: ProtoError = ProtoError::new(close::INVALID_PAYLOAD, "invalid UTF-8 in text message");
 
 /// Incremental UTF-8 validation of one message fed in arbitrary pieces: an error is
 /// reported at the first byte that cannot start or continue a valid sequence.
@@ -151,7 +165,7 @@ fn parse_header(buf: &[u8], max_frame: usize) -> Result<Option<Header>, ProtoErr
     let fin = b0 & 0x80 != 0;
     let rsv1 = b0 & 0x40 != 0;
     if b0 & 0x30 != 0 {
-        return Err(ProtoError::new(1002, "reserved bits set"));
+        return Err(ProtoError::new(close::PROTOCOL_ERROR, "reserved bits set"));
     }
     let opcode = b0 & 0x0F;
     let masked = b1 & 0x80 != 0;
@@ -169,7 +183,7 @@ fn parse_header(buf: &[u8], max_frame: usize) -> Result<Option<Header>, ProtoErr
             }
             let l = u64::from_be_bytes(buf[2..10].try_into().expect("8 bytes"));
             if l >> 63 != 0 {
-                return Err(ProtoError::new(1002, "payload length has the top bit set"));
+                return Err(ProtoError::new(close::PROTOCOL_ERROR, "payload length has the top bit set"));
             }
             (usize::try_from(l).unwrap_or(usize::MAX), 10)
         }
@@ -177,14 +191,14 @@ fn parse_header(buf: &[u8], max_frame: usize) -> Result<Option<Header>, ProtoErr
     };
     if opcode >= 0x8 {
         if !fin {
-            return Err(ProtoError::new(1002, "fragmented control frame"));
+            return Err(ProtoError::new(close::PROTOCOL_ERROR, "fragmented control frame"));
         }
         if len > 125 {
-            return Err(ProtoError::new(1002, "control frame payload over 125 bytes"));
+            return Err(ProtoError::new(close::PROTOCOL_ERROR, "control frame payload over 125 bytes"));
         }
     }
     if len > max_frame {
-        return Err(ProtoError::new(1009, "frame too large"));
+        return Err(ProtoError::new(close::TOO_BIG, "frame too large"));
     }
     let mask = if masked {
         if buf.len() < pos + 4 {
@@ -213,10 +227,6 @@ pub fn apply_mask(data: &mut [u8], mask: [u8; 4]) {
     }
 }
 
-fn valid_close_code(code: u16) -> bool {
-    matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
-}
-
 impl Decoder {
     pub fn new(cfg: DecoderConfig, inflater: Option<Inflater>) -> Self {
         Self { cfg, partial: None, inflater, closed: false, utf8: Utf8Stream::default(), frame_fed: 0 }
@@ -231,6 +241,20 @@ impl Decoder {
     /// Returns how many bytes were consumed; the rest is an incomplete frame to be
     /// offered again with more bytes appended.
     pub fn decode(&mut self, buf: &mut [u8], out: &mut Vec<Event>) -> Result<usize, ProtoError> {
+        let mut unlimited = usize::MAX;
+        self.decode_some(buf, out, &mut unlimited).map(|(n, _)| n)
+    }
+
+    /// Like [`Self::decode`], but stops once the events produced used up `budget` (bytes
+    /// of payload plus [`EVENT_COST`] per event): then the bool is true and `buf` may
+    /// hold more complete frames, to be offered again later. This bounds what one read
+    /// turns into: 64 KiB of compressed input can inflate to gigabytes.
+    pub fn decode_some(
+        &mut self,
+        buf: &mut [u8],
+        out: &mut Vec<Event>,
+        budget: &mut usize,
+    ) -> Result<(usize, bool), ProtoError> {
         let mut pos = 0;
         while !self.closed {
             let Some(h) = parse_header(&buf[pos..], self.cfg.max_frame)? else { break };
@@ -257,45 +281,53 @@ impl Decoder {
                 self.utf8.feed(&payload[self.frame_fed..])?;
             }
             self.frame_fed = 0;
+            let before = out.len();
             self.frame(h, payload, out)?;
             pos = start + h.len;
+            if out.len() > before {
+                let cost: usize = out[before..].iter().map(Event::cost).sum();
+                *budget = budget.saturating_sub(cost);
+                if *budget == 0 {
+                    return Ok((pos, true));
+                }
+            }
         }
-        Ok(pos)
+        Ok((pos, false))
     }
 
     /// The rules a frame header alone decides (RFC 6455 §5.2, §5.4, §5.5; RFC 7692 §6).
     fn check_header(&self, h: &Header) -> Result<(), ProtoError> {
         if h.mask.is_none() && self.cfg.require_mask {
-            return Err(ProtoError::new(1002, "client frame not masked"));
+            return Err(ProtoError::new(close::PROTOCOL_ERROR, "client frame not masked"));
         }
         match h.opcode {
             OP_TEXT | OP_BINARY => {
                 if self.partial.is_some() {
-                    return Err(ProtoError::new(1002, "new data frame inside a fragmented message"));
+                    return Err(ProtoError::new(close::PROTOCOL_ERROR, "new data frame inside a fragmented message"));
                 }
                 if h.rsv1 && self.inflater.is_none() {
-                    return Err(ProtoError::new(1002, "RSV1 set without permessage-deflate"));
+                    return Err(ProtoError::new(close::PROTOCOL_ERROR, "RSV1 set without permessage-deflate"));
                 }
                 if h.len > self.cfg.max_message {
-                    return Err(ProtoError::new(1009, "message too large"));
+                    return Err(ProtoError::new(close::TOO_BIG, "message too large"));
                 }
             }
             OP_CONT => {
                 if h.rsv1 {
-                    return Err(ProtoError::new(1002, "RSV1 set on a continuation frame"));
+                    return Err(ProtoError::new(close::PROTOCOL_ERROR, "RSV1 set on a continuation frame"));
                 }
                 let Some(p) = self.partial.as_ref() else {
-                    return Err(ProtoError::new(1002, "continuation frame without a message"));
+                    return Err(ProtoError::new(close::PROTOCOL_ERROR, "continuation frame without a message"));
                 };
                 if p.data.len() + h.len > self.cfg.max_message {
-                    return Err(ProtoError::new(1009, "message too large"));
+                    return Err(ProtoError::new(close::TOO_BIG, "message too large"));
                 }
             }
             OP_PING | OP_PONG | OP_CLOSE if h.rsv1 => {
-                return Err(ProtoError::new(1002, "RSV1 set on a control frame"));
+                return Err(ProtoError::new(close::PROTOCOL_ERROR, "RSV1 set on a control frame"));
             }
             OP_PING | OP_PONG | OP_CLOSE => {}
-            _ => return Err(ProtoError::new(1002, "unknown opcode")),
+            _ => return Err(ProtoError::new(close::PROTOCOL_ERROR, "unknown opcode")),
         }
         Ok(())
     }
@@ -373,20 +405,20 @@ impl Decoder {
                 self.closed = true;
                 match payload.len() {
                     0 => out.push(Event::Close(None, String::new())),
-                    1 => return Err(ProtoError::new(1002, "close frame with a 1-byte payload")),
+                    1 => return Err(ProtoError::new(close::PROTOCOL_ERROR, "close frame with a 1-byte payload")),
                     _ => {
                         let code = u16::from_be_bytes([payload[0], payload[1]]);
-                        if !valid_close_code(code) {
-                            return Err(ProtoError::new(1002, "invalid close code"));
+                        if !close::peer_may_send(code) {
+                            return Err(ProtoError::new(close::PROTOCOL_ERROR, "invalid close code"));
                         }
                         let reason = std::str::from_utf8(&payload[2..])
-                            .map_err(|_| ProtoError::new(1007, "invalid UTF-8 in close reason"))?;
+                            .map_err(|_| ProtoError::new(close::INVALID_PAYLOAD, "invalid UTF-8 in close reason"))?;
                         out.push(Event::Close(Some(code), reason.to_owned()));
                     }
                 }
                 Ok(())
             }
-            _ => Err(ProtoError::new(1002, "unknown opcode")),
+            _ => Err(ProtoError::new(close::PROTOCOL_ERROR, "unknown opcode")),
         }
     }
 
@@ -446,18 +478,6 @@ pub fn encode(opcode: u8, rsv1: bool, payload: &[u8]) -> Vec<u8> {
     write_header(&mut out, opcode, rsv1, payload.len());
     out.extend_from_slice(payload);
     out
-}
-
-/// Encode a close frame. The reason is cut to 123 bytes on a character boundary.
-pub fn encode_close(code: CloseCode, reason: &str) -> Vec<u8> {
-    let mut cut = reason.len().min(123);
-    while !reason.is_char_boundary(cut) {
-        cut -= 1;
-    }
-    let mut payload = Vec::with_capacity(2 + cut);
-    payload.extend_from_slice(&code.to_be_bytes());
-    payload.extend_from_slice(&reason.as_bytes()[..cut]);
-    encode(OP_CLOSE, false, &payload)
 }
 
 /// Encode a masked client frame (used by tests and benches to play the client).
@@ -746,14 +766,5 @@ mod tests {
         assert_eq!(n, close_len);
         assert_eq!(ev.len(), 1);
         assert!(d.is_closed());
-    }
-
-    #[test]
-    fn close_reason_is_cut_to_123_bytes_on_char_boundary() {
-        let reason = "é".repeat(100); // 200 bytes
-        let f = encode_close(4003, &reason);
-        let len = (f[1] & 0x7f) as usize;
-        assert!(len <= 125);
-        assert!(std::str::from_utf8(&f[4..]).is_ok());
     }
 }
