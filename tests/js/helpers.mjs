@@ -85,12 +85,15 @@ let gwCount = 0;
 
 /** One `python -m gateway run` process on `port`/`apiPort` (free ones when omitted). */
 export class Gateway {
-  constructor({ name = "gw", port, apiPort, sets = [], config = null } = {}) {
+  /** `app`: a `module:attr` for `--app` (e.g. "tests.js.cidapp:make_app"; the gateway runs
+   * from the repository root). */
+  constructor({ name = "gw", port, apiPort, sets = [], config = null, app = null } = {}) {
     this.name = `${name}-${process.pid}-${++gwCount}`;
     this.port = port;
     this.apiPort = apiPort;
     this.sets = [...BASE_SETS, ...sets];
     this.config = config;
+    this.app = app;
     this.proc = null;
     this.exitCode = null;
     mkdirSync(LOG_DIR, { recursive: true });
@@ -116,6 +119,7 @@ export class Gateway {
       writeFileSync(p, this.config);
       args.push("--config", p);
     }
+    if (this.app) args.push("--app", this.app);
     for (const s of this.sets) args.push("--set", s);
     const env = {};
     for (const [k, v] of Object.entries(process.env)) if (!k.startsWith("GATEWAY_")) env[k] = v;
@@ -165,6 +169,12 @@ export class Gateway {
     return body;
   }
 
+  /** GET /v1/stats on the internal API. */
+  async stats() {
+    const r = await fetch(`http://127.0.0.1:${this.apiPort}/v1/stats`);
+    return r.json();
+  }
+
   signal(sig = "SIGTERM") {
     if (this.proc && this.exitCode === null) this.proc.kill(sig);
   }
@@ -200,7 +210,9 @@ export async function startGateway(opts) {
  * A TCP proxy in front of the gateway, to break connections the way networks do:
  * - `cutAll()`: destroy every connection (no WebSocket close frame, like a lost network);
  * - `blackholeAll()`: keep the TCP connections but drop all bytes (a half-open socket);
- * - `refuse = true`: new connections are closed at once (failing reconnect attempts).
+ * - `refuse = true`: new connections are closed at once (failing reconnect attempts);
+ * - `pauseDownstream()` / `resumeDownstream()`: stop reading from the gateway (a client that
+ *   does not read: the gateway's socket buffer and outbound queue fill up) and resume.
  */
 export class TcpProxy {
   constructor(targetPort) {
@@ -259,6 +271,14 @@ export class TcpProxy {
     for (const p of this.pairs) p.hole = true;
   }
 
+  pauseDownstream() {
+    for (const p of this.pairs) p.u.pause();
+  }
+
+  resumeDownstream() {
+    for (const p of this.pairs) p.u.resume();
+  }
+
   async close() {
     this.cutAll();
     await new Promise((resolve) => this.server.close(resolve));
@@ -293,6 +313,9 @@ export function fakeMiniProgram(kind = "wx") {
     sent: [], // parsed frames sent by the SDK (all tasks)
     received: [], // parsed frames delivered to the SDK
     failNext: 0, // make the next N connectSocket calls fail
+    // (frame, text, task) => true to keep a received frame from the SDK (a lost or delayed
+    // delivery); `task.deliver(text)` hands it over later.
+    intercept: null,
     onAppShow: (cb) => showCbs.push(cb),
     onAppHide: (cb) => hideCbs.push(cb),
     offAppShow: (cb) => showCbs.splice(showCbs.indexOf(cb), 1),
@@ -374,6 +397,17 @@ function makeTask(api, kind, params) {
   ws.onmessage = (e) => {
     if (task._zombie) return;
     const text = typeof e.data === "string" ? e.data : Buffer.from(e.data).toString("utf8");
+    let frame = null;
+    try {
+      frame = JSON.parse(text);
+    } catch (err) {
+      // not JSON
+    }
+    if (frame && api.intercept && api.intercept(frame, text, task)) return;
+    task.deliver(text);
+  };
+  task.deliver = (text) => {
+    if (task._zombie) return;
     try {
       api.received.push(JSON.parse(text));
     } catch (err) {

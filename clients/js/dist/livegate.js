@@ -10,8 +10,84 @@
 })(typeof globalThis !== "undefined" ? globalThis : typeof self !== "undefined" ? self : typeof window !== "undefined" ? window : this, function () {
   "use strict";
 
+  // ---- src/codes.js
+  // Protocol codes, defined once (docs/protocol.md): the server's error codes (in `error`
+  // frames), the close codes, and message priorities. Every other SDK file uses these names;
+  // none spells a code as a number. Each category is a plain object of UPPER_SNAKE names.
+
+  /** Error codes of the server's `error` frames (docs/protocol.md, "Error codes"). */
+  const ErrorCode = {
+    /** bad request: invalid JSON, not an object, missing or mistyped field */
+    BAD_REQUEST: 4000,
+    /** unknown op */
+    UNKNOWN_OP: 4001,
+    /** forbidden (join or publish not allowed by the rules or a hook) */
+    FORBIDDEN: 4003,
+    /** not joined to that room */
+    NOT_JOINED: 4004,
+    /** room name invalid or matches no route */
+    INVALID_ROOM: 4005,
+    /** message too large for this room */
+    TOO_LARGE: 4009,
+    /** muted or banned */
+    MUTED: 4010,
+    /** rate limited (per user or per room), or too many requests waiting behind a slow hook */
+    RATE_LIMITED: 4029,
+    /** limit reached (rooms per connection or per node) */
+    LIMIT_REACHED: 4030,
+    /** rejected by a plugin (the message says why) */
+    REJECTED: 4050,
+    /** hook timed out and its fallback is deny */
+    HOOK_TIMEOUT: 4080,
+    /** internal error (the connection stays open) */
+    INTERNAL: 5000,
+  };
+
+  /** WebSocket close codes the server uses (docs/protocol.md, "Close codes"). */
+  const CloseCode = {
+    /** normal close */
+    NORMAL: 1000,
+    /** server going away (stop) */
+    GOING_AWAY: 1001,
+    /** protocol error (bad frame, unmasked client frame, bad opcode, ...) */
+    PROTOCOL_ERROR: 1002,
+    /** invalid UTF-8 in a text message or close reason */
+    INVALID_UTF8: 1007,
+    /** message or frame larger than the configured maximum */
+    TOO_BIG: 1009,
+    /** internal error */
+    INTERNAL_ERROR: 1011,
+    /** service restart (drain); reconnect after the `retry_ms` of the `drain` frame */
+    SERVICE_RESTART: 1012,
+    /** heartbeat timeout (no frame within `idle_timeout`) */
+    HEARTBEAT_TIMEOUT: 4000,
+    /** authentication expired or failed ("token expired") */
+    AUTH_FAILED: 4001,
+    /** kicked (by the API or a moderator) */
+    KICKED: 4003,
+    /** replaced by a newer login of the same user (`single_session` routes) */
+    REPLACED: 4004,
+    /** slow consumer: the outbound queue overflowed with high-priority messages */
+    SLOW_CONSUMER: 4008,
+    /** abuse: too many errors or rate-limit violations in a row */
+    ABUSE: 4029,
+  };
+
+  /** Message priorities (`prio` of `msg` frames). */
+  const Priority = {
+    LOW: 0,
+    NORMAL: 1,
+    HIGH: 2,
+  };
+
+  /** The code the SDK reports in `disconnect`/`close` events when the connection ended without
+   * a close frame, or was declared dead locally (RFC 6455 "abnormal closure"; never sent on the
+   * wire, hence not in `CloseCode`). */
+  const ABNORMAL_CLOSURE = 1006;
+
   // ---- src/util.js
   // Helpers that mini-program runtimes lack (no TextEncoder/TextDecoder/atob everywhere).
+
 
   function noop() {}
 
@@ -172,9 +248,35 @@
     return base + (base.indexOf("?") >= 0 ? "&" : "?") + parts.join("&") + frag;
   }
 
-  /** Close codes an application may send (browsers throw on others). */
+  /** Close codes an application may send (browsers throw on others): normal, or the range
+   * RFC 6455 leaves to libraries and applications. */
   function clientCloseCode(code) {
-    return code === 1000 || (code >= 3000 && code <= 4999) ? code : 1000;
+    return code === CloseCode.NORMAL || (code >= APP_CLOSE_CODES_FROM && code <= APP_CLOSE_CODES_TO) ? code : CloseCode.NORMAL;
+  }
+
+  const APP_CLOSE_CODES_FROM = 3000;
+  const APP_CLOSE_CODES_TO = 4999;
+
+  const ID_CHARS = "0123456789abcdefghijklmnopqrstuvwxyz";
+
+  /** `n` random base36 characters, from `crypto.getRandomValues` where the runtime has it
+   * (browsers, Node), else from `random` (Math.random; mini-program runtimes). */
+  function randomId(n, random) {
+    let s = "";
+    const c = typeof crypto !== "undefined" && crypto && typeof crypto.getRandomValues === "function" ? crypto : null;
+    if (c) {
+      try {
+        const bytes = new Uint8Array(n * 2);
+        c.getRandomValues(bytes);
+        // 252 = 7 * 36: skipping the bytes above keeps every character equally likely.
+        for (let i = 0; i < bytes.length && s.length < n; i++) if (bytes[i] < 252) s += ID_CHARS.charAt(bytes[i] % 36);
+      } catch (e) {
+        // fall back below
+      }
+    }
+    const r = random || Math.random;
+    while (s.length < n) s += ID_CHARS.charAt(Math.floor(r() * 36) % 36);
+    return s;
   }
 
   // ---- src/emitter.js
@@ -231,7 +333,8 @@
   // ---- src/errors.js
   // Errors: server error codes are numbers (docs/protocol.md); client-side ones are strings.
 
-  /** Client-side error codes (strings, so they never collide with the server's numbers). */
+  /** Client-side error codes (strings, so they never collide with the server's numbers, which
+   * are `ErrorCode` in codes.js). */
   const ErrorCodes = {
     /** publish while disconnected with `offline: "reject"` */
     OFFLINE: "E_OFFLINE",
@@ -247,8 +350,8 @@
     CLOSED: "E_CLOSED",
   };
 
-  /** A rejected request. `code` is the server's error code (a number, e.g. 4029 rate limited,
-   * 4003 forbidden) or one of `ErrorCodes` (a string). `id` is the request id, `frame` the
+  /** A rejected request. `code` is the server's error code (a number, one of `ErrorCode` in
+   * codes.js, e.g. `ErrorCode.RATE_LIMITED`) or one of `ErrorCodes` (a string). `id` is the request id, `frame` the
    * server's error frame (if any). */
   class GatewayError extends Error {
     constructor(code, message, id, frame) {
@@ -271,6 +374,7 @@
   //   adapter.watchLifecycle(onShow, onHide) -> unbind   (optional)
 
 
+
   function newSocket() {
     return { onopen: noop, onmessage: noop, onclose: noop, onerror: noop, protocol: null, send: noop, close: noop };
   }
@@ -282,7 +386,7 @@
     return function (code, reason, extra) {
       if (done) return;
       done = true;
-      const info = { code: typeof code === "number" && code > 0 ? code : 1006, reason: reason ? String(reason) : "" };
+      const info = { code: typeof code === "number" && code > 0 ? code : ABNORMAL_CLOSURE, reason: reason ? String(reason) : "" };
       if (extra) info.detail = extra;
       setTimeout(() => sock.onclose(info), 0);
     };
@@ -306,7 +410,7 @@
   }
 
   function closeInfo(res) {
-    if (!res || typeof res !== "object") return { code: 1006, reason: "" };
+    if (!res || typeof res !== "object") return { code: ABNORMAL_CLOSURE, reason: "" };
     const src = typeof res.code === "number" ? res : res.data && typeof res.data.code === "number" ? res.data : res;
     return { code: src.code, reason: src.reason || "" };
   }
@@ -339,7 +443,7 @@
           success: noop,
           fail: (e) => {
             sock.onerror(e);
-            close(1006, errText(e) || "connectSocket failed");
+            close(ABNORMAL_CLOSURE, errText(e) || "connectSocket failed");
           },
           complete: noop,
         };
@@ -371,11 +475,11 @@
                 // A failed send means the socket is gone, whether or not onClose follows.
                 sock.onerror(e);
                 try {
-                  task.close({ code: 1000, reason: "send failed", fail: noop });
+                  task.close({ code: CloseCode.NORMAL, reason: "send failed", fail: noop });
                 } catch (e2) {
                   // already closed
                 }
-                close(1006, errText(e) || "send failed");
+                close(ABNORMAL_CLOSURE, errText(e) || "send failed");
               },
             });
             return true;
@@ -508,6 +612,7 @@
 
 
 
+
   const VERSION = "1.0.0";
 
   /** Defaults of every option (see docs/sdk-js.md). Times are in milliseconds. */
@@ -536,6 +641,10 @@
     backoffJitter: 0.5, // 0 = none; 1 = delay uniformly in [0, base]
     offline: "queue", // publish while disconnected: "queue" (bounded) or "reject"
     offlineQueueSize: 100,
+    publishTimeout: 30000, // from the first send of a publish to its ack, across reconnects and resends
+    maxPendingPublishes: 200, // publishes not yet settled (queued, in flight, waiting to be resent)
+    maxHeldMessages: 500, // per room: messages held behind a missing seq while the gap is repaired
+    lateWindow: 1024, // per room: seqs below the position remembered as missing (late arrivals)
     history: 0, // default `history` of join()
     autoConnect: true, // join()/publish() connect when idle
     random: Math.random,
@@ -543,9 +652,14 @@
 
   /** Close codes after which the client does not reconnect: kicked, replaced by a newer
    * login of the same user. */
-  const FINAL_CLOSE_CODES = { 4003: "kicked", 4004: "replaced by a newer login" };
-  const CLOSE_AUTH = 4001;
+  const FINAL_CLOSE_CODES = {};
+  FINAL_CLOSE_CODES[CloseCode.KICKED] = "kicked";
+  FINAL_CLOSE_CODES[CloseCode.REPLACED] = "replaced by a newer login";
   const MAX_EARLY = 1000;
+  /** Client message ids (`cid` of publish): generated ones have this many base36 characters;
+   * caller-supplied ones may have up to MAX_CID_LENGTH. */
+  const CID_LENGTH = 16;
+  const MAX_CID_LENGTH = 64;
   const MAX_TIMER = 0x7fffffff;
 
   /** Exponential backoff with jitter: attempt 0, 1, 2... -> a delay in ms. */
@@ -558,13 +672,15 @@
   /**
    * A gateway client. Events (`client.on(name, fn)`):
    * - `message` (msg): a room message (`msg` frames and entries of `batch` frames, history and
-   *   recovered messages included; deduplicated by seq)
+   *   recovered messages included; in seq order and once each, late arrivals of missing seqs
+   *   included)
    * - `presence` (frame), `push` (frame)
    * - `state` (state, previous): "idle" | "connecting" | "open" | "reconnecting" | "closed"
    * - `connected` (connected frame), `ready` (after every room was rejoined/resumed)
    * - `disconnect` ({code, reason}), `close` ({code, reason}) when the client stops for good
    * - `joined` ({room, ack, resumed}), `resync` ({room, ack, reason}): messages were lost,
-   *   reload the room's state; `gap` ({room, from, to}) seqs skipped on a live connection
+   *   reload the room's state; `gap` ({room, from, to, recovered}): seqs from..to were missing
+   *   on a live connection and were repaired (recovered) or given up (then `resync`)
    * - `removed` ({room, reason}): the server took this connection out of a room ("banned",
    *   "closed"); the room is not rejoined
    * - `drain` (frame), `error` (GatewayError for error frames without a request, or Error),
@@ -590,7 +706,8 @@
       this._nextId = 1;
       this._pending = new Map(); // id -> {kind, room, resolve, reject, timer}
       this._rooms = new Map(); // name -> room state
-      this._queue = []; // offline publishes: {frame, resolve, reject}
+      this._queue = []; // publishes waiting for the connection or a resend: jobs (see publish)
+      this._publishing = 0; // publishes not yet settled
       this._connectWaiters = [];
       this._attempts = 0; // consecutive failed attempts
       this._failedBeforeOpen = 0;
@@ -649,6 +766,14 @@
         lastAck: null,
         waiters: [],
         early: [],
+        // Ordering by seq (see _accept): messages held behind a missing seq, seqs given up
+        // (delivered late if they still come), the open gap, the repair in flight.
+        held: new Map(),
+        missed: new Set(),
+        gap: null,
+        lost: false,
+        repairing: false,
+        repairGen: 0,
       };
       this._rooms.set(room, r);
       const p = new Promise((resolve, reject) => r.waiters.push({ resolve, reject }));
@@ -677,14 +802,38 @@
       return Promise.resolve({ op: "ack", room: room, local: true });
     }
 
-    /** Publish `data` into `room` (type from `opts.type`, default "chat"). Resolves with the
-     * ack (`seq` > 0 for recoverable types); rejects with the server's error code (e.g.
-     * 4029), or E_OFFLINE / E_QUEUE_FULL / E_TIMEOUT / E_CONNECTION_LOST / E_CLOSED. */
+    /** Publish `data` into `room` (type from `opts.type`, default "chat"). Every publish
+     * carries a client message id `cid` (`opts.cid`, or 16 random base36 characters): when the
+     * connection drops before the ack, the same frame is sent again after the reconnect, and
+     * the server answers a repeated `cid` with the original `seq` and `dup: true` instead of
+     * publishing twice. Resolves with the ack (`seq` > 0 for recoverable types); rejects with
+     * the server's error code (`ErrorCode`, e.g. RATE_LIMITED), or E_OFFLINE / E_QUEUE_FULL /
+     * E_TIMEOUT / E_CLOSED. */
     publish(room, data, opts) {
-      const frame = { op: "publish", room: room, type: (opts && opts.type) || "chat", data: data === undefined ? null : data };
+      const o = this.options;
+      const cid = opts && opts.cid !== undefined && opts.cid !== null ? opts.cid : randomId(CID_LENGTH, o.random);
+      if (typeof cid !== "string" || !cid || cid.length > MAX_CID_LENGTH) {
+        return Promise.reject(new TypeError("livegate: `cid` must be a non-empty string of at most " + MAX_CID_LENGTH + " characters"));
+      }
+      const frame = { op: "publish", room: room, type: (opts && opts.type) || "chat", data: data === undefined ? null : data, cid: cid };
       return new Promise((resolve, reject) => {
-        if (this._canSend(room)) this._sendRequest(frame, "publish", resolve, reject);
-        else this._enqueue({ frame: frame, resolve: resolve, reject: reject });
+        if (this._publishing >= o.maxPendingPublishes) {
+          reject(new GatewayError(ErrorCodes.QUEUE_FULL, "too many publishes waiting for an ack (" + o.maxPendingPublishes + ")"));
+          return;
+        }
+        const job = { frame: frame, sends: 0, id: null, timer: null, done: false, resolve: null, reject: null };
+        const settle = (fn, v) => {
+          if (job.done) return;
+          job.done = true;
+          this._publishing--;
+          if (job.timer) clearTimeout(job.timer);
+          fn(v);
+        };
+        job.resolve = (ack) => settle(resolve, ack);
+        job.reject = (err) => settle(reject, err);
+        this._publishing++;
+        if (this._canSend(room)) this._sendPublish(job);
+        else this._enqueue(job);
       });
     }
 
@@ -720,14 +869,14 @@
       this._maybeRefreshTokenSoon();
       if (this.state === "open" && this._sock) {
         if (now() - this._lastRecv > this._idleTimeout) {
-          this._drop(1006, "silent for longer than the idle timeout while hidden", 0);
+          this._drop(ABNORMAL_CLOSURE, "silent for longer than the idle timeout while hidden", 0);
           return;
         }
         const sentAt = now();
         if (!this._sendFrame({ op: "ping" })) return;
         this._lastPing = sentAt;
         this._setTimer("probe", this.options.showProbeTimeout, () => {
-          if (this._lastRecv < sentAt) this._drop(1006, "no pong after onShow", 0);
+          if (this._lastRecv < sentAt) this._drop(ABNORMAL_CLOSURE, "no pong after onShow", 0);
         });
         this._scheduleHeartbeat();
       } else if (this.state === "reconnecting" || this._reconnectOnShow) {
@@ -779,7 +928,7 @@
       this._gen++;
       this._sock = null;
       this._clearAllTimers();
-      if (sock) sock.close(clientCloseCode(code || 1000), truncateUtf8(reason || "client closed", 123));
+      if (sock) sock.close(clientCloseCode(code || CloseCode.NORMAL), truncateUtf8(reason || "client closed", 123));
       const err = this._closedError();
       this._failPending(err, true);
       this._failQueue(err);
@@ -792,7 +941,7 @@
       }
       const was = this.state;
       this._setState("closed");
-      if (was !== "closed") this.emit("close", { code: code || 1000, reason: reason || "client closed", local: true });
+      if (was !== "closed") this.emit("close", { code: code || CloseCode.NORMAL, reason: reason || "client closed", local: true });
     }
 
     // ------------------------------------------------------------------ connection
@@ -831,7 +980,7 @@
         (e) => {
           if (gen !== this._gen || this._stopped) return;
           this.emit("error", e instanceof Error ? e : new Error(String(e)));
-          this._onDisconnected({ code: 1006, reason: "token refresh failed" });
+          this._onDisconnected({ code: ABNORMAL_CLOSURE, reason: "token refresh failed" });
         }
       );
     }
@@ -855,7 +1004,7 @@
         sock = this.adapter.connect({ url: url, protocols: protocols, header: header });
       } catch (e) {
         this.emit("error", e);
-        this._onDisconnected({ code: 1006, reason: String((e && e.message) || e) });
+        this._onDisconnected({ code: ABNORMAL_CLOSURE, reason: String((e && e.message) || e) });
         return;
       }
       this._sock = sock;
@@ -875,10 +1024,10 @@
         if (gen !== this._gen) return;
         this._gen++;
         this._sock = null;
-        this._onDisconnected(info || { code: 1006, reason: "" });
+        this._onDisconnected(info || { code: ABNORMAL_CLOSURE, reason: "" });
       };
       this._setTimer("connect", o.connectTimeout, () => {
-        if (gen === this._gen) this._drop(1006, "no connected frame within " + o.connectTimeout + " ms");
+        if (gen === this._gen) this._drop(ABNORMAL_CLOSURE, "no connected frame within " + o.connectTimeout + " ms");
       });
     }
 
@@ -890,7 +1039,7 @@
       this._sock = null;
       if (sock) {
         try {
-          sock.close(1000, truncateUtf8(reason, 123));
+          sock.close(CloseCode.NORMAL, truncateUtf8(reason, 123));
         } catch (e) {
           // ignore
         }
@@ -909,6 +1058,10 @@
         r.active = false;
         r.joining = false;
         r.early = [];
+        // A repair in flight is lost with the connection; the rejoin resumes from the same
+        // position and fills the gap (held messages are kept for it).
+        r.repairing = false;
+        r.repairGen++;
       });
       this.emit("disconnect", info);
       if (this._stopped) return;
@@ -917,7 +1070,7 @@
         this._giveUp(info, final ? "closed by the server: " + final : "disconnected (reconnect disabled)");
         return;
       }
-      if (info.code === CLOSE_AUTH) this._forceRefresh = true;
+      if (info.code === CloseCode.AUTH_FAILED) this._forceRefresh = true;
       if (!wasOpen) {
         this._failedBeforeOpen++;
         // A refused upgrade (bad token) looks like any network error: after two in a row,
@@ -979,7 +1132,7 @@
       } catch (e) {
         ok = false;
       }
-      if (!ok) this._drop(1006, "send failed");
+      if (!ok) this._drop(ABNORMAL_CLOSURE, "send failed");
       return ok;
     }
 
@@ -1081,8 +1234,8 @@
       const ms = typeof f.retry_ms === "number" && f.retry_ms >= 0 ? f.retry_ms : null;
       this.emit("drain", f);
       this._drainRetry = ms;
-      // The server closes with 1012 next; do not depend on that close arriving.
-      this._drop(1012, "server draining");
+      // The server closes with SERVICE_RESTART next; do not depend on that close arriving.
+      this._drop(CloseCode.SERVICE_RESTART, "server draining");
     }
 
     // ------------------------------------------------------------------ heartbeat
@@ -1098,7 +1251,7 @@
       if (this._lastPing && this._lastRecv < this._lastPing) {
         this._missed++;
         if (this._missed >= this.options.maxMissedPongs) {
-          this._drop(1006, "heartbeat timeout: " + this._missed + " pongs missed");
+          this._drop(ABNORMAL_CLOSURE, "heartbeat timeout: " + this._missed + " pongs missed");
           return;
         }
       } else {
@@ -1120,10 +1273,10 @@
       });
     }
 
-    _sendRequest(frame, kind, resolve, reject, room) {
+    _sendRequest(frame, kind, resolve, reject, room, job) {
       const id = this._nextId++;
       frame.id = id;
-      const entry = { kind: kind, room: room || null, resolve: resolve, reject: reject, timer: null };
+      const entry = { kind: kind, room: room || null, resolve: resolve, reject: reject, timer: null, job: job || null };
       entry.timer = setTimeout(() => {
         if (this._pending.get(id) !== entry) return;
         this._pending.delete(id);
@@ -1151,15 +1304,24 @@
       else entry.reject(new GatewayError(f.code, f.message || "", f.id, f));
     }
 
+    /** The connection ended (`all` false) or the client closed (`all`): settle the requests
+     * waiting for a reply. On a lost connection, publishes are kept and sent again (same
+     * `cid`) after the reconnect, ahead of the ones queued meanwhile, in their order. */
     _failPending(err, all) {
       const pending = this._pending;
       this._pending = new Map();
+      const resend = [];
       pending.forEach((entry) => {
         clearTimeout(entry.timer);
-        if (entry.kind === "join" && !all) return; // rooms are rejoined on the next connection
+        if (!all && (entry.kind === "join" || entry.kind === "repair")) return; // rooms are rejoined (resumed) on the next connection
+        if (!all && entry.kind === "publish" && entry.job) {
+          if (!entry.job.done) resend.push(entry.job);
+          return;
+        }
         if (entry.kind === "leave" && !all) entry.resolve({ op: "ack", local: true });
         else entry.reject(err);
       });
+      if (resend.length) this._queue = resend.concat(this._queue);
     }
 
     // ------------------------------------------------------------------ rooms
@@ -1186,7 +1348,7 @@
         if (err.code === ErrorCodes.TIMEOUT && r.acked) {
           // A resume that got no answer: the connection is not healthy.
           finish();
-          this._drop(1006, "no reply to a resume join");
+          this._drop(ABNORMAL_CLOSURE, "no reply to a resume join");
           return;
         }
         this._rooms.delete(r.name);
@@ -1200,24 +1362,10 @@
     _onJoinAck(r, ack, resumed) {
       r.joining = false;
       r.active = true;
-      const epoch = ack.epoch === undefined ? null : ack.epoch;
-      let resync = null;
-      if (resumed && r.epoch !== null && epoch !== null && epoch !== r.epoch) resync = "epoch changed";
-      else if (resumed && ack.recovered === false) resync = "history gap could not be filled";
-      if (resync && epoch !== r.epoch) r.seq = 0;
-      r.epoch = epoch;
-      const msgs = Array.isArray(ack.msgs) ? ack.msgs : [];
-      for (let i = 0; i < msgs.length; i++) {
-        const m = msgs[i];
-        if (m && typeof m === "object") {
-          if (m.room === undefined) m.room = r.name;
-          this._deliver(r, m, true);
-        }
-      }
-      if (typeof ack.seq === "number" && ack.seq > r.seq) r.seq = ack.seq;
+      const resync = this._applyAck(r, ack, resumed);
       const early = r.early;
       r.early = [];
-      for (let i = 0; i < early.length; i++) this._deliver(r, early[i], false);
+      for (let i = 0; i < early.length; i++) this._accept(r, early[i], true);
       r.acked = true;
       r.lastAck = ack;
       this.emit("joined", { room: r.name, ack: ack, resumed: resumed });
@@ -1230,7 +1378,7 @@
       const r = this._rooms.get(f.room);
       if (!r) return;
       this._rooms.delete(f.room);
-      const err = f.event === "banned" ? new GatewayError(4010, "banned from " + f.room, null, f) : new GatewayError(ErrorCodes.CLOSED, f.room + " was closed", null, f);
+      const err = f.event === "banned" ? new GatewayError(ErrorCode.MUTED, "banned from " + f.room, null, f) : new GatewayError(ErrorCodes.CLOSED, f.room + " was closed", null, f);
       this._settleWaiters(r, null, err);
       const keep = [];
       for (let i = 0; i < this._queue.length; i++) {
@@ -1251,6 +1399,18 @@
       }
     }
 
+    // ------------------------------------------------------------------ ordering and gap repair
+    //
+    // Per room, `r.seq` is the contiguous position: every recoverable message up to it was
+    // delivered or given up. A message with seq > position + 1 (same epoch) is held and the
+    // gap repaired by re-joining with `resume` from the position; the ack's `msgs` fill it and
+    // the held messages follow, in order, each once. Seqs the server cannot give back are
+    // given up (`gap` with recovered: false, then `resync`) but remembered in `r.missed`
+    // (the last `lateWindow` seqs below the position): if one still arrives, it is delivered
+    // late instead of being dropped as a duplicate. Bounds: `maxHeldMessages` held per room
+    // (beyond it the SDK stops waiting: it gives the gap up and delivers what it holds),
+    // `lateWindow` missing seqs remembered, one repair in flight per room.
+
     _onRoomMessage(m) {
       const r = this._rooms.get(m.room);
       if (!r) return; // left, or never joined
@@ -1258,21 +1418,193 @@
         if (r.early.length < MAX_EARLY) r.early.push(m);
         return;
       }
-      this._deliver(r, m, false);
+      this._accept(r, m, true);
     }
 
-    _deliver(r, m, replay) {
+    /** Order one room message by seq. `live`: from the socket (a gap starts a repair); else
+     * from a join ack (history, resumed or repaired messages). */
+    _accept(r, m, live) {
       const seq = typeof m.seq === "number" ? m.seq : 0;
-      if (seq > 0) {
-        if (!replay && m.epoch !== undefined && r.epoch !== null && m.epoch !== r.epoch) {
-          this.emit("resync", { room: r.name, ack: null, reason: "epoch changed" });
-          r.epoch = m.epoch;
-          r.seq = 0;
-        }
-        if (seq <= r.seq) return; // duplicate (resume overlap, history + live)
-        if (!replay && r.acked && r.seq > 0 && seq > r.seq + 1) this.emit("gap", { room: r.name, from: r.seq + 1, to: seq - 1 });
-        r.seq = seq;
+      if (seq <= 0) {
+        this._emitMessage(r, m); // not recoverable: no order to keep
+        return;
       }
+      if (live && m.epoch !== undefined && r.epoch !== null && m.epoch !== r.epoch) {
+        // The room's history was lost (e.g. a server restart): positions start over.
+        this._newEpoch(r, m.epoch, seq - 1);
+        r.lost = false;
+        this.emit("resync", { room: r.name, ack: null, reason: "epoch changed" });
+      }
+      if (seq <= r.seq) {
+        if (r.missed.delete(seq)) this._emitMessage(r, m); // late, not a duplicate
+        return;
+      }
+      if (seq === r.seq + 1) {
+        r.seq = seq;
+        this._emitMessage(r, m);
+        this._drainHeld(r);
+        return;
+      }
+      if (r.held.has(seq)) return; // duplicate of a held one
+      r.held.set(seq, m);
+      // from..to: the span of the missing seqs (seq - 1 is missing unless held).
+      if (!r.gap) r.gap = { from: r.seq + 1, to: seq - 1, lost: false };
+      else if (seq - 1 > r.gap.to && !r.held.has(seq - 1)) r.gap.to = seq - 1;
+      if (r.held.size > this.options.maxHeldMessages) {
+        // Waited long enough: give the missing seqs up and deliver what is held. A repair in
+        // flight may still bring them: they are then delivered late.
+        this._skip(r, this._lowestHeld(r) - 1);
+        this._drainHeld(r);
+        if (r.lost) {
+          r.lost = false;
+          this.emit("resync", { room: r.name, ack: null, reason: "gap on the live connection not repaired in time" });
+        }
+      }
+      if (live) this._repair(r);
+    }
+
+    /** Apply a join ack (first join, rejoin after a reconnect, or repair): position, messages,
+     * missing seqs. Returns a resync reason or null. */
+    _applyAck(r, ack, resumed) {
+      const epoch = ack.epoch === undefined ? null : ack.epoch;
+      const msgs = Array.isArray(ack.msgs) ? ack.msgs : [];
+      let resync = null;
+      if (resumed && r.epoch !== null && epoch !== null && epoch !== r.epoch) resync = "epoch changed";
+      else if (resumed && ack.recovered === false) resync = "history gap could not be filled";
+      if (!resumed || epoch !== r.epoch) {
+        // A new position: just before the first message given (history, or what is left of
+        // the room after a lost epoch), else the room's current seq.
+        let base = typeof ack.seq === "number" ? ack.seq : 0;
+        for (let i = 0; i < msgs.length; i++) {
+          if (msgs[i] && typeof msgs[i].seq === "number" && msgs[i].seq > 0) {
+            base = msgs[i].seq - 1;
+            break;
+          }
+        }
+        this._newEpoch(r, epoch, base);
+      }
+      for (let i = 0; i < msgs.length; i++) {
+        const m = msgs[i];
+        if (m && typeof m === "object") {
+          if (m.room === undefined) m.room = r.name;
+          this._accept(r, m, false);
+          if (this._rooms.get(r.name) !== r) return null; // a listener left the room
+        }
+      }
+      // Every seq up to the room's position that the ack did not bring is lost.
+      if (typeof ack.seq === "number") this._settle(r, ack.seq);
+      if (r.lost) {
+        r.lost = false;
+        if (!resync) resync = "messages lost on the live connection";
+      }
+      if (r.held.size) this._repair(r); // seqs missing above the ack's position: a newer gap
+      return resync;
+    }
+
+    /** A new epoch (or a first join): messages still held belong to the old one and are
+     * delivered in order (what is missing between them is lost); position `base`. */
+    _newEpoch(r, epoch, base) {
+      if (r.held.size) {
+        const seqs = Array.from(r.held.keys()).sort((x, y) => x - y);
+        const held = r.held;
+        r.held = new Map();
+        for (let i = 0; i < seqs.length; i++) this._emitMessage(r, held.get(seqs[i]));
+        r.lost = true;
+      }
+      if (r.gap) {
+        r.gap.lost = true;
+        this._endGap(r);
+      }
+      r.missed.clear();
+      r.epoch = epoch;
+      r.seq = Math.max(0, base);
+      r.repairing = false;
+      r.repairGen++;
+    }
+
+    /** Everything up to `upTo` has been answered by the server: give up what is missing. */
+    _settle(r, upTo) {
+      while (r.seq < upTo && this._rooms.get(r.name) === r) {
+        if (!r.held.has(r.seq + 1)) this._skip(r, Math.min(this._lowestHeld(r) - 1, upTo));
+        this._drainHeld(r);
+      }
+    }
+
+    /** Give up seqs position+1 .. `to`: the position moves to `to`; they are remembered as
+     * missing (the last `lateWindow` of them) so that a late arrival is still delivered. */
+    _skip(r, to) {
+      const from = r.seq + 1;
+      if (to < from) return;
+      const w = Math.max(0, this.options.lateWindow);
+      for (let s = Math.max(from, to - w + 1); s <= to; s++) r.missed.add(s);
+      r.seq = to;
+      if (r.missed.size > w) r.missed.forEach((s) => s <= to - w && r.missed.delete(s));
+      if (r.gap) r.gap.lost = true;
+      r.lost = true;
+    }
+
+    _lowestHeld(r) {
+      let lo = Infinity;
+      r.held.forEach((m, s) => {
+        if (s < lo) lo = s;
+      });
+      return lo;
+    }
+
+    /** Deliver the held messages that follow the position; end the gap when none is left. */
+    _drainHeld(r) {
+      while (r.held.size && r.held.has(r.seq + 1) && this._rooms.get(r.name) === r) {
+        const m = r.held.get(r.seq + 1);
+        r.held.delete(r.seq + 1);
+        r.seq++;
+        this._emitMessage(r, m);
+      }
+      if (!r.held.size && r.gap) this._endGap(r);
+    }
+
+    _endGap(r) {
+      const g = r.gap;
+      r.gap = null;
+      this.emit("gap", { room: r.name, from: g.from, to: g.to, recovered: !g.lost });
+    }
+
+    /** Re-join `r` with `resume` from its position to fetch the missing seqs (one repair in
+     * flight per room; a reconnect's rejoin does the same job). */
+    _repair(r) {
+      if (r.repairing || !r.active || r.epoch === null || this.state !== "open" || !this._sock) return;
+      r.repairing = true;
+      const gen = ++r.repairGen;
+      const current = () => this._rooms.get(r.name) === r && r.repairGen === gen;
+      const frame = { op: "join", room: r.name, resume: { seq: r.seq, epoch: r.epoch } };
+      const ok = (ack) => {
+        if (!current()) return;
+        r.repairing = false;
+        const resync = this._applyAck(r, ack, true);
+        if (resync && this._rooms.get(r.name) === r) this.emit("resync", { room: r.name, ack: ack, reason: resync });
+      };
+      const fail = (err) => {
+        if (!current() || this._stopped) return;
+        r.repairing = false;
+        if (err.code === ErrorCodes.TIMEOUT) {
+          this._drop(ABNORMAL_CLOSURE, "no reply to a gap repair"); // the rejoin resumes from the same position
+          return;
+        }
+        // Refused (e.g. rate limited): give the missing seqs up and move on.
+        this.emit("error", new GatewayError(err.code, "repairing a gap in " + r.name + " failed: " + (err.reason || ""), err.id, err.frame));
+        let hi = r.seq;
+        r.held.forEach((m, s) => {
+          if (s > hi) hi = s;
+        });
+        this._settle(r, hi);
+        if (r.lost) {
+          r.lost = false;
+          this.emit("resync", { room: r.name, ack: null, reason: "gap repair refused" });
+        }
+      };
+      this._sendRequest(frame, "repair", ok, fail, r);
+    }
+
+    _emitMessage(r, m) {
       this.emit("message", m);
       if (r.handler) {
         try {
@@ -1299,6 +1631,34 @@
       return !r || r.active;
     }
 
+    /** Send a publish (again, with the same `cid`, after a reconnect). Its deadline
+     * (`publishTimeout`) starts at the first send. */
+    _sendPublish(job) {
+      job.sends++;
+      if (!job.timer) job.timer = setTimeout(() => this._publishTimedOut(job), this.options.publishTimeout);
+      job.id = this._sendRequest(job.frame, "publish", job.resolve, job.reject, null, job);
+    }
+
+    _publishTimedOut(job) {
+      job.timer = null;
+      if (job.done) return;
+      const entry = this._pending.get(job.id);
+      if (entry && entry.job === job) {
+        this._pending.delete(job.id);
+        clearTimeout(entry.timer);
+      }
+      const i = this._queue.indexOf(job);
+      if (i >= 0) this._queue.splice(i, 1);
+      const f = job.frame;
+      job.reject(
+        new GatewayError(
+          ErrorCodes.TIMEOUT,
+          "no ack for the publish into " + f.room + " (cid " + f.cid + ") within " + this.options.publishTimeout + " ms, sent " + job.sends + " time(s): it may or may not have been published",
+          f.id
+        )
+      );
+    }
+
     _enqueue(item) {
       if (this._stopped && this.state === "closed") {
         item.reject(this._closedError());
@@ -1323,16 +1683,19 @@
       const q = this._queue;
       const keep = [];
       const blocked = {};
-      this._queue = keep;
+      this._queue = [];
       for (let i = 0; i < q.length; i++) {
         const item = q[i];
         const room = item.frame.room;
-        if (!blocked[room] && this._roomSendable(room)) this._sendRequest(item.frame, "publish", item.resolve, item.reject);
+        if (!blocked[room] && this._roomSendable(room)) this._sendPublish(item);
         else {
           blocked[room] = true;
           keep.push(item);
         }
       }
+      // A send that failed dropped the connection and put the publishes in flight back into
+      // the queue: they were sent before the ones kept here.
+      this._queue = this._queue.concat(keep);
     }
 
     _failQueue(err) {
@@ -1429,6 +1792,10 @@
     VERSION: VERSION,
     GatewayError: GatewayError,
     ErrorCodes: ErrorCodes,
+    ErrorCode: ErrorCode,
+    CloseCode: CloseCode,
+    Priority: Priority,
+    ABNORMAL_CLOSURE: ABNORMAL_CLOSURE,
     Emitter: Emitter,
     createAdapter: createAdapter,
     browserAdapter: browserAdapter,

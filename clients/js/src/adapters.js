@@ -7,6 +7,7 @@
 //   adapter.watchLifecycle(onShow, onHide) -> unbind   (optional)
 
 import { noop, payloadText, utf8Decode, base64Decode, clientCloseCode, truncateUtf8 } from "./util.js";
+import { CloseCode, ABNORMAL_CLOSURE } from "./codes.js";
 
 function newSocket() {
   return { onopen: noop, onmessage: noop, onclose: noop, onerror: noop, protocol: null, send: noop, close: noop };
@@ -19,7 +20,7 @@ function closer(sock) {
   return function (code, reason, extra) {
     if (done) return;
     done = true;
-    const info = { code: typeof code === "number" && code > 0 ? code : 1006, reason: reason ? String(reason) : "" };
+    const info = { code: typeof code === "number" && code > 0 ? code : ABNORMAL_CLOSURE, reason: reason ? String(reason) : "" };
     if (extra) info.detail = extra;
     setTimeout(() => sock.onclose(info), 0);
   };
@@ -43,7 +44,7 @@ export function miniProgramMessageText(res) {
 }
 
 function closeInfo(res) {
-  if (!res || typeof res !== "object") return { code: 1006, reason: "" };
+  if (!res || typeof res !== "object") return { code: ABNORMAL_CLOSURE, reason: "" };
   const src = typeof res.code === "number" ? res : res.data && typeof res.data.code === "number" ? res.data : res;
   return { code: src.code, reason: src.reason || "" };
 }
@@ -76,7 +77,7 @@ export function miniProgramAdapter(api, kind) {
         success: noop,
         fail: (e) => {
           sock.onerror(e);
-          close(1006, errText(e) || "connectSocket failed");
+          close(ABNORMAL_CLOSURE, errText(e) || "connectSocket failed");
         },
         complete: noop,
       };
@@ -108,11 +109,11 @@ export function miniProgramAdapter(api, kind) {
               // A failed send means the socket is gone, whether or not onClose follows.
               sock.onerror(e);
               try {
-                task.close({ code: 1000, reason: "send failed", fail: noop });
+                task.close({ code: CloseCode.NORMAL, reason: "send failed", fail: noop });
               } catch (e2) {
                 // already closed
               }
-              close(1006, errText(e) || "send failed");
+              close(ABNORMAL_CLOSURE, errText(e) || "send failed");
             },
           });
           return true;

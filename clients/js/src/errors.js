@@ -1,6 +1,7 @@
 // Errors: server error codes are numbers (docs/protocol.md); client-side ones are strings.
 
-/** Client-side error codes (strings, so they never collide with the server's numbers). */
+/** Client-side error codes (strings, so they never collide with the server's numbers, which
+ * are `ErrorCode` in codes.js). */
 export const ErrorCodes = {
   /** publish while disconnected with `offline: "reject"` */
   OFFLINE: "E_OFFLINE",
@@ -16,8 +17,8 @@ export const ErrorCodes = {
   CLOSED: "E_CLOSED",
 };
 
-/** A rejected request. `code` is the server's error code (a number, e.g. 4029 rate limited,
- * 4003 forbidden) or one of `ErrorCodes` (a string). `id` is the request id, `frame` the
+/** A rejected request. `code` is the server's error code (a number, one of `ErrorCode` in
+ * codes.js, e.g. `ErrorCode.RATE_LIMITED`) or one of `ErrorCodes` (a string). `id` is the request id, `frame` the
  * server's error frame (if any). */
 export class GatewayError extends Error {
   constructor(code, message, id, frame) {

@@ -1,5 +1,7 @@
 // Helpers that mini-program runtimes lack (no TextEncoder/TextDecoder/atob everywhere).
 
+import { CloseCode } from "./codes.js";
+
 export function noop() {}
 
 export function now() {
@@ -159,7 +161,33 @@ export function withQuery(url, params) {
   return base + (base.indexOf("?") >= 0 ? "&" : "?") + parts.join("&") + frag;
 }
 
-/** Close codes an application may send (browsers throw on others). */
+/** Close codes an application may send (browsers throw on others): normal, or the range
+ * RFC 6455 leaves to libraries and applications. */
 export function clientCloseCode(code) {
-  return code === 1000 || (code >= 3000 && code <= 4999) ? code : 1000;
+  return code === CloseCode.NORMAL || (code >= APP_CLOSE_CODES_FROM && code <= APP_CLOSE_CODES_TO) ? code : CloseCode.NORMAL;
+}
+
+const APP_CLOSE_CODES_FROM = 3000;
+const APP_CLOSE_CODES_TO = 4999;
+
+const ID_CHARS = "0123456789abcdefghijklmnopqrstuvwxyz";
+
+/** `n` random base36 characters, from `crypto.getRandomValues` where the runtime has it
+ * (browsers, Node), else from `random` (Math.random; mini-program runtimes). */
+export function randomId(n, random) {
+  let s = "";
+  const c = typeof crypto !== "undefined" && crypto && typeof crypto.getRandomValues === "function" ? crypto : null;
+  if (c) {
+    try {
+      const bytes = new Uint8Array(n * 2);
+      c.getRandomValues(bytes);
+      // 252 = 7 * 36: skipping the bytes above keeps every character equally likely.
+      for (let i = 0; i < bytes.length && s.length < n; i++) if (bytes[i] < 252) s += ID_CHARS.charAt(bytes[i] % 36);
+    } catch (e) {
+      // fall back below
+    }
+  }
+  const r = random || Math.random;
+  while (s.length < n) s += ID_CHARS.charAt(Math.floor(r() * 36) % 36);
+  return s;
 }
