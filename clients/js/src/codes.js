@@ -40,12 +40,16 @@ export const CloseCode = {
   PROTOCOL_ERROR: 1002,
   /** invalid UTF-8 in a text message or close reason */
   INVALID_UTF8: 1007,
+  /** policy violation */
+  POLICY: 1008,
   /** message or frame larger than the configured maximum */
   TOO_BIG: 1009,
   /** internal error */
   INTERNAL_ERROR: 1011,
   /** service restart (drain); reconnect after the `retry_ms` of the `drain` frame */
   SERVICE_RESTART: 1012,
+  /** try again later (the node is at a connection cap) */
+  TRY_AGAIN_LATER: 1013,
   /** heartbeat timeout (no frame within `idle_timeout`) */
   HEARTBEAT_TIMEOUT: 4000,
   /** authentication expired or failed ("token expired") */

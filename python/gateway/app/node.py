@@ -74,21 +74,6 @@ def make_broker(config: Config) -> Broker:
     return MemoryBroker(config.broker)
 
 
-def _legacy(s: dict[str, Any]) -> dict[str, Any]:
-    """TEMPORARY until the engine takes ``<section>_<key>`` names."""
-    m = {"server_host": "host", "server_port": "port", "server_reuse_port": "reuse_port", "server_backlog": "backlog",
-         "server_io_threads": "workers", "server_ws_path": "ws_path", "server_health_path": "health_path",
-         "limits_handshake_timeout": "handshake_timeout", "auth_deadline": "auth_timeout", "limits_max_headers": "max_headers",
-         "limits_max_header_bytes": "max_header_bytes", "limits_max_frame_bytes": "max_frame_size",
-         "limits_max_message_bytes": "max_message_size", "deflate_enabled": "deflate", "deflate_min_size": "deflate_min_size",
-         "deflate_level": "deflate_level", "deflate_client_max_window_bits": "deflate_client_max_window_bits",
-         "heartbeat_idle_timeout": "idle_timeout", "limits_queue_bytes": "queue_bytes", "limits_fanout_chunk": "fanout_chunk",
-         "limits_event_queue": "event_queue_cap", "limits_socket_send_buffer": "send_buffer"}
-    out = {m[k]: v for k, v in s.items() if k in m}
-    out["ping_interval"] = float(s["heartbeat_interval"]) if s["heartbeat_ws_ping"] else 0.0
-    return out
-
-
 class Gateway:
     """The application. ``Gateway(config, plugins=[...])``, then ``run()`` or ``await serve()``."""
 
@@ -362,7 +347,7 @@ class Gateway:
             from ..demo import static_files
 
             static = static_files(self.config.server.ws_path)
-        eng = Engine(static_files=static, **_legacy(self.config.engine_settings()))
+        eng = Engine(static_files=static, **self.config.engine_settings())
         self._set_room_options(eng)
         self._engine = eng
         addr = eng.start()

@@ -27,14 +27,16 @@ class Message:
 
     ``after_publish`` gets it with ``room`` = the room the result belongs to: for a
     re-routed message, a copy per target with ``room`` set to that target (``rooms``
-    still lists every target); otherwise the message itself."""
+    still lists every target); otherwise the message itself. ``cid`` is the client's
+    message id (idempotency key), when it sent one."""
 
     room: str
     type: str
     data: Any
     sender: Client | None
-    priority: int = Priority.NORMAL
+    priority: int = int(Priority.NORMAL)
     rooms: list[str] | None = None
+    cid: str | None = None
 
 
 class Plugin:

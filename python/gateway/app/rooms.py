@@ -68,9 +68,7 @@ class Rooms:
         event ``{"op":"presence","room":…,"event":notify,"user":…}``. False when it was
         not a member."""
         eng = self.engine()
-        from .session import _is_member
-
-        if not _is_member(eng, client.conn, room):
+        if not eng.is_member(client.conn, room):
             return False
         if notify:
             eng.send(client.conn, frames.presence_event(room, notify, client.user), Priority.HIGH)

@@ -376,7 +376,7 @@ class Sessions:
         logins, on this node) are closed with 4004."""
         eng = self.engine()
         for conn in eng.user_conns(c.user):
-            if conn != c.conn and _is_member(eng, conn, room):
+            if conn != c.conn and eng.is_member(conn, room):
                 eng.disconnect(conn, CloseCode.REPLACED, "replaced by a newer login")
 
     async def leave(self, c: Client, req: Leave) -> None:
@@ -387,13 +387,13 @@ class Sessions:
     async def publish(self, c: Client, req: Publish) -> None:
         room = req.room
         eng = self.engine()
-        if not _is_member(eng, c.conn, room):
+        if not eng.is_member(c.conn, room):
             raise Reject(ErrorCode.NOT_JOINED, f"join {room} before publishing")
         verdict, route = self.policy.check_publish(c.identity, room, req.type, req.size)
         if not verdict.ok or route is None:
             self.stats.count_drop(verdict.code)
             raise Reject(verdict.code, verdict.message)
-        m = await self.hooks.chain("on_message", c, Message(room, req.type, req.data, c, verdict.priority), _message)
+        m = await self.hooks.chain("on_message", c, Message(room, req.type, req.data, c, verdict.priority, cid=req.cid), _message)
         if m is DROP:
             self.stats.dropped["filter"] += 1
             eng.send(c.conn, frames.ack(req.id, seq=0), Priority.HIGH)
@@ -436,10 +436,3 @@ def _request_id(data: bytes) -> Any:
         return None
     return msg.get("id") if isinstance(msg, dict) else None
 
-
-def _is_member(eng: Engine, conn: int, room: str) -> bool:
-    """TEMPORARY until the engine has is_member."""
-    f = getattr(eng, "is_member", None)
-    if f is not None:
-        return bool(f(conn, room))
-    return room in (eng.conn_rooms(conn) or ())

@@ -40,6 +40,7 @@ class CloseCode(IntEnum):
     TOO_BIG = 1009
     INTERNAL_ERROR = 1011
     RESTART = 1012
+    TRY_AGAIN_LATER = 1013
     IDLE = 4000
     AUTH = 4001
     KICKED = 4003
