@@ -37,6 +37,7 @@ from ._core import EV_CLOSED, EV_CONNECT, EV_MESSAGE, Engine, raise_fd_limit
 from ._eager import run_eager
 from .auth import Authenticator, AuthError, ConnectRequest, Identity
 from .broker import Broker, BrokerError, HistoryPolicy, HistoryResult, MemoryBroker, PublishResult
+from .broker.commands import Ban, Broadcast, CloseRoom, Command, Kick, Mute, Unban, Unmute
 from .config import Config
 from .routing import Moderation, Policy, RateLimiter, Route, Router
 
@@ -281,7 +282,7 @@ class Gateway:
 
                 raise ConfigError("broker.kind", "the redis broker is not available in this build yet") from None
             return RedisBroker(self.config.broker)  # type: ignore[no-any-return]
-        return MemoryBroker()
+        return MemoryBroker(self.config.broker.idempotency_ttl)
 
     # ---- composition ---------------------------------------------------------------------
 
@@ -349,49 +350,46 @@ class Gateway:
 
     async def broadcast(self, data: Any, type: str = "broadcast", priority: int = P.PRIO_NORMAL) -> None:
         """Push to every connection on every node."""
-        await self.broker.control("broadcast", {"frame": P.push(type, data).decode(), "prio": priority})
+        await self.broker.command(Broadcast(P.push(type, data), priority))
 
     async def kick(self, user: str, reason: str = "kicked", code: int = P.CLOSE_KICKED) -> None:
         """Close every connection of ``user`` on every node."""
-        await self.broker.control("kick", {"user": user, "code": code, "reason": reason})
+        await self.broker.command(Kick(user, code, reason))
 
     async def mute(self, room: str, user: str | None = None, seconds: float | None = None, whitelist: Iterable[str] = ()) -> None:
         """Mute ``user`` in ``room`` (or the whole room, except ``whitelist``), on every node."""
         until = time.time() + seconds if seconds else None
-        await self.broker.control("mute", {"room": room, "user": user, "until": until, "whitelist": list(whitelist)})
+        await self.broker.command(Mute(room, user, until, tuple(whitelist)))
 
     async def unmute(self, room: str, user: str | None = None) -> None:
-        await self.broker.control("unmute", {"room": room, "user": user})
+        await self.broker.command(Unmute(room, user))
 
     async def ban(self, room: str, user: str, seconds: float | None = None) -> None:
         """Ban ``user`` from ``room`` (``*`` = everywhere) and remove them from it."""
         until = time.time() + seconds if seconds else None
-        await self.broker.control("ban", {"room": room, "user": user, "until": until})
+        await self.broker.command(Ban(room, user, until))
 
     async def unban(self, room: str, user: str) -> None:
         """Lift a ban set with the same ``room`` (``*`` = the everywhere ban), on every node."""
-        await self.broker.control("unban", {"room": room, "user": user})
+        await self.broker.command(Unban(room, user))
 
     async def close_room(self, room: str, reason: str = "room closed") -> None:
         """Remove every member from ``room`` on every node (they get a presence notice)."""
-        await self.broker.control("close_room", {"room": room, "reason": reason})
+        await self.broker.command(CloseRoom(room, reason))
 
     async def presence(self, room: str) -> tuple[int, int]:
         """(connections, users) in ``room`` across nodes."""
-        if isinstance(self.broker, MemoryBroker):
-            return self._engine().room_counts(room)
-        return await self.broker.presence(room)
+        return await self.broker.presence.counts(room)
 
     async def members_everywhere(self, room: str, offset: int = 0, limit: int = 100) -> tuple[list[dict[str, Any]], str]:
         """Members of ``room`` on every node when the broker shares member lists and the
         room is small (its route's ``presence_events_max_members``), else this node's.
         Returns ``(members, scope)`` with scope ``"cluster"`` or ``"node"``."""
         shared: list[dict[str, Any]] | None = None
-        if not isinstance(self.broker, MemoryBroker):
-            try:
-                shared = await self.broker.members(room)
-            except BrokerError:
-                shared = None
+        try:
+            shared = await self.broker.presence.members(room)
+        except BrokerError:
+            shared = None
         if shared:
             return shared[offset : offset + limit], "cluster"
         return self.members(room, offset, limit), "node"
@@ -458,25 +456,28 @@ class Gateway:
     def deliver_user(self, user: str, payload: bytes, prio: int) -> int:
         return self._engine().send_user(user, payload, prio)
 
-    def control(self, kind: str, data: dict[str, Any]) -> None:
+    def local_counts(self, room: str) -> tuple[int, int]:
+        return self._engine().room_counts(room)
+
+    def apply(self, cmd: Command) -> None:
         eng = self._engine()
-        if kind == "kick":
-            eng.disconnect_user(data["user"], int(data.get("code", P.CLOSE_KICKED)), data.get("reason", "")[:120])
-        elif kind == "broadcast":
-            eng.broadcast(data["frame"].encode(), int(data.get("prio", 1)))
-        elif kind == "mute":
-            if data.get("user"):
-                self.moderation.mute_user(data["room"], data["user"], data.get("until"))
+        if isinstance(cmd, Kick):
+            eng.disconnect_user(cmd.user, cmd.code, cmd.reason[:120])
+        elif isinstance(cmd, Broadcast):
+            eng.broadcast(cmd.frame, cmd.prio)
+        elif isinstance(cmd, Mute):
+            if cmd.user:
+                self.moderation.mute_user(cmd.room, cmd.user, cmd.until)
             else:
-                self.moderation.mute_room(data["room"], data.get("until"), data.get("whitelist", ()))
-        elif kind == "unmute":
-            if data.get("user"):
-                self.moderation.unmute_user(data["room"], data["user"])
+                self.moderation.mute_room(cmd.room, cmd.until, cmd.whitelist)
+        elif isinstance(cmd, Unmute):
+            if cmd.user:
+                self.moderation.unmute_user(cmd.room, cmd.user)
             else:
-                self.moderation.unmute_room(data["room"])
-        elif kind == "ban":
-            room, user = data["room"], data["user"]
-            self.moderation.ban(room, user, data.get("until"))
+                self.moderation.unmute_room(cmd.room)
+        elif isinstance(cmd, Ban):
+            room, user = cmd.room, cmd.user
+            self.moderation.ban(room, user, cmd.until)
             for conn in eng.user_conns(user):
                 c = self.clients.get(conn)
                 if c is None:
@@ -484,16 +485,16 @@ class Gateway:
                 for r in list(c.rooms):
                     if room in ("*", r):
                         self._spawn(self._leave(c, r, notify="banned"))
-        elif kind == "unban":
-            self.moderation.unban(data["room"], data["user"])
-        elif kind == "close_room":
-            room = data["room"]
+        elif isinstance(cmd, Unban):
+            self.moderation.unban(cmd.room, cmd.user)
+        elif isinstance(cmd, CloseRoom):
+            room = cmd.room
             for conn, _user, _meta in eng.room_members(room, 0, 1 << 30):
                 c = self.clients.get(conn)
                 if c is not None:
                     self._spawn(self._leave(c, room, notify="closed"))
         else:
-            log.warning("unknown control command %r", kind)
+            log.warning("unknown command %r", cmd)
 
     # ---- hooks ---------------------------------------------------------------------------
 
@@ -717,11 +718,7 @@ class Gateway:
         """Count a connection of ``user`` in ``room`` (None: connected) for the debounce,
         in the background, and run ``after_join``/``after_connect`` when it is a real
         change; a later leave of the same (room, user) waits for it."""
-        fn = getattr(self.broker, "member_join", None)
-        if fn is None:
-            # No cross-node debounce (one node): every join and connect is reported.
-            self._spawn_notification(self._join_notice(client, room))
-            return
+        fn = self.broker.debounce.join
         key = (room, user)
         task = asyncio.ensure_future(self._member_join_run(fn, room, user, client))
         self._member_pending[key] = task
@@ -747,9 +744,7 @@ class Gateway:
         """Whether hooks hear of this leave: with a broker that debounces (Redis), once
         per real leave, ``broker.leave_grace`` later, on one node (a reconnect within the
         grace period, on any node, is no leave); otherwise at once."""
-        fn = getattr(self.broker, "member_leave", None)
-        if fn is None:
-            return True
+        fn = self.broker.debounce.leave
         pending = self._member_pending.get((room, user))
         if pending is not None:
             await asyncio.wait((pending,))
@@ -927,7 +922,7 @@ class Gateway:
         counts; with a shared broker, at least the cluster-wide counts of the last
         presence tick (``presence.interval`` old at most)."""
         conns, users = self._engine().room_counts(room)
-        if not isinstance(self.broker, MemoryBroker):
+        if self.broker.presence.shared:
             last = self._presence_last.get(room)
             if last is not None:
                 conns, users = max(conns, last[0]), max(users, last[1])
@@ -1068,9 +1063,9 @@ class Gateway:
     async def _presence_tick(self) -> None:
         eng = self._engine()
         local = {room: (c, u) for room, c, u in eng.rooms()}
-        shared = not isinstance(self.broker, MemoryBroker)
+        shared = self.broker.presence.shared
         try:
-            await self.broker.report_presence(local)
+            await self.broker.presence.report(local)
         except BrokerError:
             shared = False  # Redis unreachable (logged by the broker): local counts meanwhile
         last = self._presence_last
@@ -1079,7 +1074,7 @@ class Gateway:
             counts = local[room]
             if shared:
                 try:
-                    counts = await self.broker.presence(room)
+                    counts = await self.broker.presence.counts(room)
                 except BrokerError:
                     shared = False
             fresh[room] = counts
@@ -1104,7 +1099,7 @@ class Gateway:
                     for _conn, user, meta in eng.room_members(room, 0, limit)
                 ]
         try:
-            await self.broker.report_members(small)
+            await self.broker.presence.report_members(small)
         except BrokerError:
             pass  # counted and logged by the broker; listings fall back to local members
 
@@ -1214,7 +1209,7 @@ class Gateway:
             # on_leave/on_disconnect of the drained clients: with a debouncing broker they
             # are due leave_grace from now (a client that reconnected elsewhere meanwhile
             # is no leave); then each hook may take hooks.timeout.
-            grace = self.config.broker.leave_grace if hasattr(self.broker, "member_leave") else 0.0
+            grace = self.broker.debounce.grace
             await asyncio.wait(list(self._notifications), timeout=grace + self.config.hooks.timeout)
         for t in list(self._tasks):
             t.cancel()

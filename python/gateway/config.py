@@ -128,6 +128,9 @@ class BrokerConfig:
     #: Seconds without a heartbeat after which the other nodes count a node as gone: its
     #: hook-debounce counts stop holding back leaves (a crashed node's users).
     node_timeout: float = 10.0
+    #: Seconds an idempotency key (client message id) is remembered: a publish or send
+    #: retried with the same key within this is not delivered again.
+    idempotency_ttl: float = 600.0
 
 
 @dataclass
@@ -227,6 +230,8 @@ class Config:
             raise ConfigError("broker.node_timeout", "must be > 0")
         if self.broker.leave_grace < 0:
             raise ConfigError("broker.leave_grace", "must be >= 0")
+        if self.broker.idempotency_ttl <= 0:
+            raise ConfigError("broker.idempotency_ttl", "must be > 0")
         if self.log.level.lower() not in ("debug", "info", "warning", "error", "critical"):
             raise ConfigError("log.level", "must be debug, info, warning, error or critical")
         if self.drain.timeout < 0:
