@@ -54,7 +54,8 @@ def frame(room: str, seq: int) -> bytes:
 
 
 def make(wait: float = 0.05) -> tuple[Reorder, Sink, FakeClock, dict[str, float]]:
-    sink, clock, counters = Sink(), FakeClock(), {}
+    sink, clock = Sink(), FakeClock()
+    counters: dict[str, float] = {}
     return Reorder(sink.deliver, clock.schedule, wait, counters), sink, clock, counters
 
 
