@@ -1,5 +1,7 @@
 """RedisBroker against a real redis-server, in process: contracts of every Broker method,
-one publish per room message, batching, ordering, failure and recovery, Redis Cluster."""
+one publish per room message, batching, ordering, idempotency keys, moderation kept for
+later nodes, presence, the hook debounce, failure and recovery, Redis Cluster. (The pure
+re-ordering is tested in tests/unit/test_reorder.py.)"""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from typing import Any
 
 import orjson
 import pytest
-from gateway.broker import BrokerError, HistoryPolicy
+from gateway.broker import Ban, BrokerError, CloseRoom, Command, HistoryPolicy, Kick, Mute, Unban, Unmute
 from gateway.broker.redis import RedisBroker
 from gateway.config import BrokerConfig
 from gateway.protocol import message_parts
@@ -29,7 +31,8 @@ class Sink:
     def __init__(self) -> None:
         self.room: list[tuple[str, bytes, int]] = []
         self.user: list[tuple[str, bytes, int]] = []
-        self.ctl: list[tuple[str, dict[str, Any]]] = []
+        self.ctl: list[Command] = []
+        self.counts: dict[str, tuple[int, int]] = {}
 
     def deliver_room(self, room: str, payload: bytes, prio: int) -> int:
         self.room.append((room, payload, prio))
@@ -39,8 +42,11 @@ class Sink:
         self.user.append((user, payload, prio))
         return 1
 
-    def control(self, kind: str, data: dict[str, Any]) -> None:
-        self.ctl.append((kind, data))
+    def apply(self, cmd: Command) -> None:
+        self.ctl.append(cmd)
+
+    def local_counts(self, room: str) -> tuple[int, int]:
+        return self.counts.get(room, (0, 0))
 
     def seqs(self, room: str) -> list[int]:
         return [orjson.loads(p)["seq"] for r, p, _ in self.room if r == room and p.startswith(b'{"op":"msg"')]
@@ -58,9 +64,9 @@ def parts(room: str, text: str, mtype: str = "chat") -> tuple[bytes, bytes]:
     return message_parts(room, mtype, 1, "u1", {"text": text}, 1)
 
 
-async def pub(b: RedisBroker, room: str, text: str, recoverable: bool = True, policy: HistoryPolicy = POLICY) -> Any:
+async def pub(b: RedisBroker, room: str, text: str, recoverable: bool = True, policy: HistoryPolicy = POLICY, idem: str | None = None) -> Any:
     head, tail = parts(room, text)
-    return await b.publish(room, head, tail, 1, recoverable, policy)
+    return await b.publish(room, head, tail, 1, recoverable, policy, idem)
 
 
 @pytest.fixture
@@ -201,23 +207,24 @@ async def test_subscribe_is_batched_and_confirmed(pair: Any, redis_server: Redis
 async def test_presence_is_summed_and_expires(redis_server: RedisServer) -> None:
     a, _ = await make(redis_server.url, "A", presence_ttl=1.0)
     b, _ = await make(redis_server.url, "B", presence_ttl=1.0)
-    a.presence_cache = b.presence_cache = 0.1
+    a.presence.cache_ttl = b.presence.cache_ttl = 0.1
+    assert a.presence.shared is True
     try:
-        await a.report_presence({"live:p": (2, 2), "live:q": (1, 1)})
-        await b.report_presence({"live:p": (3, 1)})
-        assert await b.presence("live:p") == (5, 3)
-        await asyncio.sleep(a.presence_cache)
-        assert await a.presence("live:p") == (5, 3)
-        assert await a.presence("live:q") == (1, 1)
+        await a.presence.report({"live:p": (2, 2), "live:q": (1, 1)})
+        await b.presence.report({"live:p": (3, 1)})
+        assert await b.presence.counts("live:p") == (5, 3)
+        await asyncio.sleep(a.presence.cache_ttl)
+        assert await a.presence.counts("live:p") == (5, 3)
+        assert await a.presence.counts("live:q") == (1, 1)
         # A leaves live:q (not reported any more): its count is removed at once.
-        await a.report_presence({"live:p": (2, 2)})
-        await asyncio.sleep(a.presence_cache)
-        assert await b.presence("live:q") == (0, 0)
+        await a.presence.report({"live:p": (2, 2)})
+        await asyncio.sleep(a.presence.cache_ttl)
+        assert await b.presence.counts("live:q") == (0, 0)
         # B dies (stops reporting): its counts vanish after presence_ttl.
         await b.close()
         await asyncio.sleep(1.2)
-        await a.report_presence({"live:p": (2, 2)})
-        assert await a.presence("live:p") == (2, 2)
+        await a.presence.report({"live:p": (2, 2)})
+        assert await a.presence.counts("live:p") == (2, 2)
     finally:
         await a.close()
         await b.close()
@@ -225,11 +232,11 @@ async def test_presence_is_summed_and_expires(redis_server: RedisServer) -> None
 
 async def test_control_and_send_user_reach_every_node_once(pair: Any) -> None:
     a, sa, b, sb = pair
-    await a.control("kick", {"user": "u7", "code": 4003, "reason": "bye"})
-    await b.send_user("u8", b'{"op":"push","type":"order","data":1,"ts":1}', 2)
+    await a.command(Kick("u7", 4003, "bye"))
+    assert await b.send_user("u8", b'{"op":"push","type":"order","data":1,"ts":1}', 2) is True
     await await_until(lambda: sb.ctl and sa.user, 3, what="control on B, push on A")
     await asyncio.sleep(0.2)
-    assert sa.ctl == sb.ctl == [("kick", {"user": "u7", "code": 4003, "reason": "bye"})]
+    assert sa.ctl == sb.ctl == [Kick("u7", 4003, "bye")]
     assert sa.user == sb.user == [("u8", b'{"op":"push","type":"order","data":1,"ts":1}', 2)]
 
 
@@ -239,27 +246,6 @@ async def test_publish_frame_reaches_members_everywhere(pair: Any) -> None:
     await a.publish_frame("live:f", b'{"op":"presence","room":"live:f","event":"join","user":"x"}', 0)
     await await_until(lambda: sb.room, 3, what="frame on B")
     assert sa.room == sb.room == [("live:f", b'{"op":"presence","room":"live:f","event":"join","user":"x"}', 0)]
-
-
-def test_reorder_by_seq() -> None:
-    async def run() -> None:
-        b = RedisBroker(BrokerConfig(kind="redis"))
-        s = Sink()
-        b._handler = s
-        b._loop = asyncio.get_running_loop()
-        ep = b"e1"
-        b._set_base("live:o", 0, None)
-        for seq in (1, 3, 2, 4):
-            b._sequenced("live:o", seq, ep, b'{"op":"msg","room":"live:o","seq":%d}' % seq, 1)
-        assert s.seqs("live:o") == [1, 2, 3, 4]
-        b._sequenced("live:o", 6, ep, b'{"op":"msg","room":"live:o","seq":6}', 1)
-        assert s.seqs("live:o") == [1, 2, 3, 4], "held while 5 is missing"
-        await asyncio.sleep(b.reorder_wait * 2)
-        assert s.seqs("live:o") == [1, 2, 3, 4, 6], "released after reorder_wait"
-        b._sequenced("live:o", 1, b"e2", b'{"op":"msg","room":"live:o","seq":1}', 1)
-        assert s.seqs("live:o")[-1] == 1, "a new epoch restarts the order"
-
-    asyncio.run(run())
 
 
 async def test_redis_down_fails_fast_and_recovers(redis_server: RedisServer) -> None:
@@ -281,10 +267,13 @@ async def test_redis_down_fails_fast_and_recovers(redis_server: RedisServer) -> 
         assert elapsed < 0.2, f"20 publishes while down took {elapsed:.3f}s"
         assert a.stats.publish_errors == 20
         assert sa.seqs("live:d")[-20:] == [0] * 20, "local delivery continues, unrecoverable (seq 0)"
-        for call in (a.history("live:d", limit=5), a.presence("live:zz"), a.control("kick", {"user": "x"}), a.report_presence({"live:d": (1, 1)})):
+        for call in (a.history("live:d", limit=5), a.presence.counts("live:zz"), a.command(Kick("x")), a.presence.report({"live:d": (1, 1)})):
             with pytest.raises(BrokerError):
                 await call
-        assert sa.ctl == [("kick", {"user": "x"})], "control still applies locally"
+        assert sa.ctl == [Kick("x")], "control still applies locally"
+        for call2 in (a.moderation(), a.presence.members("live:d"), a.debounce.join("live:d", "u"), a.send_user("u", b"{}", 1)):
+            with pytest.raises(BrokerError):
+                await call2
         await a.subscribe("live:d2")  # returns at once while down; resubscribed later
         await b.subscribe("live:d2")
         redis_server.start()
@@ -352,25 +341,27 @@ async def test_member_debounce(redis_server: RedisServer) -> None:
     a, _ = await make(redis_server.url, "A", leave_grace=0.3)
     b, _ = await make(redis_server.url, "B", leave_grace=0.3)
     try:
-        assert await a.member_join("live:m", "u1") is True
-        assert await b.member_join("live:m", "u1") is False, "second connection: no join"
-        assert await a.member_leave("live:m", "u1") is False, "one connection left"
+        da, db = a.debounce, b.debounce
+        assert da.grace == 0.3
+        assert await da.join("live:m", "u1") is True
+        assert await db.join("live:m", "u1") is False, "second connection: no join"
+        assert await da.leave("live:m", "u1") is False, "one connection left"
         # Last connection leaves on B, the user reconnects on A within the grace period.
-        leave = asyncio.ensure_future(b.member_leave("live:m", "u1"))
+        leave = asyncio.ensure_future(db.leave("live:m", "u1"))
         await asyncio.sleep(0.1)
-        assert await a.member_join("live:m", "u1") is False, "reconnect within grace: no join"
+        assert await da.join("live:m", "u1") is False, "reconnect within grace: no join"
         assert await leave is False, "and no leave"
         # A real leave: reported once, after the grace period.
         t0 = time.perf_counter()
-        assert await a.member_leave("live:m", "u1") is True
+        assert await da.leave("live:m", "u1") is True
         assert time.perf_counter() - t0 >= 0.3
-        assert await b.member_join("live:m", "u1") is True
+        assert await db.join("live:m", "u1") is True
         # Node-wide (connect/disconnect) scope.
         # (a connection's leave comes from the node it joined on: counts are per node)
-        assert await a.member_join(None, "u2") is True
-        assert await b.member_join(None, "u2") is False
-        assert await a.member_leave(None, "u2") is False
-        assert await b.member_leave(None, "u2") is True
+        assert await da.join(None, "u2") is True
+        assert await db.join(None, "u2") is False
+        assert await da.leave(None, "u2") is False
+        assert await db.leave(None, "u2") is True
     finally:
         await a.close()
         await b.close()
@@ -382,24 +373,25 @@ async def test_member_debounce_forgets_a_crashed_node(redis_server: RedisServer)
     a, _ = await make(redis_server.url, "A", leave_grace=0.1, node_timeout=0.4)
     b, _ = await make(redis_server.url, "B", leave_grace=0.1, node_timeout=0.4)
     try:
-        assert await a.member_join("live:crash", "u1") is True
-        assert a._hb_task is not None
-        a._hb_task.cancel()  # A "crashes": no more heartbeats, and no leave for u1
-        assert await b.member_join("live:crash", "u1") is False, "u1 is still counted on A"
-        assert await b.member_leave("live:crash", "u1") is False, "A is not gone yet: u1 is still there"
-        assert await b.member_join("live:crash", "u1") is False
-        await await_until(lambda: a._inst in b._gone, 5, what="B to see A gone")
+        da, db = a.debounce, b.debounce
+        assert await da.join("live:crash", "u1") is True
+        assert da.hb_task is not None
+        da.hb_task.cancel()  # A "crashes": no more heartbeats, and no leave for u1
+        assert await db.join("live:crash", "u1") is False, "u1 is still counted on A"
+        assert await db.leave("live:crash", "u1") is False, "A is not gone yet: u1 is still there"
+        assert await db.join("live:crash", "u1") is False
+        await await_until(lambda: da.instance in db.gone, 5, what="B to see A gone")
         # Before per-node counts this stayed False for a day (A's count never went down).
-        assert await b.member_leave("live:crash", "u1") is True
-        assert await b.member_join("live:crash", "u1") is True, "and the next join is a real one"
+        assert await db.leave("live:crash", "u1") is True
+        assert await db.join("live:crash", "u1") is True, "and the next join is a real one"
         hb = command(redis_server.port, "HKEYS", "gw:{nodes}:hb")
-        assert a._inst.decode() in hb and b._inst.decode() in hb, hb
+        assert da.instance.decode() in hb and db.instance.decode() in hb, hb
     finally:
         await a.close()
         await b.close()
     # A graceful stop leaves the heartbeat hash: it is never listed as gone.
     hb = command(redis_server.port, "HKEYS", "gw:{nodes}:hb")
-    assert b._inst.decode() not in hb, hb
+    assert b.debounce.instance.decode() not in hb, hb
 
 
 # ---- Redis Cluster --------------------------------------------------------------------------
@@ -455,14 +447,168 @@ async def test_cluster_sharded_pubsub(redis_cluster: list[RedisServer]) -> None:
         assert sum(st.get("spublish", 0) for st in stats) == 36 and sum(st.get("publish", 0) for st in stats) == 0
         h = await b.history(rooms[0], limit=10, since=1, epoch=(await a.history(rooms[0], limit=0)).epoch)
         assert h.recovered is True and len(h.messages) == 2
-        await a.report_presence({r: (1, 1) for r in rooms})
-        await b.report_presence({rooms[0]: (2, 2)})
-        await asyncio.sleep(a.presence_cache)
-        assert await a.presence(rooms[0]) == (3, 3)
-        await a.control("mute", {"room": rooms[0], "user": "u1"})
+        await a.presence.report({r: (1, 1) for r in rooms})
+        await b.presence.report({rooms[0]: (2, 2)})
+        await asyncio.sleep(a.presence.cache_ttl)
+        assert await a.presence.counts(rooms[0]) == (3, 3)
+        await a.command(Mute(rooms[0], "u1"))
         await b.send_user("u1", b"{}", 1)
         await await_until(lambda: sb.ctl and sa.user, 3, what="control over sharded channel")
-        assert await a.member_join(rooms[1], "u3") is True
+        assert await a.debounce.join(rooms[1], "u3") is True
+        # Idempotency keys live in the room's slot (publish) and the control channel's
+        # slot (send_user): one script each, also in cluster mode.
+        r1 = await pub(a, rooms[2], "once", idem="c:1")
+        r2 = await pub(b, rooms[2], "once", idem="c:1")
+        assert r2.duplicate and (r2.seq, r2.epoch) == (r1.seq, r1.epoch)
+        assert await b.send_user("u1", b"{}", 1, idem="c:2") is True
+        assert await a.send_user("u1", b"{}", 1, idem="c:2") is False
+        await await_until(lambda: len(sa.user) == 2, 3, what="idempotent send_user over the sharded channel")
+        # Moderation state is kept for nodes that start later.
+        c, _sc = await make(url, "C", cluster=True)
+        try:
+            assert await c.moderation() == [Mute(rooms[0], "u1")]
+        finally:
+            await c.close()
     finally:
         await a.close()
         await b.close()
+
+
+# ---- idempotency keys -------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def quiet_pair(redis_server: RedisServer) -> Any:
+    """Two nodes whose debounce heartbeat (an EVALSHA too) stays out of the way of
+    commandstats: the first beat at start, the next one 15 s later."""
+    a, sa = await make(redis_server.url, "A", node_timeout=60.0)
+    b, sb = await make(redis_server.url, "B", node_timeout=60.0)
+    await asyncio.sleep(0.3)  # the first heartbeats are done
+    yield a, sa, b, sb
+    await a.close()
+    await b.close()
+
+
+async def test_publish_with_an_idempotency_key_is_published_once_across_nodes(quiet_pair: Any, redis_server: RedisServer) -> None:
+    a, sa, b, sb = quiet_pair
+    await a.subscribe("live:i")
+    await b.subscribe("live:i")
+    before = commandstats(redis_server.port)
+    r1 = await pub(a, "live:i", "hello", idem="u1:m1")
+    # The client timed out and retries on another node: the same key.
+    r2 = await pub(b, "live:i", "hello", idem="u1:m1")
+    r3 = await pub(a, "live:i", "hello", idem="u1:m1")
+    after = commandstats(redis_server.port)
+    assert (r1.seq, r1.duplicate) == (1, False)
+    assert (r2.seq, r2.epoch, r2.duplicate) == (1, r1.epoch, True) and r3 == r2
+    assert after.get("publish", 0) - before.get("publish", 0) == 1
+    assert after.get("evalsha", 0) - before.get("evalsha", 0) == 3, "one round trip per publish, duplicates included"
+    await asyncio.sleep(0.2)
+    assert sa.seqs("live:i") == sb.seqs("live:i") == [1], "delivered once on each node"
+    assert len((await a.history("live:i", limit=10)).messages) == 1
+    ttl = int(command(redis_server.port, "PTTL", "gw:{live:i}:i:u1:m1"))
+    assert 590_000 < ttl <= 600_000, "kept broker.idempotency_ttl (600 s by default)"
+    # Not recoverable (seq 0): deduplicated all the same; other keys are published.
+    l1 = await pub(b, "live:i", "like", recoverable=False, idem="u1:m2")
+    l2 = await pub(a, "live:i", "like", recoverable=False, idem="u1:m2")
+    assert (l1.seq, l1.duplicate, l2.seq, l2.duplicate) == (0, False, 0, True) and l2.epoch == l1.epoch
+    assert (await pub(b, "live:i", "next", idem="u1:m3")).seq == 2
+    assert (await pub(b, "live:other", "hello", idem="u1:m1")).duplicate is False, "keys are per room"
+    await await_until(lambda: sa.seqs("live:i") == [1, 0, 2] and sb.seqs("live:i") == [1, 0, 2], 3, what="one like, then seq 2")
+
+
+async def test_idempotency_keys_expire(redis_server: RedisServer) -> None:
+    a, sa = await make(redis_server.url, "A", idempotency_ttl=0.3)
+    try:
+        assert (await pub(a, "live:e", "x", idem="k")).duplicate is False
+        assert (await pub(a, "live:e", "x", idem="k")).duplicate is True
+        assert await a.send_user("u1", b"{}", 1, idem="k") is True
+        assert await a.send_user("u1", b"{}", 1, idem="k") is False
+        await asyncio.sleep(0.4)
+        r = await pub(a, "live:e", "x", idem="k")
+        assert (r.seq, r.duplicate) == (2, False)
+        assert await a.send_user("u1", b"{}", 1, idem="k") is True
+        assert len(sa.user) == 2
+    finally:
+        await a.close()
+
+
+async def test_send_user_with_an_idempotency_key_is_sent_once_across_nodes(quiet_pair: Any, redis_server: RedisServer) -> None:
+    a, sa, b, sb = quiet_pair
+    before = commandstats(redis_server.port)
+    assert await a.send_user("u8", b'{"op":"push"}', 2, idem="api:1") is True
+    assert await b.send_user("u8", b'{"op":"push"}', 2, idem="api:1") is False
+    assert await b.send_user("u9", b'{"op":"push"}', 2, idem="api:1") is True, "keys are per target user"
+    after = commandstats(redis_server.port)
+    assert after.get("evalsha", 0) - before.get("evalsha", 0) == 3 and after.get("publish", 0) - before.get("publish", 0) == 2
+    await await_until(lambda: len(sa.user) == 2 and len(sb.user) == 2, 3, what="two pushes on each node")
+    await asyncio.sleep(0.2)
+    assert sa.user == sb.user == [("u8", b'{"op":"push"}', 2), ("u9", b'{"op":"push"}', 2)]
+
+
+async def test_idempotency_while_redis_is_down_is_local(redis_server: RedisServer) -> None:
+    """Redis unreachable: the message reaches local members once (a retry that fails
+    again is not delivered here again); once Redis is back the retry is published."""
+    a, sa = await make(redis_server.url, "A")
+    try:
+        await a.subscribe("live:dn")
+        redis_server.kill()
+        await await_until(lambda: not a.ready, 3, what="broker notices")
+        for _ in range(2):
+            with pytest.raises(BrokerError):
+                await pub(a, "live:dn", "x", idem="k1")
+            with pytest.raises(BrokerError):
+                await a.send_user("u1", b"{}", 1, idem="k1")
+        assert sa.seqs("live:dn") == [0] and len(sa.user) == 1
+        redis_server.start()
+        await await_until(lambda: a.ready, 10, what="reconnect")
+        r = await pub(a, "live:dn", "x", idem="k1")
+        assert (r.seq, r.duplicate) == (1, False)
+        assert (await pub(a, "live:dn", "x", idem="k1")).duplicate is True
+    finally:
+        await a.close()
+
+
+# ---- moderation kept in Redis ------------------------------------------------------------------
+
+
+async def test_mutes_and_bans_reach_nodes_that_start_later(pair: Any, redis_server: RedisServer) -> None:
+    a, sa, b, sb = pair
+    now = time.time()
+    in_force: list[Command] = [
+        Mute("live:1", "u1", now + 60),
+        Mute("live:1", None, None, ("mod",)),
+        Ban("*", "u2"),
+        Ban("live:1", "u3", now + 60),
+    ]
+    for cmd in in_force:
+        await a.command(cmd)
+    await a.command(Ban("live:1", "u4", now + 0.3))  # expires soon
+    await a.command(Kick("u5"))  # not state
+    await b.command(CloseRoom("live:2"))  # not state
+    await await_until(lambda: len(sb.ctl) == 7 and len(sa.ctl) == 7, 3, what="commands on both nodes")
+    await asyncio.sleep(0.4)
+    c, sc = await make(redis_server.url, "C")  # started later (or restarted)
+    try:
+        got = await c.moderation()
+        assert sorted(map(repr, got)) == sorted(map(repr, in_force)), "the expired ban is not returned"
+        assert int(command(redis_server.port, "HLEN", "gw:{mod}:state")) == 4, "and was pruned"
+        assert sc.ctl == [], "moderation() only returns them: the app applies them"
+        # Lifting removes them; a second mute of the same (room, user) replaces the first.
+        await b.command(Unban("*", "u2"))
+        await b.command(Unmute("live:1"))
+        await a.command(Mute("live:1", "u1", None))
+        assert sorted(map(repr, await c.moderation())) == sorted(map(repr, [Mute("live:1", "u1"), Ban("live:1", "u3", now + 60)]))
+        await await_until(lambda: Unban("*", "u2") in sc.ctl and Mute("live:1", "u1") in sc.ctl, 3, what="C hears the later commands")
+    finally:
+        await c.close()
+
+
+async def test_bad_control_messages_are_ignored(pair: Any, redis_server: RedisServer) -> None:
+    a, sa, b, sb = pair
+    for msg in ("X|garbage", 'X|{"k":"explode","d":{}}', 'X|{"v":9,"k":"kick","d":{"user":"u"}}', 'X|{"k":"kick","d":{"user":5}}', "no node"):
+        command(redis_server.port, "PUBLISH", "gw:ctl", msg)
+    await a.command(Kick("u1"))
+    await await_until(lambda: sb.ctl, 3, what="the valid command after the bad ones")
+    assert sb.ctl == [Kick("u1")] and sa.ctl == [Kick("u1")]
+    assert b.ready and a.ready

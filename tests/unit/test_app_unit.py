@@ -18,7 +18,7 @@ from gateway import protocol as P
 from gateway.app import Client, Gateway
 from gateway.protocol import Join
 from gateway.auth import EMPTY_META, Authenticator, AuthConfig, ConnectRequest, Identity
-from gateway.broker import Broker, BrokerError, HistoryPolicy, HistoryResult, MemoryBroker, PublishResult
+from gateway.broker import Broker, BrokerError, Command, HistoryPolicy, HistoryResult, MemberDebounce, MemoryBroker, Presence, PublishResult
 from gateway.config import Config
 from gateway.metrics import render
 
@@ -202,6 +202,31 @@ async def test_backlog_exists_only_while_a_hook_holds_the_client() -> None:
 # ---- broker failures: degraded, not errors -------------------------------------------------------
 
 
+class FailingPresence(Presence):
+    """Shared presence that fails while the broker is down; up: (100, 90)."""
+
+    def __init__(self, broker: FailingBroker) -> None:
+        self.broker = broker
+
+    @property
+    def shared(self) -> bool:
+        return True
+
+    async def report(self, counts: dict[str, tuple[int, int]]) -> None:
+        self.broker._check()
+
+    async def counts(self, room: str) -> tuple[int, int]:
+        self.broker._check()
+        return (100, 90)
+
+    async def report_members(self, members: dict[str, list[dict[str, Any]]]) -> None:
+        self.broker._check()
+
+    async def members(self, room: str) -> list[dict[str, Any]] | None:
+        self.broker._check()
+        return None
+
+
 class FailingBroker(Broker):
     """A shared broker (not the memory one) whose Redis is down while ``down``: local
     delivery, then BrokerError, as RedisBroker does. Up, it behaves like MemoryBroker
@@ -210,6 +235,8 @@ class FailingBroker(Broker):
     def __init__(self) -> None:
         self.mem = MemoryBroker()
         self.stats = self.mem.stats
+        self.presence = FailingPresence(self)
+        self.debounce = self.mem.debounce
         self.down = True
 
     def _check(self) -> None:
@@ -245,20 +272,17 @@ class FailingBroker(Broker):
         await self.mem.unsubscribe(room)
 
     async def send_user(self, user: str, payload: bytes, prio: int, idem: str | None = None) -> bool:
-        await self.mem.send_user(user, payload, prio, idem)
+        sent = await self.mem.send_user(user, payload, prio, idem)
         self._check()
-        return True
+        return sent
 
-    async def control(self, kind: str, data: dict[str, Any]) -> None:
-        await self.mem.control(kind, data)
-        self._check()
-
-    async def report_presence(self, counts: dict[str, tuple[int, int]]) -> None:
+    async def command(self, cmd: Command) -> None:
+        await self.mem.command(cmd)
         self._check()
 
-    async def presence_counts(self, room: str) -> tuple[int, int]:
+    async def moderation(self) -> list[Command]:
         self._check()
-        return (100, 90)
+        return await self.mem.moderation()
 
 
 async def test_publish_while_the_broker_is_down_acks_degraded() -> None:
@@ -309,22 +333,34 @@ async def test_presence_tick_falls_back_to_local_counts() -> None:
 # ---- hook debounce ordering ------------------------------------------------------------------------
 
 
-class DebounceBroker(MemoryBroker):
-    def __init__(self) -> None:
-        super().__init__()
-        self.log: list[str] = []
+class SlowDebounce(MemberDebounce):
+    """A debounce like Redis' one: joins take a round trip, leaves wait ``grace``."""
 
-    async def member_join(self, room: str | None, user: str) -> bool:
+    def __init__(self, log: list[str]) -> None:
+        self.log = log
+        self.wait = 0.0
+
+    @property
+    def grace(self) -> float:
+        return self.wait
+
+    async def join(self, room: str | None, user: str) -> bool:
         await asyncio.sleep(0.05)
         self.log.append(f"join {room} {user}")
         return True
 
-    async def member_leave(self, room: str | None, user: str) -> bool:
+    async def leave(self, room: str | None, user: str) -> bool:
         self.log.append(f"leave {room} {user}")
-        await asyncio.sleep(self.grace)
+        await asyncio.sleep(self.wait)
         return True
 
-    grace = 0.0
+
+class DebounceBroker(MemoryBroker):
+    def __init__(self) -> None:
+        super().__init__()
+        self.log: list[str] = []
+        self.slow = SlowDebounce(self.log)
+        self.debounce = self.slow
 
 
 async def test_a_leave_is_counted_after_the_join_still_in_flight() -> None:
@@ -349,7 +385,7 @@ async def test_a_leave_is_counted_after_the_join_still_in_flight() -> None:
 
 async def test_stop_lets_pending_leave_notifications_finish() -> None:
     broker = DebounceBroker()
-    broker.grace = 0.3  # the debounce wait (broker.leave_grace) of a drained client
+    broker.slow.wait = 0.3  # the debounce wait (broker.leave_grace) of a drained client
     gw, eng = _gateway(broker)
     gw.config.broker.leave_grace = 0.3
     seen: list[str] = []

@@ -1,14 +1,16 @@
-"""MemoryBroker: sequence numbers, epochs, history and resume edge cases."""
+"""MemoryBroker: sequence numbers, epochs, history and resume edge cases, idempotency keys,
+moderation kept for nodes (re)started in the process, presence and debounce."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import orjson
 import pytest
 from gateway import protocol as P
-from gateway.broker import HistoryPolicy, MemoryBroker
+from gateway.broker import Ban, CloseRoom, Command, HistoryPolicy, Kick, MemoryBroker, Mute, Unban, Unmute
 from gateway.broker import memory as memory_mod
 
 
@@ -16,7 +18,8 @@ class Sink:
     def __init__(self) -> None:
         self.frames: list[tuple[str, bytes, int]] = []
         self.users: list[tuple[str, bytes, int]] = []
-        self.controls: list[tuple[str, dict[str, Any]]] = []
+        self.commands: list[Command] = []
+        self.counts: dict[str, tuple[int, int]] = {}
 
     def deliver_room(self, room: str, payload: bytes, prio: int) -> int:
         self.frames.append((room, payload, prio))
@@ -26,19 +29,22 @@ class Sink:
         self.users.append((user, payload, prio))
         return 1
 
-    def control(self, kind: str, data: dict[str, Any]) -> None:
-        self.controls.append((kind, data))
+    def apply(self, cmd: Command) -> None:
+        self.commands.append(cmd)
+
+    def local_counts(self, room: str) -> tuple[int, int]:
+        return self.counts.get(room, (0, 0))
 
 
-async def _broker() -> tuple[MemoryBroker, Sink]:
-    b, s = MemoryBroker(), Sink()
+async def _broker(**kw: Any) -> tuple[MemoryBroker, Sink]:
+    b, s = MemoryBroker(**kw), Sink()
     await b.start(s, "n1")
     return b, s
 
 
-async def _pub(b: MemoryBroker, room: str, i: int, *, recoverable: bool = True, size: int = 5, ttl: float = 300.0) -> Any:
+async def _pub(b: MemoryBroker, room: str, i: int, *, recoverable: bool = True, size: int = 5, ttl: float = 300.0, idem: str | None = None) -> Any:
     head, tail = P.message_parts(room, "chat", 1, "u", {"i": i}, 1)
-    return await b.publish(room, head, tail, 1, recoverable, HistoryPolicy(size, ttl))
+    return await b.publish(room, head, tail, 1, recoverable, HistoryPolicy(size, ttl), idem)
 
 
 def _seqs(frames: list[bytes]) -> list[int]:
@@ -148,16 +154,19 @@ async def test_idle_rooms_are_forgotten_and_get_a_new_epoch(monkeypatch: pytest.
     assert (await b.history("live:kept", limit=0)).epoch == old_kept
 
 
-async def test_frames_users_and_control_go_to_the_handler() -> None:
+async def test_frames_users_and_commands_go_to_the_handler() -> None:
     b, sink = await _broker()
     await b.publish_frame("live:1", b'{"op":"presence"}', 0)
-    await b.send_user("u1", b'{"op":"push"}', 2)
-    await b.control("kick", {"user": "u1"})
+    assert await b.send_user("u1", b'{"op":"push"}', 2) is True
+    await b.command(Kick("u1"))
     assert sink.frames == [("live:1", b'{"op":"presence"}', 0)]
     assert sink.users == [("u1", b'{"op":"push"}', 2)]
-    assert sink.controls == [("kick", {"user": "u1"})]
-    await b.report_presence({"live:1": (3, 2)})
-    assert await b.presence("live:1") == (3, 2) and await b.presence("live:x") == (0, 0)
+    assert sink.commands == [Kick("u1", 4003, "kicked")]
+    # Presence: the handler's local counts (nothing is shared on one node).
+    sink.counts["live:1"] = (3, 2)
+    await b.presence.report({"live:1": (3, 2)})
+    assert await b.presence.counts("live:1") == (3, 2) and await b.presence.counts("live:x") == (0, 0)
+    assert b.presence.shared is False and await b.presence.members("live:1") is None
     await b.close()
     await b.close()  # idempotent
     await _pub(b, "live:1", 0)  # after close: kept, not delivered
@@ -166,3 +175,87 @@ async def test_frames_users_and_control_go_to_the_handler() -> None:
 
 def test_no_event_loop_needed_for_construction() -> None:
     assert asyncio.iscoroutinefunction(MemoryBroker().history)
+
+
+async def test_presence_without_a_handler_answers_the_reported_counts() -> None:
+    b = MemoryBroker()
+    await b.presence.report({"live:1": (3, 2)})
+    assert await b.presence.counts("live:1") == (3, 2) and await b.presence.counts("live:x") == (0, 0)
+    await b.presence.report_members({"live:1": [{"user": "u", "meta": {}}]})  # not shared: no-op
+
+
+async def test_debounce_reports_every_join_and_leave() -> None:
+    """One node, no debounce: a second connection is a join, a quick reconnect a leave."""
+    b, _ = await _broker()
+    d = b.debounce
+    assert d.grace == 0.0
+    assert [await d.join("live:1", "u1"), await d.join("live:1", "u1"), await d.join(None, "u1")] == [True, True, True]
+    assert [await d.leave("live:1", "u1"), await d.leave("live:1", "u1"), await d.leave(None, "u1")] == [True, True, True]
+
+
+async def test_publish_with_an_idempotency_key_publishes_once() -> None:
+    b, sink = await _broker()
+    r1 = await _pub(b, "live:1", 0, idem="u1:m1")
+    r2 = await _pub(b, "live:1", 0, idem="u1:m1")
+    assert (r1.seq, r1.duplicate) == (1, False)
+    assert (r2.seq, r2.epoch, r2.duplicate) == (1, r1.epoch, True), "the first result, marked duplicate"
+    assert len(sink.frames) == 1 and _seqs((await b.history("live:1", limit=10)).messages) == [1]
+    # Another key, another room with the same key: published.
+    assert (await _pub(b, "live:1", 1, idem="u1:m2")).seq == 2
+    assert (await _pub(b, "live:2", 0, idem="u1:m1")).duplicate is False
+    # Not recoverable: seq 0, deduplicated all the same.
+    r3 = await _pub(b, "live:1", 2, recoverable=False, idem="u1:like")
+    r4 = await _pub(b, "live:1", 2, recoverable=False, idem="u1:like")
+    assert (r3.seq, r3.duplicate, r4.seq, r4.duplicate) == (0, False, 0, True)
+    assert len(sink.frames) == 4
+    # Without a key every publish counts.
+    await _pub(b, "live:1", 3)
+    await _pub(b, "live:1", 3)
+    assert len(sink.frames) == 6
+
+
+async def test_idempotency_keys_expire_and_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [1000.0]
+    monkeypatch.setattr(memory_mod, "_monotonic", lambda: now[0])
+    b, sink = await _broker(idempotency_ttl=10.0, max_idempotency_keys=3)
+    await _pub(b, "live:1", 0, idem="k1")
+    now[0] += 9
+    assert (await _pub(b, "live:1", 0, idem="k1")).duplicate is True
+    now[0] += 2  # 11 s after the first: expired
+    assert (await _pub(b, "live:1", 0, idem="k1")).duplicate is False
+    for k in ("k2", "k3", "k4"):  # the cap is 3: k1 (the oldest) is evicted
+        await _pub(b, "live:1", 0, idem=k)
+    assert (await _pub(b, "live:1", 0, idem="k1")).duplicate is False
+    assert (await _pub(b, "live:1", 0, idem="k4")).duplicate is True
+    assert len(b._idem) <= 3
+
+
+async def test_send_user_with_an_idempotency_key_delivers_once() -> None:
+    b, sink = await _broker()
+    assert await b.send_user("u1", b"{}", 2, idem="api:1") is True
+    assert await b.send_user("u1", b"{}", 2, idem="api:1") is False
+    assert await b.send_user("u2", b"{}", 2, idem="api:1") is True, "keys are per target user"
+    assert await b.send_user("u1", b"{}", 2) is True
+    assert [u for u, _, _ in sink.users] == ["u1", "u2", "u1"]
+
+
+async def test_moderation_is_kept_for_the_life_of_the_broker_only() -> None:
+    b, sink = await _broker()
+    now = time.time()
+    await b.command(Mute("live:1", "u1", now + 60))
+    await b.command(Mute("live:1", None, None, ("mod",)))
+    await b.command(Ban("*", "u2"))
+    await b.command(Ban("live:1", "u3", now - 1))  # already expired
+    await b.command(Kick("u4"))
+    await b.command(CloseRoom("live:2"))
+    assert len(sink.commands) == 6, "every command is applied"
+    assert await b.moderation() == [Mute("live:1", "u1", now + 60), Mute("live:1", None, None, ("mod",)), Ban("*", "u2")]
+    await b.command(Unmute("live:1", None))
+    await b.command(Unban("*", "u2"))
+    assert await b.moderation() == [Mute("live:1", "u1", now + 60)]
+    # A node (re)started on the same broker object gets them; a new process does not.
+    await b.close()
+    s2 = Sink()
+    await b.start(s2, "n1")
+    assert await b.moderation() == [Mute("live:1", "u1", now + 60)]
+    assert await MemoryBroker().moderation() == []

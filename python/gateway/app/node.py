@@ -71,7 +71,7 @@ def make_broker(config: Config) -> Broker:
         from ..broker.redis import RedisBroker
 
         return RedisBroker(config.broker)
-    return MemoryBroker(config.broker)
+    return MemoryBroker(config.broker.idempotency_ttl)
 
 
 class Gateway:

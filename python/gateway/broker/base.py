@@ -1,9 +1,14 @@
-"""The broker interface: how nodes share room messages, history, users and presence.
+"""The broker interface: how nodes share room messages, history, users, presence,
+moderation and the hook debounce.
 
 Two implementations: :class:`~gateway.broker.memory.MemoryBroker` (one node, the default)
 and :class:`~gateway.broker.redis.RedisBroker` (many nodes). The gateway calls the broker
 once per room message per node, never per recipient; the broker calls back into the
-:class:`BrokerHandler` to deliver to local members through the engine.
+:class:`BrokerHandler` to deliver to local members through the engine. The app never
+needs to know which implementation it has: what differs between them is described by
+:attr:`Presence.shared` and :attr:`MemberDebounce.grace`.
+
+Everything here runs on the event loop; no method is thread-safe.
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ import bisect
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from .commands import Command
+
 
 class BrokerError(RuntimeError):
     """The broker could not do what was asked (e.g. Redis is unreachable)."""
@@ -20,7 +27,9 @@ class BrokerError(RuntimeError):
 
 @dataclass(slots=True)
 class PublishResult:
-    """``seq`` is 0 for messages that are not recoverable."""
+    """``seq`` is 0 for messages that are not recoverable. ``duplicate`` is True when the
+    publish carried an idempotency key already used within ``broker.idempotency_ttl``:
+    nothing was published, ``seq`` and ``epoch`` are those of the first publish."""
 
     seq: int
     epoch: str
@@ -50,16 +59,25 @@ class HistoryPolicy:
 
 
 class BrokerHandler(Protocol):
-    """Where a broker delivers what arrives for this node."""
+    """Where a broker delivers what arrives for this node (the gateway). Called on the
+    event loop, never concurrently; none of these may block."""
 
     def deliver_room(self, room: str, payload: bytes, prio: int) -> int:
         """Queue a complete frame to the local members of ``room``; returns their count."""
+        ...
 
     def deliver_user(self, user: str, payload: bytes, prio: int) -> int:
-        """Queue a complete frame to the local connections of ``user``."""
+        """Queue a complete frame to the local connections of ``user``; returns their count."""
+        ...
 
-    def control(self, kind: str, data: dict[str, Any]) -> None:
-        """Apply a cluster-wide command locally (kick, mute, ban, close_room, broadcast)."""
+    def apply(self, cmd: Command) -> None:
+        """Apply a cluster-wide command on this node (see :mod:`gateway.broker.commands`).
+        Exceptions are logged by the broker and go no further."""
+        ...
+
+    def local_counts(self, room: str) -> tuple[int, int]:
+        """This node's (connections, users) in ``room`` (the memory presence's answer)."""
+        ...
 
 
 #: Upper bounds (seconds) of the pub/sub lag histogram buckets.
@@ -84,34 +102,86 @@ class BrokerStats:
         self.lag_sum += seconds
 
 
+class Presence(abc.ABC):
+    """Room counts and member lists across nodes (``broker.presence``).
+
+    The gateway reports this node's numbers every ``presence.interval`` and reads the
+    cluster's. Every method may raise :class:`BrokerError` when the backend is
+    unreachable; the gateway then falls back to its local counts and member lists.
+    """
+
+    @property
+    @abc.abstractmethod
+    def shared(self) -> bool:
+        """True when :meth:`counts` and :meth:`members` include other nodes (so they are
+        worth reading after :meth:`report`); False when they only echo this node."""
+
+    @abc.abstractmethod
+    async def report(self, counts: dict[str, tuple[int, int]]) -> None:
+        """Publish this node's (connections, users) for every room it has members in.
+        Rooms missing from ``counts`` no longer count for this node; entries that are
+        not renewed expire (a dead node's counts vanish)."""
+
+    @abc.abstractmethod
+    async def counts(self, room: str) -> tuple[int, int]:
+        """(connections, users) in ``room``: summed over live nodes when :attr:`shared`
+        (users are summed per node, so a user connected to two nodes counts twice:
+        approximate by design), else this node's."""
+
+    @abc.abstractmethod
+    async def report_members(self, members: dict[str, list[dict[str, Any]]]) -> None:
+        """Publish this node's member list of each small room (``{"user", "meta"}`` per
+        connection); like counts, entries expire if not renewed."""
+
+    @abc.abstractmethod
+    async def members(self, room: str) -> list[dict[str, Any]] | None:
+        """Members of a small room on every live node (each entry also names its
+        ``node``), or None when member lists are not shared: use the local engine."""
+
+
+class MemberDebounce(abc.ABC):
+    """Whether a join or leave is a real change for the hooks (``broker.debounce``).
+
+    ``room`` None stands for "connected at all" (``after_connect``/``on_disconnect``).
+    Each connection's join is counted once and undone by exactly one leave (the gateway
+    waits for a join still in flight before counting its leave). Both may raise
+    :class:`BrokerError`; the gateway then reports the change anyway (at least once).
+    """
+
+    @property
+    @abc.abstractmethod
+    def grace(self) -> float:
+        """Seconds :meth:`leave` may wait before answering (a stopping node waits that
+        long for its clients' leave notifications)."""
+
+    @abc.abstractmethod
+    async def join(self, room: str | None, user: str) -> bool:
+        """A connection of ``user`` joined ``room``: True when it is the user's first
+        connection there across the cluster (and not a reconnect within :attr:`grace`)."""
+
+    @abc.abstractmethod
+    async def leave(self, room: str | None, user: str) -> bool:
+        """A connection of ``user`` left ``room``: True when it was the user's last one
+        and the user did not come back anywhere within :attr:`grace` (then it returns
+        after that wait, True on exactly one node)."""
+
+
 class Broker(abc.ABC):
-    """Contract shared by every implementation. All methods run on the event loop."""
+    """Contract shared by every implementation. All methods run on the event loop.
+
+    Besides the methods, every broker has two parts of its own: :attr:`presence`
+    (:class:`Presence`) and :attr:`debounce` (:class:`MemberDebounce`).
+    """
 
     stats: BrokerStats
-
-    @property
-    def presence(self) -> Any:
-        from ._compat import Presence
-
-        return Presence(self)
-
-    @property
-    def debounce(self) -> Any:
-        from ._compat import Debounce
-
-        return Debounce(self)
-
-    async def command(self, cmd: Any) -> None:
-        from ._compat import as_control
-
-        await self.control(*as_control(cmd))
-
-    async def moderation(self) -> list[Any]:
-        return []
+    presence: Presence
+    debounce: MemberDebounce
 
     @abc.abstractmethod
     async def start(self, handler: BrokerHandler, node_id: str) -> None:
-        """Connect and start delivering to ``handler``. May raise :class:`BrokerError`."""
+        """Connect and start delivering to ``handler``. A backend that cannot be reached
+        yet is no error (the broker starts degraded, :attr:`ready` False, and keeps
+        trying); may raise :class:`BrokerError` for a broken configuration."""
 
     @abc.abstractmethod
     async def close(self) -> None:
@@ -123,7 +193,9 @@ class Broker(abc.ABC):
         return True
 
     @abc.abstractmethod
-    async def publish(self, room: str, head: bytes, tail: bytes, prio: int, recoverable: bool, history: HistoryPolicy) -> PublishResult:
+    async def publish(
+        self, room: str, head: bytes, tail: bytes, prio: int, recoverable: bool, history: HistoryPolicy, idem: str | None = None
+    ) -> PublishResult:
         """Publish one room message (see :func:`gateway.protocol.message_parts`).
 
         Ordering: messages of one room are delivered in ``seq`` order on every node.
@@ -131,6 +203,13 @@ class Broker(abc.ABC):
         one, while the broker is healthy; at most once otherwise (no retries).
         Recoverable messages get the next ``seq`` of the room and are kept in its history
         (``history.size`` messages for ``history.ttl`` seconds); others get ``seq`` 0.
+
+        Idempotency: ``idem`` is an opaque key (built by the caller, unique per sender,
+        e.g. user + client message id). A publish to the same room with a key used in
+        the last ``broker.idempotency_ttl`` seconds, on any node, publishes nothing and
+        returns the first publish's result with ``duplicate=True``. The check and the
+        publish are one atomic step.
+
         Failure: raises :class:`BrokerError` after still delivering to local members, so a
         broken broker never silences a node's own rooms.
         """
@@ -138,12 +217,14 @@ class Broker(abc.ABC):
     @abc.abstractmethod
     async def publish_frame(self, room: str, frame: bytes, prio: int) -> None:
         """Deliver a complete frame (presence, system notices) to the room's members on
-        every node: no sequence number, no history, at most once."""
+        every node: no sequence number, no history, at most once. Delivers locally, then
+        may raise :class:`BrokerError`."""
 
     @abc.abstractmethod
     async def history(self, room: str, *, limit: int, since: int | None = None, epoch: str | None = None) -> HistoryResult:
         """Last ``limit`` messages, or (with ``since``) the messages after ``since`` in
-        ``epoch``, with ``recovered`` telling whether the gap could be filled entirely."""
+        ``epoch``, with ``recovered`` telling whether the gap could be filled entirely.
+        May raise :class:`BrokerError`."""
 
     @abc.abstractmethod
     async def subscribe(self, room: str) -> None:
@@ -151,35 +232,34 @@ class Broker(abc.ABC):
         connection's first join of the room (so a joiner can wait for a subscription
         another joiner started), hence idempotent and cheap when already subscribed;
         returns once the room's messages reach this node, so a history read after it
-        leaves no gap. Implementations may batch."""
+        leaves no gap. Implementations may batch. Never raises: while the backend is
+        unreachable it returns at once and the reconnect subscribes."""
 
     @abc.abstractmethod
     async def unsubscribe(self, room: str) -> None:
-        """The last local member left ``room``: stop receiving its messages."""
+        """The last local member left ``room``: stop receiving its messages. Never raises."""
 
     @abc.abstractmethod
-    async def send_user(self, user: str, payload: bytes, prio: int) -> None:
-        """Deliver a frame to every connection of ``user`` on every node (at most once)."""
+    async def send_user(self, user: str, payload: bytes, prio: int, idem: str | None = None) -> bool:
+        """Deliver a frame to every connection of ``user`` on every node (at most once).
+
+        ``idem``: as for :meth:`publish` (keys are scoped by ``user``); returns False,
+        delivering nothing, when the key was used within ``broker.idempotency_ttl``,
+        else True. Failure: delivers locally, then raises :class:`BrokerError`."""
 
     @abc.abstractmethod
-    async def control(self, kind: str, data: dict[str, Any]) -> None:
-        """Run a command on every node, this one included (at most once per node)."""
+    async def command(self, cmd: Command) -> None:
+        """Run ``cmd`` on every node, this one included: applied here at once (through
+        :meth:`BrokerHandler.apply`), on other nodes at most once each. Mutes and bans
+        (and their lifting) are also recorded, so :meth:`moderation` returns them.
+
+        Failure: applied locally, then raises :class:`BrokerError` (other nodes may not
+        have it; commands are idempotent, so the caller may retry)."""
 
     @abc.abstractmethod
-    async def report_presence(self, counts: dict[str, tuple[int, int]]) -> None:
-        """Publish this node's (connections, users) per room; entries expire if not renewed."""
-
-    async def report_members(self, members: dict[str, list[dict[str, Any]]]) -> None:
-        """Publish this node's member list of each small room (``{"user", "meta"}`` per
-        connection); like presence, entries expire if not renewed. Default: not shared."""
-        return None
-
-    async def members(self, room: str) -> list[dict[str, Any]] | None:
-        """Members of a small room on every live node (each entry also names its ``node``),
-        or None when this broker does not share member lists (use the local engine)."""
-        return None
-
-    @abc.abstractmethod
-    async def presence_counts(self, room: str) -> tuple[int, int]:
-        """(connections, users) in ``room`` summed over live nodes. Users are summed per
-        node, so a user connected on two nodes counts twice (approximate by design)."""
+    async def moderation(self) -> list[Command]:
+        """The :class:`~gateway.broker.commands.Mute` and
+        :class:`~gateway.broker.commands.Ban` commands still in force (expired ones are
+        left out), for a starting node to apply. How long they are kept depends on the
+        implementation (memory: this process; Redis: until they expire or are lifted).
+        May raise :class:`BrokerError`."""

@@ -1,4 +1,9 @@
-"""The embedded single-node broker: history in memory rings, delivery straight to the engine."""
+"""The embedded single-node broker: history in memory rings, delivery straight to the engine.
+
+Nothing of it survives a restart of the process: history (a new random epoch per room, so
+resumes answer ``recovered: false``), idempotency keys, and the mutes and bans returned
+by :meth:`MemoryBroker.moderation` (kept for the life of the broker object only).
+"""
 
 from __future__ import annotations
 
@@ -14,8 +19,13 @@ from .base import (
     BrokerStats,
     HistoryPolicy,
     HistoryResult,
+    MemberDebounce,
+    Presence,
     PublishResult,
 )
+from .commands import Command
+from .idem import MAX_KEYS, IdempotencyMap
+from .moderation import StateKey, in_force, sets_state, state_key
 
 
 class _Ring:
@@ -44,6 +54,53 @@ _DEFAULT_SIZE = 50
 _SWEEP_INTERVAL = 60.0
 
 
+class MemoryPresence(Presence):
+    """One node: counts are the handler's local counts (nothing is shared); member lists
+    are not shared (:meth:`members` is None: use the local engine)."""
+
+    def __init__(self, broker: MemoryBroker) -> None:
+        self._broker = broker
+        self._reported: dict[str, tuple[int, int]] = {}
+
+    @property
+    def shared(self) -> bool:
+        return False
+
+    async def report(self, counts: dict[str, tuple[int, int]]) -> None:
+        self._reported = counts
+
+    async def counts(self, room: str) -> tuple[int, int]:
+        """The handler's :meth:`~gateway.broker.base.BrokerHandler.local_counts`; before
+        start and after close, the last reported counts."""
+        h = self._broker._handler
+        if h is not None:
+            return h.local_counts(room)
+        return self._reported.get(room, (0, 0))
+
+    async def report_members(self, members: dict[str, list[dict[str, Any]]]) -> None:
+        return None
+
+    async def members(self, room: str) -> list[dict[str, Any]] | None:
+        return None
+
+
+class MemoryDebounce(MemberDebounce):
+    """One node, no debounce: every join and every leave is a change (returns True at
+    once), as the gateway reported them before there was a debounce. A user's second
+    tab therefore runs ``after_join`` again, and a quick reconnect is a leave and a
+    join."""
+
+    @property
+    def grace(self) -> float:
+        return 0.0
+
+    async def join(self, room: str | None, user: str) -> bool:
+        return True
+
+    async def leave(self, room: str | None, user: str) -> bool:
+        return True
+
+
 class MemoryBroker(Broker):
     """One node, no network. Epochs are random per process, so history never survives a
     restart and resumes after one answer ``recovered: false``.
@@ -53,10 +110,18 @@ class MemoryBroker(Broker):
     then disconnected can still resume). Rooms nobody is in and whose history has expired
     are forgotten (bounded memory); their next epoch differs, which makes a late resume
     answer ``recovered: false`` as it must.
+
+    Idempotency keys (:meth:`publish`, :meth:`send_user`) are kept in a bounded map:
+    ``idempotency_ttl`` seconds, at most ``max_idempotency_keys`` (100,000) keys, the
+    oldest evicted first when full.
     """
 
-    def __init__(self, cfg: Any = None) -> None:
+    def __init__(self, idempotency_ttl: float = 600.0, max_idempotency_keys: int = MAX_KEYS) -> None:
         self.stats = BrokerStats()
+        self.presence: Presence = MemoryPresence(self)
+        self.debounce: MemberDebounce = MemoryDebounce()
+        self._idem: IdempotencyMap[PublishResult | bool] = IdempotencyMap(idempotency_ttl, max_idempotency_keys, lambda: _monotonic())
+        self._moderation: dict[StateKey, Command] = {}
         self._handler: BrokerHandler | None = None
         self._rings: dict[str, _Ring] = {}
         self._counts: dict[str, tuple[int, int]] = {}
@@ -64,9 +129,6 @@ class MemoryBroker(Broker):
         self._next_sweep = _monotonic() + _SWEEP_INTERVAL
 
     async def start(self, handler: BrokerHandler, node_id: str) -> None:
-        from ._compat import HandlerShim
-
-        handler = HandlerShim(handler)  # type: ignore[assignment]
         self._handler = handler
 
     async def close(self) -> None:
@@ -96,7 +158,13 @@ class MemoryBroker(Broker):
         for room in drop:
             del self._rings[room]
 
-    async def publish(self, room: str, head: bytes, tail: bytes, prio: int, recoverable: bool, history: HistoryPolicy, idem: str | None = None) -> PublishResult:
+    async def publish(
+        self, room: str, head: bytes, tail: bytes, prio: int, recoverable: bool, history: HistoryPolicy, idem: str | None = None
+    ) -> PublishResult:
+        if idem is not None:
+            first = self._idem.get(("r", room, idem))
+            if isinstance(first, PublishResult):
+                return PublishResult(first.seq, first.epoch, True)
         handler = self._handler
         now = _monotonic()
         ring = self._rings.get(room)
@@ -112,6 +180,8 @@ class MemoryBroker(Broker):
         else:
             frame = splice(head, 0, ring.epoch, tail)
             result = PublishResult(0, ring.epoch)
+        if idem is not None:
+            self._idem.add(("r", room, idem), result)
         if handler is not None:
             handler.deliver_room(room, frame, prio)
         if now >= self._next_sweep:
@@ -155,17 +225,29 @@ class MemoryBroker(Broker):
         if ring is not None:
             ring.touched = _monotonic()
 
-    async def send_user(self, user: str, payload: bytes, prio: int, idem: str | None = None) -> bool:  # type: ignore[override]
+    async def send_user(self, user: str, payload: bytes, prio: int, idem: str | None = None) -> bool:
+        if idem is not None:
+            if self._idem.get(("u", user, idem)) is not None:
+                return False
+            self._idem.add(("u", user, idem), True)
         if self._handler is not None:
             self._handler.deliver_user(user, payload, prio)
         return True
 
-    async def control(self, kind: str, data: dict[str, Any]) -> None:
+    async def command(self, cmd: Command) -> None:
+        key = state_key(cmd)
+        if key is not None:
+            if sets_state(cmd):
+                self._moderation[key] = cmd
+            else:
+                self._moderation.pop(key, None)
         if self._handler is not None:
-            self._handler.control(kind, data)
+            self._handler.apply(cmd)
 
-    async def report_presence(self, counts: dict[str, tuple[int, int]]) -> None:
-        self._counts = counts
-
-    async def presence_counts(self, room: str) -> tuple[int, int]:
-        return self._counts.get(room, (0, 0))
+    async def moderation(self) -> list[Command]:
+        """Mutes and bans issued through this broker object that are still in force
+        (expired ones are pruned). Nothing survives a restart of the process."""
+        now = time.time()
+        for key in [k for k, c in self._moderation.items() if not in_force(c, now)]:
+            del self._moderation[key]
+        return list(self._moderation.values())

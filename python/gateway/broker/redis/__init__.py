@@ -1,0 +1,13 @@
+"""The Redis broker (``broker.kind = "redis"``): :class:`RedisBroker`.
+
+Modules: ``broker`` (the broker: publish, history, subscriptions, commands, moderation),
+``pubsub`` (pub/sub connections), ``reorder`` (per-room seq order, pure), ``presence``,
+``debounce`` (hook join/leave debounce), ``scripts`` (the Lua scripts in ``lua/``).
+"""
+
+from .broker import RedisBroker
+from .debounce import RedisDebounce
+from .presence import RedisPresence
+from .scripts import HISTORY_LUA, PRESENCE_LUA, PUBLISH_LUA
+
+__all__ = ["HISTORY_LUA", "PRESENCE_LUA", "PUBLISH_LUA", "RedisBroker", "RedisDebounce", "RedisPresence"]

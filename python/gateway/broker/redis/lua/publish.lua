@@ -1,0 +1,49 @@
+-- Publish one room message (one round trip per message).
+-- KEYS: state hash, stream, channel[, idempotency key]. ARGV: head, tail, origin node,
+-- prio, recoverable ("1"/"0"), maxlen, history ttl ms, epoch candidate, state ttl ms,
+-- sharded ("1"/"0")[, idempotency ttl ms].
+-- Returns {seq, epoch}; publishes ``node|prio|seq|epoch|frame``. With KEYS[4]: when that
+-- key exists (the same idempotency key within its ttl) nothing is published and the
+-- first publish's {seq, epoch, 1} is returned; otherwise it is set to "seq epoch".
+if KEYS[4] then
+  local prev = redis.call('GET', KEYS[4])
+  if prev then
+    local s, e = string.match(prev, '^(%d+) (.*)$')
+    if s then return {tonumber(s), e, 1} end
+  end
+end
+local seq = 0
+local epoch
+if ARGV[5] == '1' then
+  seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
+  epoch = redis.call('HGET', KEYS[1], 'epoch')
+  if seq == 1 or not epoch then
+    -- the room is new or its state was lost: history is gone, start a new epoch
+    epoch = ARGV[8]
+    redis.call('HSET', KEYS[1], 'epoch', epoch)
+    redis.call('DEL', KEYS[2])
+  end
+  redis.call('PEXPIRE', KEYS[1], ARGV[9])
+else
+  epoch = redis.call('HGET', KEYS[1], 'epoch') or ''
+end
+local frame = ARGV[1] .. seq .. ',"epoch":"' .. epoch .. '"' .. ARGV[2]
+if seq > 0 then
+  local id = seq .. '-0'
+  local ok = redis.pcall('XADD', KEYS[2], 'MAXLEN', ARGV[6], id, 'f', frame)
+  if type(ok) == 'table' and ok.err then
+    redis.call('DEL', KEYS[2])
+    redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[6], id, 'f', frame)
+  end
+  redis.call('PEXPIRE', KEYS[2], ARGV[7])
+end
+local msg = ARGV[3] .. '|' .. ARGV[4] .. '|' .. seq .. '|' .. epoch .. '|' .. frame
+if ARGV[10] == '1' then
+  redis.call('SPUBLISH', KEYS[3], msg)
+else
+  redis.call('PUBLISH', KEYS[3], msg)
+end
+if KEYS[4] then
+  redis.call('SET', KEYS[4], seq .. ' ' .. epoch, 'PX', ARGV[11])
+end
+return {seq, epoch}
