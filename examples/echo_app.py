@@ -41,16 +41,20 @@ MIB = 1 << 20
 
 def make_engine(host: str, port: int, workers: int = 0) -> Engine:
     return Engine(
-        host=host,
-        port=port,
-        workers=workers,
-        ws_path="",
-        max_frame_size=64 * MIB,
-        max_message_size=64 * MIB,
-        queue_bytes=1024 * MIB,
+        server_host=host,
+        server_port=port,
+        server_io_threads=workers,
+        server_ws_path="",
+        limits_max_frame_bytes=64 * MIB,
+        limits_max_message_bytes=64 * MIB,
+        limits_queue_bytes=1024 * MIB,
+        # Autobahn sends 64 MiB messages, thousands of them as fast as it can.
+        limits_conn_event_bytes=128 * MIB,
+        limits_event_queue_bytes=256 * MIB,
+        limits_client_rate=0.0,
         app_ping=False,
-        ping_interval=0.0,
-        idle_timeout=3600.0,
+        heartbeat_ws_ping=False,
+        heartbeat_idle_timeout=3600.0,
     )
 
 

@@ -126,7 +126,7 @@ class AuthConfig:
 
 
 #: Words that mark a secret copied from an example or left as a placeholder.
-_PLACEHOLDER_WORDS = ("changeme", "replaceme", "yoursecret", "placeholder", "xxxx", "secretkey", "jwtsecret", "0000")
+_PLACEHOLDER_WORDS = ("changeme", "replaceme", "yoursecret", "placeholder", "xxxx")
 
 
 def weak_secret(secret: str, need: int) -> str | None:

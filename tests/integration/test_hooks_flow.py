@@ -19,7 +19,8 @@ AUDIT = "audit:hooks"
 @pytest.fixture(scope="module")
 def hook_gw(module_gateway_factory: Any) -> GatewayProcess:
     """Hooks time out after 1 s and then deny."""
-    return module_gateway_factory("hooks.timeout=1", "hooks.fallback=deny", app=APP, allow_errors=True)  # type: ignore[no-any-return]
+    # No engine rate limit: a test here floods past the backlog bound on purpose.
+    return module_gateway_factory("hooks.timeout=1", "hooks.fallback=deny", "limits.client_rate=0", app=APP, allow_errors=True)  # type: ignore[no-any-return]
 
 
 @pytest.fixture(scope="module")
