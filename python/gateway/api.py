@@ -25,11 +25,13 @@ from __future__ import annotations
 import asyncio
 import heapq
 import hmac
+import logging
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, cast
 
 import orjson
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.typedefs import Handler
 from yarl import URL
 
@@ -313,6 +315,12 @@ def _idempotency_key(req: web.Request, d: Mapping[str, Any]) -> str | None:
     return k
 
 
+def _idem_kw(req: web.Request, d: Mapping[str, Any]) -> dict[str, str]:
+    """``idempotency_key=`` for ``Gateway.publish``/``send_user``, only when one was given."""
+    k = _idempotency_key(req, d)
+    return {} if k is None else {"idempotency_key": k}
+
+
 def _host_name(value: str) -> str:
     """``Host`` header value without its port, lower case (``[::1]:8081`` -> ``[::1]``)."""
     v = value.strip().lower()
@@ -347,9 +355,45 @@ def _origin_allowed(value: str, allowed: frozenset[str]) -> bool:
     return host in allowed or f"{host}:{u.port}" in allowed
 
 
+def _counter(gw: Gateway, name: str, doc: str, label: str) -> Counter:
+    """A counter on ``gw.metrics_registry`` (the same one on every call); a private one for
+    a stand-in gateway without metrics (unit tests' fakes)."""
+    if hasattr(gw, "counter"):
+        return gw.counter(name, doc, [label])
+    from prometheus_client import CollectorRegistry, Counter
+
+    return Counter(name, doc, [label], registry=CollectorRegistry())
+
+
 def _refused_counter(gw: Gateway) -> Counter:
-    """``gateway_api_refused_total{reason}`` (the same counter on every call)."""
-    return gw.counter("gateway_api_refused", "Internal API requests and connections refused, by reason", ["reason"])
+    """``gateway_api_refused_total{reason}``."""
+    return _counter(gw, "gateway_api_refused", "Internal API requests and connections refused, by reason", "reason")
+
+
+class _QuietParseErrors(logging.Filter):
+    """aiohttp logs every unparsable request (garbage, an over-long line) with a traceback
+    at ERROR: anyone who can reach the port could fill the log. They are answered 400 and
+    counted as ``bad_request`` instead."""
+
+    def __init__(self, refused: Counter) -> None:
+        super().__init__()
+        self.refused = refused
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            self.refused.labels("bad_request").inc()
+            return False
+        # The logger lets DEBUG through so that parse errors aiohttp logs at DEBUG are
+        # counted too; everything else keeps the gateway's level.
+        return record.levelno >= logging.getLogger("gateway").getEffectiveLevel()
+
+
+def _http_logger(refused: Counter) -> logging.Logger:
+    lg = logging.getLogger("gateway.api.http")
+    lg.setLevel(logging.DEBUG)
+    lg.filters = [_QuietParseErrors(refused)]
+    return lg
 
 
 def _allowed_hosts(host: str, extra: list[str]) -> frozenset[str]:
@@ -371,7 +415,7 @@ def build_app(gw: Gateway) -> web.Application:
     refused = _refused_counter(gw)
     for reason in REFUSAL_REASONS:
         refused.labels(reason)
-    replays = gw.counter("gateway_api_idempotent_replays", "Internal API calls answered from an idempotency key (nothing sent again)", ["endpoint"])
+    replays = _counter(gw, "gateway_api_idempotent_replays", "Internal API calls answered from an idempotency key (nothing sent again)", "endpoint")
     for ep in ("publish", "send"):
         replays.labels(ep)
 
@@ -460,8 +504,8 @@ def build_app(gw: Gateway) -> web.Application:
         room = _room(d)
         if "data" not in d:
             raise BadRequest("field 'data' is required")
-        idem = _idempotency_key(req, d)
-        res = await gw.publish(room, d["data"], type=_str(d, "type", default="chat"), priority=_prio(d), idempotency_key=idem)
+        idem = _idem_kw(req, d)
+        res = await gw.publish(room, d["data"], type=_str(d, "type", default="chat"), priority=_prio(d), **idem)
         out: dict[str, Any] = {"room": room, "seq": res.seq, "epoch": res.epoch}
         if res.duplicate:
             replays.labels("publish").inc()
@@ -474,10 +518,10 @@ def build_app(gw: Gateway) -> web.Application:
         if "data" not in d:
             raise BadRequest("field 'data' is required")
         prio = _prio(d)
-        idem = _idempotency_key(req, d)
-        first = await gw.send_user(user, d["data"], type=_str(d, "type", default="push"), priority=2 if prio is None else prio, idempotency_key=idem)
+        idem = _idem_kw(req, d)
+        first = await gw.send_user(user, d["data"], type=_str(d, "type", default="push"), priority=2 if prio is None else prio, **idem)
         out: dict[str, Any] = {"user": user, "sent": True}
-        if not first:
+        if first is False:
             replays.labels("send").inc()
             out["duplicate"] = True
         return _json(out)
@@ -611,7 +655,7 @@ def build_app(gw: Gateway) -> web.Application:
 async def start_api(gw: Gateway) -> web.AppRunner:
     cfg = gw.config.api
     app = build_app(gw)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, logger=_http_logger(_refused_counter(gw)))
     await runner.setup()
     server = runner.server
     assert server is not None
