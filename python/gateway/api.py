@@ -87,7 +87,7 @@ class _Conn(asyncio.Protocol):
     """One API connection: wraps aiohttp's protocol (created only once the connection is
     admitted) and keeps its deadline. ``busy`` while a request is in the handlers."""
 
-    __slots__ = ("guard", "transport", "inner", "timer", "busy", "got_bytes", "requests", "started", "closed")
+    __slots__ = ("busy", "closed", "got_bytes", "guard", "inner", "requests", "started", "timer", "transport")
 
     def __init__(self, guard: _Guard) -> None:
         self.guard = guard

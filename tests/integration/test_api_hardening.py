@@ -12,8 +12,8 @@ import time
 from typing import Any
 
 import pytest
-from gwtest import GatewayProcess, uniq
 from gateway.client import GatewayClient
+from gwtest import GatewayProcess, uniq
 
 READ_TIMEOUT = 2.0
 CAP = 50
@@ -59,7 +59,7 @@ async def _refused(gw: GatewayProcess) -> dict[str, float]:
     """``gateway_api_refused_total`` by reason, from ``/metrics``."""
     status, text = await gw.api("GET", "/metrics")
     assert status == 200, text
-    return {m[1]: float(m[2]) for m in re.finditer(r'^gateway_api_refused_total\{reason="(\w+)"\} (\S+)$', text, re.M)}
+    return {m[1]: float(m[2]) for m in re.finditer(r'^gateway_api_refused_total\{reason="(\w+)"\} (\S+)$', text, re.MULTILINE)}
 
 
 async def _raw(port: int, data: bytes = b"", timeout: float = 10.0) -> bytes:
@@ -374,7 +374,7 @@ async def test_metrics_behind_the_key(key_gw: GatewayProcess) -> None:
     assert status == 401
     status, text = await key_gw.api("GET", "/metrics")
     assert status == 200 and "gateway_connections " in text
-    assert re.search(r'^gateway_api_refused_total\{reason="auth"\} ([1-9]\d*)\.0$', text, re.M), text[-2000:]
+    assert re.search(r'^gateway_api_refused_total\{reason="auth"\} ([1-9]\d*)\.0$', text, re.MULTILINE), text[-2000:]
     for path in ("/healthz", "/readyz"):
         status, _ = await key_gw.api("GET", path, key=False)
         assert status == 200
