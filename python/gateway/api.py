@@ -1,52 +1,263 @@
 """The internal HTTP API for backend systems, on its own port (default 127.0.0.1:8081).
 
-JSON in and out. Every ``/v1`` endpoint needs the API key (``Authorization: Bearer <key>``
-or ``X-API-Key: <key>``) when one is configured. ``/metrics``, ``/healthz`` and ``/readyz``
-are open (put the port behind your network policy). Bad input gets a 4xx with
-``{"error": "..."}``; see docs/operations.md for each endpoint.
+JSON in and out; see docs/operations.md for each endpoint and every limit. In short:
+
+- With ``api.api_key``, every ``/v1`` endpoint needs it (``Authorization: Bearer <key>``
+  or ``X-API-Key: <key>``), and ``/metrics`` too with ``api.metrics_need_key``.
+- Without a key (loopback only), a browser must not be able to drive the API: a request
+  whose ``Host`` is not a loopback name, ``api.host`` or one of ``api.allowed_hosts`` gets
+  421 (DNS rebinding), one carrying an ``Origin`` not in ``api.allowed_hosts`` gets 403.
+- Always: a POST with a body must say ``Content-Type: application/json`` (415), so no
+  CORS "simple request" body (text/plain, forms) is ever read.
+- A request must arrive whole (head and body) within ``api.read_timeout`` of its first
+  byte (408); a connection must start a request within it of opening or of its previous
+  response (closed). At most ``api.max_connections`` connections are open: a new one
+  beyond the cap closes the longest-idle one (no request in progress), or, when every
+  connection is busy, gets 503 and is closed.
+- ``/healthz`` and ``/readyz`` are always open.
+
+Every refusal is counted in ``gateway_api_refused_total{reason}``. Bad input gets a 4xx
+with ``{"error": "..."}``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import heapq
 import hmac
-from collections.abc import Awaitable, Callable, Mapping
-from typing import TYPE_CHECKING, Any
+import logging
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, cast
 
 import orjson
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.typedefs import Handler
+from yarl import URL
 
 from .broker import BrokerError
 from .errors import NotRunning
 from .routing import valid_room_name
 
 if TYPE_CHECKING:
+    from prometheus_client import Counter
+
     from .app import Gateway
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+#: Longest idempotency key (``Idempotency-Key`` header or ``idempotency_key`` field).
+MAX_IDEMPOTENCY_KEY = 128
+#: Largest request body (bytes); larger ones get 413.
+MAX_BODY = 1 << 20
+#: Refusal reasons of ``gateway_api_refused_total`` (each exported from 0).
+REFUSAL_REASONS = ("auth", "host", "origin", "content_type", "timeout", "conn_cap", "evicted", "too_large", "bad_request")
+#: Paths no guard applies to (load balancer and orchestrator probes).
+PROBES = frozenset({"/healthz", "/readyz"})
+_LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "[::1]"})
 
 
 class BadRequest(Exception):
-    def __init__(self, message: str, status: int = 400) -> None:
+    """A 4xx answer ``{"error": message}``, counted under ``reason``."""
+
+    def __init__(self, message: str, status: int = 400, reason: str = "bad_request") -> None:
         super().__init__(message)
         self.status = status
+        self.reason = reason
 
 
 def _json(data: Any, status: int = 200) -> web.Response:
     return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
 
 
-async def _body(req: web.Request) -> dict[str, Any]:
-    raw = await req.read()
-    if not raw:
-        raise BadRequest("request body must be a JSON object")
-    try:
-        data = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        raise BadRequest("request body is not valid JSON") from None
-    if not isinstance(data, dict):
-        raise BadRequest("request body must be a JSON object")
-    return data
+def _canned(status: str, error: str) -> bytes:
+    """A complete HTTP/1.1 response that closes the connection, for answers written
+    straight to the socket (no request was parsed)."""
+    body = orjson.dumps({"error": error})
+    head = f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    return head.encode() + body
+
+
+_CONN_CAP_RESPONSE = _canned("503 Service Unavailable", "too many API connections (api.max_connections)")
+_HEAD_TIMEOUT_RESPONSE = _canned("408 Request Timeout", "request not received within api.read_timeout")
+
+
+# ---- connections: the cap and the read deadline ---------------------------------------------------
+
+
+class _Conn(asyncio.Protocol):
+    """One API connection: wraps aiohttp's protocol (created only once the connection is
+    admitted) and keeps its deadline. ``busy`` while a request is in the handlers."""
+
+    __slots__ = ("busy", "closed", "got_bytes", "guard", "inner", "requests", "started", "timer", "transport")
+
+    def __init__(self, guard: _Guard) -> None:
+        self.guard = guard
+        self.transport: asyncio.Transport | None = None
+        self.inner: asyncio.Protocol | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.busy = False
+        #: Bytes of a request not yet in the handlers arrived (its deadline runs).
+        self.got_bytes = False
+        self.requests = 0
+        #: loop.time() of the current request's first byte (or of the connection).
+        self.started = 0.0
+        self.closed = False
+
+    # asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        self.transport = transport
+        g = self.guard
+        if not g.admit(self):
+            self.closed = True
+            g.refused("conn_cap")
+            transport.write(_CONN_CAP_RESPONSE)
+            transport.close()
+            return
+        self.inner = g.make_inner()
+        self.inner.connection_made(transport)
+        self.started = g.loop.time()
+        self._arm(self.started + g.timeout)
+
+    def data_received(self, data: bytes) -> None:
+        if self.inner is None:
+            return
+        if not self.busy and not self.got_bytes and data:
+            self.got_bytes = True
+            self.started = self.guard.loop.time()
+            self._arm(self.started + self.guard.timeout)
+        self.inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self.inner.eof_received() if self.inner is not None else None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._disarm()
+        self.guard.drop(self)
+        if self.inner is not None:
+            self.inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        if self.inner is not None:
+            self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self.inner is not None:
+            self.inner.resume_writing()
+
+    # the request cycle (called by the middleware)
+
+    def begin(self) -> None:
+        self.busy = True
+        self.got_bytes = False
+        self._disarm()
+        self.guard.idle.pop(self, None)
+
+    def end(self) -> None:
+        self.busy = False
+        self.requests += 1
+        if self.closed:
+            return
+        self.guard.idle[self] = None  # newest idle last
+        self.started = self.guard.loop.time()
+        self._arm(self.started + self.guard.timeout)
+
+    @property
+    def deadline(self) -> float:
+        """loop.time() by which the current request must have been read."""
+        return self.started + self.guard.timeout
+
+    # the deadline
+
+    def _arm(self, when: float) -> None:
+        self._disarm()
+        self.timer = self.guard.loop.call_at(when, self._expire)
+
+    def _disarm(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def _expire(self) -> None:
+        """No complete request head within the deadline: 408 to a client that sent part
+        of one (slowloris), a plain close to one that sent nothing."""
+        self.timer = None
+        t = self.transport
+        if self.busy or self.closed or t is None:
+            return
+        if self.got_bytes or self.requests == 0:
+            self.guard.refused("timeout")
+        if self.got_bytes:
+            t.write(_HEAD_TIMEOUT_RESPONSE)
+        self.close(abort=t.get_write_buffer_size() > 0 and not self.got_bytes)
+
+    def close(self, abort: bool = False) -> None:
+        t = self.transport
+        if t is None or t.is_closing():
+            return
+        if abort:
+            t.abort()
+        else:
+            t.close()
+
+
+class _Guard:
+    """The open connections of the API listener (insertion order) and the idle ones
+    (longest idle first), the cap and the read deadline."""
+
+    def __init__(self, make_inner: Callable[[], asyncio.Protocol], cap: int, timeout: float, refused: Counter) -> None:
+        self.make_inner = make_inner
+        self.cap = cap
+        self.timeout = timeout
+        self.counter = refused
+        self.loop = asyncio.get_running_loop()
+        self.conns: dict[_Conn, None] = {}
+        self.idle: dict[_Conn, None] = {}
+
+    def __call__(self) -> _Conn:
+        return _Conn(self)
+
+    def refused(self, reason: str) -> None:
+        self.counter.labels(reason).inc()
+
+    def admit(self, conn: _Conn) -> bool:
+        if len(self.conns) >= self.cap:
+            victim = next(iter(self.idle), None)
+            if victim is None:
+                return False
+            self.drop(victim)
+            victim.closed = True
+            victim._disarm()
+            victim.close(abort=True)
+            self.refused("evicted")
+        self.conns[conn] = None
+        self.idle[conn] = None
+        return True
+
+    def drop(self, conn: _Conn) -> None:
+        self.conns.pop(conn, None)
+        self.idle.pop(conn, None)
+
+
+class _Site(web.BaseSite):
+    """``web.TCPSite`` with the connection guard in front of aiohttp's protocol."""
+
+    def __init__(self, runner: web.AppRunner, host: str, port: int, guard: Callable[[], _Guard], backlog: int = 1024) -> None:
+        super().__init__(runner, backlog=backlog)
+        self._host, self._port, self._make_guard = host, port, guard
+
+    @property
+    def name(self) -> str:
+        return f"http://{self._host}:{self._port}"
+
+    async def start(self) -> None:
+        await super().start()
+        guard = self._make_guard()
+        self._server = await guard.loop.create_server(guard, self._host, self._port, backlog=self._backlog, reuse_address=True)
+
+
+# ---- request helpers -------------------------------------------------------------------------------
 
 
 def _str(d: Mapping[str, Any], key: str, *, required: bool = True, default: str | None = None) -> str:
@@ -87,48 +298,236 @@ def _prio(d: dict[str, Any]) -> int | None:
     raise BadRequest("field 'priority' must be 0, 1, 2 or low/normal/high")
 
 
-def build_app(gw: Gateway) -> web.Application:
-    key = gw.config.api.api_key
+def _idempotency_key(req: web.Request, d: Mapping[str, Any]) -> str | None:
+    """The ``Idempotency-Key`` header or the ``idempotency_key`` field (the same value
+    when both are given): 1..128 printable characters."""
+    header = req.headers.get("Idempotency-Key")
+    field = d.get("idempotency_key")
+    if field is not None and not isinstance(field, str):
+        raise BadRequest("field 'idempotency_key' must be a string")
+    if header is not None and field is not None and header != field:
+        raise BadRequest("the Idempotency-Key header and the 'idempotency_key' field differ")
+    k = header if header is not None else field
+    if k is None:
+        return None
+    if not 1 <= len(k) <= MAX_IDEMPOTENCY_KEY or not k.isprintable():
+        raise BadRequest(f"the idempotency key must be 1..{MAX_IDEMPOTENCY_KEY} printable characters")
+    return k
 
-    @web.middleware
-    async def guard(req: web.Request, handler: Handler) -> web.StreamResponse:
-        if req.path.startswith("/v1/") and key:
-            given = req.headers.get("X-API-Key") or req.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-            if not hmac.compare_digest(given.encode(), key.encode()):
-                return _json({"error": "missing or wrong API key"}, 401)
+
+def _idem_kw(req: web.Request, d: Mapping[str, Any]) -> dict[str, str]:
+    """``idempotency_key=`` for ``Gateway.publish``/``send_user``, only when one was given."""
+    k = _idempotency_key(req, d)
+    return {} if k is None else {"idempotency_key": k}
+
+
+def _host_name(value: str) -> str:
+    """``Host`` header value without its port, lower case (``[::1]:8081`` -> ``[::1]``)."""
+    v = value.strip().lower()
+    if v.startswith("["):
+        end = v.find("]")
+        return v[: end + 1] if end > 0 else v
+    name, sep, port = v.rpartition(":")
+    return name if sep and port.isdigit() else v
+
+
+def _host_allowed(value: str | None, allowed: frozenset[str]) -> bool:
+    if not value:
+        return False
+    v = value.strip().lower()
+    return v in allowed or _host_name(v).rstrip(".") in allowed
+
+
+def _origin_allowed(value: str, allowed: frozenset[str]) -> bool:
+    """``Origin`` (``scheme://host[:port]``) listed in ``api.allowed_hosts`` as the whole
+    origin, ``host:port`` or ``host``. Loopback origins are not implied: a page served
+    from localhost is a browser too."""
+    v = value.strip().lower()
+    if v in allowed:
+        return True
+    try:
+        u = URL(v)
+    except ValueError:
+        return False
+    if not u.host or not u.is_absolute():
+        return False
+    host = f"[{u.host}]" if ":" in u.host else u.host
+    return host in allowed or f"{host}:{u.port}" in allowed
+
+
+def _counter(gw: Gateway, name: str, doc: str, label: str) -> Counter:
+    """A counter on ``gw.metrics_registry`` (the same one on every call); a private one for
+    a stand-in gateway without metrics (unit tests' fakes)."""
+    if hasattr(gw, "counter"):
+        return gw.counter(name, doc, [label])
+    from prometheus_client import CollectorRegistry, Counter
+
+    return Counter(name, doc, [label], registry=CollectorRegistry())
+
+
+def _refused_counter(gw: Gateway) -> Counter:
+    """``gateway_api_refused_total{reason}``."""
+    return _counter(gw, "gateway_api_refused", "Internal API requests and connections refused, by reason", "reason")
+
+
+class _QuietParseErrors(logging.Filter):
+    """aiohttp logs every unparsable request (garbage, an over-long line) with a traceback
+    at ERROR: anyone who can reach the port could fill the log. They are answered 400 and
+    counted as ``bad_request`` instead."""
+
+    def __init__(self, refused: Counter) -> None:
+        super().__init__()
+        self.refused = refused
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            self.refused.labels("bad_request").inc()
+            return False
+        # The logger lets DEBUG through so that parse errors aiohttp logs at DEBUG are
+        # counted too; everything else keeps the gateway's level.
+        return record.levelno >= logging.getLogger("gateway").getEffectiveLevel()
+
+
+def _http_logger(refused: Counter) -> logging.Logger:
+    lg = logging.getLogger("gateway.api.http")
+    lg.setLevel(logging.DEBUG)
+    lg.filters = [_QuietParseErrors(refused)]
+    return lg
+
+
+def _allowed_hosts(host: str, extra: list[str]) -> frozenset[str]:
+    h = host.strip().lower()
+    if ":" in h and not h.startswith("["):
+        h = f"[{h}]"
+    return frozenset({*_LOOPBACK_NAMES, h, *(e.strip().lower() for e in extra if e.strip())})
+
+
+# ---- the application -------------------------------------------------------------------------------
+
+
+def build_app(gw: Gateway) -> web.Application:
+    cfg = gw.config.api
+    key = cfg.api_key
+    read_timeout = cfg.read_timeout
+    hosts = _allowed_hosts(cfg.host, cfg.allowed_hosts)
+    origins = frozenset(e.strip().lower() for e in cfg.allowed_hosts if e.strip())
+    refused = _refused_counter(gw)
+    for reason in REFUSAL_REASONS:
+        refused.labels(reason)
+    replays = _counter(gw, "gateway_api_idempotent_replays", "Internal API calls answered from an idempotency key (nothing sent again)", "endpoint")
+    for ep in ("publish", "send"):
+        replays.labels(ep)
+
+    def has_key(req: web.Request) -> bool:
+        given = req.headers.get("X-API-Key") or req.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+        return bool(key) and hmac.compare_digest(given.encode(), key.encode())
+
+    def check(req: web.Request) -> None:
+        """The guards, in order: host and origin (no key), key, content type."""
+        path = req.path
+        if not key:
+            if not _host_allowed(req.headers.get("Host"), hosts):
+                raise BadRequest("Host not allowed (loopback, api.host or api.allowed_hosts)", 421, "host")
+            origin = req.headers.get("Origin")
+            if origin is not None and not _origin_allowed(origin, origins):
+                raise BadRequest("cross-origin requests are not allowed (Origin not in api.allowed_hosts)", 403, "origin")
+        if path.startswith("/v1/") and key and not has_key(req):
+            raise BadRequest("missing or wrong API key", 401, "auth")
+        if path == "/metrics" and cfg.metrics_need_key and not has_key(req):
+            raise BadRequest("missing or wrong API key" if key else "api.metrics_need_key is set but api.api_key is empty", 401, "auth")
+        if req.method == "POST" and req.body_exists and req.content_type != "application/json":
+            raise BadRequest("Content-Type must be application/json", 415, "content_type")
+
+    async def dispatch(req: web.Request, handler: Handler) -> web.StreamResponse:
         try:
+            if req.path not in PROBES:
+                check(req)
             return await handler(req)
         except BadRequest as e:
-            return _json({"error": str(e)}, e.status)
+            refused.labels(e.reason).inc()
+            resp = _json({"error": str(e)}, e.status)
+            if e.status == 408:
+                # The body is still arriving: answer, then close rather than read on.
+                resp.force_close()
+                await resp.prepare(req)
+                await resp.write_eof()
+                if req.transport is not None:
+                    req.transport.close()
+            return resp
         except NotRunning:
             return _json({"error": "the gateway is not running"}, 503)
         except BrokerError as e:
             # Applied on this node; other nodes could not be reached (Redis down).
             return _json({"error": f"broker unavailable: {e}", "local": True}, 503)
         except ValueError as e:
+            refused.labels("bad_request").inc()
             return _json({"error": str(e)}, 400)
         except web.HTTPException as e:
+            if e.status == 413:
+                refused.labels("too_large").inc()
             return _json({"error": e.reason}, e.status)
 
+    @web.middleware
+    async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+        conn = request.transport.get_protocol() if request.transport is not None else None
+        if not isinstance(conn, _Conn):
+            return await dispatch(request, handler)
+        conn.begin()
+        try:
+            return await dispatch(request, handler)
+        finally:
+            conn.end()
+
+    async def read_json(req: web.Request) -> dict[str, Any]:
+        """The JSON object body, read by the request's deadline (408 after it)."""
+        conn = req.transport.get_protocol() if req.transport is not None else None
+        loop = asyncio.get_running_loop()
+        deadline = conn.deadline if isinstance(conn, _Conn) else loop.time() + read_timeout
+        try:
+            async with asyncio.timeout_at(deadline):
+                raw = await req.read()
+        except TimeoutError:
+            raise BadRequest(f"request body not received within api.read_timeout ({read_timeout:g} s)", 408, "timeout") from None
+        if not raw:
+            raise BadRequest("request body must be a JSON object")
+        try:
+            data = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            raise BadRequest("request body is not valid JSON") from None
+        if not isinstance(data, dict):
+            raise BadRequest("request body must be a JSON object")
+        return data
+
     async def publish(req: web.Request) -> web.Response:
-        d = await _body(req)
+        d = await read_json(req)
         room = _room(d)
         if "data" not in d:
             raise BadRequest("field 'data' is required")
-        res = await gw.publish(room, d["data"], type=_str(d, "type", default="chat"), priority=_prio(d))
-        return _json({"room": room, "seq": res.seq, "epoch": res.epoch})
+        idem = _idem_kw(req, d)
+        res = await gw.publish(room, d["data"], type=_str(d, "type", default="chat"), priority=_prio(d), **idem)
+        out: dict[str, Any] = {"room": room, "seq": res.seq, "epoch": res.epoch}
+        if res.duplicate:
+            replays.labels("publish").inc()
+            out["duplicate"] = True
+        return _json(out)
 
     async def send_user(req: web.Request) -> web.Response:
-        d = await _body(req)
+        d = await read_json(req)
         user = req.match_info.get("user") or _str(d, "user")
         if "data" not in d:
             raise BadRequest("field 'data' is required")
         prio = _prio(d)
-        await gw.send_user(user, d["data"], type=_str(d, "type", default="push"), priority=2 if prio is None else prio)
-        return _json({"user": user, "sent": True})
+        idem = _idem_kw(req, d)
+        first = await gw.send_user(user, d["data"], type=_str(d, "type", default="push"), priority=2 if prio is None else prio, **idem)
+        out: dict[str, Any] = {"user": user, "sent": True}
+        if first is False:
+            replays.labels("send").inc()
+            out["duplicate"] = True
+        return _json(out)
 
     async def broadcast(req: web.Request) -> web.Response:
-        d = await _body(req)
+        d = await read_json(req)
         if "data" not in d:
             raise BadRequest("field 'data' is required")
         prio = _prio(d)
@@ -136,13 +535,13 @@ def build_app(gw: Gateway) -> web.Application:
         return _json({"sent": True})
 
     async def kick(req: web.Request) -> web.Response:
-        d = await _body(req)
+        d = await read_json(req)
         user = _str(d, "user")
         await gw.kick(user, reason=_str(d, "reason", default="kicked")[:120])
         return _json({"user": user, "kicked": True})
 
     async def mute(req: web.Request) -> web.Response:
-        d = await _body(req)
+        d = await read_json(req)
         room = _room(d)
         user = _str(d, "user", required=False) or None
         wl = d.get("whitelist", [])
@@ -152,21 +551,21 @@ def build_app(gw: Gateway) -> web.Application:
         return _json({"room": room, "user": user, "muted": True})
 
     async def unmute(req: web.Request) -> web.Response:
-        d = await _body(req)
+        d = await read_json(req)
         room = _room(d)
         user = _str(d, "user", required=False) or None
         await gw.unmute(room, user)
         return _json({"room": room, "user": user, "muted": False})
 
     async def ban(req: web.Request) -> web.Response:
-        d = await _body(req)
+        d = await read_json(req)
         room = _room(d, star=True)
         user = _str(d, "user")
         await gw.ban(room, user, _num(d, "seconds"))
         return _json({"room": room, "user": user, "banned": True})
 
     async def unban(req: web.Request) -> web.Response:
-        d = await _body(req)
+        d = await read_json(req)
         room = _room(d, star=True)
         user = _str(d, "user")
         await gw.unban(room, user)
@@ -232,7 +631,7 @@ def build_app(gw: Gateway) -> web.Application:
         body, ctype = render(gw)
         return web.Response(body=body, headers={"Content-Type": ctype})
 
-    app = web.Application(middlewares=[guard], client_max_size=1 << 20)
+    app = web.Application(middlewares=[guard], client_max_size=MAX_BODY)
     r = app.router
     r.add_post("/v1/publish", publish)
     r.add_post("/v1/send", send_user)
@@ -254,8 +653,15 @@ def build_app(gw: Gateway) -> web.Application:
 
 
 async def start_api(gw: Gateway) -> web.AppRunner:
-    runner = web.AppRunner(build_app(gw), access_log=None, handle_signals=False)
+    cfg = gw.config.api
+    app = build_app(gw)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, logger=_http_logger(_refused_counter(gw)))
     await runner.setup()
-    site = web.TCPSite(runner, gw.config.api.host, gw.config.api.port, reuse_address=True)
-    await site.start()
+    server = runner.server
+    assert server is not None
+
+    def make_guard() -> _Guard:
+        return _Guard(server, cfg.max_connections, cfg.read_timeout, _refused_counter(gw))
+
+    await _Site(runner, cfg.host, cfg.port, make_guard).start()
     return runner
