@@ -294,6 +294,8 @@ class Config:
         api = self.api
         if api.enabled and not api.api_key and api.host not in _LOOPBACK:
             raise ConfigError("api.api_key", "required when the API listens on a non-loopback address")
+        if api.metrics_need_key and not api.api_key:
+            raise ConfigError("api.metrics_need_key", "needs api.api_key (otherwise /metrics could never be read)")
         if api.read_timeout <= 0:
             raise ConfigError("api.read_timeout", "must be > 0")
         if api.max_connections < 1:
