@@ -37,6 +37,23 @@ _SIMPLE = {
     "batches": ("gateway_batches_total", "Merged batch frames built"),
     "deflate_compressions": ("gateway_deflate_compressions_total", "Server messages compressed (shared by recipients)"),
     "pings_sent": ("gateway_ws_pings_sent_total", "WebSocket pings sent to quiet connections"),
+    "pongs_coalesced": ("gateway_pongs_coalesced_total", "Pongs replaced by a later one (a client pinging without reading)"),
+    "rate_limited": ("gateway_rate_limited_total", "Client messages refused by the per-connection rate limit (limits.client_rate)"),
+    "closed_abuse": ("gateway_closed_abuse_total", "Connections closed with 4029 for going on past the rate limit"),
+    "read_paused": ("gateway_read_paused_total", "Times a connection's reading paused: its share of the event queue was full"),
+    "events_discarded": ("gateway_events_discarded_total", "Queued events of connections that closed before Python took them"),
+    "connects_expired": ("gateway_connects_expired_total", "Connect requests dropped before Python: older than auth.deadline"),
+    "accept_paused": ("gateway_accept_paused_total", "Times accepting paused at the connection or file-descriptor cap"),
+}
+
+#: Refusals by reason: engine counter -> label of gateway_refused_total.
+_REFUSED = {
+    "conns_refused_node": "conns_node",
+    "conns_refused_ip": "conns_ip",
+    "handshakes_refused_ip": "handshakes_ip",
+    "conns_refused_user": "conns_user",
+    "rooms_refused_conn": "rooms_conn",
+    "rooms_refused_node": "rooms_node",
 }
 
 
@@ -53,6 +70,11 @@ class EngineCollector:
         yield GaugeMetricFamily("gateway_connections", "Open WebSocket connections", value=c["connections_current"])
         yield GaugeMetricFamily("gateway_rooms", "Rooms with local members", value=c["rooms_current"])
         yield GaugeMetricFamily("gateway_event_queue_length", "Events waiting for the Python layer", value=c["event_queue_len"])
+        yield GaugeMetricFamily("gateway_event_queue_bytes", "Bytes of events waiting for the Python layer", value=c["event_queue_bytes"])
+        refused = CounterMetricFamily("gateway_refused", "Connections and joins refused at a limit, by reason", labels=["reason"])
+        for key, reason in _REFUSED.items():
+            refused.add_metric([reason], c[key])
+        yield refused
         for key, (name, doc) in _SIMPLE.items():
             yield CounterMetricFamily(name.removesuffix("_total"), doc, value=c[key])
         hs = CounterMetricFamily("gateway_handshake_failures", "Failed HTTP upgrades by reason", labels=["reason"])

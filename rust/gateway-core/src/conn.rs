@@ -170,7 +170,16 @@ pub struct OutQueue {
     /// Reply slots (see [`Reply`]); the writer sends them before queued data.
     pub control: Option<Arc<Frame>>,
     pub app_pong: Option<Arc<Frame>>,
+    /// Pongs queued behind a waiting one since the writer last took the replies.
+    spilled: u8,
 }
+
+/// Pongs answered one by one while the writer is busy, before further pings coalesce
+/// into the latest. NOTE: browsers and Autobahn (cases 2.10/2.11: 10 pings in one
+/// segment) expect a pong per ping from a peer that reads; a client that never reads
+/// stalls the writer, which stops taking replies, so at most this many (<= 16 x 131
+/// bytes) wait beside the slot and the rest coalesce.
+const MAX_SPILLED_PONGS: u8 = 16;
 
 impl Default for OutQueue {
     fn default() -> Self {
@@ -183,6 +192,7 @@ impl Default for OutQueue {
             fd: -1,
             control: None,
             app_pong: None,
+            spilled: 0,
         }
     }
 }
@@ -257,6 +267,13 @@ impl OutQueue {
         if self.closing.is_some() {
             return Push::Closed;
         }
+        if kind == Reply::Control && self.control.is_some() && self.spilled < MAX_SPILLED_PONGS {
+            // Behind the waiting one, in order; bounded by MAX_SPILLED_PONGS per write round.
+            self.spilled += 1;
+            self.items.push_back(Item { frame: frame.clone(), prio: PRIO_HIGH });
+            self.bytes += frame.len();
+            return self.wake();
+        }
         let slot = match kind {
             Reply::Control => &mut self.control,
             Reply::AppPong => &mut self.app_pong,
@@ -272,6 +289,7 @@ impl OutQueue {
 
     /// The waiting replies, for the writer (they go out before queued data).
     pub fn take_replies(&mut self) -> impl Iterator<Item = Arc<Frame>> {
+        self.spilled = 0;
         let (a, b) = (self.control.take(), self.app_pong.take());
         self.bytes -= a.as_ref().map_or(0, |f| f.len()) + b.as_ref().map_or(0, |f| f.len());
         a.into_iter().chain(b)
