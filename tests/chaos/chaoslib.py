@@ -26,8 +26,8 @@ from websockets.asyncio.client import ClientConnection, connect
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 
-from gwproc import http_get  # noqa: E402  (tests/ is on sys.path via conftest)
-from gwredis import GatewayNode, RedisServer  # noqa: E402,F401  (re-exported for the tests)
+from gwproc import http_get
+from gwredis import GatewayNode, RedisServer  # noqa: F401  (re-exported for the tests)
 
 #: The room route of the chaos tests: unlimited rates, a history longer than any test
 #: publishes (so "recoverable" never depends on trimming), presence events off.
@@ -109,6 +109,7 @@ class Peer:
         self.close_codes: list[int | None] = []
         self.closed = asyncio.Event()
         self.reader: asyncio.Task[None] | None = None
+        self.read_error: BaseException | None = None
 
     @property
     def is_open(self) -> bool:
@@ -134,6 +135,7 @@ class Peer:
                 op = f.get("op")
                 if op == "msg":
                     f["_node"] = self.node
+                    f["_t"] = time.perf_counter()
                     self.msgs.append(f)
                 elif op == "batch":
                     for m in f.get("msgs") or ():
@@ -145,8 +147,8 @@ class Peer:
                     fut = self._waiters.pop(f["id"], None)
                     if fut is not None and not fut.done():
                         fut.set_result(f)
-        except Exception:
-            pass
+        except Exception as e:  # noqa: BLE001  (any end of the connection: recorded below)
+            self.read_error = e
         finally:
             self.close_codes.append(ws.close_code)
             err = ConnectionError(f"{self.name}: connection closed ({ws.close_code})")
@@ -246,7 +248,7 @@ class Stream:
                 rid = await self.peer.send("publish", room=self.room, type="chat", data={"p": self.peer.name, "n": n})
                 self.sent.append(Sent(self.peer.name, n, rid, time.monotonic(), self.peer.node, self.peer.gen))
                 n += 1
-            except Exception:
+            except Exception:  # noqa: BLE001  (the connection broke: reconnect above)
                 self.send_failures += 1
                 await asyncio.sleep(0.05)
             nxt += period
@@ -506,3 +508,116 @@ async def check_delivery(room: str, streams: list[Stream], subscribers: list[Pee
                 rep.problems.append(f"{st.peer.name}: {len(pending)} publishes on an open connection were never answered")
     return rep
 
+
+
+# ---- one node on the memory broker, gw-load, RSS ------------------------------------------------
+
+from gwproc import GatewaySubprocess
+
+SINGLE_TOML = """
+[auth]
+mode = "dev"
+[log]
+level = "warning"
+json = false
+[presence]
+interval = 10.0
+[drain]
+timeout = 1.0
+[server]
+demo = false
+[[routes]]
+pattern = "chaos:{room_id}"
+room_rate = 0.0
+user_rate = 0.0
+history_size = 0
+presence_events_max_members = 0
+[[routes]]
+pattern = "*"
+room_rate = 0.0
+user_rate = 0.0
+"""
+
+
+class SingleNode(GatewaySubprocess):
+    """One gateway on the memory broker (dev auth, unlimited ``chaos:{id}`` rooms);
+    ``sets`` are ``--set key=value`` strings."""
+
+    ready_timeout = 20.0
+
+    def __init__(self, tmp: Path, name: str, sets: Iterable[str] = (), host: str = "127.0.0.1") -> None:
+        super().__init__(tmp / f"gateway-{name}.log", node_id=name)
+        self.tmp = tmp
+        self.sets = list(sets)
+        self.host = host
+
+    def run_args(self) -> list[str]:
+        cfg = self.tmp / f"gateway-{self.node_id}.toml"
+        cfg.write_text(SINGLE_TOML)
+        args = ["--config", str(cfg), "--host", self.host, "--port", str(self.port), "--api-port", str(self.api_port)]
+        for s in self.sets:
+            args += ["--set", s]
+        return args
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws"
+
+    def stats(self) -> dict[str, Any]:
+        status, body = http_get(self.api_url + "/v1/stats", 5.0)
+        assert status == 200, status
+        return json.loads(body)
+
+
+def gw_load_binary() -> Path | None:
+    """``target/release/gw-load`` of this tree (``cargo build --release -p gw-load``)."""
+    p = ROOT / "target" / "release" / "gw-load"
+    return p if p.exists() else None
+
+
+async def run_gw_load(args: list[str], budget: float) -> dict[str, Any]:
+    """Run gw-load (``--quiet``) and return its JSON summary."""
+    exe = gw_load_binary()
+    assert exe is not None, "gw-load is not built: cargo build --release -p gw-load"
+    proc = await asyncio.create_subprocess_exec(str(exe), "--quiet", "--timeout", str(budget), *args,
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), budget + 20)
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+        raise
+    lines = [ln for ln in out.decode().splitlines() if ln.startswith("{")]
+    assert proc.returncode == 0 and lines, f"gw-load failed ({proc.returncode}): {err.decode()[-2000:]}"
+    return json.loads(lines[-1])  # type: ignore[no-any-return]
+
+
+class RssSampler:
+    """Samples a process's RSS every ``interval`` seconds in a background task."""
+
+    def __init__(self, pid: int, interval: float = 0.25) -> None:
+        self.pid = pid
+        self.interval = interval
+        self.samples: list[tuple[float, int]] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> RssSampler:  # noqa: PYI034
+        self._task = asyncio.ensure_future(self._run())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        self.samples.append((time.monotonic(), rss_kib(self.pid)))
+
+    async def _run(self) -> None:
+        while True:
+            self.samples.append((time.monotonic(), rss_kib(self.pid)))
+            await asyncio.sleep(self.interval)
+
+    @property
+    def peak(self) -> int:
+        return max(v for _, v in self.samples)

@@ -23,8 +23,8 @@ for _p in (_HERE, _HERE.parent, _HERE.parent / "redis"):  # chaoslib, gwproc, gw
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
 
-from chaoslib import ChaosNode, RedisServer  # noqa: E402
-from gwredis import _install_redis  # noqa: E402
+from chaoslib import ChaosNode, RedisServer
+from gwredis import _install_redis
 
 
 def pytest_configure(config: pytest.Config) -> None:

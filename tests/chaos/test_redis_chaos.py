@@ -16,7 +16,15 @@ import signal
 import time
 from typing import Any
 
-from chaoslib import ChaosNode, Peer, RedisServer, Stream, check_delivery, readyz, wait_ready
+from chaoslib import (
+    ChaosNode,
+    Peer,
+    RedisServer,
+    Stream,
+    check_delivery,
+    readyz,
+    wait_ready,
+)
 
 RATE = 40.0  # msgs/s per publisher
 
