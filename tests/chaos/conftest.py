@@ -12,7 +12,8 @@ import contextlib
 import shutil
 import signal
 import sys
-from collections.abc import Iterator
+import tempfile
+from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,33 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.chaos)
 
 
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    rep = yield
+    if rep.when == "call":
+        item.stash[_FAILED] = rep.failed
+    return rep
+
+
+_FAILED = pytest.StashKey[bool]()
+
+
+@pytest.fixture
+def chaos_tmp(request: pytest.FixtureRequest) -> Iterator[Path]:
+    """A temporary directory for configs and logs, removed after the test (pytest's
+    tmp_path keeps the last runs). When the test failed, the tail of every log in it is
+    printed first (shown in the failure report)."""
+    d = Path(tempfile.mkdtemp(prefix="chaos-"))
+    try:
+        yield d
+    finally:
+        if request.node.stash.get(_FAILED, False):
+            for log in sorted(d.rglob("*.log")):
+                lines = log.read_text(errors="replace").splitlines()[-40:]
+                print(f"---- {log.name} (last {len(lines)} lines)\n" + "\n".join(lines))
+        shutil.rmtree(d, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def chaos_redis_binary() -> str:
     path = shutil.which("redis-server") or _install_redis()
@@ -46,9 +74,9 @@ def chaos_redis_binary() -> str:
 
 
 @pytest.fixture
-def chaos_redis(chaos_redis_binary: str, tmp_path: Path) -> Iterator[RedisServer]:
+def chaos_redis(chaos_redis_binary: str, chaos_tmp: Path) -> Iterator[RedisServer]:
     """A private redis-server (no persistence); always continued and killed at the end."""
-    srv = RedisServer(chaos_redis_binary, tmp_path / "redis")
+    srv = RedisServer(chaos_redis_binary, chaos_tmp / "redis")
     srv.start()
     try:
         yield srv
@@ -60,13 +88,13 @@ def chaos_redis(chaos_redis_binary: str, tmp_path: Path) -> Iterator[RedisServer
 
 
 @pytest.fixture
-def chaos_nodes(tmp_path: Path) -> Iterator[Any]:
+def chaos_nodes(chaos_tmp: Path) -> Iterator[Any]:
     """``make(redis_url, name)`` starts a ChaosNode; all are stopped (killed if they hang)
     at the end, also the ones a test killed."""
     nodes: list[ChaosNode] = []
 
     def make(redis_url: str, name: str, **kw: Any) -> ChaosNode:
-        n = ChaosNode(tmp_path, redis_url, name=name, **kw)
+        n = ChaosNode(chaos_tmp, redis_url, name=name, **kw)
         nodes.append(n)
         n.start()
         return n

@@ -119,9 +119,9 @@ async def honest_phase(node: SingleNode, members: list[Peer], tag: str) -> dict[
             "connect_p99": pct(connect_ms, 0.99), "connect_fail": connect_fail}
 
 
-async def test_connection_flood_from_one_ip_beside_honest_clients(tmp_path: Path) -> None:
+async def test_connection_flood_from_one_ip_beside_honest_clients(chaos_tmp: Path) -> None:
     supported, why = await asyncio.to_thread(caps_supported)
-    node = SingleNode(tmp_path, "flood", ["server.threads=2", *(CAPS if supported else [])])
+    node = SingleNode(chaos_tmp, "flood", ["server.threads=2", *(CAPS if supported else [])])
     await asyncio.to_thread(node.start)
     members = [Peer(f"member{i}") for i in range(MEMBERS)]
     flood: asyncio.subprocess.Process | None = None

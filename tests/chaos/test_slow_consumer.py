@@ -31,8 +31,8 @@ SETS = [
 ]
 
 
-async def _run(tmp_path: Path, slow: int) -> tuple[dict[str, Any], dict[str, Any], RssSampler]:
-    node = SingleNode(tmp_path, f"slow{slow}", SETS)
+async def _run(tmp: Path, slow: int) -> tuple[dict[str, Any], dict[str, Any], RssSampler]:
+    node = SingleNode(tmp, f"slow{slow}", SETS)
     await asyncio.to_thread(node.start)
     try:
         before = (await asyncio.to_thread(node.stats))["engine"]
@@ -51,9 +51,9 @@ async def _run(tmp_path: Path, slow: int) -> tuple[dict[str, Any], dict[str, Any
 
 
 @pytest.mark.skipif(gw_load_binary() is None, reason="gw-load not built (cargo build --release -p gw-load)")
-async def test_slow_consumer_among_5000_members(tmp_path: Path) -> None:
-    base, base_eng, base_rss = await _run(tmp_path, slow=0)
-    slow, slow_eng, slow_rss = await _run(tmp_path, slow=1)
+async def test_slow_consumer_among_5000_members(chaos_tmp: Path) -> None:
+    base, base_eng, base_rss = await _run(chaos_tmp, slow=0)
+    slow, slow_eng, slow_rss = await _run(chaos_tmp, slow=1)
 
     def line(tag: str, ld: dict[str, Any], eng: dict[str, Any], rss: RssSampler) -> str:
         return (f"{tag}: receivers={ld['receivers']} published={ld['published']} received={ld['received']}/"
