@@ -27,7 +27,7 @@ build: setup ## Build the Rust engine into gateway._core (release) and install t
 run: build ## Build everything and run the gateway on its embedded default (ws://localhost:8080/ws, demo at http://localhost:8080/)
 	$(VENV)/bin/gateway run --dev --port $(PORT)
 
-test: build test-rust test-python test-js ## Run every test: Rust unit tests, Python (unit, integration, Redis, conformance, browser), JS SDK
+test: build lint test-rust test-python test-js ## Run every test: Rust unit tests, Python (unit, integration, Redis, conformance, browser), JS SDK
 
 test-rust: ## Rust unit tests (codec, handshake, deflate, queues, hub, load client)
 	cargo test -q --workspace --exclude gateway-py
@@ -50,9 +50,12 @@ autobahn-full: build ## Autobahn|Testsuite cases 1-13, including performance and
 bench: build ## Benchmarks under loadtest/bench (see loadtest/README.md)
 	$(PY) loadtest/bench/run.py --quick
 
-lint: ## clippy and rustfmt check
+lint: build ## clippy, rustfmt, ruff, mypy --strict on python/gateway, stubtest of gateway._core against _core.pyi
 	cargo clippy --workspace --exclude gateway-py -q -- -D warnings
 	cargo fmt --check
+	$(VENV)/bin/ruff check python/gateway
+	$(VENV)/bin/mypy
+	$(VENV)/bin/python -m mypy.stubtest gateway._core --allowlist python/gateway/_core.stubtest-allowlist
 
 clean: ## Remove build artefacts and the virtualenv
 	cargo clean

@@ -10,7 +10,9 @@ Python drives it with the non-blocking methods below and drains events in batche
         if more: loop.call_soon(on_readable)
 """
 
-from typing import Final
+from typing import Final, final
+
+__all__ = ["EV_CLOSED", "EV_CONNECT", "EV_MESSAGE", "PRIO_HIGH", "PRIO_LOW", "PRIO_NORMAL", "Engine", "EngineError", "__version__", "raise_fd_limit"]
 
 EV_CONNECT: Final[int]
 """``(EV_CONNECT, conn, peer, path, query, headers, protocols)``: an upgrade waits for
@@ -30,10 +32,10 @@ PRIO_NORMAL: Final[int]
 PRIO_HIGH: Final[int]
 __version__: Final[str]
 
-ConnectEvent = tuple[int, int, str, str, str, list[tuple[str, str]], list[str]]
-MessageEvent = tuple[int, int, bytes, bool]
-ClosedEvent = tuple[int, int, int, str, list[str], str | None]
-Event = ConnectEvent | MessageEvent | ClosedEvent
+_ConnectEvent = tuple[int, int, str, str, str, list[tuple[str, str]], list[str]]
+_MessageEvent = tuple[int, int, bytes, bool]
+_ClosedEvent = tuple[int, int, int, str, list[str], str | None]
+_Event = _ConnectEvent | _MessageEvent | _ClosedEvent
 
 class EngineError(Exception):
     """Raised when the engine cannot do what was asked (bind failed, already started)."""
@@ -41,6 +43,7 @@ class EngineError(Exception):
 def raise_fd_limit() -> tuple[int, int]:
     """Raise the soft open-files limit to the hard limit; returns ``(soft, hard)``."""
 
+@final
 class Engine:
     """The connection engine. Keyword arguments (all optional) are named after their config
     keys, ``<section>_<key>`` (``limits.queue_bytes`` -> ``limits_queue_bytes``); the engine
@@ -81,25 +84,25 @@ class Engine:
     def draining(self) -> bool: ...
     @property
     def connections(self) -> int: ...
-    def poll(self, max: int = 1024) -> tuple[list[Event], bool]:
+    def poll(self, max: int = ...) -> tuple[list[_Event], bool]:
         """Take up to ``max`` events; the bool says more are waiting (call again soon)."""
-    def accept(self, conn: int, user: str | None = None, meta: str | None = None, protocol: str | None = None, first: bytes | None = None) -> bool:
+    def accept(self, conn: int, user: str | None = ..., meta: str | None = ..., protocol: str | None = ..., first: bytes | None = ...) -> bool:
         """Complete a pending upgrade. ``meta`` is JSON text returned by member listings,
         ``protocol`` the Sec-WebSocket-Protocol to echo, ``first`` the first text frame.
         False if the connect is no longer pending (deadline passed, client gone), or when
         ``user`` has ``limits_max_conns_per_user`` connections already: the upgrade is then
         refused with HTTP 429 (counter ``conns_refused_user``)."""
-    def reject(self, conn: int, status: int = 403, reason: str = "forbidden") -> bool:
+    def reject(self, conn: int, status: int = ..., reason: str = ...) -> bool:
         """Refuse a pending upgrade with an HTTP 4xx/5xx status."""
-    def send(self, conn: int, data: bytes, priority: int = 2, binary: bool = False) -> bool:
+    def send(self, conn: int, data: bytes, priority: int = ..., binary: bool = ...) -> bool:
         """Queue one message to one connection; False if unknown, closing or dropped."""
-    def send_user(self, user: str, data: bytes, priority: int = 2) -> int:
+    def send_user(self, user: str, data: bytes, priority: int = ...) -> int:
         """Queue to every local connection of ``user``; returns how many."""
-    def publish(self, room: str, data: bytes, priority: int = 1) -> int:
+    def publish(self, room: str, data: bytes, priority: int = ...) -> int:
         """Encode once, queue a shared reference to every local member in publish order
         (merged into batch frames when the room has a merge window). Never blocks on a
         member. Returns the member count."""
-    def broadcast(self, data: bytes, priority: int = 1) -> int:
+    def broadcast(self, data: bytes, priority: int = ...) -> int:
         """Queue to every local connection."""
     def join(self, conn: int, room: str) -> int:
         """1 joined, 0 already a member, -1 no such (or closing) connection, -2 the
@@ -108,31 +111,31 @@ class Engine:
     def is_member(self, conn: int, room: str) -> bool:
         """Whether ``conn`` is in ``room`` (cheap: no list is built)."""
     def leave(self, conn: int, room: str) -> bool: ...
-    def set_room_options(self, prefix: str, merge_ms: int = 0, merge_max: int = 20) -> None:
+    def set_room_options(self, prefix: str, merge_ms: int = ..., merge_max: int = ...) -> None:
         """Merge window for rooms whose name starts with ``prefix`` (rooms created later)."""
     def room_dropped(self, room: str) -> int:
         """Deliveries to the room's local members that backpressure did not queue."""
     def room_counts(self, room: str) -> tuple[int, int]:
         """(connections, distinct users) of ``room`` on this node, exact."""
-    def room_members(self, room: str, offset: int = 0, limit: int = 100) -> list[tuple[int, str | None, str | None]]:
+    def room_members(self, room: str, offset: int = ..., limit: int = ...) -> list[tuple[int, str | None, str | None]]:
         """Paged (conn, user, meta) of local members."""
     def rooms(self) -> list[tuple[str, int, int]]:
         """(room, connections, users) for every local room."""
     def conn_rooms(self, conn: int) -> list[str] | None: ...
     def user_conns(self, user: str) -> list[int]: ...
-    def disconnect(self, conn: int, code: int = 1000, reason: str = "") -> bool:
+    def disconnect(self, conn: int, code: int = ..., reason: str = ...) -> bool:
         """Close after flushing what is queued. Codes: 1000, 1001, 1008, 1011-1013, 3000-4999."""
-    def disconnect_user(self, user: str, code: int = 4003, reason: str = "") -> int: ...
+    def disconnect_user(self, user: str, code: int = ..., reason: str = ...) -> int: ...
     def counters(self) -> dict[str, int]:
         """Snapshot of the engine's atomic counters (see gateway.metrics)."""
     def histograms(self) -> dict[str, tuple[list[tuple[float, int]], float]]:
         """``fanout_seconds`` (one room fan-out round) and ``flush_lag_seconds`` (publish
         to socket write, sampled per write): cumulative ``(le, count)`` buckets ending
         with ``+Inf``, and the sum in seconds."""
-    def drain(self, code: int = 1012, reason: str = "restarting", last: bytes | None = None) -> int:
+    def drain(self, code: int = ..., reason: str = ..., last: bytes | None = ...) -> int:
         """Stop accepting (health -> 503) and close every connection with ``code``, after
         the optional ``last`` frame. Returns how many were asked to close."""
     def wait_closed(self, timeout: float) -> int:
         """Block (GIL released) until no connection is left or timeout; returns those left."""
-    def stop(self, code: int = 1001, reason: str = "server stopping", timeout: float = 5.0) -> int:
+    def stop(self, code: int = ..., reason: str = ..., timeout: float = ...) -> int:
         """Drain, wait up to ``timeout``, shut the runtime down. Returns connections dropped."""

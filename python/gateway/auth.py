@@ -26,12 +26,12 @@ from .errors import AuthError, ConfigError
 
 __all__ = [
     "ALGORITHMS",
+    "EMPTY_META",
     "AuthConfig",
     "AuthError",
     "Authenticator",
     "ConfigError",
     "ConnectRequest",
-    "EMPTY_META",
     "Identity",
     "mint_token",
 ]
@@ -166,10 +166,7 @@ def _load_public_key(cfg: AuthConfig, prefix: str) -> Any:
         raise ConfigError(f"{prefix}.public_key", f"required for {', '.join(sorted(algs))}")
     key: Any
     try:
-        if b"-----BEGIN CERTIFICATE-----" in pem:
-            key = x509.load_pem_x509_certificate(pem).public_key()
-        else:
-            key = load_pem_public_key(pem)
+        key = x509.load_pem_x509_certificate(pem).public_key() if b"-----BEGIN CERTIFICATE-----" in pem else load_pem_public_key(pem)
     except ValueError:
         raise ConfigError(key_name, "not a valid PEM public key or certificate") from None
     if algs & RSA_ALGORITHMS:
@@ -177,9 +174,8 @@ def _load_public_key(cfg: AuthConfig, prefix: str) -> Any:
             raise ConfigError(key_name, f"{', '.join(sorted(algs & RSA_ALGORITHMS))} need an RSA key")
         if key.key_size < 2048:
             log.warning("%s: RSA key has only %d bits", key_name, key.key_size)
-    if algs & EC_ALGORITHMS:
-        if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
-            raise ConfigError(key_name, "ES256 needs an EC P-256 key")
+    if algs & EC_ALGORITHMS and (not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1)):
+        raise ConfigError(key_name, "ES256 needs an EC P-256 key")
     return key
 
 
@@ -234,7 +230,7 @@ class _EmptyMeta(dict):  # type: ignore[type-arg]
         raise TypeError("this identity's meta is a shared read-only empty dict: return a new Identity with its own meta")
 
     __setitem__ = __delitem__ = __ior__ = _readonly
-    setdefault = update = pop = popitem = clear = _readonly  # type: ignore[assignment]
+    setdefault = update = pop = popitem = clear = _readonly
 
     def __copy__(self) -> dict[str, Any]:
         return {}

@@ -632,7 +632,7 @@ class GatewayClient:
             while True:
                 await asyncio.sleep(interval)
                 if self._missed >= MAX_MISSED_PONGS:
-                    self.dead_reason = "heartbeat: no pong for %d pings" % self._missed
+                    self.dead_reason = f"heartbeat: no pong for {self._missed} pings"
                     log.info("gateway connection dead (%s)", self.dead_reason)
                     if ws.transport is not None:
                         ws.transport.abort()

@@ -21,7 +21,7 @@ class TokenBucket:
     Starts full. Use :class:`RateLimiter` for many keys.
     """
 
-    __slots__ = ("rate", "burst", "tokens", "last")
+    __slots__ = ("burst", "last", "rate", "tokens")
 
     def __init__(self, rate: float, burst: int, now: float) -> None:
         """Create a full bucket at time ``now`` (any monotonic clock, seconds)."""
@@ -54,7 +54,7 @@ class RateLimiter:
     is lossless); if the table is still full, the oldest keys are dropped.
     """
 
-    __slots__ = ("max_keys", "sweep_interval", "_b", "_last_sweep")
+    __slots__ = ("_b", "_last_sweep", "max_keys", "sweep_interval")
 
     def __init__(self, max_keys: int = 100_000, sweep_interval: float = 60.0) -> None:
         """``max_keys`` bounds the number of buckets kept."""

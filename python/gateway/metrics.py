@@ -143,7 +143,7 @@ class EngineCollector:
 
         bs = self.gw.broker.stats
         acc, cum = 0, []
-        for le, n in zip((*LAG_BUCKETS, float("inf")), bs.lag_buckets):
+        for le, n in zip((*LAG_BUCKETS, float("inf")), bs.lag_buckets, strict=False):
             acc += n
             cum.append((_le(le), acc))
         lag = HistogramMetricFamily("gateway_broker_pubsub_lag_seconds", "Lag of room messages from other nodes, publish to receipt (clocks of two nodes)")
@@ -153,7 +153,7 @@ class EngineCollector:
         hd = HistogramMetricFamily("gateway_hook_duration_seconds", "Hook call duration, by hook", labels=["hook"])
         for hook in HOOKS:
             acc, cum = 0, []
-            for le, n in zip((*HOOK_BUCKETS, float("inf")), st.hook_buckets[hook]):
+            for le, n in zip((*HOOK_BUCKETS, float("inf")), st.hook_buckets[hook], strict=False):
                 acc += n
                 cum.append((_le(le), acc))
             hd.add_metric([hook], cum, sum_value=st.hook_seconds_sum[hook])
@@ -189,7 +189,7 @@ def make_registry(gw: Gateway) -> CollectorRegistry:
     """The registry served at ``/metrics``: the engine and app collector, the process
     collector, and whatever plugins add (``Gateway.metrics_registry``)."""
     reg = CollectorRegistry(auto_describe=False)
-    reg.register(EngineCollector(gw))  # type: ignore[no-untyped-call]
+    reg.register(EngineCollector(gw))
     ProcessCollector(namespace="gateway", registry=reg)
     return reg
 

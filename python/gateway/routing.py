@@ -196,20 +196,20 @@ class _Compiled:
     """Precomputed matching and policy data of one route (internal)."""
 
     __slots__ = (
-        "cfg",
-        "nseg",
-        "tail",
-        "literals",
-        "params",
         "catch_all",
-        "join",
-        "publish",
-        "role",
-        "prio",
+        "cfg",
         "default_prio",
-        "types",
+        "join",
         "join_rules",
+        "literals",
+        "nseg",
+        "params",
+        "prio",
+        "publish",
         "publish_rules",
+        "role",
+        "tail",
+        "types",
     )
 
     def __init__(self, cfg: RouteConfig) -> None:
@@ -324,10 +324,7 @@ class Router:
 
     @staticmethod
     def _literals_match(c: _Compiled, parts: list[str]) -> bool:
-        for i, lit in c.literals:
-            if parts[i] != lit:
-                return False
-        return True
+        return all(parts[i] == lit for i, lit in c.literals)
 
     def priority(self, route: Route, msg_type: str) -> int:
         """The priority (0 low, 1 normal, 2 high) of ``msg_type`` messages on ``route``."""

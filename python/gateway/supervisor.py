@@ -89,7 +89,7 @@ class Worker:
 
     def start(self) -> None:
         self.started = time.monotonic()
-        self.proc = subprocess.Popen(self.argv, env=self.env, start_new_session=True, preexec_fn=_die_with_parent)  # noqa: PLW1509
+        self.proc = subprocess.Popen(self.argv, env=self.env, start_new_session=True, preexec_fn=_die_with_parent)
         log.info("worker %d started (pid %d)", self.index, self.proc.pid)
 
     def signal(self, sig: int) -> None:

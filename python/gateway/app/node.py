@@ -94,10 +94,10 @@ class Gateway:
         self._engine: Engine | None = None
         self.tasks = Tasks()
         self.hooks = Hooks(config.hooks, self.stats)
-        self.members = Members(self.broker, self.hooks, self.tasks)
-        self.rooms = Rooms(config, self.router, self.broker, self.engine_or_raise, self.members, self.stats)
+        self.member_events = Members(self.broker, self.hooks, self.tasks)
+        self.rooms = Rooms(config, self.router, self.broker, self.engine_or_raise, self.member_events, self.stats)
         self.sessions = Sessions(
-            config, self.engine_or_raise, self.auth, self.policy, self.broker, self.hooks, self.rooms, self.members, self.tasks, self.stats
+            config, self.engine_or_raise, self.auth, self.policy, self.broker, self.hooks, self.rooms, self.member_events, self.tasks, self.stats
         )
         self.plugins: list[Plugin] = []
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -398,7 +398,7 @@ class Gateway:
         # on_leave/on_disconnect of the drained clients: with a debouncing broker they are
         # due leave_grace from now (a client that reconnected elsewhere meanwhile is no
         # leave); then each hook may take hooks.timeout.
-        await self.tasks.settle(self.members.grace + self.config.hooks.timeout)
+        await self.tasks.settle(self.member_events.grace + self.config.hooks.timeout)
         self.tasks.cancel_all()
         if self._api_runner is not None:
             await self._api_runner.cleanup()

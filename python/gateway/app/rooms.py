@@ -135,8 +135,7 @@ class Rooms:
             shared = False  # Redis unreachable (logged by the broker): local counts meanwhile
         last = self._presence_last
         fresh: dict[str, tuple[int, int]] = {}
-        for room in local:
-            counts = local[room]
+        for room, counts in local.items():
             if shared:
                 try:
                     counts = await presence.counts(room)
