@@ -399,6 +399,8 @@ def test_room_caps_and_is_member(server_factory: Any) -> None:
     srv.wait(lambda: len(srv.connects) == 2)
     ca, cb = srv.connects
     eng = srv.eng
+    # The 101 goes out just before the connection is registered.
+    srv.wait(lambda: eng.conn_rooms(ca) is not None and eng.conn_rooms(cb) is not None)
     assert [eng.join(ca, f"r{i}") for i in range(4)] == [1, 1, 1, -2]
     assert eng.join(ca, "r0") == 0
     assert eng.is_member(ca, "r1") and not eng.is_member(ca, "r3") and not eng.is_member(999, "r1")
