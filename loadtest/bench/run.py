@@ -560,7 +560,7 @@ def sc_redis(opts: argparse.Namespace) -> dict:
         # Two nodes, half the members on each; the publisher on node A.
         cpu0 = redis.cpu_s()
         # Each node gets one I/O thread: two nodes on this 2-core machine, like one node with two.
-        node_sets = [*sets, "server.threads=1"]
+        node_sets = [*sets, "server.io_threads=1"]
         with Server("livegate", node_sets, tag="-redis-a") as a, Server("livegate", node_sets, tag="-redis-b") as b:
             half = members // 2
             la, lb = _parallel_loads([

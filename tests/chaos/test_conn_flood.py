@@ -48,7 +48,7 @@ FLOOR_MS = 5.0
 
 def caps_supported() -> tuple[bool, str]:
     """Whether this gateway accepts the per-IP cap keys (``gateway check-config``)."""
-    args = [sys.executable, "-m", "gateway", "check-config"]
+    args = [sys.executable, "-m", "gateway", "check-config", "--dev"]
     for s in CAPS:
         args += ["--set", s]
     p = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=30, check=False,
@@ -121,7 +121,7 @@ async def honest_phase(node: SingleNode, members: list[Peer], tag: str) -> dict[
 
 async def test_connection_flood_from_one_ip_beside_honest_clients(chaos_tmp: Path) -> None:
     supported, why = await asyncio.to_thread(caps_supported)
-    node = SingleNode(chaos_tmp, "flood", ["server.threads=2", *(CAPS if supported else [])])
+    node = SingleNode(chaos_tmp, "flood", ["server.io_threads=2", *(CAPS if supported else [])])
     await asyncio.to_thread(node.start)
     members = [Peer(f"member{i}") for i in range(MEMBERS)]
     flood: asyncio.subprocess.Process | None = None
