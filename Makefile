@@ -7,7 +7,7 @@ PORT ?= 8080
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup build run test test-rust test-python test-js test-fast autobahn autobahn-full bench lint clean
+.PHONY: help setup build run test test-rust test-python test-js test-fast autobahn autobahn-full bench lint clean fuzz fuzz-smoke
 
 help: ## Show this help
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -49,6 +49,12 @@ autobahn-full: build ## Autobahn|Testsuite cases 1-13, including performance and
 
 bench: build ## Benchmarks under loadtest/bench (see loadtest/README.md)
 	$(PY) loadtest/bench/run.py --quick
+
+fuzz: ## Fuzz the codec, handshake parser and permessage-deflate, 10 min per target (fuzz/README.md)
+	tools/fuzz.sh 600
+
+fuzz-smoke: ## Fuzz each target for 30 s (built on stable; first build about 1 min). Not yet in `make test`: the targets predate the engine's renames
+	tools/fuzz.sh 30
 
 lint: build ## clippy, rustfmt, ruff, mypy --strict on python/gateway, stubtest of gateway._core against _core.pyi
 	cargo clippy --workspace --exclude gateway-py -q -- -D warnings
