@@ -11,7 +11,6 @@ history).
 
 from __future__ import annotations
 
-import pytest
 
 import asyncio
 import signal
@@ -62,11 +61,6 @@ async def _serves_again(nodes: dict[str, ChaosNode], room: str, subs: list[Peer]
     raise AssertionError("after the outage, a message published on each node did not reach every subscriber live")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known bug, not fixed yet: a publish acked degraded after the Redis timeout is still run by Redis "
-    "when it resumes (sequenced and kept), against docs/scaling.md; fix: a deadline checked inside the publish script",
-)
 async def test_redis_sigstop_5s_under_two_streaming_nodes(chaos_redis: RedisServer, chaos_nodes: Any) -> None:
     """Redis hangs (SIGSTOP) for 5 s, then continues (SIGCONT). Its state survives, so
     every acked recoverable message must reach every subscriber or be recoverable in the

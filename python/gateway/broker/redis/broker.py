@@ -82,6 +82,9 @@ from .presence import RedisPresence
 from .pubsub import PubSubConn, frame_lag, parse_room_message, sub_commands
 from .reorder import Reorder, Timer
 
+#: Seconds between measurements of the Redis clock offset (publish deadlines).
+CLOCK_SYNC_S = 10.0
+
 log = logging.getLogger("gateway.broker.redis")
 
 __all__ = ["RedisBroker"]
@@ -145,6 +148,9 @@ class RedisBroker(Broker):
         self._topo_task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
+        # Redis' clock minus ours (ms), measured every CLOCK_SYNC_S; None until known.
+        self._clock_offset_ms: float | None = None
+        self._clock_task: asyncio.Future[None] | None = None
         self._sharded = b"1" if self.cluster else b"0"
         self._idem_ttl_ms = max(1, int(cfg.idempotency_ttl * 1000))
         #: Idempotency keys of what was delivered on this node only, while Redis was
@@ -224,6 +230,35 @@ class RedisBroker(Broker):
         if not self.ready:
             log.error("redis broker %s not reachable: starting degraded (local delivery only) and retrying", self._safe_url())
         self.debounce.start(self.node_b)
+        self._clock_task = asyncio.ensure_future(self._clock_loop())
+
+    async def _clock_loop(self) -> None:
+        """Keep ``_clock_offset_ms`` (Redis ``TIME`` minus this host's clock, half a round
+        trip of error) so publish deadlines are stated in Redis' clock: clock skew between
+        hosts never makes a publish late (or early)."""
+        while not self._closed:
+            if self.ready:
+                try:
+                    t0 = time.time()
+                    r: Any = await self._redis.time()
+                    t1 = time.time()
+                    if isinstance(r, dict):  # cluster: one node's answer
+                        r = next(iter(r.values()))
+                    secs, usecs = int(r[0]), int(r[1])
+                    self._clock_offset_ms = secs * 1000 + usecs / 1000 - (t0 + t1) * 500
+                except (TimeoutError, RedisError, OSError, ValueError, IndexError, StopIteration) as e:
+                    self._warn("clock", "redis TIME failed: %s", e)
+            await asyncio.sleep(CLOCK_SYNC_S)
+
+    def _deadline(self) -> int | str:
+        """The Redis time after which a publish must not run any more: this node gives up
+        waiting at ``socket_timeout`` and acks ``degraded`` (local members only, seq 0), so
+        a script Redis runs later (it was stopped, or slow) must publish nothing. 80 % of
+        the timeout leaves room for the reply's way back."""
+        off = self._clock_offset_ms
+        if off is None:
+            return ""
+        return int(time.time() * 1000 + off + 800 * float(self._timeouts()["socket_timeout"]))
 
     def _safe_url(self) -> str:
         kw = self._url_kwargs
@@ -236,6 +271,8 @@ class RedisBroker(Broker):
         # leave the heartbeat hash, so this instance is never listed as gone.
         await self.debounce.close()
         self._closed = True
+        if self._clock_task is not None:
+            self._clock_task.cancel()
         if self._flush_handle is not None:
             self._flush_handle.cancel()
         for t in list(self._tasks) + [x for x in (self._topo_task, self._base_task) if x is not None]:
@@ -549,7 +586,7 @@ class RedisBroker(Broker):
             keys: tuple[bytes, ...] = self._room_keys(room)
             args: list[Any] = [
                 head, tail, self.node_b, prio, b"1" if rec else b"0", history.size,
-                max(1, int(history.ttl * 1000)), os.urandom(4).hex(), _STATE_TTL_MS, self._sharded,
+                max(1, int(history.ttl * 1000)), os.urandom(4).hex(), _STATE_TTL_MS, self._sharded, self._deadline(),
             ]
             if idem is not None:
                 keys = (*keys, f"{self.prefix}:{{{room}}}:i:{idem}".encode())
@@ -561,15 +598,20 @@ class RedisBroker(Broker):
             else:
                 seq, epoch = int(reply[0]), reply[1]
                 ep = epoch.decode()
-                if len(reply) > 2:  # the idempotency key was used: nothing published
+                if seq < 0:
+                    # Redis ran it after its deadline (it was stopped, or slow): nothing
+                    # was published; answered like a timeout.
+                    err = TimeoutError("redis ran the publish after its deadline")
+                elif len(reply) > 2:  # the idempotency key was used: nothing published
                     return PublishResult(seq, ep, True)
-                frame = splice(head, seq, ep, tail)
-                if h is not None:
-                    if keys[2] in self._wanted:
-                        self._reorder.sequenced(room, seq, epoch, frame, prio)
-                    else:
-                        h.deliver_room(room, frame, prio)
-                return PublishResult(seq, ep)
+                else:
+                    frame = splice(head, seq, ep, tail)
+                    if h is not None:
+                        if keys[2] in self._wanted:
+                            self._reorder.sequenced(room, seq, epoch, frame, prio)
+                        else:
+                            h.deliver_room(room, frame, prio)
+                    return PublishResult(seq, ep)
         # Redis unavailable: local members still get the message (not recoverable).
         local_key = ("r", room, idem)
         if idem is None or self._local_idem.get(local_key) is None:

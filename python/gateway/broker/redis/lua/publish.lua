@@ -1,10 +1,18 @@
 -- Publish one room message (one round trip per message).
 -- KEYS: state hash, stream, channel[, idempotency key]. ARGV: head, tail, origin node,
 -- prio, recoverable ("1"/"0"), maxlen, history ttl ms, epoch candidate, state ttl ms,
--- sharded ("1"/"0")[, idempotency ttl ms].
+-- sharded ("1"/"0"), deadline (Redis time in ms, or "")[, idempotency ttl ms].
 -- Returns {seq, epoch}; publishes ``node|prio|seq|epoch|frame``. With KEYS[4]: when that
 -- key exists (the same idempotency key within its ttl) nothing is published and the
 -- first publish's {seq, epoch, 1} is returned; otherwise it is set to "seq epoch".
+-- Past the deadline (the publishing node stopped waiting and acked "degraded": Redis was
+-- stopped or slow) nothing happens and {-1, ""} is returned.
+if ARGV[11] ~= '' then
+  local t = redis.call('TIME')
+  if tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) > tonumber(ARGV[11]) then
+    return {-1, ''}
+  end
+end
 if KEYS[4] then
   local prev = redis.call('GET', KEYS[4])
   if prev then
@@ -44,6 +52,6 @@ else
   redis.call('PUBLISH', KEYS[3], msg)
 end
 if KEYS[4] then
-  redis.call('SET', KEYS[4], seq .. ' ' .. epoch, 'PX', ARGV[11])
+  redis.call('SET', KEYS[4], seq .. ' ' .. epoch, 'PX', ARGV[12])
 end
 return {seq, epoch}
