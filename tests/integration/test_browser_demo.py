@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from gwtest import ROOT, GatewayFactory, uniq
+from support.fixtures import GatewayFactory
+from support.gateway import ROOT, uniq
 
 ARTIFACTS = ROOT / "target" / "artifacts"
 WAIT = 20.0

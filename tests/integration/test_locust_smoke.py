@@ -14,8 +14,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from support import ROOT
 
-ROOT = Path(__file__).resolve().parents[2]
 LOCUSTFILE = ROOT / "loadtest" / "locustfile.py"
 LOCUST_TOML = ROOT / "loadtest" / "locust.toml"
 
