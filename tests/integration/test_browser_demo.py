@@ -123,6 +123,8 @@ def _js_errors(driver: Any) -> list[str]:
     return [e["message"] for e in entries if e.get("level") == "SEVERE" and "favicon" not in e["message"]]
 
 
+# First use installs chromium with apt-get (bounded at 2,400 s) and selenium with pip (600 s).
+@pytest.mark.timeout(3060)
 def test_two_browsers_chat_gift_and_likes(gateway_factory: GatewayFactory, browsers: Any) -> None:
     gw = gateway_factory("auth.mode=dev", "presence.interval=1")
     room = f"live:{uniq('browser')}"

@@ -12,6 +12,7 @@ import shutil
 import subprocess
 from typing import Any
 
+import pytest
 from gateway.auth import mint_token
 from prometheus_client.parser import text_string_to_metric_families
 from support.fixtures import GatewayFactory
@@ -166,12 +167,17 @@ def promtool() -> str:
     raise AssertionError("promtool is missing and Debian's prometheus package could not be installed:\n" + "\n".join(logs))
 
 
+#: The first promtool test may install Debian's prometheus package (3 apt-get runs, 900 s each).
+PROMTOOL_TIMEOUT = pytest.mark.timeout(2820)
+
+
 def run_promtool(*args: str) -> str:
     p = subprocess.run([promtool(), *args], cwd=PROM_DIR, capture_output=True, text=True, timeout=120, check=False)
     assert p.returncode == 0, f"promtool {' '.join(args)} failed:\n{p.stdout}\n{p.stderr}"
     return p.stdout + p.stderr
 
 
+@PROMTOOL_TIMEOUT
 def test_alert_rules_pass_promtool() -> None:
     out = run_promtool("check", "rules", "alerts.yml")
     assert "SUCCESS" in out
@@ -181,11 +187,13 @@ def test_alert_rules_pass_promtool() -> None:
                      "GatewayFlushLagHigh", "GatewayHookTimeouts", "GatewayNotReady"}
 
 
+@PROMTOOL_TIMEOUT
 def test_scrape_config_passes_promtool() -> None:
     out = run_promtool("check", "config", "prometheus.yml")
     assert "SUCCESS" in out
 
 
+@PROMTOOL_TIMEOUT
 def test_alert_unit_tests_pass_promtool() -> None:
     run_promtool("test", "rules", "alerts_test.yml")
 

@@ -29,9 +29,13 @@ _BROKER_LEAK = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExcept
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     here = Path(__file__).parent
+    # Without redis-server, the first test installs it (redis_binary: 3 apt-get runs, 600 s each).
+    installing = shutil.which("redis-server") is None
     for item in items:
         if here in Path(str(item.fspath)).parents:
             item.add_marker(pytest.mark.redis)
+            if installing:
+                item.add_marker(pytest.mark.timeout(1920))
             if Path(str(item.fspath)).name == "test_broker.py":
                 item.add_marker(_BROKER_LEAK)
 
