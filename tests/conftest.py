@@ -1,16 +1,17 @@
-"""Root conftest: registers the shared fixtures that live in ``gwtest.py``.
+"""Root conftest: registers the shared fixtures of ``support/fixtures.py`` for every suite.
 
-Helpers are imported by tests as ``from gwtest import ...`` (a uniquely named module):
+Tests import helpers from the ``support`` package (tests/ is on ``sys.path``);
 ``from conftest import ...`` is ambiguous once several directories have a conftest.py.
 """
 
-from gwtest import (  # noqa: F401  (fixtures and hooks are registered by name)
+from support.fixtures import (  # noqa: F401  (fixtures and hooks are registered by name)
     _kill_leftovers,
     _servers_still_alive,
+    clients,
     gateway_factory,
     gw,
     jwt_gw,
     module_gateway_factory,
-    pytest_configure,
+    pytest_runtest_makereport,
     session_gateway_factory,
 )

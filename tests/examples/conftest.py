@@ -1,4 +1,6 @@
-"""Fixtures for the example tests (helpers in ``examples_support.py``).
+"""Fixtures for the example tests: ``example_gateway("examples.x:make_app", *sets,
+env={...})`` starts an example app with the shared ``gateway_factory`` (the one way to
+start a gateway, see ``support.gateway``); clients are the shared ``clients`` fixture.
 
 Deliberately no ``__init__.py`` in this directory: it would make ``tests`` the import root
 and let ``tests/examples`` shadow the top-level ``examples`` package.
@@ -6,55 +8,23 @@ and let ``tests/examples`` shadow the top-level ``examples`` package.
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Iterator, Mapping, Sequence
-from pathlib import Path
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import pytest
-from examples_support import GatewayProcess, WsClient
+from support.fixtures import GatewayFactory
+from support.gateway import GatewayProcess
+
+#: What every example gateway gets on top of the shared test settings.
+EXAMPLE_SETTINGS = ("server.demo=false", "server.io_threads=2", "drain.timeout=1")
 
 
 @pytest.fixture
-def start_gateway(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Any]:
-    """``start_gateway("examples.x:make_app", sets=[...], env={...}) -> GatewayProcess``;
-    every process is stopped at teardown and its log printed if the test failed."""
-    procs: list[GatewayProcess] = []
-    counter = itertools.count()
+def example_gateway(gateway_factory: GatewayFactory) -> Callable[..., GatewayProcess]:
+    """``example_gateway("examples.x:make_app", "auth.mode=jwt", env={...})``: a ready gateway
+    running that app, stopped (and checked) at teardown."""
 
-    def start(app: str, *, sets: Sequence[str] = (), env: Mapping[str, str] | None = None) -> GatewayProcess:
-        gp = GatewayProcess(app, sets, env or {}, tmp_path / f"gateway-{next(counter)}.log")
-        procs.append(gp)
-        gp.start()
-        return gp
+    def start(app: str, *sets: str, env: Mapping[str, str] | None = None, **kw: Any) -> GatewayProcess:
+        return gateway_factory(*EXAMPLE_SETTINGS, *sets, app=app, env=env, **kw)
 
-    yield start
-    for gp in procs:
-        gp.stop()
-    rep = getattr(request.node, "rep_call", None)
-    if rep is not None and rep.failed:
-        for gp in procs:
-            print(f"\n---- log of {gp.app} ({gp.node}) ----\n{gp.log()[-6000:]}")
-
-
-@pytest.hookimpl(wrapper=True, tryfirst=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
-    rep = yield
-    if rep.when == "call":
-        item.rep_call = rep  # type: ignore[attr-defined]
-    return rep
-
-
-@pytest.fixture
-async def clients() -> Any:
-    """``await clients(url, **kw) -> WsClient``; all are closed at teardown."""
-    opened: list[WsClient] = []
-
-    async def open_client(url: str, **kw: Any) -> WsClient:
-        c = await WsClient.connect(url, **kw)
-        opened.append(c)
-        return c
-
-    yield open_client
-    for c in opened:
-        await c.close()
+    return start

@@ -11,17 +11,18 @@ from typing import Any
 import jwt
 import pytest
 import websockets
-from examples_support import SECRET, GatewayProcess, WsClient
 from gateway.auth import mint_token
+from gateway.client import GatewayClient, GatewayError
+from support.gateway import GatewayProcess
 
+SECRET = "example-tests-secret-0123456789-abcdefghijklmnopqrstuvwxyz"
 VIP = {"team:gold": ["alice"], "team:vip-*": ["dora"]}
 
 
 @pytest.fixture
-def gw(start_gateway: Any) -> GatewayProcess:
-    return start_gateway(
-        "examples.jwt_rooms:make_app",
-        sets=["auth.mode=jwt", f"auth.secret={SECRET}"],
+def gw(example_gateway: Any) -> GatewayProcess:
+    return example_gateway(
+        "examples.jwt_rooms:make_app", "auth.mode=jwt", f"auth.secret={SECRET}",
         env={"JWT_ROOMS_VIP": json.dumps(VIP), "JWT_ROOMS_VIP_ROLES": "admin"},
     )
 
@@ -33,9 +34,9 @@ def token(user: str, rooms: list[str] | None = None, ttl: float | None = 600, **
 
 
 async def test_allowed_join_is_acked_and_messages_flow(gw: GatewayProcess, clients: Any) -> None:
-    bob = await clients(f"{gw.ws_url}?token={token('bob', ['team:red'])}")
-    alice = await clients(f"{gw.ws_url}?token={token('alice', ['team:*'])}")
-    assert bob.hello["user"] == "bob" and alice.hello["user"] == "alice"
+    bob = await clients(gw, token=token('bob', ['team:red']))
+    alice = await clients(gw, token=token('alice', ['team:*']))
+    assert bob.user == "bob" and alice.user == "alice"
 
     ack = await bob.join("team:red")
     assert ack["op"] == "ack" and ack["room"] == "team:red" and isinstance(ack["seq"], int)
@@ -43,18 +44,21 @@ async def test_allowed_join_is_acked_and_messages_flow(gw: GatewayProcess, clien
 
     pub = await bob.publish("team:red", {"text": "hello team"})
     assert pub["op"] == "ack" and pub["seq"] == ack["seq"] + 1
-    msg = await alice.next("msg")
+    msg = await alice.recv(5)
     assert msg["room"] == "team:red" and msg["from"] == "bob" and msg["data"] == {"text": "hello team"}
     assert msg["seq"] == pub["seq"]
 
 
 async def test_room_missing_from_token_is_refused_4003(gw: GatewayProcess, clients: Any) -> None:
-    bob = await clients(f"{gw.ws_url}?token={token('bob', ['team:red'])}")
-    err = await bob.join("team:blue")
-    assert err["op"] == "error" and err["code"] == 4003, err
+    bob = await clients(gw, token=token('bob', ['team:red']))
+    with pytest.raises(GatewayError) as err:
+        await bob.join("team:blue")
+    assert err.value.code == 4003, err.value
     # A token without any rooms claim gets no acl room at all.
-    carl = await clients(f"{gw.ws_url}?token={token('carl')}")
-    assert (await carl.join("team:red"))["code"] == 4003
+    carl = await clients(gw, token=token('carl'))
+    with pytest.raises(GatewayError) as err:
+        await carl.join("team:red")
+    assert err.value.code == 4003
     # The connection stays open and usable after a refusal.
     assert (await bob.join("team:red"))["op"] == "ack"
     # Rooms outside the acl pattern follow their own rules (live: is open to users).
@@ -63,18 +67,21 @@ async def test_room_missing_from_token_is_refused_4003(gw: GatewayProcess, clien
 
 async def test_vip_rooms_checked_by_on_join_hook(gw: GatewayProcess, clients: Any) -> None:
     everyone = ["team:*"]
-    alice = await clients(f"{gw.ws_url}?token={token('alice', everyone)}")
-    bob = await clients(f"{gw.ws_url}?token={token('bob', everyone)}")
-    root = await clients(f"{gw.ws_url}?token={token('root', everyone, role='admin')}")
-    dora = await clients(f"{gw.ws_url}?token={token('dora', everyone)}")
+    alice = await clients(gw, token=token('alice', everyone))
+    bob = await clients(gw, token=token('bob', everyone))
+    root = await clients(gw, token=token('root', everyone, role='admin'))
+    dora = await clients(gw, token=token('dora', everyone))
 
     assert (await alice.join("team:gold"))["op"] == "ack"
-    err = await bob.join("team:gold")
-    assert err["op"] == "error" and err["code"] == 4003 and "VIP" in err["message"], err
+    with pytest.raises(GatewayError) as err:
+        await bob.join("team:gold")
+    assert err.value.code == 4003 and "VIP" in err.value.message, err.value
     assert (await root.join("team:gold"))["op"] == "ack"  # admin role bypasses VIP lists
     # Glob VIP lists.
     assert (await dora.join("team:vip-lounge"))["op"] == "ack"
-    assert (await bob.join("team:vip-lounge"))["code"] == 4003
+    with pytest.raises(GatewayError) as err:
+        await bob.join("team:vip-lounge")
+    assert err.value.code == 4003
     # Non-VIP rooms are unaffected, and the rooms claim still applies before the hook.
     assert (await bob.join("team:red"))["op"] == "ack"
 
@@ -92,27 +99,27 @@ async def test_bad_tokens_are_refused_with_401_at_upgrade(gw: GatewayProcess, ca
         "missing": "",
         "not_yet_valid": token("eve", ["team:*"], nbf=now + 600),
     }
-    url = f"{gw.ws_url}?token={tokens[case]}" if tokens[case] else gw.ws_url
+    c = GatewayClient(gw.ws_url(), token=tokens[case] or None)
     with pytest.raises(websockets.InvalidStatus) as exc:
-        await WsClient.connect(url)
+        await c.connect()
     assert exc.value.response.status_code == 401
 
 
 async def test_token_in_header_or_subprotocol(gw: GatewayProcess, clients: Any) -> None:
     t = token("erin", ["team:red"])
-    by_header = await clients(gw.ws_url, headers={"Authorization": f"Bearer {t}"})
-    assert by_header.hello["user"] == "erin"
-    by_proto = await clients(gw.ws_url, subprotocols=["gateway.v1", f"token.{t}"])
-    assert by_proto.hello["user"] == "erin"
-    assert by_proto.ws.subprotocol == "gateway.v1"  # the token is not echoed
+    by_header = await clients(gw, token=t, token_in="header")  # Authorization: Bearer <t>
+    assert by_header.user == "erin"
+    by_proto = await clients(gw, token=t, token_in="protocol")  # Sec-WebSocket-Protocol: gateway.v1, token.<t>
+    assert by_proto.user == "erin"
+    assert by_proto.subprotocol == "gateway.v1"  # the token is not echoed
     assert (await by_proto.join("team:red"))["op"] == "ack"
 
 
 async def test_connection_closed_4001_when_token_expires(gw: GatewayProcess, clients: Any) -> None:
-    short = await clients(f"{gw.ws_url}?token={token('fay', ['team:red'], ttl=2)}")
-    long = await clients(f"{gw.ws_url}?token={token('gus', ['team:red'], ttl=600)}")
+    short = await clients(gw, token=token('fay', ['team:red'], ttl=2))
+    long = await clients(gw, token=token('gus', ['team:red'], ttl=600))
     assert (await short.join("team:red"))["op"] == "ack"
-    code, reason = await short.closed(timeout=6)
+    code, reason = await short.wait_closed(6)
     assert code == 4001 and reason == "token expired"
     # Other connections are untouched.
     await asyncio.sleep(0.6)

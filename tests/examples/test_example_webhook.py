@@ -9,17 +9,18 @@ import hashlib
 import hmac
 import re
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
-from examples_support import GatewayProcess
 from gateway.app import Client, Message
 from gateway.auth import ConfigError, Identity
 from gateway.broker import PublishResult
+from support.gateway import GatewayProcess
+from support.wait import eventually
 
 from examples.webhook import WebhookForwarder, WebhookSettings
 
@@ -33,7 +34,6 @@ class Receiver:
     def __init__(self, script: list[int] | None = None) -> None:
         self.script = list(script or [])
         self.requests: list[tuple[int, dict[str, str], dict[str, Any]]] = []
-        self.changed = asyncio.Event()
 
     async def handle(self, request: web.Request) -> web.Response:
         raw = await request.read()
@@ -42,19 +42,10 @@ class Receiver:
         headers = dict(request.headers)
         headers["_raw"] = raw.decode()
         self.requests.append((status, headers, body))
-        self.changed.set()
         return web.json_response({"ok": status < 300}, status=status)
 
     def events(self, status: int | None = 200) -> list[dict[str, Any]]:
         return [e for s, _, b in self.requests if status is None or s == status for e in b["events"]]
-
-    async def wait_for(self, pred: Callable[[], bool], timeout: float = 10.0) -> None:
-        async def loop() -> None:
-            while not pred():
-                self.changed.clear()
-                await self.changed.wait()
-
-        await asyncio.wait_for(loop(), timeout)
 
 
 @pytest.fixture
@@ -71,12 +62,12 @@ async def receiver() -> AsyncIterator[tuple[Receiver, str]]:
 # ---- through a real gateway -------------------------------------------------------------
 
 
-async def test_published_message_is_forwarded_after_a_500(start_gateway: Any, clients: Any, receiver: tuple[Receiver, str]) -> None:
+async def test_published_message_is_forwarded_after_a_500(example_gateway: Any, clients: Any, receiver: tuple[Receiver, str]) -> None:
     rec, url = receiver
     rec.script = [500]  # the first POST fails, the retry succeeds
-    gw: GatewayProcess = start_gateway(
+    gw: GatewayProcess = example_gateway(
         "examples.webhook:make_app",
-        sets=["auth.mode=dev"],
+        "auth.mode=dev",
         env={
             "WEBHOOK_URL": url,
             "WEBHOOK_SECRET": WEBHOOK_SECRET,
@@ -85,12 +76,12 @@ async def test_published_message_is_forwarded_after_a_500(start_gateway: Any, cl
             "WEBHOOK_WORKERS": "2",
         },
     )
-    alice = await clients(f"{gw.ws_url}?user=alice")
+    alice = await clients(gw, "alice")
     await alice.join("live:42")
     ack = await alice.publish("live:42", {"text": "hi", "n": [1, 2]}, type="chat")
     assert ack["op"] == "ack" and ack["seq"] > 0
 
-    await rec.wait_for(lambda: any(e["event"] == "publish" for e in rec.events()))
+    await eventually(lambda: any(e["event"] == "publish" for e in rec.events()))
     failed, ok = rec.requests[0], rec.requests[1]
     assert failed[0] == 500 and ok[0] == 200
     assert failed[2] == ok[2], "the retry carries the same events"
@@ -99,7 +90,7 @@ async def test_published_message_is_forwarded_after_a_500(start_gateway: Any, cl
     ev = next(e for e in rec.events() if e["event"] == "publish")
     assert ev["room"] == "live:42" and ev["seq"] == ack["seq"] and ev["type"] == "chat"
     assert ev["data"] == {"text": "hi", "n": [1, 2]} and ev["from"] == "alice"
-    assert ev["node"] == gw.node and ev["id"] and isinstance(ev["ts"], int) and ev["epoch"]
+    assert ev["node"] == gw.node_id and ev["id"] and isinstance(ev["ts"], int) and ev["epoch"]
     # Signed: HMAC-SHA256(secret, timestamp + "." + body).
     h = ok[1]
     want = hmac.new(WEBHOOK_SECRET.encode(), f"{h['X-Gateway-Timestamp']}.{h['_raw']}".encode(), hashlib.sha256).hexdigest()
@@ -112,20 +103,20 @@ async def test_published_message_is_forwarded_after_a_500(start_gateway: Any, cl
 
     # A disconnect is forwarded too.
     await alice.close()
-    await rec.wait_for(lambda: any(e["event"] == "disconnect" for e in rec.events()))
+    await eventually(lambda: any(e["event"] == "disconnect" for e in rec.events()))
     dis = next(e for e in rec.events() if e["event"] == "disconnect")
-    assert dis["user"] == "alice" and dis["code"] == 1000 and dis["session"] == alice.hello["session"]
+    assert dis["user"] == "alice" and dis["code"] == 1000 and dis["session"] == alice.session
 
 
-async def test_events_queued_at_shutdown_are_flushed(start_gateway: Any, clients: Any, receiver: tuple[Receiver, str]) -> None:
+async def test_events_queued_at_shutdown_are_flushed(example_gateway: Any, clients: Any, receiver: tuple[Receiver, str]) -> None:
     rec, url = receiver
-    gw: GatewayProcess = start_gateway(
+    gw: GatewayProcess = example_gateway(
         "examples.webhook:make_app",
-        sets=["auth.mode=dev"],
+        "auth.mode=dev",
         env={"WEBHOOK_URL": url, "WEBHOOK_EVENTS": "disconnect", "WEBHOOK_BACKOFF_BASE": "0.05"},
     )
     for user in ("u1", "u2", "u3"):
-        await clients(f"{gw.ws_url}?user={user}")
+        await clients(gw, user)
     assert await gw.astop() == 0  # graceful: drain closes the clients, teardown flushes
     users = sorted(e["user"] for e in rec.events())
     assert users == ["u1", "u2", "u3"]
@@ -154,7 +145,7 @@ async def test_attempts_are_bounded(receiver: tuple[Receiver, str]) -> None:
     fw = await started(WebhookSettings(url, max_attempts=3, backoff_base=0.01, workers=1))
     try:
         fake_publish(fw, 1)
-        await rec.wait_for(lambda: len(rec.requests) >= 3)
+        await eventually(lambda: len(rec.requests) >= 3)
         await asyncio.sleep(0.3)  # no fourth attempt
         assert len(rec.requests) == 3
         assert fw.failed == 1 and fw.sent == 0 and fw.retries == 2
@@ -168,11 +159,11 @@ async def test_client_errors_are_not_retried(receiver: tuple[Receiver, str]) -> 
     fw = await started(WebhookSettings(url, backoff_base=0.01, workers=1))
     try:
         fake_publish(fw, 1)
-        await rec.wait_for(lambda: len(rec.requests) >= 1)
+        await eventually(lambda: len(rec.requests) >= 1)
         await asyncio.sleep(0.2)
         assert len(rec.requests) == 1 and fw.rejected == 1 and fw.retries == 0
         fake_publish(fw, 1)  # the next event goes through
-        await rec.wait_for(lambda: len(rec.events()) == 1)
+        await eventually(lambda: len(rec.events()) == 1)
         assert fw.sent == 1
     finally:
         await fw.teardown()
@@ -192,14 +183,11 @@ async def test_retry_after_connection_refused_then_backend_up() -> None:
     server = TestServer(app, host="127.0.0.1", port=port)
     try:
         fake_publish(fw, 1)
-        for _ in range(100):  # the first attempt is refused
-            if fw.retries:
-                break
-            await asyncio.sleep(0.05)
+        await eventually(lambda: fw.retries, 5, what="a retry after the refused first attempt")
         assert fw.retries >= 1 and fw.sent == 0
         reserved.close()
         await server.start_server()
-        await rec.wait_for(lambda: len(rec.events()) == 1)
+        await eventually(lambda: len(rec.events()) == 1)
         assert fw.sent == 1 and fw.failed == 0 and rec.events()[0]["data"] == {"i": 0}
     finally:
         reserved.close()
@@ -224,7 +212,7 @@ async def test_batches_and_filters(receiver: tuple[Receiver, str]) -> None:
     fake_publish(fw, 5, room="cs:1", mtype="gift")  # room filtered
     await fw.setup(SimpleNamespace(node_id="t1"))  # type: ignore[arg-type]
     try:
-        await rec.wait_for(lambda: len(rec.events()) == 25)
+        await eventually(lambda: len(rec.events()) == 25)
         assert [len(b["events"]) for _, _, b in rec.requests] == [10, 10, 5]
         assert [e["seq"] for e in rec.events()] == list(range(1, 26))
         assert len({e["id"] for e in rec.events()}) == 25

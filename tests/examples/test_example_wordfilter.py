@@ -10,9 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from examples_support import GatewayProcess
 from gateway.app import DROP, Client, Message, Reject
 from gateway.auth import Identity
+from gateway.client import GatewayError
+from support.gateway import GatewayProcess
 
 from examples.wordfilter import (
     AhoCorasick,
@@ -114,53 +115,46 @@ def test_settings_from_env_and_word_file(tmp_path: Path) -> None:
 # ---- in a real gateway --------------------------------------------------------------------
 
 
-def start(start_gateway: Any, mode: str, **env: str) -> GatewayProcess:
-    return start_gateway(
-        "examples.wordfilter:make_app",
-        sets=["auth.mode=dev"],
+async def start(example_gateway: Any, clients: Any, mode: str, room: str, **env: str) -> tuple[Any, Any]:
+    """A gateway filtering in ``mode``, and a sender and a reader (users u1, u2) in ``room``."""
+    gw: GatewayProcess = example_gateway(
+        "examples.wordfilter:make_app", "auth.mode=dev",
         env={"WORDFILTER_WORDS": WORDS, "WORDFILTER_MODE": mode, **env},
     )
-
-
-async def test_mask_mode_in_gateway(start_gateway: Any, clients: Any) -> None:
-    gw = start(start_gateway, "mask", WORDFILTER_FIELDS="text")
-    sender = await clients(f"{gw.ws_url}?user=u1")
-    reader = await clients(f"{gw.ws_url}?user=u2")
+    sender, reader = await clients(gw, "u1"), await clients(gw, "u2")
     for c in (sender, reader):
-        assert (await c.join("live:7"))["op"] == "ack"
+        assert (await c.join(room))["op"] == "ack"
+    return sender, reader
+
+
+async def test_mask_mode_in_gateway(example_gateway: Any, clients: Any) -> None:
+    sender, reader = await start(example_gateway, clients, "mask", "live:7", WORDFILTER_FIELDS="text")
     ack = await sender.publish("live:7", {"text": "this BADWORD 傻逼 is 垃圾广告!", "nick": "spam"})
     assert ack["op"] == "ack" and ack["seq"] > 0
-    msg = await reader.next("msg")
+    msg = await reader.recv(5)
     assert msg["data"] == {"text": "this *** *** is ***!", "nick": "spam"}  # only `text` inspected
     assert msg["seq"] == ack["seq"]
     await sender.publish("live:7", {"text": "clean 你好"})
-    assert (await reader.next("msg"))["data"] == {"text": "clean 你好"}
+    assert (await reader.recv(5))["data"] == {"text": "clean 你好"}
 
 
-async def test_reject_mode_in_gateway(start_gateway: Any, clients: Any) -> None:
-    gw = start(start_gateway, "reject")
-    sender = await clients(f"{gw.ws_url}?user=u1")
-    reader = await clients(f"{gw.ws_url}?user=u2")
-    for c in (sender, reader):
-        await c.join("live:8")
-    err = await sender.publish("live:8", {"text": "buy 垃圾广告 now"})
-    assert err["op"] == "error" and err["code"] == 4050, err
+async def test_reject_mode_in_gateway(example_gateway: Any, clients: Any) -> None:
+    sender, reader = await start(example_gateway, clients, "reject", "live:8")
+    with pytest.raises(GatewayError) as err:
+        await sender.publish("live:8", {"text": "buy 垃圾广告 now"})
+    assert err.value.code == 4050, err.value
     ok = await sender.publish("live:8", {"text": "hello"})
     assert ok["op"] == "ack"
     # The reader's next message is the clean one: the rejected one never went out.
-    assert (await reader.next("msg"))["data"] == {"text": "hello"}
+    assert (await reader.recv(5))["data"] == {"text": "hello"}
 
 
-async def test_drop_mode_in_gateway(start_gateway: Any, clients: Any) -> None:
-    gw = start(start_gateway, "drop")
-    sender = await clients(f"{gw.ws_url}?user=u1")
-    reader = await clients(f"{gw.ws_url}?user=u2")
-    for c in (sender, reader):
-        await c.join("live:9")
+async def test_drop_mode_in_gateway(example_gateway: Any, clients: Any) -> None:
+    sender, reader = await start(example_gateway, clients, "drop", "live:9")
     shadow = await sender.publish("live:9", {"text": "SPAM spam"})
     assert shadow["op"] == "ack" and shadow["seq"] == 0  # acked, but not published
     await sender.publish("live:9", {"text": "after"})
-    assert (await reader.next("msg"))["data"] == {"text": "after"}
+    assert (await reader.recv(5))["data"] == {"text": "after"}
 
 
 # ---- micro-benchmark ----------------------------------------------------------------------

@@ -5,8 +5,8 @@ the rate limit off for "new".
 Scenarios: ping (WS pings, never reading), appping ({"op":"ping"}, never reading),
 flood (1 KiB messages while Python does not poll). 8 clients, loopback."""
 import os, select, socket, subprocess, sys, threading, time
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from wsraw import OP_PING, OP_TEXT, encode_frame, upgrade_request, parse_head
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/, for the support package
+from support.ws import OP_PING, OP_TEXT, encode_frame, upgrade_request, parse_head
 
 SERVER = r'''
 import os, select, sys, time

@@ -7,10 +7,10 @@ from typing import Any
 
 import jwt
 import pytest
-from gwtest import JWT_SECRET, GatewayProcess, uniq
 from gateway.auth import mint_token
 from gateway.client import GatewayClient, GatewayError
-from wsraw import RawWS
+from support.gateway import JWT_SECRET, GatewayProcess, uniq
+from support.ws import RawWS
 
 
 @pytest.mark.parametrize("where", ["query", "header", "protocol"])

@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from gwtest import ROOT, GatewayFactory, uniq
+from support.fixtures import GatewayFactory
+from support.gateway import ROOT, uniq
 
 ARTIFACTS = ROOT / "target" / "artifacts"
 WAIT = 20.0
@@ -122,6 +123,8 @@ def _js_errors(driver: Any) -> list[str]:
     return [e["message"] for e in entries if e.get("level") == "SEVERE" and "favicon" not in e["message"]]
 
 
+# First use installs chromium with apt-get (bounded at 2,400 s) and selenium with pip (600 s).
+@pytest.mark.timeout(3060)
 def test_two_browsers_chat_gift_and_likes(gateway_factory: GatewayFactory, browsers: Any) -> None:
     gw = gateway_factory("auth.mode=dev", "presence.interval=1")
     room = f"live:{uniq('browser')}"

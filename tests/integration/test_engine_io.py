@@ -9,34 +9,25 @@ import struct
 import time
 from typing import Any
 
-import aiohttp
 import orjson
 import pytest
-from gwtest import GatewayProcess, uniq
 from gateway.client import GatewayClient
-from wsraw import (
-    OP_CLOSE,
-    OP_CONT,
-    OP_TEXT,
-    RawWS,
-    blocking_upgrade,
-    encode_frame,
-    http_get,
-    read_to_end,
-    split_frames,
-)
+from support.gateway import GatewayProcess, uniq
+from support.http import arequest
+from support.wait import eventually, holds
+from support.ws import OP_CLOSE, OP_CONT, OP_TEXT, RawWS, blocking_upgrade, encode_frame, read_to_end, split_frames
 
 # ---- plain HTTP on the client port ----------------------------------------------------------
 
 
 async def test_healthz_and_non_upgrade_requests(gw: GatewayProcess) -> None:
-    status, _, body = await http_get(gw.host, gw.port, "/healthz")
-    assert (status, body.strip()) == (200, b"ok")
-    status, headers, _ = await http_get(gw.host, gw.port, "/ws")
-    assert status == 426
-    assert headers.get("sec-websocket-version") == "13"
-    status, _, _ = await http_get(gw.host, gw.port, "/no-such-page")
-    assert status == 404
+    r = await arequest("GET", gw.http_url + "/healthz")
+    assert (r.status, r.body.strip()) == (200, b"ok")
+    r = await arequest("GET", gw.http_url + "/ws")
+    assert r.status == 426
+    assert r.headers.get("sec-websocket-version") == "13"
+    r = await arequest("GET", gw.http_url + "/no-such-page")
+    assert r.status == 404
     # A WebSocket upgrade on another path is not served either.
     ws = await RawWS.connect(gw.host, gw.port, "/elsewhere?user=x")
     assert ws.status == 404
@@ -47,8 +38,7 @@ async def test_healthz_and_non_upgrade_requests(gw: GatewayProcess) -> None:
 
 
 async def test_subprotocol_is_echoed(gw: GatewayProcess) -> None:
-    c = GatewayClient(gw.ws_url(), user=uniq("sp"), subprotocols=["x.unknown", "gateway.v1"])
-    await c.connect()
+    c = await gw.client(uniq("sp"), subprotocols=["x.unknown", "gateway.v1"])
     assert c.subprotocol == "gateway.v1"
     await c.close()
     # A client offering only something else still gets an echo (mini-programs fail without).
@@ -84,13 +74,7 @@ async def test_application_ping_is_answered(gw: GatewayProcess) -> None:
 
 async def _raw_member(gw: GatewayProcess, user: str, room: str, sem: asyncio.Semaphore) -> RawWS:
     async with sem:
-        ws = await RawWS.connect(gw.host, gw.port, f"/ws?user={user}", timeout=60)
-        assert ws.status == 101, ws.status
-        assert (await ws.recv_json(60))["op"] == "connected"
-        await ws.send_json({"op": "join", "id": 1, "room": room})
-        ack = await ws.recv_json(60)
-        assert ack["op"] == "ack" and ack["id"] == 1, ack
-        return ws
+        return await RawWS.joined(gw.host, gw.port, user, room, timeout=60)
 
 
 async def _collect(ws: RawWS, n: int, timeout: float) -> list[dict[str, Any]]:
@@ -130,14 +114,12 @@ async def _exact_delivery(gw: GatewayProcess) -> None:
         assert status == 200 and body["conns"] == members, body
         readers = [asyncio.ensure_future(_collect(ws, n, 120)) for ws in conns]
         # Publish concurrently through the API: the server decides the order.
-        async with aiohttp.ClientSession(headers={"X-API-Key": gw.api_key or ""}) as s:
+        async def pub(i: int) -> int:
+            status, body = await gw.api("POST", "/v1/publish", {"room": room, "data": {"i": i}})
+            assert status == 200
+            return int(body["seq"])
 
-            async def pub(i: int) -> int:
-                async with s.post(gw.api_url + "/v1/publish", json={"room": room, "data": {"i": i}}) as r:
-                    assert r.status == 200
-                    return int((await r.json())["seq"])
-
-            seqs = await asyncio.gather(*(pub(i) for i in range(n)))
+        seqs = await asyncio.gather(*(pub(i) for i in range(n)))
         assert sorted(seqs) == list(range(1, n + 1))
         results = await asyncio.gather(*readers)
         first = [m["data"]["i"] for m in results[0]]
@@ -164,11 +146,11 @@ async def test_per_room_ordering_with_concurrent_publishers(gw: GatewayProcess) 
     room = f"live:{uniq('order')}"
     sem = asyncio.Semaphore(50)
     members = await asyncio.gather(*(_raw_member(gw, uniq("om"), room, sem) for _ in range(50)))
-    pubs = [GatewayClient(gw.ws_url(), user=uniq("op")) for _ in range(4)]
+    pubs: list[GatewayClient] = []
     try:
-        for p in pubs:
-            await p.connect()
-            await p.join(room)
+        for _ in range(4):
+            pubs.append(await gw.client(uniq("op")))
+            await pubs[-1].join(room)
         readers = [asyncio.ensure_future(_collect(ws, 40, 60)) for ws in members]
 
         async def burst(k: int, p: GatewayClient) -> list[dict[str, Any]]:
@@ -208,8 +190,7 @@ async def test_per_room_ordering_with_concurrent_publishers(gw: GatewayProcess) 
 )
 async def test_bad_frames_are_rejected(gw: GatewayProcess, name: str, frames: list[bytes], code: int) -> None:
     room = f"live:{uniq('bad')}"
-    bystander = GatewayClient(gw.ws_url(), user=uniq("by"))
-    await bystander.connect()
+    bystander = await gw.client(uniq("by"))
     await bystander.join(room)
     ws = await RawWS.connect(gw.host, gw.port, f"/ws?user={uniq('bad')}")
     assert ws.status == 101
@@ -241,20 +222,19 @@ async def _join_raw(gw: GatewayProcess, sock: Any, room: str, members: int) -> N
     """Join ``room`` on a blocking raw socket and wait (bounded) until the server has
     ``members`` connections in it."""
     sock.sendall(encode_frame(OP_TEXT, b'{"op":"join","id":1,"room":"' + room.encode() + b'"}'))
-    for _ in range(400):
+
+    async def joined() -> bool:
         _, body = await gw.api("GET", f"/v1/rooms/{room}/presence")
-        if body["conns"] == members:
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"{room}: {body}")
+        return bool(body["conns"] == members)
+
+    await eventually(joined, 20, what=f"{members} connections in {room}")
 
 
 async def test_slow_consumer_is_closed_and_others_get_everything(small_queue_gw: GatewayProcess) -> None:
     gw = small_queue_gw
     room = f"live:{uniq('slow')}"
-    normal = [GatewayClient(gw.ws_url(), user=uniq("fast")) for _ in range(3)]
+    normal = [await gw.client(uniq("fast")) for _ in range(3)]
     for c in normal:
-        await c.connect()
         await c.join(room)
     slow = await asyncio.to_thread(blocking_upgrade, gw.host, gw.port, f"/ws?user={uniq('slow')}")
     try:
@@ -263,20 +243,17 @@ async def test_slow_consumer_is_closed_and_others_get_everything(small_queue_gw:
         gift = "g" * 2000
         sent = 0
         got: list[list[int]] = [[] for _ in normal]
-        async with aiohttp.ClientSession(headers={"X-API-Key": gw.api_key or ""}) as s:
-            while sent < 5000:
-                # High-priority gifts, paced in rounds the normal clients absorb.
-                for _ in range(25):
-                    async with s.post(gw.api_url + "/v1/publish", json={"room": room, "type": "gift", "data": {"n": sent, "pad": gift}}) as r:
-                        assert r.status == 200, await r.text()
-                    sent += 1
-                for c, g in zip(normal, got):
-                    while len(g) < sent:
-                        g.append((await c.recv(30))["data"]["n"])
-                async with s.get(gw.api_url + "/v1/stats") as r:
-                    stats = await r.json()
-                if stats["engine"]["close_slow_consumer"] > base:
-                    break
+        while sent < 5000:
+            # High-priority gifts, paced in rounds the normal clients absorb.
+            for _ in range(25):
+                await gw.publish(room, {"n": sent, "pad": gift}, type="gift")
+                sent += 1
+            for c, g in zip(normal, got):
+                while len(g) < sent:
+                    g.append((await c.recv(30))["data"]["n"])
+            stats = await gw.stats()
+            if stats["engine"]["close_slow_consumer"] > base:
+                break
         assert stats["engine"]["close_slow_consumer"] == base + 1, "the non-reading client was not closed as a slow consumer"
         # Every normal client got every gift, in order, and is still connected.
         for c, g in zip(normal, got):
@@ -366,8 +343,7 @@ def heartbeat_gw(module_gateway_factory: Any) -> GatewayProcess:
 
 async def test_idle_connection_is_closed_with_4000_while_pinging_one_lives(heartbeat_gw: GatewayProcess) -> None:
     gw = heartbeat_gw
-    lively = GatewayClient(gw.ws_url(), user=uniq("alive"))  # pings every announced interval
-    await lively.connect()
+    lively = await gw.client(uniq("alive"))  # pings every announced interval
     assert lively.heartbeat == 1
     silent = await RawWS.connect(gw.host, gw.port, f"/ws?user={uniq('silent')}")
     assert silent.status == 101
@@ -381,10 +357,11 @@ async def test_idle_connection_is_closed_with_4000_while_pinging_one_lives(heart
     silent.close()
     # Meanwhile the client that sends application pings was kept: give it 1.5 idle
     # timeouts more and it must still be connected, with its pings answered.
-    deadline = time.monotonic() + 3
-    while time.monotonic() < deadline:
+    def alive() -> bool:
         assert lively.connected, (lively.close_code, lively.close_reason)
-        await asyncio.sleep(0.25)
+        return True
+
+    await holds(alive, 3, 0.25, what="the pinging client's connection")
     assert lively.connected and lively.pongs >= 3
     await lively.close()
 
@@ -394,9 +371,8 @@ async def test_idle_connection_is_closed_with_4000_while_pinging_one_lives(heart
 
 async def test_graceful_stop_drains_clients_and_exits_zero(gateway_factory: Any) -> None:
     gw: GatewayProcess = gateway_factory("drain.timeout=4", "drain.retry_ms=1234")
-    clients = [GatewayClient(gw.ws_url(), user=uniq("d")) for _ in range(3)]
+    clients = [await gw.client(uniq("d")) for _ in range(3)]
     for c in clients:
-        await c.connect()
         await c.join("live:draining")
     # One client that never reads nor answers the close handshake.
     raw = await asyncio.to_thread(blocking_upgrade, gw.host, gw.port, f"/ws?user={uniq('deaf')}")

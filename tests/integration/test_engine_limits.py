@@ -22,7 +22,7 @@ from typing import Any
 import orjson
 import pytest
 from gateway._core import EV_CLOSED, EV_CONNECT, EV_MESSAGE, Engine, raise_fd_limit
-from wsraw import OP_CLOSE, OP_CONT, OP_PING, OP_PONG, OP_TEXT, encode_frame, parse_head, split_frames, upgrade_request
+from support.ws import OP_CLOSE, OP_CONT, OP_PING, OP_PONG, OP_TEXT, encode_frame, parse_head, split_frames, upgrade_request
 
 KIB, MIB = 1 << 10, 1 << 20
 

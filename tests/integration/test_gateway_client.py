@@ -4,14 +4,14 @@ after a kick."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import orjson
 import pytest
-from gwtest import GatewayProcess, uniq
 from gateway.client import GatewayClient, GatewayClosed, GatewayError
+from support.gateway import GatewayProcess, uniq
+from support.wait import eventually
 from websockets.asyncio.server import ServerConnection, serve
 
 Script = Callable[[ServerConnection], Awaitable[None]]
@@ -82,9 +82,12 @@ async def test_heartbeat_keeps_a_responsive_server(fake: FakeServer) -> None:
     fake.script = answer
     c = GatewayClient(fake.url, user="u", heartbeat=0.2)
     await c.connect()
-    while c.pongs < 8:  # well past 3 intervals
-        await asyncio.sleep(0.2)
+
+    def eight_pongs() -> bool:
         assert c.connected
+        return c.pongs >= 8  # well past 3 intervals
+
+    await eventually(eight_pongs, 15, 0.2, what="8 pongs")
     await c.close()
     assert c.close_code == 1000
 

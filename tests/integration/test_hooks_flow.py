@@ -8,9 +8,10 @@ import time
 from typing import Any
 
 import pytest
-from gwtest import GatewayProcess, uniq
-from gateway.client import GatewayClient, GatewayError
-from wsraw import RawWS
+from gateway.client import GatewayError
+from support.clients import recv_until
+from support.gateway import GatewayProcess, uniq
+from support.ws import RawWS
 
 APP = "tests.apps:make_app"
 AUDIT = "audit:hooks"
@@ -29,11 +30,6 @@ def allow_gw(module_gateway_factory: Any) -> GatewayProcess:
     return module_gateway_factory("hooks.timeout=1", "hooks.fallback=allow", app=APP)  # type: ignore[no-any-return]
 
 
-async def _client(gw: GatewayProcess, user: str | None = None, **kw: Any) -> GatewayClient:
-    c = GatewayClient(gw.ws_url(), user=user or uniq("u"), **kw)
-    await c.connect()
-    return c
-
 
 # ---- on_connect --------------------------------------------------------------------------------
 
@@ -46,7 +42,7 @@ async def test_on_connect_can_refuse(hook_gw: GatewayProcess) -> None:
 
 async def test_on_connect_can_replace_the_identity(hook_gw: GatewayProcess) -> None:
     room = f"live:{uniq('vip')}"
-    c = await _client(hook_gw, uniq("vip"))
+    c = await hook_gw.client(uniq("vip"))
     try:
         await c.join(room)
         _, body = await hook_gw.api("GET", f"/v1/rooms/{room}/members")
@@ -61,7 +57,7 @@ async def test_on_connect_timeout_denies_or_allows(hook_gw: GatewayProcess, allo
     assert ws.status == 503
     assert time.monotonic() - t0 < 4.5, "refused at the hook timeout, not the auth deadline"
     ws.close()
-    c = await _client(allow_gw, uniq("slowconnect"))
+    c = await allow_gw.client(uniq("slowconnect"))
     assert c.connected
     await c.close()
 
@@ -70,7 +66,7 @@ async def test_on_connect_timeout_denies_or_allows(hook_gw: GatewayProcess, allo
 
 
 async def test_on_join_allow_and_deny(hook_gw: GatewayProcess) -> None:
-    c = await _client(hook_gw)
+    c = await hook_gw.client()
     try:
         await c.join(f"live:{uniq('ok')}")
         with pytest.raises(GatewayError) as e:
@@ -89,7 +85,7 @@ async def test_on_join_allow_and_deny(hook_gw: GatewayProcess) -> None:
 
 
 async def test_on_join_timeout_with_allow_fallback(allow_gw: GatewayProcess) -> None:
-    c = await _client(allow_gw)
+    c = await allow_gw.client()
     try:
         room = f"live:slowjoin{uniq()}"
         ack = await c.join(room)
@@ -103,7 +99,7 @@ async def test_on_join_timeout_with_allow_fallback(allow_gw: GatewayProcess) -> 
 
 async def test_on_message_modify_drop_reject_and_fail(hook_gw: GatewayProcess) -> None:
     room = f"live:{uniq('msg')}"
-    a, b = await _client(hook_gw), await _client(hook_gw)
+    a, b = await hook_gw.client(), await hook_gw.client()
     try:
         await a.join(room)
         await b.join(room)
@@ -132,7 +128,7 @@ async def test_on_message_modify_drop_reject_and_fail(hook_gw: GatewayProcess) -
 
 async def test_on_message_reroutes_to_other_rooms(hook_gw: GatewayProcess) -> None:
     src, dst1, dst2 = (f"live:{uniq(p)}" for p in ("src", "dst", "dst"))
-    a, b = await _client(hook_gw), await _client(hook_gw)
+    a, b = await hook_gw.client(), await hook_gw.client()
     try:
         await a.join(src)
         for r in (src, dst1, dst2):
@@ -149,7 +145,7 @@ async def test_on_message_reroutes_to_other_rooms(hook_gw: GatewayProcess) -> No
 async def test_hook_doing_http_as_its_first_await(hook_gw: GatewayProcess) -> None:
     """aiohttp and asyncio.timeout need a current task: hooks run inside one."""
     room = f"live:{uniq('http')}"
-    c = await _client(hook_gw)
+    c = await hook_gw.client()
     try:
         await c.join(room)
         await c.publish(room, {}, type="http")
@@ -161,7 +157,7 @@ async def test_hook_doing_http_as_its_first_await(hook_gw: GatewayProcess) -> No
 
 async def test_on_message_timeout_denies_and_does_not_stall_others(hook_gw: GatewayProcess) -> None:
     room = f"live:{uniq('slow')}"
-    slow, fast = await _client(hook_gw), await _client(hook_gw)
+    slow, fast = await hook_gw.client(), await hook_gw.client()
     try:
         await slow.join(room)
         await fast.join(room)
@@ -188,7 +184,7 @@ async def test_on_message_timeout_denies_and_does_not_stall_others(hook_gw: Gate
 
 
 async def test_a_hook_ignoring_cancellation_still_times_out(hook_gw: GatewayProcess) -> None:
-    c = await _client(hook_gw)
+    c = await hook_gw.client()
     room = f"live:{uniq('stubborn')}"
     try:
         await c.join(room)
@@ -203,7 +199,7 @@ async def test_a_hook_ignoring_cancellation_still_times_out(hook_gw: GatewayProc
 
 async def test_on_message_timeout_with_allow_fallback_publishes(allow_gw: GatewayProcess) -> None:
     room = f"live:{uniq('slowok')}"
-    a, b = await _client(allow_gw), await _client(allow_gw)
+    a, b = await allow_gw.client(), await allow_gw.client()
     try:
         await a.join(room)
         await b.join(room)
@@ -221,23 +217,20 @@ async def test_on_message_timeout_with_allow_fallback_publishes(allow_gw: Gatewa
 
 async def test_after_publish_leave_and_disconnect_hooks(hook_gw: GatewayProcess) -> None:
     room = f"live:{uniq('audit')}"
-    auditor, actor = await _client(hook_gw), await _client(hook_gw)
+    auditor, actor = await hook_gw.client(), await hook_gw.client()
     try:
         await auditor.join(AUDIT)
         await actor.join(room)
         ack = await actor.publish(room, {"text": "hello"})
-        events = []
-        while not any(e["event"] == "after_publish" and e["room"] == room for e in events):
-            events.append((await auditor.recv(10))["data"])
-        ap = next(e for e in events if e["event"] == "after_publish" and e["room"] == room)
+        events: list[dict[str, Any]] = []
+        ap = await recv_until(auditor, lambda e: e["event"] == "after_publish" and e["room"] == room, events, timeout=20)
         assert ap == {"event": "after_publish", "room": room, "seq": ack["seq"], "type": "chat"}
         assert {"event": "joined", "room": room, "user": actor.user} in events, "after_join notification"
         await actor.leave(room)
         user = actor.user
         await actor.close()
         seen: list[dict[str, Any]] = []
-        while not any(e["event"] == "disconnect" and e.get("user") == user for e in seen):
-            seen.append((await auditor.recv(10))["data"])
+        await recv_until(auditor, lambda e: e["event"] == "disconnect" and e.get("user") == user, seen, timeout=20)
         assert {"event": "leave", "room": room, "user": user} in seen
         disc = next(e for e in seen if e["event"] == "disconnect")
         assert disc["code"] == 1000
@@ -250,7 +243,7 @@ async def test_requests_behind_a_slow_hook_are_bounded(hook_gw: GatewayProcess) 
     """A client keeps sending while its slow hook runs: 256 requests wait (and are then
     served in order), the rest are refused at once with 4029."""
     room = f"live:{uniq('backlog')}"
-    c = await _client(hook_gw)
+    c = await hook_gw.client()
     try:
         await c.join(room)
         slow = asyncio.ensure_future(c.publish(room, {"sleep": 30}, type="slow"))

@@ -14,8 +14,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from support import ROOT
 
-ROOT = Path(__file__).resolve().parents[2]
 LOCUSTFILE = ROOT / "loadtest" / "locustfile.py"
 LOCUST_TOML = ROOT / "loadtest" / "locust.toml"
 
@@ -28,6 +28,7 @@ def _stats(prefix: Path) -> dict[tuple[str, str], dict[str, str]]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(240)  # gateway start-up plus locust's own 90 s bound
 def test_locust_headless_smoke(gateway_factory, tmp_path: Path) -> None:
     gw = gateway_factory(config=LOCUST_TOML.read_text())
     prefix = tmp_path / "smoke"

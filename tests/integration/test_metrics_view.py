@@ -4,19 +4,14 @@ a real gateway after real traffic, parsed with prometheus_client's own parser.""
 from __future__ import annotations
 
 import asyncio
-import json
-import urllib.request
 
-import websockets
 from prometheus_client.parser import text_string_to_metric_families
+from support.fixtures import GatewayFactory
+from support.gateway import GatewayProcess, uniq
 
-from gwtest import GatewayFactory, uniq
 
-
-def scrape(url: str) -> dict[str, list]:
-    with urllib.request.urlopen(url + "/metrics", timeout=5) as r:
-        text = r.read().decode()
-    return {f.name: f.samples for f in text_string_to_metric_families(text)}
+def scrape(gw: GatewayProcess) -> dict[str, list]:
+    return {f.name: f.samples for f in text_string_to_metric_families(gw.metrics())}
 
 
 async def test_histograms_and_top_rooms(gateway_factory: GatewayFactory) -> None:
@@ -27,17 +22,14 @@ async def test_histograms_and_top_rooms(gateway_factory: GatewayFactory) -> None
         # Room i gets i + 1 members; only the largest room gets traffic.
         for i, room in enumerate(rooms):
             for j in range(i + 1):
-                ws = await websockets.connect(gw.ws_url(user=uniq("u")))
-                await ws.recv()  # connected
-                await ws.send(json.dumps({"op": "join", "id": 1, "room": room}))
-                while json.loads(await ws.recv()).get("op") != "ack":
-                    pass
-                clients.append(ws)
+                c = await gw.client()
+                clients.append(c)
+                await c.join(room)
         busy = clients[-1]
         for k in range(5):
-            await busy.send(json.dumps({"op": "publish", "id": 10 + k, "room": rooms[2], "data": {"k": k}}))
+            await busy.publish(rooms[2], {"k": k})
         await asyncio.sleep(1.0)  # several presence ticks: rates are computed per tick
-        m = scrape(gw.api_url)
+        m = await asyncio.to_thread(scrape, gw)
 
         fan = {s.labels.get("le"): s.value for s in m["gateway_fanout_seconds"] if s.name.endswith("_bucket")}
         assert fan["+Inf"] >= 5, "one fan-out round per published message at least"
@@ -52,5 +44,5 @@ async def test_histograms_and_top_rooms(gateway_factory: GatewayFactory) -> None
         rates = {s.labels["room"]: s.value for s in m["gateway_top_room_messages_per_second"]}
         assert set(rates) == set(members)
     finally:
-        for ws in clients:
-            await ws.close()
+        for c in clients:
+            await c.close()

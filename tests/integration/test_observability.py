@@ -10,31 +10,24 @@ import os
 import re
 import shutil
 import subprocess
-import time
-import urllib.request
 from typing import Any
 
-import aiohttp
+import pytest
 from gateway.auth import mint_token
-from gateway.client import GatewayClient
-from gwtest import JWT_SECRET, ROOT, GatewayFactory, GatewayProcess, uniq
 from prometheus_client.parser import text_string_to_metric_families
-from wsraw import OP_TEXT, RawWS, blocking_upgrade, encode_frame
+from support.fixtures import GatewayFactory
+from support.gateway import JWT_SECRET, ROOT, GatewayProcess, uniq
+from support.wait import eventually
+from support.ws import OP_TEXT, RawWS, blocking_upgrade, encode_frame, read_to_end
 
 PROM_DIR = ROOT / "deploy" / "prometheus"
 DASHBOARD = ROOT / "deploy" / "grafana" / "gateway-dashboard.json"
 
 
-def scrape_text(gw: GatewayProcess) -> str:
-    with urllib.request.urlopen(gw.api_url + "/metrics", timeout=5) as r:
-        assert r.status == 200
-        return r.read().decode()
-
-
 def samples(gw: GatewayProcess) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     """Every sample of a scrape: (sample name, sorted labels) -> value."""
     out = {}
-    for fam in text_string_to_metric_families(scrape_text(gw)):
+    for fam in text_string_to_metric_families(gw.metrics()):
         for s in fam.samples:
             out[(s.name, tuple(sorted(s.labels.items())))] = s.value
     return out
@@ -45,13 +38,14 @@ def value(gw: GatewayProcess, name: str, **labels: str) -> float:
 
 
 async def wait_value(gw: GatewayProcess, name: str, want: float, timeout: float = 30.0, **labels: str) -> float:
-    """Poll /metrics until ``name`` reaches ``want`` (or the deadline); returns the last value."""
-    deadline = time.monotonic() + timeout
-    while True:
+    """Poll /metrics until ``name`` reaches ``want``; returns the value then."""
+
+    async def reached() -> tuple[float] | None:
         got = await asyncio.to_thread(value, gw, name, **labels)
-        if got >= want or time.monotonic() > deadline:
-            return got
-        await asyncio.sleep(0.05)
+        return (got,) if got >= want else None  # a tuple: truthy even when got is 0
+
+    (got,) = await eventually(reached, timeout, what=f"{name} >= {want}")
+    return got
 
 
 # ---- the scripted session ------------------------------------------------------------------------
@@ -68,13 +62,13 @@ async def test_scripted_session_exact_counters(gateway_factory: GatewayFactory) 
     assert m0[("gateway_slow_consumer_disconnects_total", ())] == 0
 
     room, slow_room = f"live:{uniq('obs')}", f"live:{uniq('obsslow')}"
-    members = [GatewayClient(gw.ws_url(), token=mint_token(JWT_SECRET, uniq("u"))) for _ in range(2)]
+    members = []
     slow = None
     try:
         # connects 1 and 2
-        for c in members:
-            await c.connect()
-            await c.join(room)
+        for _ in range(2):
+            members.append(await gw.client(token=mint_token(JWT_SECRET, uniq("u"))))
+            await members[-1].join(room)
 
         # one auth reject: a token signed with another secret gets 401, no WebSocket
         bad = mint_token("another-secret-another-secret-another-secret!", "mallory")
@@ -103,33 +97,28 @@ async def test_scripted_session_exact_counters(gateway_factory: GatewayFactory) 
         # connect 3: a client that joins and never reads (tiny receive buffer)
         slow = await asyncio.to_thread(blocking_upgrade, gw.host, gw.port, f"/ws?token={mint_token(JWT_SECRET, uniq('slow'))}")
         slow.sendall(encode_frame(OP_TEXT, json.dumps({"op": "join", "id": 1, "room": slow_room}).encode()))
-        deadline = time.monotonic() + 20
-        while True:
+
+        async def slow_joined() -> bool:
             _, body = await gw.api("GET", f"/v1/rooms/{slow_room}/presence")
-            if body.get("conns") == 1 or time.monotonic() > deadline:
-                break
-            await asyncio.sleep(0.05)
-        assert body.get("conns") == 1, body
+            return bool(body.get("conns") == 1)
+
+        await eventually(slow_joined, 20, what=f"the slow client in {slow_room}")
 
         # High-priority 2 KB messages until the engine closes it as a slow consumer.
         pad = "g" * 2000
-        deadline = time.monotonic() + 60
         sent = 0
-        async with aiohttp.ClientSession(headers={"X-API-Key": gw.api_key or ""}) as s:
 
-            async def pub(k: int) -> None:
-                async with s.post(gw.api_url + "/v1/publish", json={"room": slow_room, "type": "gift", "data": {"n": k, "pad": pad}}) as r:
-                    assert r.status == 200, await r.text()
+        async def burst_until_closed() -> bool:
+            nonlocal sent
+            await asyncio.gather(*(gw.publish(slow_room, {"n": sent + k, "pad": pad}, type="gift") for k in range(50)))
+            sent += 50
+            return await asyncio.to_thread(value, gw, "gateway_slow_consumer_disconnects_total") >= 1
 
-            while time.monotonic() < deadline:
-                await asyncio.gather(*(pub(sent + k) for k in range(50)))
-                sent += 50
-                if await asyncio.to_thread(value, gw, "gateway_slow_consumer_disconnects_total") >= 1:
-                    break
+        await eventually(burst_until_closed, 60, interval=0, what="the slow consumer's close (gifts in rounds of 50)")
         assert await wait_value(gw, "gateway_slow_consumer_disconnects_total", 1) == 1, f"not closed after {sent} messages"
         # The server closes the TCP connection after the frames the client had buffered:
         # read them so the close completes, then the disconnect is counted.
-        await asyncio.to_thread(_read_to_eof, slow, 30.0)
+        await asyncio.to_thread(read_to_end, slow, 30.0, True)
         assert await wait_value(gw, "gateway_disconnects_total", 1) == 1
 
         # The final scrape: exact values.
@@ -150,15 +139,6 @@ async def test_scripted_session_exact_counters(gateway_factory: GatewayFactory) 
             slow.close()
         for c in members:
             await c.close()
-
-
-def _read_to_eof(sock: Any, timeout: float) -> None:
-    sock.settimeout(timeout)
-    try:
-        while sock.recv(1 << 16):
-            pass
-    except (ConnectionResetError, TimeoutError):
-        pass
 
 
 # ---- Prometheus rules and config ------------------------------------------------------------------
@@ -187,12 +167,17 @@ def promtool() -> str:
     raise AssertionError("promtool is missing and Debian's prometheus package could not be installed:\n" + "\n".join(logs))
 
 
+#: The first promtool test may install Debian's prometheus package (3 apt-get runs, 900 s each).
+PROMTOOL_TIMEOUT = pytest.mark.timeout(2820)
+
+
 def run_promtool(*args: str) -> str:
     p = subprocess.run([promtool(), *args], cwd=PROM_DIR, capture_output=True, text=True, timeout=120, check=False)
     assert p.returncode == 0, f"promtool {' '.join(args)} failed:\n{p.stdout}\n{p.stderr}"
     return p.stdout + p.stderr
 
 
+@PROMTOOL_TIMEOUT
 def test_alert_rules_pass_promtool() -> None:
     out = run_promtool("check", "rules", "alerts.yml")
     assert "SUCCESS" in out
@@ -202,11 +187,13 @@ def test_alert_rules_pass_promtool() -> None:
                      "GatewayFlushLagHigh", "GatewayHookTimeouts", "GatewayNotReady"}
 
 
+@PROMTOOL_TIMEOUT
 def test_scrape_config_passes_promtool() -> None:
     out = run_promtool("check", "config", "prometheus.yml")
     assert "SUCCESS" in out
 
 
+@PROMTOOL_TIMEOUT
 def test_alert_unit_tests_pass_promtool() -> None:
     run_promtool("test", "rules", "alerts_test.yml")
 
@@ -244,7 +231,7 @@ def test_dashboard_references_only_scraped_metrics(gateway_factory: GatewayFacto
         assert p["datasource"]["uid"].startswith("${"), p["title"]
 
     gw = gateway_factory()
-    families = {f.name: f.type for f in text_string_to_metric_families(scrape_text(gw))}
+    families = {f.name: f.type for f in text_string_to_metric_families(gw.metrics())}
     referenced = {name for q in _queries(dash) for name in _METRIC.findall(q)}
     assert len(referenced) >= 20
 

@@ -11,9 +11,10 @@ import time
 from typing import Any
 
 import pytest
-from gwtest import JWT_SECRET, GatewayProcess, uniq
 from gateway.auth import mint_token
 from gateway.client import GatewayClient
+from support.clients import recv_until
+from support.gateway import JWT_SECRET, GatewayProcess, uniq
 
 APP = "tests.integration.feature_app:make_app"
 AUDIT = "audit:feature"
@@ -24,28 +25,13 @@ def feature_gw(module_gateway_factory: Any) -> GatewayProcess:
     return module_gateway_factory("plugins.feature.tag=from-config", "heartbeat.idle_timeout=75", app=APP)  # type: ignore[no-any-return]
 
 
-async def _client(gw: GatewayProcess, user: str | None = None, **kw: Any) -> GatewayClient:
-    c = GatewayClient(gw.ws_url(), user=user or uniq("u"), **kw)
-    await c.connect()
-    return c
-
-
-async def _audit_until(auditor: GatewayClient, pred: Any, seen: list[dict[str, Any]]) -> dict[str, Any]:
-    while True:
-        for e in seen:
-            if pred(e):
-                return e
-        m = await auditor.recv(10)
-        if m.get("room") == AUDIT and m.get("op") == "msg":
-            seen.append(m["data"])
-
 
 # ---- protocol additions --------------------------------------------------------------------
 
 
 async def test_connected_frame_announces_idle_timeout(feature_gw: GatewayProcess, gw: GatewayProcess) -> None:
-    c = await _client(feature_gw)
-    d = await _client(gw)
+    c = await feature_gw.client()
+    d = await gw.client()
     try:
         assert c.idle_timeout == 75 and c.heartbeat == 30
         assert d.idle_timeout == 90, "the default: 3 heartbeat intervals"
@@ -56,13 +42,13 @@ async def test_connected_frame_announces_idle_timeout(feature_gw: GatewayProcess
 
 async def test_join_ack_carries_room_counts(gw: GatewayProcess) -> None:
     room = f"live:{uniq('counts')}"
-    a, b, b2 = await _client(gw), await _client(gw, uniq("bee")), None
+    a, b, b2 = await gw.client(), await gw.client(uniq("bee")), None
     try:
         ja = await a.join(room)
         assert (ja["conns"], ja["users"]) == (1, 1)
         jb = await b.join(room)
         assert (jb["conns"], jb["users"]) == (2, 2)
-        b2 = await _client(gw, b.user)  # the same user on a second connection
+        b2 = await gw.client(b.user)  # the same user on a second connection
         jb2 = await b2.join(room)
         assert (jb2["conns"], jb2["users"]) == (3, 2)
         again = await b2.join(room)  # already a member: same counts
@@ -75,8 +61,8 @@ async def test_join_ack_carries_room_counts(gw: GatewayProcess) -> None:
 
 async def test_failed_resume_with_history_returns_the_last_messages(gw: GatewayProcess) -> None:
     room = f"live:{uniq('resync')}"
-    pub = await _client(gw)
-    late = await _client(gw)
+    pub = await gw.client()
+    late = await gw.client()
     try:
         j = await pub.join(room)
         for i in range(6):
@@ -86,14 +72,14 @@ async def test_failed_resume_with_history_returns_the_last_messages(gw: GatewayP
         assert ack["recovered"] is False
         assert [m["seq"] for m in ack["msgs"]] == [4, 5, 6] and ack["seq"] == 6 and ack["epoch"] == j["epoch"]
         # Without history, a failed resume carries no messages (as before).
-        other = await _client(gw)
+        other = await gw.client()
         try:
             ack = await other.request("join", room=room, resume={"seq": 2, "epoch": "stale"})
             assert ack["recovered"] is False and ack["msgs"] == []
         finally:
             await other.close()
         # A successful resume ignores history: exactly the missed messages.
-        third = await _client(gw)
+        third = await gw.client()
         try:
             ack = await third.request("join", room=room, resume={"seq": 4, "epoch": j["epoch"]}, history=1)
             assert ack["recovered"] is True and [m["seq"] for m in ack["msgs"]] == [5, 6]
@@ -109,7 +95,7 @@ async def test_failed_resume_with_history_returns_the_last_messages(gw: GatewayP
 
 async def test_after_publish_sees_each_target_room(feature_gw: GatewayProcess) -> None:
     src, dst1, dst2 = (f"live:{uniq(p)}" for p in ("src", "dsta", "dstb"))
-    auditor, a = await _client(feature_gw), await _client(feature_gw)
+    auditor, a = await feature_gw.client(), await feature_gw.client()
     try:
         await auditor.join(AUDIT)
         await a.join(src)
@@ -117,14 +103,14 @@ async def test_after_publish_sees_each_target_room(feature_gw: GatewayProcess) -
         seen: list[dict[str, Any]] = []
         events = {}
         for room in (dst1, dst2, src):
-            events[room] = await _audit_until(auditor, lambda e, r=room: e["event"] == "after_publish" and e["room"] == r, seen)
+            events[room] = await recv_until(auditor, lambda e, r=room: e["event"] == "after_publish" and e["room"] == r, seen)
         for room, e in events.items():
             assert e["rooms"] == [dst1, dst2, src], "msg.rooms still lists every target"
             assert e["tag"] == "from-config", "plugin settings from [plugins.feature]"
         assert events[src]["seq"] == ack["seq"], "the ack carries the original room's seq"
         # A plain publish passes the message itself (rooms None).
         await a.publish(src, {"x": 1})
-        e = await _audit_until(auditor, lambda e: e["event"] == "after_publish" and e["room"] == src and e["rooms"] is None, seen)
+        e = await recv_until(auditor, lambda e: e["event"] == "after_publish" and e["room"] == src and e["rooms"] is None, seen)
         assert e["seq"] == ack["seq"] + 1
         # The plugin's counter is on /metrics.
         status, text = await feature_gw.api("GET", "/metrics")
@@ -139,7 +125,7 @@ async def test_after_publish_sees_each_target_room(feature_gw: GatewayProcess) -
 
 async def test_on_disconnect_sees_the_rooms(feature_gw: GatewayProcess) -> None:
     r1, r2, r3 = f"live:{uniq('d1')}", f"live:{uniq('d2')}", f"live:{uniq('d3')}"
-    auditor, c = await _client(feature_gw), await _client(feature_gw)
+    auditor, c = await feature_gw.client(), await feature_gw.client()
     try:
         await auditor.join(AUDIT)
         await c.join(r1)
@@ -148,7 +134,7 @@ async def test_on_disconnect_sees_the_rooms(feature_gw: GatewayProcess) -> None:
         await c.leave(r3)
         user = c.user
         await c.close()
-        e = await _audit_until(auditor, lambda e: e["event"] == "disconnect" and e["user"] == user, [])
+        e = await recv_until(auditor, lambda e: e["event"] == "disconnect" and e["user"] == user, [])
         assert e["rooms"] == sorted([r1, r2]) and e["code"] == 1000
     finally:
         await auditor.close()

@@ -8,15 +8,10 @@ from typing import Any
 
 import orjson
 import pytest
-from gwtest import GatewayProcess, uniq
-from gateway.client import GatewayClient, GatewayError
-from wsraw import OP_BINARY, RawWS
+from gateway.client import GatewayError
+from support.gateway import GatewayProcess, uniq
+from support.ws import OP_BINARY, RawWS
 
-
-async def _client(gw: GatewayProcess, user: str | None = None, **kw: Any) -> GatewayClient:
-    c = GatewayClient(gw.ws_url(), user=user or uniq("u"), **kw)
-    await c.connect()
-    return c
 
 
 # ---- publish and the message envelope --------------------------------------------------------
@@ -24,7 +19,7 @@ async def _client(gw: GatewayProcess, user: str | None = None, **kw: Any) -> Gat
 
 async def test_publish_ack_and_delivery(gw: GatewayProcess) -> None:
     room = f"live:{uniq('pub')}"
-    a, b = await _client(gw, uniq("alice")), await _client(gw)
+    a, b = await gw.client(uniq("alice")), await gw.client()
     try:
         ja = await a.join(room)
         await b.join(room)
@@ -69,7 +64,7 @@ async def test_message_envelope_starts_with_op_msg(gw: GatewayProcess) -> None:
 
 
 async def test_bad_json_gets_an_error_and_the_connection_stays_open(gw: GatewayProcess) -> None:
-    c = await _client(gw)
+    c = await gw.client()
     try:
         for bad in ("not json", "{\"op\":", "[1, 2]", "42"):
             fut = c.wait_event(lambda f: f.get("op") == "error", timeout=10)
@@ -116,7 +111,7 @@ async def test_binary_frames_get_an_error(gw: GatewayProcess) -> None:
     ],
 )
 async def test_request_errors(gw: GatewayProcess, request_: dict[str, Any], code: int) -> None:
-    c = await _client(gw)
+    c = await gw.client()
     try:
         fields = dict(request_)
         op = fields.pop("op", None)
@@ -131,7 +126,7 @@ async def test_request_errors(gw: GatewayProcess, request_: dict[str, Any], code
 
 
 async def test_unknown_op_echoes_the_request_id(gw: GatewayProcess) -> None:
-    c = await _client(gw)
+    c = await gw.client()
     try:
         fut = c.wait_event(lambda f: f.get("op") == "error", timeout=10)
         await c.send({"op": "dance", "id": "abc"})
@@ -143,7 +138,7 @@ async def test_unknown_op_echoes_the_request_id(gw: GatewayProcess) -> None:
 
 
 async def test_oversized_message_for_the_room_gets_4009(gw: GatewayProcess) -> None:
-    c = await _client(gw)
+    c = await gw.client()
     room = f"live:{uniq('big')}"
     try:
         await c.join(room)
@@ -158,7 +153,7 @@ async def test_oversized_message_for_the_room_gets_4009(gw: GatewayProcess) -> N
 
 
 async def test_user_rate_limit_errors(gw: GatewayProcess) -> None:
-    c = await _client(gw)
+    c = await gw.client()
     room = f"live:{uniq('rate')}"
     try:
         await c.join(room)
@@ -177,7 +172,7 @@ async def test_user_rate_limit_errors(gw: GatewayProcess) -> None:
 
 
 async def test_too_many_errors_in_a_row_close_with_4029(gw: GatewayProcess) -> None:
-    c = await _client(gw)
+    c = await gw.client()
     for _ in range(60):
         try:
             await c.send("garbage")
@@ -195,7 +190,7 @@ async def test_history_on_join(gw: GatewayProcess) -> None:
     for i in range(5):
         await gw.publish(room, {"i": i})
     await gw.publish(room, {}, type="like")  # not recoverable: not in history
-    c = await _client(gw)
+    c = await gw.client()
     try:
         ack = await c.join(room, history=3)
         assert ack["seq"] == 5
@@ -213,7 +208,7 @@ async def test_history_on_join(gw: GatewayProcess) -> None:
 
 async def test_resume_recovers_missed_messages(gw: GatewayProcess) -> None:
     room = f"live:{uniq('resume')}"
-    c = await _client(gw)
+    c = await gw.client()
     try:
         await c.join(room)
         for i in range(2):
@@ -238,7 +233,7 @@ async def test_resume_recovers_missed_messages(gw: GatewayProcess) -> None:
 async def test_resume_after_joining_an_empty_room(gw: GatewayProcess) -> None:
     """The epoch of a join ack on an empty room must be the one its messages get."""
     room = f"live:{uniq('fresh')}"
-    c = await _client(gw)
+    c = await gw.client()
     try:
         ack = await c.join(room)
         assert ack["seq"] == 0
@@ -256,7 +251,7 @@ async def test_resume_after_joining_an_empty_room(gw: GatewayProcess) -> None:
 async def test_resume_with_a_wrong_epoch_or_a_trimmed_history_is_not_recovered(gw: GatewayProcess) -> None:
     room = f"live:{uniq('lost')}"
     pub = await gw.publish(room, {"i": 0})
-    c = await _client(gw)
+    c = await gw.client()
     try:
         ack = await c.join(room, resume=(0, "not-" + pub["epoch"]))
         assert ack["recovered"] is False and ack["msgs"] == []
@@ -322,12 +317,9 @@ async def _frames_until(ws: RawWS, n: int) -> list[dict[str, Any]]:
 async def test_merge_window_delivers_batch_frames(merge_gw: GatewayProcess) -> None:
     gw = merge_gw
     room = f"merge:{uniq('m')}"
-    ws = await RawWS.connect(gw.host, gw.port, f"/ws?user={uniq('r')}")
-    assert (await ws.recv_json())["op"] == "connected"
-    await ws.send_json({"op": "join", "id": 1, "room": room})
-    assert (await ws.recv_json())["op"] == "ack"
-    pub = await _client(gw)
-    c = await _client(gw)
+    ws = await RawWS.joined(gw.host, gw.port, uniq("r"), room)
+    pub = await gw.client()
+    c = await gw.client()
     try:
         await pub.join(room)
         await c.join(room)
@@ -351,11 +343,8 @@ async def test_merge_window_delivers_batch_frames(merge_gw: GatewayProcess) -> N
 async def test_a_more_specific_route_without_merge_is_not_merged(merge_gw: GatewayProcess) -> None:
     gw = merge_gw
     room = f"merge:vip:{uniq('v')}"
-    ws = await RawWS.connect(gw.host, gw.port, f"/ws?user={uniq('r')}")
-    assert (await ws.recv_json())["op"] == "connected"
-    await ws.send_json({"op": "join", "id": 1, "room": room})
-    assert (await ws.recv_json())["op"] == "ack"
-    pub = await _client(gw)
+    ws = await RawWS.joined(gw.host, gw.port, uniq("r"), room)
+    pub = await gw.client()
     try:
         await pub.join(room)
         await asyncio.gather(*(pub.publish(room, {"n": i}) for i in range(10)))
@@ -371,7 +360,7 @@ async def test_a_more_specific_route_without_merge_is_not_merged(merge_gw: Gatew
 
 async def test_presence_events_in_a_small_room(gw: GatewayProcess) -> None:
     room = f"live:{uniq('pres')}"
-    a, b = await _client(gw), await _client(gw)
+    a, b = await gw.client(), await gw.client()
     try:
         await a.join(room)
         joined = a.wait_event(lambda f: f.get("op") == "presence" and f.get("event") == "join" and f.get("user") == b.user, 10)
@@ -394,7 +383,7 @@ async def test_single_session_route_replaces_the_older_login(merge_gw: GatewayPr
     gw = merge_gw
     user = uniq("solo")
     room = f"solo:{uniq('r')}"
-    old, new, other = await _client(gw, user), await _client(gw, user), await _client(gw)
+    old, new, other = await gw.client(user), await gw.client(user), await gw.client()
     try:
         shared = f"live:{uniq('both')}"
         await old.join(shared)

@@ -25,9 +25,11 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the ``support`` package
 
-from gwredis import ROOT, GatewayNode, RedisServer, command
+from support import ROOT
+from support.gateway import GatewayProcess
+from support.redis import REDIS_NODE_SETTINGS, RedisServer, command, redis_node_config
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -57,7 +59,8 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="bench-redis-"))
     srv = RedisServer("redis-server", tmp / "redis")
     srv.start()
-    nodes = [GatewayNode(tmp, srv.url, name=n, presence_interval=1.0) for n in ("A", "B")]
+    config = redis_node_config(srv.url, presence_interval=1.0)
+    nodes = [GatewayProcess(tmp / n, REDIS_NODE_SETTINGS, config=config, node_id=n) for n in ("A", "B")]
     results = []
     try:
         for n in nodes:
@@ -69,8 +72,8 @@ def main() -> int:
             hold = str(int(2 * a.duration + 30))
             # Members: half on each node, held (heartbeats only) for the whole run.
             holders = [
-                subprocess.Popen([a.load, "--url", node.ws_url, "--conns", str(n), "--hold", hold, "--room", room, "--threads", "1",
-                                  "--user-prefix", f"{node.name}{size}-"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                subprocess.Popen([a.load, "--url", node.ws_url(), "--conns", str(n), "--hold", hold, "--room", room, "--threads", "1",
+                                  "--user-prefix", f"{node.node_id}{size}-"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
                 for node, n in ((nodes[0], half), (nodes[1], size - half))
             ]
             for h in holders:
@@ -83,7 +86,7 @@ def main() -> int:
             time.sleep(a.duration)
             c1, k1 = cpu_seconds(srv.proc.pid), usec(srv.port)
             # Publishing: one publisher connection on A, every member receives.
-            out = subprocess.run([a.load, "--url", nodes[0].ws_url, "--conns", "1", "--publishers", "1", "--rate", str(a.rate),
+            out = subprocess.run([a.load, "--url", nodes[0].ws_url(), "--conns", "1", "--publishers", "1", "--rate", str(a.rate),
                                   "--room", room, "--user-prefix", f"p{size}-", "--duration", str(a.duration), "--drain-wait", "1", "--quiet"],
                                  capture_output=True, text=True, timeout=a.duration + 120)
             c2, k2 = cpu_seconds(srv.proc.pid), usec(srv.port)

@@ -1,37 +1,48 @@
 """Fixtures for the Redis scale-out tests: a real ``redis-server`` on a free port (installed
-from Debian when missing), real gateway processes and real WebSocket clients. Every test
-in this directory is marked ``redis``.
+from Debian when missing) and gateway nodes with the redis broker, started like every
+other test gateway (``gateway_factory``); clients are the shared ``clients`` fixture. Every
+test in this directory is marked ``redis``.
 
 Deliberately no ``__init__.py`` here (same reason as tests/examples): ``tests`` must not
-become an import root. Helpers live in ``gwredis.py``.
+become an import root. Helpers live in the ``support`` package (``support.redis``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import shutil
-import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from support.fixtures import GatewayFactory
+from support.gateway import GatewayProcess
+from support.redis import REDIS_NODE_SETTINGS, RedisServer, install_redis, redis_node_config
 
-sys.path.insert(0, str(Path(__file__).parent))
 
-from gwredis import Client, GatewayNode, RedisServer, _install_redis
+#: Unclosed redis-py sockets that RedisBroker leaves behind when it is closed in process
+#: (python/gateway/broker/redis.py; reported, being reworked on the broker branch). Only
+#: the in-process broker tests get this exception to ``filterwarnings = error``.
+_BROKER_LEAK = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     here = Path(__file__).parent
+    # Without redis-server, the first test installs it (redis_binary: 3 apt-get runs, 600 s each).
+    installing = shutil.which("redis-server") is None
     for item in items:
         if here in Path(str(item.fspath)).parents:
             item.add_marker(pytest.mark.redis)
+            if installing:
+                item.add_marker(pytest.mark.timeout(1920))
+            if Path(str(item.fspath)).name == "test_broker.py":
+                item.add_marker(_BROKER_LEAK)
 
 
 @pytest.fixture(scope="session")
 def redis_binary() -> str:
-    path = shutil.which("redis-server") or _install_redis()
+    path = shutil.which("redis-server") or install_redis()
     if not path:
         pytest.fail("redis-server is not installed and `apt-get install -y redis-server` failed (needs root)")
     return path
@@ -51,34 +62,16 @@ def redis_server(redis_binary: str, tmp_path: Path) -> Iterator[RedisServer]:
 
 
 @pytest.fixture
-def gateway_factory(tmp_path: Path) -> Iterator[Any]:
-    nodes: list[GatewayNode] = []
+def redis_node(redis_server: RedisServer, gateway_factory: GatewayFactory) -> Callable[..., GatewayProcess]:
+    """``redis_node("A", app=None, env=None, sets=())``: a gateway node on ``redis_server``
+    (redis broker, dev auth, no rate limits, fast presence), node id = the name."""
 
-    def make(redis_url: str, **kw: Any) -> GatewayNode:
-        n = GatewayNode(tmp_path, redis_url, **kw)
-        n.start()
-        nodes.append(n)
-        return n
+    def start(name: str, *, sets: tuple[str, ...] = (), presence_interval: float = 0.2, **kw: Any) -> GatewayProcess:
+        return gateway_factory(*REDIS_NODE_SETTINGS, *sets, config=redis_node_config(redis_server.url, presence_interval), node_id=name, **kw)
 
-    yield make
-    for n in nodes:
-        n.stop()
+    return start
 
 
 @pytest.fixture
-def two_nodes(redis_server: RedisServer, gateway_factory: Any) -> tuple[GatewayNode, GatewayNode]:
-    return gateway_factory(redis_server.url, name="A"), gateway_factory(redis_server.url, name="B")
-
-
-@pytest.fixture
-async def clients() -> AsyncIterator[Any]:
-    opened: list[Client] = []
-
-    async def open_(node: GatewayNode, user: str) -> Client:
-        c = await Client.open(node, user)
-        opened.append(c)
-        return c
-
-    yield open_
-    for c in opened:
-        await c.close()
+def two_nodes(redis_node: Callable[..., GatewayProcess]) -> tuple[GatewayProcess, GatewayProcess]:
+    return redis_node("A"), redis_node("B")

@@ -1,5 +1,8 @@
-"""A minimal WebSocket client over raw sockets, for tests that need control over the
-bytes (bad frames, a reader that never reads) or thousands of cheap connections.
+"""A raw-frame WebSocket client, for the protocol-level tests that
+``gateway.client.GatewayClient`` cannot serve: control over the bytes (bad frames,
+refused upgrades and their headers, a reader that never reads), the exact frames the
+server writes, or a thousand cheap connections. Everything else uses GatewayClient
+(:meth:`support.gateway.GatewayProcess.client`).
 
 Only what the tests need: the HTTP upgrade done by hand, masked (or deliberately
 unmasked) frames out, unmasked server frames in, no extensions.
@@ -154,19 +157,18 @@ class RawWS:
     def close(self) -> None:
         self.writer.close()
 
-
-async def http_get(host: str, port: int, path: str, headers: tuple[tuple[str, str], ...] = (), method: str = "GET", timeout: float = 20.0) -> tuple[int, dict[str, str], bytes]:
-    """A plain HTTP/1.1 request; returns (status, headers, body) (the server closes)."""
-    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
-    lines = [f"{method} {path} HTTP/1.1", f"Host: {host}:{port}", *(f"{k}: {v}" for k, v in headers)]
-    writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
-    try:
-        data = await asyncio.wait_for(reader.read(-1), timeout)
-    finally:
-        writer.close()
-    head, _, body = data.partition(b"\r\n\r\n")
-    status, hdrs = parse_head(head + b"\r\n\r\n")
-    return status, hdrs, body
+    @classmethod
+    async def joined(cls, host: str, port: int, user: str, room: str | None = None, timeout: float = 20.0) -> RawWS:
+        """Upgraded (101) as ``user``, past the ``connected`` frame and, with ``room``,
+        the ack of a join (id 1)."""
+        ws = await cls.connect(host, port, f"/ws?user={user}", timeout=timeout)
+        assert ws.status == 101, ws.status
+        assert (await ws.recv_json(timeout))["op"] == "connected"
+        if room is not None:
+            await ws.send_json({"op": "join", "id": 1, "room": room})
+            ack = await ws.recv_json(timeout)
+            assert ack["op"] == "ack" and ack["id"] == 1, ack
+        return ws
 
 
 def split_frames(data: bytes, whole: bool = True) -> list[tuple[int, bytes]]:

@@ -1,0 +1,131 @@
+"""The pytest fixtures of every suite (registered by tests/conftest.py), built on
+:class:`support.gateway.GatewayProcess`:
+
+- ``gateway_factory`` (per test), ``module_gateway_factory`` (per module) and
+  ``session_gateway_factory`` (per session): ``gateway_factory("limits.queue_bytes=65536",
+  app=..., config=..., env=..., node_id=..., workers=..., allow_errors=...)`` starts one
+  and returns it ready; at teardown each must stop cleanly (see ``GatewayProcess.finish``),
+  and the logs of a failed test's gateways are printed;
+- ``gw``: the session-wide default server (dev auth, API key ``API_KEY``): tests sharing it
+  use their own user and room names (``uniq``); ``jwt_gw``: the same with JWT auth;
+- ``clients``: ``await clients(gw, user=None, **kw)`` is ``gw.client(...)``, closed at
+  teardown.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .gateway import JWT_SECRET, GatewayProcess
+
+GatewayFactory = Callable[..., GatewayProcess]
+
+_ALL: list[GatewayProcess] = []
+
+
+class _Factory:
+    def __init__(self, base: Path, request: pytest.FixtureRequest | None = None) -> None:
+        self.base = base
+        self.request = request
+        self.procs: list[GatewayProcess] = []
+
+    def __call__(self, *sets: str, **kw: Any) -> GatewayProcess:
+        p = GatewayProcess(self.base / f"gw{len(self.procs)}", sets, **kw)
+        self.procs.append(p)
+        _ALL.append(p)
+        return p.start()
+
+    def finish(self) -> None:
+        problems: list[str] = []
+        for p in self.procs:
+            problems += p.finish()
+        if problems:
+            pytest.fail("\n".join(problems), pytrace=False)
+        rep = getattr(self.request.node, "rep_call", None) if self.request is not None else None
+        if rep is not None and rep.failed:
+            for p in self.procs:
+                print(f"\n---- log of gateway {p.node_id} ({p.log_path}) ----\n{p.log_tail(120)}")
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """Remember the outcome of the test itself (for the logs of a failed test's gateways)."""
+    rep = yield
+    if rep.when == "call":
+        item.rep_call = rep  # type: ignore[attr-defined]
+    return rep
+
+
+@pytest.fixture(autouse=True)
+def _servers_still_alive() -> Iterator[None]:
+    """After each test: every server it may have used must still be running (a crash fails
+    the test that caused it, not a later one)."""
+    yield
+    dead = [p for p in _ALL if p.proc is not None and not (p.stopped_by_test or p.finished) and p.proc.poll() is not None]
+    for p in dead:
+        p.finished = True  # reported once, here
+    if dead:
+        pytest.fail("\n".join(f"gateway {p.node_id} on port {p.port} crashed (exit {p.proc.returncode}):\n{p.log_tail(40)}"
+                              for p in dead if p.proc), pytrace=False)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _kill_leftovers() -> Iterator[None]:
+    """Never leave a gateway behind, even when a test run is interrupted."""
+    yield
+    for p in _ALL:
+        p.kill()
+
+
+@pytest.fixture
+def gateway_factory(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[GatewayFactory]:
+    """Start gateways for one test: ``gateway_factory("limits.queue_bytes=65536", app=...)``."""
+    f = _Factory(tmp_path, request)
+    yield f
+    f.finish()
+
+
+@pytest.fixture(scope="module")
+def module_gateway_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayFactory]:
+    """Like ``gateway_factory``, for servers shared by a module's tests."""
+    f = _Factory(tmp_path_factory.mktemp("gw"))
+    yield f
+    f.finish()
+
+
+@pytest.fixture(scope="session")
+def session_gateway_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayFactory]:
+    f = _Factory(tmp_path_factory.mktemp("gws"))
+    yield f
+    f.finish()
+
+
+@pytest.fixture(scope="session")
+def gw(session_gateway_factory: GatewayFactory) -> GatewayProcess:
+    """The shared default server: dev auth (``?user=``), default routes, API key set."""
+    return session_gateway_factory()
+
+
+@pytest.fixture(scope="session")
+def jwt_gw(session_gateway_factory: GatewayFactory) -> GatewayProcess:
+    """A shared server with JWT auth (HS256, ``JWT_SECRET``), guests off."""
+    return session_gateway_factory("auth.mode=jwt", f"auth.secret={JWT_SECRET}")
+
+
+@pytest.fixture
+async def clients() -> AsyncIterator[Callable[..., Any]]:
+    """``await clients(gw, user=None, **kw)``: a connected GatewayClient, closed at teardown."""
+    opened: list[Any] = []
+
+    async def open_(gw: GatewayProcess, user: str | None = None, **kw: Any) -> Any:
+        c = await gw.client(user, **kw)
+        opened.append(c)
+        return c
+
+    yield open_
+    for c in opened:
+        await c.close()
