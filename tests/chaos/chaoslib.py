@@ -1,9 +1,11 @@
-"""Helpers of the chaos tests (fixtures are in conftest.py): gateway nodes with a room
-route that keeps a long history, a recording WebSocket peer, a publish stream with
-per-message bookkeeping, and the delivery check every Redis/node-failure test ends with.
+"""Helpers of the chaos tests (fixtures are in conftest.py): the configuration of the
+gateway nodes they start (with ``support.gateway.GatewayProcess``, through the
+``gateway_factory`` fixture), a recording WebSocket peer, a publish stream with
+per-message bookkeeping, the delivery check every Redis/node-failure test ends with, and
+gw-load / RSS helpers for the single-node tests.
 
-A module with its own name (not ``conftest``), like tests/redis/gwredis.py, whose
-``RedisServer`` and ``GatewayNode`` it reuses unchanged.
+A module with its own name (not ``conftest``): ``from conftest import ...`` is ambiguous
+once several directories have a conftest.py.
 """
 
 from __future__ import annotations
@@ -21,13 +23,15 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+from support.gateway import GatewayProcess
+from support.redis import REDIS_NODE_SETTINGS, RedisServer, redis_node_config  # noqa: F401  (RedisServer: re-exported for the tests)
 from websockets.asyncio.client import ClientConnection, connect
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 
-from gwproc import http_get
-from gwredis import GatewayNode, RedisServer  # noqa: F401  (re-exported for the tests)
+#: A gateway node of the chaos tests (a plain ``support.gateway.GatewayProcess``).
+ChaosNode = GatewayProcess
 
 #: The room route of the chaos tests: unlimited rates, a history longer than any test
 #: publishes (so "recoverable" never depends on trimming), presence events off.
@@ -42,19 +46,19 @@ presence_events_max_members = 0
 """
 
 
-class ChaosNode(GatewayNode):
-    """A gwredis ``GatewayNode`` (redis broker, dev auth) with the ``chaos:{id}`` route in
-    front of the others."""
-
-    def config_text(self) -> str:
-        return super().config_text().replace("[[routes]]", CHAOS_ROUTE.lstrip() + "\n[[routes]]", 1)
-
-
-def readyz(node: GatewayNode) -> int:
-    return http_get(node.api_url + "/readyz", 1.0)[0]
+def chaos_node_config(redis_url: str) -> str:
+    """The TOML of a chaos node on ``redis_url``: ``support.redis.redis_node_config`` (redis
+    broker, no rate limits, fast presence) with the ``chaos:{id}`` route in front of the
+    others. Started with ``REDIS_NODE_SETTINGS`` (dev auth, ``server.io_threads=2``,
+    ``drain.timeout=1.0``) and node id = its name (conftest.py's ``chaos_nodes``)."""
+    return redis_node_config(redis_url, presence_interval=0.2).replace("[[routes]]", CHAOS_ROUTE.lstrip() + "\n[[routes]]", 1)
 
 
-async def wait_ready(nodes: Iterable[GatewayNode], timeout: float) -> float:
+def readyz(node: GatewayProcess) -> int:
+    return node.ready_status()
+
+
+async def wait_ready(nodes: Iterable[GatewayProcess], timeout: float) -> float:
     """Wait until every node answers ``/readyz`` 200; returns the seconds it took."""
     t0 = time.monotonic()
     nodes = list(nodes)
@@ -63,7 +67,7 @@ async def wait_ready(nodes: Iterable[GatewayNode], timeout: float) -> float:
         if all(c == 200 for c in codes):
             return time.monotonic() - t0
         if time.monotonic() - t0 > timeout:
-            raise AssertionError(f"nodes not ready within {timeout}s: {dict(zip([n.name for n in nodes], codes, strict=True))}")
+            raise AssertionError(f"nodes not ready within {timeout}s: {dict(zip([n.node_id for n in nodes], codes, strict=True))}")
         await asyncio.sleep(0.05)
 
 
@@ -85,6 +89,17 @@ def raise_nofile(want: int = 20000) -> None:
 
 
 # ---- a recording peer -------------------------------------------------------------------------
+
+#: The peers with a connection that :meth:`Peer.close` has not closed yet (closed by the
+#: fixtures at the end of each test, see :func:`close_peers`).
+_OPEN: set[Peer] = set()
+
+
+async def close_peers() -> None:
+    """Close every peer still connected: connections the tests leave open must not end
+    as unclosed transports when the test's event loop closes."""
+    while _OPEN:
+        await _OPEN.pop().close()
 
 
 class Peer:
@@ -115,9 +130,9 @@ class Peer:
     def is_open(self) -> bool:
         return self.ws is not None and not self.closed.is_set()
 
-    async def connect(self, node: GatewayNode, local_addr: str | None = None, timeout: float = 5.0) -> dict[str, Any]:
+    async def connect(self, node: GatewayProcess, local_addr: str | None = None, timeout: float = 5.0) -> dict[str, Any]:
         kw: dict[str, Any] = {"local_addr": (local_addr, 0)} if local_addr else {}
-        ws = await connect(f"{node.ws_url}?user={self.name}", subprotocols=["gateway.v1"],  # type: ignore[list-item]
+        ws = await connect(node.ws_url(user=self.name), subprotocols=["gateway.v1"],  # type: ignore[list-item]
                            max_size=1 << 24, open_timeout=timeout, ping_interval=None, compression=None,
                            max_queue=None, close_timeout=1.0, **kw)
         hello = json.loads(await asyncio.wait_for(ws.recv(), timeout))
@@ -126,6 +141,7 @@ class Peer:
         self.gen += 1
         self.closed = asyncio.Event()
         self.reader = asyncio.ensure_future(self._read(ws))
+        _OPEN.add(self)
         return hello
 
     async def _read(self, ws: ClientConnection) -> None:
@@ -147,7 +163,7 @@ class Peer:
                     fut = self._waiters.pop(f["id"], None)
                     if fut is not None and not fut.done():
                         fut.set_result(f)
-        except Exception as e:  # noqa: BLE001  (any end of the connection: recorded below)
+        except Exception as e:  # (any end of the connection: recorded below)
             self.read_error = e
         finally:
             self.close_codes.append(ws.close_code)
@@ -193,6 +209,7 @@ class Peer:
             self.ws.transport.abort()
 
     async def close(self) -> None:
+        _OPEN.discard(self)
         if self.ws is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.ws.close(), 2)
@@ -248,7 +265,7 @@ class Stream:
                 rid = await self.peer.send("publish", room=self.room, type="chat", data={"p": self.peer.name, "n": n})
                 self.sent.append(Sent(self.peer.name, n, rid, time.monotonic(), self.peer.node, self.peer.gen))
                 n += 1
-            except Exception:  # noqa: BLE001  (the connection broke: reconnect above)
+            except Exception:  # (the connection broke: reconnect above)
                 self.send_failures += 1
                 await asyncio.sleep(0.05)
             nxt += period
@@ -323,7 +340,7 @@ class Report:
                 f"out_of_order={self.out_of_order} degraded_with_seq={self.degraded_with_seq}")
 
 
-async def full_history(node: GatewayNode, room: str, epoch: str) -> tuple[dict[str, Any], dict[int, dict[str, Any]]]:
+async def full_history(node: GatewayProcess, room: str, epoch: str) -> tuple[dict[str, Any], dict[int, dict[str, Any]]]:
     """The room's whole stream of ``epoch`` (a resume from seq 0) through a fresh client."""
     p = Peer(f"hist-{os.urandom(3).hex()}")
     await p.connect(node)
@@ -334,7 +351,7 @@ async def full_history(node: GatewayNode, room: str, epoch: str) -> tuple[dict[s
         await p.close()
 
 
-async def check_delivery(room: str, streams: list[Stream], subscribers: list[Peer], nodes: dict[str, GatewayNode],
+async def check_delivery(room: str, streams: list[Stream], subscribers: list[Peer], nodes: dict[str, GatewayProcess],
                          lost_epochs: Iterable[str] = ()) -> Report:
     """The promise of docs/scaling.md, checked per subscriber:
 
@@ -362,10 +379,10 @@ async def check_delivery(room: str, streams: list[Stream], subscribers: list[Pee
         rep.errors += len(o["error"])
         rep.seq0 += len(o["seq0"])
         rep.unanswered += len(o["unanswered"])
-        for s, r in o["degraded"]:
+        for _s, r in o["degraded"]:
             if r.get("seq") != 0:
                 rep.problems.append(f"degraded ack with seq {r.get('seq')} (docs: seq 0): {r}")
-        for s, r in o["seq0"]:
+        for _s, r in o["seq0"]:
             rep.problems.append(f"ack with seq 0 for a recoverable chat message, not degraded: {r}")
 
     # Where each acked message lives: (seq, epoch) as seen by anyone (live or recovered).
@@ -512,8 +529,8 @@ async def check_delivery(room: str, streams: list[Stream], subscribers: list[Pee
 
 # ---- one node on the memory broker, gw-load, RSS ------------------------------------------------
 
-from gwproc import GatewaySubprocess
-
+#: The configuration of a single node (memory broker): unlimited ``chaos:{id}`` rooms
+#: without history. Its ``--set``\ s are ``SINGLE_SETTINGS`` and then the test's own.
 SINGLE_TOML = """
 [auth]
 mode = "dev"
@@ -538,35 +555,10 @@ room_rate = 0.0
 user_rate = 0.0
 """
 
-
-class SingleNode(GatewaySubprocess):
-    """One gateway on the memory broker (dev auth, unlimited ``chaos:{id}`` rooms);
-    ``sets`` are ``--set key=value`` strings."""
-
-    ready_timeout = 20.0
-
-    def __init__(self, tmp: Path, name: str, sets: Iterable[str] = (), host: str = "127.0.0.1") -> None:
-        super().__init__(tmp / f"gateway-{name}.log", node_id=name)
-        self.tmp = tmp
-        self.sets = list(sets)
-        self.host = host
-
-    def run_args(self) -> list[str]:
-        cfg = self.tmp / f"gateway-{self.node_id}.toml"
-        cfg.write_text(SINGLE_TOML)
-        args = ["--config", str(cfg), "--host", self.host, "--port", str(self.port), "--api-port", str(self.api_port)]
-        for s in self.sets:
-            args += ["--set", s]
-        return args
-
-    @property
-    def ws_url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/ws"
-
-    def stats(self) -> dict[str, Any]:
-        status, body = http_get(self.api_url + "/v1/stats", 5.0)
-        assert status == 200, status
-        return json.loads(body)
+#: ``--set`` beats the TOML, and ``support.gateway.BASE_SETTINGS`` sets ``log.level=info``
+#: and ``drain.timeout=5``: these put back the single node's own (a log line per
+#: connection of 5,000 would cost the engine's CPU).
+SINGLE_SETTINGS = ("log.level=warning", "drain.timeout=1.0")
 
 
 def gw_load_binary() -> Path | None:
@@ -602,7 +594,7 @@ class RssSampler:
         self.samples: list[tuple[float, int]] = []
         self._task: asyncio.Task[None] | None = None
 
-    async def __aenter__(self) -> RssSampler:  # noqa: PYI034
+    async def __aenter__(self) -> RssSampler:
         self._task = asyncio.ensure_future(self._run())
         return self
 

@@ -2,30 +2,31 @@
 stop, kill and restart while real clients stream. Every test in this directory is
 marked ``chaos`` (registered here: ``pytest -m chaos``, or ``-m 'not chaos'`` to skip).
 
+Gateways are started like every other test gateway: ``support.gateway.GatewayProcess``
+through the shared ``gateway_factory`` fixture (at teardown each must stop cleanly on
+SIGTERM, unless the test ended it itself, and not have logged a traceback; a failed
+test's gateway logs are printed). The Redis server is ``support.redis.RedisServer``.
+
 Deliberately no ``__init__.py`` (same reason as tests/redis). Helpers live in
-``chaoslib.py``; the Redis server and gateway node classes are tests/redis/gwredis.py's.
+``chaoslib.py``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import shutil
-import signal
-import sys
-import tempfile
-from collections.abc import Generator, Iterator
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from chaoslib import REDIS_NODE_SETTINGS, SINGLE_SETTINGS, SINGLE_TOML, chaos_node_config, close_peers
+from support.fixtures import GatewayFactory
+from support.gateway import GatewayProcess
+from support.redis import RedisServer, install_redis
 
 _HERE = Path(__file__).resolve().parent
-for _p in (_HERE, _HERE.parent, _HERE.parent / "redis"):  # chaoslib, gwproc, gwredis
-    if str(_p) not in sys.path:
-        sys.path.insert(0, str(_p))
-
-from chaoslib import ChaosNode, RedisServer
-from gwredis import _install_redis
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -33,74 +34,75 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # Without redis-server, the first test using it installs it (chaos_redis_binary: 3
+    # apt-get runs, 600 s each), as in tests/redis.
+    installing = shutil.which("redis-server") is None
     for item in items:
         if _HERE in Path(str(item.fspath)).parents:
             item.add_marker(pytest.mark.chaos)
-
-
-@pytest.hookimpl(wrapper=True, tryfirst=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, pytest.TestReport, pytest.TestReport]:
-    rep = yield
-    if rep.when == "call":
-        item.stash[_FAILED] = rep.failed
-    return rep
-
-
-_FAILED = pytest.StashKey[bool]()
-
-
-@pytest.fixture
-def chaos_tmp(request: pytest.FixtureRequest) -> Iterator[Path]:
-    """A temporary directory for configs and logs, removed after the test (pytest's
-    tmp_path keeps the last runs). When the test failed, the tail of every log in it is
-    printed first (shown in the failure report)."""
-    d = Path(tempfile.mkdtemp(prefix="chaos-"))
-    try:
-        yield d
-    finally:
-        if request.node.stash.get(_FAILED, False):
-            for log in sorted(d.rglob("*.log")):
-                lines = log.read_text(errors="replace").splitlines()[-40:]
-                print(f"---- {log.name} (last {len(lines)} lines)\n" + "\n".join(lines))
-        shutil.rmtree(d, ignore_errors=True)
+            if installing and "chaos_redis" in getattr(item, "fixturenames", ()):
+                item.add_marker(pytest.mark.timeout(1920))
 
 
 @pytest.fixture(scope="session")
 def chaos_redis_binary() -> str:
-    path = shutil.which("redis-server") or _install_redis()
+    path = shutil.which("redis-server") or install_redis()
     if not path:
         pytest.fail("redis-server is not installed and `apt-get install -y redis-server` failed (needs root)")
     return path
 
 
 @pytest.fixture
-def chaos_redis(chaos_redis_binary: str, chaos_tmp: Path) -> Iterator[RedisServer]:
-    """A private redis-server (no persistence); always continued and killed at the end."""
-    srv = RedisServer(chaos_redis_binary, chaos_tmp / "redis")
+def chaos_redis(chaos_redis_binary: str, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[RedisServer]:
+    """A private redis-server (no persistence); always continued and killed at the end
+    (after the gateways using it have stopped). Its log is printed when the test failed."""
+    srv = RedisServer(chaos_redis_binary, tmp_path / "redis")
     srv.start()
     try:
         yield srv
     finally:
         if srv.proc is not None and srv.proc.poll() is None:
             with contextlib.suppress(Exception):
-                srv.proc.send_signal(signal.SIGCONT)
+                srv.resume()
         srv.kill()
+        rep = getattr(request.node, "rep_call", None)
+        if rep is not None and rep.failed:
+            for log in sorted(srv.workdir.glob("*.log")):
+                lines = log.read_text(errors="replace").splitlines()[-40:]
+                print(f"\n---- {log.name} (last {len(lines)} lines)\n" + "\n".join(lines))
 
 
 @pytest.fixture
-def chaos_nodes(chaos_tmp: Path) -> Iterator[Any]:
-    """``make(redis_url, name)`` starts a ChaosNode; all are stopped (killed if they hang)
-    at the end, also the ones a test killed."""
-    nodes: list[ChaosNode] = []
+async def chaos_nodes(chaos_redis: RedisServer, gateway_factory: GatewayFactory) -> AsyncIterator[Callable[..., GatewayProcess]]:
+    """``make(redis_url, name)`` starts a chaos node (redis broker, dev auth on 127.0.0.1,
+    ``server.io_threads=2``, the ``chaos:{id}`` route, node id = ``name``) and returns it
+    ready. Safe to call from several threads at once (``asyncio.to_thread``). At the end
+    the test's peers are closed, then the factory stops the nodes (before Redis)."""
+    lock = threading.Lock()  # the factory names each node's directory by its count: one at a time
 
-    def make(redis_url: str, name: str, **kw: Any) -> ChaosNode:
-        n = ChaosNode(chaos_tmp, redis_url, name=name, **kw)
-        nodes.append(n)
-        n.start()
-        return n
+    def make(redis_url: str, name: str, **kw: Any) -> GatewayProcess:
+        with lock:
+            return gateway_factory(*REDIS_NODE_SETTINGS, config=chaos_node_config(redis_url), node_id=name, **kw)
 
-    yield make
-    for n in nodes:
-        with contextlib.suppress(Exception):
-            n.stop(timeout=5.0)
-        n.kill()
+    try:
+        yield make
+    finally:
+        await close_peers()
+
+
+@pytest.fixture
+async def single_node(gateway_factory: GatewayFactory) -> AsyncIterator[Callable[..., GatewayProcess]]:
+    """``make(name, sets)`` starts one gateway on the memory broker (dev auth on 127.0.0.1,
+    unlimited ``chaos:{id}`` rooms, ``chaoslib.SINGLE_TOML``) with the ``--set`` strings
+    ``sets`` and returns it ready. At the end the test's peers are closed, then the
+    factory stops the nodes the test did not stop."""
+    lock = threading.Lock()
+
+    def make(name: str, sets: tuple[str, ...] | list[str] = ()) -> GatewayProcess:
+        with lock:
+            return gateway_factory(*SINGLE_SETTINGS, *sets, config=SINGLE_TOML, node_id=name)
+
+    try:
+        yield make
+    finally:
+        await close_peers()

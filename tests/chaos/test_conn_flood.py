@@ -26,10 +26,11 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
-from chaoslib import HERE, ROOT, Peer, SingleNode
+from chaoslib import HERE, ROOT, Peer
+from support.gateway import GatewayProcess
 
 HONEST_IP = "127.0.0.3"
 FLOOD_IP = "127.0.0.2"
@@ -63,7 +64,7 @@ def pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(q * len(xs)))]
 
 
-async def honest_phase(node: SingleNode, members: list[Peer], tag: str) -> dict[str, Any]:
+async def honest_phase(node: GatewayProcess, members: list[Peer], tag: str) -> dict[str, Any]:
     """PHASE_S seconds of honest chat and honest connects; returns latencies (ms) and
     failures."""
     pubs = members[:PUBLISHERS]
@@ -95,7 +96,7 @@ async def honest_phase(node: SingleNode, members: list[Peer], tag: str) -> dict[
                 await q.connect(node, local_addr=HONEST_IP, timeout=5)
                 await q.join(ROOM)
                 connect_ms.append((time.perf_counter() - t0) * 1000)
-            except Exception as e:  # noqa: BLE001  (refused with 429/503, reset, timeout: counted)
+            except Exception as e:  # (refused with 429/503, reset, timeout: counted)
                 connect_fail.append(repr(e)[:120])
             finally:
                 await q.close()
@@ -119,10 +120,9 @@ async def honest_phase(node: SingleNode, members: list[Peer], tag: str) -> dict[
             "connect_p99": pct(connect_ms, 0.99), "connect_fail": connect_fail}
 
 
-async def test_connection_flood_from_one_ip_beside_honest_clients(chaos_tmp: Path) -> None:
+async def test_connection_flood_from_one_ip_beside_honest_clients(single_node: Callable[..., GatewayProcess]) -> None:
     supported, why = await asyncio.to_thread(caps_supported)
-    node = SingleNode(chaos_tmp, "flood", ["server.io_threads=2", *(CAPS if supported else [])])
-    await asyncio.to_thread(node.start)
+    node = await asyncio.to_thread(single_node, "flood", ["server.io_threads=2", *(CAPS if supported else [])])
     members = [Peer(f"member{i}") for i in range(MEMBERS)]
     flood: asyncio.subprocess.Process | None = None
     try:
@@ -140,7 +140,7 @@ async def test_connection_flood_from_one_ip_beside_honest_clients(chaos_tmp: Pat
         assert line.startswith(b"READY"), line
         flood.stdin.write(b"mark\n")
         await flood.stdin.drain()
-        conns_under_flood = (await asyncio.to_thread(node.stats))["connections"]
+        conns_under_flood = (await node.stats())["connections"]
         flooded = await honest_phase(node, members, "flood")
         flood.stdin.write(b"stop\n")
         await flood.stdin.drain()
@@ -157,7 +157,7 @@ async def test_connection_flood_from_one_ip_beside_honest_clients(chaos_tmp: Pat
             await flood.wait()
         for m in members:
             await m.close()
-        await asyncio.to_thread(node.stop)
+        await node.astop()
 
     def fmt(r: dict[str, Any]) -> str:
         return (f"msgs {r['got']}/{r['expected']} p50 {r['p50']:.1f} p99 {r['p99']:.1f} max {r['max']:.1f} ms; "

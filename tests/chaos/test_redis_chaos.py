@@ -11,9 +11,7 @@ history).
 
 from __future__ import annotations
 
-
 import asyncio
-import signal
 import time
 from typing import Any
 
@@ -71,13 +69,13 @@ async def test_redis_sigstop_5s_under_two_streaming_nodes(chaos_redis: RedisServ
     try:
         await asyncio.sleep(2.0)
         t_stop = time.monotonic()
-        chaos_redis.proc.send_signal(signal.SIGSTOP)  # type: ignore[union-attr]
+        chaos_redis.pause()  # SIGSTOP
         await asyncio.sleep(2.5)
         # Hung Redis, noticed within socket_timeout + PING timeout (2 s): not ready.
         codes = await asyncio.gather(*(asyncio.to_thread(readyz, n) for n in nodes.values()))
         assert codes == [503, 503], f"/readyz while Redis is stopped: {codes}"
         await asyncio.sleep(max(0.0, t_stop + 5.0 - time.monotonic()))
-        chaos_redis.proc.send_signal(signal.SIGCONT)  # type: ignore[union-attr]
+        chaos_redis.resume()  # SIGCONT
         back = await wait_ready(nodes.values(), 10.0)
         await asyncio.sleep(2.0)
     finally:

@@ -13,11 +13,12 @@ got within the run, which a slow consumer must not reduce.
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pytest
-from chaoslib import RssSampler, SingleNode, gw_load_binary, run_gw_load
+from chaoslib import RssSampler, gw_load_binary, run_gw_load
+from support.gateway import GatewayProcess
 
 MEMBERS = 5000
 RATE = 200  # msgs/s -> 1,000,000 deliveries/s into 5,000 members
@@ -34,29 +35,28 @@ SETS = [
 ]
 
 
-async def _run(tmp: Path, slow: int) -> tuple[dict[str, Any], dict[str, Any], RssSampler]:
-    node = SingleNode(tmp, f"slow{slow}", SETS)
-    await asyncio.to_thread(node.start)
+async def _run(single_node: Callable[..., GatewayProcess], slow: int) -> tuple[dict[str, Any], dict[str, Any], RssSampler]:
+    node = await asyncio.to_thread(single_node, f"slow{slow}", SETS)
     try:
-        before = (await asyncio.to_thread(node.stats))["engine"]
+        before = (await node.stats())["engine"]
         async with RssSampler(node.pid) as rss:
             load = await run_gw_load(
-                ["--url", node.ws_url, "--conns", str(MEMBERS), "--room", "chaos:slow", "--connect-inflight", "1024",
+                ["--url", node.ws_url(), "--conns", str(MEMBERS), "--room", "chaos:slow", "--connect-inflight", "1024",
                  "--rate", str(RATE), "--msg-type", "gift", "--payload-bytes", "512", "--warmup", "1",
                  "--duration", "6", "--drain-wait", "1", "--ping-interval", "5", "--lat-sample", "10",
                  "--slow", str(slow), "--slow-rcvbuf", "16384", "--server-pid", str(node.pid)],
                 budget=60)
-        after = (await asyncio.to_thread(node.stats))["engine"]
+        after = (await node.stats())["engine"]
     finally:
-        await asyncio.to_thread(node.stop)
+        await node.astop()
     delta = {k: after[k] - before.get(k, 0) for k in after if isinstance(after[k], int) and k in before}
     return load, delta, rss
 
 
 @pytest.mark.skipif(gw_load_binary() is None, reason="gw-load not built (cargo build --release -p gw-load)")
-async def test_slow_consumer_among_5000_members(chaos_tmp: Path) -> None:
-    base, base_eng, base_rss = await _run(chaos_tmp, slow=0)
-    slow, slow_eng, slow_rss = await _run(chaos_tmp, slow=1)
+async def test_slow_consumer_among_5000_members(single_node: Callable[..., GatewayProcess]) -> None:
+    base, base_eng, base_rss = await _run(single_node, slow=0)
+    slow, slow_eng, slow_rss = await _run(single_node, slow=1)
 
     def line(tag: str, ld: dict[str, Any], eng: dict[str, Any], rss: RssSampler) -> str:
         return (f"{tag}: receivers={ld['receivers']} published={ld['published']} received={ld['received']}/"
