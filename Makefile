@@ -7,7 +7,7 @@ PORT ?= 8080
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup build run test test-rust test-python test-js test-fast autobahn autobahn-full bench lint clean fuzz fuzz-smoke
+.PHONY: help setup build run test test-rust test-python test-js test-fast autobahn autobahn-full bench lint clean fuzz fuzz-smoke fuzz-python
 
 help: ## Show this help
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -27,7 +27,7 @@ build: setup ## Build the Rust engine into gateway._core (release) and install t
 run: build ## Build everything and run the gateway on its embedded default (ws://localhost:8080/ws, demo at http://localhost:8080/)
 	$(VENV)/bin/gateway run --dev --port $(PORT)
 
-test: build lint test-rust test-python test-js ## Run every test: Rust unit tests, Python (unit, integration, Redis, conformance, browser), JS SDK
+test: build lint test-rust fuzz-smoke test-python test-js ## Run every test: Rust unit tests, Python (unit, integration, Redis, conformance, browser), JS SDK
 
 test-rust: ## Rust unit tests (codec, handshake, deflate, queues, hub, load client)
 	cargo test -q --workspace --exclude gateway-py
@@ -50,11 +50,18 @@ autobahn-full: build ## Autobahn|Testsuite cases 1-13, including performance and
 bench: build ## Benchmarks under loadtest/bench (see loadtest/README.md)
 	$(PY) loadtest/bench/run.py --quick
 
-fuzz: ## Fuzz the codec, handshake parser and permessage-deflate, 10 min per target (fuzz/README.md)
+fuzz: build ## Fuzz the codec, handshake parser, permessage-deflate (cargo-fuzz) and the client-protocol parser (atheris), 10 min per target (fuzz/README.md)
 	tools/fuzz.sh 600
+	$(MAKE) fuzz-python FUZZ_SECONDS=600
 
-fuzz-smoke: ## Fuzz each target for 30 s (built on stable; first build about 1 min). Not yet in `make test`: the targets predate the engine's renames
+fuzz-smoke: build ## Fuzz every target for 30 s (part of make test; the Rust targets' first build takes about 1 min)
 	tools/fuzz.sh 30
+	$(MAKE) fuzz-python FUZZ_SECONDS=30
+
+FUZZ_SECONDS ?= 600
+fuzz-python: ## Fuzz the client-protocol parser with atheris for FUZZ_SECONDS (new inputs go to a temp dir; the committed corpus is read only)
+	mkdir -p fuzz/artifacts/python_parse && set -o pipefail; work=$$(mktemp -d) && trap 'rm -rf "$$work"' EXIT && \
+	PYTHONPATH=python $(PY) fuzz/python/parse_fuzz.py "$$work" fuzz/corpus/python_parse -max_total_time=$(FUZZ_SECONDS) -max_len=4096 -print_final_stats=1 -artifact_prefix=fuzz/artifacts/python_parse/ 2>&1 | tail -12
 
 lint: build ## clippy, rustfmt, ruff, mypy --strict on python/gateway, stubtest of gateway._core against _core.pyi
 	cargo clippy --workspace --exclude gateway-py -q -- -D warnings

@@ -1,0 +1,62 @@
+"""Coverage-guided fuzzing (atheris, libFuzzer) of the client-protocol parser
+``gateway.protocol.requests.parse``: arbitrary bytes in, a typed request or a
+``BadRequest`` out, never anything else.
+
+    python fuzz/python/parse_fuzz.py fuzz/corpus/python_parse -max_total_time=600
+    make fuzz-python            # 10 minutes;  make fuzz-smoke: 30 s (part of make test)
+
+Invariants checked on every input:
+- only ``BadRequest`` is raised, with code 4000 or 4001 and a short message;
+- an echoed ``id`` is None, a number or a string of at most 64 characters;
+- a ``Join``'s history is 0..50, a resume's seq >= 0 and epoch <= 64 characters;
+- a ``Publish``'s ``cid`` is None or 1..64 characters, ``size`` is the input's length;
+- rooms are non-empty strings; a request parses the same twice (no hidden state).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import atheris
+
+with atheris.instrument_imports():
+    from gateway.protocol.requests import MAX_CID_LEN, MAX_HISTORY, BadRequest, Join, Leave, Ping, Publish, parse
+
+
+def _check_id(rid: object) -> None:
+    assert rid is None or (isinstance(rid, (int, float)) and not isinstance(rid, bool)) or (isinstance(rid, str) and len(rid) <= 64), rid
+
+
+def test_one_input(data: bytes) -> None:
+    binary = bool(data[:1]) and data[0] == 0xFF
+    try:
+        req = parse(data, binary)
+    except BadRequest as e:
+        assert e.code in (4000, 4001), e.code
+        assert 0 < len(e.message) <= 200, e.message
+        _check_id(e.id)
+        return
+    _check_id(req.id)
+    if isinstance(req, Join):
+        assert isinstance(req.room, str) and req.room
+        assert 0 <= req.history <= MAX_HISTORY
+        if req.resume is not None:
+            assert req.resume.seq >= 0 and len(req.resume.epoch) <= 64
+    elif isinstance(req, Publish):
+        assert isinstance(req.room, str) and req.room and isinstance(req.type, str) and 0 < len(req.type) <= 64
+        assert req.cid is None or 0 < len(req.cid) <= MAX_CID_LEN
+        assert req.size == len(data)
+    elif isinstance(req, Leave):
+        assert isinstance(req.room, str) and req.room
+    else:
+        assert isinstance(req, Ping)
+    assert parse(data, binary) == req
+
+
+def main() -> None:
+    atheris.Setup(sys.argv, test_one_input)
+    atheris.Fuzz()
+
+
+if __name__ == "__main__":
+    main()
