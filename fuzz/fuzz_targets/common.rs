@@ -106,9 +106,7 @@ fn install_hook() {
                 .map(String::as_str)
                 .or_else(|| info.payload().downcast_ref::<&str>().copied())
                 .unwrap_or("");
-            let known = KNOWN
-                .iter()
-                .find(|(id, f, m)| tolerated(id) && file.ends_with(f) && msg.starts_with(m));
+            let known = KNOWN.iter().find(|(id, f, m)| tolerated(id) && file.ends_with(f) && msg.starts_with(m));
             match known {
                 Some((id, ..)) => {
                     KNOWN_HIT.with(|h| h.set(true));

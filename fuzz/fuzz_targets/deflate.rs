@@ -33,7 +33,8 @@ fn one(data: &[u8]) {
     let cap = p.pick(&CAPS);
     let b4 = p.byte();
     let data = p.rest();
-    let params = DeflateParams { server_window_bits: bits, client_window_bits: bits, client_no_context_takeover: b4 & 1 == 1 };
+    let params =
+        DeflateParams { server_window_bits: bits, client_window_bits: bits, client_no_context_takeover: b4 & 1 == 1 };
     let mut inflater = Inflater::new(&params);
 
     for msg in common::chunks(data, b4) {
@@ -50,7 +51,11 @@ fn one(data: &[u8]) {
             if !msg.is_empty() {
                 let tight = DeflateParams { client_no_context_takeover: true, ..params };
                 let r = Inflater::new(&tight).inflate(&z, msg.len() - 1);
-                assert!(matches!(r, Err(e) if e.code == 1009), "{}-byte message under a cap one short: {r:?}", msg.len());
+                assert!(
+                    matches!(r, Err(e) if e.code == 1009),
+                    "{}-byte message under a cap one short: {r:?}",
+                    msg.len()
+                );
             }
         } else {
             match inflater.inflate(msg, cap) {

@@ -17,8 +17,7 @@
 
 use gateway_core::protocol::deflate::{DeflateParams, Inflater};
 use gateway_core::protocol::frame::{
-    encode, encode_client, Decoder, DecoderConfig, Event, ProtoError, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG,
-    OP_TEXT,
+    encode, encode_client, Decoder, DecoderConfig, Event, ProtoError, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, OP_TEXT,
 };
 use libfuzzer_sys::fuzz_target;
 
@@ -47,7 +46,9 @@ fn check_events(evs: &[Event], cfg: &DecoderConfig, closed_before: bool) {
             Event::Binary(d) => {
                 assert!(d.len() <= cfg.max_message, "binary of {} > max_message {}", d.len(), cfg.max_message)
             }
-            Event::Ping(d) | Event::Pong(d) => assert!(d.len() <= 125.min(cfg.max_frame), "control payload {}", d.len()),
+            Event::Ping(d) | Event::Pong(d) => {
+                assert!(d.len() <= 125.min(cfg.max_frame), "control payload {}", d.len())
+            }
             Event::Close(code, reason) => {
                 closed = true;
                 let payload = if code.is_some() { 2 + reason.len() } else { 0 };
