@@ -54,7 +54,8 @@ fuzz: build ## Fuzz the codec, handshake parser, permessage-deflate (cargo-fuzz)
 	tools/fuzz.sh 600
 	$(MAKE) fuzz-python FUZZ_SECONDS=600
 
-fuzz-smoke: build ## Fuzz every target for 30 s (part of make test; the Rust targets' first build takes about 1 min)
+fuzz-smoke: build ## Fuzz every target for 30 s and replay the bugs the fuzzers found (part of make test; first build about 1 min)
+	cd fuzz && cargo test -q --release --test regressions
 	tools/fuzz.sh 30
 	$(MAKE) fuzz-python FUZZ_SECONDS=30
 
