@@ -292,9 +292,11 @@ class Gateway:
                 eng = self._engine
                 for conn in eng.user_conns(user) if eng is not None else ():
                     c = self.clients.get(conn)
-                    for r in c.rooms if c is not None else ():
+                    if c is None:
+                        continue
+                    for r in c.rooms:
                         if room in ("*", r):
-                            self.tasks.spawn(self.rooms.leave(c, r, notify="banned"))  # type: ignore[arg-type]
+                            self.tasks.spawn(self.rooms.leave(c, r, notify="banned"))
             case Unban(room, user):
                 mod.unban(room, user)
             case CloseRoom(room, _reason):
