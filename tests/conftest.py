@@ -13,5 +13,6 @@ from support.fixtures import (  # noqa: F401  (fixtures and hooks are registered
     jwt_gw,
     module_gateway_factory,
     pytest_runtest_makereport,
+    redis_binary,
     session_gateway_factory,
 )

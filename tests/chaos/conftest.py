@@ -24,7 +24,7 @@ import pytest
 from chaoslib import REDIS_NODE_SETTINGS, SINGLE_SETTINGS, SINGLE_TOML, chaos_node_config, close_peers
 from support.fixtures import GatewayFactory
 from support.gateway import GatewayProcess
-from support.redis import RedisServer, install_redis
+from support.redis import RedisServer
 
 _HERE = Path(__file__).resolve().parent
 
@@ -34,7 +34,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    # Without redis-server, the first test using it installs it (chaos_redis_binary: 3
+    # Without redis-server, the first test using it installs it (redis_binary: 3
     # apt-get runs, 600 s each), as in tests/redis.
     installing = shutil.which("redis-server") is None
     for item in items:
@@ -44,19 +44,11 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
                 item.add_marker(pytest.mark.timeout(1920))
 
 
-@pytest.fixture(scope="session")
-def chaos_redis_binary() -> str:
-    path = shutil.which("redis-server") or install_redis()
-    if not path:
-        pytest.fail("redis-server is not installed and `apt-get install -y redis-server` failed (needs root)")
-    return path
-
-
 @pytest.fixture
-def chaos_redis(chaos_redis_binary: str, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[RedisServer]:
+def chaos_redis(redis_binary: str, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[RedisServer]:
     """A private redis-server (no persistence); always continued and killed at the end
     (after the gateways using it have stopped). Its log is printed when the test failed."""
-    srv = RedisServer(chaos_redis_binary, tmp_path / "redis")
+    srv = RedisServer(redis_binary, tmp_path / "redis")
     srv.start()
     try:
         yield srv

@@ -22,7 +22,7 @@ from typing import Any
 import orjson
 import pytest
 from gateway._core import EV_CLOSED, EV_CONNECT, EV_MESSAGE, Engine, raise_fd_limit
-from support.ws import OP_CLOSE, OP_CONT, OP_PING, OP_PONG, OP_TEXT, encode_frame, parse_head, split_frames, upgrade_request
+from support.ws import OP_CLOSE, OP_CONT, OP_PING, OP_PONG, OP_TEXT, blocking_upgrade, encode_frame, parse_head, split_frames, upgrade_request
 
 KIB, MIB = 1 << 10, 1 << 20
 
@@ -109,23 +109,8 @@ def server_factory() -> Iterator[Any]:
 
 def connect(srv: Server, user: str = "u", rcvbuf: int | None = None, extensions: str | None = None, timeout: float = 10.0) -> socket.socket:
     """Upgrade a blocking socket; returns it with the ``connected`` frame still unread."""
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    if rcvbuf:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-    s.settimeout(timeout)
-    s.connect((srv.host, srv.port))
     hdrs = (("Sec-WebSocket-Extensions", extensions),) if extensions else ()
-    s.sendall(upgrade_request(srv.host, srv.port, f"/ws?user={user}", headers=hdrs))
-    buf = b""
-    while b"\r\n\r\n" not in buf:
-        chunk = s.recv(1)
-        if not chunk:
-            raise ConnectionError("closed during the upgrade")
-        buf += chunk
-    status, _ = parse_head(buf)
-    if status != 101:
-        raise ConnectionError(f"upgrade refused: {status}")
-    return s
+    return blocking_upgrade(srv.host, srv.port, f"/ws?user={user}", rcvbuf, timeout, hdrs)
 
 
 def http_status(srv: Server, request: bytes, timeout: float = 10.0) -> tuple[int, dict[str, str]]:

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from support.fixtures import GatewayFactory
 from support.gateway import GatewayProcess
-from support.redis import REDIS_NODE_SETTINGS, RedisServer, install_redis, redis_node_config
+from support.redis import REDIS_NODE_SETTINGS, RedisServer, redis_node_config
 
 
 #: Unclosed redis-py sockets that RedisBroker leaves behind when it is closed in process
@@ -38,14 +38,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
                 item.add_marker(pytest.mark.timeout(1920))
             if Path(str(item.fspath)).name == "test_broker.py":
                 item.add_marker(_BROKER_LEAK)
-
-
-@pytest.fixture(scope="session")
-def redis_binary() -> str:
-    path = shutil.which("redis-server") or install_redis()
-    if not path:
-        pytest.fail("redis-server is not installed and `apt-get install -y redis-server` failed (needs root)")
-    return path
 
 
 @pytest.fixture

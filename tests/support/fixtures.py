@@ -129,3 +129,16 @@ async def clients() -> AsyncIterator[Callable[..., Any]]:
     yield open_
     for c in opened:
         await c.close()
+
+
+@pytest.fixture(scope="session")
+def redis_binary() -> str:
+    """The ``redis-server`` binary, installed from Debian on first use (needs root)."""
+    import shutil
+
+    from .redis import install_redis
+
+    path = shutil.which("redis-server") or install_redis()
+    if not path:
+        pytest.fail("redis-server is not installed and `apt-get install -y redis-server` failed (needs root)")
+    return path

@@ -23,7 +23,6 @@ import os
 from signal import SIGKILL, SIGTERM
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterable, Mapping
 from pathlib import Path

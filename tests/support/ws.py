@@ -210,21 +210,26 @@ def read_to_end(sock: socket.socket, timeout: float, reset_ok: bool = False) -> 
     return b"".join(chunks)
 
 
-def blocking_upgrade(host: str, port: int, path: str, rcvbuf: int = 4096, timeout: float = 20.0) -> socket.socket:
-    """Upgrade with a blocking socket whose receive buffer is small, and return it
-    unread: a client that stops reading (a slow consumer)."""
+def blocking_upgrade(host: str, port: int, path: str, rcvbuf: int | None = 4096, timeout: float = 20.0, headers: tuple[tuple[str, str], ...] = ()) -> socket.socket:
+    """Upgrade with a blocking socket (receive buffer ``rcvbuf`` bytes, None = the
+    kernel's) and return it unread: e.g. a client that stops reading (a slow consumer)."""
     s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-    s.settimeout(timeout)
-    s.connect((host, port))
-    s.sendall(upgrade_request(host, port, path))
-    buf = b""
-    while b"\r\n\r\n" not in buf:
-        chunk = s.recv(1)  # byte by byte: leave the frames after the head in the kernel
-        if not chunk:
-            raise ConnectionError("closed during the upgrade")
-        buf += chunk
-    status, _ = parse_head(buf)
-    if status != 101:
-        raise ConnectionError(f"upgrade refused: {status}")
+    if rcvbuf:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    try:
+        s.settimeout(timeout)
+        s.connect((host, port))
+        s.sendall(upgrade_request(host, port, path, headers=headers))
+        buf = b""
+        while b"\r\n\r\n" not in buf:
+            chunk = s.recv(1)  # byte by byte: leave the frames after the head in the kernel
+            if not chunk:
+                raise ConnectionError("closed during the upgrade")
+            buf += chunk
+        status, _ = parse_head(buf)
+        if status != 101:
+            raise ConnectionError(f"upgrade refused: {status}")
+    except BaseException:
+        s.close()
+        raise
     return s
