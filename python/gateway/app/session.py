@@ -160,7 +160,9 @@ class Sessions:
         self.stats = stats
         self.node_id = config.node_id
         self.clients: dict[int, Client] = {}
-        self.expiry = TokenExpiry(self.clients, self._engine_or_none, config.auth.leeway, stats)
+        # One bound method shared by every Client (not one per connection).
+        self._engine_ref: Callable[[], Engine | None] = self._engine_or_none
+        self.expiry = TokenExpiry(self.clients, self._engine_ref, config.auth.leeway, stats)
 
     def _engine_or_none(self) -> Engine | None:
         try:
@@ -200,7 +202,7 @@ class Sessions:
         if self.config.server.single_session:
             for old in eng.user_conns(ident.user):
                 eng.disconnect(old, CloseCode.REPLACED, "replaced by a new login")
-        client = Client(req.conn, ident, None, req.peer, node=self.node_id, engine=self._engine_or_none)
+        client = Client(req.conn, ident, None, req.peer, node=self.node_id, engine=self._engine_ref)
         self.clients[req.conn] = client
         proto = self.auth.choose_subprotocol(req, self.config.server.subprotocols)
         meta = orjson.dumps(ident.meta).decode() if ident.meta else None
