@@ -125,6 +125,9 @@ class EngineCollector:
         yield br
         te = CounterMetricFamily("gateway_tokens_expired", "Connections closed (4001) because their token expired")
         te.add_metric([], gw.stats.tokens_expired)
+        dup = CounterMetricFamily("gateway_publish_duplicates", "Publishes answered from their idempotency key (cid, Idempotency-Key): not published again")
+        dup.add_metric([], gw.stats.duplicates)
+        yield dup
         yield te
         yield GaugeMetricFamily("gateway_ready", "1 while /readyz answers ready", value=1 if gw.ready else 0)
 
