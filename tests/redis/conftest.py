@@ -21,12 +21,6 @@ from support.gateway import GatewayProcess
 from support.redis import REDIS_NODE_SETTINGS, RedisServer, redis_node_config
 
 
-#: Unclosed redis-py sockets that RedisBroker leaves behind when it is closed in process
-#: (python/gateway/broker/redis.py; reported, being reworked on the broker branch). Only
-#: the in-process broker tests get this exception to ``filterwarnings = error``.
-_BROKER_LEAK = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-
-
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     here = Path(__file__).parent
     # Without redis-server, the first test installs it (redis_binary: 3 apt-get runs, 600 s each).
@@ -36,8 +30,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.redis)
             if installing:
                 item.add_marker(pytest.mark.timeout(1920))
-            if Path(str(item.fspath)).name == "test_broker.py":
-                item.add_marker(_BROKER_LEAK)
 
 
 @pytest.fixture

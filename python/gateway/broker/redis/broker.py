@@ -82,8 +82,10 @@ from .presence import RedisPresence
 from .pubsub import PubSubConn, frame_lag, parse_room_message, sub_commands
 from .reorder import Reorder, Timer
 
-#: Seconds between measurements of the Redis clock offset (publish deadlines).
+#: Seconds between measurements of the Redis clock offset (publish deadlines), and the
+#: longest round trip a measurement may take to count (its error is half of it).
 CLOCK_SYNC_S = 10.0
+CLOCK_MAX_RTT_S = 0.05
 
 log = logging.getLogger("gateway.broker.redis")
 
@@ -233,9 +235,11 @@ class RedisBroker(Broker):
         self._clock_task = asyncio.ensure_future(self._clock_loop())
 
     async def _clock_loop(self) -> None:
-        """Keep ``_clock_offset_ms`` (Redis ``TIME`` minus this host's clock, half a round
-        trip of error) so publish deadlines are stated in Redis' clock: clock skew between
-        hosts never makes a publish late (or early)."""
+        """Keep ``_clock_offset_ms`` (Redis ``TIME`` minus this host's clock) so publish
+        deadlines are stated in Redis' clock. A sample is off by up to half its round trip
+        (a busy event loop stretches it), so only quick samples count and the quickest of
+        the recent ones wins."""
+        best: tuple[float, float] | None = None  # (round trip s, offset ms)
         while not self._closed:
             if self.ready:
                 try:
@@ -244,11 +248,13 @@ class RedisBroker(Broker):
                     t1 = time.time()
                     if isinstance(r, dict):  # cluster: one node's answer
                         r = next(iter(r.values()))
-                    secs, usecs = int(r[0]), int(r[1])
-                    self._clock_offset_ms = secs * 1000 + usecs / 1000 - (t0 + t1) * 500
+                    rtt, off = t1 - t0, int(r[0]) * 1000 + int(r[1]) / 1000 - (t0 + t1) * 500
+                    if rtt <= CLOCK_MAX_RTT_S and (best is None or rtt <= best[0] * 2):
+                        best = (rtt, off) if best is None or rtt < best[0] else (best[0], off)
+                        self._clock_offset_ms = best[1]
                 except (TimeoutError, RedisError, OSError, ValueError, IndexError, StopIteration) as e:
                     self._warn("clock", "redis TIME failed: %s", e)
-            await asyncio.sleep(CLOCK_SYNC_S)
+            await asyncio.sleep(CLOCK_SYNC_S if self._clock_offset_ms is not None else 0.5)
 
     def _deadline(self) -> int | str:
         """The Redis time after which a publish must not run any more: this node gives up
@@ -285,6 +291,10 @@ class RedisBroker(Broker):
         if self._redis is not None:
             try:
                 await self._redis.aclose()
+                pool = getattr(self._redis, "connection_pool", None)
+                if pool is not None:
+                    # A client built on a pool we passed does not close that pool itself.
+                    await pool.disconnect()
             except Exception:
                 pass
         self._handler = None
