@@ -314,3 +314,23 @@ def test_a_plugin_rejecting_its_settings_is_a_configuration_error(tmp_path: Path
     )
     assert r.returncode == 2, r.stderr
     assert "configuration error: plugins.strict.url: required" in r.stderr
+
+
+def test_the_example_config_shows_every_setting() -> None:
+    """gateway.example.toml is where docs/operations.md sends readers for every key: each
+    section's settings appear in it (set, or commented out with their meaning)."""
+    import dataclasses
+    import re
+
+    text = (Path(__file__).resolve().parents[2] / "gateway.example.toml").read_text()
+    sections = dict(re.findall(r"^\[(\w+)\]\n(.*?)(?=^\[|\Z)", text, re.S | re.M))
+    missing = []
+    for f in dataclasses.fields(Config):
+        section = getattr(Config(), f.name)
+        if not dataclasses.is_dataclass(section):
+            continue
+        body = sections.get(f.name, "")
+        for sf in dataclasses.fields(section):
+            if not re.search(rf"^#? ?{sf.name} = ", body, re.M):
+                missing.append(f"{f.name}.{sf.name}")
+    assert not missing, f"not in gateway.example.toml: {missing}"
