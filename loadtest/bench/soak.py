@@ -39,7 +39,6 @@ import json
 import os
 import random
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -55,38 +54,18 @@ RESULTS = ROOT / "loadtest" / "results"
 RAW = RESULTS / "raw"
 
 sys.path.insert(0, str(ROOT / "python"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run import free_port  # noqa: E402  (the bench runner's helpers)
+from run import rss_kib as _rss  # noqa: E402
 
 
 def log(msg: str) -> None:
     print(f"[soak {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def free_port() -> int:
-    """A free port below the ephemeral range (the churn's outgoing connections and their
-    TIME_WAIT leftovers live there)."""
-    try:
-        lo = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError):
-        lo = 32768
-    for _ in range(200):
-        port = random.randint(10000, lo - 1)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-                return port
-            except OSError:
-                continue
-    raise RuntimeError("no free port")
-
-
 def rss_kib(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
+    """VmRSS in KiB, 0 when the process is gone."""
+    return _rss(pid) or 0
 
 
 def stats(api_port: int) -> dict[str, Any]:
