@@ -14,5 +14,6 @@ from support.fixtures import (  # noqa: F401  (fixtures and hooks are registered
     module_gateway_factory,
     pytest_runtest_makereport,
     redis_binary,
+    redis_server,
     session_gateway_factory,
 )

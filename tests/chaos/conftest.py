@@ -13,10 +13,9 @@ Deliberately no ``__init__.py`` (same reason as tests/redis). Helpers live in
 
 from __future__ import annotations
 
-import contextlib
 import shutil
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,32 +39,12 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if _HERE in Path(str(item.fspath)).parents:
             item.add_marker(pytest.mark.chaos)
-            if installing and "chaos_redis" in getattr(item, "fixturenames", ()):
+            if installing and "redis_server" in getattr(item, "fixturenames", ()):
                 item.add_marker(pytest.mark.timeout(1920))
 
 
 @pytest.fixture
-def chaos_redis(redis_binary: str, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[RedisServer]:
-    """A private redis-server (no persistence); always continued and killed at the end
-    (after the gateways using it have stopped). Its log is printed when the test failed."""
-    srv = RedisServer(redis_binary, tmp_path / "redis")
-    srv.start()
-    try:
-        yield srv
-    finally:
-        if srv.proc is not None and srv.proc.poll() is None:
-            with contextlib.suppress(Exception):
-                srv.resume()
-        srv.kill()
-        rep = getattr(request.node, "rep_call", None)
-        if rep is not None and rep.failed:
-            for log in sorted(srv.workdir.glob("*.log")):
-                lines = log.read_text(errors="replace").splitlines()[-40:]
-                print(f"\n---- {log.name} (last {len(lines)} lines)\n" + "\n".join(lines))
-
-
-@pytest.fixture
-async def chaos_nodes(chaos_redis: RedisServer, gateway_factory: GatewayFactory) -> AsyncIterator[Callable[..., GatewayProcess]]:
+async def chaos_nodes(redis_server: RedisServer, gateway_factory: GatewayFactory) -> AsyncIterator[Callable[..., GatewayProcess]]:
     """``make(redis_url, name)`` starts a chaos node (redis broker, dev auth on 127.0.0.1,
     ``server.io_threads=2``, the ``chaos:{id}`` route, node id = ``name``) and returns it
     ready. Safe to call from several threads at once (``asyncio.to_thread``). At the end

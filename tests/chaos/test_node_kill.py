@@ -19,10 +19,10 @@ from chaoslib import ChaosNode, Peer, RedisServer, Stream, check_delivery
 RATE = 40.0
 
 
-async def test_node_sigkill_clients_resume_on_the_other_node(chaos_redis: RedisServer, chaos_nodes: Any) -> None:
+async def test_node_sigkill_clients_resume_on_the_other_node(redis_server: RedisServer, chaos_nodes: Any) -> None:
     room = "chaos:node"
-    a, b = await asyncio.gather(asyncio.to_thread(chaos_nodes, chaos_redis.url, "A"),
-                                asyncio.to_thread(chaos_nodes, chaos_redis.url, "B"))
+    a, b = await asyncio.gather(asyncio.to_thread(chaos_nodes, redis_server.url, "A"),
+                                asyncio.to_thread(chaos_nodes, redis_server.url, "B"))
     nodes: dict[str, ChaosNode] = {"A": a, "B": b}
     subs = [Peer(f"sub{n}{i}") for n in "AB" for i in (1, 2)]
     pubs = [Peer("pubA"), Peer("pubB")]

@@ -28,9 +28,9 @@ from chaoslib import (
 RATE = 40.0  # msgs/s per publisher
 
 
-async def _cluster(chaos_redis: RedisServer, chaos_nodes: Any, room: str) -> tuple[dict[str, ChaosNode], list[Stream], list[Peer]]:
-    a, b = await asyncio.gather(asyncio.to_thread(chaos_nodes, chaos_redis.url, "A"),
-                                asyncio.to_thread(chaos_nodes, chaos_redis.url, "B"))
+async def _cluster(redis_server: RedisServer, chaos_nodes: Any, room: str) -> tuple[dict[str, ChaosNode], list[Stream], list[Peer]]:
+    a, b = await asyncio.gather(asyncio.to_thread(chaos_nodes, redis_server.url, "A"),
+                                asyncio.to_thread(chaos_nodes, redis_server.url, "B"))
     nodes = {"A": a, "B": b}
     subs = [Peer(f"sub{n}{i}") for n in "AB" for i in (1, 2)]
     pubs = [Peer("pubA"), Peer("pubB")]
@@ -59,23 +59,23 @@ async def _serves_again(nodes: dict[str, ChaosNode], room: str, subs: list[Peer]
     raise AssertionError("after the outage, a message published on each node did not reach every subscriber live")
 
 
-async def test_redis_sigstop_5s_under_two_streaming_nodes(chaos_redis: RedisServer, chaos_nodes: Any) -> None:
+async def test_redis_sigstop_5s_under_two_streaming_nodes(redis_server: RedisServer, chaos_nodes: Any) -> None:
     """Redis hangs (SIGSTOP) for 5 s, then continues (SIGCONT). Its state survives, so
     every acked recoverable message must reach every subscriber or be recoverable in the
     same epoch; publishes during the hang are acked degraded (seq 0, local only, not in
     history); the nodes become ready again and serve."""
     room = "chaos:stop"
-    nodes, streams, subs = await _cluster(chaos_redis, chaos_nodes, room)
+    nodes, streams, subs = await _cluster(redis_server, chaos_nodes, room)
     try:
         await asyncio.sleep(2.0)
         t_stop = time.monotonic()
-        chaos_redis.pause()  # SIGSTOP
+        redis_server.pause()  # SIGSTOP
         await asyncio.sleep(2.5)
         # Hung Redis, noticed within socket_timeout + PING timeout (2 s): not ready.
         codes = await asyncio.gather(*(asyncio.to_thread(readyz, n) for n in nodes.values()))
         assert codes == [503, 503], f"/readyz while Redis is stopped: {codes}"
         await asyncio.sleep(max(0.0, t_stop + 5.0 - time.monotonic()))
-        chaos_redis.resume()  # SIGCONT
+        redis_server.resume()  # SIGCONT
         back = await wait_ready(nodes.values(), 10.0)
         await asyncio.sleep(2.0)
     finally:
@@ -96,23 +96,23 @@ async def test_redis_sigstop_5s_under_two_streaming_nodes(chaos_redis: RedisServ
         assert "Traceback" not in n.log_text(), n.log_tail()
 
 
-async def test_redis_sigkill_and_restart_empty_under_two_streaming_nodes(chaos_redis: RedisServer, chaos_nodes: Any) -> None:
+async def test_redis_sigkill_and_restart_empty_under_two_streaming_nodes(redis_server: RedisServer, chaos_nodes: Any) -> None:
     """Redis is killed (SIGKILL) and restarted empty on the same port after 2 s. The docs
     promise a new epoch, ``recovered: false`` for resumes across the outage, degraded acks
     while it is down, and (back to normal) every acked message of the new epoch delivered
     or recoverable."""
     room = "chaos:kill"
-    nodes, streams, subs = await _cluster(chaos_redis, chaos_nodes, room)
+    nodes, streams, subs = await _cluster(redis_server, chaos_nodes, room)
     try:
         await asyncio.sleep(2.0)
-        chaos_redis.kill()
+        redis_server.kill()
         await asyncio.sleep(1.0)
         codes = await asyncio.gather(*(asyncio.to_thread(readyz, n) for n in nodes.values()))
         assert codes == [503, 503], f"/readyz while Redis is down: {codes}"
         await asyncio.sleep(1.0)
         old_epoch = next(m["epoch"] for m in reversed(subs[0].msgs) if m.get("seq"))
         positions = {p.name: p.position(room) for p in subs}
-        chaos_redis.start()
+        redis_server.start()
         back = await wait_ready(nodes.values(), 10.0)
         await asyncio.sleep(2.5)
     finally:

@@ -9,9 +9,8 @@ become an import root. Helpers live in the ``support`` package (``support.redis`
 
 from __future__ import annotations
 
-import contextlib
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,19 +29,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.redis)
             if installing:
                 item.add_marker(pytest.mark.timeout(1920))
-
-
-@pytest.fixture
-def redis_server(redis_binary: str, tmp_path: Path) -> Iterator[RedisServer]:
-    srv = RedisServer(redis_binary, tmp_path / "redis")
-    srv.start()
-    try:
-        yield srv
-    finally:
-        if srv.proc is not None and srv.proc.poll() is None:
-            with contextlib.suppress(Exception):
-                srv.resume()
-        srv.kill()
 
 
 @pytest.fixture

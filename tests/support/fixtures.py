@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from .gateway import JWT_SECRET, GatewayProcess
+from .redis import RedisServer
 
 GatewayFactory = Callable[..., GatewayProcess]
 
@@ -142,3 +143,26 @@ def redis_binary() -> str:
     if not path:
         pytest.fail("redis-server is not installed and `apt-get install -y redis-server` failed (needs root)")
     return path
+
+
+@pytest.fixture
+def redis_server(redis_binary: str, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[RedisServer]:
+    """A private redis-server (no persistence) for one test; always continued (if paused)
+    and killed at the end. Its log is printed when the test failed. Request it before the
+    gateways that use it, so they stop first."""
+    import contextlib
+
+    srv = RedisServer(redis_binary, tmp_path / "redis")
+    srv.start()
+    try:
+        yield srv
+    finally:
+        if srv.proc is not None and srv.proc.poll() is None:
+            with contextlib.suppress(Exception):
+                srv.resume()
+        srv.kill()
+        rep = getattr(request.node, "rep_call", None)
+        if rep is not None and rep.failed:
+            for log in sorted(srv.workdir.glob("*.log")):
+                lines = log.read_text(errors="replace").splitlines()[-40:]
+                print(f"\n---- {log.name} (last {len(lines)} lines)\n" + "\n".join(lines))
