@@ -91,3 +91,15 @@ def test_other_frames() -> None:
 def test_unserialisable_data_is_refused() -> None:
     with pytest.raises(TypeError):
         P.message_parts("live:1", "chat", 1, "u", object(), 1)
+
+
+def test_request_id_echoes_by_the_parsers_rule() -> None:
+    """The id of a request refused before it is handled (shed behind a slow hook) follows
+    the parser's rule: numbers and short strings only."""
+    assert P.request_id(b'{"op":"publish","id":7}') == 7
+    assert P.request_id(b'{"op":"join","id":"a1"}') == "a1"
+    assert P.request_id(b'{"id":"' + b"x" * 65 + b'"}') is None
+    assert P.request_id(b'{"id":true}') is None
+    assert P.request_id(b"[1]") is None and P.request_id(b"{nope") is None
+    with pytest.raises(P.BadRequest):
+        P.parse(b'{"op":"join","id":"' + b"x" * 65 + b'","room":"a:b"}')

@@ -25,7 +25,7 @@ from ..errors import AuthError, HookTimeout, Reject
 from ..policy import Policy
 from ..protocol import frames
 from ..protocol.codes import CloseCode, ErrorCode, Priority
-from ..protocol.requests import BadRequest, Join, Leave, Ping, Publish, parse
+from ..protocol.requests import BadRequest, Join, Leave, Ping, Publish, parse, request_id
 from ..routing import Route
 from .expiry import TokenExpiry
 from .hooks import Hooks
@@ -247,7 +247,7 @@ class Sessions:
                 backlog = c.backlog = deque()  # only while a slow hook holds this client
             elif len(backlog) >= MAX_BACKLOG:
                 # A hook of this client is slow and it keeps sending: shed, tell it why.
-                self.error(c, _request_id(data), ErrorCode.RATE_LIMITED, "too many requests waiting for a slow handler")
+                self.error(c, request_id(data), ErrorCode.RATE_LIMITED, "too many requests waiting for a slow handler")
                 return
             backlog.append((data, binary))
             return
@@ -428,13 +428,3 @@ class Sessions:
         if dup:
             extra["dup"] = True
         eng.send(c.conn, frames.ack(req.id, seq=seq, **extra), Priority.HIGH)
-
-
-def _request_id(data: bytes) -> Any:
-    """The ``id`` of a raw request, or None (slow path only)."""
-    try:
-        msg = orjson.loads(data)
-    except orjson.JSONDecodeError:
-        return None
-    return msg.get("id") if isinstance(msg, dict) else None
-

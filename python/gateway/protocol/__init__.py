@@ -21,7 +21,7 @@ from .frames import (
     push,
     splice,
 )
-from .requests import BadRequest, Join, Leave, Ping, Publish, Request, Resume, parse
+from .requests import BadRequest, Join, Leave, Ping, Publish, Request, Resume, parse, request_id
 
 __all__ = [
     "PROTOCOL_VERSION",
@@ -47,5 +47,6 @@ __all__ = [
     "presence_counts",
     "presence_event",
     "push",
+    "request_id",
     "splice",
 ]

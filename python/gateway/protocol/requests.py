@@ -15,7 +15,7 @@ import orjson
 
 from .codes import ErrorCode
 
-__all__ = ["MAX_CID_LEN", "MAX_HISTORY", "BadRequest", "Join", "Leave", "Ping", "Publish", "Request", "Resume", "parse"]
+__all__ = ["MAX_CID_LEN", "MAX_HISTORY", "BadRequest", "Join", "Leave", "Ping", "Publish", "Request", "Resume", "parse", "request_id"]
 
 #: The most history messages a join may ask for (``history``); larger asks are capped.
 MAX_HISTORY = 50
@@ -139,3 +139,18 @@ def parse(data: bytes, binary: bool = False) -> Request:
     if not isinstance(op, str):
         raise BadRequest(ErrorCode.BAD_REQUEST, "missing field: op", rid)
     raise BadRequest(ErrorCode.UNKNOWN_OP, f"unknown op {op[:32]!r}", rid)
+
+
+def request_id(data: bytes) -> Any:
+    """The ``id`` an error about ``data`` echoes, by the same rule as :func:`parse`, without
+    checking the rest (for requests refused before they are handled)."""
+    try:
+        msg = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(msg, dict):
+        return None
+    try:
+        return _id(msg)
+    except BadRequest:
+        return None
