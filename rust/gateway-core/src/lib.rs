@@ -4,6 +4,7 @@
 //! Nothing here knows about Python. The binding crate (`gateway-py`) drives an [`Engine`]
 //! through its methods and drains [`events::Event`]s in batches.
 
+pub mod client_ip;
 pub mod config;
 pub mod conn;
 pub mod engine;
