@@ -50,7 +50,7 @@ autobahn-full: build ## Autobahn|Testsuite cases 1-13, including performance and
 bench: build ## Benchmarks under loadtest/bench (see loadtest/README.md)
 	$(PY) loadtest/bench/run.py --quick
 
-fuzz: build ## Fuzz the codec, handshake parser, permessage-deflate (cargo-fuzz) and the client-protocol parser (atheris), 10 min per target (fuzz/README.md)
+fuzz: build ## Fuzz the codec, handshake parser, permessage-deflate, PROXY header parser (cargo-fuzz) and the client-protocol parser (atheris), 10 min per target (fuzz/README.md)
 	tools/fuzz.sh 600
 	$(MAKE) fuzz-python FUZZ_SECONDS=600
 

@@ -167,7 +167,51 @@ def deflates():
     write("deflate", "rfc7692-bfinal", bytes([0, 6, 0, DF_CAP[16], 0]) + bytes.fromhex("f348cdc9c90700"))
 
 
+def proxies():
+    """PROXY protocol headers as HAProxy and AWS NLB send them, valid and broken."""
+    sig = b"\r\n\r\n\x00\r\nQUIT\n"
+    http = b"GET /ws HTTP/1.1\r\nHost: gw.example.com\r\nUpgrade: websocket\r\n\r\n"
+
+    def v2(ver_cmd, fam, body):
+        return sig + bytes([ver_cmd, fam]) + struct.pack(">H", len(body)) + body
+
+    def tlv(t, v):
+        return bytes([t]) + struct.pack(">H", len(v)) + v
+
+    v4 = bytes([198, 51, 100, 22, 10, 0, 1, 5]) + struct.pack(">HH", 35646, 443)
+    v6 = (bytes.fromhex("20010db885a3000000008a2e03707334") + bytes.fromhex("20010db8000000000000000000000443")
+          + struct.pack(">HH", 51234, 443))
+    ssl = tlv(0x20, b"\x01\x00\x00\x00\x00" + tlv(0x21, b"TLSv1.3"))
+    for name, data, seed in [
+        ("v1-tcp4", b"PROXY TCP4 192.168.0.1 192.168.0.11 56324 443\r\n" + http, 0),
+        ("v1-tcp6", b"PROXY TCP6 2001:db8::1 2001:db8::2 56324 443\r\n" + http, 1),
+        ("v1-mapped", b"PROXY TCP6 ::ffff:203.0.113.9 ::1 1 2\r\n", 0),
+        ("v1-unknown", b"PROXY UNKNOWN\r\n" + http, 2),
+        ("v1-unknown-max", b"PROXY UNKNOWN " + b":".join([b"ffff"] * 8) + b" " + b":".join([b"ffff"] * 8)
+         + b" 65535 65535\r\n", 0),
+        ("v1-bare-lf", b"PROXY TCP4 192.168.0.1 192.168.0.11 56324 443\n", 0),
+        ("v1-port-range", b"PROXY TCP4 192.168.0.1 192.168.0.11 65536 443\r\n", 0),
+        ("v2-nlb", v2(0x21, 0x11, v4 + tlv(0xEA, b"\x01vpce-08d2bf15fac5001c9")) + http, 0),
+        ("v2-nlb-chunked", v2(0x21, 0x11, v4 + tlv(0xEA, b"\x01vpce-08d2bf15fac5001c9")) + http, 1),
+        ("v2-haproxy-v6", v2(0x21, 0x21, v6 + tlv(0x01, b"h2") + tlv(0x02, b"gw.example.com")
+                               + tlv(0x03, b"\x5a\x1f\x09\xc3") + ssl + tlv(0x04, bytes(3))) + http, 3),
+        ("v2-local", v2(0x20, 0x00, b""), 0),
+        ("v2-local-addr", v2(0x20, 0x11, v4), 2),
+        ("v2-unspec", v2(0x21, 0x00, b""), 0),
+        ("v2-udp", v2(0x21, 0x12, v4), 0),
+        ("v2-unix", v2(0x21, 0x31, bytes(216)), 4),
+        ("v2-short-block", v2(0x21, 0x21, bytes(35)), 0),
+        # At the parser's 4096-byte cap (NOOP padding); also lifts libFuzzer's default
+        # max_len (4096) above the cap, so headers at and over it are generated.
+        ("v2-at-cap", v2(0x21, 0x11, v4 + tlv(0x04, bytes(4096 - 16 - 12 - 3))) + http, 5),
+        ("tls-hello", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(32), 0),
+        ("http", http, 0),
+    ]:
+        write("proxy_header", name, bytes([seed]) + data)
+
+
 if __name__ == "__main__":
     frames()
     handshakes()
     deflates()
+    proxies()

@@ -16,7 +16,7 @@
 set -euo pipefail
 
 CARGO_FUZZ_VERSION=0.13.2
-TARGETS_ALL=(frame_decoder handshake deflate)
+TARGETS_ALL=(frame_decoder handshake deflate proxy_header)
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 FUZZ="$ROOT/fuzz"
 export PATH="$HOME/.cargo/bin:$PATH"
