@@ -10,7 +10,7 @@ Python drives it with the non-blocking methods below and drains events in batche
         if more: loop.call_soon(on_readable)
 """
 
-from typing import Final, final
+from typing import Final, TypedDict, final
 
 __all__ = ["EV_CLOSED", "EV_CONNECT", "EV_MESSAGE", "PRIO_HIGH", "PRIO_LOW", "PRIO_NORMAL", "Engine", "EngineError", "__version__", "raise_fd_limit"]
 
@@ -43,6 +43,21 @@ class EngineError(Exception):
 def raise_fd_limit() -> tuple[int, int]:
     """Raise the soft open-files limit to the hard limit; returns ``(soft, hard)``."""
 
+class TlsError(ValueError):
+    """A certificate or key that cannot be served; ``args == (config_key, message)``, the
+    key being ``server.tls.cert_file`` or ``server.tls.key_file``."""
+
+class CertInfo(TypedDict):
+    not_after: int
+    not_before: int
+    serial: str
+    subject: str
+    chain_len: int
+
+def check_tls(cert_file: str, key_file: str) -> CertInfo:
+    """Check a PEM chain and key as the engine loads them: readable, an unexpired X.509
+    leaf, a supported key (RSA, ECDSA, Ed25519) that matches it. Raises TlsError."""
+
 @final
 class Engine:
     """The connection engine. Keyword arguments (all optional) are named after their config
@@ -53,6 +68,10 @@ class Engine:
     server_host ("0.0.0.0"; "::" = IPv6 + IPv4), server_port (8080; 0 = any free port),
     server_reuse_port (False), server_backlog (4096), server_io_threads (0 = CPU count),
     server_ws_path ("/ws"; "" = any), server_health_path ("/healthz"),
+    server_proxy_protocol (False), server_trusted_proxies ([] CIDRs), server_tls_cert_file
+    and server_tls_key_file ("" = no TLS listener; a bad pair raises EngineError naming
+    the key), server_tls_host ("" = server_host), server_tls_port (8443; 0 = any free
+    port), server_tls_proxy_protocol (False),
     limits_handshake_timeout (5.0 s), auth_deadline (5.0 s: then HTTP 503),
     limits_max_headers (64), limits_max_header_bytes (8192), limits_max_frame_bytes (65536),
     limits_max_message_bytes (65536), deflate_enabled (True), deflate_min_size (128),
@@ -75,6 +94,14 @@ class Engine:
     def __init__(self, **kwargs: object) -> None: ...
     def start(self) -> tuple[str, int]:
         """Bind and serve; returns the bound (host, port). Raises EngineError."""
+    @property
+    def tls_address(self) -> tuple[str, int] | None:
+        """(host, port) of the TLS listener once started; None without TLS."""
+    def tls_info(self) -> CertInfo | None:
+        """The certificate served to new connections; None without TLS."""
+    def reload_tls(self) -> CertInfo:
+        """Re-read the certificate and key files for new connections (open ones keep
+        theirs). Raises TlsError and keeps the current certificate on failure."""
     @property
     def fd(self) -> int:
         """eventfd that becomes readable when events wait (only on empty -> non-empty)."""

@@ -16,6 +16,7 @@ import inspect
 import logging
 import os
 import sys
+import time
 from typing import Any
 
 from ._core import EngineError
@@ -38,6 +39,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--app", metavar="MODULE:ATTR", help="load a Gateway object (or a factory returning one) from your code, like uvicorn")
     run.add_argument("--host", help="client listener address (server.host), '::' for IPv6 + IPv4")
     run.add_argument("--port", type=int, help="client listener port (server.port, default 8080)")
+    run.add_argument("--tls-cert", metavar="PEM", help="certificate chain for wss:// (server.tls.cert_file)")
+    run.add_argument("--tls-key", metavar="PEM", help="its private key (server.tls.key_file)")
+    run.add_argument("--tls-port", type=int, help="wss:// listener port (server.tls.port, default 8443)")
     run.add_argument("--api-host", help="internal API address (api.host, default 127.0.0.1)")
     run.add_argument("--api-port", type=int, help="internal API port (api.port, default 8081)")
     run.add_argument("--workers", type=int, help="worker processes sharing the port (server.workers; >1 needs broker.kind=redis)")
@@ -64,6 +68,7 @@ def _overrides(a: argparse.Namespace) -> dict[str, Any]:
         "server.host": a.host, "server.port": a.port, "api.host": a.api_host, "api.port": a.api_port,
         "server.workers": a.workers, "server.io_threads": a.io_threads, "broker.kind": a.broker,
         "broker.url": a.redis_url, "log.level": a.log_level,
+        "server.tls.cert_file": a.tls_cert, "server.tls.key_file": a.tls_key, "server.tls.port": a.tls_port,
     }
     out = {k: v for k, v in pairs.items() if v is not None}
     if a.dev:
@@ -93,7 +98,11 @@ def resolve_config(a: argparse.Namespace) -> Config:
     overrides = _overrides(a)
     if a.dev and not _host_given(a, path):
         overrides["server.host"] = "127.0.0.1"
-    return load_config(path, overrides=overrides, sets=a.set)
+    cfg = load_config(path, overrides=overrides, sets=a.set)
+    # The certificate is part of the configuration: a missing file, a bad PEM, a key that
+    # does not match or an expired certificate fail here, naming the key.
+    cfg.tls_certificate()
+    return cfg
 
 
 def load_app(spec: str, config: Config) -> Any:
@@ -136,7 +145,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if a.cmd == "check-config":
             cfg = resolve_config(a)
-            print(f"ok: {len(cfg.routes)} routes, broker={cfg.broker.kind}, auth={cfg.auth.mode}, listening on {cfg.server.host}:{cfg.server.port}")
+            tls = cfg.server.tls
+            wss = f", wss on {tls.host or cfg.server.host}:{tls.port}" if tls.cert_file else ""
+            print(f"ok: {len(cfg.routes)} routes, broker={cfg.broker.kind}, auth={cfg.auth.mode}, listening on {cfg.server.host}:{cfg.server.port}{wss}")
+            cert = cfg.tls_certificate()
+            if cert is not None:
+                from .app.certs import expiry_problem
+
+                print(f"tls: {cert['subject']}, serial {cert['serial']}, {cert['chain_len']} certificate(s) in the chain, valid until {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(cert['not_after']))}")
+                problem = expiry_problem(cert)
+                if problem:
+                    print(f"warning: {problem}")
             return 0
         if a.cmd == "token":
             from .auth import mint_token

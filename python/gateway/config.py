@@ -12,6 +12,7 @@ Environment values are parsed as TOML values when they parse (``8080``, ``true``
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import logging
 import os
 import socket
@@ -41,8 +42,30 @@ def engine(default: Any, **kw: Any) -> Any:
     :meth:`Config.engine_settings`. Adding one touches its section here, the binding's
     conversion (``rust/gateway-py``) and ``_core.pyi``, nothing else."""
     if isinstance(default, (list, dict)):
-        raise TypeError("engine settings are scalars")
+        raise TypeError("engine settings are scalars; a list takes engine(None, default_factory=list)")
+    if "default_factory" in kw:
+        return field(metadata={"engine": True}, **kw)
     return field(default=default, metadata={"engine": True}, **kw)
+
+
+@dataclass
+class TlsConfig:
+    """The ``wss://`` listener (``[server.tls]``): on when ``cert_file`` is set. The plain
+    listener (``server.port``) stays, for a TLS-terminating proxy in front or local use."""
+
+    #: PEM certificate chain, leaf first (a full chain, as a public CA issues it).
+    cert_file: str = engine("")
+    #: PEM private key of the leaf (RSA, ECDSA or Ed25519; PKCS#8, SEC1 or PKCS#1).
+    key_file: str = engine("")
+    #: Listener address; empty = ``server.host``.
+    host: str = engine("")
+    port: int = engine(8443)
+    #: Expect a PROXY protocol v1/v2 header on every connection (TLS passthrough behind
+    #: Tencent CLB, AWS NLB or HAProxy).
+    proxy_protocol: bool = engine(False)
+    #: Seconds between checks of the files for a change (then reload, as on SIGHUP);
+    #: 0 = reload on SIGHUP only.
+    watch_interval: float = 10.0
 
 
 @dataclass
@@ -59,6 +82,12 @@ class ServerConfig:
     io_threads: int = engine(0)
     #: SO_REUSEPORT (always on with ``workers`` > 1).
     reuse_port: bool = engine(False)
+    #: The plain listener expects a PROXY protocol v1/v2 header on every connection.
+    proxy_protocol: bool = engine(False)
+    #: CIDRs of proxies whose ``X-Forwarded-For`` / ``X-Real-IP`` are believed (and, when
+    #: set, the only peers allowed on a PROXY-protocol listener). Empty: headers ignored.
+    trusted_proxies: list[str] = engine(None, default_factory=list)
+    tls: TlsConfig = field(default_factory=TlsConfig)
     backlog: int = engine(4096)
     subprotocols: list[str] = field(default_factory=lambda: ["gateway.v1"])
     #: Serve the live-room demo page at ``/``.
@@ -256,6 +285,14 @@ class Config:
             raise ConfigError("server.backlog", "must be >= 1")
         if not s.subprotocols:
             raise ConfigError("server.subprotocols", "must list at least one protocol")
+        self._check_tls()
+        if not isinstance(s.trusted_proxies, list) or not all(isinstance(x, str) for x in s.trusted_proxies):
+            raise ConfigError("server.trusted_proxies", "must be a list of CIDR strings, e.g. ['10.0.0.0/8']")
+        for entry in s.trusted_proxies:
+            try:
+                ipaddress.ip_network(entry.strip(), strict=False)
+            except ValueError:
+                raise ConfigError("server.trusted_proxies", f"{entry!r} is not an address or CIDR") from None
         lim = self.limits
         for name in (
             "max_message_bytes", "max_frame_bytes", "queue_bytes", "max_headers", "max_header_bytes", "event_queue",
@@ -341,6 +378,34 @@ class Config:
             if not isinstance(table, dict):
                 raise ConfigError(f"plugins.{name}", "must be a table ([plugins.<name>])")
 
+    def _check_tls(self) -> None:
+        t = self.server.tls
+        if not 0 <= t.port <= 65535:
+            raise ConfigError("server.tls.port", "must be 0..65535")
+        if t.watch_interval < 0:
+            raise ConfigError("server.tls.watch_interval", "must be >= 0 (0 = reload on SIGHUP only)")
+        if bool(t.cert_file) != bool(t.key_file):
+            missing = "server.tls.key_file" if t.cert_file else "server.tls.cert_file"
+            raise ConfigError(missing, "must be set together with " + ("server.tls.cert_file" if t.cert_file else "server.tls.key_file"))
+        if t.cert_file and t.port == self.server.port and (t.host or self.server.host) == self.server.host and t.port:
+            raise ConfigError("server.tls.port", f"must differ from server.port ({self.server.port})")
+
+    def tls_certificate(self) -> dict[str, Any] | None:
+        """Check the TLS certificate and key as the engine will load them; the served
+        certificate's facts (``not_after``, ``serial``, ``subject``...), or None without
+        TLS. Raises :class:`ConfigError` naming the key: a missing file, a bad PEM, a key
+        that does not match, an expired certificate."""
+        t = self.server.tls
+        if not t.cert_file:
+            return None
+        from gateway import _core
+
+        try:
+            return dict(_core.check_tls(t.cert_file, t.key_file))
+        except _core.TlsError as e:
+            key, message = e.args
+            raise ConfigError(key, message) from None
+
     def engine_settings(self) -> dict[str, Any]:
         """Every engine setting as ``Engine(...)`` takes it: ``<section>_<key>`` for each
         field declared with :func:`engine`, one name on both sides."""
@@ -349,12 +414,23 @@ class Config:
             section = getattr(self, f.name)
             if not dataclasses.is_dataclass(section):
                 continue
-            for sf in dataclasses.fields(section):
-                if sf.metadata.get("engine"):
-                    out[f"{f.name}_{sf.name}"] = getattr(section, sf.name)
+            out.update(_engine_fields(section, f.name))
         if self.server.workers > 1:
             out["server_reuse_port"] = True
         return out
+
+
+def _engine_fields(section: Any, prefix: str) -> dict[str, Any]:
+    """Engine settings of one section and its subsections (``server.tls.port`` ->
+    ``server_tls_port``)."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if dataclasses.is_dataclass(value):
+            out.update(_engine_fields(value, f"{prefix}_{f.name}"))
+        elif f.metadata.get("engine"):
+            out[f"{prefix}_{f.name}"] = list(value) if isinstance(value, list) else value
+    return out
 
 
 # ---- building dataclasses from plain data, with key-naming errors ----------------------

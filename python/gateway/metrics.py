@@ -77,6 +77,7 @@ class EngineCollector:
         yield refused
         for key, (name, doc) in _SIMPLE.items():
             yield CounterMetricFamily(name.removesuffix("_total"), doc, value=c[key])
+        yield from _tls(eng, c)
         hs = CounterMetricFamily("gateway_handshake_failures", "Failed HTTP upgrades by reason", labels=["reason"])
         for reason, key in (("timeout", "handshake_timeout"), ("bad_request", "handshake_bad_request"), ("too_large", "handshake_too_large"), ("not_found", "handshake_not_found"), ("auth_timeout", "connects_auth_timeout")):
             hs.add_metric([reason], c[key])
@@ -182,6 +183,40 @@ class EngineCollector:
         yield rate
         yield dps
         yield dropped
+
+
+#: TLS handshake failures: label of gateway_tls_handshake_failures_total -> engine counter.
+_TLS_FAILURES = {
+    "timeout": "tls_fail_timeout", "client_gone": "tls_fail_eof", "plain_http": "tls_fail_http", "not_tls": "tls_fail_not_tls",
+    "protocol_version": "tls_fail_version", "no_shared_params": "tls_fail_params", "alert_received": "tls_fail_alert",
+    "alpn": "tls_fail_alpn", "other": "tls_fail_other",
+}
+
+
+def _tls(eng: Any, c: dict[str, int]) -> Any:
+    """TLS and PROXY-protocol metrics (zeros without TLS, so alerts have a series)."""
+    hs = CounterMetricFamily("gateway_tls_handshakes", "TLS handshakes completed, full or resumed (ticket / session id)", labels=["kind"])
+    hs.add_metric(["full"], c["tls_handshakes_full"])
+    hs.add_metric(["resumed"], c["tls_handshakes_resumed"])
+    yield hs
+    fails = CounterMetricFamily("gateway_tls_handshake_failures", "TLS handshakes that failed, by reason", labels=["reason"])
+    for reason, key in _TLS_FAILURES.items():
+        fails.add_metric([reason], c[key])
+    yield fails
+    errs = CounterMetricFamily("gateway_tls_record_errors", "Established TLS connections closed on a record that failed to decrypt or parse")
+    errs.add_metric([], c["tls_errors"])
+    yield errs
+    rl = CounterMetricFamily("gateway_tls_reloads", "Certificate reloads (SIGHUP or changed files), by result; on error the old certificate stays", labels=["result"])
+    rl.add_metric(["ok"], c["tls_reloads_ok"])
+    rl.add_metric(["error"], c["tls_reloads_error"])
+    yield rl
+    info = eng.tls_info()
+    if info is not None:
+        yield GaugeMetricFamily("gateway_tls_cert_expiry_timestamp_seconds", "notAfter of the served TLS certificate (Unix time)", value=info["not_after"])
+    px = CounterMetricFamily("gateway_proxy_protocol_refused", "Connections dropped on a PROXY-protocol listener, by reason", labels=["reason"])
+    px.add_metric(["bad_header"], c["proxy_bad_header"])
+    px.add_metric(["untrusted_peer"], c["proxy_untrusted"])
+    yield px
 
 
 def _le(v: float) -> str:

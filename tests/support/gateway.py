@@ -78,6 +78,8 @@ class GatewayProcess:
     :param workers: ``--workers N``: worker i has node id ``<node_id>-w<i>`` and API port
         ``api_port + i``; ready when every worker is.
     :param allow_errors: a traceback in the log does not fail :meth:`finish`.
+    :param tls: (certificate chain, key) PEM files: a ``wss://`` listener on its own free
+        port (:attr:`tls_port`, :meth:`wss_url`) besides the plain one.
     """
 
     #: Seconds :meth:`start` waits for readiness.
@@ -96,6 +98,7 @@ class GatewayProcess:
         node_id: str | None = None,
         workers: int = 1,
         allow_errors: bool = False,
+        tls: tuple[Path, Path] | None = None,
     ) -> None:
         log_dir.mkdir(parents=True, exist_ok=True)
         self.log_dir = log_dir
@@ -109,6 +112,8 @@ class GatewayProcess:
         self.node_id = node_id or f"gw-{uuid.uuid4().hex[:8]}"
         self.workers = workers
         self.allow_errors = allow_errors
+        self.tls = tls
+        self.tls_port = 0
         self.port = 0
         self.api_port = 0
         self.proc: subprocess.Popen[bytes] | None = None
@@ -139,6 +144,12 @@ class GatewayProcess:
         q = urlencode({k: v for k, v in query.items() if v is not None})
         return f"ws://127.0.0.1:{self.port}{path}" + (f"?{q}" if q else "")
 
+    def wss_url(self, path: str = "/ws", host: str = "localhost", **query: Any) -> str:
+        """``wss://localhost:<tls_port>/ws?<query>`` (needs ``tls``)."""
+        assert self.tls is not None, "started without tls"
+        q = urlencode({k: v for k, v in query.items() if v is not None})
+        return f"wss://{host}:{self.tls_port}{path}" + (f"?{q}" if q else "")
+
     @property
     def pid(self) -> int:
         assert self.proc is not None
@@ -156,6 +167,8 @@ class GatewayProcess:
             args += ["--app", self.app]
         if self.workers > 1:
             args += ["--workers", str(self.workers)]
+        if self.tls is not None:
+            args += ["--tls-cert", str(self.tls[0]), "--tls-key", str(self.tls[1]), "--tls-port", str(self.tls_port)]
         args += self.args
         sets = [*BASE_SETTINGS, *([f"api.api_key={self.api_key}"] if self.api_key else []), *self.sets, f"node_id={self.node_id}"]
         for s in sets:
@@ -173,10 +186,14 @@ class GatewayProcess:
 
     def _choose_ports(self) -> None:
         self.port = free_port()
+        if self.tls is not None:
+            self.tls_port = free_port()
+            while self.tls_port == self.port:
+                self.tls_port = free_port()
         while True:
             self.api_port = free_port(65535 - self.workers)
             block = range(self.api_port, self.api_port + self.workers)
-            if self.port not in block and all(port_is_free(p) for p in block[1:]):
+            if self.port not in block and self.tls_port not in block and all(port_is_free(p) for p in block[1:]):
                 return
 
     # ---- lifecycle ----

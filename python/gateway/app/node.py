@@ -18,6 +18,7 @@ Backend teams customise it with plugins (subclasses of :class:`Plugin`) or decor
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import signal
@@ -37,6 +38,7 @@ from ..policy import Policy
 from ..protocol import frames
 from ..protocol.codes import CloseCode, Priority
 from ..routing import Router
+from .certs import CertWatcher
 from .hooks import Hooks
 from .members import Members
 from .plugins import Plugin
@@ -92,6 +94,8 @@ class Gateway:
         self.broker: Broker = broker or make_broker(config)
         self.stats = Stats()
         self._engine: Engine | None = None
+        #: The TLS certificate's reloader, while a TLS listener runs.
+        self.certs: CertWatcher | None = None
         self.tasks = Tasks()
         self.hooks = Hooks(config.hooks, self.stats)
         self.member_events = Members(self.broker, self.hooks, self.tasks)
@@ -349,12 +353,20 @@ class Gateway:
             from ..demo import static_files
 
             static = static_files(self.config.server.ws_path)
+        # A certificate that cannot be served fails here with the key to blame.
+        self.config.tls_certificate()
         eng = Engine(static_files=static, **self.config.engine_settings())
         self._set_room_options(eng)
         self._engine = eng
         addr = eng.start()
         self._loop.add_reader(eng.fd, self._on_readable)
         self.tasks.start(self.rooms.presence_loop())
+        tls_addr = eng.tls_address
+        if tls_addr is not None:
+            self.certs = CertWatcher(eng, self.config.server.tls)
+            self.certs.warn_expiry()
+            self.tasks.start(self.certs.run())
+            log.info("gateway %s listening on wss://%s:%d%s", self.node_id, tls_addr[0], tls_addr[1], self.config.server.ws_path)
         if self.config.api.enabled:
             from ..api import start_api
 
@@ -411,8 +423,18 @@ class Gateway:
             if inspect.isawaitable(r):
                 await r
         self._engine = None
+        self.certs = None
         log.info("gateway stopped (%d connections dropped after the drain deadline)", left + dropped)
         return left
+
+    def reload_tls(self) -> bool:
+        """Reload the TLS certificate and key from their files for new connections (as on
+        SIGHUP). False, with the reason logged, if the files cannot be served: the
+        current certificate stays. False without TLS."""
+        if self.certs is None:
+            log.info("SIGHUP: no TLS listener, nothing to reload")
+            return False
+        return self.certs.reload("SIGHUP")
 
     async def serve(self) -> None:
         """Start, run until SIGINT/SIGTERM, then stop gracefully."""
@@ -424,6 +446,9 @@ class Gateway:
                 loop.add_signal_handler(sig, stop.set)
             except (NotImplementedError, RuntimeError):
                 pass
+        # SIGHUP: reload the TLS certificate (certbot deploy hooks, `systemctl reload`).
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(signal.SIGHUP, self.reload_tls)
         await stop.wait()
         log.info("signal received: draining")
         await self.stop()

@@ -26,6 +26,18 @@ pub struct EngineConfig {
     pub server_backlog: u32,
     /// Tokio I/O threads; 0 = the CPU count.
     pub server_io_threads: usize,
+    /// The plain listener expects a PROXY protocol (v1/v2) header on every connection.
+    pub server_proxy_protocol: bool,
+    /// CIDRs of proxies whose `X-Forwarded-For` / `X-Real-IP` are believed (and, when
+    /// set, the only peers a PROXY-protocol listener accepts).
+    pub server_trusted_proxies: Vec<String>,
+    /// PEM certificate chain and key of the TLS listener; empty = no TLS listener.
+    pub server_tls_cert_file: String,
+    pub server_tls_key_file: String,
+    /// Address of the TLS listener; empty host = `server_host`; port 0 picks a free one.
+    pub server_tls_host: String,
+    pub server_tls_port: u16,
+    pub server_tls_proxy_protocol: bool,
     /// Path that accepts WebSocket upgrades; empty = any path.
     pub server_ws_path: String,
     /// Answered by the engine without Python: 200 while running, 503 while draining.
@@ -101,6 +113,13 @@ impl Default for EngineConfig {
             server_reuse_port: false,
             server_backlog: 4096,
             server_io_threads: 0,
+            server_proxy_protocol: false,
+            server_trusted_proxies: Vec::new(),
+            server_tls_cert_file: String::new(),
+            server_tls_key_file: String::new(),
+            server_tls_host: String::new(),
+            server_tls_port: 8443,
+            server_tls_proxy_protocol: false,
             server_ws_path: "/ws".into(),
             server_health_path: "/healthz".into(),
             static_files: HashMap::new(),

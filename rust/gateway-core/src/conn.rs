@@ -9,6 +9,7 @@
 //!   closes the connection as a slow consumer (4008);
 //! - publishers never wait: every outcome is decided under one short lock.
 
+use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::io::IoSlice;
 use std::os::fd::RawFd;
@@ -24,6 +25,7 @@ use crate::metrics::{self, Counters, Histogram, LocalHistogram};
 use crate::protocol::deflate::deflate;
 use crate::protocol::frame::{self, OP_TEXT};
 use crate::protocol::{close, CloseCode};
+use crate::tls;
 
 pub use crate::protocol::codes::{PRIO_HIGH, PRIO_LOW, PRIO_NORMAL};
 
@@ -172,6 +174,61 @@ pub struct OutQueue {
     pub app_pong: Option<Arc<Frame>>,
     /// Pongs queued behind a waiting one since the writer last took the replies.
     spilled: u8,
+    /// A TLS connection's session (boxed: plain connections pay one pointer).
+    pub tls: Option<Box<TlsState>>,
+}
+
+/// The TLS side of a connection, under its queue lock: whoever writes (the I/O task, or
+/// a fan-out writing directly) encrypts with it, in order.
+pub struct TlsState {
+    pub sess: tls::Session,
+    /// Encrypted bytes the socket has not taken yet. They go out before anything else;
+    /// no drop policy touches them (they are part of a record already sequenced). Empty,
+    /// without an allocation, while the connection keeps up.
+    pub pending: Vec<u8>,
+}
+
+impl TlsState {
+    pub fn new(sess: tls::Session) -> Box<Self> {
+        Box::new(Self { sess, pending: Vec::new() })
+    }
+
+    /// Keep what the socket did not take of `out` (from byte `sent`).
+    pub fn keep(&mut self, out: &[u8], sent: usize) {
+        if sent < out.len() {
+            self.pending.extend_from_slice(&out[sent..]);
+        }
+    }
+
+    /// `n` pending bytes were written; an emptied buffer gives its memory back.
+    pub fn written(&mut self, n: usize) {
+        self.pending.drain(..n);
+        if self.pending.is_empty() {
+            self.pending = Vec::new();
+        }
+    }
+}
+
+thread_local! {
+    /// Per-thread TLS scratch: (plaintext gathered from several frames, ciphertext).
+    pub static TLS_SCRATCH: RefCell<(Vec<u8>, Vec<u8>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// Gather `frames` (their bytes for this connection) into one slice: the frame itself
+/// when there is one, else a copy into `gather`. One TLS record per write, not per frame.
+pub fn gathered<'a>(
+    frames: impl ExactSizeIterator<Item = &'a Bytes>,
+    gather: &'a mut Vec<u8>,
+) -> &'a [u8] {
+    if frames.len() == 1 {
+        let mut frames = frames;
+        return frames.next().map_or(&[], |b| &b[..]);
+    }
+    gather.clear();
+    for b in frames {
+        gather.extend_from_slice(b);
+    }
+    gather
 }
 
 /// Pongs answered one by one while the writer is busy, before further pings coalesce
@@ -193,6 +250,7 @@ impl Default for OutQueue {
             control: None,
             app_pong: None,
             spilled: 0,
+            tls: None,
         }
     }
 }
@@ -316,7 +374,17 @@ impl OutQueue {
 
     /// The writer is idle and the socket may be written to by the caller, in order.
     fn direct_ok(&self) -> bool {
-        self.fd >= 0 && !self.woken && self.items.is_empty() && self.head.is_none() && self.closing.is_none()
+        self.fd >= 0
+            && !self.woken
+            && self.items.is_empty()
+            && self.head.is_none()
+            && self.closing.is_none()
+            && self.tls.as_ref().is_none_or(|t| t.pending.is_empty())
+    }
+
+    /// Encrypted bytes wait for the socket.
+    pub fn tls_pending(&self) -> bool {
+        self.tls.as_ref().is_some_and(|t| !t.pending.is_empty())
     }
 
     /// Start a server-side close. Returns false if one is already under way.
@@ -462,10 +530,18 @@ impl Conn {
             let mut q = self.out.lock();
             let mut rest = frames;
             if let Some(d) = direct.filter(|_| q.direct_ok()) {
-                let (done, partial) = self.write_direct(q.fd, frames, d, c);
+                let fd = q.fd;
+                let (done, partial) = match q.tls.as_deref_mut() {
+                    Some(t) => self.write_direct_tls(fd, t, frames, d, c),
+                    None => self.write_direct(q.fd, frames, d, c),
+                };
                 queued += done;
                 rest = &frames[done..];
-                if partial > 0 {
+                if partial > 0 && q.tls.is_some() {
+                    // Encrypted bytes the socket did not take: the writer sends them first.
+                    q.woken = true;
+                    wake = true;
+                } else if partial > 0 {
                     // The writer finishes this frame before anything else.
                     q.head = Some((rest[0].0.clone(), partial));
                     q.woken = true;
@@ -543,6 +619,45 @@ impl Conn {
         d.frames += done as u64;
         d.partial += u64::from(done < n);
         (done, left)
+    }
+
+    /// The TLS twin of `write_direct`: encrypt up to 64 frames as one record and write it
+    /// with one `send`. Every frame encrypted counts as written: what the socket did not
+    /// take waits in `t.pending` (second value nonzero), for the I/O task. Nothing is
+    /// written if the session cannot send now (the I/O task then meets that itself).
+    fn write_direct_tls(
+        &self,
+        fd: RawFd,
+        t: &mut TlsState,
+        frames: &[(Arc<Frame>, u8)],
+        d: &mut Direct,
+        c: &Counters,
+    ) -> (usize, usize) {
+        let n = frames.len().min(64);
+        TLS_SCRATCH.with(|s| {
+            let (gather, out) = &mut *s.borrow_mut();
+            out.clear();
+            let plain = gathered(frames[..n].iter().map(|(f, _)| f.bytes_for(self.deflate_bits, d.deflate_level, c)), gather);
+            if tls::encrypt(&mut t.sess, plain, out).is_err() {
+                return (0, 0);
+            }
+            // SAFETY: as in write_direct (the queue lock keeps `fd` open; `out` outlives the call).
+            let sent = unsafe { libc::send(fd, out.as_ptr().cast(), out.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
+            let sent = usize::try_from(sent).unwrap_or(0);
+            t.keep(out, sent);
+            if sent > 0 {
+                d.writes += 1;
+                d.bytes += sent as u64;
+            }
+            if let Some(born) = frames[..n].iter().map(|(f, _)| f.born_us).find(|b| *b > 0) {
+                let now = d.epoch.elapsed().as_micros() as u64 + 1;
+                d.lag.observe_ns(now.saturating_sub(born) * 1000);
+            }
+            d.frames += n as u64;
+            let left = out.len() - sent;
+            d.partial += u64::from(left > 0);
+            (n, left)
+        })
     }
 
     /// Ask the I/O task to close with `code`. `discard` drops frames not yet written.

@@ -21,7 +21,9 @@ use crate::limits::IpTable;
 use crate::metrics::Counters;
 use crate::protocol::frame::{OP_BINARY, OP_TEXT};
 use crate::protocol::CloseCode;
-use crate::server::{self, Decision, Shared, UserSlot, Verdict};
+use crate::client_ip::TrustedProxies;
+use crate::server::{self, Decision, Listen, Shared, UserSlot, Verdict};
+use crate::tls::{Acceptor, CertInfo, TlsError};
 
 pub use crate::server::Decision as ConnectDecision;
 
@@ -32,6 +34,11 @@ pub struct Engine {
     sh: Arc<Shared>,
     rt: Mutex<Option<Runtime>>,
     addr: Mutex<Option<SocketAddr>>,
+    tls_addr: Mutex<Option<SocketAddr>>,
+}
+
+fn invalid(msg: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, msg)
 }
 
 /// RLIMIT_NOFILE: (soft, hard).
@@ -64,10 +71,11 @@ pub fn raise_nofile_limit() -> (u64, u64) {
     (r.rlim_cur, r.rlim_max)
 }
 
-fn bind(cfg: &EngineConfig) -> io::Result<std::net::TcpListener> {
-    let addr: SocketAddr = (cfg.server_host.as_str(), cfg.server_port).to_socket_addrs()?.next().ok_or_else(|| {
-        io::Error::new(io::ErrorKind::InvalidInput, format!("cannot resolve host {:?}", cfg.server_host))
-    })?;
+fn bind(cfg: &EngineConfig, host: &str, port: u16) -> io::Result<std::net::TcpListener> {
+    let addr: SocketAddr = (host, port)
+        .to_socket_addrs()?
+        .next()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, format!("cannot resolve host {host:?}")))?;
     let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     if addr.is_ipv6() {
         // "::" serves IPv4 too (dual stack).
@@ -85,7 +93,17 @@ fn bind(cfg: &EngineConfig) -> io::Result<std::net::TcpListener> {
 }
 
 impl Engine {
+    /// Errors: the listener settings that cannot work, each message naming its config key
+    /// (a certificate that cannot be served, a bad `server.trusted_proxies` entry), or the
+    /// event queue's eventfd.
     pub fn new(cfg: EngineConfig) -> io::Result<Self> {
+        let trusted = TrustedProxies::parse(&cfg.server_trusted_proxies)
+            .map_err(|e| invalid(format!("server.trusted_proxies: {e}")))?;
+        let tls = if cfg.server_tls_cert_file.is_empty() && cfg.server_tls_key_file.is_empty() {
+            None
+        } else {
+            Some(Acceptor::new(&cfg.server_tls_cert_file, &cfg.server_tls_key_file).map_err(|e| invalid(e.to_string()))?)
+        };
         let counters = Arc::new(Counters::default());
         let hub = Arc::new(
             Hub::new(
@@ -105,6 +123,8 @@ impl Engine {
         })?;
         let sh = Arc::new(Shared {
             ips: IpTable::new(cfg.limits_max_conns_per_ip, cfg.limits_max_handshakes_per_ip),
+            trusted,
+            tls,
             conn_cap: AtomicUsize::new(cfg.limits_max_conns),
             decoder: cfg.decoder(),
             deflate: cfg.deflate(),
@@ -118,7 +138,7 @@ impl Engine {
             stop_accepting: Notify::new(),
             started: Instant::now(),
         });
-        Ok(Self { sh, rt: Mutex::new(None), addr: Mutex::new(None) })
+        Ok(Self { sh, rt: Mutex::new(None), addr: Mutex::new(None), tls_addr: Mutex::new(None) })
     }
 
     #[cfg(test)]
@@ -145,11 +165,25 @@ impl Engine {
             .thread_name("gateway-io")
             .enable_all()
             .build()?;
-        let std_listener = bind(&self.sh.cfg)?;
+        let cfg = &self.sh.cfg;
+        let std_listener = bind(cfg, &cfg.server_host, cfg.server_port).map_err(|e| {
+            io::Error::new(e.kind(), format!("cannot listen on {}:{}: {e}", cfg.server_host, cfg.server_port))
+        })?;
         let addr = std_listener.local_addr()?;
-        let listener = {
+        let tls_listener = match self.sh.tls {
+            None => None,
+            Some(_) => {
+                let host = if cfg.server_tls_host.is_empty() { &cfg.server_host } else { &cfg.server_tls_host };
+                Some(bind(cfg, host, cfg.server_tls_port).map_err(|e| {
+                    io::Error::new(e.kind(), format!("server.tls.port: cannot listen on {host}:{}: {e}", cfg.server_tls_port))
+                })?)
+            }
+        };
+        let tls_addr = tls_listener.as_ref().map(|l| l.local_addr()).transpose()?;
+        let (listener, tls_listener) = {
             let _guard = rt.enter();
-            tokio::net::TcpListener::from_std(std_listener)?
+            let tls = tls_listener.map(tokio::net::TcpListener::from_std).transpose()?;
+            (tokio::net::TcpListener::from_std(std_listener)?, tls)
         };
         // The node cap: never more sockets than the open-files limit leaves after the
         // reserve (read now: the application may have raised the limit before start).
@@ -157,15 +191,44 @@ impl Engine {
         let fd_room = usize::try_from(soft).unwrap_or(usize::MAX).saturating_sub(self.sh.cfg.limits_reserved_fds);
         self.sh.conn_cap.store(self.sh.cfg.limits_max_conns.min(fd_room).max(1), Relaxed);
         self.sh.hub.set_runtime(rt.handle().clone());
-        rt.spawn(server::accept_loop(self.sh.clone(), listener));
+        rt.spawn(server::accept_loop(self.sh.clone(), listener, Listen { tls: false, proxy: cfg.server_proxy_protocol }));
+        if let Some(l) = tls_listener {
+            rt.spawn(server::accept_loop(self.sh.clone(), l, Listen { tls: true, proxy: cfg.server_tls_proxy_protocol }));
+        }
         rt.spawn(server::sweeper(self.sh.clone()));
         *rt_slot = Some(rt);
         *self.addr.lock() = Some(addr);
+        *self.tls_addr.lock() = tls_addr;
         Ok(addr)
     }
 
     pub fn local_addr(&self) -> Option<SocketAddr> {
         *self.addr.lock()
+    }
+
+    /// The TLS listener's address, once started with a certificate.
+    pub fn tls_addr(&self) -> Option<SocketAddr> {
+        *self.tls_addr.lock()
+    }
+
+    // ---- TLS certificate ----------------------------------------------------------------
+
+    /// The certificate served, if TLS is configured.
+    pub fn tls_info(&self) -> Option<CertInfo> {
+        self.sh.tls.as_ref().map(Acceptor::info)
+    }
+
+    /// Read the certificate and key files again; new connections get the new pair, open
+    /// ones keep theirs. On an error the current certificate stays. Counted either way.
+    pub fn reload_tls(&self) -> Result<CertInfo, TlsError> {
+        let Some(a) = self.sh.tls.as_ref() else {
+            return Err(TlsError { key: "server.tls.cert_file", message: "TLS is not configured".into() });
+        };
+        let r = a.reload();
+        let c = &self.sh.counters;
+        c.tls_reloads_ok.fetch_add(u64::from(r.is_ok()), Relaxed);
+        c.tls_reloads_error.fetch_add(u64::from(r.is_err()), Relaxed);
+        r
     }
 
     pub fn is_running(&self) -> bool {

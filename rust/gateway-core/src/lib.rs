@@ -14,6 +14,7 @@ pub mod limits;
 pub mod metrics;
 pub mod protocol;
 mod server;
+pub mod tls;
 
 pub use config::EngineConfig;
 pub use engine::Engine;

@@ -36,6 +36,28 @@ counters! {
     handshake_bad_request,
     handshake_too_large,
     handshake_not_found,
+    /// TLS handshakes completed: full, and resumed from a ticket or session id.
+    tls_handshakes_full,
+    tls_handshakes_resumed,
+    /// TLS handshakes failed, by reason (see `tls::Failure`).
+    tls_fail_timeout,
+    tls_fail_eof,
+    tls_fail_http,
+    tls_fail_not_tls,
+    tls_fail_version,
+    tls_fail_params,
+    tls_fail_alert,
+    tls_fail_alpn,
+    tls_fail_other,
+    /// Records that failed on an established TLS connection (it is closed).
+    tls_errors,
+    /// Certificate reloads that took effect / failed (the old certificate stays).
+    tls_reloads_ok,
+    tls_reloads_error,
+    /// PROXY protocol: malformed headers, and connections from peers not in
+    /// `server.trusted_proxies` on a listener that expects one.
+    proxy_bad_header,
+    proxy_untrusted,
     /// Plain HTTP requests answered (health, static files).
     http_requests,
     disconnects,

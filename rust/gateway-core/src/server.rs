@@ -19,8 +19,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{oneshot, Notify};
 
+use crate::client_ip::{forwarded_client, TrustedProxies};
 use crate::config::EngineConfig;
-use crate::conn::{Conn, Frame, Reply, PRIO_HIGH, PRIO_NORMAL};
+use crate::conn::{gathered, Conn, Frame, Reply, TlsState, PRIO_HIGH, PRIO_NORMAL, TLS_SCRATCH};
 use crate::events::{Event, EventQueue};
 use crate::hub::Hub;
 use crate::limits::{self, Bucket, IpRefusal, IpTable};
@@ -28,7 +29,8 @@ use crate::metrics::{self, Counters};
 use crate::protocol::deflate::{negotiate, DeflateConfig, Inflater};
 use crate::protocol::frame::{self, Decoder, DecoderConfig, Event as WsEvent};
 use crate::protocol::handshake::{self, Kind, Parsed};
-use crate::protocol::{close, error, frames};
+use crate::protocol::{close, error, frames, proxy};
+use crate::tls::{self, Acceptor, Progress};
 
 /// The application's answer to a connect request.
 #[derive(Debug)]
@@ -91,6 +93,10 @@ pub struct Shared {
     pub events: EventQueue,
     pub counters: Arc<Counters>,
     pub ips: IpTable,
+    /// Peers whose `X-Forwarded-For` / `X-Real-IP` (and PROXY headers) are believed.
+    pub trusted: TrustedProxies,
+    /// The TLS listener's certificate, when one is configured.
+    pub tls: Option<Acceptor>,
     /// Sockets this node holds at most (`limits_max_conns`, lowered to the open-files
     /// limit minus `limits_reserved_fds` at start).
     pub conn_cap: AtomicUsize,
@@ -128,7 +134,16 @@ thread_local! {
     static SCRATCH_BUF: RefCell<Vec<u8>> = RefCell::new(vec![0; SCRATCH]);
 }
 
-pub async fn accept_loop(sh: Arc<Shared>, listener: TcpListener) {
+/// What a listener speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Listen {
+    /// TLS (`wss://`) rather than plain `ws://`.
+    pub tls: bool,
+    /// Every connection starts with a PROXY protocol (v1 or v2) header.
+    pub proxy: bool,
+}
+
+pub async fn accept_loop(sh: Arc<Shared>, listener: TcpListener, l: Listen) {
     let c = &sh.counters;
     loop {
         // A refused socket still holds a descriptor while it gets its 503: past the cap
@@ -150,7 +165,7 @@ pub async fn accept_loop(sh: Arc<Shared>, listener: TcpListener) {
             Ok((stream, peer)) => {
                 metrics::inc(&c.tcp_accepted);
                 metrics::inc(&c.sockets_current);
-                tokio::spawn(handle(sh.clone(), stream, peer));
+                tokio::spawn(handle(sh.clone(), stream, peer, l));
             }
             Err(e) => {
                 metrics::inc(&c.accept_errors);
@@ -195,7 +210,9 @@ pub async fn sweeper(sh: Arc<Shared>) {
 /// request is read (briefly) after the answer so that closing does not reset the
 /// connection before the client has read it.
 async fn refuse(stream: &mut TcpStream, status: u16, body: &'static [u8]) {
-    write_plain(stream, status, "text/plain", body, &[("Retry-After", "1")]).await;
+    let resp = handshake::response(status, "text/plain", body, &[("Retry-After", "1")]);
+    let _ = tokio::time::timeout(Duration::from_secs(2), stream.write_all(&resp)).await;
+    let _ = stream.shutdown().await;
     let _ = tokio::time::timeout(Duration::from_millis(500), async {
         let mut sink = [0u8; 1024];
         let mut left: usize = 16 * 1024;
@@ -209,56 +226,40 @@ async fn refuse(stream: &mut TcpStream, status: u16, body: &'static [u8]) {
     .await;
 }
 
-async fn write_plain(stream: &mut TcpStream, status: u16, ctype: &str, body: &[u8], extra: &[(&str, &str)]) {
-    let resp = handshake::response(status, ctype, body, extra);
-    let _ = tokio::time::timeout(Duration::from_secs(2), stream.write_all(&resp)).await;
-    let _ = stream.shutdown().await;
-}
-
-/// Read the request head. Errors carry the status to answer with.
-async fn read_head(
-    stream: &TcpStream,
-    buf: &mut Vec<u8>,
-    cfg: &EngineConfig,
-) -> Result<(handshake::Request, usize), (u16, &'static str)> {
-    loop {
-        stream.readable().await.map_err(|_| (400, "read error"))?;
-        let mut chunk = [0u8; 2048];
-        match stream.try_read(&mut chunk) {
-            Ok(0) => return Err((400, "connection closed")),
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(_) => return Err((400, "read error")),
-        }
-        match handshake::parse_request(buf, cfg.limits_max_headers, cfg.limits_max_header_bytes) {
-            Parsed::Partial => continue,
-            Parsed::Done(r, n) => return Ok((r, n)),
-            Parsed::Error(s, why) => return Err((s, why)),
-        }
-    }
-}
-
-async fn handle(sh: Arc<Shared>, mut stream: TcpStream, peer: SocketAddr) {
+async fn handle(sh: Arc<Shared>, mut stream: TcpStream, peer: SocketAddr, l: Listen) {
     let ip = limits::canonical(peer.ip());
-    if let Err(status) = admit(&sh, ip) {
-        let body: &'static [u8] = if status == 503 { b"server full\n" } else { b"too many connections\n" };
-        Box::pin(refuse(&mut stream, status, body)).await;
-        metrics::dec(&sh.counters.sockets_current);
-        return;
+    // Behind a proxy the client's address is known only from the PROXY header or the
+    // forwarded headers: the per-IP caps are applied to it then, not to the proxy's.
+    let deferred = l.proxy || sh.trusted.contains(ip);
+    let admitted = admit_node(&sh).and_then(|()| if deferred { Ok(None) } else { admit_ip(&sh, ip).map(Some) });
+    match admitted {
+        Ok(counted) => serve(sh, stream, peer, l, counted).await,
+        Err(status) => {
+            if !l.tls {
+                let body: &'static [u8] = if status == 503 { b"server full\n" } else { b"too many connections\n" };
+                Box::pin(refuse(&mut stream, status, body)).await;
+            }
+            // A TLS client cannot read a plain answer: it sees the connection close.
+            drop(stream);
+            metrics::dec(&sh.counters.sockets_current);
+        }
     }
-    serve(sh, stream, peer, ip).await;
 }
 
-/// Check a new socket against the node and per-IP caps (and count it); Err(status).
-fn admit(sh: &Shared, ip: IpAddr) -> Result<(), u16> {
-    let c = &sh.counters;
-    // sockets_current already counts this socket.
-    if c.sockets_current.load(Relaxed) as usize > sh.conn_cap.load(Relaxed) {
-        metrics::inc(&c.conns_refused_node);
+/// Check a new socket against the node cap (`sockets_current` already counts it).
+fn admit_node(sh: &Shared) -> Result<(), u16> {
+    if sh.counters.sockets_current.load(Relaxed) as usize > sh.conn_cap.load(Relaxed) {
+        metrics::inc(&sh.counters.conns_refused_node);
         return Err(503);
     }
+    Ok(())
+}
+
+/// Count a connection from `ip` under the per-IP caps; Err(429) over them.
+fn admit_ip(sh: &Shared, ip: IpAddr) -> Result<IpAddr, u16> {
+    let c = &sh.counters;
     match sh.ips.open(ip) {
-        Ok(()) => Ok(()),
+        Ok(()) => Ok(ip),
         Err(IpRefusal::Conns) => {
             metrics::inc(&c.conns_refused_ip);
             Err(429)
@@ -270,8 +271,9 @@ fn admit(sh: &Shared, ip: IpAddr) -> Result<(), u16> {
     }
 }
 
-/// Serve an admitted socket; gives its place under the caps back at the end.
-async fn serve(sh: Arc<Shared>, mut stream: TcpStream, peer: SocketAddr, ip: IpAddr) {
+/// Serve an admitted socket; gives its place under the caps back at the end. `counted`
+/// is the address counted under the per-IP caps (set during the handshake when deferred).
+async fn serve(sh: Arc<Shared>, mut stream: TcpStream, peer: SocketAddr, l: Listen, mut counted: Option<IpAddr>) {
     let _ = stream.set_nodelay(true);
     if sh.cfg.limits_socket_send_buffer > 0 {
         // A fixed kernel send buffer (no autotuning): backpressure reaches the
@@ -283,69 +285,369 @@ async fn serve(sh: Arc<Shared>, mut stream: TcpStream, peer: SocketAddr, ip: IpA
     // docs/architecture.md).
     // The handshake future is boxed: its timers and buffers are freed when it ends
     // instead of sizing the task for the connection's whole life.
-    let up = Box::pin(upgrade(&sh, &mut stream, peer)).await;
-    sh.ips.handshake_done(ip);
+    let up = Box::pin(upgrade(&sh, &mut stream, peer, l, &mut counted)).await;
+    if let Some(ip) = counted {
+        sh.ips.handshake_done(ip);
+    }
+    let c = &sh.counters;
     let Some((conn, inp)) = up else {
         drop(stream);
-        sh.ips.close(ip);
-        metrics::dec(&sh.counters.sockets_current);
+        if let Some(ip) = counted {
+            sh.ips.close(ip);
+        }
+        metrics::dec(&c.sockets_current);
         return;
     };
     conn.out.lock().fd = stream.as_raw_fd();
     let (code, reason) = run_ws(&sh, &stream, &conn, inp).await;
-    // No direct write may reach this fd number once it is closed (and maybe reused).
-    conn.out.lock().fd = -1;
+    {
+        let mut q = conn.out.lock();
+        // No direct write may reach this fd number once it is closed (and maybe reused).
+        q.fd = -1;
+        if let Some(mut t) = q.tls.take() {
+            // Best effort: tell a TLS client the stream ends here (after our close frame).
+            let mut out = std::mem::take(&mut t.pending);
+            tls::close_notify(&mut t.sess, &mut out);
+            let _ = stream.try_write(&out);
+        }
+    }
     conn.gone.store(true, Relaxed);
     drop(stream);
-    let c = &sh.counters;
     let rooms = sh.hub.remove_conn(&conn);
     metrics::dec(&c.connections_current);
     metrics::inc(&c.disconnects);
     let user = conn.user.as_ref().map(|u| u.to_string());
     sh.events.push(Event::Closed { conn: conn.id, code, reason, rooms, user });
-    sh.ips.close(ip);
+    if let Some(ip) = counted {
+        sh.ips.close(ip);
+    }
     metrics::dec(&c.sockets_current);
+}
+
+/// The client's byte stream while the connection is set up: plain, or through a TLS
+/// session. Performance does not matter here; everything it holds is freed once the
+/// connection is upgraded (except the session and a partial record, which move on).
+struct Wire<'a> {
+    stream: &'a mut TcpStream,
+    tls: Option<Box<TlsState>>,
+    /// Bytes received and not used yet: after a PROXY header, the start of the TLS or
+    /// HTTP stream; with TLS, an incomplete record.
+    raw: Vec<u8>,
+}
+
+/// A TLS handshake failed, or timed out.
+enum HsFail {
+    Timeout,
+    /// The client went away.
+    Eof,
+    /// A plain HTTP request on the TLS port (answered with 400).
+    Http,
+    Tls(tls::Failure),
+}
+
+impl Wire<'_> {
+    /// Read more from the socket onto `raw`. Ok(false) on EOF.
+    async fn read_raw(&mut self) -> io::Result<bool> {
+        let mut chunk = [0u8; 2048];
+        loop {
+            self.stream.readable().await?;
+            match self.stream.try_read(&mut chunk) {
+                Ok(0) => return Ok(false),
+                Ok(n) => {
+                    self.raw.extend_from_slice(&chunk[..n]);
+                    return Ok(true);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Read the PROXY protocol header; the address it carries (None: a health check
+    /// from the proxy itself, LOCAL or UNKNOWN).
+    async fn read_proxy_header(&mut self) -> Result<Option<SocketAddr>, &'static str> {
+        loop {
+            match proxy::parse(&self.raw) {
+                proxy::Parsed::Done { source, consumed } => {
+                    self.raw.drain(..consumed);
+                    return Ok(source);
+                }
+                proxy::Parsed::Error(why) => return Err(why),
+                proxy::Parsed::Partial => {}
+            }
+            match self.read_raw().await {
+                Ok(true) => {}
+                Ok(false) | Err(_) => return Err("connection closed in the PROXY header"),
+            }
+        }
+    }
+
+    /// Run the TLS handshake (the session is in `tls`).
+    async fn tls_handshake(&mut self) -> Result<(), HsFail> {
+        let mut out = Vec::new();
+        let mut plain = Vec::new();
+        loop {
+            if self.raw.is_empty() && !self.read_raw().await.map_err(|_| HsFail::Eof)? {
+                return Err(HsFail::Eof);
+            }
+            if tls::looks_like_http(&self.raw) {
+                let body = b"This port speaks TLS: use https:// or wss://\n";
+                let resp = handshake::response(400, "text/plain", body, &[]);
+                let _ = tokio::time::timeout(Duration::from_secs(2), self.stream.write_all(&resp)).await;
+                return Err(HsFail::Http);
+            }
+            let t = self.tls.as_mut().expect("TLS wire");
+            let res = tls::process(&mut t.sess, &mut self.raw, &mut plain, &mut out);
+            let used = match &res {
+                Ok((used, _)) => *used,
+                Err(_) => 0,
+            };
+            self.raw.drain(..used);
+            if !out.is_empty() {
+                let w = self.stream.write_all(&out).await;
+                out.clear();
+                if w.is_err() {
+                    return Err(HsFail::Eof);
+                }
+            }
+            match res {
+                Err(e) => return Err(HsFail::Tls(tls::Failure::of(&e))),
+                Ok((_, Progress::Open)) => {
+                    // No early data is accepted: `plain` is empty here.
+                    return Ok(());
+                }
+                Ok((_, Progress::PeerClosed)) => return Err(HsFail::Eof),
+                Ok((_, Progress::Handshaking)) => {
+                    if !self.read_raw().await.map_err(|_| HsFail::Eof)? {
+                        return Err(HsFail::Eof);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Append decrypted (or plain) bytes to `buf`. Ok(0) on EOF.
+    async fn read(&mut self, buf: &mut Vec<u8>) -> io::Result<usize> {
+        loop {
+            let Some(t) = self.tls.as_mut() else {
+                if !self.raw.is_empty() {
+                    let n = self.raw.len();
+                    buf.append(&mut self.raw);
+                    return Ok(n);
+                }
+                if !self.read_raw().await? {
+                    return Ok(0);
+                }
+                continue;
+            };
+            let before = buf.len();
+            let mut out = Vec::new();
+            let res = tls::process(&mut t.sess, &mut self.raw, buf, &mut out);
+            if let Ok((used, _)) = &res {
+                self.raw.drain(..*used);
+            }
+            if !out.is_empty() {
+                self.stream.write_all(&out).await?;
+            }
+            match res {
+                Err(e) => return Err(io::Error::new(io::ErrorKind::InvalidData, e)),
+                Ok(_) if buf.len() > before => return Ok(buf.len() - before),
+                Ok((_, Progress::PeerClosed)) => return Ok(0),
+                Ok(_) => {
+                    if !self.read_raw().await? {
+                        return Ok(0);
+                    }
+                }
+            }
+        }
+    }
+
+    async fn write_all(&mut self, data: &[u8]) -> io::Result<()> {
+        match self.tls.as_mut() {
+            None => self.stream.write_all(data).await,
+            Some(t) => {
+                let mut out = Vec::new();
+                tls::encrypt(&mut t.sess, data, &mut out).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+                self.stream.write_all(&out).await
+            }
+        }
+    }
+
+    /// Answer with a short HTTP response and end the stream.
+    async fn respond(&mut self, status: u16, ctype: &str, body: &[u8], extra: &[(&str, &str)]) {
+        let resp = handshake::response(status, ctype, body, extra);
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            self.write_all(&resp).await?;
+            if let Some(t) = self.tls.as_mut() {
+                let mut out = Vec::new();
+                tls::close_notify(&mut t.sess, &mut out);
+                self.stream.write_all(&out).await?;
+            }
+            self.stream.shutdown().await
+        })
+        .await;
+    }
+
+    /// Read the request head. Errors carry the status to answer with.
+    async fn read_head(&mut self, buf: &mut Vec<u8>, cfg: &EngineConfig) -> Result<(handshake::Request, usize), (u16, &'static str)> {
+        loop {
+            match self.read(buf).await {
+                Ok(0) => return Err((400, "connection closed")),
+                Ok(_) => {}
+                Err(_) => return Err((400, "read error")),
+            }
+            match handshake::parse_request(buf, cfg.limits_max_headers, cfg.limits_max_header_bytes) {
+                Parsed::Partial => continue,
+                Parsed::Done(r, n) => return Ok((r, n)),
+                Parsed::Error(s, why) => return Err((s, why)),
+            }
+        }
+    }
+}
+
+/// Count a failed TLS handshake by reason.
+fn count_tls_failure(c: &Counters, f: &HsFail) {
+    metrics::inc(match f {
+        HsFail::Timeout => &c.tls_fail_timeout,
+        HsFail::Eof => &c.tls_fail_eof,
+        HsFail::Http => &c.tls_fail_http,
+        HsFail::Tls(tls::Failure::NotTls) => &c.tls_fail_not_tls,
+        HsFail::Tls(tls::Failure::Version) => &c.tls_fail_version,
+        HsFail::Tls(tls::Failure::Params) => &c.tls_fail_params,
+        HsFail::Tls(tls::Failure::Alert) => &c.tls_fail_alert,
+        HsFail::Tls(tls::Failure::Alpn) => &c.tls_fail_alpn,
+        HsFail::Tls(tls::Failure::Other) => &c.tls_fail_other,
+    });
+}
+
+/// Everything before the application is asked: the PROXY header, the TLS handshake and
+/// the request head, under one deadline (`limits.handshake_timeout`). Returns the request,
+/// the bytes of `buf` it used, and the client's address; None when the connection was
+/// answered (or dropped) already.
+async fn prelude(
+    sh: &Shared,
+    wire: &mut Wire<'_>,
+    peer: SocketAddr,
+    l: Listen,
+    counted: &mut Option<IpAddr>,
+    buf: &mut Vec<u8>,
+) -> Option<(handshake::Request, usize, SocketAddr)> {
+    let c = &sh.counters;
+    let mut client = peer;
+    if l.proxy {
+        if !sh.trusted.is_empty() && !sh.trusted.contains(limits::canonical(peer.ip())) {
+            // Only the configured proxies may say who the client is.
+            metrics::inc(&c.proxy_untrusted);
+            return None;
+        }
+        match wire.read_proxy_header().await {
+            Ok(source) => client = source.unwrap_or(peer),
+            Err(_) => {
+                metrics::inc(&c.proxy_bad_header);
+                return None;
+            }
+        }
+        let ip = limits::canonical(client.ip());
+        if counted.is_none() && !sh.trusted.contains(ip) {
+            match admit_ip(sh, ip) {
+                Ok(ip) => *counted = Some(ip),
+                Err(status) => {
+                    if !l.tls {
+                        wire.respond(status, "text/plain", b"too many connections\n", &[("Retry-After", "1")]).await;
+                    }
+                    return None;
+                }
+            }
+        }
+    }
+    if l.tls {
+        let sess = match sh.tls.as_ref().map(|a| a.session()) {
+            Some(Ok(s)) => s,
+            _ => {
+                metrics::inc(&c.tls_fail_other);
+                return None;
+            }
+        };
+        wire.tls = Some(TlsState::new(sess));
+        if let Err(f) = wire.tls_handshake().await {
+            count_tls_failure(c, &f);
+            return None;
+        }
+        let resumed = wire.tls.as_ref().is_some_and(|t| tls::resumed(&t.sess));
+        metrics::inc(if resumed { &c.tls_handshakes_resumed } else { &c.tls_handshakes_full });
+    }
+    let (req, used) = match wire.read_head(buf, &sh.cfg).await {
+        Ok(x) => x,
+        Err((status, why)) => {
+            metrics::inc(if status == 431 { &c.handshake_too_large } else { &c.handshake_bad_request });
+            wire.respond(status, "text/plain", format!("{why}\n").as_bytes(), &[]).await;
+            return None;
+        }
+    };
+    if counted.is_none() {
+        // The peer is a trusted proxy: the client is who its forwarded headers say.
+        let ip = forwarded_client(&req.headers, limits::canonical(client.ip()), &sh.trusted);
+        if ip != limits::canonical(client.ip()) {
+            client = SocketAddr::new(ip, 0);
+        }
+        match admit_ip(sh, ip) {
+            Ok(ip) => *counted = Some(ip),
+            Err(status) => {
+                wire.respond(status, "text/plain", b"too many connections\n", &[("Retry-After", "1")]).await;
+                return None;
+            }
+        }
+    }
+    Some((req, used, client))
 }
 
 /// Read and answer the HTTP request; for an accepted upgrade return the registered
 /// connection, its decoder and any bytes that arrived behind the request head.
-async fn upgrade(sh: &Arc<Shared>, stream: &mut TcpStream, peer: SocketAddr) -> Option<(Arc<Conn>, Box<Input>)> {
+async fn upgrade(
+    sh: &Arc<Shared>,
+    stream: &mut TcpStream,
+    peer: SocketAddr,
+    l: Listen,
+    counted: &mut Option<IpAddr>,
+) -> Option<(Arc<Conn>, Box<Input>)> {
     let cfg = &sh.cfg;
     let c = &sh.counters;
+    let mut wire = Wire { stream, tls: None, raw: Vec::new() };
     let mut buf = Vec::with_capacity(1024);
-    let (req, used) = match tokio::time::timeout(cfg.limits_handshake_timeout, read_head(stream, &mut buf, cfg)).await {
-        Err(_) => {
-            metrics::inc(&c.handshake_timeout);
-            write_plain(stream, 408, "text/plain", b"request timeout\n", &[]).await;
-            return None;
-        }
-        Ok(Err((status, why))) => {
-            metrics::inc(if status == 431 { &c.handshake_too_large } else { &c.handshake_bad_request });
-            write_plain(stream, status, "text/plain", format!("{why}\n").as_bytes(), &[]).await;
-            return None;
-        }
-        Ok(Ok(x)) => x,
-    };
+    let (req, used, client) =
+        match tokio::time::timeout(cfg.limits_handshake_timeout, prelude(sh, &mut wire, peer, l, counted, &mut buf)).await {
+            Ok(Some(x)) => x,
+            Ok(None) => return None,
+            Err(_) => {
+                if l.tls && wire.tls.as_ref().is_none_or(|t| t.sess.is_handshaking()) {
+                    count_tls_failure(c, &HsFail::Timeout);
+                    return None;
+                }
+                metrics::inc(&c.handshake_timeout);
+                wire.respond(408, "text/plain", b"request timeout\n", &[]).await;
+                return None;
+            }
+        };
     let (key, protocols, extensions) = match req.kind() {
         Kind::Plain => {
-            serve_plain(sh, stream, &req).await;
+            serve_plain(sh, &mut wire, &req).await;
             return None;
         }
         Kind::Bad(status, why) => {
             metrics::inc(&c.handshake_bad_request);
             let extra: &[(&str, &str)] = if status == 426 { &[("Sec-WebSocket-Version", "13")] } else { &[] };
-            write_plain(stream, status, "text/plain", format!("{why}\n").as_bytes(), extra).await;
+            wire.respond(status, "text/plain", format!("{why}\n").as_bytes(), extra).await;
             return None;
         }
         Kind::Upgrade { key, protocols, extensions } => (key, protocols, extensions),
     };
     if !cfg.server_ws_path.is_empty() && req.path != cfg.server_ws_path {
         metrics::inc(&c.handshake_not_found);
-        write_plain(stream, 404, "text/plain", b"no WebSocket endpoint here\n", &[]).await;
+        wire.respond(404, "text/plain", b"no WebSocket endpoint here\n", &[]).await;
         return None;
     }
     if sh.draining.load(Relaxed) {
-        write_plain(stream, 503, "text/plain", b"draining\n", &[("Retry-After", "1")]).await;
+        wire.respond(503, "text/plain", b"draining\n", &[("Retry-After", "1")]).await;
         return None;
     }
     // Ask the application.
@@ -355,7 +657,7 @@ async fn upgrade(sh: &Arc<Shared>, stream: &mut TcpStream, peer: SocketAddr) -> 
     let deflate = negotiate(extensions.iter().map(String::as_str), &sh.deflate);
     let event = Event::Connect {
         conn: id,
-        peer: peer.to_string(),
+        peer: client.to_string(),
         path: req.path,
         query: req.query,
         headers: req.headers,
@@ -368,7 +670,7 @@ async fn upgrade(sh: &Arc<Shared>, stream: &mut TcpStream, peer: SocketAddr) -> 
         Ok(Ok(Verdict::Accept { user, meta, protocol, first, slot })) => (user, meta, protocol, first, slot),
         Ok(Ok(Verdict::Reject { status, reason })) => {
             metrics::inc(&c.connects_rejected);
-            write_plain(stream, status, "text/plain", format!("{reason}\n").as_bytes(), &[]).await;
+            wire.respond(status, "text/plain", format!("{reason}\n").as_bytes(), &[]).await;
             return None;
         }
         Ok(Err(_)) | Err(_) => {
@@ -382,12 +684,12 @@ async fn upgrade(sh: &Arc<Shared>, stream: &mut TcpStream, peer: SocketAddr) -> 
                 user: None,
             };
             sh.events.push(closed);
-            write_plain(stream, 503, "text/plain", b"auth timeout\n", &[("Retry-After", "1")]).await;
+            wire.respond(503, "text/plain", b"auth timeout\n", &[("Retry-After", "1")]).await;
             return None;
         }
     };
     let resp = handshake::response_101(&key, protocol.as_deref(), deflate.as_ref().map(|d| d.1.as_str()));
-    if tokio::time::timeout(cfg.limits_handshake_timeout, stream.write_all(&resp)).await.map_or(true, |r| r.is_err()) {
+    if tokio::time::timeout(cfg.limits_handshake_timeout, wire.write_all(&resp)).await.map_or(true, |r| r.is_err()) {
         let reason = "handshake write failed".into();
         sh.events.push(Event::Closed { conn: id, code: close::ABNORMAL, reason, rooms: vec![], user });
         return None;
@@ -401,6 +703,11 @@ async fn upgrade(sh: &Arc<Shared>, stream: &mut TcpStream, peer: SocketAddr) -> 
         deflate.as_ref().map(|d| d.0.server_window_bits),
         sh.now_ticks(),
     ));
+    // The session moves to the connection (its queue lock guards it from now on), with
+    // an incomplete record that may have arrived behind the request.
+    let mut tls_in = std::mem::take(&mut wire.raw);
+    tls_in.shrink_to_fit();
+    conn.out.lock().tls = wire.tls.take();
     sh.hub.add_conn(conn.clone());
     // Registered: the user's connections count it now.
     drop(slot);
@@ -417,6 +724,7 @@ async fn upgrade(sh: &Arc<Shared>, stream: &mut TcpStream, peer: SocketAddr) -> 
         // Bytes that arrived right behind the request head are decoded like a backlog.
         backlog: !leftover.is_empty(),
         buf: leftover,
+        tls_in,
         evs: Vec::new(),
         dead: false,
         bucket: Bucket::new(sh.cfg.limits_client_burst, sh.now_ticks()),
@@ -424,34 +732,27 @@ async fn upgrade(sh: &Arc<Shared>, stream: &mut TcpStream, peer: SocketAddr) -> 
     Some((conn, inp))
 }
 
-async fn serve_plain(sh: &Shared, stream: &mut TcpStream, req: &handshake::Request) {
+async fn serve_plain(sh: &Shared, wire: &mut Wire<'_>, req: &handshake::Request) {
     metrics::inc(&sh.counters.http_requests);
     let cfg = &sh.cfg;
     if req.method != "GET" && req.method != "HEAD" {
-        return write_plain(stream, 405, "text/plain", b"method not allowed\n", &[]).await;
+        return wire.respond(405, "text/plain", b"method not allowed\n", &[]).await;
     }
     if req.path == cfg.server_health_path {
         return if sh.draining.load(Relaxed) {
-            write_plain(stream, 503, "text/plain", b"draining\n", &[]).await
+            wire.respond(503, "text/plain", b"draining\n", &[]).await
         } else {
-            write_plain(stream, 200, "text/plain", b"ok\n", &[]).await
+            wire.respond(200, "text/plain", b"ok\n", &[]).await
         };
     }
     if let Some((ctype, body)) = cfg.static_files.get(&req.path) {
-        return write_plain(stream, 200, ctype, body, &[]).await;
+        return wire.respond(200, ctype, body, &[]).await;
     }
     if req.path == cfg.server_ws_path {
-        return write_plain(
-            stream,
-            426,
-            "text/plain",
-            b"WebSocket upgrade required\n",
-            &[("Sec-WebSocket-Version", "13")],
-        )
-        .await;
+        return wire.respond(426, "text/plain", b"WebSocket upgrade required\n", &[("Sec-WebSocket-Version", "13")]).await;
     }
     metrics::inc(&sh.counters.handshake_not_found);
-    write_plain(stream, 404, "text/plain", b"not found\n", &[]).await
+    wire.respond(404, "text/plain", b"not found\n", &[]).await
 }
 
 /// Write as much of `wq` as the socket takes. Ok(true) when everything was written.
@@ -500,12 +801,77 @@ fn flush(
     Ok(true)
 }
 
+/// TLS: write the connection's pending ciphertext, then encrypt frames from `wq` (up to
+/// WRITE_BATCH bytes per record batch) and write them; what the socket does not take waits
+/// in the session's pending bytes. Ok(true) when everything was written. Runs under the
+/// queue lock, which orders it with direct writes by fan-outs.
+fn flush_tls(stream: &TcpStream, conn: &Conn, wq: &mut VecDeque<Arc<Frame>>, sh: &Shared) -> io::Result<bool> {
+    let c = &sh.counters;
+    let level = sh.deflate.level;
+    let mut q = conn.out.lock();
+    let Some(t) = q.tls.as_deref_mut() else {
+        return Err(io::Error::other("TLS state gone"));
+    };
+    loop {
+        if !t.pending.is_empty() {
+            match stream.try_write(&t.pending) {
+                Ok(n) => {
+                    metrics::inc(&c.writev_calls);
+                    metrics::add(&c.bytes_out, n as u64);
+                    t.written(n);
+                    continue;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) => return Err(e),
+            }
+        }
+        if wq.is_empty() {
+            return Ok(true);
+        }
+        let mut take = 0;
+        let mut bytes = 0;
+        for f in wq.iter() {
+            if take > 0 && bytes + f.len() > WRITE_BATCH {
+                break;
+            }
+            bytes += f.len();
+            take += 1;
+        }
+        let born = wq[0].born_us;
+        let res = TLS_SCRATCH.with(|s| {
+            let (gather, out) = &mut *s.borrow_mut();
+            out.clear();
+            let plain = gathered(wq.iter().take(take).map(|f| f.bytes_for(conn.deflate_bits, level, c)), gather);
+            tls::encrypt(&mut t.sess, plain, out).map_err(io::Error::other)?;
+            let sent = match stream.try_write(out) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+                Err(e) => return Err(e),
+            };
+            t.keep(out, sent);
+            Ok(sent)
+        });
+        let sent = res?;
+        wq.drain(..take);
+        metrics::add(&c.frames_out, take as u64);
+        if sent > 0 {
+            metrics::inc(&c.writev_calls);
+            metrics::add(&c.bytes_out, sent as u64);
+        }
+        if born > 0 {
+            sh.hub.hist.flush_lag.observe_ns(sh.hub.now_us().saturating_sub(born) * 1000);
+        }
+    }
+}
+
 /// Per-connection input state of the I/O task.
 pub(crate) struct Input {
     dec: Decoder,
     /// The tail of input not decoded yet: an incomplete frame, or complete frames left
     /// when a decode budget ran out (`backlog`).
     buf: Vec<u8>,
+    /// TLS: an incomplete record (ciphertext). Empty while idle.
+    tls_in: Vec<u8>,
     evs: Vec<WsEvent>,
     /// `buf` holds complete frames not decoded yet.
     backlog: bool,
@@ -527,6 +893,9 @@ async fn run_ws(sh: &Shared, stream: &TcpStream, conn: &Arc<Conn>, mut inp: Box<
     let mut deadline: Option<tokio::time::Instant> = None;
     let mut close_timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
     let mut write_shut = false;
+    // TLS: encrypted bytes wait for the socket (under the queue lock; see TlsState).
+    let mut tls_out = false;
+    let is_tls = conn.out.lock().tls.is_some();
 
     loop {
         // Input left undecoded when a decode budget ran out, once the connection may
@@ -553,7 +922,8 @@ async fn run_ws(sh: &Shared, stream: &TcpStream, conn: &Arc<Conn>, mut inp: Box<
                 took += it.frame.len();
                 wq.push_back(it.frame);
             }
-            if wq.is_empty() {
+            tls_out = q.tls_pending();
+            if wq.is_empty() && !tls_out {
                 if let Some(cl) = q.closing.clone() {
                     wq.push_back(Frame::control(frames::close(cl.code, &cl.reason)));
                     close_sent = true;
@@ -575,23 +945,28 @@ async fn run_ws(sh: &Shared, stream: &TcpStream, conn: &Arc<Conn>, mut inp: Box<
                 deadline = Some(tokio::time::Instant::now() + sh.cfg.close_timeout);
             }
         }
-        if !wq.is_empty() {
-            match flush(stream, conn, &mut wq, &mut off, sh) {
-                Ok(true) => continue,
-                Ok(false) => {}
+        if !wq.is_empty() || tls_out {
+            let flushed = if is_tls { flush_tls(stream, conn, &mut wq, sh) } else { flush(stream, conn, &mut wq, &mut off, sh) };
+            match flushed {
+                Ok(true) => {
+                    tls_out = false;
+                    continue;
+                }
+                Ok(false) => tls_out = is_tls,
                 Err(_) => {
                     metrics::inc(&c.close_io_error);
                     return result.unwrap_or((close::ABNORMAL, "write error".into()));
                 }
             }
         }
-        if close_sent && wq.is_empty() && (close_recv || inp.dead && result.is_none()) {
+        let out_empty = wq.is_empty() && !tls_out;
+        if close_sent && out_empty && (close_recv || inp.dead && result.is_none()) {
             return result.unwrap_or((close::ABNORMAL, String::new()));
         }
-        if close_sent && close_recv && wq.is_empty() {
+        if close_sent && close_recv && out_empty {
             return result.unwrap_or((close::NORMAL, String::new()));
         }
-        if close_sent && inp.dead && wq.is_empty() && !write_shut {
+        if close_sent && inp.dead && out_empty && !write_shut {
             // Failing the connection (RFC 6455 §7.1.7): our close frame is out and the
             // peer's reply cannot be parsed, so close the TCP connection now (the server
             // closes first, §7.1.1). Half-close, then drain input until the peer's EOF
@@ -607,7 +982,7 @@ async fn run_ws(sh: &Shared, stream: &TcpStream, conn: &Arc<Conn>, mut inp: Box<
         paused = !close_sent
             && !inp.dead
             && (conn.ev_bytes.load(Relaxed) >= sh.cfg.limits_conn_event_bytes
-                || !wq.is_empty() && conn.out.lock().reply_waiting());
+                || (!wq.is_empty() || tls_out) && conn.out.lock().reply_waiting());
         if paused && !was_paused {
             metrics::inc(&c.read_paused);
         }
@@ -622,14 +997,14 @@ async fn run_ws(sh: &Shared, stream: &TcpStream, conn: &Arc<Conn>, mut inp: Box<
         };
         // One readiness future for both directions keeps the task small (each is 152 bytes).
         let read = !close_recv && !paused;
-        let interest = match (read, !wq.is_empty()) {
+        let interest = match (read, !wq.is_empty() || tls_out) {
             (true, true) => Some(Interest::READABLE | Interest::WRITABLE),
             (true, false) => Some(Interest::READABLE),
             (false, true) => Some(Interest::WRITABLE),
             (false, false) => None,
         };
         tokio::select! {
-            _ = conn.notify.notified(), if wq.is_empty() && !close_sent => {}
+            _ = conn.notify.notified(), if wq.is_empty() && !tls_out && !close_sent => {}
             // A backlog to decode: come back after letting other tasks run.
             _ = tokio::task::yield_now(), if inp.backlog && read => {}
             r = stream.ready(interest.unwrap_or(Interest::READABLE)), if interest.is_some() => {
@@ -638,7 +1013,8 @@ async fn run_ws(sh: &Shared, stream: &TcpStream, conn: &Arc<Conn>, mut inp: Box<
                     Err(_) => return result.unwrap_or((close::ABNORMAL, "socket error".into())),
                 };
                 if read && !inp.backlog && (ready.is_readable() || ready.is_read_closed()) {
-                    match read_some(sh, stream, conn, &mut inp) {
+                    let got = if is_tls { read_some_tls(sh, stream, conn, &mut inp) } else { read_some(sh, stream, conn, &mut inp) };
+                    match got {
                         Ok(true) => {}
                         Ok(false) => {
                             // EOF. A clean close already happened if close_recv; else the peer vanished.
@@ -720,37 +1096,123 @@ fn read_some(sh: &Shared, stream: &TcpStream, conn: &Conn, inp: &mut Input) -> i
             }
             // The input buffer holds at most one incomplete frame (max frame + header)
             // plus one read, or one read's worth of frames left by the budget.
-            let res = if inp.buf.is_empty() {
-                inp.dec.decode_some(&mut scratch[..n], &mut inp.evs, &mut budget).map(|(used, more)| {
-                    if used < n {
-                        inp.buf.extend_from_slice(&scratch[used..n]);
-                    }
-                    more
-                })
-            } else {
-                inp.buf.extend_from_slice(&scratch[..n]);
-                inp.dec.decode_some(&mut inp.buf, &mut inp.evs, &mut budget).map(|(used, more)| {
-                    inp.buf.drain(..used);
-                    if inp.buf.is_empty() {
-                        inp.buf = Vec::new(); // give the memory back while idle
-                    }
-                    more
-                })
-            };
-            match res {
-                Ok(true) => {
-                    // The budget ran out: the rest waits until the application has taken
-                    // this connection's events.
-                    inp.backlog = true;
-                    return Ok(true);
-                }
-                Ok(false) => {}
-                Err(e) => protocol_error(conn, c, e, inp),
+            if feed(conn, c, inp, &mut scratch[..n], &mut budget) {
+                return Ok(true);
             }
             if total >= READ_BUDGET || inp.evs.len() >= 64 {
                 return Ok(true);
             }
         }
+    })
+}
+
+/// Decode `data` (plaintext read from the socket) behind what `inp.buf` holds. True when
+/// the decode budget ran out: the rest waits until the application has taken this
+/// connection's events.
+fn feed(conn: &Conn, c: &Counters, inp: &mut Input, data: &mut [u8], budget: &mut usize) -> bool {
+    let n = data.len();
+    let res = if inp.buf.is_empty() {
+        inp.dec.decode_some(data, &mut inp.evs, budget).map(|(used, more)| {
+            if used < n {
+                inp.buf.extend_from_slice(&data[used..]);
+            }
+            more
+        })
+    } else {
+        inp.buf.extend_from_slice(data);
+        inp.dec.decode_some(&mut inp.buf, &mut inp.evs, budget).map(|(used, more)| {
+            inp.buf.drain(..used);
+            if inp.buf.is_empty() {
+                inp.buf = Vec::new(); // give the memory back while idle
+            }
+            more
+        })
+    };
+    match res {
+        Ok(true) => {
+            inp.backlog = true;
+            true
+        }
+        Ok(false) => false,
+        Err(e) => {
+            protocol_error(conn, c, e, inp);
+            false
+        }
+    }
+}
+
+thread_local! {
+    /// Plaintext decrypted from one read of a TLS connection.
+    static TLS_PLAIN: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// The TLS twin of `read_some`: read ciphertext, decrypt it under the queue lock (the
+/// session is shared with writers), decode the plaintext. Records rustls has to send in
+/// answer (a key update, an alert) join the pending ciphertext for the writer.
+fn read_some_tls(sh: &Shared, stream: &TcpStream, conn: &Conn, inp: &mut Input) -> io::Result<bool> {
+    let c = &sh.counters;
+    let mut budget = decode_budget(sh, conn);
+    SCRATCH_BUF.with(|s| {
+        TLS_PLAIN.with(|p| {
+            let mut scratch = s.borrow_mut();
+            let mut plain = p.borrow_mut();
+            let mut total = 0;
+            loop {
+                let n = match stream.try_read(&mut scratch[..]) {
+                    Ok(0) => return Ok(false),
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(true),
+                    Err(e) => return Err(e),
+                };
+                total += n;
+                metrics::add(&c.bytes_in, n as u64);
+                conn.last_rx.store(sh.now_ticks(), Relaxed);
+                if inp.dead || inp.dec.is_closed() {
+                    continue; // discard until EOF
+                }
+                plain.clear();
+                let mut out = Vec::new();
+                let res = {
+                    let mut q = conn.out.lock();
+                    let Some(t) = q.tls.as_deref_mut() else { return Err(io::Error::other("TLS state gone")) };
+                    let res = if inp.tls_in.is_empty() {
+                        tls::process(&mut t.sess, &mut scratch[..n], &mut plain, &mut out).map(|(used, p)| {
+                            inp.tls_in.extend_from_slice(&scratch[used..n]);
+                            p
+                        })
+                    } else {
+                        inp.tls_in.extend_from_slice(&scratch[..n]);
+                        tls::process(&mut t.sess, &mut inp.tls_in, &mut plain, &mut out).map(|(used, p)| {
+                            inp.tls_in.drain(..used);
+                            if inp.tls_in.is_empty() {
+                                inp.tls_in = Vec::new();
+                            }
+                            p
+                        })
+                    };
+                    t.pending.extend_from_slice(&out);
+                    res
+                };
+                let progress = match res {
+                    Ok(p) => p,
+                    Err(_) => {
+                        // A bad record, or one that fails authentication: nothing more can
+                        // be read from this stream.
+                        metrics::inc(&c.tls_errors);
+                        return Err(io::Error::new(io::ErrorKind::InvalidData, "TLS error"));
+                    }
+                };
+                if !plain.is_empty() && feed(conn, c, inp, &mut plain[..], &mut budget) {
+                    return Ok(true);
+                }
+                if progress == Progress::PeerClosed {
+                    return Ok(false);
+                }
+                if total >= READ_BUDGET || inp.evs.len() >= 64 {
+                    return Ok(true);
+                }
+            }
+        })
     })
 }
 
@@ -836,7 +1298,7 @@ mod size_tests {
             let (server, peer) = l.accept().await.unwrap();
             let eng = crate::Engine::new(EngineConfig::default()).unwrap();
             let sh = eng.shared_for_tests();
-            let fut = handle(sh, server, peer);
+            let fut = handle(sh, server, peer, Listen { tls: true, proxy: true });
             let size = std::mem::size_of_val(&fut);
             eprintln!("handle() future: {size} bytes");
             drop(client);

@@ -25,6 +25,27 @@ create_exception!(
     "The engine could not do what was asked (bind failed, already started, ...)."
 );
 
+create_exception!(
+    _core,
+    TlsError,
+    pyo3::exceptions::PyValueError,
+    "A certificate or key that cannot be served: args are (config key, message)."
+);
+
+fn tls_err(e: gateway_core::tls::TlsError) -> PyErr {
+    TlsError::new_err((e.key, e.message))
+}
+
+fn cert_dict<'py>(py: Python<'py>, i: &gateway_core::tls::CertInfo) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("not_after", i.not_after)?;
+    d.set_item("not_before", i.not_before)?;
+    d.set_item("serial", &i.serial)?;
+    d.set_item("subject", &i.subject)?;
+    d.set_item("chain_len", i.chain_len)?;
+    Ok(d)
+}
+
 /// Event kinds, first element of every event tuple.
 const EV_CONNECT: u8 = 1;
 const EV_MESSAGE: u8 = 2;
@@ -53,6 +74,13 @@ fn config_from(kwargs: Option<&Bound<'_, PyDict>>) -> PyResult<EngineConfig> {
             "server_io_threads" => c.server_io_threads = v.extract()?,
             "server_ws_path" => c.server_ws_path = v.extract()?,
             "server_health_path" => c.server_health_path = v.extract()?,
+            "server_proxy_protocol" => c.server_proxy_protocol = v.extract()?,
+            "server_trusted_proxies" => c.server_trusted_proxies = v.extract()?,
+            "server_tls_cert_file" => c.server_tls_cert_file = v.extract()?,
+            "server_tls_key_file" => c.server_tls_key_file = v.extract()?,
+            "server_tls_host" => c.server_tls_host = v.extract()?,
+            "server_tls_port" => c.server_tls_port = v.extract()?,
+            "server_tls_proxy_protocol" => c.server_tls_proxy_protocol = v.extract()?,
             "static_files" => {
                 let m: HashMap<String, (String, Vec<u8>)> = v.extract()?;
                 c.static_files = m.into_iter().map(|(p, (t, b))| (p, (t, b.into()))).collect();
@@ -143,11 +171,27 @@ impl Engine {
 
     /// Bind and start serving; returns (host, port) actually bound.
     fn start(&self, py: Python<'_>) -> PyResult<(String, u16)> {
-        let addr = py.detach(|| self.inner.start()).map_err(|e| {
-            let cfg = self.inner.config();
-            EngineError::new_err(format!("cannot listen on {}:{}: {e}", cfg.server_host, cfg.server_port))
-        })?;
+        let addr = py.detach(|| self.inner.start()).map_err(|e| EngineError::new_err(e.to_string()))?;
         Ok((addr.ip().to_string(), addr.port()))
+    }
+
+    /// (host, port) of the TLS listener once started, or None without TLS.
+    #[getter]
+    fn tls_address(&self) -> Option<(String, u16)> {
+        self.inner.tls_addr().map(|a| (a.ip().to_string(), a.port()))
+    }
+
+    /// The certificate served (dict: not_after, not_before, serial, subject, chain_len),
+    /// or None without TLS.
+    fn tls_info<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyDict>>> {
+        self.inner.tls_info().map(|i| cert_dict(py, &i)).transpose()
+    }
+
+    /// Re-read the certificate and key files for new connections; returns the new
+    /// certificate's info. Raises TlsError(key, message) and keeps the old one on failure.
+    fn reload_tls<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let info = py.detach(|| self.inner.reload_tls()).map_err(tls_err)?;
+        cert_dict(py, &info)
     }
 
     #[getter]
@@ -322,6 +366,15 @@ impl Engine {
     }
 }
 
+/// Check a certificate chain and key as the engine would load them (readable PEM, an
+/// unexpired X.509 leaf, a supported key that matches it). Returns the certificate's info;
+/// raises TlsError(key, message).
+#[pyfunction]
+fn check_tls<'py>(py: Python<'py>, cert_file: &str, key_file: &str) -> PyResult<Bound<'py, PyDict>> {
+    let (_, info) = gateway_core::tls::load(cert_file, key_file).map_err(tls_err)?;
+    cert_dict(py, &info)
+}
+
 /// Raise the soft open-files limit to the hard limit; returns (soft, hard).
 #[pyfunction]
 fn raise_fd_limit() -> (u64, u64) {
@@ -332,6 +385,8 @@ fn raise_fd_limit() -> (u64, u64) {
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Engine>()?;
     m.add_function(wrap_pyfunction!(raise_fd_limit, m)?)?;
+    m.add_function(wrap_pyfunction!(check_tls, m)?)?;
+    m.add("TlsError", m.py().get_type::<TlsError>())?;
     m.add("EngineError", m.py().get_type::<EngineError>())?;
     m.add("EV_CONNECT", EV_CONNECT)?;
     m.add("EV_MESSAGE", EV_MESSAGE)?;
