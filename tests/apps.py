@@ -39,6 +39,9 @@ class HookTestPlugin(Plugin):
         user = identity.user
         if user.startswith("blocked"):
             raise Reject(status=403, message="blocked by the test hook")
+        if user.startswith("whoami"):
+            # What the hooks see as the client's address (PROXY protocol, X-Forwarded-For).
+            raise Reject(status=403, message=f"peer={req.peer}")
         if user.startswith("slowconnect"):
             await asyncio.sleep(30)
         if user.startswith("vip"):

@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import ssl as _ssl
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
@@ -96,6 +97,9 @@ class GatewayClient:
         (and counted in :attr:`dropped`) beyond it. None = unbounded.
     :param compression: ``"deflate"`` (permessage-deflate) or None.
     :param max_size: largest message accepted from the server, in bytes.
+    :param ssl: for ``wss://`` URLs, the ``ssl.SSLContext`` to verify the server with
+        (e.g. ``ssl.create_default_context(cafile="ca.pem")`` for a private CA); None =
+        the system's trusted CAs.
     """
 
     def __init__(
@@ -115,6 +119,7 @@ class GatewayClient:
         max_queue: int | None = 100_000,
         compression: str | None = "deflate",
         max_size: int | None = 1 << 20,
+        ssl: _ssl.SSLContext | None = None,
     ) -> None:
         if token_in not in ("query", "header", "protocol"):
             raise ValueError("token_in must be 'query', 'header' or 'protocol'")
@@ -131,6 +136,7 @@ class GatewayClient:
         self.on_message = on_message
         self.compression = compression
         self.max_size = max_size
+        self.ssl = ssl
 
         #: From the ``connected`` frame.
         self.session: str | None = None
@@ -225,6 +231,7 @@ class GatewayClient:
             max_size=self.max_size,
             max_queue=None,
             close_timeout=2.0,
+            **({"ssl": self.ssl} if self.ssl is not None else {}),
         )
         try:
             raw = await asyncio.wait_for(ws.recv(), self.open_timeout)

@@ -384,11 +384,13 @@ class GatewayProcess:
 
     async def client(self, user: str | None = None, **kw: Any) -> GatewayClient:
         """A connected ``gateway.client.GatewayClient``: ``?user=`` is ``user`` (a fresh
-        name when neither a user nor a token is given); ``kw`` go to the client."""
+        name when neither a user nor a token is given); ``kw`` go to the client (with
+        ``ssl=<context>`` it connects to the ``wss://`` listener)."""
         from gateway.client import GatewayClient
 
         if user is None and kw.get("token") is None:
             user = uniq("u")
-        c = GatewayClient(self.ws_url(), user=user, **kw)
+        url = self.wss_url() if kw.get("ssl") is not None else self.ws_url()
+        c = GatewayClient(url, user=user, **kw)
         await c.connect()
         return c
