@@ -8,8 +8,10 @@ Real tools check what they can without a network or a daemon; each is installed 
 on demand like redis-server (support/debian.py), and a test whose tool cannot be installed
 fails:
 
-- ``nginx -t`` on deploy/nginx/livegate.conf, with a throwaway self-signed certificate made
-  here and the upstream names pointed at 127.0.0.1 (nginx resolves them when it loads);
+- ``nginx -t`` on deploy/nginx/livegate.conf, with a throwaway self-signed certificate, the
+  upstream names pointed at 127.0.0.1 and the listener on a free loopback port
+  (support/nginx.py; tests/integration/test_deploy_nginx.py runs the same config for real,
+  in front of a gateway);
 - ``docker-compose config`` (Debian's docker-compose 1.29) validates the compose file without
   a Docker engine. Its ``config`` lists every service whatever the profile, so which services
   a profile starts is checked on the file's structure;
@@ -28,14 +30,13 @@ import os
 import re
 import subprocess
 import tomllib
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 from support.debian import require_program
-from support.ports import free_port
+from support.nginx import NGINX_CONF, NginxSetup
 
 from gateway.config import HeartbeatConfig, ServerConfig
 
@@ -43,7 +44,6 @@ ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "kubernetes"
 COMPOSE = DEPLOY / "docker" / "docker-compose.yml"
-NGINX_CONF = DEPLOY / "nginx" / "livegate.conf"
 SYSTEMD = DEPLOY / "systemd"
 PROM = DEPLOY / "prometheus"
 
@@ -395,65 +395,13 @@ def test_nginx_config_proxies_websockets() -> None:
     assert d["proxy_buffering"] == ["off"]
 
 
-def self_signed(directory: Path) -> tuple[Path, Path]:
-    """A throwaway ECDSA certificate and key for localhost (PEM), valid for a day."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.now(UTC)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - timedelta(minutes=5))
-            .not_valid_after(now + timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
-            .sign(key, hashes.SHA256()))
-    cert_path, key_path = directory / "fullchain.pem", directory / "privkey.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    return cert_path, key_path
-
-
-def nginx_t(conf_text: str, tmp: Path) -> subprocess.CompletedProcess[str]:
-    """``nginx -t`` of ``conf_text`` as nginx would load it from conf.d/, with every path in
-    ``tmp`` and the listener on a free loopback port (``nginx -t`` binds it), so that it runs
-    as root or not: the certificate paths replaced by a self-signed pair, the upstream names
-    by 127.0.0.1 (nginx resolves them when it loads)."""
-    exe = require_program("nginx", "nginx")
-    certs = tmp / "tls"
-    certs.mkdir(exist_ok=True)
-    self_signed(certs)
-    text = conf_text.replace("/etc/nginx/tls/", f"{certs}/")
-    text = re.sub(r"(?m)^(\s*server\s+)[A-Za-z0-9.-]+(:\d+)", r"\g<1>127.0.0.1\g<2>", text)
-    text, listens = re.subn(r"(?m)^(\s*listen\s+)443\b", rf"\g<1>127.0.0.1:{free_port()}", text)
-    assert listens, "no `listen 443` to test"
-    (tmp / "livegate.conf").write_text(text)
-    temp = "\n".join(f"    {k}_temp_path {tmp}/{k};" for k in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
-    (tmp / "nginx.conf").write_text(f"""
-pid {tmp}/nginx.pid;
-error_log {tmp}/error.log;
-events {{}}
-http {{
-    access_log off;
-{temp}
-    include {tmp}/livegate.conf;
-}}
-""")
-    return subprocess.run([exe, "-t", "-p", f"{tmp}/", "-c", str(tmp / "nginx.conf"), "-e", str(tmp / "error.log")],
-                          capture_output=True, text=True, timeout=60, check=False)
-
-
 @APT_TIMEOUT
 def test_nginx_config_passes_nginx_t(tmp_path: Path) -> None:
-    p = nginx_t(NGINX_CONF.read_text(), tmp_path)
+    p = NginxSetup(tmp_path).test_config()
     assert p.returncode == 0 and "test is successful" in p.stderr, f"nginx -t failed:\n{p.stderr}"
     # The harness itself catches a broken config (so a pass above means something).
     broken = NGINX_CONF.read_text().replace("proxy_buffering off;", "proxy_buffering sideways;")
-    (tmp_path / "broken").mkdir()
-    assert nginx_t(broken, tmp_path / "broken").returncode != 0
+    assert NginxSetup(tmp_path / "broken", broken).test_config().returncode != 0
 
 
 # ---- systemd ------------------------------------------------------------------------------------
