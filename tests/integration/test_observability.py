@@ -182,9 +182,10 @@ def test_alert_rules_pass_promtool() -> None:
     out = run_promtool("check", "rules", "alerts.yml")
     assert "SUCCESS" in out
     names = set(re.findall(r"^\s*-\s*alert:\s*(\S+)", (PROM_DIR / "alerts.yml").read_text(), re.MULTILINE))
-    # drop rate, slow consumers, Redis, p99 lag, hook timeouts, not ready
+    # drop rate, slow consumers, Redis, p99 lag, hook timeouts, not ready, TLS certificate expiry and reloads
     assert names >= {"GatewayDropRateHigh", "GatewaySlowConsumerSpike", "GatewayBrokerDisconnected",
-                     "GatewayFlushLagHigh", "GatewayHookTimeouts", "GatewayNotReady"}
+                     "GatewayFlushLagHigh", "GatewayHookTimeouts", "GatewayNotReady",
+                     "GatewayTLSCertExpiringSoon", "GatewayTLSReloadFailed"}
 
 
 @PROMTOOL_TIMEOUT
