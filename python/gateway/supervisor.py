@@ -113,7 +113,13 @@ def supervise(cfg: Config, args: argparse.Namespace) -> int:
     def on_signal(signum: int, _frame: Any) -> None:
         signals.append(signum)
 
+    def on_hup(_signum: int, _frame: Any) -> None:
+        # Reload the TLS certificate: every worker serves it.
+        for w in workers:
+            w.signal(signal.SIGHUP)
+
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    old[signal.SIGHUP] = signal.signal(signal.SIGHUP, on_hup)
     log.info("supervising %d workers on port %d (node %s-w0..w%d)", n, cfg.server.port, cfg.node_id, n - 1)
     code = 0
     forwarded = 0

@@ -333,6 +333,9 @@ struct Wire<'a> {
     /// Bytes received and not used yet: after a PROXY header, the start of the TLS or
     /// HTTP stream; with TLS, an incomplete record.
     raw: Vec<u8>,
+    /// TLS: application data decrypted along with the end of the handshake (the
+    /// request can arrive in the same segment as the client's Finished).
+    early: Vec<u8>,
 }
 
 /// A TLS handshake failed, or timed out.
@@ -385,19 +388,27 @@ impl Wire<'_> {
     /// Run the TLS handshake (the session is in `tls`).
     async fn tls_handshake(&mut self) -> Result<(), HsFail> {
         let mut out = Vec::new();
-        let mut plain = Vec::new();
+        let mut sniffed = false;
         loop {
             if self.raw.is_empty() && !self.read_raw().await.map_err(|_| HsFail::Eof)? {
                 return Err(HsFail::Eof);
             }
-            if tls::looks_like_http(&self.raw) {
+            // The connection's first bytes: a plain HTTP request, or a hello too old, get
+            // an answer they understand.
+            let sniff = !sniffed && (self.raw.len() >= 11 || self.raw[0] != 0x16);
+            sniffed |= sniff;
+            if sniff && tls::looks_like_http(&self.raw) {
                 let body = b"This port speaks TLS: use https:// or wss://\n";
                 let resp = handshake::response(400, "text/plain", body, &[]);
                 let _ = tokio::time::timeout(Duration::from_secs(2), self.stream.write_all(&resp)).await;
                 return Err(HsFail::Http);
             }
+            if sniff && tls::offers_only_old_versions(&self.raw) {
+                let _ = tokio::time::timeout(Duration::from_secs(2), self.stream.write_all(&tls::PROTOCOL_VERSION_ALERT)).await;
+                return Err(HsFail::Tls(tls::Failure::Version));
+            }
             let t = self.tls.as_mut().expect("TLS wire");
-            let res = tls::process(&mut t.sess, &mut self.raw, &mut plain, &mut out);
+            let res = tls::process(&mut t.sess, &mut self.raw, &mut self.early, &mut out);
             let used = match &res {
                 Ok((used, _)) => *used,
                 Err(_) => 0,
@@ -412,10 +423,7 @@ impl Wire<'_> {
             }
             match res {
                 Err(e) => return Err(HsFail::Tls(tls::Failure::of(&e))),
-                Ok((_, Progress::Open)) => {
-                    // No early data is accepted: `plain` is empty here.
-                    return Ok(());
-                }
+                Ok((_, Progress::Open)) => return Ok(()),
                 Ok((_, Progress::PeerClosed)) => return Err(HsFail::Eof),
                 Ok((_, Progress::Handshaking)) => {
                     if !self.read_raw().await.map_err(|_| HsFail::Eof)? {
@@ -428,6 +436,11 @@ impl Wire<'_> {
 
     /// Append decrypted (or plain) bytes to `buf`. Ok(0) on EOF.
     async fn read(&mut self, buf: &mut Vec<u8>) -> io::Result<usize> {
+        if !self.early.is_empty() {
+            let n = self.early.len();
+            buf.append(&mut self.early);
+            return Ok(n);
+        }
         loop {
             let Some(t) = self.tls.as_mut() else {
                 if !self.raw.is_empty() {
@@ -612,7 +625,7 @@ async fn upgrade(
 ) -> Option<(Arc<Conn>, Box<Input>)> {
     let cfg = &sh.cfg;
     let c = &sh.counters;
-    let mut wire = Wire { stream, tls: None, raw: Vec::new() };
+    let mut wire = Wire { stream, tls: None, raw: Vec::new(), early: Vec::new() };
     let mut buf = Vec::with_capacity(1024);
     let (req, used, client) =
         match tokio::time::timeout(cfg.limits_handshake_timeout, prelude(sh, &mut wire, peer, l, counted, &mut buf)).await {

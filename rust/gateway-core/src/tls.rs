@@ -421,6 +421,18 @@ pub fn looks_like_http(first: &[u8]) -> bool {
         && first.iter().take(8).any(|b| *b == b' ')
 }
 
+/// Whether a connection's first record is a ClientHello whose `legacy_version` is below
+/// TLS 1.2: such a client speaks TLS 1.1 at most (TLS 1.3 clients put 1.2 there, RFC 8446
+/// §4.1.2). rustls would fail it later, on the signature schemes a TLS 1.0 client lacks,
+/// with a vaguer alert.
+pub fn offers_only_old_versions(first: &[u8]) -> bool {
+    first.len() >= 11 && first[0] == 0x16 && first[5] == 0x01 && u16::from_be_bytes([first[9], first[10]]) < 0x0303
+}
+
+/// A fatal `protocol_version` alert record (RFC 8446 §6.2), in a TLS 1.0 record an old
+/// client can read.
+pub const PROTOCOL_VERSION_ALERT: [u8; 7] = [0x15, 0x03, 0x01, 0x00, 0x02, 0x02, 0x46];
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -439,6 +451,15 @@ mod tests {
         assert!(!looks_like_http(&[0x16, 0x03, 0x01, 0x00, 0xa0]));
         assert!(!looks_like_http(b"\x00\x01garbage"));
         assert!(!looks_like_http(b"GE"));
+    }
+
+    #[test]
+    fn old_client_hellos_are_recognised() {
+        let hello = |v: [u8; 2]| [&[0x16, 0x03, 0x01, 0x00, 0x2d, 0x01, 0x00, 0x00, 0x29][..], &v].concat();
+        assert!(offers_only_old_versions(&hello([0x03, 0x01])));
+        assert!(offers_only_old_versions(&hello([0x03, 0x02])));
+        assert!(!offers_only_old_versions(&hello([0x03, 0x03])));
+        assert!(!offers_only_old_versions(&hello([0x03, 0x01])[..10]));
     }
 
     #[test]
