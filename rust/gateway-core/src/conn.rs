@@ -216,10 +216,7 @@ thread_local! {
 
 /// Gather `frames` (their bytes for this connection) into one slice: the frame itself
 /// when there is one, else a copy into `gather`. One TLS record per write, not per frame.
-pub fn gathered<'a>(
-    frames: impl ExactSizeIterator<Item = &'a Bytes>,
-    gather: &'a mut Vec<u8>,
-) -> &'a [u8] {
+pub fn gathered<'a>(frames: impl ExactSizeIterator<Item = &'a Bytes>, gather: &'a mut Vec<u8>) -> &'a [u8] {
     if frames.len() == 1 {
         let mut frames = frames;
         return frames.next().map_or(&[], |b| &b[..]);
@@ -637,12 +634,14 @@ impl Conn {
         TLS_SCRATCH.with(|s| {
             let (gather, out) = &mut *s.borrow_mut();
             out.clear();
-            let plain = gathered(frames[..n].iter().map(|(f, _)| f.bytes_for(self.deflate_bits, d.deflate_level, c)), gather);
+            let plain =
+                gathered(frames[..n].iter().map(|(f, _)| f.bytes_for(self.deflate_bits, d.deflate_level, c)), gather);
             if tls::encrypt(&mut t.sess, plain, out).is_err() {
                 return (0, 0);
             }
             // SAFETY: as in write_direct (the queue lock keeps `fd` open; `out` outlives the call).
-            let sent = unsafe { libc::send(fd, out.as_ptr().cast(), out.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
+            let sent =
+                unsafe { libc::send(fd, out.as_ptr().cast(), out.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
             let sent = usize::try_from(sent).unwrap_or(0);
             t.keep(out, sent);
             if sent > 0 {

@@ -13,6 +13,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tokio::runtime::Runtime;
 use tokio::sync::Notify;
 
+use crate::client_ip::TrustedProxies;
 use crate::config::EngineConfig;
 use crate::conn::{Frame, CONTROL_RESERVE, PRIO_HIGH};
 use crate::events::{Event, EventLimits, EventQueue};
@@ -21,7 +22,6 @@ use crate::limits::IpTable;
 use crate::metrics::Counters;
 use crate::protocol::frame::{OP_BINARY, OP_TEXT};
 use crate::protocol::CloseCode;
-use crate::client_ip::TrustedProxies;
 use crate::server::{self, Decision, Listen, Shared, UserSlot, Verdict};
 use crate::tls::{Acceptor, CertInfo, TlsError};
 
@@ -35,6 +35,14 @@ pub struct Engine {
     rt: Mutex<Option<Runtime>>,
     addr: Mutex<Option<SocketAddr>>,
     tls_addr: Mutex<Option<SocketAddr>>,
+}
+
+/// Engine I/O threads: `server_io_threads`, 0 = the CPU count.
+fn io_threads(cfg: &EngineConfig) -> usize {
+    match cfg.server_io_threads {
+        0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        n => n,
+    }
 }
 
 fn invalid(msg: String) -> io::Error {
@@ -102,7 +110,10 @@ impl Engine {
         let tls = if cfg.server_tls_cert_file.is_empty() && cfg.server_tls_key_file.is_empty() {
             None
         } else {
-            Some(Acceptor::new(&cfg.server_tls_cert_file, &cfg.server_tls_key_file).map_err(|e| invalid(e.to_string()))?)
+            Some(
+                Acceptor::new(&cfg.server_tls_cert_file, &cfg.server_tls_key_file)
+                    .map_err(|e| invalid(e.to_string()))?,
+            )
         };
         let counters = Arc::new(Counters::default());
         let hub = Arc::new(
@@ -125,6 +136,7 @@ impl Engine {
             ips: IpTable::new(cfg.limits_max_conns_per_ip, cfg.limits_max_handshakes_per_ip),
             trusted,
             tls,
+            handshake_cpu: tokio::sync::Semaphore::new(io_threads(&cfg).saturating_sub(1).max(1)),
             conn_cap: AtomicUsize::new(cfg.limits_max_conns),
             decoder: cfg.decoder(),
             deflate: cfg.deflate(),
@@ -156,10 +168,7 @@ impl Engine {
         if rt_slot.is_some() {
             return Err(io::Error::new(io::ErrorKind::AlreadyExists, "engine already started"));
         }
-        let workers = match self.sh.cfg.server_io_threads {
-            0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
-            n => n,
-        };
+        let workers = io_threads(&self.sh.cfg);
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(workers)
             .thread_name("gateway-io")
@@ -175,7 +184,10 @@ impl Engine {
             Some(_) => {
                 let host = if cfg.server_tls_host.is_empty() { &cfg.server_host } else { &cfg.server_tls_host };
                 Some(bind(cfg, host, cfg.server_tls_port).map_err(|e| {
-                    io::Error::new(e.kind(), format!("server.tls.port: cannot listen on {host}:{}: {e}", cfg.server_tls_port))
+                    io::Error::new(
+                        e.kind(),
+                        format!("server.tls.port: cannot listen on {host}:{}: {e}", cfg.server_tls_port),
+                    )
                 })?)
             }
         };
@@ -191,9 +203,17 @@ impl Engine {
         let fd_room = usize::try_from(soft).unwrap_or(usize::MAX).saturating_sub(self.sh.cfg.limits_reserved_fds);
         self.sh.conn_cap.store(self.sh.cfg.limits_max_conns.min(fd_room).max(1), Relaxed);
         self.sh.hub.set_runtime(rt.handle().clone());
-        rt.spawn(server::accept_loop(self.sh.clone(), listener, Listen { tls: false, proxy: cfg.server_proxy_protocol }));
+        rt.spawn(server::accept_loop(
+            self.sh.clone(),
+            listener,
+            Listen { tls: false, proxy: cfg.server_proxy_protocol },
+        ));
         if let Some(l) = tls_listener {
-            rt.spawn(server::accept_loop(self.sh.clone(), l, Listen { tls: true, proxy: cfg.server_tls_proxy_protocol }));
+            rt.spawn(server::accept_loop(
+                self.sh.clone(),
+                l,
+                Listen { tls: true, proxy: cfg.server_tls_proxy_protocol },
+            ));
         }
         rt.spawn(server::sweeper(self.sh.clone()));
         *rt_slot = Some(rt);

@@ -97,6 +97,10 @@ pub struct Shared {
     pub trusted: TrustedProxies,
     /// The TLS listener's certificate, when one is configured.
     pub tls: Option<Acceptor>,
+    /// Handshake crypto (a signature, a key exchange: up to about a millisecond each)
+    /// runs on at most I/O threads - 1 at once, so a storm of handshakes never takes
+    /// every thread from established connections.
+    pub handshake_cpu: tokio::sync::Semaphore,
     /// Sockets this node holds at most (`limits_max_conns`, lowered to the open-files
     /// limit minus `limits_reserved_fds` at start).
     pub conn_cap: AtomicUsize,
@@ -385,8 +389,9 @@ impl Wire<'_> {
         }
     }
 
-    /// Run the TLS handshake (the session is in `tls`).
-    async fn tls_handshake(&mut self) -> Result<(), HsFail> {
+    /// Run the TLS handshake (the session is in `tls`); its crypto runs under a permit
+    /// of `cpu`.
+    async fn tls_handshake(&mut self, cpu: &tokio::sync::Semaphore) -> Result<(), HsFail> {
         let mut out = Vec::new();
         let mut sniffed = false;
         loop {
@@ -404,11 +409,15 @@ impl Wire<'_> {
                 return Err(HsFail::Http);
             }
             if sniff && tls::offers_only_old_versions(&self.raw) {
-                let _ = tokio::time::timeout(Duration::from_secs(2), self.stream.write_all(&tls::PROTOCOL_VERSION_ALERT)).await;
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(2), self.stream.write_all(&tls::PROTOCOL_VERSION_ALERT))
+                        .await;
                 return Err(HsFail::Tls(tls::Failure::Version));
             }
             let t = self.tls.as_mut().expect("TLS wire");
+            let permit = cpu.acquire().await;
             let res = tls::process(&mut t.sess, &mut self.raw, &mut self.early, &mut out);
+            drop(permit);
             let used = match &res {
                 Ok((used, _)) => *used,
                 Err(_) => 0,
@@ -502,7 +511,11 @@ impl Wire<'_> {
     }
 
     /// Read the request head. Errors carry the status to answer with.
-    async fn read_head(&mut self, buf: &mut Vec<u8>, cfg: &EngineConfig) -> Result<(handshake::Request, usize), (u16, &'static str)> {
+    async fn read_head(
+        &mut self,
+        buf: &mut Vec<u8>,
+        cfg: &EngineConfig,
+    ) -> Result<(handshake::Request, usize), (u16, &'static str)> {
         loop {
             match self.read(buf).await {
                 Ok(0) => return Err((400, "connection closed")),
@@ -582,7 +595,7 @@ async fn prelude(
             }
         };
         wire.tls = Some(TlsState::new(sess));
-        if let Err(f) = wire.tls_handshake().await {
+        if let Err(f) = wire.tls_handshake(&sh.handshake_cpu).await {
             count_tls_failure(c, &f);
             return None;
         }
@@ -628,7 +641,9 @@ async fn upgrade(
     let mut wire = Wire { stream, tls: None, raw: Vec::new(), early: Vec::new() };
     let mut buf = Vec::with_capacity(1024);
     let (req, used, client) =
-        match tokio::time::timeout(cfg.limits_handshake_timeout, prelude(sh, &mut wire, peer, l, counted, &mut buf)).await {
+        match tokio::time::timeout(cfg.limits_handshake_timeout, prelude(sh, &mut wire, peer, l, counted, &mut buf))
+            .await
+        {
             Ok(Some(x)) => x,
             Ok(None) => return None,
             Err(_) => {
@@ -762,7 +777,9 @@ async fn serve_plain(sh: &Shared, wire: &mut Wire<'_>, req: &handshake::Request)
         return wire.respond(200, ctype, body, &[]).await;
     }
     if req.path == cfg.server_ws_path {
-        return wire.respond(426, "text/plain", b"WebSocket upgrade required\n", &[("Sec-WebSocket-Version", "13")]).await;
+        return wire
+            .respond(426, "text/plain", b"WebSocket upgrade required\n", &[("Sec-WebSocket-Version", "13")])
+            .await;
     }
     metrics::inc(&sh.counters.handshake_not_found);
     wire.respond(404, "text/plain", b"not found\n", &[]).await
@@ -959,7 +976,8 @@ async fn run_ws(sh: &Shared, stream: &TcpStream, conn: &Arc<Conn>, mut inp: Box<
             }
         }
         if !wq.is_empty() || tls_out {
-            let flushed = if is_tls { flush_tls(stream, conn, &mut wq, sh) } else { flush(stream, conn, &mut wq, &mut off, sh) };
+            let flushed =
+                if is_tls { flush_tls(stream, conn, &mut wq, sh) } else { flush(stream, conn, &mut wq, &mut off, sh) };
             match flushed {
                 Ok(true) => {
                     tls_out = false;

@@ -121,9 +121,8 @@ fn load_with(
         )));
     }
     let pem = fs::read(key_file).map_err(|e| key_err(format!("cannot read {key_file}: {e}")))?;
-    let key = PrivateKeyDer::from_pem_slice(&pem).map_err(|e| {
-        key_err(format!("no usable PEM private key (PKCS#8, SEC1 or PKCS#1) in {key_file}: {e}"))
-    })?;
+    let key = PrivateKeyDer::from_pem_slice(&pem)
+        .map_err(|e| key_err(format!("no usable PEM private key (PKCS#8, SEC1 or PKCS#1) in {key_file}: {e}")))?;
     let signer = provider
         .key_provider
         .load_private_key(key)
@@ -264,9 +263,9 @@ impl Failure {
     pub fn of(e: &rustls::Error) -> Self {
         use rustls::{Error, PeerIncompatible as P};
         match e {
-            Error::InvalidMessage(_) | Error::InappropriateMessage { .. } | Error::InappropriateHandshakeMessage { .. } => {
-                Self::NotTls
-            }
+            Error::InvalidMessage(_)
+            | Error::InappropriateMessage { .. }
+            | Error::InappropriateHandshakeMessage { .. } => Self::NotTls,
             Error::PeerIncompatible(
                 P::Tls12NotOffered | P::Tls12NotOfferedOrEnabled | P::SupportedVersionsExtensionRequired,
             ) => Self::Version,
@@ -417,7 +416,8 @@ pub fn resumed(sess: &Session) -> bool {
 /// Whether the first bytes of a connection on a TLS port look like a plain HTTP request
 /// (`GET /…`), which deserves an HTTP answer rather than a TLS alert.
 pub fn looks_like_http(first: &[u8]) -> bool {
-    first.len() >= 4 && first[..first.len().min(8)].iter().take_while(|b| b.is_ascii_uppercase()).count() >= 3
+    first.len() >= 4
+        && first[..first.len().min(8)].iter().take_while(|b| b.is_ascii_uppercase()).count() >= 3
         && first.iter().take(8).any(|b| *b == b' ')
 }
 
@@ -481,5 +481,218 @@ mod tests {
         assert_eq!(e.key, "server.tls.cert_file");
         assert!(e.message.contains("no PEM certificate"), "{e}");
         fs::remove_dir_all(&dir).unwrap();
+    }
+}
+
+/// A rustls client against our server session, in memory: the record layer both ways,
+/// key updates, close_notify, reloads.
+#[cfg(test)]
+mod session_tests {
+    use super::*;
+    use rustls::pki_types::ServerName;
+    use rustls::{ClientConfig, ClientConnection, RootCertStore};
+    use std::io::{Read, Write};
+
+    struct Pki {
+        dir: std::path::PathBuf,
+        ca: rcgen::Certificate,
+        ca_key: rcgen::KeyPair,
+    }
+
+    impl Pki {
+        fn new(tag: &str) -> Self {
+            let dir = std::env::temp_dir().join(format!("gw-tls-{tag}-{}", std::process::id()));
+            fs::create_dir_all(&dir).unwrap();
+            let ca_key = rcgen::KeyPair::generate().unwrap();
+            let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+            p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            let ca = p.self_signed(&ca_key).unwrap();
+            Self { dir, ca, ca_key }
+        }
+
+        /// A leaf for localhost: (cert file, key file, serial hex).
+        fn leaf(&self, name: &str, alg: &'static rcgen::SignatureAlgorithm) -> (String, String) {
+            let key = rcgen::KeyPair::generate_for(alg).unwrap();
+            let p = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+            let cert = p.signed_by(&key, &self.ca, &self.ca_key).unwrap();
+            let (c, k) = (self.dir.join(format!("{name}.pem")), self.dir.join(format!("{name}.key")));
+            fs::write(&c, cert.pem()).unwrap();
+            fs::write(&k, key.serialize_pem()).unwrap();
+            (c.to_str().unwrap().into(), k.to_str().unwrap().into())
+        }
+
+        fn client(&self, versions: &[&'static rustls::SupportedProtocolVersion]) -> Arc<ClientConfig> {
+            let mut roots = RootCertStore::empty();
+            roots.add(self.ca.der().clone()).unwrap();
+            let mut c = ClientConfig::builder_with_provider(provider())
+                .with_protocol_versions(versions)
+                .unwrap()
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+            c.alpn_protocols = vec![b"http/1.1".to_vec()];
+            Arc::new(c)
+        }
+    }
+
+    impl Drop for Pki {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    /// Move the client's pending records to the server; return the server's plaintext.
+    fn to_server(
+        client: &mut ClientConnection,
+        server: &mut Session,
+        raw: &mut Vec<u8>,
+        back: &mut Vec<u8>,
+    ) -> (Vec<u8>, Progress) {
+        while client.wants_write() {
+            client.write_tls(raw).unwrap();
+        }
+        let mut plain = Vec::new();
+        let (used, p) = process(server, raw, &mut plain, back).unwrap();
+        raw.drain(..used);
+        (plain, p)
+    }
+
+    /// Feed the server's records to the client; return the client's plaintext.
+    fn to_client(client: &mut ClientConnection, out: &mut Vec<u8>) -> Vec<u8> {
+        let mut rd = &out[..];
+        let mut got = Vec::new();
+        while !rd.is_empty() {
+            client.read_tls(&mut rd).unwrap();
+            client.process_new_packets().unwrap();
+            let _ = client.reader().read_to_end(&mut got);
+        }
+        out.clear();
+        got
+    }
+
+    fn connect(
+        pki: &Pki,
+        server: &mut Session,
+        versions: &[&'static rustls::SupportedProtocolVersion],
+    ) -> ClientConnection {
+        let mut client =
+            ClientConnection::new(pki.client(versions), ServerName::try_from("localhost").unwrap()).unwrap();
+        let (mut raw, mut out) = (Vec::new(), Vec::new());
+        for _ in 0..10 {
+            let (plain, p) = to_server(&mut client, server, &mut raw, &mut out);
+            assert!(plain.is_empty());
+            to_client(&mut client, &mut out);
+            if p == Progress::Open && !client.is_handshaking() {
+                return client;
+            }
+        }
+        panic!("handshake did not finish");
+    }
+
+    #[test]
+    fn records_both_ways_key_updates_and_close_notify() {
+        let pki = Pki::new("rec");
+        for (alg, versions) in [
+            (&rcgen::PKCS_ECDSA_P256_SHA256, &[&rustls::version::TLS13][..]),
+            (&rcgen::PKCS_ECDSA_P256_SHA256, &[&rustls::version::TLS12][..]),
+            (&rcgen::PKCS_ED25519, &[&rustls::version::TLS13][..]),
+        ] {
+            let (c, k) = pki.leaf("leaf", alg);
+            let acceptor = Acceptor::new(&c, &k).unwrap();
+            let mut server = acceptor.session().unwrap();
+            let mut client = connect(&pki, &mut server, versions);
+            assert_eq!(client.alpn_protocol(), Some(&b"http/1.1"[..]));
+            let (mut raw, mut out) = (Vec::new(), Vec::new());
+            // Client to server, split into many records, and a 40 KiB message.
+            let big: Vec<u8> = (0..40_000u32).map(|i| (i % 251) as u8).collect();
+            client.writer().write_all(&big).unwrap();
+            let (plain, _) = to_server(&mut client, &mut server, &mut raw, &mut out);
+            assert_eq!(plain, big);
+            // Server to client: one record batch per call.
+            encrypt(&mut server, b"hello", &mut out).unwrap();
+            encrypt(&mut server, &big, &mut out).unwrap();
+            let got = to_client(&mut client, &mut out);
+            assert_eq!(&got[..5], b"hello");
+            assert_eq!(&got[5..], &big[..]);
+            if versions[0] == &rustls::version::TLS13 {
+                // The client rotates its keys; the server answers with its own update
+                // (on `out`) and both directions keep working.
+                client.refresh_traffic_keys().unwrap();
+                client.writer().write_all(b"after update").unwrap();
+                let (plain, _) = to_server(&mut client, &mut server, &mut raw, &mut out);
+                assert_eq!(plain, b"after update");
+                encrypt(&mut server, b"reply", &mut out).unwrap();
+                assert_eq!(to_client(&mut client, &mut out), b"reply");
+            }
+            // close_notify from the client: the session reports it.
+            client.send_close_notify();
+            let (_, p) = to_server(&mut client, &mut server, &mut raw, &mut out);
+            assert_eq!(p, Progress::PeerClosed);
+        }
+    }
+
+    #[test]
+    fn a_record_split_anywhere_is_decrypted_once_whole() {
+        let pki = Pki::new("split");
+        let (c, k) = pki.leaf("leaf", &rcgen::PKCS_ECDSA_P256_SHA256);
+        let acceptor = Acceptor::new(&c, &k).unwrap();
+        let mut server = acceptor.session().unwrap();
+        let mut client = connect(&pki, &mut server, &[&rustls::version::TLS13]);
+        client.writer().write_all(b"0123456789").unwrap();
+        let mut wire = Vec::new();
+        while client.wants_write() {
+            client.write_tls(&mut wire).unwrap();
+        }
+        let (mut held, mut out, mut plain) = (Vec::new(), Vec::new(), Vec::new());
+        for b in wire {
+            held.push(b);
+            let (used, _) = process(&mut server, &mut held, &mut plain, &mut out).unwrap();
+            held.drain(..used);
+        }
+        assert_eq!(plain, b"0123456789");
+        assert!(held.is_empty());
+    }
+
+    #[test]
+    fn tampered_records_fail_with_an_alert() {
+        let pki = Pki::new("tamper");
+        let (c, k) = pki.leaf("leaf", &rcgen::PKCS_ECDSA_P256_SHA256);
+        let acceptor = Acceptor::new(&c, &k).unwrap();
+        let mut server = acceptor.session().unwrap();
+        let mut client = connect(&pki, &mut server, &[&rustls::version::TLS13]);
+        client.writer().write_all(b"secret").unwrap();
+        let mut wire = Vec::new();
+        while client.wants_write() {
+            client.write_tls(&mut wire).unwrap();
+        }
+        let last = wire.len() - 1;
+        wire[last] ^= 1;
+        let (mut out, mut plain) = (Vec::new(), Vec::new());
+        assert!(process(&mut server, &mut wire, &mut plain, &mut out).is_err());
+        assert!(plain.is_empty());
+        assert_eq!(out.first(), Some(&0x17), "an encrypted alert record goes out");
+    }
+
+    #[test]
+    fn reload_swaps_for_new_sessions_and_keeps_the_old_on_error() {
+        let pki = Pki::new("reload");
+        let (c1, k1) = pki.leaf("one", &rcgen::PKCS_ECDSA_P256_SHA256);
+        let acceptor = Acceptor::new(&c1, &k1).unwrap();
+        let first = acceptor.info();
+        let (c2, k2) = pki.leaf("two", &rcgen::PKCS_ECDSA_P256_SHA256);
+        fs::copy(&c2, &c1).unwrap();
+        // Cert two with key one: refused, the served certificate is unchanged.
+        let e = acceptor.reload().unwrap_err();
+        assert_eq!(e.key, "server.tls.key_file");
+        assert!(e.message.contains("does not match"), "{e}");
+        assert_eq!(acceptor.info(), first);
+        fs::copy(&k2, &k1).unwrap();
+        let second = acceptor.reload().unwrap();
+        assert_ne!(second.serial, first.serial);
+        assert_eq!(acceptor.info(), second);
+        let mut server = acceptor.session().unwrap();
+        let client = connect(&pki, &mut server, &[&rustls::version::TLS13]);
+        let served = client.peer_certificates().unwrap()[0].clone();
+        let (_, leaf) = x509_parser::parse_x509_certificate(&served).unwrap();
+        assert_eq!(leaf.raw_serial().iter().map(|b| format!("{b:02x}")).collect::<String>(), second.serial);
     }
 }
