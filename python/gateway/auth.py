@@ -185,6 +185,10 @@ class ConnectRequest:
 
     ``query`` is the raw query string without ``?``; header names are lower-cased;
     ``protocols`` are the offered ``Sec-WebSocket-Protocol`` entries, in order.
+    ``peer`` is the client's ``ip:port``: the TCP peer, or behind a proxy the address from
+    its PROXY protocol header (``server.proxy_protocol``) or, when the peer is in
+    ``server.trusted_proxies``, from ``X-Forwarded-For`` / ``X-Real-IP`` (port 0: the
+    headers carry none). Per-IP limits and logs use the same address.
     """
 
     conn: int
