@@ -7,7 +7,7 @@ PORT ?= 8080
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup build run test test-rust test-python test-js test-fast autobahn autobahn-full bench lint clean fuzz fuzz-smoke fuzz-python
+.PHONY: help setup build run test test-rust test-python test-js test-fast autobahn autobahn-tls autobahn-full bench lint clean fuzz fuzz-smoke fuzz-python
 
 help: ## Show this help
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -43,6 +43,9 @@ test-fast: ## Python unit tests only
 
 autobahn: build ## Autobahn|Testsuite quick set against the engine's echo app (about 10 s)
 	tools/autobahn.sh --quick
+
+autobahn-tls: build ## The Autobahn quick set over wss:// (the engine's TLS listener, certificate verified against a test CA)
+	tools/autobahn.sh --tls --quick
 
 autobahn-full: build ## Autobahn|Testsuite cases 1-13, including performance and permessage-deflate (about 10 min)
 	tools/autobahn.sh

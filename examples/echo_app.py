@@ -16,14 +16,19 @@ What differs from production defaults, and why:
   closes in the middle of a test case;
 - ``ws_path=""``: any path upgrades (Autobahn connects to ``/`` and ``/runCase?...``).
 
+With ``--tls-cert`` and ``--tls-key`` it also serves ``wss://`` on a free port of the same
+host (``tools/autobahn.sh --tls``), through the engine's TLS listener.
+
 Every connect is accepted; when the client offers subprotocols the first one is echoed.
 
 Usage::
 
     python examples/echo_app.py [--host 127.0.0.1] [--port 9001] [--workers N]
+                                [--tls-cert CHAIN.pem --tls-key KEY.pem]
 
 It prints ``echo server listening on ws://HOST:PORT/`` (flushed) once it accepts
-connections, and stops cleanly on SIGINT/SIGTERM. ``tools/autobahn.sh`` starts it.
+connections, with TLS then ``echo server listening on wss://localhost:PORT/``, and stops
+cleanly on SIGINT/SIGTERM. ``tools/autobahn.sh`` starts it.
 """
 
 from __future__ import annotations
@@ -39,10 +44,14 @@ from gateway._core import EV_CLOSED, EV_CONNECT, EV_MESSAGE, Engine
 MIB = 1 << 20
 
 
-def make_engine(host: str, port: int, workers: int = 0) -> Engine:
+def make_engine(host: str, port: int, workers: int = 0, tls: tuple[str, str] | None = None) -> Engine:
+    cert_file, key_file = tls or ("", "")
     return Engine(
         server_host=host,
         server_port=port,
+        server_tls_cert_file=cert_file,
+        server_tls_key_file=key_file,
+        server_tls_port=0,
         server_io_threads=workers,
         server_ws_path="",
         limits_max_frame_bytes=64 * MIB,
@@ -58,9 +67,9 @@ def make_engine(host: str, port: int, workers: int = 0) -> Engine:
     )
 
 
-async def serve(host: str, port: int, workers: int = 0) -> None:
+async def serve(host: str, port: int, workers: int = 0, tls: tuple[str, str] | None = None) -> None:
     loop = asyncio.get_running_loop()
-    engine = make_engine(host, port, workers)
+    engine = make_engine(host, port, workers, tls)
     bound_host, bound_port = engine.start()
     stop = asyncio.Event()
 
@@ -87,6 +96,9 @@ async def serve(host: str, port: int, workers: int = 0) -> None:
         f"echo server listening on ws://{shown}:{bound_port}/ (gateway._core {_core.__version__})",
         flush=True,
     )
+    if engine.tls_address is not None:
+        # The test certificates name localhost: clients that verify connect by that name.
+        print(f"echo server listening on wss://localhost:{engine.tls_address[1]}/", flush=True)
     try:
         await stop.wait()
     finally:
@@ -105,13 +117,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--workers", type=int, default=0, help="engine I/O threads (0 = CPU count)"
     )
+    ap.add_argument("--tls-cert", metavar="PEM", help="certificate chain: also serve wss:// on a free port")
+    ap.add_argument("--tls-key", metavar="PEM", help="its private key")
     args = ap.parse_args(argv)
+    if bool(args.tls_cert) != bool(args.tls_key):
+        ap.error("--tls-cert and --tls-key go together")
+    tls = (args.tls_cert, args.tls_key) if args.tls_cert else None
     try:
         import uvloop
     except ImportError:
-        asyncio.run(serve(args.host, args.port, args.workers))
+        asyncio.run(serve(args.host, args.port, args.workers, tls))
     else:
-        uvloop.run(serve(args.host, args.port, args.workers))
+        uvloop.run(serve(args.host, args.port, args.workers, tls))
     return 0
 
 

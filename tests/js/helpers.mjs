@@ -2,7 +2,7 @@
 // and fake mini-program APIs (wx, tt, my, uni) backed by Node's real WebSocket.
 // Run with: node --experimental-websocket --test tests/js/
 
-import { spawn } from "node:child_process";
+import { spawn, execFileSync } from "node:child_process";
 import { createHmac } from "node:crypto";
 import { mkdirSync, readFileSync, writeFileSync, existsSync } from "node:fs";
 import net from "node:net";
@@ -83,17 +83,49 @@ export const BASE_SETS = [
 
 let gwCount = 0;
 
+/** The Python that runs gateways (and the test-certificate helper). */
+export function pythonPath() {
+  const python = process.env.LIVEGATE_PYTHON || join(ROOT, ".venv", "bin", "python");
+  if (!existsSync(python)) throw new Error(`${python} not found: build the project first (make build)`);
+  return python;
+}
+
+/** A throw-away root CA, intermediate and server certificate for localhost, 127.0.0.1 and
+ * ::1 in `dir` (Node has no certificate generator: tests/support/certs.py, run as a module):
+ * {root, cert, key} file paths. `cert` is the chain (leaf + intermediate); clients must
+ * trust `root` only. */
+export function makeTestCerts(dir) {
+  mkdirSync(dir, { recursive: true });
+  const out = execFileSync(pythonPath(), ["-m", "support.certs", dir], { cwd: join(ROOT, "tests"), encoding: "utf8", timeout: 30000 });
+  return JSON.parse(out.trim().split("\n").pop());
+}
+
+/** Resolves once something accepts TCP connections on 127.0.0.1:`port`. */
+function tcpOpen(port) {
+  return new Promise((resolve) => {
+    const s = net.connect(port, "127.0.0.1");
+    s.on("connect", () => {
+      s.destroy();
+      resolve(true);
+    });
+    s.on("error", () => resolve(false));
+  });
+}
+
 /** One `python -m gateway run` process on `port`/`apiPort` (free ones when omitted). */
 export class Gateway {
   /** `app`: a `module:attr` for `--app` (e.g. "tests.js.cidapp:make_app"; the gateway runs
-   * from the repository root). */
-  constructor({ name = "gw", port, apiPort, sets = [], config = null, app = null } = {}) {
+   * from the repository root). `tls`: {cert, key} PEM files (see makeTestCerts): a wss://
+   * listener on `tlsPort` (a free one when omitted) besides the plain one. */
+  constructor({ name = "gw", port, apiPort, sets = [], config = null, app = null, tls = null, tlsPort } = {}) {
     this.name = `${name}-${process.pid}-${++gwCount}`;
     this.port = port;
     this.apiPort = apiPort;
     this.sets = [...BASE_SETS, ...sets];
     this.config = config;
     this.app = app;
+    this.tls = tls;
+    this.tlsPort = tlsPort;
     this.proc = null;
     this.exitCode = null;
     mkdirSync(LOG_DIR, { recursive: true });
@@ -108,12 +140,21 @@ export class Gateway {
     return `http://127.0.0.1:${this.port}`;
   }
 
+  /** wss://localhost:<tlsPort>/ws: the name the test certificates carry. */
+  get wssUrl() {
+    if (!this.tls) throw new Error("gateway started without tls");
+    return `wss://localhost:${this.tlsPort}/ws`;
+  }
+
   async start(timeout = 40000) {
     if (!this.port) this.port = await freePort();
     if (!this.apiPort) this.apiPort = await freePort();
-    const python = process.env.LIVEGATE_PYTHON || join(ROOT, ".venv", "bin", "python");
-    if (!existsSync(python)) throw new Error(`${python} not found: build the project first (make build)`);
+    const python = pythonPath();
     const args = ["-m", "gateway", "run", "--host", "127.0.0.1", "--port", String(this.port), "--api-port", String(this.apiPort)];
+    if (this.tls) {
+      if (!this.tlsPort) this.tlsPort = await freePort();
+      args.push("--tls-cert", this.tls.cert, "--tls-key", this.tls.key, "--tls-port", String(this.tlsPort));
+    }
     if (this.config) {
       const p = join(LOG_DIR, this.name + ".toml");
       writeFileSync(p, this.config);
@@ -139,7 +180,7 @@ export class Gateway {
       try {
         const r = await fetch(this.httpUrl + "/healthz");
         const a = await fetch(`http://127.0.0.1:${this.apiPort}/readyz`);
-        if (r.status === 200 && a.status === 200) return this;
+        if (r.status === 200 && a.status === 200 && (!this.tls || (await tcpOpen(this.tlsPort)))) return this;
       } catch (e) {
         // not up yet
       }

@@ -4,13 +4,20 @@ chain file holds leaf + intermediate, as a public CA delivers a "full chain"; cl
 trust the root only, so a test passes only if the gateway serves the whole chain.
 
 Nothing here is secret or committed: every run makes new keys.
+
+Tools without a certificate generator of their own (the Node SDK tests, ``tools/autobahn.sh
+--tls``) run it from ``tests/``: ``python -m support.certs DIR`` makes the CA in ``DIR``,
+issues ``server.pem``/``server.key`` and prints ``{"root", "cert", "key"}`` (file paths) as
+one JSON line.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import json
 import ssl
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -126,3 +133,19 @@ def peer_serial(sock: ssl.SSLSocket | ssl.SSLObject) -> int:
     der = sock.getpeercert(binary_form=True)
     assert der is not None
     return x509.load_der_x509_certificate(der).serial_number
+
+
+def main(argv: list[str]) -> int:
+    """``python -m support.certs DIR``: a CA in DIR and a server certificate; prints the
+    paths as JSON."""
+    if len(argv) != 1:
+        print("usage: python -m support.certs DIR  (from tests/)", file=sys.stderr)
+        return 2
+    ca = TestCA(Path(argv[0]))
+    leaf = ca.issue("server")
+    print(json.dumps({"root": str(ca.root_file), "cert": str(leaf.cert_file), "key": str(leaf.key_file)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
