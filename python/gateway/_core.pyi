@@ -12,7 +12,7 @@ Python drives it with the non-blocking methods below and drains events in batche
 
 from typing import Final, TypedDict, final
 
-__all__ = ["EV_CLOSED", "EV_CONNECT", "EV_MESSAGE", "PRIO_HIGH", "PRIO_LOW", "PRIO_NORMAL", "Engine", "EngineError", "__version__", "raise_fd_limit"]
+__all__ = ["EV_CLOSED", "EV_CONNECT", "EV_MESSAGE", "PRIO_HIGH", "PRIO_LOW", "PRIO_NORMAL", "Engine", "EngineError", "TlsError", "__version__", "check_tls", "raise_fd_limit"]
 
 EV_CONNECT: Final[int]
 """``(EV_CONNECT, conn, peer, path, query, headers, protocols)``: an upgrade waits for

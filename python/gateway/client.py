@@ -221,6 +221,8 @@ class GatewayClient:
         if self.connected:
             raise RuntimeError("already connected")
         url, protocols, headers = self._target()
+        # Only when given: websockets makes its own default context for wss:// otherwise.
+        tls: dict[str, Any] = {"ssl": self.ssl} if self.ssl is not None else {}
         ws = await ws_connect(
             url,
             subprotocols=protocols or None,  # type: ignore[arg-type]
@@ -231,7 +233,7 @@ class GatewayClient:
             max_size=self.max_size,
             max_queue=None,
             close_timeout=2.0,
-            **({"ssl": self.ssl} if self.ssl is not None else {}),
+            **tls,
         )
         try:
             raw = await asyncio.wait_for(ws.recv(), self.open_timeout)

@@ -42,10 +42,12 @@ def engine(default: Any, **kw: Any) -> Any:
     :meth:`Config.engine_settings`. Adding one touches its section here, the binding's
     conversion (``rust/gateway-py``) and ``_core.pyi``, nothing else."""
     if isinstance(default, (list, dict)):
-        raise TypeError("engine settings are scalars; a list takes engine(None, default_factory=list)")
-    if "default_factory" in kw:
-        return field(metadata={"engine": True}, **kw)
-    return field(default=default, metadata={"engine": True}, **kw)
+        raise TypeError("engine settings are scalars; a list is field(default_factory=list, metadata=ENGINE)")
+    return field(default=default, metadata=ENGINE, **kw)
+
+
+#: Field metadata of an engine setting (what :func:`engine` sets), for list settings.
+ENGINE = {"engine": True}
 
 
 @dataclass
@@ -86,7 +88,7 @@ class ServerConfig:
     proxy_protocol: bool = engine(False)
     #: CIDRs of proxies whose ``X-Forwarded-For`` / ``X-Real-IP`` are believed (and, when
     #: set, the only peers allowed on a PROXY-protocol listener). Empty: headers ignored.
-    trusted_proxies: list[str] = engine(None, default_factory=list)
+    trusted_proxies: list[str] = field(default_factory=list, metadata=ENGINE)
     tls: TlsConfig = field(default_factory=TlsConfig)
     backlog: int = engine(4096)
     subprotocols: list[str] = field(default_factory=lambda: ["gateway.v1"])

@@ -15,7 +15,9 @@ import time
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .._core import Engine
+    from collections.abc import Mapping
+
+    from .._core import CertInfo, Engine
     from ..config import TlsConfig
 
 __all__ = ["EXPIRY_WARNING", "CertWatcher", "expiry_problem"]
@@ -29,7 +31,7 @@ EXPIRY_WARNING = 14 * 86400.0
 _EXPIRY_CHECK = 3600.0
 
 
-def expiry_problem(info: dict[str, Any], now: float | None = None) -> str | None:
+def expiry_problem(info: Mapping[str, Any], now: float | None = None) -> str | None:
     """A warning for a certificate that expired or expires within 14 days, else None."""
     left = info["not_after"] - (time.time() if now is None else now)
     if left <= 0:
@@ -73,7 +75,7 @@ class CertWatcher:
         self.warn_expiry(info)
         return True
 
-    def warn_expiry(self, info: dict[str, Any] | None = None) -> None:
+    def warn_expiry(self, info: CertInfo | None = None) -> None:
         info = info if info is not None else self._engine.tls_info()
         problem = expiry_problem(info) if info else None
         if problem:
