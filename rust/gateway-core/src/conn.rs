@@ -161,6 +161,9 @@ pub struct OutQueue {
     /// A wake-up is pending for the writer: later pushes need not notify again. False
     /// only while the writer is idle: nothing queued, nothing in flight.
     pub woken: bool,
+    /// A TLS connection's session (boxed: plain connections pay one pointer, on the
+    /// line a fan-out reads anyway).
+    pub tls: Option<Box<TlsState>>,
     pub items: VecDeque<Item>,
     /// A frame a direct write sent only partly, and how many of its bytes went out. The
     /// writer sends the rest before anything else; no drop policy or discarding close
@@ -174,8 +177,6 @@ pub struct OutQueue {
     pub app_pong: Option<Arc<Frame>>,
     /// Pongs queued behind a waiting one since the writer last took the replies.
     spilled: u8,
-    /// A TLS connection's session (boxed: plain connections pay one pointer).
-    pub tls: Option<Box<TlsState>>,
 }
 
 /// The TLS side of a connection, under its queue lock: whoever writes (the I/O task, or
