@@ -63,7 +63,7 @@ impl Phase {
         }
     }
 
-    fn publishing(self) -> bool {
+    pub fn publishing(self) -> bool {
         matches!(self, Phase::Warmup | Phase::Measure)
     }
 
@@ -109,6 +109,9 @@ pub struct ThreadResult {
     pub connect_hist: Histogram,
     pub closes: HashMap<String, u64>,
     pub slow_closes: HashMap<String, u64>,
+    pub tls_full: u64,
+    pub tls_resumed: u64,
+    pub tls_negotiated: Option<crate::tls::Negotiated>,
 }
 
 /// A publisher owned by this thread.
@@ -198,6 +201,9 @@ impl Worker {
                 join_payload,
                 epoch: now,
                 handshaking: 0,
+                tls_full: 0,
+                tls_resumed: 0,
+                tls_negotiated: None,
             },
             todo,
             next_todo: 0,
@@ -264,6 +270,9 @@ impl Worker {
             connect_hist: self.ctx.connect_hist,
             closes: self.ctx.closes,
             slow_closes: self.ctx.slow_closes,
+            tls_full: self.ctx.tls_full,
+            tls_resumed: self.ctx.tls_resumed,
+            tls_negotiated: self.ctx.tls_negotiated,
         }
     }
 
@@ -342,6 +351,10 @@ impl Worker {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(e) => return Err(err(e)),
         }
+        let tls = match &cfg.tls {
+            Some(t) => Some(t.connect().map_err(|e| End::Tls(crate::tls::error_key(&e)))?),
+            None => None,
+        };
         let mut stream = TcpStream::from_std(socket.into());
         let idx = self.conns.len();
         self.poll.registry().register(&mut stream, Token(idx), Interest::READABLE | Interest::WRITABLE).map_err(err)?;
@@ -353,7 +366,7 @@ impl Worker {
             NOT_PUBLISHER
         };
         let key = ws::make_key(self.ctx.rng.bytes16());
-        self.conns.push(Conn::new(stream, gid, pub_slot, slow, self.ctx.mono_us(), key));
+        self.conns.push(Conn::new(stream, tls, gid, pub_slot, slow, self.ctx.mono_us(), key));
         self.ctx.handshaking += 1;
         Ok(())
     }
@@ -409,7 +422,7 @@ impl Worker {
             }),
             _ if conn.paused => {
                 // A slow consumer: never read, only send (heartbeats).
-                if ev.is_writable() && !conn.out.is_empty() {
+                if ev.is_writable() && conn.has_output() {
                     self.conns[idx].flush()
                 } else {
                     Ok(())
@@ -420,7 +433,7 @@ impl Worker {
                 if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
                     r = self.read_conn(idx, ev.is_read_closed() || ev.is_error());
                 }
-                if r.is_ok() && ev.is_writable() && !self.conns[idx].out.is_empty() {
+                if r.is_ok() && ev.is_writable() && self.conns[idx].has_output() {
                     r = self.conns[idx].flush();
                 }
                 r
@@ -457,7 +470,7 @@ impl Worker {
                 }
                 Ok(n) => {
                     self.ctx.now_us = sys::unix_micros();
-                    if let Err(end) = conn.on_bytes(&self.scratch[..n], &mut self.ctx) {
+                    if let Err(end) = conn.on_wire(&self.scratch[..n], &mut self.ctx) {
                         let _ = conn.flush();
                         return Err(end);
                     }
@@ -482,10 +495,10 @@ impl Worker {
                 Err(e) => return Err(End::Io(e.kind())),
             }
         }
-        if conn.out.is_empty() {
-            Ok(())
-        } else {
+        if conn.has_output() {
             conn.flush()
+        } else {
+            Ok(())
         }
     }
 
@@ -504,6 +517,7 @@ impl Worker {
             conn.stream = None;
             conn.reader = Default::default();
             conn.out = Vec::new();
+            conn.tls = None;
             return;
         } else {
             if conn.is_publisher() {
@@ -520,6 +534,7 @@ impl Worker {
         conn.reader = Default::default();
         conn.out = Vec::new();
         conn.hs = None;
+        conn.tls = None;
     }
 
     /// At the end: read what the server queued to each slow consumer, to
@@ -538,7 +553,7 @@ impl Worker {
                     Ok(0) => break Some(End::Eof),
                     Ok(n) => {
                         self.ctx.counters.slow_bytes += n as u64;
-                        if let Err(end) = conn.on_bytes(&self.scratch[..n], &mut self.ctx) {
+                        if let Err(end) = conn.on_wire(&self.scratch[..n], &mut self.ctx) {
                             break Some(end);
                         }
                     }
@@ -566,6 +581,11 @@ impl Worker {
             if c.state == State::Ready {
                 ws::encode_frame(&mut c.out, ws::OP_CLOSE, &1000u16.to_be_bytes(), self.ctx.rng.mask());
                 let _ = c.flush();
+                if let Some(t) = c.tls.as_mut() {
+                    // After the frame: rustls sends nothing after the alert.
+                    t.send_close_notify();
+                    let _ = c.flush();
+                }
             }
             c.stream = None;
             c.state = State::Closed;
@@ -779,5 +799,102 @@ mod tests {
         assert_eq!(r.counters.slow_bytes, burst.len() as u64, "everything was left unread until the end");
         assert_eq!(r.slow_closes.get("4008"), Some(&1));
         assert!(r.closes.is_empty());
+    }
+
+    /// wss://: a one-connection fake gateway behind rustls. Upgrade,
+    /// `connected`, ack the join, then 2,000 room messages in records of all
+    /// sizes; the client counts every one and reports the handshake.
+    #[test]
+    fn wss_receiver_counts_every_message() {
+        use rustls::{ServerConnection, StreamOwned};
+        use std::io::Read as _;
+
+        let pki = crate::tls::testing::pki();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let url = format!("wss://127.0.0.1:{port}/ws");
+        let ca = pki.ca_path.to_str().unwrap().to_string();
+        let args = cli::Args::try_parse_from([
+            "gw-load",
+            "--url",
+            &url,
+            "--ca",
+            &ca,
+            "--conns",
+            "1",
+            "--publishers",
+            "0",
+            "--ping-interval",
+            "0",
+        ])
+        .unwrap();
+        let cfg = Arc::new(Config::from_args(args).unwrap());
+        let shared = Arc::new(Shared::new(1));
+        let worker = Worker::new(0, cfg, shared.clone()).unwrap();
+        shared.set_phase(Phase::Measure);
+        let handle = std::thread::spawn(move || worker.run());
+
+        let (sock, _) = listener.accept().unwrap();
+        let mut tls = StreamOwned::new(ServerConnection::new(pki.server.clone()).unwrap(), sock);
+        let mut head = Vec::new();
+        let mut b = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            tls.read_exact(&mut b).unwrap();
+            head.push(b[0]);
+        }
+        let head = String::from_utf8(head).unwrap();
+        let key = head.lines().find_map(|l| l.strip_prefix("Sec-WebSocket-Key: ")).unwrap().trim().to_string();
+        let resp = format!(
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\r\n",
+            ws::accept_for(&key)
+        );
+        tls.write_all(resp.as_bytes()).unwrap();
+        tls.write_all(&server_frame(ws::OP_TEXT, br#"{"op":"connected"}"#)).unwrap();
+        let mut hdr = [0u8; 2];
+        tls.read_exact(&mut hdr).unwrap();
+        let mut rest = vec![0u8; 4 + (hdr[1] & 0x7f) as usize];
+        tls.read_exact(&mut rest).unwrap();
+        tls.write_all(&server_frame(ws::OP_TEXT, br#"{"op":"ack","id":1}"#)).unwrap();
+        let t0 = Instant::now();
+        while Snapshot::read(&shared.counters).ready < 1 {
+            assert!(t0.elapsed() < Duration::from_secs(5), "never joined");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // Single messages, bursts of them in one record, and one write of
+        // ~300 KB that rustls cuts into 16 KiB records mid-frame.
+        let msg = |i: u32| {
+            server_frame(ws::OP_TEXT, format!(r#"{{"op":"msg","room":"bench","seq":{i},"data":{{"t":1}}}}"#).as_bytes())
+        };
+        for i in 0..500 {
+            tls.write_all(&msg(i)).unwrap();
+        }
+        let mut burst = Vec::new();
+        for i in 500..2000 {
+            burst.extend_from_slice(&msg(i));
+            if i % 100 == 0 {
+                tls.write_all(&burst).unwrap();
+                burst.clear();
+            }
+        }
+        let mut big = Vec::new();
+        for i in 0..5000 {
+            big.extend_from_slice(&msg(i));
+        }
+        tls.write_all(&burst).unwrap();
+        tls.write_all(&big).unwrap();
+        tls.flush().unwrap();
+        while Snapshot::read(&shared.counters).received_total < 7000 {
+            assert!(t0.elapsed() < Duration::from_secs(10), "messages missing");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        shared.set_phase(Phase::Done);
+        let r = handle.join().unwrap();
+        assert_eq!(r.counters.received_total, 7000);
+        assert_eq!((r.tls_full, r.tls_resumed), (1, 0));
+        assert!(r.closes.is_empty(), "{:?}", r.closes);
+        // The client's goodbye: a close frame, then close_notify.
+        let mut rest = Vec::new();
+        let _ = tls.read_to_end(&mut rest);
+        assert_eq!(rest.first(), Some(&0x88), "close frame");
     }
 }
