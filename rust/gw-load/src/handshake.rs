@@ -4,6 +4,10 @@
 //! upgrade up to the `101`. Once it is done it is closed (`close_notify`, then
 //! the socket) and its slot starts the next one at the end of the event batch.
 //!
+//! Each slot is one emulated client with its own TLS session cache, so with
+//! --tls-resume on it resumes the session of its previous connection, as a
+//! reconnecting device does.
+//!
 //! Only connections that finish during the measured phase count; what is in
 //! flight when a phase changes just carries on (a warmup fills the session
 //! cache, so a resumption run measures resumptions).
@@ -19,7 +23,7 @@
 use crate::cli::{Config, OnOff};
 use crate::stats::{Counters, Histogram};
 use crate::sys::{self, Rng};
-use crate::tls::{self, Fed, Negotiated};
+use crate::tls::{self, Fed, Negotiated, Tls};
 use crate::worker::{Phase, Shared};
 use crate::ws;
 use mio::net::TcpStream;
@@ -54,6 +58,8 @@ enum St {
 }
 
 struct Slot {
+    /// This emulated client's TLS settings and session cache (wss://).
+    client: Option<Tls>,
     stream: Option<TcpStream>,
     tls: Option<Box<ClientConnection>>,
     state: St,
@@ -142,6 +148,7 @@ impl HsWorker {
         let n = cfg.args.concurrency as usize / threads + usize::from(tid < cfg.args.concurrency as usize % threads);
         let slots = (0..n)
             .map(|_| Slot {
+                client: cfg.tls.as_ref().map(Tls::with_own_sessions),
                 stream: None,
                 tls: None,
                 state: St::Free,
@@ -257,7 +264,7 @@ impl HsWorker {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(e) => return Err(err(e)),
         }
-        let tls = match &cfg.tls {
+        let tls = match &self.slots[i].client {
             Some(t) => Some(t.connect().map_err(|e| format!("tls_{}", tls::error_key(&e)))?),
             None => None,
         };
@@ -383,9 +390,6 @@ impl HsWorker {
         let wait_ticket = self.wait_ticket;
         let s = &mut self.slots[i];
         if let (Some(t), Some(stream)) = (s.tls.as_mut(), s.stream.as_mut()) {
-            if t.wants_write() {
-                tls::flush(t, stream, &[]).map_err(|e| format!("io_{:?}", e.kind()))?;
-            }
             if s.state == St::Handshaking && !t.is_handshaking() {
                 s.tls_done_us = now;
                 s.state = if upgrade {
@@ -402,6 +406,11 @@ impl HsWorker {
                 self.ticket_seen = true;
                 self.no_ticket_run = 0;
                 s.state = St::Free;
+            }
+            // Our Finished (and the held upgrade request). A connection that is
+            // done sends it together with close_notify in `close`: one write.
+            if s.state != St::Free && t.wants_write() {
+                tls::flush(t, stream, &[]).map_err(|e| format!("io_{:?}", e.kind()))?;
             }
         }
         if s.state == St::Upgrading {

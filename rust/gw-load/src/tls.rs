@@ -16,7 +16,7 @@
 
 use crate::cli::TlsVersion;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::client::{Resumption, WebPkiServerVerifier};
+use rustls::client::{ClientSessionMemoryCache, Resumption, WebPkiServerVerifier};
 use rustls::crypto::{aws_lc_rs, CryptoProvider};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
@@ -35,6 +35,7 @@ const SESSION_CACHE: usize = 256;
 pub struct Tls {
     pub config: Arc<ClientConfig>,
     pub server_name: ServerName<'static>,
+    resume: bool,
 }
 
 impl std::fmt::Debug for Tls {
@@ -88,7 +89,21 @@ impl Tls {
         let bare = host.trim_start_matches('[').trim_end_matches(']');
         let server_name =
             ServerName::try_from(bare.to_string()).map_err(|_| format!("{host} is not a valid TLS server name"))?;
-        Ok(Tls { config: Arc::new(config), server_name })
+        Ok(Tls { config: Arc::new(config), server_name, resume })
+    }
+
+    /// The same settings with a session cache of its own (when resuming):
+    /// one emulated client that reconnects, as a device does. Sharing one cache
+    /// among many concurrent connections instead would make them compete for
+    /// the server's tickets (rustls keeps at most 8 per server and uses each
+    /// once; a server may send one per connection).
+    pub fn with_own_sessions(&self) -> Tls {
+        if !self.resume {
+            return self.clone();
+        }
+        let mut config = (*self.config).clone();
+        config.resumption = Resumption::store(Arc::new(ClientSessionMemoryCache::new(1)));
+        Tls { config: Arc::new(config), server_name: self.server_name.clone(), resume: true }
     }
 
     /// A client session for one connection (generates its key share).
