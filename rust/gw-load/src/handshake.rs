@@ -24,15 +24,13 @@ use crate::cli::{Config, OnOff};
 use crate::stats::{Counters, Histogram};
 use crate::sys::{self, Rng};
 use crate::tls::{self, Fed, Negotiated, Tls};
-use crate::worker::{Phase, Shared};
+use crate::worker::{self, Phase, Shared};
 use crate::ws;
 use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token};
 use rustls::ClientConnection;
-use socket2::{Domain, Protocol, Socket, Type};
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -251,24 +249,11 @@ impl HsWorker {
     fn start(&mut self, i: usize) -> Result<(), String> {
         let cfg = &self.cfg;
         let err = |e: io::Error| format!("connect_{:?}", e.kind());
-        let socket = Socket::new(Domain::for_address(cfg.target), Type::STREAM, Some(Protocol::TCP)).map_err(err)?;
-        socket.set_nonblocking(true).map_err(err)?;
-        socket.set_tcp_nodelay(true).map_err(err)?;
-        if !cfg.sources.is_empty() {
-            let src = cfg.sources[(self.next_gid as usize) % cfg.sources.len()];
-            socket.bind(&SocketAddr::new(src.into(), 0).into()).map_err(err)?;
-        }
-        match socket.connect(&cfg.target.into()) {
-            Ok(()) => {}
-            Err(e) if e.raw_os_error() == Some(nix::errno::Errno::EINPROGRESS as i32) => {}
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(err(e)),
-        }
+        let mut stream = worker::open_socket(cfg, self.next_gid as usize, 0).map_err(err)?;
         let tls = match &self.slots[i].client {
             Some(t) => Some(t.connect().map_err(|e| format!("tls_{}", tls::error_key(&e)))?),
             None => None,
         };
-        let mut stream = TcpStream::from_std(socket.into());
         self.poll.registry().register(&mut stream, Token(i), Interest::READABLE | Interest::WRITABLE).map_err(err)?;
         let started_us = self.mono_us();
         let key = if cfg.args.upgrade { ws::make_key(self.rng.bytes16()) } else { String::new() };

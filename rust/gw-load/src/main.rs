@@ -74,6 +74,19 @@ struct Coordinator {
 }
 
 impl Coordinator {
+    fn new(cfg: &Arc<Config>, shared: &Arc<Shared>) -> Coordinator {
+        let start = Instant::now();
+        Coordinator {
+            cfg: cfg.clone(),
+            shared: shared.clone(),
+            start,
+            deadline: start + cfg.timeout,
+            timed_out: false,
+            last_progress: start,
+            last_received: 0,
+        }
+    }
+
     fn snapshot(&self) -> Snapshot {
         Snapshot::read(&self.shared.counters)
     }
@@ -180,26 +193,9 @@ fn run(cfg: Arc<Config>) -> Result<Value, String> {
 
     let threads = cfg.args.threads as usize;
     let shared = Arc::new(Shared::new(threads));
-    let start = Instant::now();
-    let mut co = Coordinator {
-        cfg: cfg.clone(),
-        shared: shared.clone(),
-        start,
-        deadline: start + cfg.timeout,
-        timed_out: false,
-        last_progress: start,
-        last_received: 0,
-    };
-
-    let mut handles = Vec::with_capacity(threads);
-    for tid in 0..threads {
-        let w = Worker::new(tid, cfg.clone(), shared.clone()).map_err(|e| format!("cannot create event loop: {e}"))?;
-        let h = thread::Builder::new()
-            .name(format!("gw-load-{tid}"))
-            .spawn(move || w.run())
-            .map_err(|e| format!("cannot spawn thread: {e}"))?;
-        handles.push(h);
-    }
+    let mut co = Coordinator::new(&cfg, &shared);
+    let start = co.start;
+    let handles = spawn_workers(&cfg, &shared, "gw-load", Worker::new, Worker::run)?;
 
     // Phase 1: connect everything.
     co.wait_connected();
@@ -220,14 +216,10 @@ fn run(cfg: Arc<Config>) -> Result<Value, String> {
     let mode;
     if let Some(hold) = cfg.args.hold {
         mode = "hold";
-        let cpu0 = sys::process_cpu_ns();
-        let scpu0 = server_pid.and_then(sys::other_process_cpu_ns);
-        let t0 = Instant::now();
+        let span = CpuSpan::start(server_pid);
         co.wait("hold", hold);
-        measured_s = t0.elapsed().as_secs_f64();
-        cpu_wall_s = measured_s;
-        cpu_ns = sys::process_cpu_ns() - cpu0;
-        server_cpu_ns = scpu0.zip(server_pid.and_then(sys::other_process_cpu_ns)).map(|(a, b)| b - a);
+        (cpu_wall_s, cpu_ns, server_cpu_ns) = span.end();
+        measured_s = cpu_wall_s;
     } else if !co.timed_out {
         mode = "publish";
         let s = co.snapshot();
@@ -246,17 +238,13 @@ fn run(cfg: Arc<Config>) -> Result<Value, String> {
         if ok {
             let s = co.snapshot();
             receivers = s.ready - s.lost;
-            let cpu0 = sys::process_cpu_ns();
-            let scpu0 = server_pid.and_then(sys::other_process_cpu_ns);
-            let t0 = Instant::now();
+            let span = CpuSpan::start(server_pid);
             shared.set_phase(Phase::Measure);
             co.wait(Phase::Measure.name(), cfg.args.duration);
-            measured_s = t0.elapsed().as_secs_f64();
+            measured_s = span.t0.elapsed().as_secs_f64();
             shared.set_phase(Phase::Drain);
             co.wait(Phase::Drain.name(), cfg.args.drain_wait);
-            cpu_wall_s = t0.elapsed().as_secs_f64();
-            cpu_ns = sys::process_cpu_ns() - cpu0;
-            server_cpu_ns = scpu0.zip(server_pid.and_then(sys::other_process_cpu_ns)).map(|(a, b)| b - a);
+            (cpu_wall_s, cpu_ns, server_cpu_ns) = span.end();
         }
     } else {
         mode = "publish";
@@ -349,6 +337,49 @@ fn run(cfg: Arc<Config>) -> Result<Value, String> {
     }))
 }
 
+/// Starts one event-loop thread per --threads: `new(tid, cfg, shared)`, then
+/// `run` on its own thread.
+fn spawn_workers<W: Send + 'static, T: Send + 'static>(
+    cfg: &Arc<Config>,
+    shared: &Arc<Shared>,
+    name: &str,
+    new: fn(usize, Arc<Config>, Arc<Shared>) -> std::io::Result<W>,
+    run: fn(W) -> T,
+) -> Result<Vec<thread::JoinHandle<T>>, String> {
+    (0..cfg.args.threads as usize)
+        .map(|tid| {
+            let w = new(tid, cfg.clone(), shared.clone()).map_err(|e| format!("cannot create event loop: {e}"))?;
+            thread::Builder::new()
+                .name(format!("{name}-{tid}"))
+                .spawn(move || run(w))
+                .map_err(|e| format!("cannot spawn thread: {e}"))
+        })
+        .collect()
+}
+
+/// Our CPU time and the --server-pid process's over a stretch of wall time.
+struct CpuSpan {
+    t0: Instant,
+    cpu0: u64,
+    server: Option<(u32, u64)>,
+}
+
+impl CpuSpan {
+    fn start(server_pid: Option<u32>) -> CpuSpan {
+        CpuSpan {
+            cpu0: sys::process_cpu_ns(),
+            server: server_pid.and_then(|p| sys::other_process_cpu_ns(p).map(|c| (p, c))),
+            t0: Instant::now(),
+        }
+    }
+
+    /// (wall seconds, our CPU ns, the server's CPU ns) since `start`.
+    fn end(&self) -> (f64, u64, Option<u64>) {
+        let server = self.server.and_then(|(p, c0)| sys::other_process_cpu_ns(p).map(|c| c - c0));
+        (self.t0.elapsed().as_secs_f64(), sys::process_cpu_ns() - self.cpu0, server)
+    }
+}
+
 /// CPU time over wall time (1.0 = one core busy), 3 decimals.
 fn util(cpu_ns: u64, wall_s: f64) -> f64 {
     if wall_s > 0.0 {
@@ -392,26 +423,8 @@ fn run_handshake(cfg: Arc<Config>) -> Result<Value, String> {
     }
     let threads = cfg.args.threads as usize;
     let shared = Arc::new(Shared::new(threads));
-    let start = Instant::now();
-    let mut co = Coordinator {
-        cfg: cfg.clone(),
-        shared: shared.clone(),
-        start,
-        deadline: start + cfg.timeout,
-        timed_out: false,
-        last_progress: start,
-        last_received: 0,
-    };
-    let mut handles = Vec::with_capacity(threads);
-    for tid in 0..threads {
-        let w = handshake::HsWorker::new(tid, cfg.clone(), shared.clone())
-            .map_err(|e| format!("cannot create event loop: {e}"))?;
-        let h = thread::Builder::new()
-            .name(format!("gw-load-hs-{tid}"))
-            .spawn(move || w.run())
-            .map_err(|e| format!("cannot spawn thread: {e}"))?;
-        handles.push(h);
-    }
+    let mut co = Coordinator::new(&cfg, &shared);
+    let handles = spawn_workers(&cfg, &shared, "gw-load-hs", handshake::HsWorker::new, handshake::HsWorker::run)?;
     let server_pid = cfg.args.server_pid;
     let mut ok = true;
     if cfg.args.warmup > 0.0 {
@@ -420,15 +433,11 @@ fn run_handshake(cfg: Arc<Config>) -> Result<Value, String> {
     }
     let (mut measured_s, mut cpu_ns, mut server_cpu_ns) = (0.0, 0, None);
     if ok {
-        let cpu0 = sys::process_cpu_ns();
-        let scpu0 = server_pid.and_then(sys::other_process_cpu_ns);
-        let t0 = Instant::now();
+        let span = CpuSpan::start(server_pid);
         shared.set_phase(Phase::Measure);
         co.wait(Phase::Measure.name(), cfg.args.duration);
-        measured_s = t0.elapsed().as_secs_f64();
         shared.set_phase(Phase::Done);
-        cpu_ns = sys::process_cpu_ns() - cpu0;
-        server_cpu_ns = scpu0.zip(server_pid.and_then(sys::other_process_cpu_ns)).map(|(a, b)| b - a);
+        (measured_s, cpu_ns, server_cpu_ns) = span.end();
     }
     shared.set_phase(Phase::Done);
     let mut r = handshake::HsResult::default();

@@ -154,6 +154,21 @@ impl VerifyOnce {
         self.verified.lock().map(|v| v.iter().any(|c| c[..] == cert[..])).unwrap_or(false)
     }
 
+    /// A handshake signature: skipped for a known certificate, else verified
+    /// by `inner` (and the certificate remembered).
+    fn signature(
+        &self,
+        cert: &CertificateDer<'_>,
+        inner: impl FnOnce() -> Result<HandshakeSignatureValid, rustls::Error>,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        if self.known(cert) {
+            return Ok(HandshakeSignatureValid::assertion());
+        }
+        let ok = inner()?;
+        self.remember(cert);
+        Ok(ok)
+    }
+
     fn remember(&self, cert: &CertificateDer<'_>) {
         if let Ok(mut v) = self.verified.lock() {
             if !v.iter().any(|c| c[..] == cert[..]) {
@@ -185,12 +200,7 @@ impl ServerCertVerifier for VerifyOnce {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        if self.known(cert) {
-            return Ok(HandshakeSignatureValid::assertion());
-        }
-        let ok = self.inner.verify_tls12_signature(message, cert, dss)?;
-        self.remember(cert);
-        Ok(ok)
+        self.signature(cert, || self.inner.verify_tls12_signature(message, cert, dss))
     }
 
     fn verify_tls13_signature(
@@ -199,12 +209,7 @@ impl ServerCertVerifier for VerifyOnce {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        if self.known(cert) {
-            return Ok(HandshakeSignatureValid::assertion());
-        }
-        let ok = self.inner.verify_tls13_signature(message, cert, dss)?;
-        self.remember(cert);
-        Ok(ok)
+        self.signature(cert, || self.inner.verify_tls13_signature(message, cert, dss))
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {

@@ -33,6 +33,30 @@ const MAX_PUB_BURST: u64 = 1000;
 /// close frame (in total, across all of a thread's slow consumers).
 const SLOW_DRAIN: Duration = Duration::from_secs(2);
 
+/// A non-blocking, TCP_NODELAY socket, bound to source address `n` of
+/// --sources (round-robin) when there are several, with the connect to the
+/// target started (completion arrives as a writable event). `rcvbuf` > 0 sets
+/// SO_RCVBUF first, so the advertised window (scale) follows it.
+pub fn open_socket(cfg: &Config, n: usize, rcvbuf: usize) -> io::Result<TcpStream> {
+    let socket = Socket::new(Domain::for_address(cfg.target), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_nonblocking(true)?;
+    socket.set_tcp_nodelay(true)?;
+    if rcvbuf > 0 {
+        socket.set_recv_buffer_size(rcvbuf)?;
+    }
+    if !cfg.sources.is_empty() {
+        let src = cfg.sources[n % cfg.sources.len()];
+        socket.bind(&SocketAddr::new(src.into(), 0).into())?;
+    }
+    match socket.connect(&cfg.target.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(nix::errno::Errno::EINPROGRESS as i32) => {}
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+        Err(e) => return Err(e),
+    }
+    Ok(TcpStream::from_std(socket.into()))
+}
+
 /// Run phases, set by the coordinator.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
@@ -333,29 +357,13 @@ impl Worker {
     fn start_connect(&mut self, gid: u32, is_pub: bool) -> Result<(), End> {
         let cfg = &self.cfg;
         let err = |e: io::Error| End::ConnectError(e.kind());
-        let socket = Socket::new(Domain::for_address(cfg.target), Type::STREAM, Some(Protocol::TCP)).map_err(err)?;
-        socket.set_nonblocking(true).map_err(err)?;
-        socket.set_tcp_nodelay(true).map_err(err)?;
         let slow = !is_pub && gid < cfg.args.slow;
-        if slow && cfg.args.slow_rcvbuf > 0 {
-            // Before connect, so the advertised window (scale) follows it.
-            socket.set_recv_buffer_size(cfg.args.slow_rcvbuf).map_err(err)?;
-        }
-        if !cfg.sources.is_empty() {
-            let src = cfg.sources[gid as usize % cfg.sources.len()];
-            socket.bind(&SocketAddr::new(src.into(), 0).into()).map_err(err)?;
-        }
-        match socket.connect(&cfg.target.into()) {
-            Ok(()) => {}
-            Err(e) if e.raw_os_error() == Some(nix::errno::Errno::EINPROGRESS as i32) => {}
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(err(e)),
-        }
+        let rcvbuf = if slow { cfg.args.slow_rcvbuf } else { 0 };
+        let mut stream = open_socket(cfg, gid as usize, rcvbuf).map_err(err)?;
         let tls = match &cfg.tls {
             Some(t) => Some(t.connect().map_err(|e| End::Tls(crate::tls::error_key(&e)))?),
             None => None,
         };
-        let mut stream = TcpStream::from_std(socket.into());
         let idx = self.conns.len();
         self.poll.registry().register(&mut stream, Token(idx), Interest::READABLE | Interest::WRITABLE).map_err(err)?;
         let pub_slot = if is_pub {
@@ -709,7 +717,7 @@ mod tests {
     use crate::cli;
     use crate::stats::Snapshot;
     use clap::Parser as _;
-    use std::io::{BufRead, BufReader, Write};
+    use std::io::{Read, Write};
     use std::net::TcpListener;
 
     /// Server frame (unmasked) with a 16-bit or 7-bit length.
@@ -723,6 +731,31 @@ mod tests {
         }
         f.extend_from_slice(payload);
         f
+    }
+
+    /// The fake gateway's side of the upgrade and the join on `s` (plain or
+    /// TLS): answer the upgrade, send `connected`, wait for the join (a masked
+    /// client frame) and ack it.
+    fn accept_upgrade_and_join(s: &mut (impl Read + Write)) {
+        let mut head = Vec::new();
+        let mut b = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            s.read_exact(&mut b).unwrap();
+            head.push(b[0]);
+        }
+        let head = String::from_utf8(head).unwrap();
+        let key = head.lines().find_map(|l| l.strip_prefix("Sec-WebSocket-Key:")).unwrap().trim().to_string();
+        let resp = format!(
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\nSec-WebSocket-Protocol: gateway.v1\r\n\r\n",
+            ws::accept_for(&key)
+        );
+        s.write_all(resp.as_bytes()).unwrap();
+        s.write_all(&server_frame(ws::OP_TEXT, br#"{"op":"connected"}"#)).unwrap();
+        let mut hdr = [0u8; 2];
+        s.read_exact(&mut hdr).unwrap();
+        let mut rest = vec![0u8; 4 + (hdr[1] & 0x7f) as usize];
+        s.read_exact(&mut rest).unwrap();
+        s.write_all(&server_frame(ws::OP_TEXT, br#"{"op":"ack","id":1}"#)).unwrap();
     }
 
     /// A one-connection fake gateway: upgrade, `connected`, ack the join, then
@@ -752,30 +785,7 @@ mod tests {
         let handle = std::thread::spawn(move || worker.run());
 
         let (mut sock, _) = listener.accept().unwrap();
-        let mut reader = BufReader::new(sock.try_clone().unwrap());
-        let mut key = String::new();
-        loop {
-            let mut line = String::new();
-            reader.read_line(&mut line).unwrap();
-            if let Some(k) = line.strip_prefix("Sec-WebSocket-Key:") {
-                key = k.trim().to_string();
-            }
-            if line == "\r\n" {
-                break;
-            }
-        }
-        let resp = format!(
-            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\nSec-WebSocket-Protocol: gateway.v1\r\n\r\n",
-            ws::accept_for(&key)
-        );
-        sock.write_all(resp.as_bytes()).unwrap();
-        sock.write_all(&server_frame(ws::OP_TEXT, br#"{"op":"connected"}"#)).unwrap();
-        // The join (a masked client frame): wait for it, then ack.
-        let mut hdr = [0u8; 2];
-        reader.read_exact(&mut hdr).unwrap();
-        let mut rest = vec![0u8; 4 + (hdr[1] & 0x7f) as usize];
-        reader.read_exact(&mut rest).unwrap();
-        sock.write_all(&server_frame(ws::OP_TEXT, br#"{"op":"ack","id":1}"#)).unwrap();
+        accept_upgrade_and_join(&mut sock);
 
         let t0 = Instant::now();
         while Snapshot::read(&shared.counters).slow_ready < 1 {
@@ -807,7 +817,6 @@ mod tests {
     #[test]
     fn wss_receiver_counts_every_message() {
         use rustls::{ServerConnection, StreamOwned};
-        use std::io::Read as _;
 
         let pki = crate::tls::testing::pki();
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -836,25 +845,7 @@ mod tests {
 
         let (sock, _) = listener.accept().unwrap();
         let mut tls = StreamOwned::new(ServerConnection::new(pki.server.clone()).unwrap(), sock);
-        let mut head = Vec::new();
-        let mut b = [0u8; 1];
-        while !head.ends_with(b"\r\n\r\n") {
-            tls.read_exact(&mut b).unwrap();
-            head.push(b[0]);
-        }
-        let head = String::from_utf8(head).unwrap();
-        let key = head.lines().find_map(|l| l.strip_prefix("Sec-WebSocket-Key: ")).unwrap().trim().to_string();
-        let resp = format!(
-            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\r\n",
-            ws::accept_for(&key)
-        );
-        tls.write_all(resp.as_bytes()).unwrap();
-        tls.write_all(&server_frame(ws::OP_TEXT, br#"{"op":"connected"}"#)).unwrap();
-        let mut hdr = [0u8; 2];
-        tls.read_exact(&mut hdr).unwrap();
-        let mut rest = vec![0u8; 4 + (hdr[1] & 0x7f) as usize];
-        tls.read_exact(&mut rest).unwrap();
-        tls.write_all(&server_frame(ws::OP_TEXT, br#"{"op":"ack","id":1}"#)).unwrap();
+        accept_upgrade_and_join(&mut tls);
         let t0 = Instant::now();
         while Snapshot::read(&shared.counters).ready < 1 {
             assert!(t0.elapsed() < Duration::from_secs(5), "never joined");
