@@ -30,6 +30,7 @@ Run one benchmark at a time on an otherwise quiet machine: the load client and t
 server share its 2 cores.
 """
 
+# ruff: noqa: RUF001 (the tables use typographic dashes and signs)
 from __future__ import annotations
 
 import argparse
@@ -37,8 +38,8 @@ import datetime as dt
 import json
 import os
 import platform
-import signal
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -146,15 +147,33 @@ def table(cols: list[str], rows: list[list[Any]]) -> str:
 # ------------------------------------------------------------------- servers
 
 class Server:
-    """One fresh server process (the gateway or a peer) on free ports."""
+    """One fresh server process (the gateway or a peer) on free ports.
 
-    def __init__(self, target: str, sets: list[str] | None = None, tag: str = "") -> None:
+    ``tls`` (a dict with ``cert``, ``key``, ``ca`` paths: see ``tls.py``) serves wss://
+    too: the gateway gets a ``[server.tls]`` section on a second port (its plain
+    listener stays), socketify serves only wss://. ``url`` is then the wss:// one,
+    ``plain_url`` the ws:// one (None when there is none). ``cpus`` pins the process
+    (``taskset -c``)."""
+
+    def __init__(self, target: str, sets: list[str] | None = None, tag: str = "",
+                 tls: dict[str, str] | None = None, cpus: str | None = None) -> None:
         self.target = target
         self.port = free_port()
         self.api_port = free_port() if target == "livegate" else None
+        self.tls_port: int | None = None
+        self.ca = tls["ca"] if tls else None
         py = sys.executable
+        RAW.mkdir(parents=True, exist_ok=True)
         if target == "livegate":
-            cmd = [py, "-m", "gateway", "run", "-c", str(BENCH_TOML), "--host", "127.0.0.1", "--port", str(self.port),
+            config = BENCH_TOML
+            if tls:
+                # Until the CLI has --tls-port, TLS comes from the config file.
+                self.tls_port = free_port()
+                config = RAW / f"gateway-tls{tag}.toml"
+                config.write_text(BENCH_TOML.read_text() + (
+                    f'\n[server.tls]\ncert_file = "{tls["cert"]}"\nkey_file = "{tls["key"]}"\n'
+                    f'port = {self.tls_port}\nhost = "127.0.0.1"\n'))
+            cmd = [py, "-m", "gateway", "run", "-c", str(config), "--host", "127.0.0.1", "--port", str(self.port),
                    "--api-port", str(self.api_port)]
             for s in sets or []:
                 cmd += ["--set", s]
@@ -162,15 +181,21 @@ class Server:
             cmd = [py, str(PEERS / "websockets_peer.py"), "--port", str(self.port)]
         elif target == "socketify":
             cmd = [py, str(PEERS / "socketify_peer.py"), "--port", str(self.port)]
+            if tls:
+                cmd += ["--tls-cert", tls["cert"], "--tls-key", tls["key"]]
         else:
             raise ValueError(target)
-        RAW.mkdir(parents=True, exist_ok=True)
+        if cpus:
+            cmd = ["taskset", "-c", cpus, *cmd]
         self.log_path = RAW / f"server-{target}{tag}.log"
         self.log_file = open(self.log_path, "w")  # noqa: SIM115 (closed in stop)
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.log_file, stderr=subprocess.STDOUT,
                                      start_new_session=True)
         self.pid = self.proc.pid
-        self.url = f"ws://127.0.0.1:{self.port}/ws"
+        self.plain_url: str | None = f"ws://127.0.0.1:{self.port}/ws"
+        if tls and target != "livegate":
+            self.tls_port, self.plain_url = self.port, None
+        self.url = f"wss://127.0.0.1:{self.tls_port}/ws" if self.tls_port else self.plain_url
 
     def wait_ready(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
@@ -179,8 +204,9 @@ class Server:
                 raise RuntimeError(f"{self.target} exited with {self.proc.returncode}: "
                                    f"{self.log_path.read_text()[-2000:]}")
             try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
-                    pass
+                for port in {self.port, self.tls_port} - {None}:
+                    with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                        pass
                 if self.api_port is None:
                     return
                 if http_json(f"http://127.0.0.1:{self.api_port}/readyz", 1.0).get("ready"):
@@ -208,7 +234,7 @@ class Server:
                 self.proc.wait(timeout=5)
         self.log_file.close()
 
-    def __enter__(self) -> Server:  # noqa: PYI034
+    def __enter__(self) -> Server:
         try:
             self.wait_ready()
         except BaseException:
@@ -220,11 +246,19 @@ class Server:
         self.stop()
 
 
-def gw_load(server: Server, args: list[str], budget: float) -> dict:
-    """Run gw-load against ``server``; return its JSON summary."""
-    cmd = [str(GW_LOAD), "--url", server.url, "--server-pid", str(server.pid), "--quiet",
-           "--timeout", str(budget), *args]
-    log("gw-load " + " ".join(args))
+def gw_load(server: Server, args: list[str], budget: float, plain: bool = False, cpus: str | None = None) -> dict:
+    """Run gw-load against ``server`` (its ws:// listener if ``plain``, else its main URL,
+    wss:// with ``--ca`` when it serves TLS), pinned to ``cpus`` if given; return its JSON
+    summary."""
+    url = server.plain_url if plain else server.url
+    if url is None:
+        raise RuntimeError(f"{server.target} has no ws:// listener")
+    tls = ["--ca", server.ca] if url.startswith("wss:") and server.ca else []
+    cmd = [str(GW_LOAD), "--url", url, "--server-pid", str(server.pid), "--quiet",
+           "--timeout", str(budget), *tls, *args]
+    if cpus:
+        cmd = ["taskset", "-c", cpus, *cmd]
+    log(f"gw-load {url.split(':')[0]} " + " ".join(args))
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=budget + 30, check=False)
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
     if p.returncode != 0 or not lines:
@@ -240,15 +274,17 @@ def engine_delta(before: dict | None, after: dict | None) -> dict:
 
 
 def measure(target: str, load_args: list[str], budget: float, sets: list[str] | None = None,
-            tag: str = "", settle: float = 0.0) -> dict:
-    """Fresh server -> (optional settle) -> gw-load -> stop. Returns the run record."""
-    srv = Server(target, sets, tag)
+            tag: str = "", settle: float = 0.0, tls: dict[str, str] | None = None, plain: bool = False,
+            server_cpus: str | None = None, client_cpus: str | None = None) -> dict:
+    """Fresh server -> (optional settle) -> gw-load -> stop. Returns the run record.
+    ``tls``: the server also serves wss:// and the load goes there, unless ``plain``."""
+    srv = Server(target, sets, tag, tls=tls, cpus=server_cpus)
     with srv:
         if settle:
             time.sleep(settle)
         rss0 = rss_kib(srv.pid)
         s0 = srv.stats()
-        res = gw_load(srv, load_args, budget)
+        res = gw_load(srv, load_args, budget, plain=plain, cpus=client_cpus)
         s1 = srv.stats()
     res_engine = engine_delta(s0, s1)
     rec = {"target": target, "args": load_args, "sets": sets or [], "server_rss_kib_start": rss0,
@@ -258,26 +294,36 @@ def measure(target: str, load_args: list[str], budget: float, sets: list[str] | 
 
 # ----------------------------------------------------------------- scenarios
 
+IDLE_COLS = ["target", "conns", "joined", "failed", "RSS start MiB", "RSS joined MiB", "KiB / conn", "connects/s"]
+
+
+def idle_run(target: str, n: int, hold: float, tls: dict[str, str] | None = None, label: str = "") -> tuple[dict, list]:
+    """One idle measurement: ``n`` joined connections held ``hold`` s on a fresh server
+    (wss:// with ``tls``). Returns the run record and its IDLE_COLS row."""
+    args = ["--conns", str(n), "--room", "bench:idle", "--hold", str(hold), "--sources", "4",
+            "--connect-inflight", "1024", "--ping-interval", "20"]
+    # Settle so "RSS right after start" is the idle server, not start-up churn.
+    rec = measure(target, args, budget=180 if tls else 120, tag=f"-idle-{n}{'-tls' if tls else ''}", settle=1.0, tls=tls)
+    ld = rec["load"]
+    end = ld.get("server_rss_kib_end")
+    per = (end - rec["server_rss_kib_start"]) * 1024 / ld["conns_ok"] if end and ld["conns_ok"] else None
+    rec["rss_bytes_per_conn"] = per
+    row = [label or target, fmt_int(n), fmt_int(ld["conns_ok"]), fmt_int(ld["conns_failed"]),
+           fmt_f(rec["server_rss_kib_start"] / 1024), fmt_f(end / 1024 if end else None),
+           fmt_f(per / 1024 if per else None, 2), fmt_int(ld["connect_rate"])]
+    return rec, row
+
+
 def sc_idle(opts: argparse.Namespace) -> dict:
     ns = [10_000] if opts.quick else [10_000, 19_000]
     hold = 2.0 if opts.quick else 4.0
     runs, rows = [], []
     for target in opts.targets:
         for n in ns:
-            args = ["--conns", str(n), "--room", "bench:idle", "--hold", str(hold), "--sources", "4",
-                    "--connect-inflight", "1024", "--ping-interval", "20"]
-            # Settle so "RSS right after start" is the idle server, not start-up churn.
-            rec = measure(target, args, budget=120, tag=f"-idle-{n}", settle=1.0)
-            ld = rec["load"]
-            end = ld.get("server_rss_kib_end")
-            per = (end - rec["server_rss_kib_start"]) * 1024 / ld["conns_ok"] if end and ld["conns_ok"] else None
-            rec["rss_bytes_per_conn"] = per
+            rec, row = idle_run(target, n, hold)
             runs.append(rec)
-            rows.append([target, fmt_int(n), fmt_int(ld["conns_ok"]), fmt_int(ld["conns_failed"]),
-                         fmt_f(rec["server_rss_kib_start"] / 1024), fmt_f(end / 1024 if end else None),
-                         fmt_f(per / 1024 if per else None, 2), fmt_int(ld["connect_rate"])])
-    md = table(["target", "conns", "joined", "failed", "RSS start MiB", "RSS joined MiB",
-                "KiB / conn", "connects/s"], rows)
+            rows.append(row)
+    md = table(IDLE_COLS, rows)
     md += (f"\n\nOne process can hold at most {FD_CAP:,} descriptors here (hard limit), so 19k is the "
            "single-process maximum; the 50k / 3-worker variant belongs to the Redis scale-out issue.")
     return {"runs": runs, "markdown": md}
@@ -456,7 +502,7 @@ def sc_merge(opts: argparse.Namespace) -> dict:
             rows.append(_fanout_row("livegate", n, rate, rec["load"], [fmt_f(per_frame, 1)]))
     cols = FANOUT_COLS[:]
     cols[4] = "logical dlv/s"
-    md = table(cols + ["msgs / frame"], rows)
+    md = table([*cols, "msgs / frame"], rows)
     md += "\n\nmerge:{id} rooms: 50 ms window, at most 64 messages per batch frame; " \
           "msgs / frame = engine deliveries_logical / deliveries over the whole run."
     return {"runs": runs, "markdown": md}
@@ -778,13 +824,14 @@ TITLES = {"compare": "b'. Fan-out against the peers", "latency": "b''. Latency a
           "scrape": "g. Fan-out while /metrics is scraped every 100 ms"}
 
 
-def render(info: dict, names: list[str], results: dict[str, dict], with_targets: bool) -> str:
+def render(info: dict, names: list[str], results: dict[str, dict], with_targets: bool,
+           titles: dict[str, str] = TITLES) -> str:
     m = info["machine"]
     parts = [f"Date: {info['date']} · commit `{m['commit']}` · {m['nproc']} × {m['cpu_model']} · "
              f"kernel {m['kernel']} · Python {m['python']}" + (" · **quick run**" if info.get("quick") else "")]
     for name in names:
         when = results[name].get("date")
-        parts.append(f"### {TITLES[name]}" + (f" (run {when})" if when and when != info["date"] else "")
+        parts.append(f"### {titles[name]}" + (f" (run {when})" if when and when != info["date"] else "")
                      + f"\n\n{results[name]['markdown']}")
     if with_targets:
         parts.append("### Targets\n\n" + targets_check(results))
@@ -805,6 +852,48 @@ def report(files: list[str]) -> int:
     return 0
 
 
+def socketify_missing() -> str | None:
+    """Why the socketify peer cannot run here, or None when it can."""
+    try:
+        import importlib
+        importlib.import_module("socketify")  # also loads its native library (needs libuv)
+    except (ImportError, OSError) as e:
+        return str(e)
+    return None
+
+
+def ensure_gw_load() -> None:
+    if not GW_LOAD.exists():
+        log("building gw-load (cargo build --release -p gw-load)")
+        subprocess.run(["cargo", "build", "--release", "-p", "gw-load", "-q"], cwd=ROOT, check=True, timeout=900)
+
+
+def run_scenarios(names: list[str], runners: dict, opts: argparse.Namespace) -> dict[str, dict]:
+    """Runs each scenario; a failed one is recorded (``error``) and the others go on."""
+    results: dict[str, dict] = {}
+    for name in names:
+        log(f"scenario {name}")
+        t0 = time.monotonic()
+        try:
+            results[name] = runners[name](opts)
+        except Exception as e:  # keep the other scenarios' figures
+            log(f"scenario {name} failed: {e}")
+            results[name] = {"runs": [], "markdown": f"**failed**: {e}", "error": str(e)}
+        results[name]["elapsed_s"] = round(time.monotonic() - t0, 1)
+    return results
+
+
+def write_results(scenario: str, info: dict, results: dict[str, dict], md: str, stamp: str) -> Path:
+    """Raw JSON and the markdown next to it in results/raw/; returns the JSON path."""
+    RAW.mkdir(parents=True, exist_ok=True)
+    out = RAW / f"{scenario}-{stamp}.json"
+    out.write_text(json.dumps({**info, "scenario": scenario, "results": results}, indent=1))
+    out.with_suffix(".md").write_text(md)
+    print(md)
+    log(f"wrote {out.relative_to(ROOT)} and {out.with_suffix('.md').name}")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["report"]:
@@ -818,43 +907,24 @@ def main(argv: list[str] | None = None) -> int:
                     help="server(s) for idle and fanout (default livegate; `all` adds both peers)")
     opts = ap.parse_args(argv)
     opts.targets = list(TARGETS) if opts.target == "all" else [opts.target]
-    if not GW_LOAD.exists():
-        log("building gw-load (cargo build --release -p gw-load)")
-        subprocess.run(["cargo", "build", "--release", "-p", "gw-load", "-q"], cwd=ROOT, check=True, timeout=900)
+    ensure_gw_load()
     opts.peers_available = []
-    try:
-        import importlib
-        importlib.import_module("socketify")  # also loads its native library (needs libuv)
+    why = socketify_missing()
+    if why is None:
         opts.peers_available.append("socketify")
-    except (ImportError, OSError) as e:
-        if "socketify" in opts.targets:
-            log(f"socketify cannot be used here ({e}); dropping it from the targets")
-            opts.targets.remove("socketify")
+    elif "socketify" in opts.targets:
+        log(f"socketify cannot be used here ({why}); dropping it from the targets")
+        opts.targets.remove("socketify")
 
     names = [*SCENARIOS, "latency"] if opts.scenario == "all" else [opts.scenario]
     started = dt.datetime.now(dt.UTC)
     stamp = started.strftime("%Y%m%dT%H%M%SZ")
     info = {"date": started.isoformat(timespec="seconds"), "machine": machine(), "quick": opts.quick,
             "targets": opts.targets}
-    results: dict[str, dict] = {}
-    for name in names:
-        log(f"scenario {name}")
-        t0 = time.monotonic()
-        try:
-            results[name] = RUNNERS[name](opts)
-        except Exception as e:  # noqa: BLE001 (keep the other scenarios' figures)
-            log(f"scenario {name} failed: {e}")
-            results[name] = {"runs": [], "markdown": f"**failed**: {e}", "error": str(e)}
-        results[name]["elapsed_s"] = round(time.monotonic() - t0, 1)
-
+    results = run_scenarios(names, RUNNERS, opts)
     md = render(info, names, results, with_targets=opts.scenario == "all")
 
-    RAW.mkdir(parents=True, exist_ok=True)
-    out = RAW / f"{opts.scenario}-{stamp}.json"
-    out.write_text(json.dumps({**info, "scenario": opts.scenario, "results": results}, indent=1))
-    out.with_suffix(".md").write_text(md)
-    print(md)
-    log(f"wrote {out.relative_to(ROOT)} and {out.with_suffix('.md').name}")
+    write_results(opts.scenario, info, results, md, stamp)
     return 1 if any("error" in r for r in results.values()) else 0
 
 

@@ -1,6 +1,8 @@
 """socketify peer: uWebSockets' Python binding with its built-in pub/sub (one topic per
 room, ``app.publish``). Run: ``python loadtest/peers/socketify_peer.py --port 9002``.
-Needs ``pip install socketify`` and the system libuv (``apt-get install libuv1``).
+With ``--tls-cert CERT.pem --tls-key KEY.pem`` it serves wss:// instead (uSockets' OpenSSL
+layer, same pub/sub). Needs ``pip install socketify`` and the system libuv
+(``apt-get install libuv1``).
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import json
 import os
 import sys
 
-from socketify import App, CompressOptions, OpCode
+from socketify import App, AppOptions, CompressOptions, OpCode
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import Room, ack, connected_frame, error, pong, raise_nofile
@@ -18,8 +20,8 @@ from common import Room, ack, connected_frame, error, pong, raise_nofile
 rooms: dict[str, Room] = {}
 
 
-def make_app() -> App:
-    app = App()
+def make_app(cert: str | None = None, key: str | None = None) -> App:
+    app = App(AppOptions(key_file_name=key, cert_file_name=cert)) if cert else App()
 
     def on_open(ws) -> None:
         ws.send(connected_frame(), OpCode.TEXT)
@@ -68,8 +70,14 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=9002)
+    ap.add_argument("--tls-cert", help="PEM certificate (chain): serve wss:// (with --tls-key)")
+    ap.add_argument("--tls-key", help="PEM private key for --tls-cert")
     a = ap.parse_args()
+    if bool(a.tls_cert) != bool(a.tls_key):
+        ap.error("--tls-cert and --tls-key go together")
     raise_nofile()
-    app = make_app()
-    app.listen({"port": a.port, "host": a.host}, lambda cfg: print(f"listening {a.host}:{a.port}", flush=True))
+    app = make_app(a.tls_cert, a.tls_key)
+    scheme = "wss" if a.tls_cert else "ws"
+    app.listen({"port": a.port, "host": a.host},
+               lambda cfg: print(f"listening {scheme}://{a.host}:{a.port}", flush=True))
     app.run()

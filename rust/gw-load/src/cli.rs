@@ -1,5 +1,6 @@
 //! Command-line flags and the validated run configuration derived from them.
 
+use crate::tls::Tls;
 use clap::Parser;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
 use std::time::Duration;
@@ -16,12 +17,55 @@ use std::time::Duration;
 /// --duration -> stop publishing, wait --drain-wait -> report.
 /// With --hold S: connect, print `READY <n>`, keep the connections (and
 /// heartbeats) for S seconds, report.
+///
+/// --mode handshake: keep --concurrency connections in flight, each a TCP
+/// connect + TLS handshake (+ the WebSocket upgrade with --upgrade), closed as
+/// soon as it is done, for --warmup + --duration; report handshakes/s, full
+/// vs resumed, failures.
+///
+/// wss:// URLs need --ca (the only certificate trusted).
 #[derive(Parser, Debug, Clone)]
 #[command(name = "gw-load", version, about, long_about)]
 pub struct Args {
-    /// Gateway endpoint, ws://host:port/path[?query] (plain ws only).
+    /// Gateway endpoint, ws://host:port/path[?query] or wss://... (TLS, needs --ca).
     #[arg(long, default_value = "ws://127.0.0.1:8080/ws")]
     pub url: String,
+
+    /// `load` (connect, join, publish or --hold) or `handshake` (connect,
+    /// handshake, close, repeat: handshakes/s).
+    #[arg(long, value_enum, default_value_t = Mode::Load)]
+    pub mode: Mode,
+
+    /// PEM file with the CA certificate(s) to trust for wss:// (no other
+    /// roots are trusted; required for wss://).
+    #[arg(long)]
+    pub ca: Option<String>,
+
+    /// TLS session resumption: `on` keeps a client session cache (tickets,
+    /// TLS 1.2 session ids) shared by all connections; `off` makes every
+    /// connection a full handshake.
+    #[arg(long, value_enum, default_value_t = OnOff::On)]
+    pub tls_resume: OnOff,
+
+    /// Offer only this TLS version (default: 1.2 and 1.3).
+    #[arg(long, value_enum)]
+    pub tls_version: Option<TlsVersion>,
+
+    /// Verify the server's certificate and handshake signature fully only
+    /// the first time a certificate is seen; later handshakes with the same
+    /// certificate skip both (a benchmark shortcut: with ECDSA certificates
+    /// the client's verifications cost more than the server's signature).
+    #[arg(long)]
+    pub tls_verify_once: bool,
+
+    /// Handshake mode: connections in flight at once.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
+    pub concurrency: u32,
+
+    /// Handshake mode: after the TLS handshake also do the WebSocket upgrade
+    /// (a connection counts once the `101` arrived).
+    #[arg(long)]
+    pub upgrade: bool,
 
     /// Number of receiver connections.
     #[arg(long, default_value_t = 1000)]
@@ -152,6 +196,27 @@ pub struct Args {
     pub quiet: bool,
 }
 
+/// What a run does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Mode {
+    Load,
+    Handshake,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OnOff {
+    On,
+    Off,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum TlsVersion {
+    #[value(name = "1.2")]
+    V12,
+    #[value(name = "1.3")]
+    V13,
+}
+
 /// Publishing mode.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Rate {
@@ -166,6 +231,8 @@ pub enum Rate {
 pub struct Config {
     pub args: Args,
     pub target: SocketAddr,
+    /// Set for wss:// URLs.
+    pub tls: Option<Tls>,
     /// `Host` header value.
     pub host_header: String,
     /// Request path with the query the user gave (without the identity).
@@ -180,8 +247,12 @@ pub struct Config {
 
 impl Config {
     pub fn from_args(args: Args) -> Result<Config, String> {
-        let rest =
-            args.url.strip_prefix("ws://").ok_or_else(|| format!("--url must start with ws:// (got {})", args.url))?;
+        let (rest, secure) = match (args.url.strip_prefix("ws://"), args.url.strip_prefix("wss://")) {
+            (Some(r), _) => (r, false),
+            (_, Some(r)) => (r, true),
+            _ => return Err(format!("--url must start with ws:// or wss:// (got {})", args.url)),
+        };
+        let default_port = if secure { 443 } else { 80 };
         let (authority, path) = match rest.find(['/', '?']) {
             Some(i) if rest.as_bytes()[i] == b'/' => (&rest[..i], rest[i..].to_string()),
             Some(i) => (&rest[..i], format!("/{}", &rest[i..])),
@@ -194,12 +265,12 @@ impl Config {
             if authority.contains("]:") {
                 authority.to_string()
             } else {
-                format!("{authority}:80")
+                format!("{authority}:{default_port}")
             }
         } else if authority.contains(':') {
             authority.to_string()
         } else {
-            format!("{authority}:80")
+            format!("{authority}:{default_port}")
         };
         let target = with_port
             .to_socket_addrs()
@@ -207,8 +278,24 @@ impl Config {
             .min_by_key(|a| !a.is_ipv4()) // prefer IPv4
             .ok_or_else(|| format!("{authority} resolves to no address"))?;
 
+        let tls = if secure {
+            let ca = args.ca.as_deref().ok_or("wss:// needs --ca <pem> (the CA certificate to trust)")?;
+            let host = match authority.rfind(':') {
+                Some(i) if !authority[i..].contains(']') => &authority[..i],
+                _ => authority,
+            };
+            Some(Tls::new(host, ca, args.tls_resume == OnOff::On, args.tls_version, args.tls_verify_once)?)
+        } else {
+            if args.ca.is_some() || args.tls_version.is_some() || args.tls_verify_once {
+                return Err("--ca, --tls-version and --tls-verify-once need a wss:// URL".into());
+            }
+            None
+        };
         if args.threads == 0 {
             return Err("--threads must be >= 1".into());
+        }
+        if args.mode == Mode::Handshake && args.hold.is_some() {
+            return Err("--hold and --mode handshake exclude each other".into());
         }
         if args.slow > args.conns {
             return Err("--slow must be <= --conns".into());
@@ -260,6 +347,7 @@ impl Config {
             return Err("--timeout must be > 0".into());
         }
         Ok(Config {
+            tls,
             host_header: authority.to_string(),
             path,
             target,
@@ -337,5 +425,22 @@ mod tests {
         assert!(cfg(&["--conns", "2", "--slow", "3"]).is_err());
         assert_eq!(cfg(&["--conns", "2", "--slow", "1"]).unwrap().args.slow, 1);
         assert_eq!(url_encode("a b/c"), "a%20b%2Fc");
+    }
+
+    #[test]
+    fn wss_needs_a_ca() {
+        assert!(cfg(&["--url", "wss://127.0.0.1:9443/ws"]).unwrap_err().contains("--ca"));
+        assert!(cfg(&["--url", "ws://127.0.0.1:9000/ws", "--ca", "x.pem"]).is_err());
+        assert!(cfg(&["--url", "ws://127.0.0.1:9000/ws", "--tls-verify-once"]).is_err());
+        let pki = crate::tls::testing::pki();
+        let ca = pki.ca_path.to_str().unwrap();
+        let c = cfg(&["--url", "wss://localhost/ws", "--ca", ca, "--tls-version", "1.3"]).unwrap();
+        assert_eq!(c.target.port(), 443);
+        assert_eq!(c.host_header, "localhost");
+        assert!(c.tls.is_some());
+        let c = cfg(&["--url", "wss://127.0.0.1:9443/ws", "--ca", ca, "--mode", "handshake", "--upgrade"]).unwrap();
+        assert_eq!(c.args.mode, Mode::Handshake);
+        assert!(cfg(&["--mode", "handshake", "--hold", "1"]).is_err());
+        assert!(cfg(&["--url", "wss://127.0.0.1/ws", "--ca", "/nonexistent.pem"]).is_err());
     }
 }

@@ -9,8 +9,10 @@
 use crate::scan::{op_of, Scanner};
 use crate::stats::{Counters, Histogram};
 use crate::sys::Rng;
+use crate::tls::{self, Fed};
 use crate::ws::{self, Flow, FrameReader, Message, ProtoError, UpgradeError};
 use mio::net::TcpStream;
+use rustls::ClientConnection;
 use std::collections::HashMap;
 use std::io::{self, Write};
 use std::time::Instant;
@@ -54,6 +56,8 @@ pub enum End {
     JoinError,
     ConnectError(io::ErrorKind),
     ConnectTimeout,
+    /// TLS failure (handshake, certificate, decryption, alert).
+    Tls(String),
 }
 
 impl End {
@@ -69,6 +73,7 @@ impl End {
             End::JoinError => "join_error".into(),
             End::ConnectError(k) => format!("connect_{k:?}"),
             End::ConnectTimeout => "connect_timeout".into(),
+            End::Tls(k) => format!("tls_{k}"),
         }
     }
 }
@@ -100,6 +105,11 @@ pub struct Ctx {
     pub epoch: Instant,
     /// Handshakes in progress on this thread.
     pub handshaking: u32,
+    /// TLS connections that became ready after a full / a resumed handshake.
+    pub tls_full: u64,
+    pub tls_resumed: u64,
+    /// What the first TLS handshake of this thread negotiated.
+    pub tls_negotiated: Option<tls::Negotiated>,
 }
 
 impl Ctx {
@@ -128,12 +138,22 @@ pub struct Conn {
     pub started_us: u64,
     pub hs: Option<Box<Handshake>>,
     pub reader: FrameReader,
-    /// Encoded frames not yet accepted by the socket.
+    /// Encoded frames not yet accepted by the socket (with TLS: by rustls).
     pub out: Vec<u8>,
+    /// The TLS session for wss:// (None on the plain path).
+    pub tls: Option<Box<ClientConnection>>,
 }
 
 impl Conn {
-    pub fn new(stream: TcpStream, gid: u32, pub_slot: u32, slow: bool, started_us: u64, key: String) -> Conn {
+    pub fn new(
+        stream: TcpStream,
+        tls: Option<Box<ClientConnection>>,
+        gid: u32,
+        pub_slot: u32,
+        slow: bool,
+        started_us: u64,
+        key: String,
+    ) -> Conn {
         Conn {
             stream: Some(stream),
             state: State::Connecting,
@@ -145,7 +165,15 @@ impl Conn {
             hs: Some(Box::new(Handshake { key, buf: Vec::new() })),
             reader: FrameReader::default(),
             out: Vec::new(),
+            tls,
         }
+    }
+
+    /// Output waiting for the socket: queued frames, or TLS records rustls
+    /// holds (handshake messages, encrypted frames).
+    #[inline]
+    pub fn has_output(&self) -> bool {
+        !self.out.is_empty() || self.tls.as_ref().is_some_and(|t| t.wants_write())
     }
 
     #[inline]
@@ -170,13 +198,17 @@ impl Conn {
     pub fn flush(&mut self) -> Result<(), End> {
         let Some(stream) = self.stream.as_mut() else { return Ok(()) };
         let mut off = 0;
-        while off < self.out.len() {
-            match stream.write(&self.out[off..]) {
-                Ok(0) => return Err(End::Io(io::ErrorKind::WriteZero)),
-                Ok(n) => off += n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(End::Io(e.kind())),
+        if let Some(tls) = self.tls.as_mut() {
+            off = tls::flush(tls, stream, &self.out).map_err(|e| End::Io(e.kind()))?;
+        } else {
+            while off < self.out.len() {
+                match stream.write(&self.out[off..]) {
+                    Ok(0) => return Err(End::Io(io::ErrorKind::WriteZero)),
+                    Ok(n) => off += n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(End::Io(e.kind())),
+                }
             }
         }
         if off == self.out.len() {
@@ -192,7 +224,31 @@ impl Conn {
         Ok(())
     }
 
-    /// Handles bytes read from the socket.
+    /// Handles bytes read from the socket: straight to the protocol handler,
+    /// or through TLS first. The caller flushes afterwards ([`Conn::has_output`]):
+    /// rustls may have records to send (handshake, the upgrade request it held).
+    #[inline]
+    pub fn on_wire(&mut self, data: &[u8], ctx: &mut Ctx) -> Result<(), End> {
+        let Some(mut session) = self.tls.take() else { return self.on_bytes(data, ctx) };
+        let was_handshaking = session.is_handshaking();
+        let res = tls::feed(&mut session, data, |e| End::Tls(tls::error_key(&e)), |plain| self.on_bytes(plain, ctx));
+        if was_handshaking && !session.is_handshaking() {
+            match tls::resumed(&session) {
+                Some(true) => ctx.tls_resumed += 1,
+                _ => ctx.tls_full += 1,
+            }
+            if ctx.tls_negotiated.is_none() {
+                ctx.tls_negotiated = Some(tls::negotiated(&session));
+            }
+        }
+        self.tls = Some(session);
+        match res? {
+            Fed::More => Ok(()),
+            Fed::Closed => Err(End::Eof),
+        }
+    }
+
+    /// Handles plaintext bytes (the HTTP upgrade response, then frames).
     pub fn on_bytes(&mut self, data: &[u8], ctx: &mut Ctx) -> Result<(), End> {
         match self.state {
             State::Upgrading => {

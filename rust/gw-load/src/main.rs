@@ -4,23 +4,26 @@
 //! ratio and latency, and prints one JSON summary to stdout.
 //!
 //! Modules: `cli` (flags), `worker` (event loop), `conn` (per-connection
-//! protocol state), `ws` (frame parse/encode, upgrade), `scan` (message
-//! counting without JSON parsing), `jwt`, `stats` (histogram, counters),
-//! `sys` (rlimit, rusage, clock, PRNG).
+//! protocol state), `ws` (frame parse/encode, upgrade), `tls` (wss:// over
+//! rustls), `handshake` (--mode handshake: connection set-ups per second),
+//! `scan` (message counting without JSON parsing), `jwt`, `stats`
+//! (histogram, counters), `sys` (rlimit, rusage, clock, PRNG).
 
 #![forbid(unsafe_code)]
 
 mod cli;
 mod conn;
+mod handshake;
 mod jwt;
 mod scan;
 mod stats;
 mod sys;
+mod tls;
 mod worker;
 mod ws;
 
 use clap::Parser;
-use cli::{Config, Rate};
+use cli::{Config, Mode, OnOff, Rate};
 use serde_json::{json, Map, Value};
 use stats::{Counters, Histogram, Snapshot};
 use std::io::Write;
@@ -41,7 +44,11 @@ fn main() {
             std::process::exit(2);
         }
     };
-    match run(cfg) {
+    let result = match cfg.args.mode {
+        Mode::Load => run(cfg),
+        Mode::Handshake => run_handshake(cfg),
+    };
+    match result {
         Ok(summary) => {
             let mut out = std::io::stdout().lock();
             let _ = writeln!(out, "{summary}");
@@ -67,6 +74,19 @@ struct Coordinator {
 }
 
 impl Coordinator {
+    fn new(cfg: &Arc<Config>, shared: &Arc<Shared>) -> Coordinator {
+        let start = Instant::now();
+        Coordinator {
+            cfg: cfg.clone(),
+            shared: shared.clone(),
+            start,
+            deadline: start + cfg.timeout,
+            timed_out: false,
+            last_progress: start,
+            last_received: 0,
+        }
+    }
+
     fn snapshot(&self) -> Snapshot {
         Snapshot::read(&self.shared.counters)
     }
@@ -80,9 +100,23 @@ impl Coordinator {
         let dt = now.duration_since(self.last_progress).as_secs_f64();
         self.last_progress = now;
         let s = self.snapshot();
-        let rate = (s.received_total - self.last_received.min(s.received_total)) as f64 / dt;
-        self.last_received = s.received_total;
+        let handshakes = self.cfg.args.mode == Mode::Handshake;
+        // Handshake mode counts completed connections in `ready`.
+        let total = if handshakes { s.ready } else { s.received_total };
+        let rate = (total - self.last_received.min(total)) as f64 / dt;
+        self.last_received = total;
         if self.cfg.args.quiet {
+            return;
+        }
+        if handshakes {
+            eprintln!(
+                "[{:7.1}s] phase={:<7} done={} ({:.0}/s) failed={}",
+                now.duration_since(self.start).as_secs_f64(),
+                label,
+                s.ready,
+                rate,
+                s.failed
+            );
             return;
         }
         eprintln!(
@@ -159,26 +193,9 @@ fn run(cfg: Arc<Config>) -> Result<Value, String> {
 
     let threads = cfg.args.threads as usize;
     let shared = Arc::new(Shared::new(threads));
-    let start = Instant::now();
-    let mut co = Coordinator {
-        cfg: cfg.clone(),
-        shared: shared.clone(),
-        start,
-        deadline: start + cfg.timeout,
-        timed_out: false,
-        last_progress: start,
-        last_received: 0,
-    };
-
-    let mut handles = Vec::with_capacity(threads);
-    for tid in 0..threads {
-        let w = Worker::new(tid, cfg.clone(), shared.clone()).map_err(|e| format!("cannot create event loop: {e}"))?;
-        let h = thread::Builder::new()
-            .name(format!("gw-load-{tid}"))
-            .spawn(move || w.run())
-            .map_err(|e| format!("cannot spawn thread: {e}"))?;
-        handles.push(h);
-    }
+    let mut co = Coordinator::new(&cfg, &shared);
+    let start = co.start;
+    let handles = spawn_workers(&cfg, &shared, "gw-load", Worker::new, Worker::run)?;
 
     // Phase 1: connect everything.
     co.wait_connected();
@@ -190,6 +207,8 @@ fn run(cfg: Arc<Config>) -> Result<Value, String> {
     // Phase 2: hold, or warmup + measure + drain.
     let mut measured_s = 0.0;
     let mut cpu_ns = 0u64;
+    // Wall time `cpu_ns` was taken over (the measured phase and the drain).
+    let mut cpu_wall_s = 0.0;
     let server_pid = cfg.args.server_pid;
     let server_rss_connected = server_pid.and_then(sys::other_process_rss_kib);
     let mut server_cpu_ns: Option<u64> = None;
@@ -197,13 +216,10 @@ fn run(cfg: Arc<Config>) -> Result<Value, String> {
     let mode;
     if let Some(hold) = cfg.args.hold {
         mode = "hold";
-        let cpu0 = sys::process_cpu_ns();
-        let scpu0 = server_pid.and_then(sys::other_process_cpu_ns);
-        let t0 = Instant::now();
+        let span = CpuSpan::start(server_pid);
         co.wait("hold", hold);
-        measured_s = t0.elapsed().as_secs_f64();
-        cpu_ns = sys::process_cpu_ns() - cpu0;
-        server_cpu_ns = scpu0.zip(server_pid.and_then(sys::other_process_cpu_ns)).map(|(a, b)| b - a);
+        (cpu_wall_s, cpu_ns, server_cpu_ns) = span.end();
+        measured_s = cpu_wall_s;
     } else if !co.timed_out {
         mode = "publish";
         let s = co.snapshot();
@@ -222,16 +238,13 @@ fn run(cfg: Arc<Config>) -> Result<Value, String> {
         if ok {
             let s = co.snapshot();
             receivers = s.ready - s.lost;
-            let cpu0 = sys::process_cpu_ns();
-            let scpu0 = server_pid.and_then(sys::other_process_cpu_ns);
-            let t0 = Instant::now();
+            let span = CpuSpan::start(server_pid);
             shared.set_phase(Phase::Measure);
             co.wait(Phase::Measure.name(), cfg.args.duration);
-            measured_s = t0.elapsed().as_secs_f64();
+            measured_s = span.t0.elapsed().as_secs_f64();
             shared.set_phase(Phase::Drain);
             co.wait(Phase::Drain.name(), cfg.args.drain_wait);
-            cpu_ns = sys::process_cpu_ns() - cpu0;
-            server_cpu_ns = scpu0.zip(server_pid.and_then(sys::other_process_cpu_ns)).map(|(a, b)| b - a);
+            (cpu_wall_s, cpu_ns, server_cpu_ns) = span.end();
         }
     } else {
         mode = "publish";
@@ -244,8 +257,12 @@ fn run(cfg: Arc<Config>) -> Result<Value, String> {
     let mut connect_hist = Histogram::default();
     let mut closes: Map<String, Value> = Map::new();
     let mut slow_closes: Map<String, Value> = Map::new();
+    let (mut tls_full, mut tls_resumed, mut negotiated) = (0, 0, None);
     for h in handles {
         let r = h.join().map_err(|_| "a worker thread panicked".to_string())?;
+        tls_full += r.tls_full;
+        tls_resumed += r.tls_resumed;
+        negotiated = negotiated.or(r.tls_negotiated);
         counters.add(&r.counters);
         lat.merge(&r.lat);
         connect_hist.merge(&r.connect_hist);
@@ -300,10 +317,13 @@ fn run(cfg: Arc<Config>) -> Result<Value, String> {
             "samples": lat.count(),
             "samples_without_t": counters.no_t,
         },
+        "tls": tls_report(&cfg, negotiated, json!({"full": tls_full, "resumed": tls_resumed})),
         "client_cpu_s": round3(cpu_ns as f64 / 1e9),
+        "client_cpu_util": util(cpu_ns, cpu_wall_s),
         "client_cpu_ns_per_delivery": ns_per.round(),
         "server_pid": server_pid,
         "server_cpu_s": server_cpu_ns.map(|n| round3(n as f64 / 1e9)),
+        "server_cpu_util": server_cpu_ns.map(|n| util(n, cpu_wall_s)),
         "server_cpu_ns_per_delivery": server_cpu_ns.filter(|_| counters.received > 0).map(|n| (n as f64 / counters.received as f64).round()),
         "server_rss_kib_connected": server_rss_connected,
         "server_rss_kib_end": server_pid.and_then(sys::other_process_rss_kib),
@@ -313,6 +333,156 @@ fn run(cfg: Arc<Config>) -> Result<Value, String> {
         "slow_closes_by_code": slow_closes,
         "slow_bytes_read_at_end": counters.slow_bytes,
         "msg_type": cfg.args.msg_type,
+        "timed_out": co.timed_out,
+    }))
+}
+
+/// Starts one event-loop thread per --threads: `new(tid, cfg, shared)`, then
+/// `run` on its own thread.
+fn spawn_workers<W: Send + 'static, T: Send + 'static>(
+    cfg: &Arc<Config>,
+    shared: &Arc<Shared>,
+    name: &str,
+    new: fn(usize, Arc<Config>, Arc<Shared>) -> std::io::Result<W>,
+    run: fn(W) -> T,
+) -> Result<Vec<thread::JoinHandle<T>>, String> {
+    (0..cfg.args.threads as usize)
+        .map(|tid| {
+            let w = new(tid, cfg.clone(), shared.clone()).map_err(|e| format!("cannot create event loop: {e}"))?;
+            thread::Builder::new()
+                .name(format!("{name}-{tid}"))
+                .spawn(move || run(w))
+                .map_err(|e| format!("cannot spawn thread: {e}"))
+        })
+        .collect()
+}
+
+/// Our CPU time and the --server-pid process's over a stretch of wall time.
+struct CpuSpan {
+    t0: Instant,
+    cpu0: u64,
+    server: Option<(u32, u64)>,
+}
+
+impl CpuSpan {
+    fn start(server_pid: Option<u32>) -> CpuSpan {
+        CpuSpan {
+            cpu0: sys::process_cpu_ns(),
+            server: server_pid.and_then(|p| sys::other_process_cpu_ns(p).map(|c| (p, c))),
+            t0: Instant::now(),
+        }
+    }
+
+    /// (wall seconds, our CPU ns, the server's CPU ns) since `start`.
+    fn end(&self) -> (f64, u64, Option<u64>) {
+        let server = self.server.and_then(|(p, c0)| sys::other_process_cpu_ns(p).map(|c| c - c0));
+        (self.t0.elapsed().as_secs_f64(), sys::process_cpu_ns() - self.cpu0, server)
+    }
+}
+
+/// CPU time over wall time (1.0 = one core busy), 3 decimals.
+fn util(cpu_ns: u64, wall_s: f64) -> f64 {
+    if wall_s > 0.0 {
+        (cpu_ns as f64 / 1e9 / wall_s * 1000.0).round() / 1000.0
+    } else {
+        0.0
+    }
+}
+
+/// The `tls` object of the report (null for ws://).
+fn tls_report(cfg: &Config, negotiated: Option<tls::Negotiated>, handshakes: Value) -> Value {
+    if cfg.tls.is_none() {
+        return Value::Null;
+    }
+    let offered = match cfg.args.tls_version {
+        Some(cli::TlsVersion::V12) => "1.2",
+        Some(cli::TlsVersion::V13) => "1.3",
+        None => "1.2,1.3",
+    };
+    json!({
+        "versions_offered": offered,
+        "resume": cfg.args.tls_resume == OnOff::On,
+        "verify_once": cfg.args.tls_verify_once,
+        "handshakes": handshakes,
+        "negotiated": negotiated.map(|n| json!({
+            "version": n.version, "cipher": n.cipher, "group": n.group, "alpn": n.alpn,
+        })),
+    })
+}
+
+/// `--mode handshake`: connect, handshake, close, again, with --concurrency
+/// in flight, for --warmup (not counted) + --duration.
+fn run_handshake(cfg: Arc<Config>) -> Result<Value, String> {
+    let needed = cfg.args.concurrency as u64 + FD_RESERVE;
+    match sys::raise_nofile_limit() {
+        Ok(limit) if limit < needed => {
+            eprintln!("gw-load: warning: RLIMIT_NOFILE is {limit}, --concurrency needs about {needed}")
+        }
+        Ok(_) => {}
+        Err(e) => eprintln!("gw-load: warning: cannot raise RLIMIT_NOFILE: {e}"),
+    }
+    let threads = cfg.args.threads as usize;
+    let shared = Arc::new(Shared::new(threads));
+    let mut co = Coordinator::new(&cfg, &shared);
+    let handles = spawn_workers(&cfg, &shared, "gw-load-hs", handshake::HsWorker::new, handshake::HsWorker::run)?;
+    let server_pid = cfg.args.server_pid;
+    let mut ok = true;
+    if cfg.args.warmup > 0.0 {
+        shared.set_phase(Phase::Warmup);
+        ok = co.wait(Phase::Warmup.name(), cfg.args.warmup);
+    }
+    let (mut measured_s, mut cpu_ns, mut server_cpu_ns) = (0.0, 0, None);
+    if ok {
+        let span = CpuSpan::start(server_pid);
+        shared.set_phase(Phase::Measure);
+        co.wait(Phase::Measure.name(), cfg.args.duration);
+        shared.set_phase(Phase::Done);
+        (measured_s, cpu_ns, server_cpu_ns) = span.end();
+    }
+    shared.set_phase(Phase::Done);
+    let mut r = handshake::HsResult::default();
+    for h in handles {
+        r.merge(h.join().map_err(|_| "a worker thread panicked".to_string())?);
+    }
+    let ms = |us: u64| us as f64 / 1000.0;
+    let round3 = |x: f64| (x * 1000.0).round() / 1000.0;
+    let per_s = if measured_s > 0.0 { r.done as f64 / measured_s } else { 0.0 };
+    let us_per = |ns: u64| if r.done > 0 { Some(round3(ns as f64 / 1e3 / r.done as f64)) } else { None };
+    let failed = r.failed();
+    let tls = tls_report(&cfg, r.negotiated, json!({"full": r.full, "resumed": r.resumed}));
+    Ok(json!({
+        "mode": "handshake",
+        "url": cfg.args.url,
+        "threads": threads,
+        "concurrency": cfg.args.concurrency,
+        "upgrade": cfg.args.upgrade,
+        "tls": tls,
+        "warmup_s": cfg.args.warmup,
+        "duration_s": round3(measured_s),
+        "handshakes": r.done,
+        "handshakes_per_s": per_s.round(),
+        "full": r.full,
+        "resumed": r.resumed,
+        "failed": failed,
+        "failures_by_cause": r.failures,
+        "closed_without_ticket": r.no_ticket,
+        "tls_handshake_ms": {
+            "p50": ms(r.tls_hist.quantile(0.50)),
+            "p99": ms(r.tls_hist.quantile(0.99)),
+            "max": ms(r.tls_hist.max()),
+        },
+        "connection_ms": {
+            "p50": ms(r.conn_hist.quantile(0.50)),
+            "p99": ms(r.conn_hist.quantile(0.99)),
+            "max": ms(r.conn_hist.max()),
+        },
+        "client_cpu_s": round3(cpu_ns as f64 / 1e9),
+        "client_cpu_util": util(cpu_ns, measured_s),
+        "client_cpu_us_per_handshake": us_per(cpu_ns),
+        "server_pid": server_pid,
+        "server_cpu_s": server_cpu_ns.map(|n| round3(n as f64 / 1e9)),
+        "server_cpu_util": server_cpu_ns.map(|n| util(n, measured_s)),
+        "server_cpu_us_per_handshake": server_cpu_ns.and_then(us_per),
         "timed_out": co.timed_out,
     }))
 }

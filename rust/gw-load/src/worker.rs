@@ -33,6 +33,30 @@ const MAX_PUB_BURST: u64 = 1000;
 /// close frame (in total, across all of a thread's slow consumers).
 const SLOW_DRAIN: Duration = Duration::from_secs(2);
 
+/// A non-blocking, TCP_NODELAY socket, bound to source address `n` of
+/// --sources (round-robin) when there are several, with the connect to the
+/// target started (completion arrives as a writable event). `rcvbuf` > 0 sets
+/// SO_RCVBUF first, so the advertised window (scale) follows it.
+pub fn open_socket(cfg: &Config, n: usize, rcvbuf: usize) -> io::Result<TcpStream> {
+    let socket = Socket::new(Domain::for_address(cfg.target), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_nonblocking(true)?;
+    socket.set_tcp_nodelay(true)?;
+    if rcvbuf > 0 {
+        socket.set_recv_buffer_size(rcvbuf)?;
+    }
+    if !cfg.sources.is_empty() {
+        let src = cfg.sources[n % cfg.sources.len()];
+        socket.bind(&SocketAddr::new(src.into(), 0).into())?;
+    }
+    match socket.connect(&cfg.target.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(nix::errno::Errno::EINPROGRESS as i32) => {}
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+        Err(e) => return Err(e),
+    }
+    Ok(TcpStream::from_std(socket.into()))
+}
+
 /// Run phases, set by the coordinator.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
@@ -63,7 +87,7 @@ impl Phase {
         }
     }
 
-    fn publishing(self) -> bool {
+    pub fn publishing(self) -> bool {
         matches!(self, Phase::Warmup | Phase::Measure)
     }
 
@@ -109,6 +133,9 @@ pub struct ThreadResult {
     pub connect_hist: Histogram,
     pub closes: HashMap<String, u64>,
     pub slow_closes: HashMap<String, u64>,
+    pub tls_full: u64,
+    pub tls_resumed: u64,
+    pub tls_negotiated: Option<crate::tls::Negotiated>,
 }
 
 /// A publisher owned by this thread.
@@ -198,6 +225,9 @@ impl Worker {
                 join_payload,
                 epoch: now,
                 handshaking: 0,
+                tls_full: 0,
+                tls_resumed: 0,
+                tls_negotiated: None,
             },
             todo,
             next_todo: 0,
@@ -264,6 +294,9 @@ impl Worker {
             connect_hist: self.ctx.connect_hist,
             closes: self.ctx.closes,
             slow_closes: self.ctx.slow_closes,
+            tls_full: self.ctx.tls_full,
+            tls_resumed: self.ctx.tls_resumed,
+            tls_negotiated: self.ctx.tls_negotiated,
         }
     }
 
@@ -324,25 +357,13 @@ impl Worker {
     fn start_connect(&mut self, gid: u32, is_pub: bool) -> Result<(), End> {
         let cfg = &self.cfg;
         let err = |e: io::Error| End::ConnectError(e.kind());
-        let socket = Socket::new(Domain::for_address(cfg.target), Type::STREAM, Some(Protocol::TCP)).map_err(err)?;
-        socket.set_nonblocking(true).map_err(err)?;
-        socket.set_tcp_nodelay(true).map_err(err)?;
         let slow = !is_pub && gid < cfg.args.slow;
-        if slow && cfg.args.slow_rcvbuf > 0 {
-            // Before connect, so the advertised window (scale) follows it.
-            socket.set_recv_buffer_size(cfg.args.slow_rcvbuf).map_err(err)?;
-        }
-        if !cfg.sources.is_empty() {
-            let src = cfg.sources[gid as usize % cfg.sources.len()];
-            socket.bind(&SocketAddr::new(src.into(), 0).into()).map_err(err)?;
-        }
-        match socket.connect(&cfg.target.into()) {
-            Ok(()) => {}
-            Err(e) if e.raw_os_error() == Some(nix::errno::Errno::EINPROGRESS as i32) => {}
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(err(e)),
-        }
-        let mut stream = TcpStream::from_std(socket.into());
+        let rcvbuf = if slow { cfg.args.slow_rcvbuf } else { 0 };
+        let mut stream = open_socket(cfg, gid as usize, rcvbuf).map_err(err)?;
+        let tls = match &cfg.tls {
+            Some(t) => Some(t.connect().map_err(|e| End::Tls(crate::tls::error_key(&e)))?),
+            None => None,
+        };
         let idx = self.conns.len();
         self.poll.registry().register(&mut stream, Token(idx), Interest::READABLE | Interest::WRITABLE).map_err(err)?;
         let pub_slot = if is_pub {
@@ -353,7 +374,7 @@ impl Worker {
             NOT_PUBLISHER
         };
         let key = ws::make_key(self.ctx.rng.bytes16());
-        self.conns.push(Conn::new(stream, gid, pub_slot, slow, self.ctx.mono_us(), key));
+        self.conns.push(Conn::new(stream, tls, gid, pub_slot, slow, self.ctx.mono_us(), key));
         self.ctx.handshaking += 1;
         Ok(())
     }
@@ -409,7 +430,7 @@ impl Worker {
             }),
             _ if conn.paused => {
                 // A slow consumer: never read, only send (heartbeats).
-                if ev.is_writable() && !conn.out.is_empty() {
+                if ev.is_writable() && conn.has_output() {
                     self.conns[idx].flush()
                 } else {
                     Ok(())
@@ -420,7 +441,7 @@ impl Worker {
                 if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
                     r = self.read_conn(idx, ev.is_read_closed() || ev.is_error());
                 }
-                if r.is_ok() && ev.is_writable() && !self.conns[idx].out.is_empty() {
+                if r.is_ok() && ev.is_writable() && self.conns[idx].has_output() {
                     r = self.conns[idx].flush();
                 }
                 r
@@ -457,7 +478,7 @@ impl Worker {
                 }
                 Ok(n) => {
                     self.ctx.now_us = sys::unix_micros();
-                    if let Err(end) = conn.on_bytes(&self.scratch[..n], &mut self.ctx) {
+                    if let Err(end) = conn.on_wire(&self.scratch[..n], &mut self.ctx) {
                         let _ = conn.flush();
                         return Err(end);
                     }
@@ -482,10 +503,10 @@ impl Worker {
                 Err(e) => return Err(End::Io(e.kind())),
             }
         }
-        if conn.out.is_empty() {
-            Ok(())
-        } else {
+        if conn.has_output() {
             conn.flush()
+        } else {
+            Ok(())
         }
     }
 
@@ -504,6 +525,7 @@ impl Worker {
             conn.stream = None;
             conn.reader = Default::default();
             conn.out = Vec::new();
+            conn.tls = None;
             return;
         } else {
             if conn.is_publisher() {
@@ -520,6 +542,7 @@ impl Worker {
         conn.reader = Default::default();
         conn.out = Vec::new();
         conn.hs = None;
+        conn.tls = None;
     }
 
     /// At the end: read what the server queued to each slow consumer, to
@@ -538,7 +561,7 @@ impl Worker {
                     Ok(0) => break Some(End::Eof),
                     Ok(n) => {
                         self.ctx.counters.slow_bytes += n as u64;
-                        if let Err(end) = conn.on_bytes(&self.scratch[..n], &mut self.ctx) {
+                        if let Err(end) = conn.on_wire(&self.scratch[..n], &mut self.ctx) {
                             break Some(end);
                         }
                     }
@@ -566,6 +589,11 @@ impl Worker {
             if c.state == State::Ready {
                 ws::encode_frame(&mut c.out, ws::OP_CLOSE, &1000u16.to_be_bytes(), self.ctx.rng.mask());
                 let _ = c.flush();
+                if let Some(t) = c.tls.as_mut() {
+                    // After the frame: rustls sends nothing after the alert.
+                    t.send_close_notify();
+                    let _ = c.flush();
+                }
             }
             c.stream = None;
             c.state = State::Closed;
@@ -689,7 +717,7 @@ mod tests {
     use crate::cli;
     use crate::stats::Snapshot;
     use clap::Parser as _;
-    use std::io::{BufRead, BufReader, Write};
+    use std::io::{Read, Write};
     use std::net::TcpListener;
 
     /// Server frame (unmasked) with a 16-bit or 7-bit length.
@@ -703,6 +731,31 @@ mod tests {
         }
         f.extend_from_slice(payload);
         f
+    }
+
+    /// The fake gateway's side of the upgrade and the join on `s` (plain or
+    /// TLS): answer the upgrade, send `connected`, wait for the join (a masked
+    /// client frame) and ack it.
+    fn accept_upgrade_and_join(s: &mut (impl Read + Write)) {
+        let mut head = Vec::new();
+        let mut b = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            s.read_exact(&mut b).unwrap();
+            head.push(b[0]);
+        }
+        let head = String::from_utf8(head).unwrap();
+        let key = head.lines().find_map(|l| l.strip_prefix("Sec-WebSocket-Key:")).unwrap().trim().to_string();
+        let resp = format!(
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\nSec-WebSocket-Protocol: gateway.v1\r\n\r\n",
+            ws::accept_for(&key)
+        );
+        s.write_all(resp.as_bytes()).unwrap();
+        s.write_all(&server_frame(ws::OP_TEXT, br#"{"op":"connected"}"#)).unwrap();
+        let mut hdr = [0u8; 2];
+        s.read_exact(&mut hdr).unwrap();
+        let mut rest = vec![0u8; 4 + (hdr[1] & 0x7f) as usize];
+        s.read_exact(&mut rest).unwrap();
+        s.write_all(&server_frame(ws::OP_TEXT, br#"{"op":"ack","id":1}"#)).unwrap();
     }
 
     /// A one-connection fake gateway: upgrade, `connected`, ack the join, then
@@ -732,30 +785,7 @@ mod tests {
         let handle = std::thread::spawn(move || worker.run());
 
         let (mut sock, _) = listener.accept().unwrap();
-        let mut reader = BufReader::new(sock.try_clone().unwrap());
-        let mut key = String::new();
-        loop {
-            let mut line = String::new();
-            reader.read_line(&mut line).unwrap();
-            if let Some(k) = line.strip_prefix("Sec-WebSocket-Key:") {
-                key = k.trim().to_string();
-            }
-            if line == "\r\n" {
-                break;
-            }
-        }
-        let resp = format!(
-            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\nSec-WebSocket-Protocol: gateway.v1\r\n\r\n",
-            ws::accept_for(&key)
-        );
-        sock.write_all(resp.as_bytes()).unwrap();
-        sock.write_all(&server_frame(ws::OP_TEXT, br#"{"op":"connected"}"#)).unwrap();
-        // The join (a masked client frame): wait for it, then ack.
-        let mut hdr = [0u8; 2];
-        reader.read_exact(&mut hdr).unwrap();
-        let mut rest = vec![0u8; 4 + (hdr[1] & 0x7f) as usize];
-        reader.read_exact(&mut rest).unwrap();
-        sock.write_all(&server_frame(ws::OP_TEXT, br#"{"op":"ack","id":1}"#)).unwrap();
+        accept_upgrade_and_join(&mut sock);
 
         let t0 = Instant::now();
         while Snapshot::read(&shared.counters).slow_ready < 1 {
@@ -779,5 +809,83 @@ mod tests {
         assert_eq!(r.counters.slow_bytes, burst.len() as u64, "everything was left unread until the end");
         assert_eq!(r.slow_closes.get("4008"), Some(&1));
         assert!(r.closes.is_empty());
+    }
+
+    /// wss://: a one-connection fake gateway behind rustls. Upgrade,
+    /// `connected`, ack the join, then 2,000 room messages in records of all
+    /// sizes; the client counts every one and reports the handshake.
+    #[test]
+    fn wss_receiver_counts_every_message() {
+        use rustls::{ServerConnection, StreamOwned};
+
+        let pki = crate::tls::testing::pki();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let url = format!("wss://127.0.0.1:{port}/ws");
+        let ca = pki.ca_path.to_str().unwrap().to_string();
+        let args = cli::Args::try_parse_from([
+            "gw-load",
+            "--url",
+            &url,
+            "--ca",
+            &ca,
+            "--conns",
+            "1",
+            "--publishers",
+            "0",
+            "--ping-interval",
+            "0",
+        ])
+        .unwrap();
+        let cfg = Arc::new(Config::from_args(args).unwrap());
+        let shared = Arc::new(Shared::new(1));
+        let worker = Worker::new(0, cfg, shared.clone()).unwrap();
+        shared.set_phase(Phase::Measure);
+        let handle = std::thread::spawn(move || worker.run());
+
+        let (sock, _) = listener.accept().unwrap();
+        let mut tls = StreamOwned::new(ServerConnection::new(pki.server.clone()).unwrap(), sock);
+        accept_upgrade_and_join(&mut tls);
+        let t0 = Instant::now();
+        while Snapshot::read(&shared.counters).ready < 1 {
+            assert!(t0.elapsed() < Duration::from_secs(5), "never joined");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // Single messages, bursts of them in one record, and one write of
+        // ~300 KB that rustls cuts into 16 KiB records mid-frame.
+        let msg = |i: u32| {
+            server_frame(ws::OP_TEXT, format!(r#"{{"op":"msg","room":"bench","seq":{i},"data":{{"t":1}}}}"#).as_bytes())
+        };
+        for i in 0..500 {
+            tls.write_all(&msg(i)).unwrap();
+        }
+        let mut burst = Vec::new();
+        for i in 500..2000 {
+            burst.extend_from_slice(&msg(i));
+            if i % 100 == 0 {
+                tls.write_all(&burst).unwrap();
+                burst.clear();
+            }
+        }
+        let mut big = Vec::new();
+        for i in 0..5000 {
+            big.extend_from_slice(&msg(i));
+        }
+        tls.write_all(&burst).unwrap();
+        tls.write_all(&big).unwrap();
+        tls.flush().unwrap();
+        while Snapshot::read(&shared.counters).received_total < 7000 {
+            assert!(t0.elapsed() < Duration::from_secs(10), "messages missing");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        shared.set_phase(Phase::Done);
+        let r = handle.join().unwrap();
+        assert_eq!(r.counters.received_total, 7000);
+        assert_eq!((r.tls_full, r.tls_resumed), (1, 0));
+        assert!(r.closes.is_empty(), "{:?}", r.closes);
+        // The client's goodbye: a close frame, then close_notify.
+        let mut rest = Vec::new();
+        let _ = tls.read_to_end(&mut rest);
+        assert_eq!(rest.first(), Some(&0x88), "close frame");
     }
 }
