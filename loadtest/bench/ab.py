@@ -138,6 +138,8 @@ def main() -> int:
     ap.add_argument("--a", required=True, help="python/ directory of build A (the baseline)")
     ap.add_argument("--b", required=True, help="python/ directory of build B")
     ap.add_argument("--b-set", action="append", default=[], help="--set for build B only (repeatable)")
+    ap.add_argument("--set", dest="both_set", action="append", default=[],
+                    help="--set for both builds (repeatable), e.g. the [limits] of gateway-bench.toml when build A knows them")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--conns", type=int, default=5000)
     ap.add_argument("--acks", type=int, default=3000)
@@ -145,7 +147,7 @@ def main() -> int:
     opts = ap.parse_args()
     rounds: list[dict[str, Any]] = []
     for r in range(opts.rounds):
-        order = [("A", opts.a, []), ("B", opts.b, opts.b_set)]
+        order = [("A", opts.a, opts.both_set), ("B", opts.b, [*opts.both_set, *opts.b_set])]
         for build, pydir, sets in order if r % 2 == 0 else reversed(order):
             row = one_round(build, pydir, sets, opts)
             row["round"] = r
