@@ -1,0 +1,215 @@
+"""The store interface: the company's own database, where room messages are kept for as
+long as the company decides.
+
+Two implementations: :class:`~gateway.store.sqlite.SqliteStore` (one node, the embedded
+default: one file, WAL, one writer thread that group-commits, readers in a thread pool)
+and :class:`~gateway.store.postgres.PostgresStore` (production and many nodes, asyncpg).
+A MySQL store would implement this same class; the app never looks past it.
+
+What the store keeps and who numbers it:
+
+- A message is stored under ``(room, seq)``. The *broker* assigns ``seq`` (the room's
+  sequence, shared by every recoverable message of the room, across nodes); the store
+  never numbers anything. Rooms whose route keeps messages (``store = "archive"`` or
+  ``"durable"``) continue their sequence from :meth:`Store.last_seq` when a broker starts
+  them afresh (a node restart, a Redis ``FLUSHALL``). The epoch tells clients whether
+  their position still holds: the memory broker uses :attr:`Store.epoch`, which stays the
+  same across clean restarts and changes after a crash (messages that were sent but not
+  yet written may then be numbered again); the Redis broker keeps its own per room.
+- ``durable`` messages are written with :meth:`Store.commit`: the publisher's ack waits
+  for it. ``archive`` messages are written behind with :meth:`Store.archive`, in batches;
+  the publish never waits for them.
+- ``(room, sender, cid)`` is unique when ``cid`` is set: a retried publish finds the first
+  one and nothing is stored twice.
+
+Every method runs on the event loop and never blocks it (SQLite work runs in threads,
+PostgreSQL work is asynchronous I/O). Methods other than :meth:`Store.archive` raise
+:class:`StoreUnavailable` when the database cannot do what was asked.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+
+from ..protocol.frames import message_parts, splice
+
+__all__ = ["SCHEMA_VERSION", "SchemaError", "Store", "StoreStats", "StoreUnavailable", "StoredMessage"]
+
+#: The schema this code reads and writes. ``gateway migrate`` brings a database to it; a
+#: database at another version is refused at start-up (:class:`SchemaError`).
+SCHEMA_VERSION = 1
+
+
+class StoreUnavailable(RuntimeError):
+    """The database could not do what was asked (down, full, timed out). For
+    :meth:`Store.commit` the message may or may not be stored: a retry with the same
+    ``cid`` is safe."""
+
+
+class SchemaError(RuntimeError):
+    """The database's schema is not the one this code needs (run ``gateway migrate``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class StoredMessage:
+    """One room message as stored, enough to rebuild the ``msg`` frame clients got.
+
+    ``data`` is the JSON text of the message's ``data`` field, as published. ``sender``
+    is the publishing user, None for messages from the server (the HTTP API, plugins).
+    ``cid`` is the sender's client message id or the API's ``Idempotency-Key``. ``route``
+    is the pattern of the route the room matched when the message was stored (retention
+    applies per route). ``ts`` is the server's time in milliseconds since the Unix epoch.
+    """
+
+    room: str
+    seq: int
+    ts: int
+    type: str
+    prio: int
+    sender: str | None
+    data: bytes
+    cid: str | None = None
+    route: str = ""
+
+    def frame(self, epoch: str) -> bytes:
+        """The ``msg`` frame, as the broker published it (``epoch``: the store's)."""
+        import orjson
+
+        head, tail = message_parts(self.room, self.type, self.prio, self.sender, orjson.Fragment(self.data), self.ts)
+        return splice(head, self.seq, epoch, tail)
+
+
+@dataclass(slots=True)
+class StoreStats:
+    """Counters for ``/metrics`` (``gateway_store_*``); implementations update them."""
+
+    #: Messages committed by :meth:`Store.commit` / written behind by :meth:`Store.archive`.
+    committed: int = 0
+    archived: int = 0
+    #: Archive messages refused because the backlog was full (lost to the store).
+    archive_dropped: int = 0
+    #: Duplicates found by ``cid`` or ``(room, seq)``: nothing written.
+    duplicates: int = 0
+    #: Failed transactions.
+    errors: int = 0
+    #: Transactions and the messages they carried (batch size = messages / batches).
+    batches: int = 0
+    batched_messages: int = 0
+    #: Commit latency of :meth:`Store.commit` calls, seconds: bucket upper bounds and counts.
+    latency_buckets: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS) + 1))
+    latency_sum: float = 0.0
+
+    def observe(self, seconds: float) -> None:
+        import bisect
+
+        self.latency_buckets[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self.latency_sum += seconds
+
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class Store(abc.ABC):
+    """Where messages are kept. See the module docstring for who numbers what."""
+
+    #: ``"sqlite"`` or ``"postgres"``.
+    kind: str = ""
+
+    def __init__(self) -> None:
+        self.stats = StoreStats()
+        #: The epoch of store-backed rooms on a memory broker, set by start(): the previous
+        #: one after a clean close (everything queued was written), a new one after a
+        #: crash (then seqs of messages lost with the process may be reused).
+        self.epoch = ""
+
+    # ---- lifecycle ---------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Connect, check the schema (:class:`SchemaError` if it is not
+        :data:`SCHEMA_VERSION`: the message says to run ``gateway migrate``; the embedded
+        SQLite store creates its schema itself in a new file), set :attr:`epoch` (kept
+        in the database with a "closed cleanly" mark that :meth:`close` sets and
+        :meth:`start` clears), start the writer. Raises :class:`StoreUnavailable` if the
+        database cannot be reached."""
+
+    @abc.abstractmethod
+    async def close(self, timeout: float = 5.0) -> None:
+        """Write what :meth:`archive` still holds (for up to ``timeout`` seconds; what is
+        left is counted in ``archive_dropped``), then disconnect."""
+
+    @abc.abstractmethod
+    async def migrate(self) -> tuple[int, int]:
+        """Bring the schema to :data:`SCHEMA_VERSION` (creating it in an empty database);
+        returns (version before, version after). Safe to run while other nodes use the
+        database; never drops data."""
+
+    # ---- writing -----------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def commit(self, msg: StoredMessage) -> StoredMessage:
+        """Store ``msg`` durably; return once it is committed (fsync'd as the database's
+        durability settings say). Concurrent calls share transactions (group commit).
+
+        If the room already holds a message with the same ``(sender, cid)`` (``cid`` set),
+        or the same ``seq``, nothing is written and the stored message is returned: its
+        ``seq`` is the one to acknowledge. Raises :class:`StoreUnavailable`."""
+
+    @abc.abstractmethod
+    def archive(self, msg: StoredMessage) -> bool:
+        """Queue ``msg`` to be written behind, in a batch, within a few milliseconds.
+        Never blocks and never raises. False when the backlog (``store.max_backlog``) is
+        full: the message is not stored (``archive_dropped``). Duplicates by ``(room,
+        seq)`` or ``cid`` are skipped, so writing the same message twice is harmless."""
+
+    @property
+    @abc.abstractmethod
+    def backlog(self) -> int:
+        """Messages queued by :meth:`archive` (and commits in flight) not yet written."""
+
+    # ---- reading -----------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def last_seq(self, room: str) -> int:
+        """The highest ``seq`` stored for ``room`` (0 when none)."""
+
+    @abc.abstractmethod
+    async def messages(
+        self, room: str, *, before_seq: int | None = None, after_seq: int | None = None, limit: int = 100,
+    ) -> list[StoredMessage]:
+        """Up to ``limit`` messages of ``room`` in ``seq`` order (oldest first): the newest
+        ones below ``before_seq`` (paging back), or the oldest ones above ``after_seq``
+        (catching up), or the newest ones when neither is given."""
+
+    @abc.abstractmethod
+    def export(
+        self, *, since_ms: int, until_ms: int, room: str | None = None, sender: str | None = None, batch: int = 1000,
+    ) -> AsyncIterator[StoredMessage]:
+        """Every message with ``since_ms <= ts < until_ms`` (of one room, or one sender, or
+        all), in (room, seq) order for one room and ``ts`` order otherwise, read in
+        batches of ``batch`` so that memory stays bounded whatever the range."""
+
+    @abc.abstractmethod
+    async def search(self, text: str, *, room: str | None = None, limit: int = 50) -> list[StoredMessage]:
+        """Messages whose ``data`` contains ``text`` (substring match that works for
+        Chinese: at least 3 characters), newest first."""
+
+    # ---- the data's life ---------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def delete_user(self, user: str) -> int:
+        """Delete every message ``user`` sent (a personal-data erasure request); returns
+        how many. Runs in batches; other writes go on meanwhile."""
+
+    @abc.abstractmethod
+    async def expire(self, route: str, before_ms: int, batch: int = 5000) -> int:
+        """Delete up to ``batch`` messages stored under ``route`` older than
+        ``before_ms``; returns how many (call again while it returns ``batch``)."""
+
+    async def commit_many(self, msgs: Sequence[StoredMessage]) -> list[StoredMessage]:
+        """:meth:`commit` for several messages (one group commit)."""
+        import asyncio
+
+        return list(await asyncio.gather(*(self.commit(m) for m in msgs)))
