@@ -81,6 +81,10 @@ class StoredMessage:
         return splice(head, self.seq, epoch, tail)
 
 
+#: Upper bounds (seconds) of the commit-latency histogram.
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
 @dataclass(slots=True)
 class StoreStats:
     """Counters for ``/metrics`` (``gateway_store_*``); implementations update them."""
@@ -108,7 +112,6 @@ class StoreStats:
         self.latency_sum += seconds
 
 
-LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
 class Store(abc.ABC):
