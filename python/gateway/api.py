@@ -37,7 +37,11 @@ from yarl import URL
 
 from .broker import BrokerError
 from .errors import NotRunning
+from .protocol import frames
 from .routing import valid_room_name
+from .store import Store, StoreUnavailable
+
+log = logging.getLogger("gateway")
 
 if TYPE_CHECKING:
     from prometheus_client import Counter
@@ -460,6 +464,8 @@ def build_app(gw: Gateway) -> web.Application:
         except BrokerError as e:
             # Applied on this node; other nodes could not be reached (Redis down).
             return _json({"error": f"broker unavailable: {e}", "local": True}, 503)
+        except StoreUnavailable as e:
+            return _json({"error": f"message store unavailable: {e}"}, 503)
         except ValueError as e:
             refused.labels("bad_request").inc()
             return _json({"error": str(e)}, 400)
@@ -593,6 +599,80 @@ def build_app(gw: Gateway) -> web.Application:
         members, scope = await gw.members_everywhere(room, offset, limit)
         return _json({"room": room, "offset": offset, "scope": scope, "members": members})
 
+    def _store() -> Store:
+        store = gw.storage.store
+        if store is None:
+            raise BadRequest("no route keeps messages (routes' store = 'archive' or 'durable')", 404, "no_store")
+        return store
+
+    def _int(query: Mapping[str, str], name: str, default: int | None = None, lo: int | None = None, hi: int | None = None) -> int | None:
+        raw = query.get(name)
+        if raw is None or raw == "":
+            return default
+        try:
+            v = int(raw)
+        except ValueError:
+            raise BadRequest(f"{name} must be an integer") from None
+        if (lo is not None and v < lo) or (hi is not None and v > hi):
+            raise BadRequest(f"{name} must be in {lo}..{hi}")
+        return v
+
+    async def room_messages(req: web.Request) -> web.Response:
+        """A page of a room's stored messages, oldest first: ``before_seq`` pages back."""
+        room = _room(req.match_info)
+        _store()
+        limit = _int(req.query, "limit", 50, 1, 100)
+        before = _int(req.query, "before_seq", None, 1)
+        assert limit is not None
+        msgs, epoch, more = await gw.storage.page(room, before, limit)
+        body = b'{"room":' + orjson.dumps(room) + b',"epoch":' + orjson.dumps(epoch) + b',"more":' + (b"true" if more else b"false")
+        body += b',"messages":[' + b",".join(msgs) + b"]}"
+        return web.Response(body=body, content_type="application/json")
+
+    async def export(req: web.Request) -> web.StreamResponse:
+        """Stored messages with ``since <= ts < until`` (ms), of one ``room``, one ``user``
+        or all, streamed as NDJSON (one ``msg`` frame per line)."""
+        store = _store()
+        since = _int(req.query, "since", 0, 0)
+        until = _int(req.query, "until", None, 0)
+        assert since is not None
+        until = until if until is not None else frames.now_ms() + 1
+        room, user = req.query.get("room") or None, req.query.get("user") or None
+        if room and user:
+            raise BadRequest("give room or user, not both")
+        resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        await resp.prepare(req)
+        batch: list[bytes] = []
+        async for m in store.export(since_ms=since, until_ms=until, room=room, sender=user):
+            batch.append(m.frame(store.epoch))
+            if len(batch) >= 500:
+                await resp.write(b"\n".join(batch) + b"\n")
+                batch.clear()
+        if batch:
+            await resp.write(b"\n".join(batch) + b"\n")
+        await resp.write_eof()
+        return resp
+
+    async def search(req: web.Request) -> web.Response:
+        """Stored messages containing ``q`` (3 characters or more; Chinese works), newest first."""
+        store = _store()
+        q = req.query.get("q", "")
+        if len(q) < 3:
+            raise BadRequest("q must have at least 3 characters")
+        limit = _int(req.query, "limit", 50, 1, 500)
+        assert limit is not None
+        found = await store.search(q, room=req.query.get("room") or None, limit=limit)
+        body = b'{"messages":[' + b",".join(m.frame(store.epoch) for m in found) + b"]}"
+        return web.Response(body=body, content_type="application/json")
+
+    async def delete_user_messages(req: web.Request) -> web.Response:
+        """Erase every stored message a user sent (a personal-data deletion request)."""
+        store = _store()
+        user = req.match_info["user"]
+        n = await store.delete_user(user)
+        log.info("deleted %d stored messages of user %s on request", n, user)
+        return _json({"user": user, "deleted": n})
+
     async def stats(req: web.Request) -> web.Response:
         eng = gw.engine_or_raise()
         all_rooms = eng.rooms()
@@ -645,6 +725,10 @@ def build_app(gw: Gateway) -> web.Application:
     r.add_post("/v1/rooms/{room}/close", close_room)
     r.add_get("/v1/rooms/{room}/presence", presence)
     r.add_get("/v1/rooms/{room}/members", members)
+    r.add_get("/v1/rooms/{room}/messages", room_messages)
+    r.add_get("/v1/export", export)
+    r.add_get("/v1/search", search)
+    r.add_delete("/v1/users/{user}/messages", delete_user_messages)
     r.add_get("/v1/stats", stats)
     r.add_get("/healthz", healthz)
     r.add_get("/readyz", readyz)

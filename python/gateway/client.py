@@ -367,10 +367,23 @@ class GatewayClient:
         self.positions.pop(room, None)
         return ack
 
-    async def publish(self, room: str, data: Any, type: str = "chat", timeout: float | None = None) -> dict[str, Any]:
+    async def publish(self, room: str, data: Any, type: str = "chat", timeout: float | None = None, cid: str | None = None) -> dict[str, Any]:
         """Publish into ``room`` (joined first); returns the ack (``seq`` is 0 for
-        messages that are not recoverable, and for messages a hook dropped)."""
-        return await self.request("publish", timeout=timeout, room=room, type=type, data=data)
+        messages that are not recoverable, and for messages a hook dropped). ``cid``: the
+        client message id that makes a resend of the same message idempotent (the ack of
+        a resend says ``dup`` and carries the first ``seq``)."""
+        fields: dict[str, Any] = {"room": room, "type": type, "data": data}
+        if cid is not None:
+            fields["cid"] = cid
+        return await self.request("publish", timeout=timeout, **fields)
+
+    async def history(self, room: str, before_seq: int | None = None, limit: int = 50, timeout: float | None = None) -> dict[str, Any]:
+        """A page of ``room``'s messages, oldest first: the newest page, or the one before
+        ``before_seq``. Returns the ack (``msgs``, ``more``, ``epoch``)."""
+        fields: dict[str, Any] = {"room": room, "limit": limit}
+        if before_seq is not None:
+            fields["before_seq"] = before_seq
+        return await self.request("history", timeout=timeout, **fields)
 
     async def publish_nowait(self, room: str, data: Any, type: str = "chat") -> None:
         """Publish without an ``id``: no ack comes back (errors still do, in :attr:`events`)."""

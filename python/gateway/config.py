@@ -242,6 +242,34 @@ class DrainConfig:
 
 
 @dataclass
+class StoreConfig:
+    """Where room messages are kept (``store`` of each route says what): see
+    docs/operations.md, "The message store". Opened at start-up only when a route keeps
+    messages."""
+
+    #: ``"sqlite"`` (embedded, one node) or ``"postgres"`` (production, many nodes).
+    kind: str = "sqlite"
+    #: SQLite: the database file (created with its directory).
+    path: str = "data/livegate.db"
+    #: SQLite: ``"NORMAL"`` survives a crash of the process (WAL); ``"FULL"`` also a power loss.
+    synchronous: str = "NORMAL"
+    #: PostgreSQL: ``postgresql://user:password@host:5432/db`` (better from the
+    #: environment: ``GATEWAY_STORE__DSN``).
+    dsn: str = ""
+    #: Group commit: how long the writer waits to gather more messages into a
+    #: transaction, and the most it writes in one.
+    batch_ms: float = 5.0
+    max_batch: int = 1000
+    #: Archive messages waiting to be written; beyond it they are not kept (counted in
+    #: ``gateway_store_archive_dropped_total``).
+    max_backlog: int = 100_000
+    #: Readers (SQLite threads) or connections (PostgreSQL).
+    pool_size: int = 4
+    #: Seconds between runs of the retention job (routes' ``retention_days``).
+    retention_interval: float = 600.0
+
+
+@dataclass
 class Config:
     """The whole configuration; see ``gateway.example.toml``."""
 
@@ -258,6 +286,7 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     drain: DrainConfig = field(default_factory=DrainConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
     routes: list[RouteConfig] = field(default_factory=Router.default_routes)
     #: Free-form settings of plugins: ``[plugins.<name>]`` tables, not validated here
     #: (each plugin reads and checks its own: ``gateway.config.plugins.get(name, {})``).
@@ -360,6 +389,7 @@ class Config:
             raise ConfigError("log.level", "must be debug, info, warning, error or critical")
         if self.drain.timeout < 0:
             raise ConfigError("drain.timeout", "must be >= 0")
+        self._check_store()
         self.auth.check("auth")
         if self.auth.mode == "dev" and s.host not in _LOOPBACK and not self.auth.dev_allow_remote:
             raise ConfigError(
@@ -379,6 +409,32 @@ class Config:
         for name, table in self.plugins.items():
             if not isinstance(table, dict):
                 raise ConfigError(f"plugins.{name}", "must be a table ([plugins.<name>])")
+
+    def _check_store(self) -> None:
+        st = self.store
+        if st.kind not in ("sqlite", "postgres"):
+            raise ConfigError("store.kind", f"must be 'sqlite' or 'postgres', got {st.kind!r}")
+        if st.synchronous.upper() not in ("NORMAL", "FULL"):
+            raise ConfigError("store.synchronous", "must be 'NORMAL' or 'FULL'")
+        for name in ("max_batch", "max_backlog", "pool_size"):
+            if getattr(st, name) < 1:
+                raise ConfigError(f"store.{name}", "must be >= 1")
+        if not 0 <= st.batch_ms <= 1000:
+            raise ConfigError("store.batch_ms", "must be 0..1000 milliseconds")
+        if st.retention_interval <= 0:
+            raise ConfigError("store.retention_interval", "must be > 0")
+        if not self.keeps_messages:
+            return
+        if st.kind == "sqlite" and not st.path:
+            raise ConfigError("store.path", "must name the SQLite file (a route keeps messages)")
+        if st.kind == "postgres" and not st.dsn:
+            raise ConfigError("store.dsn", "must be set for store.kind = 'postgres' (a route keeps messages)")
+
+    @property
+    def keeps_messages(self) -> bool:
+        """Whether a route keeps messages (``store`` other than ``"none"``): then the
+        store is opened at start-up."""
+        return any(r.store != "none" for r in self.routes)
 
     def _check_tls(self) -> None:
         t = self.server.tls

@@ -131,6 +131,7 @@ class EngineCollector:
         yield dup
         yield te
         yield GaugeMetricFamily("gateway_ready", "1 while /readyz answers ready", value=1 if gw.ready else 0)
+        yield from _store(gw)
 
 
     def _histograms(self, eng: Any) -> Any:
@@ -217,6 +218,39 @@ def _tls(eng: Any, c: dict[str, int]) -> Any:
     px.add_metric(["bad_header"], c["proxy_bad_header"])
     px.add_metric(["untrusted_peer"], c["proxy_untrusted"])
     yield px
+
+
+def _store(gw: Gateway) -> Any:
+    """The message store's metrics (only when a route keeps messages)."""
+    store = gw.storage.store
+    if store is None:
+        return
+    st = store.stats
+    for name, doc, value in (
+        ("committed", "Durable messages committed before their ack", st.committed),
+        ("archived", "Messages written behind (archive)", st.archived),
+        ("archive_dropped", "Archive messages not kept: the backlog (store.max_backlog) was full", st.archive_dropped),
+        ("duplicates", "Messages already stored (same cid or seq): nothing written", st.duplicates),
+        ("errors", "Failed store transactions", st.errors),
+        ("batches", "Store transactions (group commits)", st.batches),
+        ("batched_messages", "Messages written by those transactions (batch size = this / batches)", st.batched_messages),
+    ):
+        c = CounterMetricFamily(f"gateway_store_{name}", doc)
+        c.add_metric([], value)
+        yield c
+    yield GaugeMetricFamily("gateway_store_backlog", "Messages waiting to be written (archive queue and commits in flight)", value=store.backlog)
+    un = CounterMetricFamily("gateway_store_unavailable", "Durable publishes answered with error 5030: the store could not commit")
+    un.add_metric([], gw.stats.store_unavailable)
+    yield un
+    from .store.base import LATENCY_BUCKETS
+
+    acc, cum = 0, []
+    for le, n in zip((*LATENCY_BUCKETS, float("inf")), st.latency_buckets, strict=False):
+        acc += n
+        cum.append((_le(le), acc))
+    h = HistogramMetricFamily("gateway_store_commit_seconds", "Durable commit latency (queued to committed)")
+    h.add_metric([], cum, sum_value=st.latency_sum)
+    yield h
 
 
 def _le(v: float) -> str:

@@ -94,6 +94,16 @@ class RouteConfig:
     merge_max: int = 20
     presence_events_max_members: int = 100
     single_session: bool = False
+    #: What the store keeps of this route's rooms (only recoverable types have a seq to
+    #: be kept under): ``"none"``; ``"archive"`` (written behind, in batches; the publish
+    #: never waits); ``"durable"`` (the ``durable_types`` are committed before the
+    #: publisher's ack, the other recoverable types archived).
+    store: str = "none"
+    #: With ``store = "durable"``: the types committed before the ack; None = every
+    #: recoverable type.
+    durable_types: list[str] | None = None
+    #: Days stored messages of this route are kept; 0 = forever.
+    retention_days: float = 0.0
 
     def check(self, prefix: str) -> None:
         """Validate the settings; raise :class:`ConfigError` naming ``<prefix>.<field>``."""
@@ -133,6 +143,16 @@ class RouteConfig:
                 raise err(burst, "must be an integer >= 1")
         if not _is_int(self.max_message_bytes) or self.max_message_bytes <= 0:
             raise err("max_message_bytes", "must be an integer > 0")
+        if self.store not in ("none", "archive", "durable"):
+            raise err("store", f"must be 'none', 'archive' or 'durable', got {self.store!r}")
+        if self.durable_types is not None and (
+            not isinstance(self.durable_types, (list, tuple)) or not all(isinstance(t, str) and t for t in self.durable_types)
+        ):
+            raise err("durable_types", "must be null or a list of message types")
+        if self.durable_types and self.store != "durable":
+            raise err("durable_types", "needs store = 'durable'")
+        if not _is_num(self.retention_days) or self.retention_days < 0:
+            raise err("retention_days", "must be a number of days >= 0 (0 = forever)")
         if not _is_int(self.history_size) or self.history_size < 0:
             raise err("history_size", "must be an integer >= 0")
         if not _is_num(self.history_ttl) or self.history_ttl < 0:
@@ -362,7 +382,7 @@ class Router:
         return [
             RouteConfig("live:{room_id}"),
             RouteConfig("user:{user_id}", join="owner", publish="none"),
-            RouteConfig("cs:{session_id}", join="acl", publish="acl", room_rate=20.0, room_burst=40),
+            RouteConfig("cs:{session_id}", join="acl", publish="acl", room_rate=20.0, room_burst=40, store="durable"),
             RouteConfig("*", join="authenticated"),
         ]
 

@@ -161,6 +161,8 @@ export class Gateway {
       args.push("--config", p);
     }
     if (this.app) args.push("--app", this.app);
+    // Each gateway keeps its messages in its own file (routes with store = "durable").
+    args.push("--set", `store.path=${join(LOG_DIR, this.name + "-store.db")}`);
     for (const s of this.sets) args.push("--set", s);
     const env = {};
     for (const [k, v] of Object.entries(process.env)) if (!k.startsWith("GATEWAY_")) env[k] = v;

@@ -14,6 +14,8 @@
 
 from __future__ import annotations
 
+import gc
+
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -72,6 +74,15 @@ def _servers_still_alive() -> Iterator[None]:
     if dead:
         pytest.fail("\n".join(f"gateway {p.node_id} on port {p.port} crashed (exit {p.proc.returncode}):\n{p.log_tail(40)}"
                               for p in dead if p.proc), pytrace=False)
+
+
+@pytest.fixture(autouse=True)
+def _collect_garbage() -> Iterator[None]:
+    """After each test: collect garbage, so that a socket or transport a test left open
+    is reported (ResourceWarning, an error here) by that test, not by whichever later
+    test the garbage collector happens to run in."""
+    yield
+    gc.collect()
 
 
 @pytest.fixture(scope="session", autouse=True)

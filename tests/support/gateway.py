@@ -170,7 +170,9 @@ class GatewayProcess:
         if self.tls is not None:
             args += ["--tls-cert", str(self.tls[0]), "--tls-key", str(self.tls[1]), "--tls-port", str(self.tls_port)]
         args += self.args
-        sets = [*BASE_SETTINGS, *([f"api.api_key={self.api_key}"] if self.api_key else []), *self.sets, f"node_id={self.node_id}"]
+        # Each gateway keeps its messages (routes with store = "durable") in its own file.
+        store = f"store.path={self.log_dir / 'store.db'}"
+        sets = [*BASE_SETTINGS, store, *([f"api.api_key={self.api_key}"] if self.api_key else []), *self.sets, f"node_id={self.node_id}"]
         for s in sets:
             args += ["--set", s]
         return args

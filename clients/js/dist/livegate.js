@@ -41,6 +41,8 @@
     HOOK_TIMEOUT: 4080,
     /** internal error (the connection stays open) */
     INTERNAL: 5000,
+    /** a durable message could not be stored: retry the publish with the same cid */
+    STORE_UNAVAILABLE: 5030,
   };
 
   /** WebSocket close codes the server uses (docs/protocol.md, "Close codes"). */
@@ -784,6 +786,18 @@
       if (this.state === "open") this._sendJoin(r);
       else this._autoConnect();
       return p;
+    }
+
+    /**
+     * A page of `room`'s messages, oldest first: the newest page, or the one before
+     * `beforeSeq`. Resolves with the ack: `{msgs, more, epoch}`; `more` means older ones
+     * remain (ask again with `beforeSeq: msgs[0].seq`). Rooms whose route keeps messages
+     * page back without limit; others only through the broker's short history.
+     */
+    history(room, { beforeSeq = null, limit = 50 } = {}) {
+      const frame = { op: "history", room: room, limit: limit };
+      if (beforeSeq != null) frame.before_seq = beforeSeq;
+      return this._request(frame, "history");
     }
 
     /** Leave `room`. Resolves with the ack (or at once when not connected). */

@@ -178,6 +178,18 @@ export class Client extends Emitter {
     return p;
   }
 
+  /**
+   * A page of `room`'s messages, oldest first: the newest page, or the one before
+   * `beforeSeq`. Resolves with the ack: `{msgs, more, epoch}`; `more` means older ones
+   * remain (ask again with `beforeSeq: msgs[0].seq`). Rooms whose route keeps messages
+   * page back without limit; others only through the broker's short history.
+   */
+  history(room, { beforeSeq = null, limit = 50 } = {}) {
+    const frame = { op: "history", room: room, limit: limit };
+    if (beforeSeq != null) frame.before_seq = beforeSeq;
+    return this._request(frame, "history");
+  }
+
   /** Leave `room`. Resolves with the ack (or at once when not connected). */
   leave(room) {
     const r = this._rooms.get(room);

@@ -28,6 +28,8 @@ export const ErrorCode = {
   HOOK_TIMEOUT: 4080,
   /** internal error (the connection stays open) */
   INTERNAL: 5000,
+  /** a durable message could not be stored: retry the publish with the same cid */
+  STORE_UNAVAILABLE: 5030,
 };
 
 /** WebSocket close codes the server uses (docs/protocol.md, "Close codes"). */

@@ -45,6 +45,7 @@ from .plugins import Plugin
 from .rooms import Rooms
 from .session import Client, Sessions
 from .stats import Stats
+from .storage import Storage
 from .tasks import Tasks
 
 if TYPE_CHECKING:
@@ -99,7 +100,9 @@ class Gateway:
         self.tasks = Tasks()
         self.hooks = Hooks(config.hooks, self.stats)
         self.member_events = Members(self.broker, self.hooks, self.tasks)
-        self.rooms = Rooms(config, self.router, self.broker, self.engine_or_raise, self.member_events, self.stats)
+        #: The message store and what routes keep in it (no store when none keeps anything).
+        self.storage = Storage(config, self.router, self.broker)
+        self.rooms = Rooms(config, self.router, self.broker, self.engine_or_raise, self.member_events, self.stats, self.storage)
         self.sessions = Sessions(
             config, self.engine_or_raise, self.auth, self.policy, self.broker, self.hooks, self.rooms, self.member_events, self.tasks, self.stats
         )
@@ -166,7 +169,7 @@ class Gateway:
             raise ValueError(f"no route for room {room!r}")
         prio = self.router.priority(route, type) if priority is None else priority
         idem = None if idempotency_key is None else f"a\x00{idempotency_key}"
-        return await self.rooms.publish(room, route, type, data, prio, sender, idem)
+        return await self.rooms.publish(room, route, type, data, prio, sender, idem, None if idempotency_key is None else f"api:{idempotency_key}")
 
     async def send_user(self, user: str, data: Any, type: str = "push", priority: int = Priority.HIGH, idempotency_key: str | None = None) -> bool:
         """Push to every connection of ``user`` on every node (e.g. an order status).
@@ -345,6 +348,7 @@ class Gateway:
             r = p.setup(self)
             if inspect.isawaitable(r):
                 await r
+        await self.storage.start()
         await self.broker.start(self, self.node_id)
         for cmd in await self.broker.moderation():
             self.apply(cmd)
@@ -361,6 +365,8 @@ class Gateway:
         addr = eng.start()
         self._loop.add_reader(eng.fd, self._on_readable)
         self.tasks.start(self.rooms.presence_loop())
+        if self.storage.enabled:
+            self.tasks.start(self.storage.retention_loop())
         tls_addr = eng.tls_address
         if tls_addr is not None:
             self.certs = CertWatcher(eng, self.config.server.tls)
@@ -418,6 +424,7 @@ class Gateway:
             await self._api_runner.cleanup()
             self._api_runner = None
         await self.broker.close()
+        await self.storage.close()
         for p in self.plugins:
             r = p.teardown()
             if inspect.isawaitable(r):

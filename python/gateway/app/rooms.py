@@ -17,8 +17,10 @@ from ..config import Config
 from ..protocol import frames
 from ..protocol.codes import Priority
 from ..routing import Route, Router
+from ..store import StoredMessage
 from .members import Members
 from .stats import Stats
+from .storage import Storage
 
 if TYPE_CHECKING:
     from .session import Client
@@ -29,8 +31,12 @@ log = logging.getLogger("gateway")
 
 
 class Rooms:
-    def __init__(self, config: Config, router: Router, broker: Broker, engine: Callable[[], Engine], members: Members, stats: Stats) -> None:
+    def __init__(
+        self, config: Config, router: Router, broker: Broker, engine: Callable[[], Engine], members: Members, stats: Stats,
+        storage: Storage,
+    ) -> None:
         self.config = config
+        self.storage = storage
         self.router = router
         self.broker = broker
         self.engine = engine
@@ -42,22 +48,43 @@ class Rooms:
 
     # ---- publishing ------------------------------------------------------------------------
 
-    async def publish(self, room: str, route: Route, mtype: str, data: Any, prio: int, sender: str | None, idem: str | None = None) -> PublishResult:
-        """Encode once and hand to the broker (one call per message per node). Raises
-        BrokerError (counted) after local delivery when the broker is down."""
-        head, tail = frames.message_parts(room, mtype, prio, sender, data, frames.now_ms())
+    async def publish(
+        self, room: str, route: Route, mtype: str, data: Any, prio: int, sender: str | None, idem: str | None = None,
+        cid: str | None = None,
+    ) -> PublishResult:
+        """Encode once and hand to the broker (one call per message per node), then keep it
+        as the route says (:mod:`gateway.app.storage`): a durable message returns once it
+        is committed. Raises BrokerError (counted) after local delivery when the broker is
+        down, StoreUnavailable when a durable message could not be committed (it was
+        published; a retry with the same ``idem``/``cid`` commits it under the same seq)."""
+        ts = frames.now_ms()
         cfg = route.cfg
+        keep = self.storage.mode(route, mtype) if self.storage.enabled else "none"
+        data_json = orjson.dumps(data) if keep != "none" else None
+        head, tail = frames.message_parts(room, mtype, prio, sender, data if data_json is None else orjson.Fragment(data_json), ts)
         recoverable = mtype in cfg.recoverable_types
         key = (mtype if mtype in cfg.priorities else "other", prio)
         published = self.stats.published
         published[key] = published.get(key, 0) + 1
+        policy = HistoryPolicy(cfg.history_size, cfg.history_ttl)
+        if keep != "none":
+            policy.floor = await self.storage.floor(room)
+            policy.epoch = self.storage.epoch
         try:
-            res = await self.broker.publish(room, head, tail, int(prio), recoverable, HistoryPolicy(cfg.history_size, cfg.history_ttl), idem)
+            res = await self.broker.publish(room, head, tail, int(prio), recoverable, policy, idem)
         except BrokerError:
             self.stats.broker_publish_errors += 1
             raise
         if res.duplicate:
             self.stats.duplicates += 1
+        if keep != "none" and res.seq > 0 and data_json is not None:
+            self.storage.advance(room, res.seq)
+            msg = StoredMessage(room, res.seq, ts, mtype, int(prio), sender, data_json, cid, cfg.pattern)
+            stored = await self.storage.keep(keep, msg)
+            if stored.seq != res.seq:
+                # A retry whose first attempt was stored under another seq (the broker's
+                # idempotency window had passed): answer with the stored one.
+                res = PublishResult(stored.seq, res.epoch, True)
         return res
 
     # ---- leaving ---------------------------------------------------------------------------

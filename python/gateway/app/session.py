@@ -25,8 +25,9 @@ from ..errors import AuthError, HookTimeout, Reject
 from ..policy import Policy
 from ..protocol import frames
 from ..protocol.codes import CloseCode, ErrorCode, Priority
-from ..protocol.requests import BadRequest, Join, Leave, Ping, Publish, parse, request_id
+from ..protocol.requests import MAX_PAGE, BadRequest, History, Join, Leave, Ping, Publish, parse, request_id
 from ..routing import Route
+from ..store import StoreUnavailable
 from .expiry import TokenExpiry
 from .hooks import Hooks
 from .members import Members
@@ -155,6 +156,7 @@ class Sessions:
         self.broker = broker
         self.hooks = hooks
         self.rooms = rooms
+        self.storage = rooms.storage
         self.members = members
         self.tasks = tasks
         self.stats = stats
@@ -297,6 +299,8 @@ class Sessions:
                 await self.join(c, req)
             elif isinstance(req, Leave):
                 await self.leave(c, req)
+            elif isinstance(req, History):
+                await self.history(c, req)
             elif isinstance(req, Ping):
                 pass  # answered by the engine (its frame, its rate limit); never sent here
             c.errors = 0
@@ -344,6 +348,27 @@ class Sessions:
         if joined == 1:
             await self.rooms.presence_change(room, route, "join", c.user)
 
+    async def history(self, c: Client, req: History) -> None:
+        """A page of a room's messages before ``before_seq`` (the newest page without it),
+        for anyone who may join the room: from the store for rooms that keep messages
+        (no limit on how far back), from the broker's ring otherwise."""
+        verdict, route = self.policy.check_join(c.identity, req.room)
+        if not verdict.ok or route is None:
+            raise Reject(verdict.code, verdict.message)
+        if self.storage.keeps(route):
+            try:
+                msgs, epoch, more = await self.storage.page(req.room, req.before_seq, req.limit)
+            except StoreUnavailable:
+                raise Reject(ErrorCode.STORE_UNAVAILABLE, "the message store is unavailable: retry later") from None
+        else:
+            h = await self.broker.history(req.room, limit=route.cfg.history_size)
+            ring = h.messages
+            if req.before_seq is not None:
+                ring = [f for f in ring if _msg_seq(f) < req.before_seq]
+            more = len(ring) > req.limit
+            msgs, epoch = ring[-req.limit:], h.epoch
+        self.engine().send(c.conn, frames.history_ack(req.id, req.room, epoch, msgs, more), Priority.NORMAL)
+
     async def _history(self, room: str, route: Route, req: Join) -> tuple[HistoryResult, bool]:
         """The messages for a join ack: the last ``history`` or those after ``resume``,
         capped by the route's ``history_size`` and by ``limits.max_history_bytes``."""
@@ -352,13 +377,22 @@ class Sessions:
         try:
             if req.resume is not None:
                 h = await self.broker.history(room, limit=route.cfg.history_size, since=req.resume.seq, epoch=req.resume.epoch)
+                if self.storage.keeps(route):
+                    h = await self.storage.complete(room, h, limit=MAX_PAGE, since=req.resume.seq, epoch=req.resume.epoch)
                 if h.recovered is False and history > 0:
                     # The client must resync: give it the room's last messages instead
                     # of a partial gap.
                     last = await self.broker.history(room, limit=cap)
+                    if self.storage.keeps(route):
+                        last = await self.storage.complete(room, last, limit=history, since=None, epoch=None)
                     h = HistoryResult(last.messages, last.seq, last.epoch, False)
             else:
                 h = await self.broker.history(room, limit=cap)
+                if self.storage.keeps(route):
+                    h = await self.storage.complete(room, h, limit=history, since=None, epoch=None)
+        except StoreUnavailable:
+            # The join stands; the history the store would have added is missing.
+            return HistoryResult([], 0, "", None if req.resume is None else False), True
         except BrokerError:
             # Redis unreachable: the join stands (local delivery works), without history.
             return HistoryResult([], 0, "", None if req.resume is None else False), True
@@ -408,7 +442,12 @@ class Sessions:
             if troute is None:
                 raise Reject(ErrorCode.NO_ROUTE, f"no route for room {target}")
             try:
-                res = await self.rooms.publish(target, troute, m.type, m.data, m.priority, c.user, None if idem is None else f"{idem}\x00{target}")
+                res = await self.rooms.publish(
+                    target, troute, m.type, m.data, m.priority, c.user, None if idem is None else f"{idem}\x00{target}", req.cid,
+                )
+            except StoreUnavailable:
+                self.stats.store_unavailable += 1
+                raise Reject(ErrorCode.STORE_UNAVAILABLE, "the message could not be stored: retry with the same cid") from None
             except BrokerError:
                 # Delivered to this node's members only (seq 0, not recoverable); counted
                 # by Rooms.publish. after_publish does not run: nothing was published.
@@ -428,3 +467,8 @@ class Sessions:
         if dup:
             extra["dup"] = True
         eng.send(c.conn, frames.ack(req.id, seq=seq, **extra), Priority.HIGH)
+
+
+def _msg_seq(frame: bytes) -> int:
+    i = frame.index(b'"seq":') + 6
+    return int(frame[i:frame.index(b",", i)])

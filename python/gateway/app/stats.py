@@ -52,6 +52,8 @@ class Stats:
         #: Publishes answered from the idempotency record (a retried ``cid`` / key).
         self.duplicates = 0
         self.broker_publish_errors = 0
+        #: Durable publishes refused because the store could not commit them (error 5030).
+        self.store_unavailable = 0
         self.tokens_expired = 0
 
     def observe_hook(self, hook: str, seconds: float) -> None:

@@ -52,10 +52,19 @@ class HistoryResult:
 
 @dataclass(slots=True)
 class HistoryPolicy:
-    """Per-room history settings, from the matching route."""
+    """Per-room history settings, from the matching route.
+
+    ``floor``: for rooms whose messages are stored, the highest ``seq`` known to be
+    taken (stored, or published by this node): a room the broker starts afresh (a new
+    node, expired state, a Redis ``FLUSHALL``) numbers on from there instead of from 1,
+    so no stored ``(room, seq)`` is reused. ``epoch``: the epoch such a fresh room takes
+    (the store's, see :attr:`gateway.store.Store.epoch`), when the broker lets the caller
+    choose one."""
 
     size: int = 50
     ttl: float = 300.0
+    floor: int = 0
+    epoch: str | None = None
 
 
 class BrokerHandler(Protocol):

@@ -172,6 +172,13 @@ class MemoryBroker(Broker):
             ring = self._ring(room, history.size)
         ring.touched = now
         ring.ttl = history.ttl
+        if history.epoch and ring.seq == 0:
+            # A room whose messages are stored, new to this ring: the store's epoch...
+            ring.epoch = history.epoch
+        if history.floor > ring.seq:
+            # ... and its numbering goes on from what the store holds.
+            ring.seq = history.floor
+            ring.items.clear()
         if recoverable and history.size > 0:
             ring.seq += 1
             frame = splice(head, ring.seq, ring.epoch, tail)

@@ -27,6 +27,8 @@ class ErrorCode(IntEnum):
     REJECTED = 4050
     HOOK_TIMEOUT = 4080
     INTERNAL = 5000
+    #: A durable message could not be committed: retry with the same ``cid``.
+    STORE_UNAVAILABLE = 5030
 
 
 class CloseCode(IntEnum):

@@ -57,6 +57,12 @@ def join_ack(
     return _dumps(reply)
 
 
+def history_ack(req_id: Any, room: str, epoch: str, msgs: list[bytes], more: bool) -> bytes:
+    """The ``ack`` of a ``history`` request: a page of ``msg`` frames (oldest first,
+    spliced in without re-encoding) and whether older ones remain (``more``)."""
+    return _dumps({"op": "ack", "id": req_id, "room": room, "epoch": epoch, "msgs": [orjson.Fragment(m) for m in msgs], "more": more})
+
+
 def push(msg_type: str, data: Any) -> bytes:
     return _dumps({"op": "push", "type": msg_type, "data": data, "ts": now_ms()})
 

@@ -15,10 +15,12 @@ import orjson
 
 from .codes import ErrorCode
 
-__all__ = ["MAX_CID_LEN", "MAX_HISTORY", "BadRequest", "Join", "Leave", "Ping", "Publish", "Request", "Resume", "parse", "request_id"]
+__all__ = ["MAX_CID_LEN", "MAX_HISTORY", "MAX_PAGE", "BadRequest", "History", "Join", "Leave", "Ping", "Publish", "Request", "Resume", "parse", "request_id"]
 
 #: The most history messages a join may ask for (``history``); larger asks are capped.
 MAX_HISTORY = 50
+#: Most messages in one `history` page.
+MAX_PAGE = 100
 #: Longest client message id (``cid``) accepted for idempotent publishes.
 MAX_CID_LEN = 64
 _MAX_TYPE_LEN = 64
@@ -75,7 +77,18 @@ class Ping:
     id: Any
 
 
-Request = Join | Leave | Publish | Ping
+@dataclass(slots=True)
+class History:
+    """A page of a room's messages before ``before_seq`` (None: the newest), at most
+    ``limit`` (:data:`MAX_PAGE`)."""
+
+    id: Any
+    room: str
+    before_seq: int | None = None
+    limit: int = 50
+
+
+Request = Join | Leave | Publish | Ping | History
 
 
 def _room(msg: dict[str, Any], rid: Any) -> str:
@@ -134,6 +147,15 @@ def parse(data: bytes, binary: bool = False) -> Request:
         return Join(rid, room, min(history, MAX_HISTORY), res)
     if op == "leave":
         return Leave(rid, _room(msg, rid))
+    if op == "history":
+        room = _room(msg, rid)
+        before = msg.get("before_seq")
+        if before is not None and (not isinstance(before, int) or isinstance(before, bool) or before < 1):
+            raise BadRequest(ErrorCode.BAD_REQUEST, "before_seq must be a positive integer", rid)
+        limit = msg.get("limit", 50)
+        if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= MAX_PAGE:
+            raise BadRequest(ErrorCode.BAD_REQUEST, f"limit must be 1..{MAX_PAGE}", rid)
+        return History(rid, room, before, limit)
     if op == "ping":
         return Ping(rid)
     if not isinstance(op, str):

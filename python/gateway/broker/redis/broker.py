@@ -597,10 +597,10 @@ class RedisBroker(Broker):
             args: list[Any] = [
                 head, tail, self.node_b, prio, b"1" if rec else b"0", history.size,
                 max(1, int(history.ttl * 1000)), os.urandom(4).hex(), _STATE_TTL_MS, self._sharded, self._deadline(),
+                self._idem_ttl_ms, history.floor,
             ]
             if idem is not None:
                 keys = (*keys, f"{self.prefix}:{{{room}}}:i:{idem}".encode())
-                args.append(self._idem_ttl_ms)
             try:
                 reply = await self._eval(scripts.PUBLISH, keys, args)
             except (TimeoutError, RedisError, OSError) as e:

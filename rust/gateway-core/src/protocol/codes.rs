@@ -61,6 +61,8 @@ pub mod error {
     pub const PLUGIN: u16 = 4050;
     pub const HOOK_TIMEOUT: u16 = 4080;
     pub const INTERNAL: u16 = 5000;
+    /// A durable message could not be committed (used by the Python side).
+    pub const STORE_UNAVAILABLE: u16 = 5030;
 }
 
 /// Delivery priorities (backpressure policy in `conn.rs`).

@@ -1,7 +1,9 @@
 -- Publish one room message (one round trip per message).
 -- KEYS: state hash, stream, channel[, idempotency key]. ARGV: head, tail, origin node,
 -- prio, recoverable ("1"/"0"), maxlen, history ttl ms, epoch candidate, state ttl ms,
--- sharded ("1"/"0"), deadline (Redis time in ms, or "")[, idempotency ttl ms].
+-- sharded ("1"/"0"), deadline (Redis time in ms, or ""), idempotency ttl ms, floor (the
+-- highest seq the caller knows taken in a room whose messages are stored: a room whose
+-- state was lost (expired, FLUSHALL) numbers on after it, never reusing a stored seq).
 -- Returns {seq, epoch}; publishes ``node|prio|seq|epoch|frame``. With KEYS[4]: when that
 -- key exists (the same idempotency key within its ttl) nothing is published and the
 -- first publish's {seq, epoch, 1} is returned; otherwise it is set to "seq epoch".
@@ -24,8 +26,15 @@ local seq = 0
 local epoch
 if ARGV[5] == '1' then
   seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
+  local floor = tonumber(ARGV[13]) or 0
+  local lost = seq <= floor
+  if lost then
+    -- behind a seq already taken: the room's state was lost (expired, FLUSHALL)
+    seq = floor + 1
+    redis.call('HSET', KEYS[1], 'seq', seq)
+  end
   epoch = redis.call('HGET', KEYS[1], 'epoch')
-  if seq == 1 or not epoch then
+  if seq == 1 or lost or not epoch then
     -- the room is new or its state was lost: history is gone, start a new epoch
     epoch = ARGV[8]
     redis.call('HSET', KEYS[1], 'epoch', epoch)

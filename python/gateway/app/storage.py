@@ -1,0 +1,207 @@
+"""What the node keeps of its rooms: the bridge between publishing and the store.
+
+Each route says what is kept (``store = "none" | "archive" | "durable"``, see
+:class:`~gateway.routing.RouteConfig`). A kept message is stored under the ``seq`` the
+broker gave it:
+
+- ``durable`` types are committed before the publisher's ack (:meth:`Storage.keep`
+  awaits the store's group commit); the fan-out does not wait for the commit, the ack
+  does. A publish whose commit fails is answered with error 5030: the client retries with
+  the same ``cid`` and gets the same ``seq``;
+- ``archive`` types (and the recoverable types of a durable route that are not durable)
+  are queued for the store's writer and the publish goes on.
+
+Rooms that keep messages continue their sequence from the store when the broker starts
+them afresh: every publish into them carries the room's floor (:meth:`Storage.floor`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from typing import TYPE_CHECKING
+
+from ..broker import HistoryResult
+from ..config import Config, StoreConfig
+from ..routing import Route, Router
+from ..store import Store, StoredMessage
+
+if TYPE_CHECKING:
+    from ..broker import Broker
+
+__all__ = ["Storage", "open_store"]
+
+log = logging.getLogger("gateway")
+
+#: Rooms whose floor is remembered (about 150 bytes each).
+_FLOORS = 100_000
+#: Seconds a floor read from the store is trusted (other nodes number the room too).
+_FLOOR_TTL = 30.0
+
+
+def _seq_of(frame: bytes) -> int:
+    """The ``seq`` of a ``msg`` frame (it follows ``"seq":`` near the start)."""
+    i = frame.index(b'"seq":') + 6
+    j = frame.index(b",", i)
+    return int(frame[i:j])
+
+
+def open_store(cfg: StoreConfig) -> Store:
+    """The configured store, not started yet."""
+    if cfg.kind == "postgres":
+        from ..store.postgres import PostgresStore
+
+        return PostgresStore(cfg.dsn, batch_ms=cfg.batch_ms, max_batch=cfg.max_batch, max_backlog=cfg.max_backlog, pool_size=cfg.pool_size)
+    from ..store.sqlite import SqliteStore
+
+    return SqliteStore(
+        cfg.path, batch_ms=cfg.batch_ms, max_batch=cfg.max_batch, max_backlog=cfg.max_backlog, readers=cfg.pool_size,
+        synchronous=cfg.synchronous.upper(),
+    )
+
+
+class Storage:
+    """The node's store, if a route keeps messages, and the decisions about it."""
+
+    def __init__(self, config: Config, router: Router, broker: Broker) -> None:
+        self.config = config
+        self.router = router
+        self.broker = broker
+        self.store: Store | None = open_store(config.store) if config.keeps_messages else None
+        #: room -> (highest seq known taken, when read from the store): a bounded LRU; a
+        #: miss or an old entry asks the store.
+        self._floors: OrderedDict[str, tuple[int, float]] = OrderedDict()
+
+    @property
+    def enabled(self) -> bool:
+        return self.store is not None
+
+    @property
+    def epoch(self) -> str:
+        """The epoch a room that keeps messages takes when the broker starts it afresh."""
+        return self.store.epoch if self.store is not None else ""
+
+    async def start(self) -> None:
+        if self.store is not None:
+            await self.store.start()
+            log.info("message store: %s (%s)", self.store.kind, self.config.store.path if self.store.kind == "sqlite" else "postgres")
+
+    async def close(self) -> None:
+        if self.store is not None:
+            await self.store.close()
+
+    @staticmethod
+    def mode(route: Route, mtype: str) -> str:
+        """``"none"``, ``"archive"`` or ``"durable"`` for a message of ``mtype`` in a room of
+        ``route``. Only recoverable types (those with a ``seq``) are kept."""
+        cfg = route.cfg
+        if cfg.store == "none" or mtype not in cfg.recoverable_types:
+            return "none"
+        if cfg.store == "durable" and (cfg.durable_types is None or mtype in cfg.durable_types):
+            return "durable"
+        return "archive"
+
+    async def floor(self, room: str) -> int:
+        """The highest ``seq`` known to be taken in ``room`` (what the store holds, or this
+        node published since): the broker numbers on from there when it starts the room
+        afresh (see :class:`~gateway.broker.HistoryPolicy`). Re-read from the store every
+        :data:`_FLOOR_TTL` seconds, since other nodes publish into the room too."""
+        known = self._floors.get(room)
+        now = time.monotonic()
+        if known is not None and now - known[1] < _FLOOR_TTL:
+            self._floors.move_to_end(room)
+            return known[0]
+        assert self.store is not None
+        last = await self.store.last_seq(room)
+        self._remember(room, max(last, known[0] if known else 0), now)
+        return self._floors[room][0]
+
+    def advance(self, room: str, seq: int) -> None:
+        """``seq`` is taken in ``room`` (published by this node)."""
+        known = self._floors.get(room)
+        if known is not None and seq > known[0]:
+            self._floors[room] = (seq, known[1])
+
+    def _remember(self, room: str, seq: int, at: float) -> None:
+        floors = self._floors
+        floors[room] = (seq, at)
+        floors.move_to_end(room)
+        if len(floors) > _FLOORS:
+            floors.popitem(last=False)
+
+    def keeps(self, route: Route) -> bool:
+        """Whether rooms of ``route`` have their messages in the store."""
+        return self.store is not None and route.cfg.store != "none"
+
+    async def position(self, room: str, h: HistoryResult) -> tuple[int, str]:
+        """The room's (seq, epoch), given what the broker knows (``h``): the broker's when
+        it has numbered past the store, else the store's (a room the broker started
+        afresh continues from the store under :attr:`epoch`)."""
+        floor = await self.floor(room)
+        if h.seq >= floor and h.seq > 0:
+            return h.seq, h.epoch
+        return floor, self.epoch
+
+    async def complete(self, room: str, h: HistoryResult, *, limit: int, since: int | None, epoch: str | None) -> HistoryResult:
+        """``h`` (the broker's answer to a join's history or resume) completed from the
+        store: older messages the ring no longer holds, a resume the ring cannot serve."""
+        assert self.store is not None
+        seq, cur_epoch = await self.position(room, h)
+        ring = [(_seq_of(f), f) for f in h.messages]
+        if since is None:
+            if len(ring) >= limit or limit <= 0:
+                return HistoryResult(h.messages, seq, cur_epoch, None)
+            first = ring[0][0] if ring else seq + 1
+            older = await self.store.messages(room, before_seq=first, limit=limit - len(ring))
+            return HistoryResult([m.frame(cur_epoch) for m in older] + h.messages, seq, cur_epoch, None)
+        if h.recovered or epoch != cur_epoch or since > seq:
+            # Served by the ring, or another numbering: the client must resync.
+            return HistoryResult(h.messages, seq, cur_epoch, h.recovered if h.recovered else False)
+        stored = await self.store.messages(room, after_seq=since, limit=limit)
+        msgs = [m.frame(cur_epoch) for m in stored]
+        top = stored[-1].seq if stored else since
+        msgs += [f for s, f in ring if s > top]
+        have = [m.seq for m in stored] + [s for s, _ in ring if s > top]
+        recovered = have == list(range(since + 1, since + 1 + len(have))) and (not have or have[-1] == seq)
+        return HistoryResult(msgs, seq, cur_epoch, recovered)
+
+    async def page(self, room: str, before_seq: int | None, limit: int) -> tuple[list[bytes], str, bool]:
+        """Messages before ``before_seq`` (newest first page when None), oldest first, the
+        epoch they are framed with (the room's current one), and whether older ones remain."""
+        assert self.store is not None
+        _, epoch = await self.position(room, await self.broker.history(room, limit=0))
+        msgs = await self.store.messages(room, before_seq=before_seq, limit=limit + 1)
+        more = len(msgs) > limit
+        msgs = msgs[-limit:] if more else msgs
+        return [m.frame(epoch) for m in msgs], epoch, more
+
+    async def keep(self, mode: str, msg: StoredMessage) -> StoredMessage:
+        """Store ``msg`` as ``mode`` says. Durable: returns the stored message once
+        committed (its ``seq`` is the first one when this was a retry); raises
+        StoreUnavailable. Archive: queues it and returns it."""
+        assert self.store is not None
+        if mode == "durable":
+            return await self.store.commit(msg)
+        self.store.archive(msg)
+        return msg
+
+    async def retention_loop(self) -> None:
+        """Delete messages older than their route's ``retention_days``, in batches, every
+        ``store.retention_interval`` seconds."""
+        store = self.store
+        if store is None:
+            return
+        routes = [r for r in self.config.routes if r.store != "none" and r.retention_days > 0]
+        if not routes:
+            return
+        while True:
+            for r in routes:
+                before = int((time.time() - r.retention_days * 86400) * 1000)
+                try:
+                    while await store.expire(r.pattern, before) >= 5000:
+                        await asyncio.sleep(0)
+                except Exception as e:  # logged; the next round tries again
+                    log.warning("retention of %s failed: %s", r.pattern, e)
+            await asyncio.sleep(self.config.store.retention_interval)
