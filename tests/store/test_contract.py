@@ -223,10 +223,14 @@ async def test_epoch_is_kept_across_a_clean_close_and_new_after_an_unclean_one(b
 
 
 async def test_close_writes_the_archive_backlog(backend: Backend, opened: list[Store]) -> None:
-    s = await start(backend, opened)
-    assert all(s.archive(msg("r", i)) for i in range(1, 501))
-    await s.close()
-    assert s.stats.archive_dropped == 0
+    s = await start(backend, opened, stall_timeout=0.1)
+    async with backend.stall():  # nothing can be written before close() is called
+        assert all(s.archive(msg("r", i)) for i in range(1, 501))
+        closing = asyncio.create_task(s.close(timeout=10))
+        await asyncio.sleep(0.3)
+        assert not closing.done()
+    await closing
+    assert s.stats.archive_dropped == 0 and s.stats.archived == 500
     again = await start(backend, opened)
     assert await again.last_seq("r") == 500
     assert len(await again.messages("r", limit=1000)) == 500

@@ -338,6 +338,7 @@ async def test_delete_user_runs_in_chunks_while_commits_go_on(path: Path, opened
     assert commit_took < 0.2
     assert query(path, "SELECT count(*) FROM messages") == [(1,)]
     assert await s.search("个人信息") == []
+    assert query(path, "SELECT count(*) FROM messages_fts WHERE messages_fts MATCH '个人信'") == [(0,)]  # gone from the index too
     query(path, "INSERT INTO messages_fts (messages_fts) VALUES ('integrity-check')")  # raises if the index is off
 
 
@@ -397,6 +398,7 @@ async def test_search_before_and_after_indexing(path: Path, opened: list[SqliteS
     await check()  # through the index
     await s.delete_user("u1")
     assert await s.search("已发货") == []
+    assert query(path, "SELECT count(*) FROM messages_fts WHERE messages_fts MATCH '已发货'") == [(0,)]
     query(path, "INSERT INTO messages_fts (messages_fts) VALUES ('integrity-check')")
 
 
