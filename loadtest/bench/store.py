@@ -97,6 +97,15 @@ def pct(values: list[float], p: float) -> float:
     return s[min(len(s) - 1, int(p / 100 * len(s)))]
 
 
+def written() -> int:
+    """Bytes this process passed to write() so far (WAL, checkpoints): /proc/self/io wchar."""
+    try:
+        with open("/proc/self/io") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("wchar"))
+    except (OSError, StopIteration):
+        return 0
+
+
 def cpu() -> float:
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime
@@ -120,14 +129,15 @@ async def scenario_commits(store: Store, a: argparse.Namespace, inflight: int) -
     tasks = [asyncio.create_task(committer(k)) for k in range(inflight)]
     await asyncio.sleep(a.warmup)
     done, lat[:] = 0, []
-    b0, m0, c0, t0 = store.stats.batches, store.stats.batched_messages, cpu(), time.perf_counter()
+    b0, m0, c0, w0, t0 = store.stats.batches, store.stats.batched_messages, cpu(), written(), time.perf_counter()
     await asyncio.sleep(a.seconds)
-    n, elapsed, cpu_used = done, time.perf_counter() - t0, cpu() - c0
+    n, elapsed, cpu_used, wbytes = done, time.perf_counter() - t0, cpu() - c0, written() - w0
     batches, msgs = store.stats.batches - b0, store.stats.batched_messages - m0
     stop = True
     await asyncio.gather(*tasks)
     return {"inflight": inflight, "commits_per_s": n / elapsed, "p50_ms": pct(lat, 50) * 1e3, "p99_ms": pct(lat, 99) * 1e3,
-            "batch": msgs / batches if batches else 0, "cpu_cores": cpu_used / elapsed}
+            "batch": msgs / batches if batches else 0, "cpu_cores": cpu_used / elapsed, "cpu_us_per_commit": cpu_used / n * 1e6,
+            "written_kb_per_commit": wbytes / n / 1024}
 
 
 async def scenario_latency(store: Store, a: argparse.Namespace) -> dict[str, Any]:
@@ -141,6 +151,7 @@ async def scenario_latency(store: Store, a: argparse.Namespace) -> dict[str, Any
         lat.append(time.perf_counter() - t0)
 
     interval = 1.0 / a.rate
+    b0 = m0 = c0 = w0 = 0.0
     total = int(a.rate * (a.seconds + a.warmup))
     warm = int(a.rate * a.warmup)
     start = time.perf_counter()
@@ -154,11 +165,15 @@ async def scenario_latency(store: Store, a: argparse.Namespace) -> dict[str, Any
             late = max(late, -delay)
         if i == warm:
             lat.clear()
+            b0, m0, c0, w0 = store.stats.batches, store.stats.batched_messages, cpu(), written()
         t = asyncio.create_task(one(rooms.message(i % a.rooms, f"u{i % 997}")))
         pending.add(t)
         t.add_done_callback(pending.discard)
     await asyncio.gather(*pending)
-    return {"rate": a.rate, "n": len(lat), "p50_ms": pct(lat, 50) * 1e3, "p99_ms": pct(lat, 99) * 1e3,
+    n = len(lat)
+    batches, msgs, cpu_used, wbytes = store.stats.batches - b0, store.stats.batched_messages - m0, cpu() - c0, written() - w0
+    return {"rate": a.rate, "n": n, "batch": msgs / batches if batches else 0, "cpu_us_per_commit": cpu_used / n * 1e6,
+            "written_kb_per_commit": wbytes / n / 1024, "p50_ms": pct(lat, 50) * 1e3, "p99_ms": pct(lat, 99) * 1e3,
             "p999_ms": pct(lat, 99.9) * 1e3, "max_ms": max(lat) * 1e3, "mean_ms": statistics.fmean(lat) * 1e3,
             "sender_late_ms": late * 1e3}
 
@@ -267,6 +282,7 @@ def main() -> int:
     p.add_argument("--set", action="append", default=[], metavar="K=V")
     p.add_argument("--sweep", default=None, metavar="K=V1,V2")
     p.add_argument("--no-uvloop", action="store_true")
+    p.add_argument("--repeat", type=int, default=1, help="runs per point; the median run is reported (with every run's main figure)")
     a = p.parse_args()
     base = {k: parse_value(v) for k, v in (s.split("=", 1) for s in a.set)}
     variants: list[dict[str, Any]] = [base]
@@ -280,7 +296,17 @@ def main() -> int:
     rows: list[tuple[str, dict[str, Any], dict[str, Any]]] = []
 
     def go(name: str, options: dict[str, Any], **kw: Any) -> None:
-        r = asyncio.run(run_one(name, a, options, **kw))
+        runs = []
+        for _ in range(a.repeat):
+            load = os.getloadavg()[0]
+            r = asyncio.run(run_one(name, a, options, **kw))
+            r["load_before"] = load
+            runs.append(r)
+        key = {"commits": "commits_per_s", "latency": "p99_ms", "archive": "archived_per_s", "size": "bytes_per_message"}[name]
+        runs.sort(key=lambda r: r[key])
+        r = runs[len(runs) // 2]  # the median run by the scenario's main figure
+        if a.repeat > 1:
+            r[key + "_all"] = ", ".join(f"{x[key]:,.1f}" for x in runs)
         rows.append((name, options, r))
         print(f"{name:8s} {options} {kw or ''}: " + ", ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items() if k != "stats"), flush=True)
 
@@ -296,7 +322,8 @@ def main() -> int:
             go("size", options)
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    md = [f"## store bench ({a.kind}), {time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} cores, {a.seconds:g} s per point, {a.rooms} rooms", ""]
+    md = [f"## store bench ({a.kind}), {time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} cores, {a.seconds:g} s per point, "
+          f"{a.rooms} rooms, median of {a.repeat}; load_before: the machine's 1-min load average before the run", ""]
     for name in ("commits", "latency", "archive", "size"):
         these = [(o, r) for n, o, r in rows if n == name]
         if not these:
@@ -305,7 +332,7 @@ def main() -> int:
         md.append("| options | " + " | ".join(keys) + " |")
         md.append("|---|" + "---|" * len(keys))
         for o, r in these:
-            md.append(f"| {o or 'defaults'} | " + " | ".join(f"{r[k]:,.1f}" if isinstance(r[k], float) else f"{r[k]:,}" for k in keys) + " |")
+            md.append(f"| {o or 'defaults'} | " + " | ".join(f"{r.get(k, ''):,.1f}" if isinstance(r.get(k), float) else f"{r.get(k, '')}" for k in keys) + " |")
         md.append("")
     text = "\n".join(md)
     print("\n" + text)

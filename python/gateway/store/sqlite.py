@@ -9,17 +9,30 @@ Threads (nothing here ever blocks the event loop):
   NOTHING`` statement, which in autocommit mode is one transaction. Then it resolves the
   batch's futures with one ``loop.call_soon_threadsafe``. When the queue holds fewer than
   :data:`GATHER` items it waits up to ``batch_ms`` (counted from the oldest item) for
-  more. Deletions (:meth:`~SqliteStore.delete_user`, :meth:`~SqliteStore.expire`) and
-  the full-text indexing run on the same thread, in chunks of about
-  :data:`CHUNK_SECONDS`, between batches.
+  more; a busy writer never waits, since the queue fills while it writes. Deletions
+  (:meth:`~SqliteStore.delete_user`, :meth:`~SqliteStore.expire`) and the full-text
+  indexing run on the same thread, in chunks of about :data:`CHUNK_SECONDS`, between
+  batches.
 - **readers** (``readers`` threads, each with its own read-only connection) serve
   :meth:`~SqliteStore.messages`, :meth:`~SqliteStore.last_seq`,
   :meth:`~SqliteStore.export` and :meth:`~SqliteStore.search`. WAL lets them read while
   the writer writes.
-- **maintenance** (one thread, its own connection) runs ``wal_checkpoint(PASSIVE)`` every
-  :data:`MAINTENANCE_INTERVAL`, so the writer never pays for a checkpoint's fsyncs, and
-  checks that the database file is still the one that was opened (SQLite would go on
-  writing into a deleted file).
+- **maintenance** (one thread, its own connection) checks every
+  :data:`MAINTENANCE_INTERVAL` that the database file is still the one that was opened
+  (SQLite would go on writing into a deleted file), and runs ``wal_checkpoint(PASSIVE)``
+  every :data:`CHECKPOINT_INTERVAL`: it copies WAL pages into the database beside the
+  writer, never waiting for it. A passive checkpoint beside a busy writer never lets the
+  WAL start again from its beginning (the WAL grew to 450 MB in 10 s at 15,000 commits/s
+  in 1,000 rooms), so the writer checkpoints too, when idle past
+  :data:`WAL_RESET_FRAMES` and after a commit past :data:`WAL_MAX_FRAMES`; it then finds
+  most pages copied already. NOTE: with that bound the WAL stayed at 64-80 MB at 16,000-
+  24,000 commits/s; the price is the p99 of saturated commits (64 in flight: 57-62 ms
+  against 27-33 ms without the bound), not their rate or the latency at 1,000/s.
+
+NOTE on ``batch_ms`` (1,000 commits/s in 1,000 rooms, ``loadtest/bench/store.py latency
+--sweep batch_ms=0,2,5``): 0 ms gives p50/p99 0.1/1.2 ms, 1.2 messages a transaction,
+122 us of CPU and 28 KB written per commit; 2 ms: 2.2/3.4 ms, 104 us, 17 KB; 5 ms (the
+default): 3.0/5.7 ms, 72 us, 9.4 KB. Saturated throughput does not depend on it.
 
 NOTE: one statement per batch, not ``executemany`` inside ``BEGIN``/``COMMIT``: the sqlite3
 module releases the GIL around every step, and taking it back from a busy event loop
@@ -115,12 +128,20 @@ CHUNK_SECONDS = 0.005
 #: Rows the full-text index may lag behind before the writer indexes between batches
 #: even when it is busy (below this, only when it is idle).
 FTS_MAX_LAG = 20_000
-#: Seconds between checkpoints and file checks of the maintenance thread.
+#: When idle, the writer indexes a full chunk of rows, or what there is once the oldest
+#: unindexed row has waited this long (seconds). NOTE: indexing whatever there was
+#: whenever the writer was idle wrote 33 KB per message at 1,000 commits/s (a new FTS5
+#: segment, then merges, for every 2 or 3 rows); without any indexing, 7.4 KB.
+FTS_DELAY = 1.0
+#: Seconds between checks that the file is still there (maintenance thread).
 MAINTENANCE_INTERVAL = 0.1
+#: Seconds between passive checkpoints (maintenance thread): a page changed many times
+#: in between is copied once.
+CHECKPOINT_INTERVAL = 1.0
 #: WAL frames (pages) past which the writer checkpoints itself when it is idle (then the
-#: WAL starts again from its beginning), and past which it does so between two batches
-#: even when it is busy (16 MB and 256 MB of 4 KB pages).
-WAL_RESET_FRAMES, WAL_MAX_FRAMES = 4096, 65_536
+#: WAL starts again from its beginning), and past which it does so even when busy
+#: (SQLite's ``wal_autocheckpoint``, right after a commit): 16 MB and 64 MB of 4 KB pages.
+WAL_RESET_FRAMES, WAL_MAX_FRAMES = 4096, 16_384
 #: Backoff between retries of a failed archive batch.
 BACKOFF_MIN, BACKOFF_MAX = 0.05, 2.0
 
@@ -359,10 +380,11 @@ class SqliteStore(Store):
         self._backoff = 0.0
         self._last_id = 0
         self._fts_indexed = 0
+        self._fts_since = 0.0  # when the oldest row not indexed yet was written (0: none)
         self._fts_pacer = _Pacer(50e-6)
         self._delete_pacer = _Pacer(100e-6)
         self._turn = False  # after a batch, a deletion chunk or index chunk gets a turn
-        self._reset_wal = 0  # set by the maintenance thread: 1 checkpoint when idle, 2 soon
+        self._reset_wal = False  # set by the maintenance thread: checkpoint when idle
         # Threads.
         self._loop: asyncio.AbstractEventLoop | None = None
         self._writer: threading.Thread | None = None
@@ -680,7 +702,7 @@ class SqliteStore(Store):
             if str(mode).lower() != "wal":
                 raise StoreUnavailable(f"sqlite store: {self.path} cannot use WAL (journal_mode is {mode})")
             conn.execute(f"PRAGMA synchronous = {self.synchronous}")
-            conn.execute("PRAGMA wal_autocheckpoint = 0")  # see _maintenance_main
+            conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_MAX_FRAMES}")  # see _maintenance_main
             conn.execute("PRAGMA journal_size_limit = 67108864")  # a reset WAL is cut back to 64 MB
             conn.execute("PRAGMA cache_size = -65536")  # 64 MB: the indexes' hot pages of many rooms
             conn.execute("PRAGMA temp_store = MEMORY")
@@ -725,7 +747,7 @@ class SqliteStore(Store):
                     return self._take()
                 # After a batch, a deletion chunk (or an index chunk, when the index lags far
                 # behind) gets a turn before the next batch.
-                other = bool(self._jobs) or self._reset_wal == 2 or (self._last_id - self._fts_indexed > FTS_MAX_LAG and now >= self._retry_at)
+                other = bool(self._jobs) or (self._last_id - self._fts_indexed > FTS_MAX_LAG and now >= self._retry_at)
                 if q and not (self._turn and other) and (now >= self._retry_at or self._queued_commits):
                     if len(q) < GATHER and self.batch_s > 0 and now < q[0].t0 + self.batch_s:
                         self._wake_commit = self._wake_archive = GATHER
@@ -734,19 +756,31 @@ class SqliteStore(Store):
                     self._turn = True
                     return self._take()
                 self._turn = False
-                if self._reset_wal == 2 or (self._reset_wal and not q):
+                if self._reset_wal and not q:
                     self._wake_commit = self._wake_archive = 1 << 62
                     return self._checkpoint
                 if self._jobs:
                     self._wake_commit = self._wake_archive = 1 << 62
                     return self._step_job
-                if self._last_id > self._fts_indexed and now >= self._retry_at:
+                index_at = self._index_due()
+                if index_at is not None and now >= max(index_at, self._retry_at):
                     self._wake_commit = self._wake_archive = 1 << 62
                     return self._index_chunk
                 # Idle, or waiting out a backoff (then only a commit wakes the writer).
                 self._wake_commit = 1
                 self._wake_archive = 1 if not q else 1 << 62
-                self._cond.wait(max(0.0, self._retry_at - now) if q or self._last_id > self._fts_indexed else None)
+                deadlines = ([self._retry_at] if q else []) + ([max(index_at, self._retry_at)] if index_at is not None else [])
+                self._cond.wait(max(0.0, min(deadlines) - now) if deadlines else None)
+
+    def _index_due(self) -> float | None:
+        """When the next index chunk is due (None: nothing to index): at once for a full
+        chunk, else :data:`FTS_DELAY` after the oldest row waiting was written."""
+        lag = self._last_id - self._fts_indexed
+        if lag <= 0:
+            return None
+        if lag >= self._fts_pacer.rows():
+            return 0.0
+        return (self._fts_since or time.perf_counter()) + FTS_DELAY
 
     def _take(self) -> Callable[[sqlite3.Connection], None]:
         """Under the lock: take a batch off the queue (it stays in the backlog)."""
@@ -817,7 +851,7 @@ class SqliteStore(Store):
         if len(rows) <= ROWS_PER_STATEMENT:  # one statement: its own transaction
             cur = conn.execute(_insert_sql(len(rows)), [x for r in rows for x in r])
             if cur.rowcount > 0:
-                self._last_id = max(self._last_id, cur.lastrowid or 0)
+                self._wrote(cur.lastrowid)
             return cur.rowcount
         conn.execute("BEGIN IMMEDIATE")
         total = 0
@@ -826,9 +860,14 @@ class SqliteStore(Store):
             cur = conn.execute(_insert_sql(len(part)), [x for r in part for x in r])
             total += cur.rowcount
             if cur.rowcount > 0:
-                self._last_id = max(self._last_id, cur.lastrowid or 0)
+                self._wrote(cur.lastrowid)
         conn.execute("COMMIT")
         return total
+
+    def _wrote(self, rowid: int | None) -> None:
+        self._last_id = max(self._last_id, rowid or 0)
+        if not self._fts_since:
+            self._fts_since = time.perf_counter()
 
     def _settle(self, conn: sqlite3.Connection, items: list[_Item], before: int, inserted: int,
                 results: list[_Result]) -> None:
@@ -899,11 +938,12 @@ class SqliteStore(Store):
             return
         self._fts_pacer.observe(upto - self._fts_indexed, time.perf_counter() - t0)
         self._fts_indexed = upto
+        self._fts_since = time.perf_counter() if self._last_id > upto else 0.0
 
     def _checkpoint(self, conn: sqlite3.Connection) -> None:
         """Checkpoint from the writer: with no write under way, every frame can be copied,
         and the next transaction starts the WAL again from its beginning."""
-        self._reset_wal = 0
+        self._reset_wal = False
         try:
             conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
         except sqlite3.Error as e:
@@ -973,16 +1013,18 @@ class SqliteStore(Store):
             log.error("store: maintenance connection to %s failed: %s (no checkpoints)", self.path, e)
             return
         last_error = ""
+        last_checkpoint = time.perf_counter()
         try:
             while not self._maint_stop.wait(MAINTENANCE_INTERVAL):
                 try:
                     self._check_identity()
-                    if self._moved is not None:
+                    if self._moved is not None or time.perf_counter() - last_checkpoint < CHECKPOINT_INTERVAL:
                         continue
+                    last_checkpoint = time.perf_counter()
                     _busy, frames, _done = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
                     if frames >= WAL_RESET_FRAMES:
                         with self._cond:
-                            self._reset_wal = 2 if frames >= WAL_MAX_FRAMES else max(self._reset_wal, 1)
+                            self._reset_wal = True
                             self._cond.notify()
                     last_error = ""
                 except sqlite3.Error as e:
