@@ -401,6 +401,13 @@ async def test_export_by_room_sender_and_all_in_batches_and_time_range(store: St
         assert [m.ts for m in everything] == sorted(m.ts for m in inside)
         assert sorted(everything, key=lambda m: (m.room, m.seq)) == sorted(inside, key=lambda m: (m.room, m.seq))
     # the bounds: since is included, until is not
+    # many messages with one timestamp across batch boundaries: none lost, none twice
+    same = [msg(f"tie:{i % 4}", i, sender="tie", ts=T0 + 5000) for i in range(1, 51)]
+    await store.commit_many(same)
+    for kw in ({}, {"sender": "tie"}, {"room": "tie:1"}):
+        got = await collect(store.export(since_ms=T0 + 5000, until_ms=T0 + 5001, batch=7, **kw))
+        want = [m for m in same if m.room == kw.get("room", m.room)]
+        assert sorted(got, key=lambda m: (m.room, m.seq)) == sorted(want, key=lambda m: (m.room, m.seq))
     ts = msgs[10].ts
     edge = [m for m in msgs if m.ts == ts]
     assert await collect(store.export(since_ms=ts, until_ms=ts + 1)) == edge

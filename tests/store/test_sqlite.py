@@ -288,6 +288,14 @@ async def test_malformed_messages(path: Path, opened: list[SqliteStore]) -> None
     assert isinstance(results[1], ValueError) and "refused" in str(results[1])
 
 
+async def test_a_commit_that_collides_with_an_archived_message_gets_the_stored_one(path: Path, opened: list[SqliteStore]) -> None:
+    s = await start(path, opened)
+    archived = msg("r", 1, data={"v": "archived first"})
+    assert s.archive(archived)  # queued before the commit: written first (same batch or an earlier one)
+    assert await s.commit(msg("r", 1, data={"v": "committed"}, cid="k")) == archived
+    assert s.stats.archived == 1 and s.stats.committed == 0 and s.stats.duplicates == 1
+
+
 # --------------------------------------------------------------------------- threads and chunks
 
 async def test_the_event_loop_never_waits_for_the_database(path: Path, opened: list[SqliteStore]) -> None:

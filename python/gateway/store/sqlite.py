@@ -871,13 +871,16 @@ class SqliteStore(Store):
 
     def _settle(self, conn: sqlite3.Connection, items: list[_Item], before: int, inserted: int,
                 results: list[_Result]) -> None:
-        """Some rows were duplicates: find, for each commit, the row that holds it. The
-        rows just inserted have ids above ``before`` (AUTOINCREMENT, one writer; not
-        consecutive: a row skipped by ON CONFLICT uses up an id), and each belongs to
-        the first item of the batch that finds it."""
+        """Some rows were duplicates: find, for each commit, the row that holds it (by
+        ``cid``, else by ``(room, seq)``). The commit was written by this batch when that
+        row is new (ids above ``before``: AUTOINCREMENT, one writer), holds this very
+        message and no earlier commit of the batch claimed it; otherwise the stored row
+        is its answer. Archives need no answer, so they cost no lookup."""
         claimed: set[int] = set()
         new_commits = 0
         for it in items:
+            if it.fut is None:
+                continue
             m = it.msg
             row = None
             if m.cid is not None:
@@ -886,18 +889,17 @@ class SqliteStore(Store):
                 ).fetchone()
             if row is None:
                 row = conn.execute(f"SELECT id, {_COLUMNS} FROM messages WHERE room = ? AND seq = ?", (m.room, m.seq)).fetchone()
-            if row is not None and row[0] > before and row[0] not in claimed:
-                claimed.add(row[0])
-                if it.fut is not None:
-                    new_commits += 1
-                    results.append((it.fut, it.msg, it.t0))
+            if row is None:  # cannot happen: the insert that skipped it found a conflict
+                results.append((it.fut, StoreUnavailable("sqlite store: the stored duplicate was not found"), it.t0))
                 continue
-            self.stats.duplicates += 1
-            if it.fut is not None:
-                found: StoredMessage | StoreUnavailable = _message(row[1:]) if row is not None else StoreUnavailable("sqlite store: duplicate not found")
-                results.append((it.fut, found, it.t0))
+            stored = _message(row[1:])
+            if row[0] > before and row[0] not in claimed and stored == m:
+                claimed.add(row[0])
+                new_commits += 1
+            results.append((it.fut, stored, it.t0))
         self.stats.committed += new_commits
         self.stats.archived += inserted - new_commits
+        self.stats.duplicates += len(items) - inserted
 
     def _step_job(self, conn: sqlite3.Connection) -> None:
         """One chunk of the first deletion job; the job goes to the back of the line."""
