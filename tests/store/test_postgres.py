@@ -241,6 +241,24 @@ async def test_epoch_survives_a_clean_close_not_a_crash(postgres_db: str) -> Non
     await b.close()
 
 
+async def test_search_index_pending_list_is_merged_in_the_background(store: PostgresStore, postgres_db: str) -> None:
+    """The trigram index's pending list is merged by the store's cleaner (about every
+    second), not by a commit that finds it full (nor by autovacuum, a minute away)."""
+    conn = await asyncpg.connect(postgres_db)
+    try:
+        await conn.execute("CREATE EXTENSION IF NOT EXISTS pgstattuple")
+        pending = "SELECT pending_tuples FROM pgstatginindex('livegate.messages_data_trgm')"
+        await store.commit_many([msg("gin", i, f"消息内容 number {i}") for i in range(1, 501)])
+        assert await conn.fetchval(pending) > 0  # the rows went into the pending list
+        await eventually(lambda: _zero(conn, pending), timeout=5, what="an empty pending list")
+    finally:
+        await conn.close()
+
+
+async def _zero(conn: Any, sql: str) -> bool:
+    return bool(await conn.fetchval(sql) == 0)
+
+
 # ---- durability --------------------------------------------------------------------------------
 
 CHILD = r"""
