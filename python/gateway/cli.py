@@ -143,9 +143,9 @@ def store_settings(a: argparse.Namespace) -> dict[str, Any]:
                 raise ConfigError("--set", f"expected section.key=value, got {item!r}")
             if key.strip().startswith("store."):
                 out[key.strip()[len("store."):]] = value.strip()
-    if a.dsn:
+    if a.dsn:  # says which store, too
         out["dsn"] = a.dsn
-        out.setdefault("kind", "postgres")
+        out["kind"] = "postgres"
     return out
 
 
@@ -153,24 +153,30 @@ def migrate(a: argparse.Namespace) -> int:
     """``gateway migrate``: bring the store's schema to this gateway's version."""
     import asyncio
 
-    from .store.base import SchemaError, StoreUnavailable
+    from .store.base import SchemaError, Store, StoreUnavailable
 
     s = store_settings(a)
-    kind = s.get("kind") or ("postgres" if s.get("dsn") else "")
-    if kind != "postgres":
-        raise ConfigError("store.kind", f"`gateway migrate` migrates a PostgreSQL store (store.kind = 'postgres'), got {kind or 'none'!r}")
-    if not s.get("dsn"):
-        raise ConfigError("store.dsn", "not set (--dsn, [store] dsn or GATEWAY_STORE__DSN)")
+    kind = s.get("kind") or ("postgres" if s.get("dsn") else "sqlite")
+    store: Store
+    if kind == "postgres":
+        if not s.get("dsn"):
+            raise ConfigError("store.dsn", "not set (--dsn, [store] dsn or GATEWAY_STORE__DSN)")
+        try:
+            from .store.postgres import PostgresStore
+        except ImportError as e:  # the optional dependency
+            raise ConfigError("store.kind", f"postgres needs asyncpg: pip install 'livegate[postgres]' ({e})") from None
+        store = PostgresStore(str(s["dsn"]))
+    elif kind == "sqlite":
+        try:
+            from .store.sqlite import SqliteStore  # type: ignore[import-not-found,unused-ignore]
+        except ImportError as e:
+            raise ConfigError("store.kind", f"the SQLite store is not available in this build ({e})") from None
+        store = SqliteStore(str(s.get("path") or "data/livegate.db"))
+    else:
+        raise ConfigError("store.kind", f"must be 'sqlite' or 'postgres', got {kind!r}")
     try:
-        from .store.postgres import PostgresStore
-    except ImportError as e:  # the optional dependency
-        raise ConfigError("store.kind", f"postgres needs asyncpg: pip install 'livegate[postgres]' ({e})") from None
-    try:
-        before, after = asyncio.run(PostgresStore(str(s["dsn"])).migrate())
-    except StoreUnavailable as e:
-        print(f"gateway: cannot migrate: {e}", file=sys.stderr)
-        return 2
-    except SchemaError as e:
+        before, after = asyncio.run(store.migrate())
+    except (StoreUnavailable, SchemaError) as e:
         print(f"gateway: cannot migrate: {e}", file=sys.stderr)
         return 2
     print(f"schema at version {after} (was {before})")

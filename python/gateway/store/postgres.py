@@ -606,6 +606,13 @@ class PostgresStore(Store):
             w.inflight = n
             try:
                 await self._write(w, batch)
+            except asyncio.CancelledError:  # close() ran out of time
+                for _m, fut, _t in batch:
+                    if fut is None:
+                        self.stats.archive_dropped += 1
+                    elif not fut.done():
+                        fut.set_exception(StoreUnavailable("the store closed while the message was being written: it may or may not be stored"))
+                raise
             finally:
                 w.inflight = 0
             # Let the publishers whose commits just returned run before the next batch is
