@@ -169,6 +169,23 @@ async def throughput(fresh: Callable[[], Any], a: argparse.Namespace) -> list[di
     return out
 
 
+def time_statements(store: PostgresStore) -> list[float]:
+    """Record how long each batch's INSERT (and its commit's WAL flush) takes, to tell a
+    slow database or disk from a slow client in the latency figures."""
+    spans: list[float] = []
+    insert = store._insert
+
+    async def timed(conn: Any, msgs: list[StoredMessage]) -> list[StoredMessage]:
+        t = time.perf_counter()
+        try:
+            return await insert(conn, msgs)
+        finally:
+            spans.append(time.perf_counter() - t)
+
+    store._insert = timed
+    return spans
+
+
 async def open_loop(store: PostgresStore, gen: Messages, rate: int, seconds: float) -> list[float]:
     """Start a commit every 1/rate s for ``seconds``; each one's latency from its
     scheduled start (so a stall counts for every commit it delays)."""
@@ -200,15 +217,19 @@ async def latency(fresh: Callable[[], Any], a: argparse.Namespace) -> list[dict[
         for writers in a.writers:
             store = await open_store(await fresh(), writers=writers)
             gen = Messages()
+            statements = time_statements(store)
             try:
                 await closed_loop(store, gen, 64, 2_000)
+                statements.clear()
                 lat = await open_loop(store, gen, rate, seconds)
             finally:
                 await store.close()
             ms = [x * 1000 for x in lat]
+            st = [x * 1000 for x in statements]
             row = {"round": rnd + 1, "writers": writers, "rate": rate, "seconds": seconds, "n": len(ms), "p50_ms": round(pct(ms, 0.5), 2),
                    "p90_ms": round(pct(ms, 0.9), 2), "p99_ms": round(pct(ms, 0.99), 2), "max_ms": round(max(ms), 2),
-                   "mean_ms": round(statistics.fmean(ms), 2), "machine": machine()}
+                   "mean_ms": round(statistics.fmean(ms), 2), "batches": len(st), "insert_p50_ms": round(pct(st, 0.5), 2),
+                   "insert_p99_ms": round(pct(st, 0.99), 2), "inserts_over_20ms": sum(x > 20 for x in st), "machine": machine()}
             print(f"  latency {row}", flush=True)
             out.append(row)
     return out

@@ -1,27 +1,38 @@
 """The PostgreSQL store (production, one or many nodes), on asyncpg.
 
-**Writing: group commit by a few writer tasks.** :meth:`PostgresStore.commit` and
-:meth:`PostgresStore.archive` only queue the message; each writer task owns one
+**Writing: group commit by writer tasks.** :meth:`PostgresStore.commit` and
+:meth:`PostgresStore.archive` only queue the message. Each writer task owns one
 connection and a queue, takes what is queued (up to ``max_batch``) and writes it with one
 statement (its own transaction)::
 
     INSERT INTO messages (...) SELECT * FROM unnest($1::text[], $2::int8[], ...)
     ON CONFLICT DO NOTHING
 
-then resolves the commits' futures. A room always goes to the same writer (a hash of its
-name), so a room's messages are committed in the order they were queued: what a crash
-leaves in the table is a prefix of each room's sequence. A batch goes out as soon as a
-commit waits in it (the transaction in flight is what gathers the next batch: no timer on
-the durable path); a batch of archive messages only waits up to ``batch_ms`` to fill.
-Rows are sent sorted by (room, seq), so two nodes writing the same messages lock them in
-the same order and cannot deadlock.
+then resolves the commits' futures. Commits go to ``writers`` writers (1 by default), a
+room always to the same one (a hash of its name), so a room's durable messages are
+committed in the order they were queued: what a crash leaves in the table is a prefix of
+each room's durable sequence. Archive messages have a writer of their own, so a commit
+never waits behind an archive batch of 1,000 rows. A batch goes out as soon as a commit
+waits in it (the transaction in flight is what gathers the next batch: no timer on the
+durable path); archive messages wait up to ``batch_ms`` for a batch to fill. Rows are sent
+sorted by (room, seq), so two nodes writing the same messages lock them in the same order
+and cannot deadlock.
 
-NOTE: ``unnest`` arrays vs ``copy_records_to_table`` into a temporary table followed by
-``INSERT ... SELECT ... ON CONFLICT``: measured alike on this 2-core machine (16-23k
-rows/s each for batches of 1,000 with every index, noisy neighbours), so the one-statement
-form wins: one round trip, no temporary table to empty at every commit, and its
-``INSERT 0 n`` status tells at once whether every row went in (the common case, with no
-row sent back); only a batch with duplicates is looked up again to return the stored rows.
+NOTE: one commit writer, not several, by default. A commit costs one WAL flush, about
+2-5 ms on this machine's disk (``pg_test_fsync``: 200-240 flushes/s), so with 64 commits
+in flight the rate is 64 per flush whatever the design: one writer measured 10,763 and
+10,904 commits/s there (batches of 64), two writers 8,497 and 6,714 (their batches
+fragment to 24 and their flushes queue behind each other). With 1,000 in flight the
+server's CPU per row counts and two writers use both cores: 20,073 and 13,548 against
+15,977 and 14,864 (``loadtest/bench/store_pg.py throughput``, rounds interleaved, load
+average 4-5 from other work). Raise ``writers`` for many concurrent publishers.
+
+NOTE: ``unnest`` arrays, not ``copy_records_to_table`` into a temporary table followed by
+``INSERT ... SELECT ... ON CONFLICT``: in 6 interleaved pairs unnest was 1.1-2.1x as fast
+for batches of 64 and 0.96-1.32x for batches of 1,000 (``store_pg.py insert``): one round
+trip instead of four, no temporary table to empty at every commit. Its ``INSERT 0 n``
+status also tells at once whether every row went in (the common case, with no row sent
+back); only a batch with duplicates is looked up again to return the stored rows.
 
 **Duplicates.** ``(room, seq)`` is the primary key; ``(room, coalesce(sender, ''), cid)``
 is unique where ``cid`` is set (the expression makes a server-published ``Idempotency-Key``
