@@ -55,6 +55,15 @@ def _parser() -> argparse.ArgumentParser:
     for action in run._actions:
         if action.dest not in ("help", "app"):
             check._add_action(action)
+    mig = sub.add_parser(
+        "migrate", help="create or upgrade the message store's schema (store.kind = postgres)",
+        description="Bring the store's database to the schema this gateway needs and print its version. Safe to run on "
+        "several nodes at once and while they serve: each step runs once, in its own transaction, under an advisory lock. "
+        "Exit status 2 when the database cannot be reached or its schema is newer than this gateway's.",
+    )
+    mig.add_argument("--config", "-c", metavar="FILE", help="TOML config file (default: $GATEWAY_CONFIG); its [store] section is used")
+    mig.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any setting, e.g. --set store.dsn=postgresql://... (repeatable)")
+    mig.add_argument("--dsn", help="the PostgreSQL database, postgresql://user@host:port/db (store.dsn; default: [store] dsn, $GATEWAY_STORE__DSN)")
     token = sub.add_parser("token", help="mint an HS256 test token for a user (uses auth.secret)")
     token.add_argument("user")
     token.add_argument("--config", "-c", metavar="FILE")
@@ -103,6 +112,75 @@ def resolve_config(a: argparse.Namespace) -> Config:
     # does not match or an expired certificate fail here, naming the key.
     cfg.tls_certificate()
     return cfg
+
+
+def store_settings(a: argparse.Namespace) -> dict[str, Any]:
+    """The ``[store]`` settings ``migrate`` uses: file, environment, ``--set``, then
+    ``--dsn``. Read through :func:`load_config` (which validates the whole configuration)
+    once :class:`Config` has a ``store`` section; until then from the file's ``[store]``
+    table, ``GATEWAY_STORE__*`` and ``--set store.*`` directly."""
+    import dataclasses
+
+    path = a.config or os.environ.get("GATEWAY_CONFIG")
+    out: dict[str, Any] = {}
+    if any(f.name == "store" for f in dataclasses.fields(Config)):
+        out = dataclasses.asdict(getattr(load_config(path, sets=a.set), "store"))  # noqa: B009 (mypy: not in every Config yet)
+    else:
+        import tomllib
+
+        if path:
+            try:
+                with open(path, "rb") as f:
+                    out.update(tomllib.load(f).get("store", {}))
+            except FileNotFoundError:
+                raise ConfigError("config", f"file not found: {path}") from None
+            except tomllib.TOMLDecodeError as e:
+                raise ConfigError("config", f"{path} is not valid TOML: {e}") from None
+        out.update({k[len("GATEWAY_STORE__"):].lower(): v for k, v in os.environ.items() if k.startswith("GATEWAY_STORE__")})
+        for item in a.set:
+            key, eq, value = item.partition("=")
+            if not eq:
+                raise ConfigError("--set", f"expected section.key=value, got {item!r}")
+            if key.strip().startswith("store."):
+                out[key.strip()[len("store."):]] = value.strip()
+    if a.dsn:  # says which store, too
+        out["dsn"] = a.dsn
+        out["kind"] = "postgres"
+    return out
+
+
+def migrate(a: argparse.Namespace) -> int:
+    """``gateway migrate``: bring the store's schema to this gateway's version."""
+    import asyncio
+
+    from .store.base import SchemaError, Store, StoreUnavailable
+
+    s = store_settings(a)
+    kind = s.get("kind") or ("postgres" if s.get("dsn") else "sqlite")
+    store: Store
+    if kind == "postgres":
+        if not s.get("dsn"):
+            raise ConfigError("store.dsn", "not set (--dsn, [store] dsn or GATEWAY_STORE__DSN)")
+        try:
+            from .store.postgres import PostgresStore
+        except ImportError as e:  # the optional dependency
+            raise ConfigError("store.kind", f"postgres needs asyncpg: pip install 'livegate[postgres]' ({e})") from None
+        store = PostgresStore(str(s["dsn"]))
+    elif kind == "sqlite":
+        try:
+            from .store.sqlite import SqliteStore  # type: ignore[import-not-found,unused-ignore]
+        except ImportError as e:
+            raise ConfigError("store.kind", f"the SQLite store is not available in this build ({e})") from None
+        store = SqliteStore(str(s.get("path") or "data/livegate.db"))
+    else:
+        raise ConfigError("store.kind", f"must be 'sqlite' or 'postgres', got {kind!r}")
+    try:
+        before, after = asyncio.run(store.migrate())
+    except (StoreUnavailable, SchemaError) as e:
+        print(f"gateway: cannot migrate: {e}", file=sys.stderr)
+        return 2
+    print(f"schema at version {after} (was {before})")
+    return 0
 
 
 def load_app(spec: str, config: Config) -> Any:
@@ -157,6 +235,9 @@ def main(argv: list[str] | None = None) -> int:
                 if problem:
                     print(f"warning: {problem}")
             return 0
+        if a.cmd == "migrate":
+            setup_logging("warning", False)
+            return migrate(a)
         if a.cmd == "token":
             from .auth import mint_token
 

@@ -9,7 +9,11 @@
 - ``gw``: the session-wide default server (dev auth, API key ``API_KEY``): tests sharing it
   use their own user and room names (``uniq``); ``jwt_gw``: the same with JWT auth;
 - ``clients``: ``await clients(gw, user=None, **kw)`` is ``gw.client(...)``, closed at
-  teardown.
+  teardown;
+- ``postgres_server`` / ``postgres_dsn`` (per session): a private PostgreSQL cluster from
+  Debian's binaries (:mod:`support.postgres`) and the DSN of its superuser (it may CREATE
+  DATABASE); ``postgres_db`` (per test): a fresh empty database on it, dropped afterwards.
+  Code that only has the DSN makes one with ``support.postgres.create_database(dsn)``.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from typing import Any
 import pytest
 
 from .gateway import JWT_SECRET, GatewayProcess
+from .postgres import PostgresServer
 from .redis import RedisServer
 
 GatewayFactory = Callable[..., GatewayProcess]
@@ -177,3 +182,36 @@ def redis_server(redis_binary: str, tmp_path: Path, request: pytest.FixtureReque
             for log in sorted(srv.workdir.glob("*.log")):
                 lines = log.read_text(errors="replace").splitlines()[-40:]
                 print(f"\n---- {log.name} (last {len(lines)} lines)\n" + "\n".join(lines))
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """The session's PostgreSQL cluster (initdb as an unprivileged user, a free port, a temp
+    dir, fsync on), installed from Debian on first use (needs root); removed at the end."""
+    from .postgres import install_postgres
+
+    bindir, log = install_postgres()
+    if not bindir:
+        pytest.fail(f"PostgreSQL is not installed and `apt-get install -y postgresql` failed (needs root):\n{log}")
+    srv = PostgresServer(bindir)
+    try:
+        srv.start()
+        yield srv
+    finally:
+        srv.remove()
+
+
+@pytest.fixture(scope="session")
+def postgres_dsn(postgres_server: PostgresServer) -> str:
+    """DSN of the session cluster's superuser on its ``postgres`` database (may CREATE DATABASE)."""
+    return postgres_server.dsn()
+
+
+@pytest.fixture
+def postgres_db(postgres_server: PostgresServer) -> Iterator[str]:
+    """DSN of a fresh, empty UTF8 database for one test (dropped at teardown)."""
+    from .postgres import database_of
+
+    dsn = postgres_server.create_database()
+    yield dsn
+    postgres_server.drop_database(database_of(dsn))
