@@ -115,34 +115,28 @@ def resolve_config(a: argparse.Namespace) -> Config:
 
 
 def store_settings(a: argparse.Namespace) -> dict[str, Any]:
-    """The ``[store]`` settings ``migrate`` uses: file, environment, ``--set``, then
-    ``--dsn``. Read through :func:`load_config` (which validates the whole configuration)
-    once :class:`Config` has a ``store`` section; until then from the file's ``[store]``
-    table, ``GATEWAY_STORE__*`` and ``--set store.*`` directly."""
-    import dataclasses
+    """The ``[store]`` settings ``migrate`` uses: the file's ``[store]`` table,
+    ``GATEWAY_STORE__*``, ``--set store.*``, then ``--dsn``. Only this section is read:
+    migrating needs no auth secret or listener settings."""
+    import tomllib
 
     path = a.config or os.environ.get("GATEWAY_CONFIG")
     out: dict[str, Any] = {}
-    if any(f.name == "store" for f in dataclasses.fields(Config)):
-        out = dataclasses.asdict(getattr(load_config(path, sets=a.set), "store"))  # noqa: B009 (mypy: not in every Config yet)
-    else:
-        import tomllib
-
-        if path:
-            try:
-                with open(path, "rb") as f:
-                    out.update(tomllib.load(f).get("store", {}))
-            except FileNotFoundError:
-                raise ConfigError("config", f"file not found: {path}") from None
-            except tomllib.TOMLDecodeError as e:
-                raise ConfigError("config", f"{path} is not valid TOML: {e}") from None
-        out.update({k[len("GATEWAY_STORE__"):].lower(): v for k, v in os.environ.items() if k.startswith("GATEWAY_STORE__")})
-        for item in a.set:
-            key, eq, value = item.partition("=")
-            if not eq:
-                raise ConfigError("--set", f"expected section.key=value, got {item!r}")
-            if key.strip().startswith("store."):
-                out[key.strip()[len("store."):]] = value.strip()
+    if path:
+        try:
+            with open(path, "rb") as f:
+                out.update(tomllib.load(f).get("store", {}))
+        except FileNotFoundError:
+            raise ConfigError("config", f"file not found: {path}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError("config", f"{path} is not valid TOML: {e}") from None
+    out.update({k[len("GATEWAY_STORE__"):].lower(): v for k, v in os.environ.items() if k.startswith("GATEWAY_STORE__")})
+    for item in a.set:
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ConfigError("--set", f"expected section.key=value, got {item!r}")
+        if key.strip().startswith("store."):
+            out[key.strip()[len("store."):]] = value.strip()
     if a.dsn:  # says which store, too
         out["dsn"] = a.dsn
         out["kind"] = "postgres"
@@ -168,7 +162,7 @@ def migrate(a: argparse.Namespace) -> int:
         store = PostgresStore(str(s["dsn"]))
     elif kind == "sqlite":
         try:
-            from .store.sqlite import SqliteStore  # type: ignore[import-not-found,unused-ignore]
+            from .store.sqlite import SqliteStore
         except ImportError as e:
             raise ConfigError("store.kind", f"the SQLite store is not available in this build ({e})") from None
         store = SqliteStore(str(s.get("path") or "data/livegate.db"))

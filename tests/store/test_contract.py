@@ -166,6 +166,10 @@ async def opened(backend: Backend) -> AsyncIterator[list[Store]]:
 
 async def start(backend: Backend, opened: list[Store], **options: Any) -> Store:
     s = backend.new_store(**options)
+    if backend.kind == "postgres":
+        # A PostgreSQL store never migrates at start (`gateway migrate` does); SQLite
+        # creates its schema in a new file itself.
+        await s.migrate()
     await s.start()
     opened.append(s)
     return s
@@ -418,7 +422,7 @@ async def test_search_finds_chinese_substrings_newest_first(store: Store) -> Non
     await store.commit_many([
         msg("cs:1", 1, data={"text": "您好，请问我的订单什么时候发货？"}),
         msg("cs:1", 2, data={"text": "您的订单已发货，请注意查收"}),
-        msg("cs:2", 1, data={"text": "订单已发货了吗"}),
+        msg("cs:2", 1, data={"text": "订单已发货了吗"}, ts=T0 + 10),  # the newest
         msg("cs:2", 2, data={"text": "no Chinese here"}),
     ])
     found = await store.search("已发货")
