@@ -8,7 +8,7 @@ statement (its own transaction)::
     INSERT INTO messages (...) SELECT * FROM unnest($1::text[], $2::int8[], ...)
     ON CONFLICT DO NOTHING
 
-then resolves the commits' futures. Commits go to ``writers`` writers (1 by default), a
+then resolves the commits' futures. Commits go to ``writers`` writers (2 by default), a
 room always to the same one (a hash of its name), so a room's durable messages are
 committed in the order they were queued: what a crash leaves in the table is a prefix of
 each room's durable sequence. Archive messages have a writer of their own, so a commit
@@ -18,19 +18,21 @@ durable path); archive messages wait up to ``batch_ms`` for a batch to fill. Row
 sorted by (room, seq), so two nodes writing the same messages lock them in the same order
 and cannot deadlock.
 
-NOTE: one commit writer, not several, by default. A commit costs one WAL flush, about
-2-5 ms on this machine's disk (``pg_test_fsync``: 200-240 flushes/s), so with 64 commits
-in flight the rate is 64 per flush whatever the design: one writer measured 10,763 and
-10,904 commits/s there (batches of 64), two writers 8,497 and 6,714 (their batches
-fragment to 24 and their flushes queue behind each other). With 1,000 in flight the
-server's CPU per row counts and two writers use both cores: 20,073 and 13,548 against
-15,977 and 14,864 (``loadtest/bench/store_pg.py throughput``, rounds interleaved, load
-average 4-5 from other work). Raise ``writers`` for many concurrent publishers.
+NOTE: two commit writers by default. A batch costs the server CPU per row plus one WAL
+flush (0.4-5 ms on this machine's disk, depending on its neighbours). Two writers use
+both cores and overlap one's flush with the other's inserts: in a quiet period they made
+13,355 / 16,470 / 14,919 commits/s with 64 commits in flight against one writer's
+10,718 / 14,258 / 12,373, and 25,199 / 26,443 / 19,810 with 1,000 in flight against
+14,116 / 13,451 / 19,876 (``loadtest/bench/store_pg.py throughput``, rounds interleaved).
+When flushes are slow (load average 4-5 from other work) the 64 commits in flight split
+into batches of 24 whose flushes queue behind each other, and one writer did better
+there: 10,763 / 10,904 / 6,724 against 8,497 / 6,714 / 5,880. ``writers = 1`` suits a
+database on a slow disk with few concurrent publishers.
 
 NOTE: ``unnest`` arrays, not ``copy_records_to_table`` into a temporary table followed by
-``INSERT ... SELECT ... ON CONFLICT``: in 6 interleaved pairs unnest was 1.1-2.1x as fast
-for batches of 64 and 0.96-1.32x for batches of 1,000 (``store_pg.py insert``): one round
-trip instead of four, no temporary table to empty at every commit. Its ``INSERT 0 n``
+``INSERT ... SELECT ... ON CONFLICT``: in 12 interleaved pairs (two runs) unnest was
+1.1-2.1x as fast for batches of 64, and 0.87-1.32x for batches of 1,000 (faster in 4 of
+6; ``store_pg.py insert``): one round trip instead of four, no temporary table to empty at every commit. Its ``INSERT 0 n``
 status also tells at once whether every row went in (the common case, with no row sent
 back); only a batch with duplicates is looked up again to return the stored rows.
 
@@ -261,7 +263,7 @@ class PostgresStore(Store):
         max_batch: int = 1000,
         max_backlog: int = 100_000,
         pool_size: int = 4,
-        writers: int = 1,
+        writers: int = 2,
         schema: str = "livegate",
         timeout: float = 10.0,
         connect_timeout: float = 5.0,
