@@ -186,12 +186,12 @@ MIGRATIONS: tuple[Migration, ...] = (
         )""",
         """CREATE TABLE {s}.room_members (
             room text NOT NULL,
-            "user" text NOT NULL,
+            user_id text NOT NULL,
             joined_at bigint NOT NULL,
             last_read_seq bigint NOT NULL DEFAULT 0,
-            PRIMARY KEY (room, "user")
+            PRIMARY KEY (room, user_id)
         )""",
-        'CREATE INDEX room_members_user ON {s}.room_members ("user")',
+        'CREATE INDEX room_members_user ON {s}.room_members (user_id)',
     )),
 )
 assert MIGRATIONS[-1].version == SCHEMA_VERSION and [m.version for m in MIGRATIONS] == list(range(1, SCHEMA_VERSION + 1))

@@ -191,12 +191,12 @@ MIGRATIONS: list[tuple[int, tuple[str, ...]]] = [
         "CREATE TABLE rooms (room TEXT PRIMARY KEY, kind TEXT NOT NULL, created_at INTEGER NOT NULL, meta TEXT) WITHOUT ROWID",
         """CREATE TABLE room_members (
             room TEXT NOT NULL,
-            user TEXT NOT NULL,
+            user_id TEXT NOT NULL,
             joined_at INTEGER NOT NULL,
             last_read_seq INTEGER NOT NULL DEFAULT 0,
-            PRIMARY KEY (room, user)
+            PRIMARY KEY (room, user_id)
         ) WITHOUT ROWID""",
-        "CREATE INDEX room_members_user ON room_members (user)",
+        "CREATE INDEX room_members_user ON room_members (user_id)",
         "INSERT INTO meta (key, value) VALUES ('fts_indexed', '0'), ('clean_close', '1'), "
         "('created_at', CAST(CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER) AS TEXT)), ('epoch', lower(hex(randomblob(8))))",
     )),

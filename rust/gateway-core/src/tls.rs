@@ -315,6 +315,25 @@ pub fn process(
     plain: &mut Vec<u8>,
     out: &mut Vec<u8>,
 ) -> Result<(usize, Progress), rustls::Error> {
+    guarded(|| process_records(sess, input, plain, out))
+}
+
+/// Run a call into rustls's state machine, turning a panic inside it into an error: one
+/// connection's bad bytes must never kill the I/O task (which would skip the connection's
+/// cleanup: its counters and per-IP slot). rustls 0.23 panics when it is called again
+/// after an error in the middle of a handshake message (seen by the load client); the
+/// code here avoids that call, and this catches whatever else such a bug would do.
+fn guarded<T>(f: impl FnOnce() -> Result<T, rustls::Error>) -> Result<T, rustls::Error> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
+        .unwrap_or_else(|_| Err(rustls::Error::General("the TLS state machine panicked".into())))
+}
+
+fn process_records(
+    sess: &mut Session,
+    input: &mut [u8],
+    plain: &mut Vec<u8>,
+    out: &mut Vec<u8>,
+) -> Result<(usize, Progress), rustls::Error> {
     let mut used = 0;
     loop {
         let UnbufferedStatus { mut discard, state } = sess.process_tls_records(&mut input[used..]);
@@ -348,21 +367,25 @@ pub fn process(
     }
 }
 
-/// After an error, rustls queues a fatal alert: put it on `out`.
+/// After an error, rustls queues a fatal alert: put it on `out`. One call only (the
+/// alert is the first thing it hands back; a further call can panic, see `guarded`).
 fn take_alert(sess: &mut Session, out: &mut Vec<u8>) {
-    for _ in 0..4 {
+    let _ = guarded(|| {
         let UnbufferedStatus { state, .. } = sess.process_tls_records(&mut []);
-        match state {
-            Ok(ConnectionState::EncodeTlsData(mut e)) => encode(&mut e, out),
-            Ok(ConnectionState::TransmitTlsData(t)) => t.done(),
-            _ => return,
+        if let Ok(ConnectionState::EncodeTlsData(mut e)) = state {
+            encode(&mut e, out);
         }
-    }
+        Ok(())
+    });
 }
 
 /// Encrypt `data` as application-data records appended to `out` (after any records rustls
 /// has waiting, such as a key update). Fails if the session may not send application data.
 pub fn encrypt(sess: &mut Session, data: &[u8], out: &mut Vec<u8>) -> Result<(), rustls::Error> {
+    guarded(|| encrypt_records(sess, data, out))
+}
+
+fn encrypt_records(sess: &mut Session, data: &[u8], out: &mut Vec<u8>) -> Result<(), rustls::Error> {
     loop {
         let UnbufferedStatus { state, .. } = sess.process_tls_records(&mut []);
         match state? {
@@ -670,6 +693,27 @@ mod session_tests {
         assert!(process(&mut server, &mut wire, &mut plain, &mut out).is_err());
         assert!(plain.is_empty());
         assert_eq!(out.first(), Some(&0x17), "an encrypted alert record goes out");
+    }
+
+    #[test]
+    fn an_error_in_the_middle_of_a_handshake_message_is_an_error_not_a_panic() {
+        let pki = Pki::new("midhs");
+        let (c, k) = pki.leaf("leaf", &rcgen::PKCS_ECDSA_P256_SHA256);
+        let acceptor = Acceptor::new(&c, &k).unwrap();
+        // A ClientHello that announces 1,000 bytes and brings 6, then a record of an
+        // unknown content type; and the same with a truncated record header after it.
+        let start = [0x16, 0x03, 0x01, 0x00, 0x0a, 0x01, 0x00, 0x03, 0xe8, 0x03, 0x03, 0, 0, 0, 0];
+        for tail in [&[0xff, 0x03, 0x03, 0x00, 0x01, 0x00][..], &[0x17, 0x03, 0x03, 0x00, 0x05, 1, 2, 3, 4, 5][..], &[0x16, 0x03][..]] {
+            let mut server = acceptor.session().unwrap();
+            let (mut plain, mut out) = (Vec::new(), Vec::new());
+            let mut input = [&start[..], tail].concat();
+            let first = process(&mut server, &mut input, &mut plain, &mut out);
+            // Whatever rustls makes of it, calling again (as a read loop would) must not panic.
+            let mut more = vec![0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x28];
+            let second = process(&mut server, &mut more, &mut plain, &mut out);
+            assert!(first.is_err() || second.is_err() || matches!(first, Ok((_, Progress::Handshaking))));
+            assert!(plain.is_empty());
+        }
     }
 
     #[test]
