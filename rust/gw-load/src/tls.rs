@@ -636,7 +636,7 @@ pub mod testing {
     use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
     use rustls::crypto::aws_lc_rs;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
-    use rustls::ServerConfig;
+    use rustls::{CipherSuite, ServerConfig};
     use std::path::PathBuf;
     use std::sync::Arc;
 
@@ -644,12 +644,38 @@ pub mod testing {
         /// PEM file with the CA certificate (deleted on drop).
         pub ca_path: PathBuf,
         pub server: Arc<ServerConfig>,
+        cert: CertificateDer<'static>,
+        key: Vec<u8>,
     }
 
     impl Drop for Pki {
         fn drop(&mut self) {
             let _ = std::fs::remove_file(&self.ca_path);
         }
+    }
+
+    impl Pki {
+        /// A server config like `server` offering only `suites`.
+        pub fn server_with(&self, suites: &[CipherSuite]) -> Arc<ServerConfig> {
+            server_config(&self.cert, &self.key, suites)
+        }
+    }
+
+    /// Tickets on, ALPN `http/1.1`, aws-lc-rs's suites (only `suites` unless empty).
+    fn server_config(cert: &CertificateDer<'static>, key: &[u8], suites: &[CipherSuite]) -> Arc<ServerConfig> {
+        let mut provider = aws_lc_rs::default_provider();
+        if !suites.is_empty() {
+            provider.cipher_suites.retain(|s| suites.contains(&s.suite()));
+        }
+        let mut server = ServerConfig::builder_with_provider(Arc::new(provider))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.clone()], PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.to_vec())))
+            .unwrap();
+        server.ticketer = aws_lc_rs::Ticketer::new().unwrap();
+        server.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Arc::new(server)
     }
 
     pub fn pki() -> Pki {
@@ -667,18 +693,9 @@ pub mod testing {
         let ca_path = std::env::temp_dir().join(format!("gw-load-test-ca-{}-{n}.pem", std::process::id()));
         std::fs::write(&ca_path, ca_cert.pem()).unwrap();
 
-        let mut server = ServerConfig::builder_with_provider(Arc::new(aws_lc_rs::default_provider()))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(
-                vec![CertificateDer::from(cert.der().to_vec())],
-                PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
-            )
-            .unwrap();
-        server.ticketer = aws_lc_rs::Ticketer::new().unwrap();
-        server.alpn_protocols = vec![b"http/1.1".to_vec()];
-        Pki { ca_path, server: Arc::new(server) }
+        let cert = CertificateDer::from(cert.der().to_vec());
+        let key = key.serialize_der();
+        Pki { ca_path, server: server_config(&cert, &key, &[]), cert, key }
     }
 }
 
@@ -829,6 +846,32 @@ mod tests {
                 srv.send_close_notify();
                 let (_, closed) = server_to_client(&mut srv, &mut cli, 3);
                 assert!(closed, "{what}");
+            }
+        }
+    }
+
+    #[test]
+    fn every_suite_we_offer() {
+        let mut pki = testing::pki();
+        for (suite, version) in [
+            (CipherSuite::TLS13_AES_256_GCM_SHA384, TlsVersion::V13),
+            (CipherSuite::TLS13_CHACHA20_POLY1305_SHA256, TlsVersion::V13),
+            (CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384, TlsVersion::V12),
+            (CipherSuite::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256, TlsVersion::V12),
+        ] {
+            pki.server = pki.server_with(&[suite]);
+            for direct in LAYERS {
+                let what = format!("{suite:?}, direct {direct}");
+                let (mut cli, mut srv) = handshake(&tls_for(&pki, version, direct), &pki);
+                assert_eq!(cli.negotiated().cipher, format!("{suite:?}"));
+                let down: Vec<u8> = (0..40_000u32).map(|i| (i % 241) as u8).collect();
+                srv.writer().write_all(&down).unwrap();
+                assert_eq!(server_to_client(&mut srv, &mut cli, 1500).0, down, "{what}");
+                // Several records up (TLS 1.2: a sending key that already sealed the Finished).
+                for i in 0..5 {
+                    let up = format!("up {i}");
+                    assert_eq!(client_to_server(&mut cli, &mut srv, up.as_bytes()), up.as_bytes(), "{what}");
+                }
             }
         }
     }
