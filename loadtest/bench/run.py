@@ -49,7 +49,8 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
-GW_LOAD = ROOT / "target" / "release" / "gw-load"
+#: The load client; the GW_LOAD environment variable picks another build (e.g. to compare two).
+GW_LOAD = Path(os.environ.get("GW_LOAD") or ROOT / "target" / "release" / "gw-load")
 BENCH_TOML = ROOT / "loadtest" / "bench" / "gateway-bench.toml"
 PEERS = ROOT / "loadtest" / "peers"
 RAW = ROOT / "loadtest" / "results" / "raw"
@@ -863,6 +864,10 @@ def socketify_missing() -> str | None:
 
 
 def ensure_gw_load() -> None:
+    if os.environ.get("GW_LOAD"):
+        if not GW_LOAD.exists():
+            raise SystemExit(f"GW_LOAD={GW_LOAD}: no such file")
+        return
     if not GW_LOAD.exists():
         log("building gw-load (cargo build --release -p gw-load)")
         subprocess.run(["cargo", "build", "--release", "-p", "gw-load", "-q"], cwd=ROOT, check=True, timeout=900)

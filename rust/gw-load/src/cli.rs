@@ -58,6 +58,14 @@ pub struct Args {
     #[arg(long)]
     pub tls_verify_once: bool,
 
+    /// Who decrypts records once the handshake is done: `direct` (in place in
+    /// the read buffer, with the AEAD and keys rustls negotiated; no copy or
+    /// allocation per record) or `rustls` (its unbuffered connection: a copy
+    /// and an allocation per record). The handshake is rustls's either way;
+    /// handshake mode always uses `rustls`.
+    #[arg(long, value_enum, default_value_t = RecordLayer::Direct)]
+    pub tls_record_layer: RecordLayer,
+
     /// Handshake mode: connections in flight at once.
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
     pub concurrency: u32,
@@ -217,6 +225,12 @@ pub enum TlsVersion {
     V13,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum RecordLayer {
+    Direct,
+    Rustls,
+}
+
 /// Publishing mode.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Rate {
@@ -284,7 +298,8 @@ impl Config {
                 Some(i) if !authority[i..].contains(']') => &authority[..i],
                 _ => authority,
             };
-            Some(Tls::new(host, ca, args.tls_resume == OnOff::On, args.tls_version, args.tls_verify_once)?)
+            let direct = args.tls_record_layer == RecordLayer::Direct;
+            Some(Tls::new(host, ca, args.tls_resume == OnOff::On, args.tls_version, args.tls_verify_once, direct)?)
         } else {
             if args.ca.is_some() || args.tls_version.is_some() || args.tls_verify_once {
                 return Err("--ca, --tls-version and --tls-verify-once need a wss:// URL".into());
@@ -438,6 +453,9 @@ mod tests {
         assert_eq!(c.target.port(), 443);
         assert_eq!(c.host_header, "localhost");
         assert!(c.tls.is_some());
+        assert_eq!(c.args.tls_record_layer, RecordLayer::Direct);
+        let c = cfg(&["--url", "wss://localhost/ws", "--ca", ca, "--tls-record-layer", "rustls"]).unwrap();
+        assert_eq!(c.args.tls_record_layer, RecordLayer::Rustls);
         let c = cfg(&["--url", "wss://127.0.0.1:9443/ws", "--ca", ca, "--mode", "handshake", "--upgrade"]).unwrap();
         assert_eq!(c.args.mode, Mode::Handshake);
         assert!(cfg(&["--mode", "handshake", "--hold", "1"]).is_err());

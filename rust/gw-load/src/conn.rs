@@ -9,10 +9,9 @@
 use crate::scan::{op_of, Scanner};
 use crate::stats::{Counters, Histogram};
 use crate::sys::Rng;
-use crate::tls::{self, Fed};
+use crate::tls::{self, Progress, Session};
 use crate::ws::{self, Flow, FrameReader, Message, ProtoError, UpgradeError};
 use mio::net::TcpStream;
-use rustls::ClientConnection;
 use std::collections::HashMap;
 use std::io::{self, Write};
 use std::time::Instant;
@@ -138,16 +137,17 @@ pub struct Conn {
     pub started_us: u64,
     pub hs: Option<Box<Handshake>>,
     pub reader: FrameReader,
-    /// Encoded frames not yet accepted by the socket (with TLS: by rustls).
+    /// Encoded frames not yet accepted by the socket (with TLS: not yet
+    /// encrypted).
     pub out: Vec<u8>,
     /// The TLS session for wss:// (None on the plain path).
-    pub tls: Option<Box<ClientConnection>>,
+    pub tls: Option<Box<Session>>,
 }
 
 impl Conn {
     pub fn new(
         stream: TcpStream,
-        tls: Option<Box<ClientConnection>>,
+        tls: Option<Box<Session>>,
         gid: u32,
         pub_slot: u32,
         slow: bool,
@@ -169,11 +169,23 @@ impl Conn {
         }
     }
 
-    /// Output waiting for the socket: queued frames, or TLS records rustls
-    /// holds (handshake messages, encrypted frames).
+    /// Output waiting for the socket: queued frames, or TLS records
+    /// (handshake messages, encrypted frames, alerts).
     #[inline]
     pub fn has_output(&self) -> bool {
-        !self.out.is_empty() || self.tls.as_ref().is_some_and(|t| t.wants_write())
+        !self.out.is_empty() || self.tls.as_ref().is_some_and(|t| !t.wire.is_empty())
+    }
+
+    /// Where in the read buffer a read for this connection goes: after room
+    /// for a TLS record left over from the previous read (see
+    /// [`Session::read`]); at the start on the plain path.
+    #[inline]
+    pub fn read_offset(&self) -> usize {
+        if self.tls.is_some() {
+            tls::HEADROOM
+        } else {
+            0
+        }
     }
 
     #[inline]
@@ -224,27 +236,29 @@ impl Conn {
         Ok(())
     }
 
-    /// Handles bytes read from the socket: straight to the protocol handler,
-    /// or through TLS first. The caller flushes afterwards ([`Conn::has_output`]):
-    /// rustls may have records to send (handshake, the upgrade request it held).
+    /// Handles bytes read from the socket, `buf[at..]` (`at` from
+    /// [`Conn::read_offset`]; TLS uses the room before it and decrypts in
+    /// place): straight to the protocol handler, or through TLS first. The
+    /// caller flushes afterwards ([`Conn::has_output`]): there may be records
+    /// to send (handshake, the upgrade request held until it completed).
     #[inline]
-    pub fn on_wire(&mut self, data: &[u8], ctx: &mut Ctx) -> Result<(), End> {
-        let Some(mut session) = self.tls.take() else { return self.on_bytes(data, ctx) };
+    pub fn on_wire(&mut self, buf: &mut [u8], at: usize, ctx: &mut Ctx) -> Result<(), End> {
+        let Some(mut session) = self.tls.take() else { return self.on_bytes(&buf[at..], ctx) };
         let was_handshaking = session.is_handshaking();
-        let res = tls::feed(&mut session, data, |e| End::Tls(tls::error_key(&e)), |plain| self.on_bytes(plain, ctx));
+        let res = session.read(buf, at, |e| End::Tls(tls::error_key(&e)), |plain| self.on_bytes(plain, ctx));
         if was_handshaking && !session.is_handshaking() {
-            match tls::resumed(&session) {
+            match session.resumed() {
                 Some(true) => ctx.tls_resumed += 1,
                 _ => ctx.tls_full += 1,
             }
             if ctx.tls_negotiated.is_none() {
-                ctx.tls_negotiated = Some(tls::negotiated(&session));
+                ctx.tls_negotiated = Some(session.negotiated());
             }
         }
         self.tls = Some(session);
         match res? {
-            Fed::More => Ok(()),
-            Fed::Closed => Err(End::Eof),
+            Progress::Handshaking | Progress::Open => Ok(()),
+            Progress::PeerClosed => Err(End::Eof),
         }
     }
 

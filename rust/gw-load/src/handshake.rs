@@ -23,12 +23,11 @@
 use crate::cli::{Config, OnOff};
 use crate::stats::{Counters, Histogram};
 use crate::sys::{self, Rng};
-use crate::tls::{self, Fed, Negotiated, Tls};
+use crate::tls::{self, Negotiated, Progress, Session, Tls};
 use crate::worker::{self, Phase, Shared};
 use crate::ws;
 use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token};
-use rustls::ClientConnection;
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::sync::Arc;
@@ -59,7 +58,7 @@ struct Slot {
     /// This emulated client's TLS settings and session cache (wss://).
     client: Option<Tls>,
     stream: Option<TcpStream>,
-    tls: Option<Box<ClientConnection>>,
+    tls: Option<Box<Session>>,
     state: St,
     /// µs on the worker's epoch.
     started_us: u64,
@@ -69,6 +68,9 @@ struct Slot {
     key: String,
     /// Upgrade response bytes so far.
     buf: Vec<u8>,
+    /// wss:// with --upgrade: the upgrade request, held until the TLS
+    /// handshake is done.
+    out: Vec<u8>,
 }
 
 /// What a handshake thread hands back.
@@ -146,7 +148,7 @@ impl HsWorker {
         let n = cfg.args.concurrency as usize / threads + usize::from(tid < cfg.args.concurrency as usize % threads);
         let slots = (0..n)
             .map(|_| Slot {
-                client: cfg.tls.as_ref().map(Tls::with_own_sessions),
+                client: cfg.tls.as_ref().map(Tls::emulated_client),
                 stream: None,
                 tls: None,
                 state: St::Free,
@@ -154,6 +156,7 @@ impl HsWorker {
                 tls_done_us: 0,
                 key: String::new(),
                 buf: Vec::new(),
+                out: Vec::new(),
             })
             .collect();
         let wait_ticket = cfg.tls.is_some() && !cfg.args.upgrade && cfg.args.tls_resume == OnOff::On;
@@ -162,7 +165,7 @@ impl HsWorker {
             poll: Poll::new()?,
             slots,
             free: (0..n).rev().collect(),
-            scratch: vec![0; 64 * 1024],
+            scratch: vec![0; tls::HEADROOM + 64 * 1024],
             rng: Rng::new(tid as u64 + 101),
             epoch: Instant::now(),
             measuring: false,
@@ -265,6 +268,7 @@ impl HsWorker {
         s.tls_done_us = 0;
         s.key = key;
         s.buf.clear();
+        s.out.clear();
         Ok(())
     }
 
@@ -308,9 +312,9 @@ impl HsWorker {
         };
         match s.tls.as_mut() {
             Some(t) => {
-                // rustls holds the request until the handshake is done; this
-                // sends the ClientHello.
-                tls::flush(t, stream, req.as_bytes()).map_err(|e| format!("io_{:?}", e.kind()))?;
+                // The request waits for the handshake; this sends the ClientHello.
+                s.out.extend_from_slice(req.as_bytes());
+                tls::flush(t, stream, &[]).map_err(|e| format!("io_{:?}", e.kind()))?;
                 s.state = St::Handshaking;
             }
             None if self.cfg.args.upgrade => {
@@ -329,40 +333,41 @@ impl HsWorker {
     /// Reads what the socket has, through TLS when wss://.
     fn read(&mut self, i: usize) -> Result<(), String> {
         let s = &mut self.slots[i];
+        let at = if s.tls.is_some() { tls::HEADROOM } else { 0 };
         loop {
             let Some(stream) = s.stream.as_mut() else { return Ok(()) };
-            let n = match stream.read(&mut self.scratch) {
+            let n = match stream.read(&mut self.scratch[at..]) {
                 Ok(0) => return Err("eof".into()),
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(format!("io_{:?}", e.kind())),
             };
-            let data = &self.scratch[..n];
             match s.tls.as_mut() {
                 Some(t) => {
                     let buf = &mut s.buf;
-                    let fed = tls::feed(
-                        t,
-                        data,
+                    let read = t.read(
+                        &mut self.scratch[..at + n],
+                        at,
                         |e| format!("tls_{}", tls::error_key(&e)),
                         |p| {
                             buf.extend_from_slice(p);
                             Ok(())
                         },
                     );
-                    if let Err(e) = fed {
-                        // Send rustls's alert before dropping.
-                        let _ = t.write_tls(stream);
-                        return Err(e);
-                    }
-                    if let Ok(Fed::Closed) = fed {
-                        return Err("tls_closed".into());
+                    match read {
+                        Err(e) => {
+                            // Send rustls's alert before dropping.
+                            let _ = tls::flush(t, stream, &[]);
+                            return Err(e);
+                        }
+                        Ok(Progress::PeerClosed) => return Err("tls_closed".into()),
+                        Ok(Progress::Handshaking | Progress::Open) => {}
                     }
                 }
-                None => s.buf.extend_from_slice(data),
+                None => s.buf.extend_from_slice(&self.scratch[..n]),
             }
-            if n < self.scratch.len() {
+            if at + n < self.scratch.len() {
                 return Ok(());
             }
         }
@@ -386,7 +391,7 @@ impl HsWorker {
                     St::Free // done
                 };
             }
-            if s.state == St::AwaitTicket && t.tls13_tickets_received() > 0 {
+            if s.state == St::AwaitTicket && t.tickets() > 0 {
                 self.awaiting -= 1;
                 self.ticket_seen = true;
                 self.no_ticket_run = 0;
@@ -394,8 +399,9 @@ impl HsWorker {
             }
             // Our Finished (and the held upgrade request). A connection that is
             // done sends it together with close_notify in `close`: one write.
-            if s.state != St::Free && t.wants_write() {
-                tls::flush(t, stream, &[]).map_err(|e| format!("io_{:?}", e.kind()))?;
+            if s.state != St::Free && (!t.wire.is_empty() || !s.out.is_empty()) {
+                let took = tls::flush(t, stream, &s.out).map_err(|e| format!("io_{:?}", e.kind()))?;
+                s.out.drain(..took);
             }
         }
         if s.state == St::Upgrading {
@@ -451,12 +457,12 @@ impl HsWorker {
             self.res.conn_hist.record(now.saturating_sub(s.started_us));
             if let Some(t) = s.tls.as_deref() {
                 self.res.tls_hist.record(s.tls_done_us.saturating_sub(s.started_us));
-                match tls::resumed(t) {
+                match t.resumed() {
                     Some(true) => self.res.resumed += 1,
                     _ => self.res.full += 1,
                 }
                 if self.res.negotiated.is_none() {
-                    self.res.negotiated = Some(tls::negotiated(t));
+                    self.res.negotiated = Some(t.negotiated());
                 }
             }
         }
@@ -486,7 +492,7 @@ impl HsWorker {
             return;
         }
         if let (Some(t), Some(stream)) = (s.tls.as_mut(), s.stream.as_mut()) {
-            t.send_close_notify();
+            t.close_notify();
             let _ = tls::flush(t, stream, &[]);
         }
         // Dropping the socket closes the descriptor, which also removes it

@@ -5,7 +5,7 @@
 //!
 //! Modules: `cli` (flags), `worker` (event loop), `conn` (per-connection
 //! protocol state), `ws` (frame parse/encode, upgrade), `tls` (wss:// over
-//! rustls), `handshake` (--mode handshake: connection set-ups per second),
+//! rustls), `records` (the TLS record layer after the handshake), `handshake` (--mode handshake: connection set-ups per second),
 //! `scan` (message counting without JSON parsing), `jwt`, `stats`
 //! (histogram, counters), `sys` (rlimit, rusage, clock, PRNG).
 
@@ -15,6 +15,7 @@ mod cli;
 mod conn;
 mod handshake;
 mod jwt;
+mod records;
 mod scan;
 mod stats;
 mod sys;

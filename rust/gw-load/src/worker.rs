@@ -22,7 +22,8 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// Size of the per-thread read buffer all connections read into.
+/// Size of the per-thread read buffer all connections read into (wss://
+/// reads leave `tls::HEADROOM` of it free in front).
 const SCRATCH: usize = 256 * 1024;
 /// Don't queue more publishes on a connection whose unsent output exceeds
 /// this (the server is not reading); the pacer catches up later.
@@ -468,9 +469,10 @@ impl Worker {
     /// we read on to see the EOF.
     fn read_conn(&mut self, idx: usize, drain_all: bool) -> Result<(), End> {
         let conn = &mut self.conns[idx];
+        let at = conn.read_offset();
         loop {
             let Some(stream) = conn.stream.as_mut() else { return Ok(()) };
-            match stream.read(&mut self.scratch) {
+            match stream.read(&mut self.scratch[at..]) {
                 Ok(0) => {
                     // Flush a pending close echo etc. before reporting EOF.
                     let _ = conn.flush();
@@ -478,7 +480,7 @@ impl Worker {
                 }
                 Ok(n) => {
                     self.ctx.now_us = sys::unix_micros();
-                    if let Err(end) = conn.on_wire(&self.scratch[..n], &mut self.ctx) {
+                    if let Err(end) = conn.on_wire(&mut self.scratch[..at + n], at, &mut self.ctx) {
                         let _ = conn.flush();
                         return Err(end);
                     }
@@ -494,7 +496,7 @@ impl Worker {
                         }
                         break;
                     }
-                    if n < self.scratch.len() && !drain_all {
+                    if at + n < self.scratch.len() && !drain_all {
                         break;
                     }
                 }
@@ -556,12 +558,13 @@ impl Worker {
             }
             let end = loop {
                 let conn = &mut self.conns[idx];
+                let at = conn.read_offset();
                 let Some(stream) = conn.stream.as_mut() else { break None };
-                match stream.read(&mut self.scratch) {
+                match stream.read(&mut self.scratch[at..]) {
                     Ok(0) => break Some(End::Eof),
                     Ok(n) => {
                         self.ctx.counters.slow_bytes += n as u64;
-                        if let Err(end) = conn.on_wire(&self.scratch[..n], &mut self.ctx) {
+                        if let Err(end) = conn.on_wire(&mut self.scratch[..at + n], at, &mut self.ctx) {
                             break Some(end);
                         }
                     }
@@ -590,8 +593,8 @@ impl Worker {
                 ws::encode_frame(&mut c.out, ws::OP_CLOSE, &1000u16.to_be_bytes(), self.ctx.rng.mask());
                 let _ = c.flush();
                 if let Some(t) = c.tls.as_mut() {
-                    // After the frame: rustls sends nothing after the alert.
-                    t.send_close_notify();
+                    // After the frame (nothing is sent after the alert).
+                    t.close_notify();
                     let _ = c.flush();
                 }
             }
@@ -816,6 +819,12 @@ mod tests {
     /// sizes; the client counts every one and reports the handshake.
     #[test]
     fn wss_receiver_counts_every_message() {
+        for layer in ["direct", "rustls"] {
+            wss_receiver(layer);
+        }
+    }
+
+    fn wss_receiver(layer: &str) {
         use rustls::{ServerConnection, StreamOwned};
 
         let pki = crate::tls::testing::pki();
@@ -835,6 +844,8 @@ mod tests {
             "0",
             "--ping-interval",
             "0",
+            "--tls-record-layer",
+            layer,
         ])
         .unwrap();
         let cfg = Arc::new(Config::from_args(args).unwrap());
