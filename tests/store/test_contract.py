@@ -37,6 +37,10 @@ class Backend:
     """How the tests reach one kind of database from outside the store."""
 
     kind = ""
+    #: Only the embedded store creates its schema in a new database at start(); the
+    #: others need ``gateway migrate`` (:meth:`Store.migrate`) first.
+    creates_schema = True
+    migrated = False
 
     def new_store(self, **options: Any) -> Store:
         """A store (not started) on this test's database; ``options``: constructor options
@@ -93,6 +97,7 @@ class SqliteBackend(Backend):
 class PostgresBackend(Backend):
     kind = "postgres"
     schema = "livegate"
+    creates_schema = False
 
     def __init__(self, admin_dsn: str, dsn: str) -> None:
         self.admin_dsn = admin_dsn
@@ -165,11 +170,12 @@ async def opened(backend: Backend) -> AsyncIterator[list[Store]]:
 
 
 async def start(backend: Backend, opened: list[Store], **options: Any) -> Store:
+    """A started store on the test's database (migrated first, the first time, for the
+    kinds that do not create their schema themselves)."""
     s = backend.new_store(**options)
-    if backend.kind == "postgres":
-        # A PostgreSQL store never migrates at start (`gateway migrate` does); SQLite
-        # creates its schema in a new file itself.
+    if not backend.creates_schema and not backend.migrated:
         await s.migrate()
+    backend.migrated = True
     await s.start()
     opened.append(s)
     return s
@@ -419,12 +425,13 @@ async def test_export_by_room_sender_and_all_in_batches_and_time_range(store: St
 
 
 async def test_search_finds_chinese_substrings_newest_first(store: Store) -> None:
-    await store.commit_many([
-        msg("cs:1", 1, data={"text": "您好，请问我的订单什么时候发货？"}),
-        msg("cs:1", 2, data={"text": "您的订单已发货，请注意查收"}),
-        msg("cs:2", 1, data={"text": "订单已发货了吗"}, ts=T0 + 10),  # the newest
-        msg("cs:2", 2, data={"text": "no Chinese here"}),
-    ])
+    for i, m in enumerate([  # one after the other, each later than the one before
+        msg("cs:1", 1, ts=T0 + 1, data={"text": "您好，请问我的订单什么时候发货？"}),
+        msg("cs:1", 2, ts=T0 + 2, data={"text": "您的订单已发货，请注意查收"}),
+        msg("cs:2", 1, ts=T0 + 3, data={"text": "订单已发货了吗"}),
+        msg("cs:2", 2, ts=T0 + 4, data={"text": "no Chinese here"}),
+    ]):
+        assert (await store.commit(m)).ts == T0 + i + 1
     found = await store.search("已发货")
     assert [(m.room, m.seq) for m in found] == [("cs:2", 1), ("cs:1", 2)]
     assert [(m.room, m.seq) for m in await store.search("已发货", room="cs:1")] == [("cs:1", 2)]

@@ -209,7 +209,6 @@ _Row = tuple[str, int, int, str, int, str | None, str, str | None, str]
 _Result = tuple["asyncio.Future[StoredMessage]", "StoredMessage | BaseException", float]
 
 
-
 def _row(m: StoredMessage) -> _Row:
     """The row of ``m`` (``data`` decoded: the column is TEXT); raises on a malformed message."""
     return (m.room, m.seq, m.ts, m.type, m.prio, m.sender, m.data.decode(), m.cid, m.route)
