@@ -147,21 +147,14 @@ class EngineCollector:
         from .broker.base import LAG_BUCKETS
 
         bs = self.gw.broker.stats
-        acc, cum = 0, []
-        for le, n in zip((*LAG_BUCKETS, float("inf")), bs.lag_buckets, strict=False):
-            acc += n
-            cum.append((_le(le), acc))
+        cum = _cumulative(LAG_BUCKETS, bs.lag_buckets)
         lag = HistogramMetricFamily("gateway_broker_pubsub_lag_seconds", "Lag of room messages from other nodes, publish to receipt (clocks of two nodes)")
         lag.add_metric([], cum, sum_value=bs.lag_sum)
         yield lag
         st = self.gw.stats
         hd = HistogramMetricFamily("gateway_hook_duration_seconds", "Hook call duration, by hook", labels=["hook"])
         for hook in HOOKS:
-            acc, cum = 0, []
-            for le, n in zip((*HOOK_BUCKETS, float("inf")), st.hook_buckets[hook], strict=False):
-                acc += n
-                cum.append((_le(le), acc))
-            hd.add_metric([hook], cum, sum_value=st.hook_seconds_sum[hook])
+            hd.add_metric([hook], _cumulative(HOOK_BUCKETS, st.hook_buckets[hook]), sum_value=st.hook_seconds_sum[hook])
         yield hd
 
     def _top_rooms(self, eng: Any) -> Any:
@@ -244,13 +237,20 @@ def _store(gw: Gateway) -> Any:
     yield un
     from .store.base import LATENCY_BUCKETS
 
-    acc, cum = 0, []
-    for le, n in zip((*LATENCY_BUCKETS, float("inf")), st.latency_buckets, strict=False):
+    h = HistogramMetricFamily("gateway_store_commit_seconds", "Durable commit latency (queued to committed)")
+    h.add_metric([], _cumulative(LATENCY_BUCKETS, st.latency_buckets), sum_value=st.latency_sum)
+    yield h
+
+
+def _cumulative(bounds: tuple[float, ...], counts: list[int]) -> list[tuple[str, float]]:
+    """Per-bucket counts (the last one above every bound) as Prometheus's cumulative
+    ``(le, count)`` pairs."""
+    acc = 0
+    cum: list[tuple[str, float]] = []
+    for le, n in zip((*bounds, float("inf")), counts, strict=False):
         acc += n
         cum.append((_le(le), acc))
-    h = HistogramMetricFamily("gateway_store_commit_seconds", "Durable commit latency (queued to committed)")
-    h.add_metric([], cum, sum_value=st.latency_sum)
-    yield h
+    return cum
 
 
 def _le(v: float) -> str:

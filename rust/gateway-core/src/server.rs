@@ -1105,6 +1105,22 @@ fn decode_backlog(sh: &Shared, conn: &Conn, inp: &mut Input) {
     }
 }
 
+/// One non-blocking read into `scratch`, counted (bytes in, the connection's last
+/// sign of life): Some(n) (0 = EOF), None when the socket has nothing now.
+fn read_chunk(sh: &Shared, stream: &TcpStream, conn: &Conn, scratch: &mut [u8]) -> io::Result<Option<usize>> {
+    match stream.try_read(scratch) {
+        Ok(n) => {
+            if n > 0 {
+                metrics::add(&sh.counters.bytes_in, n as u64);
+                conn.last_rx.store(sh.now_ticks(), Relaxed);
+            }
+            Ok(Some(n))
+        }
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 /// Read what the socket has (up to the budget) and decode it. Ok(false) on EOF.
 fn read_some(sh: &Shared, stream: &TcpStream, conn: &Conn, inp: &mut Input) -> io::Result<bool> {
     let c = &sh.counters;
@@ -1113,15 +1129,12 @@ fn read_some(sh: &Shared, stream: &TcpStream, conn: &Conn, inp: &mut Input) -> i
         let mut scratch = s.borrow_mut();
         let mut total = 0;
         loop {
-            let n = match stream.try_read(&mut scratch[..]) {
-                Ok(0) => return Ok(false),
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(true),
-                Err(e) => return Err(e),
+            let n = match read_chunk(sh, stream, conn, &mut scratch)? {
+                Some(0) => return Ok(false),
+                Some(n) => n,
+                None => return Ok(true),
             };
             total += n;
-            metrics::add(&c.bytes_in, n as u64);
-            conn.last_rx.store(sh.now_ticks(), Relaxed);
             if inp.dead || inp.dec.is_closed() {
                 continue; // discard until EOF
             }
@@ -1189,15 +1202,12 @@ fn read_some_tls(sh: &Shared, stream: &TcpStream, conn: &Conn, inp: &mut Input) 
             let mut plain = p.borrow_mut();
             let mut total = 0;
             loop {
-                let n = match stream.try_read(&mut scratch[..]) {
-                    Ok(0) => return Ok(false),
-                    Ok(n) => n,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(true),
-                    Err(e) => return Err(e),
+                let n = match read_chunk(sh, stream, conn, &mut scratch)? {
+                    Some(0) => return Ok(false),
+                    Some(n) => n,
+                    None => return Ok(true),
                 };
                 total += n;
-                metrics::add(&c.bytes_in, n as u64);
-                conn.last_rx.store(sh.now_ticks(), Relaxed);
                 if inp.dead || inp.dec.is_closed() {
                     continue; // discard until EOF
                 }

@@ -703,7 +703,11 @@ mod session_tests {
         // A ClientHello that announces 1,000 bytes and brings 6, then a record of an
         // unknown content type; and the same with a truncated record header after it.
         let start = [0x16, 0x03, 0x01, 0x00, 0x0a, 0x01, 0x00, 0x03, 0xe8, 0x03, 0x03, 0, 0, 0, 0];
-        for tail in [&[0xff, 0x03, 0x03, 0x00, 0x01, 0x00][..], &[0x17, 0x03, 0x03, 0x00, 0x05, 1, 2, 3, 4, 5][..], &[0x16, 0x03][..]] {
+        for tail in [
+            &[0xff, 0x03, 0x03, 0x00, 0x01, 0x00][..],
+            &[0x17, 0x03, 0x03, 0x00, 0x05, 1, 2, 3, 4, 5][..],
+            &[0x16, 0x03][..],
+        ] {
             let mut server = acceptor.session().unwrap();
             let (mut plain, mut out) = (Vec::new(), Vec::new());
             let mut input = [&start[..], tail].concat();
