@@ -406,7 +406,7 @@ async def test_start_when_the_database_is_down(private_pg: PostgresServer) -> No
     dsn = private_pg.dsn()
     await PostgresStore(dsn).migrate()
     private_pg.stop()
-    with pytest.raises(StoreUnavailable, match=rf"127\.0\.0\.1:{private_pg.port}/postgres is unavailable \(connecting\)"):
+    with pytest.raises(StoreUnavailable, match=rf"127\.0\.0\.1:{private_pg.port}/postgres is unavailable \((connecting|starting)\)"):
         await PostgresStore(dsn, connect_timeout=1.0).start()
 
 

@@ -137,9 +137,16 @@ class Storage:
 
     async def position(self, room: str, h: HistoryResult) -> tuple[int, str]:
         """The room's (seq, epoch), given what the broker knows (``h``): the broker's when
-        it has numbered past the store, else the store's (a room the broker started
-        afresh continues from the store under :attr:`epoch`)."""
-        floor = await self.floor(room)
+        it has numbered past the store, else the store's, read afresh (other nodes may
+        have stored more since this node last looked; a room the broker starts afresh
+        continues from the store under :attr:`epoch`)."""
+        known = self._floors.get(room)
+        if h.seq > 0 and known is not None and h.seq >= known[0]:
+            return h.seq, h.epoch
+        assert self.store is not None
+        last = await self.store.last_seq(room)
+        self._remember(room, max(last, known[0] if known else 0), time.monotonic())
+        floor = self._floors[room][0]
         if h.seq >= floor and h.seq > 0:
             return h.seq, h.epoch
         return floor, self.epoch

@@ -355,7 +355,7 @@ class PostgresStore(Store):
     async def start(self) -> None:
         try:
             self._pool = await asyncpg.create_pool(
-                self.dsn, min_size=1, max_size=self.pool_size, timeout=self.connect_timeout, command_timeout=self.timeout,
+                self.dsn, min_size=0, max_size=self.pool_size, timeout=self.connect_timeout, command_timeout=self.timeout,
                 server_settings={"application_name": "livegate"},
             )
         except _ANY_DB as e:
