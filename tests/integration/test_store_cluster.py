@@ -12,12 +12,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from gateway.client import GatewayError
 from support import ROOT
 from support.gateway import GatewayProcess, uniq
 from support.postgres import PostgresServer
 from support.redis import RedisServer, command
 from support.wait import eventually
+
+from gateway.client import GatewayError
 
 ROUTES = """
 [[routes]]

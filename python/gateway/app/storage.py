@@ -171,7 +171,8 @@ class Storage:
         top = stored[-1].seq if stored else since
         msgs += [f for s, f in ring if s > top]
         have = [m.seq for m in stored] + [s for s, _ in ring if s > top]
-        recovered = have == list(range(since + 1, since + 1 + len(have))) and (not have or have[-1] == seq)
+        # Recovered: every seq after the client's position, up to the room's, is here.
+        recovered = have == list(range(since + 1, seq + 1))
         return HistoryResult(msgs, seq, cur_epoch, recovered)
 
     async def page(self, room: str, before_seq: int | None, limit: int) -> tuple[list[bytes], str, bool]:
