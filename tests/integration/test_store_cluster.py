@@ -34,6 +34,14 @@ history_size = 10
 pattern = "live:{id}"
 join = "all"
 publish = "all"
+
+[[routes]]
+pattern = "arch:{id}"
+join = "all"
+publish = "all"
+user_rate = 0
+room_rate = 0
+store = "archive"
 """
 
 
@@ -95,17 +103,20 @@ async def test_database_down_durable_publishes_fail_clearly_live_rooms_go_on(pri
     dsn = private_pg.dsn()
     migrate(dsn)
     g = GatewayProcess(tmp_path, ["store.kind=postgres", f"store.dsn={dsn}", "limits.client_rate=0"], config=ROUTES).start()
-    cs, live = f"cs:{uniq()}", f"live:{uniq()}"
+    cs, live, arch = f"cs:{uniq()}", f"live:{uniq()}", f"arch:{uniq()}"
     try:
         c = await g.client("u1")
         await c.join(cs)
         await c.join(live)
+        await c.join(arch)
         assert (await c.publish(cs, {"n": 1}, cid="m1"))["seq"] == 1
         private_pg.stop()
         with pytest.raises(GatewayError) as e:
             await c.publish(cs, {"n": 2}, cid="m2")
         assert e.value.code == 5030
         assert (await c.publish(live, {"still": "live"}))["seq"] >= 1
+        # An archive room goes on too; its message is written once the database is back.
+        assert (await c.publish(arch, {"kept": "later"}))["seq"] == 1
         assert (await c.recv(timeout=10))["data"] == {"n": 1}
         private_pg.start()
         # The retry with the same cid is stored once, under the seq it was published with.
@@ -114,6 +125,8 @@ async def test_database_down_durable_publishes_fail_clearly_live_rooms_go_on(pri
         page = await c.history(cs)
         assert [(m["seq"], m["data"]) for m in page["msgs"]] == [(1, {"n": 1}), (2, {"n": 2})]
         assert (g.metric("gateway_store_unavailable_total") or 0) >= 1
+        archived = await eventually(lambda: _stored(c, arch), timeout=20)
+        assert [m["data"] for m in archived["msgs"]] == [{"kept": "later"}]
         await c.close()
     finally:
         assert not g.finish()
@@ -126,3 +139,9 @@ async def _try(coro: object) -> object:
         if e.code != 5030:
             raise
         return None
+
+
+async def _stored(c: object, room: str) -> object:
+    """The room's history page once it holds something (None while the store is down or empty)."""
+    page = await _try(c.history(room))  # type: ignore[attr-defined]
+    return page if page and page["msgs"] else None  # type: ignore[index]

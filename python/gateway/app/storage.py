@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 from ..broker import HistoryResult
 from ..config import Config, StoreConfig
 from ..routing import Route, Router
-from ..store import Store, StoredMessage
+from ..store import Store, StoredMessage, StoreUnavailable
 
 if TYPE_CHECKING:
     from ..broker import Broker
@@ -114,7 +114,12 @@ class Storage:
             self._floors.move_to_end(room)
             return known[0]
         assert self.store is not None
-        last = await self.store.last_seq(room)
+        try:
+            last = await self.store.last_seq(room)
+        except StoreUnavailable:
+            # The database is down: number on from what this node knows (archive and
+            # none routes keep working; the store is asked again next time).
+            return known[0] if known is not None else 0
         self._remember(room, max(last, known[0] if known else 0), now)
         return self._floors[room][0]
 
