@@ -268,6 +268,8 @@ class Gateway:
     def deliver_room(self, room: str, payload: bytes, prio: int) -> int:
         rm = self.stats.room_messages
         rm[room] = rm.get(room, 0) + 1
+        # Seqs other nodes took in a room whose messages are kept (one dict lookup).
+        self.storage.seen(room, payload)
         return self.engine_or_raise().publish(room, payload, prio)
 
     def deliver_user(self, user: str, payload: bytes, prio: int) -> int:

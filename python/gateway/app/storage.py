@@ -129,6 +129,15 @@ class Storage:
         if known is not None and seq > known[0]:
             self._floors[room] = (seq, known[1])
 
+    def seen(self, room: str, frame: bytes) -> None:
+        """A room message arrived from the broker (from any node): its seq is taken. Only
+        rooms this node numbers from (in its floors) pay for reading it."""
+        known = self._floors.get(room)
+        if known is not None and frame.startswith(b'{"op":"msg"'):
+            seq = _seq_of(frame)
+            if seq > known[0]:
+                self._floors[room] = (seq, known[1])
+
     def _remember(self, room: str, seq: int, at: float) -> None:
         floors = self._floors
         floors[room] = (seq, at)
