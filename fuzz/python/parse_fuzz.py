@@ -10,6 +10,7 @@ Invariants checked on every input:
 - an echoed ``id`` is None, a number or a string of at most 64 characters;
 - a ``Join``'s history is 0..50, a resume's seq >= 0 and epoch <= 64 characters;
 - a ``Publish``'s ``cid`` is None or 1..64 characters, ``size`` is the input's length;
+- a ``History``'s ``limit`` is 1..100 and its ``before_seq`` None or positive;
 - rooms are non-empty strings; a request parses the same twice (no hidden state).
 """
 
@@ -20,7 +21,7 @@ import sys
 import atheris
 
 with atheris.instrument_imports():
-    from gateway.protocol.requests import MAX_CID_LEN, MAX_HISTORY, BadRequest, Join, Leave, Ping, Publish, parse
+    from gateway.protocol.requests import MAX_CID_LEN, MAX_HISTORY, MAX_PAGE, BadRequest, History, Join, Leave, Ping, Publish, parse
 
 
 def _check_id(rid: object) -> None:
@@ -48,6 +49,10 @@ def test_one_input(data: bytes) -> None:
         assert req.size == len(data)
     elif isinstance(req, Leave):
         assert isinstance(req.room, str) and req.room
+    elif isinstance(req, History):
+        assert isinstance(req.room, str) and req.room
+        assert 1 <= req.limit <= MAX_PAGE
+        assert req.before_seq is None or req.before_seq >= 1
     else:
         assert isinstance(req, Ping)
     assert parse(data, binary) == req
