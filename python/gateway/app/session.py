@@ -364,7 +364,7 @@ class Sessions:
             h = await self.broker.history(req.room, limit=route.cfg.history_size)
             ring = h.messages
             if req.before_seq is not None:
-                ring = [f for f in ring if _msg_seq(f) < req.before_seq]
+                ring = [f for f in ring if frames.seq_of(f) < req.before_seq]
             more = len(ring) > req.limit
             msgs, epoch = ring[-req.limit:], h.epoch
         self.engine().send(c.conn, frames.history_ack(req.id, req.room, epoch, msgs, more), Priority.NORMAL)
@@ -467,8 +467,3 @@ class Sessions:
         if dup:
             extra["dup"] = True
         eng.send(c.conn, frames.ack(req.id, seq=seq, **extra), Priority.HIGH)
-
-
-def _msg_seq(frame: bytes) -> int:
-    i = frame.index(b'"seq":') + 6
-    return int(frame[i:frame.index(b",", i)])

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 
 from ..broker import HistoryResult
 from ..config import Config, StoreConfig
+from ..protocol import frames
 from ..routing import Route, Router
 from ..store import Store, StoredMessage, StoreUnavailable
 
@@ -39,13 +40,6 @@ log = logging.getLogger("gateway")
 _FLOORS = 100_000
 #: Seconds a floor read from the store is trusted (other nodes number the room too).
 _FLOOR_TTL = 30.0
-
-
-def _seq_of(frame: bytes) -> int:
-    """The ``seq`` of a ``msg`` frame (it follows ``"seq":`` near the start)."""
-    i = frame.index(b'"seq":') + 6
-    j = frame.index(b",", i)
-    return int(frame[i:j])
 
 
 def open_store(cfg: StoreConfig) -> Store:
@@ -134,7 +128,7 @@ class Storage:
         rooms this node numbers from (in its floors) pay for reading it."""
         known = self._floors.get(room)
         if known is not None and frame.startswith(b'{"op":"msg"'):
-            seq = _seq_of(frame)
+            seq = frames.seq_of(frame)
             if seq > known[0]:
                 self._floors[room] = (seq, known[1])
 
@@ -170,7 +164,7 @@ class Storage:
         store: older messages the ring no longer holds, a resume the ring cannot serve."""
         assert self.store is not None
         seq, cur_epoch = await self.position(room, h)
-        ring = [(_seq_of(f), f) for f in h.messages]
+        ring = [(frames.seq_of(f), f) for f in h.messages]
         if since is None:
             if len(ring) >= limit or limit <= 0:
                 return HistoryResult(h.messages, seq, cur_epoch, None)

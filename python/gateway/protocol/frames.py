@@ -94,6 +94,13 @@ def message_parts(room: str, msg_type: str, prio: int, sender: str | None, data:
     return head, tail
 
 
+def seq_of(frame: bytes) -> int:
+    """The ``seq`` of a ``msg`` frame built by :func:`message_parts` (it follows
+    ``"seq":`` near the start)."""
+    i = frame.index(b'"seq":') + 6
+    return int(frame[i:frame.index(b",", i)])
+
+
 def splice(head: bytes, seq: int, epoch: str, tail: bytes) -> bytes:
     """Join :func:`message_parts` with the assigned ``seq`` and ``epoch``."""
     return head + str(seq).encode() + b',"epoch":' + _dumps(epoch) + tail
