@@ -485,3 +485,135 @@ async def test_stored_message_frame_is_the_published_frame(store: Store) -> None
     server = StoredMessage("cs:1", 43, T0, "notice", 0, None, b'{"a":1}')
     head, tail = P.message_parts("cs:1", "notice", 0, None, {"a": 1}, T0)
     assert server.frame("e") == P.splice(head, 43, "e", tail)
+
+
+# --------------------------------------------------------------------------- seqs never go back
+
+async def test_last_seq_never_goes_back_after_erasure_or_retention(store: Store) -> None:
+    """A room whose newest messages were deleted keeps its last seq, so a broker that
+    starts the room afresh never numbers a new message with a seq a deleted one had."""
+    await store.commit_many([msg("r", i, sender="alice" if i > 3 else "bob", route="live:*") for i in range(1, 7)])
+    assert await store.delete_user("alice") == 3
+    assert await store.last_seq("r") == 6
+    assert await store.expire("live:*", T0 + 100) == 3  # every message of the room is gone
+    assert await store.messages("r") == []
+    assert await store.last_seq("r") == 6
+    await store.commit(msg("r", 7))
+    assert await store.last_seq("r") == 7
+
+
+# --------------------------------------------------------------------------- the outbox log
+
+async def outbox_store(backend: Backend, opened: list[Store], **options: Any) -> Store:
+    s = backend.new_store(**options)
+    s.outbox = True
+    if not backend.creates_schema and not backend.migrated:
+        await s.migrate()
+    backend.migrated = True
+    await s.start()
+    opened.append(s)
+    return s
+
+
+async def read_all(store: Store, after: str | None = None, limit: int = 1000) -> list[Any]:
+    return await store.outbox_read(after, limit)
+
+
+async def test_outbox_logs_each_new_message_once_and_room_events(backend: Backend, opened: list[Store]) -> None:
+    store = await outbox_store(backend, opened)
+    await store.commit_many([msg("cs:1", i) for i in (1, 2, 3)])
+    assert (await store.commit(msg("cs:1", 2))).seq == 2  # a duplicate: no second entry
+    assert store.event("cs:1", "join", orjson.dumps({"id": "e1", "event": "join", "user": "u9"}))
+    await eventually(lambda: store.backlog == 0 and store.stats.events == 1, what="the event written")
+    store.archive(msg("cs:2", 1, cid="x"))
+    store.archive(msg("cs:2", 1, cid="x"))  # written twice (a redelivered archive): one entry
+    await eventually(lambda: store.backlog == 0)
+    entries = await read_all(store)
+    assert [(e.room, e.kind, e.seq) for e in entries] == [
+        ("cs:1", "message", 1), ("cs:1", "message", 2), ("cs:1", "message", 3), ("cs:1", "join", None), ("cs:2", "message", 1)]
+    assert entries[0].message == msg("cs:1", 1) and entries[0].ts == msg("cs:1", 1).ts
+    assert orjson.loads(entries[3].body or b"") == {"id": "e1", "event": "join", "user": "u9"} and entries[3].message is None
+    assert all(e.endpoint is None for e in entries)
+    # Reading on from a position gives what follows it; positions are stable.
+    assert [e.position for e in await read_all(store, entries[1].position)] == [e.position for e in entries[2:]]
+    assert await read_all(store, entries[-1].position) == []
+    assert len(await store.outbox_read(None, 2)) == 2
+    n, first_ts = await store.outbox_backlog(entries[1].position)
+    assert n >= 3 and first_ts == msg("cs:1", 3).ts
+    assert await store.outbox_backlog(entries[-1].position) == (0, 0)
+    # A message erased before it was delivered: its entry stays, without the message.
+    await store.delete_user("u1")
+    assert [e.message for e in await read_all(store)] == [None] * 5
+
+
+async def test_no_outbox_entries_when_the_outbox_is_off(store: Store) -> None:
+    await store.commit(msg("cs:1", 1))
+    assert store.event("cs:1", "join", b"{}") is False and store.stats.events_dropped == 1
+    assert await read_all(store) == []
+
+
+async def test_outbox_cursor_trim_dead_letters_and_replay(backend: Backend, opened: list[Store]) -> None:
+    store = await outbox_store(backend, opened)
+    await store.commit_many([msg("cs:1", i) for i in range(1, 11)])
+    entries = await read_all(store)
+    assert await store.outbox_cursor("crm") is None
+    await store.outbox_save("crm", entries[3].position)
+    await store.outbox_save("crm", entries[4].position)
+    assert await store.outbox_cursor("crm") == entries[4].position
+    assert await store.outbox_trim(entries[4].position) == 5
+    assert [e.seq for e in await read_all(store)] == [6, 7, 8, 9, 10]
+    await store.outbox_bury("crm", [("m1", "cs:1", b'{"id":"m1","n":1}'), ("m2", "cs:1", b'{"id":"m2","n":2}')], "HTTP 400: bad")
+    await store.outbox_bury("erp", [("m3", "cs:9", b'{"id":"m3"}')], "timeout")
+    dead = await store.dead_letters("crm")
+    assert [(d.event_id, d.room, orjson.loads(d.event), d.error) for d in dead] == [
+        ("m1", "cs:1", {"id": "m1", "n": 1}, "HTTP 400: bad"), ("m2", "cs:1", {"id": "m2", "n": 2}, "HTTP 400: bad")]
+    assert [d.event_id for d in await store.dead_letters("crm", after_id=dead[0].id)] == ["m2"]
+    assert abs(dead[0].failed_at - time.time() * 1000) < 60_000
+    assert await store.replay_dead("crm", [dead[1].id]) == 1
+    assert await store.replay_dead("crm", []) == 0
+    assert [d.event_id for d in await store.dead_letters("crm")] == ["m1"]
+    replayed = (await read_all(store))[-1]
+    assert (replayed.kind, replayed.endpoint, replayed.room, orjson.loads(replayed.body or b"")) == ("replay", "crm", "cs:1", {"id": "m2", "n": 2})
+    assert await store.replay_dead("crm") == 1
+    assert await store.dead_letters("crm") == [] and len(await store.dead_letters("erp")) == 1
+
+
+async def test_one_leader_at_a_time(backend: Backend, opened: list[Store]) -> None:
+    a = await start(backend, opened)
+    b = await start(backend, opened)
+    lease = await a.lead("outbox")
+    assert lease is not None and await lease.alive()
+    assert await b.lead("outbox") is None
+    assert await a.lead("outbox") is None  # not re-entrant: one holder, even in one process
+    other = await b.lead("something-else")
+    assert other is not None
+    await lease.release()
+    await lease.release()
+    assert not await lease.alive()
+    again = await b.lead("outbox")
+    assert again is not None
+    await again.release()
+    await other.release()
+
+
+@pytest.mark.parametrize("backend", ["postgres"], indirect=True)
+async def test_outbox_never_skips_an_entry_that_commits_late(backend: Backend, opened: list[Store]) -> None:
+    """Two transactions write the log at once; the one that began first commits last. A
+    reader that went past the second one's entry must still get the first one's: entries
+    are held back while an older transaction is running."""
+    import asyncpg  # type: ignore[import-not-found,unused-ignore]
+
+    store = await outbox_store(backend, opened)
+    assert isinstance(backend, PostgresBackend)
+    slow = await asyncpg.connect(backend.dsn)
+    try:
+        tr = slow.transaction()
+        await tr.start()
+        await slow.execute("INSERT INTO livegate.outbox (room, kind, ts, body) VALUES ('cs:1', 'join', 1, '{}')")
+        await store.commit(msg("cs:1", 1))
+        assert await read_all(store) == []  # the message's entry waits for the older transaction
+        await tr.commit()
+    finally:
+        await slow.close()
+    entries = await read_all(store)
+    assert [(e.kind, e.seq) for e in entries] == [("join", None), ("message", 1)]

@@ -85,14 +85,14 @@ def gateway(*args: str, env: dict[str, str] | None = None, timeout: float = 60) 
 # ---- migrations and the schema check -------------------------------------------------------
 
 
-async def test_migrate_creates_schema_v1_once(postgres_db: str) -> None:
+async def test_migrate_creates_the_schema_once(postgres_db: str) -> None:
     store = PostgresStore(postgres_db)
     assert await store.migrate() == (0, SCHEMA_VERSION)
     assert await store.migrate() == (SCHEMA_VERSION, SCHEMA_VERSION)
     conn = await asyncpg.connect(postgres_db)
     try:
         tables = {r[0] for r in await conn.fetch("SELECT tablename FROM pg_tables WHERE schemaname = 'livegate'")}
-        assert tables == {"meta", "messages", "rooms", "room_members"}
+        assert tables == {"meta", "messages", "rooms", "room_members", "outbox", "outbox_cursors", "outbox_dead", "room_floors"}
         meta = dict(await conn.fetch("SELECT key, value FROM livegate.meta"))
         assert meta["schema_version"] == str(SCHEMA_VERSION) and meta["epoch"] and meta["created_at"].isdigit()
         indexes = {r[0]: r[1] for r in await conn.fetch("SELECT indexname, indexdef FROM pg_indexes WHERE tablename = 'messages'")}
@@ -105,7 +105,7 @@ async def test_migrate_creates_schema_v1_once(postgres_db: str) -> None:
 
 
 async def test_start_never_migrates_and_says_what_to_do(postgres_db: str) -> None:
-    with pytest.raises(SchemaError, match=r"schema version 0, this gateway needs 1: run `gateway migrate`"):
+    with pytest.raises(SchemaError, match=rf"schema version 0, this gateway needs {SCHEMA_VERSION}: run `gateway migrate`"):
         await PostgresStore(postgres_db).start()
     conn = await asyncpg.connect(postgres_db)
     try:
@@ -124,9 +124,35 @@ async def test_start_never_migrates_and_says_what_to_do(postgres_db: str) -> Non
         await conn.close()
 
 
+async def test_a_version_1_database_is_upgraded_in_place(postgres_db: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What an existing deployment does after an upgrade: `gateway migrate` adds the new
+    tables beside the old messages, which stay readable."""
+    import gateway.store.postgres as pg
+
+    with monkeypatch.context() as m:
+        m.setattr(pg, "MIGRATIONS", pg.MIGRATIONS[:1])
+        m.setattr(pg, "SCHEMA_VERSION", 1)
+        assert await PostgresStore(postgres_db).migrate() == (0, 1)
+    conn = await asyncpg.connect(postgres_db)
+    try:
+        await conn.execute("INSERT INTO livegate.messages (room, seq, ts, type, prio, sender, data) VALUES ('r', 4, 1, 'chat', 1, 'u', '{}')")
+    finally:
+        await conn.close()
+    with pytest.raises(SchemaError, match=rf"schema version 1, this gateway needs {SCHEMA_VERSION}"):
+        await PostgresStore(postgres_db).start()
+    assert await PostgresStore(postgres_db).migrate() == (1, SCHEMA_VERSION)
+    store = PostgresStore(postgres_db)
+    await store.start()
+    try:
+        assert [m.seq for m in await store.messages("r")] == [4]
+        assert await store.delete_user("u") == 1 and await store.last_seq("r") == 4
+    finally:
+        await store.close()
+
+
 async def test_two_processes_migrating_at_once_apply_each_step_once(postgres_db: str) -> None:
     """Both `gateway migrate` processes are made to wait on the migration lock (held here),
-    then released together: one applies version 1, the other finds it done."""
+    then released together: one applies every version, the other finds them done."""
     blocker = await asyncpg.connect(postgres_db)
     try:
         await blocker.execute("SELECT pg_advisory_lock($1)", migration_lock_key("livegate"))
@@ -142,7 +168,8 @@ async def test_two_processes_migrating_at_once_apply_each_step_once(postgres_db:
     finally:
         await blocker.close()
     assert [p.returncode for p in procs] == [0, 0], outs
-    assert sorted(o.strip() for o, _ in outs) == ["schema at version 1 (was 0)", "schema at version 1 (was 1)"], outs
+    v = SCHEMA_VERSION
+    assert sorted(o.strip() for o, _ in outs) == [f"schema at version {v} (was 0)", f"schema at version {v} (was {v})"], outs
 
 
 # ---- writing ---------------------------------------------------------------------------------
@@ -495,15 +522,15 @@ async def test_expire_deletes_one_route_older_than_a_time_in_batches(store: Post
 
 def test_gateway_migrate_cli(postgres_db: str, tmp_path: Path) -> None:
     p = gateway("migrate", "--dsn", postgres_db)
-    assert (p.returncode, p.stdout.strip()) == (0, "schema at version 1 (was 0)"), p.stderr
+    assert (p.returncode, p.stdout.strip()) == (0, f"schema at version {SCHEMA_VERSION} (was 0)"), p.stderr
     cfg = tmp_path / "gw.toml"
     cfg.write_text(f'[store]\nkind = "postgres"\ndsn = "{postgres_db}"\n')
     p = gateway("migrate", "-c", str(cfg))
-    assert (p.returncode, p.stdout.strip()) == (0, "schema at version 1 (was 1)"), p.stderr
+    assert (p.returncode, p.stdout.strip()) == (0, f"schema at version {SCHEMA_VERSION} (was {SCHEMA_VERSION})"), p.stderr
     p = gateway("migrate", env={**ENV, "GATEWAY_STORE__DSN": postgres_db})
-    assert (p.returncode, p.stdout.strip()) == (0, "schema at version 1 (was 1)"), p.stderr
+    assert (p.returncode, p.stdout.strip()) == (0, f"schema at version {SCHEMA_VERSION} (was {SCHEMA_VERSION})"), p.stderr
     p = gateway("migrate", "--set", f"store.dsn={postgres_db}")
-    assert (p.returncode, p.stdout.strip()) == (0, "schema at version 1 (was 1)"), p.stderr
+    assert (p.returncode, p.stdout.strip()) == (0, f"schema at version {SCHEMA_VERSION} (was {SCHEMA_VERSION})"), p.stderr
 
 
 def test_gateway_migrate_cli_unreachable_database(private_pg: PostgresServer) -> None:

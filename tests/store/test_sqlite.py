@@ -25,7 +25,8 @@ from support.wait import eventually
 
 import gateway
 from gateway.store import SchemaError, StoredMessage, StoreUnavailable
-from gateway.store.sqlite import MAINTENANCE_INTERVAL, SqliteStore
+from gateway.store.base import SCHEMA_VERSION
+from gateway.store.sqlite import MAINTENANCE_INTERVAL, MIGRATIONS, SqliteStore
 
 T0 = 1_700_000_000_000
 PYTHONPATH = str(Path(gateway.__file__).resolve().parents[1])
@@ -85,7 +86,7 @@ async def test_one_file_in_wal_mode_with_its_parent_directories(path: Path, open
     tables = {r[0] for r in query(path, "SELECT name FROM sqlite_master WHERE type IN ('table', 'view')")}
     assert {"meta", "messages", "messages_fts", "rooms", "room_members"} <= tables
     meta: dict[str, str] = {str(k): str(v) for k, v in query(path, "SELECT key, value FROM meta")}
-    assert meta["schema_version"] == "1" and meta["epoch"] == s.epoch and meta["clean_close"] == "0"
+    assert meta["schema_version"] == str(SCHEMA_VERSION) and meta["epoch"] == s.epoch and meta["clean_close"] == "0"
     assert abs(int(meta["created_at"]) - time.time() * 1000) < 60_000
     with pytest.raises(ValueError):
         SqliteStore(str(path), synchronous="sometimes")
@@ -98,6 +99,22 @@ async def test_a_file_that_is_not_a_store_is_refused(tmp_path: Path) -> None:
         await SqliteStore(str(other)).start()
     with pytest.raises(SchemaError, match="not a livegate store"):
         await SqliteStore(str(other)).migrate()
+
+
+async def test_a_version_1_file_is_refused_until_migrated_and_keeps_its_messages(tmp_path: Path, opened: list[SqliteStore]) -> None:
+    path = tmp_path / "v1.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    for sql in MIGRATIONS[0][1]:
+        conn.execute(sql)
+    conn.execute("INSERT INTO meta (key, value) VALUES ('schema_version', '1')")
+    conn.execute("INSERT INTO messages (room, seq, ts, type, prio, sender, data) VALUES ('r', 1, 1, 'chat', 1, 'u', '{}')")
+    conn.close()
+    with pytest.raises(SchemaError, match=rf"schema version 1, this gateway needs {SCHEMA_VERSION}: run `gateway migrate`"):
+        await SqliteStore(str(path)).start()
+    assert await SqliteStore(str(path)).migrate() == (1, SCHEMA_VERSION)
+    s = await start(path, opened)
+    assert [m.seq for m in await s.messages("r")] == [1]
+    assert await s.delete_user("u") == 1 and await s.last_seq("r") == 1
 
 
 COMMITTER = """

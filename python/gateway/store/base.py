@@ -35,11 +35,15 @@ from dataclasses import dataclass, field
 
 from ..protocol.frames import message_parts, splice
 
-__all__ = ["SCHEMA_VERSION", "SchemaError", "Store", "StoreStats", "StoreUnavailable", "StoredMessage"]
+__all__ = [
+    "SCHEMA_VERSION", "DeadLetter", "Lease", "OutboxEntry", "SchemaError", "Store", "StoreStats", "StoreUnavailable", "StoredMessage",
+]
 
 #: The schema this code reads and writes. ``gateway migrate`` brings a database to it; a
 #: database at another version is refused at start-up (:class:`SchemaError`).
-SCHEMA_VERSION = 1
+#: Version 2 added the outbox (``outbox``, ``outbox_cursors``, ``outbox_dead``) and
+#: ``room_floors`` (the highest seq of a room's deleted messages).
+SCHEMA_VERSION = 2
 
 
 class StoreUnavailable(RuntimeError):
@@ -81,6 +85,57 @@ class StoredMessage:
         return splice(head, self.seq, epoch, tail)
 
 
+@dataclass(frozen=True, slots=True)
+class OutboxEntry:
+    """One entry of the outbox log (see :meth:`Store.outbox_read`).
+
+    ``position`` is opaque: passing it back to :meth:`Store.outbox_read` reads the entries
+    after this one. ``kind`` is ``"message"`` (a stored message: ``message`` holds it,
+    None when it was deleted since, by retention or an erasure request: such an entry is
+    skipped), or a room event (``"join"``, ``"leave"``, ``"kick"``, ``"ban"``...) or a
+    ``"replay"`` of a dead letter, whose ``body`` is the event's JSON object. ``endpoint``
+    is None for entries every endpoint gets, else the only endpoint that gets it (a
+    replay). ``ts``: milliseconds since the Unix epoch (the message's or the event's)."""
+
+    position: str
+    room: str
+    kind: str
+    ts: int
+    seq: int | None = None
+    message: StoredMessage | None = None
+    body: bytes | None = None
+    endpoint: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """An event an endpoint did not take (see :meth:`Store.outbox_bury`): ``event`` is the
+    JSON object that was sent, ``error`` why it was given up, ``failed_at`` when (ms)."""
+
+    id: int
+    endpoint: str
+    event_id: str
+    room: str
+    event: bytes
+    error: str
+    failed_at: int
+
+
+class Lease(abc.ABC):
+    """Leadership of a named task among every node that uses the database (the outbox
+    deliverer), from :meth:`Store.lead`. Held until :meth:`release`, or until the holder
+    dies (its lock goes with its process or connection)."""
+
+    @abc.abstractmethod
+    async def alive(self) -> bool:
+        """Whether the lease is still held (False once the connection that holds it broke:
+        another node may lead now). Never raises."""
+
+    @abc.abstractmethod
+    async def release(self) -> None:
+        """Give the lease up. Idempotent; never raises."""
+
+
 #: Upper bounds (seconds) of the commit-latency histogram.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
@@ -98,6 +153,9 @@ class StoreStats:
     duplicates: int = 0
     #: Failed transactions.
     errors: int = 0
+    #: Room events written to the outbox log / refused because the backlog was full.
+    events: int = 0
+    events_dropped: int = 0
     #: Transactions and the messages they carried (batch size = messages / batches).
     batches: int = 0
     batched_messages: int = 0
@@ -126,6 +184,10 @@ class Store(abc.ABC):
         #: one after a clean close (everything queued was written), a new one after a
         #: crash (then seqs of messages lost with the process may be reused).
         self.epoch = ""
+        #: Whether stored messages also go to the outbox log (set before :meth:`start`,
+        #: when outbox endpoints are configured): an entry per new message, written in
+        #: the message's own transaction.
+        self.outbox = False
 
     # ---- lifecycle ---------------------------------------------------------------------
 
@@ -210,6 +272,64 @@ class Store(abc.ABC):
     async def expire(self, route: str, before_ms: int, batch: int = 5000) -> int:
         """Delete up to ``batch`` messages stored under ``route`` older than
         ``before_ms``; returns how many (call again while it returns ``batch``)."""
+
+    # ---- the outbox log ----------------------------------------------------------------
+    #
+    # With :attr:`outbox` on, every message written (commit or archive; not a duplicate)
+    # adds an entry in the same transaction, and :meth:`event` adds room events. Entries
+    # are read in *log order*: an order every reader sees the same, in which an entry
+    # never appears before one that precedes it (so a cursor never skips an entry that
+    # commits late). A room's messages written by one writer are in seq order; messages of
+    # one room written by several nodes at once may be out of seq order by a few
+    # milliseconds (the deliverer reorders what it reads together, see gateway.app.outbox).
+
+    @abc.abstractmethod
+    def event(self, room: str, kind: str, body: bytes) -> bool:
+        """Queue a room event for the outbox log (``body``: its JSON object, which names
+        its own ``id``), written behind like :meth:`archive`. Never blocks or raises;
+        False when the backlog is full or the outbox is off (``events_dropped``)."""
+
+    @abc.abstractmethod
+    async def outbox_read(self, after: str | None, limit: int) -> list[OutboxEntry]:
+        """Up to ``limit`` entries after position ``after`` (None: from the oldest entry
+        kept), in log order. Raises :class:`StoreUnavailable`."""
+
+    @abc.abstractmethod
+    async def outbox_backlog(self, after: str | None) -> tuple[int, int]:
+        """(about how many entries follow position ``after``, the ``ts`` of the first of
+        them or 0 when there is none): for the outbox's lag metrics. Cheap (no count)."""
+
+    @abc.abstractmethod
+    async def outbox_cursor(self, endpoint: str) -> str | None:
+        """The position up to which ``endpoint`` has been served (None: never)."""
+
+    @abc.abstractmethod
+    async def outbox_save(self, endpoint: str, position: str) -> None:
+        """Remember that ``endpoint`` has been served up to ``position``, durably."""
+
+    @abc.abstractmethod
+    async def outbox_trim(self, upto: str) -> int:
+        """Delete the entries up to ``upto`` (every endpoint is past them), in batches;
+        returns how many."""
+
+    @abc.abstractmethod
+    async def outbox_bury(self, endpoint: str, events: Sequence[tuple[str, str, bytes]], error: str) -> None:
+        """Keep ``(event id, room, event JSON)`` as dead letters of ``endpoint``."""
+
+    @abc.abstractmethod
+    async def dead_letters(self, endpoint: str, *, after_id: int = 0, limit: int = 100) -> list[DeadLetter]:
+        """``endpoint``'s dead letters with ``id > after_id``, oldest first."""
+
+    @abc.abstractmethod
+    async def replay_dead(self, endpoint: str, ids: Sequence[int] | None = None) -> int:
+        """Move dead letters of ``endpoint`` (those ``ids``, or all) back into the outbox
+        log as ``"replay"`` entries for that endpoint alone, in one transaction; returns
+        how many. Their event ids stay, so the endpoint can tell a replay from news."""
+
+    @abc.abstractmethod
+    async def lead(self, name: str) -> Lease | None:
+        """Try to take the lease ``name`` among every process that uses this database;
+        None when another holds it. Raises :class:`StoreUnavailable`."""
 
     async def commit_many(self, msgs: Sequence[StoredMessage]) -> list[StoredMessage]:
         """:meth:`commit` for several messages (one group commit)."""

@@ -76,7 +76,7 @@ included, when the database's ``LC_CTYPE`` classifies those characters as letter
 ``C.UTF-8`` and the ``*.UTF-8`` locales do: :meth:`PostgresStore.migrate` warns otherwise).
 
 **Migrations** are numbered steps, each applied in one transaction holding
-``pg_advisory_xact_lock``, so nodes that run ``gateway migrate`` at once apply each step
+an advisory lock held for the whole migration, so nodes that run ``gateway migrate`` at once apply each step
 once. :meth:`PostgresStore.start` never changes the schema: at another version it raises
 :class:`~gateway.store.base.SchemaError`.
 
@@ -91,6 +91,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import re
 import secrets
@@ -104,7 +105,7 @@ from urllib.parse import urlsplit
 
 import asyncpg
 
-from .base import SCHEMA_VERSION, SchemaError, Store, StoredMessage, StoreUnavailable
+from .base import SCHEMA_VERSION, DeadLetter, Lease, OutboxEntry, SchemaError, Store, StoredMessage, StoreUnavailable
 
 __all__ = ["MIGRATIONS", "PostgresStore", "describe_dsn", "migration_lock_key"]
 
@@ -140,6 +141,8 @@ _BAD_ROWS: tuple[type[BaseException], ...] = (
     TypeError,
     OverflowError,
 )
+#: Failures after which queued outbox events are kept and written again.
+_RETRY_EVENTS: tuple[type[BaseException], ...] = (StoreUnavailable, *_ANY_DB)
 #: Seconds between merges of the search index's pending list (see _clean_pending_list).
 CLEAN_INTERVAL = 1.0
 #: Seconds between reconnection attempts of a writer: doubling up to the cap.
@@ -193,6 +196,43 @@ MIGRATIONS: tuple[Migration, ...] = (
         )""",
         'CREATE INDEX room_members_user ON {s}.room_members (user_id)',
     )),
+    Migration(2, "outbox (log, cursors, dead letters), room_floors", (
+        # The outbox log. ``xid``: the writing transaction; the log order is (xid, id) and
+        # a reader takes only entries of transactions older than every one still running
+        # (pg_snapshot_xmin), so an entry that commits late is never skipped by a cursor.
+        """CREATE TABLE {s}.outbox (
+            id bigserial PRIMARY KEY,
+            xid xid8 NOT NULL DEFAULT pg_current_xact_id(),
+            room text NOT NULL,
+            seq bigint,
+            kind text NOT NULL,
+            ts bigint NOT NULL,
+            body text,
+            endpoint text
+        )""",
+        "CREATE INDEX outbox_log ON {s}.outbox (xid, id)",
+        "CREATE TABLE {s}.outbox_cursors (endpoint text PRIMARY KEY, position text NOT NULL, updated_at bigint NOT NULL)",
+        """CREATE TABLE {s}.outbox_dead (
+            id bigserial PRIMARY KEY,
+            endpoint text NOT NULL,
+            event_id text NOT NULL,
+            room text NOT NULL,
+            event text NOT NULL,
+            error text NOT NULL,
+            failed_at bigint NOT NULL
+        )""",
+        "CREATE INDEX outbox_dead_endpoint ON {s}.outbox_dead (endpoint, id)",
+        # The highest seq of each room's deleted messages (retention, erasure), so that
+        # last_seq never goes back and a seq is never used twice in a room.
+        "CREATE TABLE {s}.room_floors (room text PRIMARY KEY, seq bigint NOT NULL)",
+        """CREATE FUNCTION {s}.keep_room_floors() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN
+            INSERT INTO {s}.room_floors AS f (room, seq) SELECT room, max(seq) FROM gone GROUP BY room
+                ON CONFLICT (room) DO UPDATE SET seq = greatest(f.seq, EXCLUDED.seq);
+            RETURN NULL;
+        END $$""",
+        "CREATE TRIGGER messages_floor AFTER DELETE ON {s}.messages REFERENCING OLD TABLE AS gone "
+        "FOR EACH STATEMENT EXECUTE FUNCTION {s}.keep_room_floors()",
+    )),
 )
 assert MIGRATIONS[-1].version == SCHEMA_VERSION and [m.version for m in MIGRATIONS] == list(range(1, SCHEMA_VERSION + 1))
 
@@ -210,7 +250,7 @@ def describe_dsn(dsn: str) -> str:
 
 
 def migration_lock_key(schema: str) -> int:
-    """The ``pg_advisory_xact_lock`` key that serialises migrations of ``schema``."""
+    """The advisory lock key that serialises migrations of ``schema``."""
     return zlib.crc32(f"livegate.migrate.{schema}".encode())
 
 
@@ -220,6 +260,53 @@ def _now_ms() -> int:
 
 def _row(r: Any) -> StoredMessage:
     return StoredMessage(r[0], r[1], r[2], r[3], r[4], r[5], r[7].encode(), r[6], r[8])
+
+
+async def _execute(sql: str, args: Sequence[Any], timeout: float, conn: Any) -> str:
+    return str(await conn.execute(sql, *args, timeout=timeout))
+
+
+def _position(pos: str | None) -> tuple[str, int]:
+    """(xid, id) of an outbox position ``"<xid>:<id>"`` (None: before the first entry)."""
+    if not pos:
+        return "0", 0
+    xid, _, rowid = pos.partition(":")
+    return xid, int(rowid)
+
+
+def _entry(r: Any) -> OutboxEntry:
+    msg = _row(r[8:]) if r[8] is not None else None
+    return OutboxEntry(f"{r[1]}:{r[0]}", r[2], r[4], r[5], r[3], msg, r[6].encode() if r[6] is not None else None, r[7])
+
+
+class _ConnLease(Lease):
+    """A session advisory lock, held by a connection of its own."""
+
+    def __init__(self, conn: asyncpg.Connection, key: int, timeout: float) -> None:
+        self._conn: asyncpg.Connection | None = conn
+        self._key = key
+        self._timeout = timeout
+
+    async def alive(self) -> bool:
+        if self._conn is None:
+            return False
+        try:
+            await self._conn.fetchval("SELECT 1", timeout=self._timeout)
+            return True
+        except _ANY_DB:
+            self._conn.terminate()
+            self._conn = None
+            return False
+
+    async def release(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        try:
+            await conn.execute("SELECT pg_advisory_unlock($1)", self._key, timeout=self._timeout)
+            await asyncio.wait_for(conn.close(), self._timeout)
+        except _ANY_DB:
+            conn.terminate()
 
 
 class _Writer:
@@ -297,6 +384,14 @@ class PostgresStore(Store):
             f"INSERT INTO {s}.messages ({_COLS}) SELECT * FROM unnest($1::text[], $2::int8[], $3::int8[], $4::text[], "
             "$5::int2[], $6::text[], $7::text[], $8::text[], $9::text[]) ON CONFLICT DO NOTHING"
         )
+        self._sql_insert_outbox = (
+            f"WITH ins AS ({self._sql_insert} RETURNING room, seq, ts) "
+            f"INSERT INTO {s}.outbox (room, seq, kind, ts) SELECT room, seq, 'message', ts FROM ins"
+        )
+        #: Room events for the outbox log, written by a task of their own.
+        self._events: deque[tuple[str, str, int, str]] = deque()
+        self._events_wake = asyncio.Event()
+        self._events_task: asyncio.Task[None] | None = None
         self._sql_by_cid = (
             f"SELECT {', '.join('m.' + c for c in _COLS.split(', '))} FROM unnest($1::text[], $2::text[], $3::text[]) AS k(room, sender, cid) "
             f"JOIN {s}.messages m ON m.room = k.room AND coalesce(m.sender, '') = k.sender AND m.cid = k.cid"
@@ -387,6 +482,7 @@ class PostgresStore(Store):
         for w in self._writers:
             w.task = asyncio.create_task(self._run(w), name=f"pg-writer-{w.n}")
         self._cleaner = asyncio.create_task(self._clean_pending_list(), name="pg-gin-cleaner")
+        self._events_task = asyncio.create_task(self._write_events(), name="pg-outbox-events")
 
     async def _clean_pending_list(self) -> None:
         """Merge the trigram index's pending list every second, on a pooled connection.
@@ -439,7 +535,8 @@ class PostgresStore(Store):
             self._cleaner = None
         for w in self._writers:
             w.wake.set()
-        tasks = [w.task for w in self._writers if w.task is not None]
+        self._events_wake.set()
+        tasks = [w.task for w in self._writers if w.task is not None] + ([self._events_task] if self._events_task else [])
         _, pending = await asyncio.wait(tasks, timeout=timeout) if tasks else (set(), set())
         for t in pending:
             t.cancel()
@@ -462,6 +559,9 @@ class PostgresStore(Store):
                     await self._close_conn(w.conn)
                 w.conn = None
         self.stats.archive_dropped += left
+        self.stats.events_dropped += len(self._events)
+        left += len(self._events)
+        self._events.clear()
         if left:
             log.warning("store closed with %d archive message(s) not written (PostgreSQL at %s)", left, self.where)
         if self._pool is not None:
@@ -492,10 +592,11 @@ class PostgresStore(Store):
         conn = await self._connect()
         s = self.schema
         try:
+            # One lock for every step: a node that waited finds the whole migration done.
+            await conn.execute("SELECT pg_advisory_lock($1)", migration_lock_key(s))
             before: int | None = None
             for step in MIGRATIONS:
                 async with conn.transaction():
-                    await conn.execute("SELECT pg_advisory_xact_lock($1)", migration_lock_key(s))
                     v = await self._version(conn)
                     if before is None:
                         before = v  # read under the lock: a node that waited sees what the other did
@@ -746,7 +847,7 @@ class PostgresStore(Store):
             cid.append(m.cid)
             data.append(m.data.decode())
             route.append(m.route)
-        status = await conn.execute(self._sql_insert, *cols, timeout=self.timeout)
+        status = await conn.execute(self._sql_insert_outbox if self.outbox else self._sql_insert, *cols, timeout=self.timeout)
         inserted = int(status.rsplit(" ", 1)[1])
         if inserted == len(msgs):
             return msgs
@@ -779,7 +880,9 @@ class PostgresStore(Store):
     # ---- reading ---------------------------------------------------------------------
 
     async def last_seq(self, room: str) -> int:
-        sql = f"SELECT coalesce(max(seq), 0) FROM {self.schema}.messages WHERE room = $1"
+        s = self.schema
+        sql = (f"SELECT greatest((SELECT coalesce(max(seq), 0) FROM {s}.messages WHERE room = $1), "
+               f"(SELECT coalesce(max(seq), 0) FROM {s}.room_floors WHERE room = $1))")
         return int(await self._read(lambda c: c.fetchval(sql, room), "reading the last seq"))
 
     async def messages(
@@ -863,3 +966,126 @@ class PostgresStore(Store):
 
     async def expire(self, route: str, before_ms: int, batch: int = 5000) -> int:
         return await self._delete_batch("route = $1 AND ts < $2", [route, before_ms], batch)
+
+    # ---- the outbox log --------------------------------------------------------------
+
+    def event(self, room: str, kind: str, body: bytes) -> bool:
+        if self._closing or not self._started or not self.outbox or len(self._events) >= self.max_backlog:
+            self.stats.events_dropped += 1
+            return False
+        self._events.append((room, kind, _now_ms(), body.decode()))
+        if len(self._events) == 1:
+            self._events_wake.set()
+        return True
+
+    async def _write_events(self) -> None:
+        """Write queued room events every ``batch_ms``, in batches, on a pooled
+        connection; a failure keeps them (up to ``max_backlog``) and retries."""
+        q = self._events
+        sql = (f"INSERT INTO {self.schema}.outbox (room, kind, ts, body) "
+               "SELECT * FROM unnest($1::text[], $2::text[], $3::int8[], $4::text[])")
+        backoff = _BACKOFF[0]
+        while True:
+            if not q:
+                if self._closing:
+                    return
+                self._events_wake.clear()
+                await self._events_wake.wait()
+                continue
+            if not self._closing:
+                await asyncio.sleep(self.batch_s)
+            batch = [q[i] for i in range(min(len(q), self.max_batch))]
+            cols = [list(c) for c in zip(*batch, strict=True)]
+            try:
+                await self._read(functools.partial(_execute, sql, cols, self.timeout), "writing outbox events")
+            except _RETRY_EVENTS as e:
+                log.warning("store: %d outbox event(s) not written yet (%s), retried in %.2f s", len(q), e, backoff)
+                if self._closing:
+                    return
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, _BACKOFF[1])
+                continue
+            backoff = _BACKOFF[0]
+            for _ in batch:
+                q.popleft()
+            self.stats.events += len(batch)
+
+    async def outbox_read(self, after: str | None, limit: int) -> list[OutboxEntry]:
+        """See :meth:`Store.outbox_read`: in (xid, id) order, only entries of transactions
+        that finished before every transaction still running began."""
+        s = self.schema
+        mcols = ", ".join("m." + c for c in _COLS.split(", "))
+        sql = (f"SELECT o.id, o.xid::text, o.room, o.seq, o.kind, o.ts, o.body, o.endpoint, {mcols} "
+               f"FROM {s}.outbox o LEFT JOIN {s}.messages m ON o.kind = 'message' AND m.room = o.room AND m.seq = o.seq "
+               "WHERE (o.xid, o.id) > ($1::text::xid8, $2::int8) AND o.xid < pg_snapshot_xmin(pg_current_snapshot()) "
+               "ORDER BY o.xid, o.id LIMIT $3")
+        xid, rowid = _position(after)
+        return [_entry(r) for r in await self._fetch(sql, [xid, rowid, limit], "reading the outbox")]
+
+    async def outbox_backlog(self, after: str | None) -> tuple[int, int]:
+        s = self.schema
+        xid, rowid = _position(after)
+        sql = (f"SELECT (SELECT coalesce(max(id), 0) FROM {s}.outbox), "
+               f"(SELECT ts FROM {s}.outbox WHERE (xid, id) > ($1::text::xid8, $2::int8) ORDER BY xid, id LIMIT 1)")
+        rows = await self._fetch(sql, [xid, rowid], "reading the outbox")
+        top, ts = rows[0]
+        return max(0, int(top) - rowid), int(ts or 0)
+
+    async def outbox_cursor(self, endpoint: str) -> str | None:
+        rows = await self._fetch(f"SELECT position FROM {self.schema}.outbox_cursors WHERE endpoint = $1", [endpoint], "reading the outbox")
+        return str(rows[0][0]) if rows else None
+
+    async def outbox_save(self, endpoint: str, position: str) -> None:
+        sql = (f"INSERT INTO {self.schema}.outbox_cursors (endpoint, position, updated_at) VALUES ($1, $2, $3) "
+               "ON CONFLICT (endpoint) DO UPDATE SET position = EXCLUDED.position, updated_at = EXCLUDED.updated_at")
+        await self._read(lambda c: c.execute(sql, endpoint, position, _now_ms(), timeout=self.timeout), "saving an outbox cursor")
+
+    async def outbox_trim(self, upto: str) -> int:
+        s = self.schema
+        xid, rowid = _position(upto)
+        sql = (f"WITH d AS (DELETE FROM {s}.outbox WHERE id IN (SELECT id FROM {s}.outbox "
+               "WHERE (xid, id) <= ($1::text::xid8, $2::int8) LIMIT 5000) RETURNING 1) SELECT count(*) FROM d")
+        total = 0
+        while True:
+            n = int(await self._read(lambda c: c.fetchval(sql, xid, rowid, timeout=self.timeout), "trimming the outbox"))
+            total += n
+            if n < 5000:
+                return total
+
+    async def outbox_bury(self, endpoint: str, events: Sequence[tuple[str, str, bytes]], error: str) -> None:
+        sql = (f"INSERT INTO {self.schema}.outbox_dead (endpoint, event_id, room, event, error, failed_at) "
+               "SELECT $1, e.id, e.room, e.ev, $5, $6 FROM unnest($2::text[], $3::text[], $4::text[]) AS e(id, room, ev)")
+        ids, rooms, bodies = [e[0] for e in events], [e[1] for e in events], [e[2].decode() for e in events]
+        await self._read(lambda c: c.execute(sql, endpoint, ids, rooms, bodies, error, _now_ms(), timeout=self.timeout), "keeping dead letters")
+
+    async def dead_letters(self, endpoint: str, *, after_id: int = 0, limit: int = 100) -> list[DeadLetter]:
+        sql = (f"SELECT id, endpoint, event_id, room, event, error, failed_at FROM {self.schema}.outbox_dead "
+               "WHERE endpoint = $1 AND id > $2 ORDER BY id LIMIT $3")
+        rows = await self._fetch(sql, [endpoint, after_id, limit], "reading dead letters")
+        return [DeadLetter(r[0], r[1], r[2], r[3], r[4].encode(), r[5], r[6]) for r in rows]
+
+    async def replay_dead(self, endpoint: str, ids: Sequence[int] | None = None) -> int:
+        if ids is not None and not ids:
+            return 0
+        s = self.schema
+        which = "endpoint = $1" + (" AND id = ANY($2::int8[])" if ids is not None else "")
+        sql = (f"WITH d AS (DELETE FROM {s}.outbox_dead WHERE {which} RETURNING id, room, event, endpoint) "
+               f"INSERT INTO {s}.outbox (room, kind, ts, body, endpoint) "
+               f"SELECT room, 'replay', (extract(epoch FROM clock_timestamp()) * 1000)::int8, event, endpoint FROM d ORDER BY id")
+        args: list[Any] = [endpoint] + ([list(ids)] if ids is not None else [])
+        status = await self._read(lambda c: c.execute(sql, *args, timeout=self.timeout), "replaying dead letters")
+        return int(str(status).rsplit(" ", 1)[1])
+
+    async def lead(self, name: str) -> Lease | None:
+        """See :meth:`Store.lead`: a session advisory lock on a connection of its own."""
+        key = zlib.crc32(f"livegate.{name}.{self.schema}".encode())
+        conn = await self._connect()
+        try:
+            got = await conn.fetchval("SELECT pg_try_advisory_lock($1)", key, timeout=self.timeout)
+        except _ANY_DB as e:
+            conn.terminate()
+            raise self._unavailable(e, "taking a lease") from e
+        if not got:
+            await self._close_conn(conn)
+            return None
+        return _ConnLease(conn, key, self.timeout)

@@ -104,13 +104,13 @@ import sqlite3
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import orjson
 
-from .base import SCHEMA_VERSION, SchemaError, Store, StoredMessage, StoreUnavailable
+from .base import SCHEMA_VERSION, DeadLetter, Lease, OutboxEntry, SchemaError, Store, StoredMessage, StoreUnavailable
 
 __all__ = ["MIGRATIONS", "SqliteStore"]
 
@@ -200,6 +200,42 @@ MIGRATIONS: list[tuple[int, tuple[str, ...]]] = [
         "INSERT INTO meta (key, value) VALUES ('fts_indexed', '0'), ('clean_close', '1'), "
         "('created_at', CAST(CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER) AS TEXT)), ('epoch', lower(hex(randomblob(8))))",
     )),
+    (2, (
+        # The outbox log: an entry per message written while meta.outbox is '1' (the
+        # trigger: inside the INSERT statement, so in its transaction, at no extra
+        # statement), and room events. AUTOINCREMENT: ids are the log order (one writer
+        # at a time holds the file's write lock from the insert to the commit).
+        """CREATE TABLE outbox (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            room TEXT NOT NULL,
+            seq INTEGER,
+            kind TEXT NOT NULL,
+            ts INTEGER NOT NULL,
+            body TEXT,
+            endpoint TEXT
+        )""",
+        """CREATE TRIGGER messages_outbox AFTER INSERT ON messages WHEN (SELECT value FROM meta WHERE key = 'outbox') = '1' BEGIN
+            INSERT INTO outbox (room, seq, kind, ts) VALUES (new.room, new.seq, 'message', new.ts);
+        END""",
+        "CREATE TABLE outbox_cursors (endpoint TEXT PRIMARY KEY, position TEXT NOT NULL, updated_at INTEGER NOT NULL) WITHOUT ROWID",
+        """CREATE TABLE outbox_dead (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            endpoint TEXT NOT NULL,
+            event_id TEXT NOT NULL,
+            room TEXT NOT NULL,
+            event TEXT NOT NULL,
+            error TEXT NOT NULL,
+            failed_at INTEGER NOT NULL
+        )""",
+        "CREATE INDEX outbox_dead_endpoint ON outbox_dead (endpoint, id)",
+        # The highest seq of each room's deleted messages (retention, erasure), so that
+        # last_seq never goes back and a seq is never used twice in a room.
+        "CREATE TABLE room_floors (room TEXT PRIMARY KEY, seq INTEGER NOT NULL) WITHOUT ROWID",
+        """CREATE TRIGGER messages_floor AFTER DELETE ON messages BEGIN
+            INSERT INTO room_floors (room, seq) VALUES (old.room, old.seq) ON CONFLICT (room) DO UPDATE SET seq = max(seq, excluded.seq);
+        END""",
+        "INSERT INTO meta (key, value) VALUES ('outbox', '0') ON CONFLICT (key) DO NOTHING",
+    )),
 ]
 
 _COLUMNS = "room, seq, ts, type, prio, sender, data, cid, route"
@@ -235,12 +271,22 @@ def _unavailable(e: BaseException, what: str) -> StoreUnavailable:
     return StoreUnavailable(f"sqlite store: {what} failed: {e}")
 
 
+_EVENT_SQL = "INSERT INTO outbox (room, kind, ts, body) VALUES "
+_OUTBOX_COLS = "o.id, o.room, o.seq, o.kind, o.ts, o.body, o.endpoint, " + ", ".join(f"m.{c.strip()}" for c in _COLUMNS.split(","))
+
+
+def _entry(r: Any) -> OutboxEntry:
+    msg = _message(r[7:]) if r[7] is not None else None
+    return OutboxEntry(str(r[0]), r[1], r[3], r[4], r[2], msg, r[5].encode() if r[5] is not None else None, r[6])
+
+
 class _Item:
-    """A queued message: a commit (with its future) or an archive (``fut`` None)."""
+    """A queued message: a commit (with its future) or an archive (``fut`` None); or a
+    room event for the outbox log (``msg`` None, ``row`` (room, kind, ts, body))."""
 
     __slots__ = ("fut", "msg", "row", "t0")
 
-    def __init__(self, msg: StoredMessage, row: _Row, fut: asyncio.Future[StoredMessage] | None, t0: float) -> None:
+    def __init__(self, msg: StoredMessage | None, row: Any, fut: asyncio.Future[StoredMessage] | None, t0: float) -> None:
         self.msg = msg
         self.row = row
         self.fut = fut
@@ -376,6 +422,8 @@ class SqliteStore(Store):
         self._queued_commits = 0
         self._inflight = 0
         self._jobs: deque[_Job] = deque()
+        #: Small writes run once on the writer thread (outbox cursors, dead letters).
+        self._calls: deque[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]] = deque()
         self._wake_commit = 1  # the writer waits: notify when the queue reaches this size
         self._wake_archive = 1
         self._retry_at = 0.0  # archive retries wait until then (backoff)
@@ -525,9 +573,14 @@ class SqliteStore(Store):
     # ---- reading -----------------------------------------------------------------------
 
     async def last_seq(self, room: str) -> int:
+        """See :meth:`Store.last_seq`; never lower than the seq of a deleted message."""
+
         def run(conn: sqlite3.Connection) -> int:
-            row = conn.execute("SELECT max(seq) FROM messages WHERE room = ?", (room,)).fetchone()
-            return int(row[0]) if row[0] is not None else 0
+            row = conn.execute(
+                "SELECT max(ifnull((SELECT max(seq) FROM messages WHERE room = ?1), 0), ifnull((SELECT seq FROM room_floors WHERE room = ?1), 0))",
+                (room,),
+            ).fetchone()
+            return int(row[0])
 
         return await self._read(run, "last_seq")
 
@@ -653,6 +706,119 @@ class SqliteStore(Store):
             self._cond.notify()
         return await fut
 
+    # ---- the outbox log ----------------------------------------------------------------
+
+    def event(self, room: str, kind: str, body: bytes) -> bool:
+        """See :meth:`Store.event`: queued with the messages, written by the same writer."""
+        if self._state != "open" or not self.outbox:
+            self.stats.events_dropped += 1
+            return False
+        row = (room, kind, int(time.time() * 1000), body.decode())
+        with self._cond:
+            q = self._queue
+            if len(q) + self._inflight >= self.max_backlog:
+                self.stats.events_dropped += 1
+                return False
+            q.append(_Item(None, row, None, time.perf_counter()))
+            if len(q) >= self._wake_archive:
+                self._cond.notify()
+        return True
+
+    async def outbox_read(self, after: str | None, limit: int) -> list[OutboxEntry]:
+        """See :meth:`Store.outbox_read`: by id (the log order: one writer at a time)."""
+        sql = (f"SELECT {_OUTBOX_COLS} FROM outbox o LEFT JOIN messages m ON o.kind = 'message' AND m.room = o.room AND m.seq = o.seq "
+               "WHERE o.id > ? ORDER BY o.id LIMIT ?")
+        rows = await self._read(_fetch(sql, (int(after or 0), limit)), "outbox_read")
+        return [_entry(r) for r in rows]
+
+    async def outbox_backlog(self, after: str | None) -> tuple[int, int]:
+        def run(conn: sqlite3.Connection) -> tuple[int, int]:
+            pos = int(after or 0)
+            top, ts = conn.execute(
+                "SELECT (SELECT ifnull(max(id), 0) FROM outbox), (SELECT ts FROM outbox WHERE id > ?1 ORDER BY id LIMIT 1)", (pos,),
+            ).fetchone()
+            return max(0, int(top) - pos), int(ts or 0)
+
+        return await self._read(run, "outbox_backlog")
+
+    async def outbox_cursor(self, endpoint: str) -> str | None:
+        rows = await self._read(_fetch("SELECT position FROM outbox_cursors WHERE endpoint = ?", (endpoint,)), "outbox_cursor")
+        return str(rows[0][0]) if rows else None
+
+    async def outbox_save(self, endpoint: str, position: str) -> None:
+        sql = ("INSERT INTO outbox_cursors (endpoint, position, updated_at) VALUES (?, ?, ?) "
+               "ON CONFLICT (endpoint) DO UPDATE SET position = excluded.position, updated_at = excluded.updated_at")
+        await self._call(lambda conn: conn.execute(sql, (endpoint, position, int(time.time() * 1000))))
+
+    async def outbox_trim(self, upto: str) -> int:
+        return await self._job("DELETE FROM outbox WHERE id IN (SELECT id FROM outbox WHERE id <= ? ORDER BY id LIMIT ?)", (int(upto),), float("inf"))
+
+    async def outbox_bury(self, endpoint: str, events: Sequence[tuple[str, str, bytes]], error: str) -> None:
+        now = int(time.time() * 1000)
+        rows = [(endpoint, eid, room, body.decode(), error, now) for eid, room, body in events]
+
+        def run(conn: sqlite3.Connection) -> None:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.executemany("INSERT INTO outbox_dead (endpoint, event_id, room, event, error, failed_at) VALUES (?, ?, ?, ?, ?, ?)", rows)
+            conn.execute("COMMIT")
+
+        await self._call(run)
+
+    async def dead_letters(self, endpoint: str, *, after_id: int = 0, limit: int = 100) -> list[DeadLetter]:
+        sql = "SELECT id, endpoint, event_id, room, event, error, failed_at FROM outbox_dead WHERE endpoint = ? AND id > ? ORDER BY id LIMIT ?"
+        rows = await self._read(_fetch(sql, (endpoint, after_id, limit)), "dead_letters")
+        return [DeadLetter(r[0], r[1], r[2], r[3], r[4].encode(), r[5], r[6]) for r in rows]
+
+    async def replay_dead(self, endpoint: str, ids: Sequence[int] | None = None) -> int:
+        where = "endpoint = ?" + (f" AND id IN ({','.join('?' * len(ids))})" if ids is not None else "")
+        args: tuple[Any, ...] = (endpoint, *(ids or ()))
+        if ids is not None and not ids:
+            return 0
+
+        def run(conn: sqlite3.Connection) -> int:
+            conn.execute("BEGIN IMMEDIATE")
+            n = conn.execute(
+                f"INSERT INTO outbox (room, kind, ts, body, endpoint) SELECT room, 'replay', ?, event, endpoint FROM outbox_dead WHERE {where} ORDER BY id",
+                (int(time.time() * 1000), *args),
+            ).rowcount
+            conn.execute(f"DELETE FROM outbox_dead WHERE {where}", args)
+            conn.execute("COMMIT")
+            return int(n)
+
+        n: int = await self._call(run)
+        return n
+
+    async def lead(self, name: str) -> Lease | None:
+        """See :meth:`Store.lead`: an exclusive ``flock`` on ``<path>.<name>.lock`` (every
+        process on this machine that uses the file competes for it)."""
+        import fcntl
+
+        def take() -> int | None:
+            fd = os.open(f"{self.path}.{name}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                return None
+            return fd
+
+        try:
+            fd = await asyncio.to_thread(take)
+        except OSError as e:
+            raise _unavailable(e, "lead") from e
+        return None if fd is None else _FileLease(fd)
+
+    async def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn`` once on the writer thread, between batches."""
+        if self._state != "open":
+            raise StoreUnavailable("sqlite store is not open")
+        assert self._loop is not None
+        fut: asyncio.Future[T] = self._loop.create_future()
+        with self._cond:
+            self._calls.append((fn, fut))
+            self._cond.notify()
+        return await fut
+
     # ---- readers -----------------------------------------------------------------------
 
     async def _read(self, fn: Callable[[sqlite3.Connection], T], what: str) -> T:
@@ -727,6 +893,7 @@ class SqliteStore(Store):
                 log.warning("store %s was not closed cleanly: new epoch %s", self.path, self.epoch)
             conn.execute("INSERT INTO meta (key, value) VALUES ('epoch', ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value", (self.epoch,))
             conn.execute("INSERT INTO meta (key, value) VALUES ('clean_close', '0') ON CONFLICT (key) DO UPDATE SET value = excluded.value")
+            conn.execute("UPDATE meta SET value = ? WHERE key = 'outbox'", ("1" if self.outbox else "0",))
             conn.execute("COMMIT")
             self._fts_indexed = int(meta.get("fts_indexed", 0))
             row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'messages'").fetchone()
@@ -753,7 +920,7 @@ class SqliteStore(Store):
                     return self._take()
                 # After a batch, a deletion chunk (or an index chunk, when the index lags far
                 # behind) gets a turn before the next batch.
-                other = bool(self._jobs) or (self._last_id - self._fts_indexed > FTS_MAX_LAG and now >= self._retry_at)
+                other = bool(self._jobs) or bool(self._calls) or (self._last_id - self._fts_indexed > FTS_MAX_LAG and now >= self._retry_at)
                 if q and not (self._turn and other) and (now >= self._retry_at or self._queued_commits):
                     if len(q) < GATHER and self.batch_s > 0 and now < q[0].t0 + self.batch_s:
                         self._wake_commit = self._wake_archive = GATHER
@@ -765,6 +932,9 @@ class SqliteStore(Store):
                 if self._reset_wal and not q:
                     self._wake_commit = self._wake_archive = 1 << 62
                     return self._checkpoint
+                if self._calls:
+                    self._wake_commit = self._wake_archive = 1 << 62
+                    return self._step_call
                 if self._jobs:
                     self._wake_commit = self._wake_archive = 1 << 62
                     return self._step_job
@@ -807,12 +977,15 @@ class SqliteStore(Store):
             if self._moved is not None:
                 raise StoreUnavailable(self._moved)
             before = self._last_id
-            inserted = self._insert(conn, [it.row for it in items])
-            if inserted == len(items):
+            rows = [it.row for it in items if it.msg is not None]
+            events = [it.row for it in items if it.msg is None]
+            inserted = self._insert(conn, rows, events)
+            self.stats.events += len(events)
+            if inserted == len(rows):
                 n_commits = sum(1 for it in items if it.fut is not None)
                 self.stats.committed += n_commits
                 self.stats.archived += inserted - n_commits
-                results = [(it.fut, it.msg, it.t0) for it in items if it.fut is not None]
+                results = [(it.fut, it.msg, it.t0) for it in items if it.fut is not None and it.msg is not None]
             else:
                 self._settle(conn, items, before, inserted, results)
         except Exception as e:
@@ -834,8 +1007,13 @@ class SqliteStore(Store):
                 return
             error: BaseException
             if refused:
-                log.error("store: message refused by the database (%r): room %r seq %r", e, items[0].msg.room, items[0].msg.seq)
-                if items[0].fut is None:
+                first = items[0].msg
+                if first is None:
+                    log.error("store: outbox event refused by the database (%r): %r", e, items[0].row)
+                    self.stats.events_dropped += 1
+                else:
+                    log.error("store: message refused by the database (%r): room %r seq %r", e, first.room, first.seq)
+                if items[0].fut is None and first is not None:
                     self._post(self._count_dropped, 1)
                 error = ValueError(f"sqlite store: message refused: {e!r}")
             else:
@@ -853,8 +1031,23 @@ class SqliteStore(Store):
         if results:
             self._post(self._resolve, results)
 
-    def _insert(self, conn: sqlite3.Connection, rows: list[_Row]) -> int:
-        """Insert ``rows`` in one transaction; the number actually inserted."""
+    def _insert(self, conn: sqlite3.Connection, rows: list[_Row], events: list[Any] | None = None) -> int:
+        """Insert ``rows`` (and outbox ``events``) in one transaction; the number of
+        messages actually inserted."""
+        if events:
+            conn.execute("BEGIN IMMEDIATE")
+            total = 0
+            for i in range(0, len(rows), ROWS_PER_STATEMENT):
+                part = rows[i:i + ROWS_PER_STATEMENT]
+                cur = conn.execute(_insert_sql(len(part)), [x for r in part for x in r])
+                total += cur.rowcount
+                if cur.rowcount > 0:
+                    self._wrote(cur.lastrowid)
+            for i in range(0, len(events), ROWS_PER_STATEMENT):
+                part = events[i:i + ROWS_PER_STATEMENT]
+                conn.execute(_EVENT_SQL + ",".join(["(?,?,?,?)"] * len(part)), [x for r in part for x in r])
+            conn.execute("COMMIT")
+            return total
         if len(rows) <= ROWS_PER_STATEMENT:  # one statement: its own transaction
             cur = conn.execute(_insert_sql(len(rows)), [x for r in rows for x in r])
             if cur.rowcount > 0:
@@ -886,9 +1079,9 @@ class SqliteStore(Store):
         claimed: set[int] = set()
         new_commits = 0
         for it in items:
-            if it.fut is None:
-                continue
             m = it.msg
+            if it.fut is None or m is None:
+                continue
             row = None
             if m.cid is not None:
                 row = conn.execute(
@@ -906,7 +1099,23 @@ class SqliteStore(Store):
             results.append((it.fut, stored, it.t0))
         self.stats.committed += new_commits
         self.stats.archived += inserted - new_commits
-        self.stats.duplicates += len(items) - inserted
+        self.stats.duplicates += sum(1 for it in items if it.msg is not None) - inserted
+
+    def _step_call(self, conn: sqlite3.Connection) -> None:
+        """Run the first queued call (a small write) and settle its future."""
+        with self._cond:
+            fn, fut = self._calls.popleft()
+        try:
+            if self._moved is not None:
+                raise StoreUnavailable(self._moved)
+            value: Any = fn(conn)
+        except Exception as e:
+            if conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+            self.stats.errors += 1
+            value = e if isinstance(e, StoreUnavailable) else _unavailable(e, "write") if isinstance(e, sqlite3.Error) else e
+        self._post(_settle_future, fut, value)
 
     def _step_job(self, conn: sqlite3.Connection) -> None:
         """One chunk of the first deletion job; the job goes to the back of the line."""
@@ -970,6 +1179,10 @@ class SqliteStore(Store):
             self._queued_commits = 0
             jobs = list(self._jobs)
             self._jobs.clear()
+            calls = list(self._calls)
+            self._calls.clear()
+        for _fn, fut in calls:
+            self._post(_settle_future, fut, StoreUnavailable("sqlite store closed before this was written"))
         closed = StoreUnavailable("sqlite store closed before this was written")
         results = [(it.fut, closed, it.t0) for it in left if it.fut is not None]
         if results:
@@ -1056,6 +1269,21 @@ class SqliteStore(Store):
         if not same and self._moved is None:
             self._moved = f"sqlite store: {self.path} was removed or replaced while open; restart the gateway"
             log.error("%s", self._moved)
+
+
+class _FileLease(Lease):
+    """A held ``flock``: released by closing the descriptor (or by the process dying)."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd: int | None = fd
+
+    async def alive(self) -> bool:
+        return self._fd is not None
+
+    async def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 def _fetch(sql: str, args: tuple[Any, ...]) -> Callable[[sqlite3.Connection], list[Any]]:
