@@ -26,6 +26,7 @@ import asyncio
 import heapq
 import hmac
 import logging
+import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, cast
 
@@ -673,6 +674,59 @@ def build_app(gw: Gateway) -> web.Application:
         log.info("deleted %d stored messages of user %s on request", n, user)
         return _json({"user": user, "deleted": n})
 
+    def _endpoint(req: web.Request) -> str:
+        name = req.match_info["endpoint"]
+        if not any(ep.name == name for ep in gw.outbox.endpoints):
+            raise BadRequest(f"no outbox endpoint {name!r} (outbox.endpoints)", 404, "no_endpoint")
+        return name
+
+    async def outbox(req: web.Request) -> web.Response:
+        """Each outbox endpoint's state: cursor, backlog and lag, and this node's counts."""
+        store = _store()
+        out = []
+        for ep in gw.outbox.endpoints:
+            st = ep.stats
+            cursor = ep.cursor if gw.outbox.leader else await store.outbox_cursor(ep.name)
+            backlog, first_ts = await store.outbox_backlog(cursor)
+            out.append({
+                "endpoint": ep.name, "url": ep.cfg.url, "events": ep.cfg.events, "cursor": cursor, "backlog": backlog,
+                "lag_seconds": round(max(0.0, time.time() - first_ts / 1000), 3) if first_ts else 0.0,
+                "delivered": st.delivered, "dead_letters": st.dead, "failures": st.failures, "last_error": st.last_error,
+                "failing": st.failing_since is not None,
+            })
+        return _json({"node": gw.node_id, "leader": gw.outbox.leader, "endpoints": out})
+
+    async def dead_letters(req: web.Request) -> web.Response:
+        """An endpoint's dead letters, oldest first: ``after_id`` pages on."""
+        store = _store()
+        name = _endpoint(req)
+        limit = _int(req.query, "limit", 100, 1, 1000)
+        after = _int(req.query, "after_id", 0, 0)
+        assert limit is not None and after is not None
+        dead = await store.dead_letters(name, after_id=after, limit=limit)
+        items = [
+            b'{"id":%d,"event_id":%s,"room":%s,"error":%s,"failed_at":%d,"event":%s}'
+            % (d.id, orjson.dumps(d.event_id), orjson.dumps(d.room), orjson.dumps(d.error), d.failed_at, d.event)
+            for d in dead
+        ]
+        body = b'{"endpoint":' + orjson.dumps(name) + b',"dead_letters":[' + b",".join(items) + b"]}"
+        return web.Response(body=body, content_type="application/json")
+
+    async def replay(req: web.Request) -> web.Response:
+        """Send dead letters again (``{"ids": [...]}``, or all of them without a body)."""
+        store = _store()
+        name = _endpoint(req)
+        ids = None
+        if req.body_exists:
+            d = await read_json(req)
+            raw = d.get("ids")
+            if raw is not None and (not isinstance(raw, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in raw)):
+                raise BadRequest("ids must be a list of dead-letter ids")
+            ids = raw
+        n = await store.replay_dead(name, ids)
+        log.info("outbox %s: %d dead letter(s) queued again on request", name, n)
+        return _json({"endpoint": name, "replayed": n})
+
     async def stats(req: web.Request) -> web.Response:
         eng = gw.engine_or_raise()
         all_rooms = eng.rooms()
@@ -729,6 +783,9 @@ def build_app(gw: Gateway) -> web.Application:
     r.add_get("/v1/export", export)
     r.add_get("/v1/search", search)
     r.add_delete("/v1/users/{user}/messages", delete_user_messages)
+    r.add_get("/v1/outbox", outbox)
+    r.add_get("/v1/outbox/{endpoint}/dead", dead_letters)
+    r.add_post("/v1/outbox/{endpoint}/dead/replay", replay)
     r.add_get("/v1/stats", stats)
     r.add_get("/healthz", healthz)
     r.add_get("/readyz", readyz)

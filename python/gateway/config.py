@@ -269,6 +269,64 @@ class StoreConfig:
     retention_interval: float = 600.0
 
 
+#: Room events an outbox endpoint may ask for, besides ``message``.
+OUTBOX_EVENTS = ("message", "join", "leave", "kick", "ban")
+
+
+@dataclass
+class OutboxEndpoint:
+    """One of the company's HTTP endpoints the outbox delivers to (``[[outbox.endpoints]]``)."""
+
+    #: Unique name: the key of its cursor and dead letters, the ``endpoint`` label of the
+    #: metrics. Letters, digits, ``-`` and ``_``. Renaming it starts a new cursor.
+    name: str = ""
+    #: ``https://`` (or ``http://`` inside the company's network) URL that gets the POSTs.
+    url: str = ""
+    #: HMAC-SHA256 key for ``X-Gateway-Signature``; better from the environment: set
+    #: ``secret_env`` to the name of a variable that holds it. Empty: unsigned.
+    secret: str = ""
+    secret_env: str = ""
+    #: Room name patterns (``*`` matches anything, as in ``cs:*``) whose events it gets
+    #: (a kick is about a user everywhere: every endpoint that asked for kicks gets it).
+    rooms: list[str] = field(default_factory=lambda: ["*"])
+    #: Message types it gets (empty: every type).
+    types: list[str] = field(default_factory=list)
+    #: What it gets: ``message`` (stored messages) and room events ``join``, ``leave``,
+    #: ``kick``, ``ban``.
+    events: list[str] = field(default_factory=lambda: ["message"])
+    #: Extra request headers (e.g. ``Authorization``).
+    headers: dict[str, str] = field(default_factory=dict)
+    #: Seconds one POST may take; events per POST at most.
+    timeout: float = 10.0
+    batch: int = 100
+
+    def signing_key(self) -> str:
+        """The HMAC key: ``secret``, or the variable ``secret_env`` names."""
+        return os.environ.get(self.secret_env, "") if self.secret_env else self.secret
+
+
+@dataclass
+class OutboxConfig:
+    """Delivery of stored messages and room events to the company's systems: see
+    docs/operations.md, "The outbox"."""
+
+    endpoints: list[OutboxEndpoint] = field(default_factory=list)
+    #: Seconds between reads of the outbox log when it had nothing new.
+    poll_interval: float = 0.25
+    #: Seconds a room's message waits for an earlier seq of the same room that is not in
+    #: the log yet (being committed by another node) before it is sent anyway.
+    gap_wait: float = 2.0
+    #: Retry delays after a failed POST: doubling from ``backoff_min`` up to
+    #: ``backoff_max`` seconds (a ``Retry-After`` answer is honoured, up to
+    #: ``retry_after_max``).
+    backoff_min: float = 1.0
+    backoff_max: float = 60.0
+    retry_after_max: float = 3600.0
+    #: Seconds an endpoint may keep failing before the events it does not take go to its
+    #: dead letters (``GET /v1/outbox/{endpoint}/dead``, replayed with ``POST .../replay``).
+    dead_letter_after: float = 86400.0
+
+
 @dataclass
 class Config:
     """The whole configuration; see ``gateway.example.toml``."""
@@ -287,6 +345,7 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     drain: DrainConfig = field(default_factory=DrainConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
+    outbox: OutboxConfig = field(default_factory=OutboxConfig)
     routes: list[RouteConfig] = field(default_factory=Router.default_routes)
     #: Free-form settings of plugins: ``[plugins.<name>]`` tables, not validated here
     #: (each plugin reads and checks its own: ``gateway.config.plugins.get(name, {})``).
@@ -390,6 +449,7 @@ class Config:
         if self.drain.timeout < 0:
             raise ConfigError("drain.timeout", "must be >= 0")
         self._check_store()
+        self._check_outbox()
         self.auth.check("auth")
         if self.auth.mode == "dev" and s.host not in _LOOPBACK and not self.auth.dev_allow_remote:
             raise ConfigError(
@@ -423,18 +483,59 @@ class Config:
             raise ConfigError("store.batch_ms", "must be 0..1000 milliseconds")
         if st.retention_interval <= 0:
             raise ConfigError("store.retention_interval", "must be > 0")
-        if not self.keeps_messages:
+        if not self.needs_store:
             return
+        why = "a route keeps messages" if self.keeps_messages else "outbox endpoints are configured"
         if st.kind == "sqlite" and not st.path:
-            raise ConfigError("store.path", "must name the SQLite file (a route keeps messages)")
+            raise ConfigError("store.path", f"must name the SQLite file ({why})")
         if st.kind == "postgres" and not st.dsn:
-            raise ConfigError("store.dsn", "must be set for store.kind = 'postgres' (a route keeps messages)")
+            raise ConfigError("store.dsn", f"must be set for store.kind = 'postgres' ({why})")
+
+    def _check_outbox(self) -> None:
+        import re
+        from urllib.parse import urlsplit
+
+        ob = self.outbox
+        for name in ("poll_interval", "gap_wait", "backoff_min", "backoff_max", "retry_after_max", "dead_letter_after"):
+            if getattr(ob, name) < 0 or (name != "gap_wait" and getattr(ob, name) == 0):
+                raise ConfigError(f"outbox.{name}", "must be > 0" if name != "gap_wait" else "must be >= 0")
+        if ob.backoff_max < ob.backoff_min:
+            raise ConfigError("outbox.backoff_max", "must be >= outbox.backoff_min")
+        names: set[str] = set()
+        for i, ep in enumerate(ob.endpoints):
+            key = f"outbox.endpoints[{i}]"
+            if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", ep.name):
+                raise ConfigError(f"{key}.name", "must be 1-64 letters, digits, '-' or '_'")
+            if ep.name in names:
+                raise ConfigError(f"{key}.name", f"duplicate endpoint name {ep.name!r}")
+            names.add(ep.name)
+            u = urlsplit(ep.url)
+            if u.scheme not in ("http", "https") or not u.hostname:
+                raise ConfigError(f"{key}.url", f"must be an http:// or https:// URL, got {ep.url!r}")
+            bad = [e for e in ep.events if e not in OUTBOX_EVENTS]
+            if bad or not ep.events:
+                raise ConfigError(f"{key}.events", f"must list some of {', '.join(OUTBOX_EVENTS)}" + (f", not {bad[0]!r}" if bad else ""))
+            if not ep.rooms:
+                raise ConfigError(f"{key}.rooms", "must list room patterns (['*'] for every room)")
+            if not all(isinstance(v, str) for v in ep.headers.values()):
+                raise ConfigError(f"{key}.headers", "must map header names to strings")
+            if ep.timeout <= 0:
+                raise ConfigError(f"{key}.timeout", "must be > 0")
+            if not 1 <= ep.batch <= 10_000:
+                raise ConfigError(f"{key}.batch", "must be 1..10000")
+            if ep.secret_env and ep.secret_env not in os.environ:
+                raise ConfigError(f"{key}.secret_env", f"the environment variable {ep.secret_env} is not set")
 
     @property
     def keeps_messages(self) -> bool:
-        """Whether a route keeps messages (``store`` other than ``"none"``): then the
-        store is opened at start-up."""
+        """Whether a route keeps messages (``store`` other than ``"none"``)."""
         return any(r.store != "none" for r in self.routes)
+
+    @property
+    def needs_store(self) -> bool:
+        """Whether the store is opened at start-up: a route keeps messages, or outbox
+        endpoints are configured (room events go through the store's outbox log)."""
+        return self.keeps_messages or bool(self.outbox.endpoints)
 
     def _check_tls(self) -> None:
         t = self.server.tls
@@ -581,6 +682,12 @@ def build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
             if not isinstance(value, list):
                 raise ConfigError(name, "must be an array of tables ([[routes]])")
             kwargs[key] = [build(RouteConfig, r, f"routes[{i}]") for i, r in enumerate(value)]
+            continue
+        if key == "endpoints" and cls is OutboxConfig:
+            value = _plain(value)
+            if not isinstance(value, list):
+                raise ConfigError(name, "must be an array of tables ([[outbox.endpoints]])")
+            kwargs[key] = [build(OutboxEndpoint, r, f"{name}[{i}]") for i, r in enumerate(value)]
             continue
         if key == "plugins" and cls is Config:
             kwargs[key] = _plugin_tables(value, name)

@@ -132,6 +132,7 @@ class EngineCollector:
         yield te
         yield GaugeMetricFamily("gateway_ready", "1 while /readyz answers ready", value=1 if gw.ready else 0)
         yield from _store(gw)
+        yield from _outbox(gw)
 
 
     def _histograms(self, eng: Any) -> Any:
@@ -227,6 +228,8 @@ def _store(gw: Gateway) -> Any:
         ("errors", "Failed store transactions", st.errors),
         ("batches", "Store transactions (group commits)", st.batches),
         ("batched_messages", "Messages written by those transactions (batch size = this / batches)", st.batched_messages),
+        ("events", "Room events written to the outbox log", st.events),
+        ("events_dropped", "Room events not logged for the outbox: the backlog was full or the store closed", st.events_dropped),
     ):
         c = CounterMetricFamily(f"gateway_store_{name}", doc)
         c.add_metric([], value)
@@ -240,6 +243,29 @@ def _store(gw: Gateway) -> Any:
     h = HistogramMetricFamily("gateway_store_commit_seconds", "Durable commit latency (queued to committed)")
     h.add_metric([], _cumulative(LATENCY_BUCKETS, st.latency_buckets), sum_value=st.latency_sum)
     yield h
+
+
+def _outbox(gw: Gateway) -> Any:
+    """The outbox's metrics, per endpoint (figures are this node's: the leader delivers)."""
+    ob = gw.outbox
+    if not ob.enabled:
+        return
+    yield GaugeMetricFamily("gateway_outbox_leader", "1 while this node delivers the outbox (holds its lease)", value=int(ob.leader))
+    delivered = CounterMetricFamily("gateway_outbox_delivered", "Events delivered (2xx) by this node", labels=["endpoint"])
+    dead = CounterMetricFamily("gateway_outbox_dead_letters", "Events given up and kept as dead letters", labels=["endpoint"])
+    failures = CounterMetricFamily("gateway_outbox_failures", "Failed delivery attempts, by reason", labels=["endpoint", "reason"])
+    backlog = GaugeMetricFamily("gateway_outbox_backlog", "Log entries not yet delivered to the endpoint (about; leader only)", labels=["endpoint"])
+    lag = GaugeMetricFamily("gateway_outbox_lag_seconds", "Age of the oldest event not yet delivered to the endpoint (leader only)", labels=["endpoint"])
+    for ep in ob.endpoints:
+        st = ep.stats
+        delivered.add_metric([ep.name], st.delivered)
+        dead.add_metric([ep.name], st.dead)
+        for reason, n in st.failures.items():
+            failures.add_metric([ep.name, reason], n)
+        if ob.leader:
+            backlog.add_metric([ep.name], st.backlog)
+            lag.add_metric([ep.name], st.lag)
+    yield from (delivered, dead, failures, backlog, lag)
 
 
 def _cumulative(bounds: tuple[float, ...], counts: list[int]) -> list[tuple[str, float]]:

@@ -41,6 +41,7 @@ from ..routing import Router
 from .certs import CertWatcher
 from .hooks import Hooks
 from .members import Members
+from .outbox import Outbox
 from .plugins import Plugin
 from .rooms import Rooms
 from .session import Client, Sessions
@@ -99,9 +100,12 @@ class Gateway:
         self.certs: CertWatcher | None = None
         self.tasks = Tasks()
         self.hooks = Hooks(config.hooks, self.stats)
-        self.member_events = Members(self.broker, self.hooks, self.tasks)
         #: The message store and what routes keep in it (no store when none keeps anything).
         self.storage = Storage(config, self.router, self.broker)
+        #: Stored messages and room events to the company's endpoints (``[outbox]``).
+        self.outbox = Outbox(config.outbox, self.storage.store, self.node_id)
+        self._outbox_task: asyncio.Future[Any] | None = None
+        self.member_events = Members(self.broker, self.hooks, self.tasks, self.outbox)
         self.rooms = Rooms(config, self.router, self.broker, self.engine_or_raise, self.member_events, self.stats, self.storage)
         self.sessions = Sessions(
             config, self.engine_or_raise, self.auth, self.policy, self.broker, self.hooks, self.rooms, self.member_events, self.tasks, self.stats
@@ -184,6 +188,7 @@ class Gateway:
     async def kick(self, user: str, reason: str = "kicked", code: int = CloseCode.KICKED) -> None:
         """Close every connection of ``user`` on every node."""
         await self.broker.command(Kick(user, int(code), reason[:120]))
+        self.outbox.record("", "kick", user=user, code=int(code), reason=reason[:120])
 
     async def mute(self, room: str, user: str | None = None, seconds: float | None = None, whitelist: Iterable[str] = ()) -> None:
         """Mute ``user`` in ``room`` (or the whole room, except ``whitelist``), on every node."""
@@ -197,6 +202,7 @@ class Gateway:
         """Ban ``user`` from ``room`` (``*`` = everywhere) and remove them from it."""
         until = time.time() + seconds if seconds else None
         await self.broker.command(Ban(room, user, until))
+        self.outbox.record(room, "ban", user=user, until=until)
 
     async def unban(self, room: str, user: str) -> None:
         """Lift a ban set with the same ``room`` (``*`` = the everywhere ban), on every node."""
@@ -369,6 +375,8 @@ class Gateway:
         self.tasks.start(self.rooms.presence_loop())
         if self.storage.enabled:
             self.tasks.start(self.storage.retention_loop())
+        if self.outbox.enabled:
+            self._outbox_task = self.tasks.start(self.outbox.run())
         tls_addr = eng.tls_address
         if tls_addr is not None:
             self.certs = CertWatcher(eng, self.config.server.tls)
@@ -426,6 +434,9 @@ class Gateway:
             await self._api_runner.cleanup()
             self._api_runner = None
         await self.broker.close()
+        if self._outbox_task is not None:  # cancelled above: let it give the lease up
+            await asyncio.wait((self._outbox_task,), timeout=5.0)
+            self._outbox_task = None
         await self.storage.close()
         for p in self.plugins:
             r = p.teardown()

@@ -335,7 +335,7 @@ class Sessions:
         if joined == 1:
             if route.cfg.single_session:
                 self._replace_older_sessions(c, room)
-            if self.hooks.has("on_leave", "after_join"):
+            if self.members.counts_rooms:
                 self.members.joined(room, c)
             # Every first join of a connection, not only the room's first member: the
             # broker's subscribe is idempotent and returns once this node receives the

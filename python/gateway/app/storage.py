@@ -63,7 +63,9 @@ class Storage:
         self.config = config
         self.router = router
         self.broker = broker
-        self.store: Store | None = open_store(config.store) if config.keeps_messages else None
+        self.store: Store | None = open_store(config.store) if config.needs_store else None
+        if self.store is not None:
+            self.store.outbox = bool(config.outbox.endpoints)
         #: room -> (highest seq known taken, when read from the store): a bounded LRU; a
         #: miss or an old entry asks the store.
         self._floors: OrderedDict[str, tuple[int, float]] = OrderedDict()

@@ -1,5 +1,5 @@
 """Message storage in the company's own database (see :mod:`gateway.store.base`)."""
 
-from .base import SCHEMA_VERSION, SchemaError, Store, StoredMessage, StoreStats, StoreUnavailable
+from .base import SCHEMA_VERSION, DeadLetter, Lease, OutboxEntry, SchemaError, Store, StoredMessage, StoreStats, StoreUnavailable
 
-__all__ = ["SCHEMA_VERSION", "SchemaError", "Store", "StoreStats", "StoreUnavailable", "StoredMessage"]
+__all__ = ["SCHEMA_VERSION", "DeadLetter", "Lease", "OutboxEntry", "SchemaError", "Store", "StoreStats", "StoreUnavailable", "StoredMessage"]

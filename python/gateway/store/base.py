@@ -295,6 +295,10 @@ class Store(abc.ABC):
         kept), in log order. Raises :class:`StoreUnavailable`."""
 
     @abc.abstractmethod
+    def outbox_order(self, position: str) -> tuple[int, ...]:
+        """A sort key of ``position``: positions sort in log order by it."""
+
+    @abc.abstractmethod
     async def outbox_backlog(self, after: str | None) -> tuple[int, int]:
         """(about how many entries follow position ``after``, the ``ts`` of the first of
         them or 0 when there is none): for the outbox's lag metrics. Cheap (no count)."""

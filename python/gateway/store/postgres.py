@@ -1022,6 +1022,10 @@ class PostgresStore(Store):
         xid, rowid = _position(after)
         return [_entry(r) for r in await self._fetch(sql, [xid, rowid, limit], "reading the outbox")]
 
+    def outbox_order(self, position: str) -> tuple[int, ...]:
+        xid, rowid = _position(position)
+        return int(xid), rowid
+
     async def outbox_backlog(self, after: str | None) -> tuple[int, int]:
         s = self.schema
         xid, rowid = _position(after)

@@ -731,6 +731,9 @@ class SqliteStore(Store):
         rows = await self._read(_fetch(sql, (int(after or 0), limit)), "outbox_read")
         return [_entry(r) for r in rows]
 
+    def outbox_order(self, position: str) -> tuple[int, ...]:
+        return (int(position),)
+
     async def outbox_backlog(self, after: str | None) -> tuple[int, int]:
         def run(conn: sqlite3.Connection) -> tuple[int, int]:
             pos = int(after or 0)
