@@ -136,6 +136,17 @@ def test_set_wins_over_environment_and_file(toml_file: Path) -> None:
         (["limits.socket_send_buffer=-1"], "limits.socket_send_buffer", ">= 0"),
         (["plugins.webhook=5"], "plugins.webhook", "must be a table"),
         (["plugins=3"], "plugins", "table of [plugins.<name>] tables"),
+        (["outbox.endpoints=3"], "outbox.endpoints", "array of tables"),
+        (['outbox.endpoints=[{name="crm", url="ftp://x"}]'], "outbox.endpoints[0].url", "http:// or https://"),
+        (['outbox.endpoints=[{name="a b", url="http://x"}]'], "outbox.endpoints[0].name", "letters, digits"),
+        (['outbox.endpoints=[{name="a", url="http://x"}, {name="a", url="http://y"}]'], "outbox.endpoints[1].name", "duplicate"),
+        (['outbox.endpoints=[{name="a", url="http://x", events=["message", "typing"]}]'], "outbox.endpoints[0].events", "not 'typing'"),
+        (['outbox.endpoints=[{name="a", url="http://x", secret_env="NO_SUCH_SECRET_VAR"}]'], "outbox.endpoints[0].secret_env", "not set"),
+        (['outbox.endpoints=[{name="a", url="http://x", batch=0}]'], "outbox.endpoints[0].batch", "1..10000"),
+        (['outbox.endpoints=[{name="a", url="http://x", colour=1}]'], "outbox.endpoints[0].colour", "unknown setting"),
+        (["outbox.backoff_min=5", "outbox.backoff_max=1"], "outbox.backoff_max", ">= outbox.backoff_min"),
+        (["outbox.dead_letter_after=0"], "outbox.dead_letter_after", "> 0"),
+        (['routes=[{pattern="*"}]', 'store.kind="postgres"', 'outbox.endpoints=[{name="a", url="http://x"}]'], "store.dsn", "outbox endpoints are configured"),
     ],
 )
 def test_errors_name_the_bad_key(sets: list[str], key: str, words: str) -> None:
