@@ -16,6 +16,7 @@ from typing import Any
 
 from support.gateway import GatewayProcess, uniq
 from support.receiver import Receiver
+from support.redis import RedisServer
 from support.wait import eventually
 
 SECRET = "outbox-secret"
@@ -238,3 +239,49 @@ async def test_room_events_join_leave_kick_ban(tmp_path: Path) -> None:
     finally:
         await rec.stop()
         assert not g.finish()
+
+
+async def test_two_nodes_on_postgres_one_delivers_and_the_other_takes_over_after_kill_9(
+    redis_server: RedisServer, postgres_db: str, tmp_path: Path,
+) -> None:
+    """Both nodes write the log (PostgreSQL); one holds the lease and delivers. Messages of
+    one room published on both nodes at once arrive in seq order. The deliverer is killed
+    mid-way: the other node takes the lease and delivers the rest (at least once)."""
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-m", "gateway", "migrate", "--dsn", postgres_db], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    rec = Receiver(SECRET)
+    rec.delay = 0.15  # a slow endpoint: delivery takes seconds, so the kill lands mid-way
+    await rec.start()
+    sets = ["store.kind=postgres", f"store.dsn={postgres_db}", "limits.client_rate=0"]
+    args = ["--broker", "redis", "--redis-url", redis_server.url]
+    nodes = [GatewayProcess(tmp_path / f"n{i}", sets, config=ROUTES.format(url=rec.url), args=args, env={"OUTBOX_SECRET": SECRET}).start()
+             for i in range(2)]
+    room = f"cs:{uniq()}"
+    try:
+        await eventually(lambda: sum(n.metric("gateway_outbox_leader") or 0 for n in nodes) == 1, timeout=20, what="one leader")
+        leader = next(i for i, n in enumerate(nodes) if n.metric("gateway_outbox_leader") == 1)
+        clients = [await n.client(f"agent{i}") for i, n in enumerate(nodes)]
+        for c in clients:
+            await c.join(room)
+        acks = await asyncio.gather(*(c.publish(room, {"i": i, "k": k}) for k in range(60) for i, c in enumerate(clients)))
+        assert sorted(a["seq"] for a in acks) == list(range(1, 121))
+        await eventually(lambda: len(rec.delivered_ids()) >= 20, timeout=30, what="delivery under way")
+        nodes[leader].signal(signal.SIGKILL)
+        nodes[leader].wait(10)
+        nodes[leader].stopped_by_test = True
+        other = nodes[1 - leader]
+        await eventually(lambda: other.metric("gateway_outbox_leader") == 1, timeout=30, what="the other node takes over")
+        more = await clients[1 - leader].publish(room, {"after": "failover"})
+        assert more["seq"] == 121
+        want = {f"msg:{room}:{s}" for s in range(1, 122)}
+        await eventually(lambda: want <= rec.delivered_ids(), timeout=60, what="every message delivered")
+        assert in_room_order(rec.delivered())[room] == list(range(1, 122))
+        assert all(r.signed for r in rec.requests)
+        await clients[1 - leader].close()
+    finally:
+        await rec.stop()
+        for n in nodes:
+            assert not n.finish()

@@ -4,6 +4,7 @@ Retry-After, refusing some events, fine)."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import time
@@ -35,6 +36,8 @@ class Receiver:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/events"
         self.requests: list[Request] = []
+        #: Seconds each answer takes (a slow endpoint).
+        self.delay = 0.0
         self.answer: Callable[[list[dict[str, Any]]], tuple[int, dict[str, str]]] = lambda events: (200, {})
         self._runner: web.AppRunner | None = None
 
@@ -62,6 +65,8 @@ class Receiver:
     async def _handle(self, request: web.Request) -> web.Response:
         body = await request.read()
         events = orjson.loads(body)["events"]
+        if self.delay:
+            await asyncio.sleep(self.delay)
         status, headers = self.answer(events)
         self.requests.append(Request(time.monotonic(), status, dict(request.headers), events, self.verify(dict(request.headers), body)))
         return web.json_response({"ok": status < 300}, status=status, headers=headers)
