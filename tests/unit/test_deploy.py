@@ -472,6 +472,18 @@ def test_prometheus_alerts_cover_tls_expiry_and_reloads() -> None:
         assert any(c["exp_alerts"] for c in cases) and any(not c["exp_alerts"] for c in cases), name
 
 
+def test_prometheus_alerts_cover_the_store_and_the_outbox() -> None:
+    (doc,) = load_yaml(PROM / "alerts.yml")
+    rules = {r["alert"]: " ".join(r["expr"].split()) for g in doc["groups"] for r in g["rules"]}
+    assert rules["GatewayOutboxLagging"].startswith("gateway_outbox_lag_seconds >")
+    assert "gateway_outbox_dead_letters_total" in rules["GatewayOutboxDeadLetters"]
+    assert "gateway_store_unavailable_total" in rules["GatewayStoreUnavailable"]
+    (tests,) = load_yaml(PROM / "alerts_test.yml")
+    for name in ("GatewayOutboxLagging", "GatewayOutboxDeadLetters", "GatewayStoreUnavailable"):
+        cases = [c for t in tests["tests"] for c in t.get("alert_rule_test", []) if c["alertname"] == name]
+        assert any(c["exp_alerts"] for c in cases) and any(not c["exp_alerts"] for c in cases), name
+
+
 # ---- docs ---------------------------------------------------------------------------------------
 
 
