@@ -238,6 +238,9 @@ def _store(gw: Gateway) -> Any:
     un = CounterMetricFamily("gateway_store_unavailable", "Durable publishes answered with error 5030: the store could not commit")
     un.add_metric([], gw.stats.store_unavailable)
     yield un
+    col = CounterMetricFamily("gateway_store_seq_collisions", "Durable messages numbered again: their seq was already stored by another node (Redis had lost the room)")
+    col.add_metric([], gw.stats.seq_collisions)
+    yield col
     from .store.base import LATENCY_BUCKETS
 
     h = HistogramMetricFamily("gateway_store_commit_seconds", "Durable commit latency (queued to committed)")

@@ -17,7 +17,7 @@ from ..config import Config
 from ..protocol import frames
 from ..protocol.codes import Priority
 from ..routing import Route, Router
-from ..store import StoredMessage
+from ..store import StoredMessage, StoreUnavailable
 from .members import Members
 from .stats import Stats
 from .storage import Storage
@@ -67,25 +67,38 @@ class Rooms:
         published = self.stats.published
         published[key] = published.get(key, 0) + 1
         policy = HistoryPolicy(cfg.history_size, cfg.history_ttl)
-        if keep != "none":
-            policy.floor = await self.storage.floor(room)
-            policy.epoch = self.storage.epoch
-        try:
-            res = await self.broker.publish(room, head, tail, int(prio), recoverable, policy, idem)
-        except BrokerError:
-            self.stats.broker_publish_errors += 1
-            raise
-        if res.duplicate:
-            self.stats.duplicates += 1
-        if keep != "none" and res.seq > 0 and data_json is not None:
+        for attempt in range(3):
+            if keep != "none":
+                policy.floor = await self.storage.floor(room, fresh=attempt > 0)
+                policy.epoch = self.storage.epoch
+            try:
+                res = await self.broker.publish(room, head, tail, int(prio), recoverable, policy, idem)
+            except BrokerError:
+                self.stats.broker_publish_errors += 1
+                raise
+            if res.duplicate:
+                self.stats.duplicates += 1
+            if keep == "none" or res.seq <= 0 or data_json is None:
+                return res
             self.storage.advance(room, res.seq)
             msg = StoredMessage(room, res.seq, ts, mtype, int(prio), sender, data_json, cid, cfg.pattern)
             stored = await self.storage.keep(keep, msg)
             if stored.seq != res.seq:
                 # A retry whose first attempt was stored under another seq (the broker's
                 # idempotency window had passed): answer with the stored one.
-                res = PublishResult(stored.seq, res.epoch, True)
-        return res
+                return PublishResult(stored.seq, res.epoch, True)
+            if stored is msg or stored == msg or (cid is not None and stored.cid == cid and stored.sender == sender):
+                return res
+            # The seq was already taken by a message this node did not know of: the
+            # broker started the room afresh (Redis lost its state) from this node's
+            # floor, which was older than what another node had stored meanwhile. Number
+            # the message again from the store's own last seq (it was delivered under the
+            # taken seq: clients that have that seq drop it as a repeat).
+            self.stats.seq_collisions += 1
+            log.warning("room %s: seq %d was already stored by another node; publishing again after the store's last seq", room, res.seq)
+            if idem is not None:
+                idem = f"{idem}\x00{attempt + 1}"
+        raise StoreUnavailable(f"room {room}: the broker's sequence keeps colliding with stored messages")
 
     # ---- leaving ---------------------------------------------------------------------------
 

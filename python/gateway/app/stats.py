@@ -54,6 +54,8 @@ class Stats:
         self.broker_publish_errors = 0
         #: Durable publishes refused because the store could not commit them (error 5030).
         self.store_unavailable = 0
+        #: Kept messages whose seq was already stored by another node (republished).
+        self.seq_collisions = 0
         self.tokens_expired = 0
 
     def observe_hook(self, hook: str, seconds: float) -> None:

@@ -99,14 +99,15 @@ class Storage:
             return "durable"
         return "archive"
 
-    async def floor(self, room: str) -> int:
+    async def floor(self, room: str, *, fresh: bool = False) -> int:
         """The highest ``seq`` known to be taken in ``room`` (what the store holds, or this
         node published since): the broker numbers on from there when it starts the room
         afresh (see :class:`~gateway.broker.HistoryPolicy`). Re-read from the store every
-        :data:`_FLOOR_TTL` seconds, since other nodes publish into the room too."""
+        :data:`_FLOOR_TTL` seconds (other nodes publish into the room too), or now with
+        ``fresh``."""
         known = self._floors.get(room)
         now = time.monotonic()
-        if known is not None and now - known[1] < _FLOOR_TTL:
+        if known is not None and now - known[1] < _FLOOR_TTL and not fresh:
             self._floors.move_to_end(room)
             return known[0]
         assert self.store is not None
