@@ -265,6 +265,11 @@ class StoreConfig:
     max_backlog: int = 100_000
     #: Readers (SQLite threads) or connections (PostgreSQL).
     pool_size: int = 4
+    #: PostgreSQL: connections that write durable commits (a room always uses the same
+    #: one; one more writes archive messages). 1 suits a database on a slow disk.
+    writers: int = 2
+    #: PostgreSQL: seconds any statement may take before the database counts as down.
+    timeout: float = 10.0
     #: Seconds between runs of the retention job (routes' ``retention_days``).
     retention_interval: float = 600.0
 
@@ -476,9 +481,11 @@ class Config:
             raise ConfigError("store.kind", f"must be 'sqlite' or 'postgres', got {st.kind!r}")
         if st.synchronous.upper() not in ("NORMAL", "FULL"):
             raise ConfigError("store.synchronous", "must be 'NORMAL' or 'FULL'")
-        for name in ("max_batch", "max_backlog", "pool_size"):
+        for name in ("max_batch", "max_backlog", "pool_size", "writers"):
             if getattr(st, name) < 1:
                 raise ConfigError(f"store.{name}", "must be >= 1")
+        if st.timeout <= 0:
+            raise ConfigError("store.timeout", "must be > 0")
         if not 0 <= st.batch_ms <= 1000:
             raise ConfigError("store.batch_ms", "must be 0..1000 milliseconds")
         if st.retention_interval <= 0:

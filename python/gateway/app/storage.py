@@ -47,7 +47,10 @@ def open_store(cfg: StoreConfig) -> Store:
     if cfg.kind == "postgres":
         from ..store.postgres import PostgresStore
 
-        return PostgresStore(cfg.dsn, batch_ms=cfg.batch_ms, max_batch=cfg.max_batch, max_backlog=cfg.max_backlog, pool_size=cfg.pool_size)
+        return PostgresStore(
+            cfg.dsn, batch_ms=cfg.batch_ms, max_batch=cfg.max_batch, max_backlog=cfg.max_backlog, pool_size=cfg.pool_size,
+            writers=cfg.writers, timeout=cfg.timeout,
+        )
     from ..store.sqlite import SqliteStore
 
     return SqliteStore(
