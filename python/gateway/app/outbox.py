@@ -219,11 +219,6 @@ class Outbox:
         tasks.append(asyncio.create_task(self._trim_loop(), name="outbox-trim"))
         try:
             while await lease.alive():
-                done = [t for t in tasks if t.done()]
-                for t in done:  # a bug: log it and go on without that task's endpoint
-                    if not t.cancelled() and t.exception() is not None:
-                        log.error("outbox task %s failed", t.get_name(), exc_info=t.exception())
-                        tasks.remove(t)
                 await asyncio.sleep(LEASE_CHECK)
         finally:
             for t in tasks:
@@ -244,6 +239,18 @@ class Outbox:
                 delay = min(delay * 2, 5.0)
 
     async def _serve(self, ep: _Endpoint) -> None:
+        """Deliver to ``ep`` until cancelled; a bug in one round is logged and the round
+        is tried again (from the saved cursor) a second later."""
+        while True:
+            try:
+                await self._serve_rounds(ep)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("outbox %s: delivery round failed; trying again", ep.name)
+                await asyncio.sleep(1.0)
+
+    async def _serve_rounds(self, ep: _Endpoint) -> None:
         store = self.store
         assert store is not None
         ep.cursor = await self._store_call("reading the cursor", store.outbox_cursor, ep.name)
@@ -414,6 +421,9 @@ class Outbox:
                 n = await store.outbox_trim(upto)
             except StoreUnavailable as e:
                 log.warning("outbox: trimming the log failed (%s)", e)
+                continue
+            except Exception:
+                log.exception("outbox: trimming the log failed")
                 continue
             if n:
                 log.debug("outbox: %d delivered entries trimmed", n)
