@@ -35,6 +35,14 @@
     RATE_LIMITED: 4029,
     /** limit reached (rooms per connection or per node) */
     LIMIT_REACHED: 4030,
+    /** not a member of that conversation */
+    NOT_MEMBER: 4031,
+    /** recall not allowed: too late, or not the sender */
+    RECALL_DENIED: 4032,
+    /** conversation unknown */
+    NO_CONVERSATION: 4033,
+    /** too many members */
+    TOO_MANY_MEMBERS: 4034,
     /** rejected by a plugin (the message says why) */
     REJECTED: 4050,
     /** hook timed out and its fallback is deny */

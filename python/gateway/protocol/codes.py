@@ -24,6 +24,11 @@ class ErrorCode(IntEnum):
     MUTED = 4010
     RATE_LIMITED = 4029
     LIMIT_REACHED = 4030
+    #: Conversations: not a member / recall not allowed / unknown / too many members.
+    NOT_MEMBER = 4031
+    RECALL_DENIED = 4032
+    NO_CONVERSATION = 4033
+    TOO_MANY_MEMBERS = 4034
     REJECTED = 4050
     HOOK_TIMEOUT = 4080
     INTERNAL = 5000

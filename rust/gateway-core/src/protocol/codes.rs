@@ -58,6 +58,12 @@ pub mod error {
     pub const RATE_LIMITED: u16 = 4029;
     /// A cap was reached (rooms per connection or per node; used by the Python side).
     pub const LIMIT_REACHED: u16 = 4030;
+    /// Conversations (used by the Python side): not a member, recall not allowed,
+    /// conversation unknown, too many members.
+    pub const NOT_MEMBER: u16 = 4031;
+    pub const RECALL_DENIED: u16 = 4032;
+    pub const NO_CONVERSATION: u16 = 4033;
+    pub const TOO_MANY_MEMBERS: u16 = 4034;
     pub const PLUGIN: u16 = 4050;
     pub const HOOK_TIMEOUT: u16 = 4080;
     pub const INTERNAL: u16 = 5000;
