@@ -617,3 +617,102 @@ async def test_outbox_never_skips_an_entry_that_commits_late(backend: Backend, o
         await slow.close()
     entries = await read_all(store)
     assert [(e.kind, e.seq) for e in entries] == [("join", None), ("message", 1)]
+
+
+# --------------------------------------------------------------------------- conversations
+
+async def test_create_a_conversation_once_with_its_members(store: Store) -> None:
+    from gateway.store import TooManyMembers
+
+    conv, created = await store.create_conversation("group:1", "group", "alice", b'{"name":"Study"}', [("alice", "owner"), ("bob", "member")], 3)
+    assert created and (conv.room, conv.kind, conv.creator, orjson.loads(conv.meta)) == ("group:1", "group", "alice", {"name": "Study"})
+    again, created = await store.create_conversation("group:1", "group", "zed", b"{}", [("alice", "owner"), ("carol", "member")], 3)
+    assert not created and again.creator == "alice" and orjson.loads(again.meta) == {"name": "Study"}
+    assert [(m.user, m.role) for m in await store.members("group:1")] == [("alice", "owner"), ("bob", "member"), ("carol", "member")]
+    assert await store.member_count("group:1") == 3
+    with pytest.raises(TooManyMembers):
+        await store.add_members("group:1", [("dave", "member")], 3)
+    assert await store.member_count("group:1") == 3
+    with pytest.raises(KeyError):
+        await store.add_members("group:none", [("dave", "member")], 3)
+    assert await store.conversation("group:none") is None
+    assert (await store.conversation("group:1")) == again
+
+
+async def test_new_members_start_with_what_was_said_read_and_unread_is_arithmetic(store: Store) -> None:
+    await store.create_conversation("group:2", "group", None, b"{}", [("alice", "owner")], 10)
+    await store.commit_many([msg("group:2", i, sender="alice") for i in (1, 2, 3)])
+    assert await store.add_members("group:2", [("bob", "member"), ("alice", "member")], 10) == ["bob"]
+    bob = await store.member("group:2", "bob")
+    assert bob is not None and bob.read_seq == 3 and bob.active and bob.role == "member"
+    await store.commit_many([msg("group:2", i, sender="alice") for i in (4, 5)])
+    (state,) = await store.user_conversations("bob")
+    assert (state.last_seq, state.member.read_seq, state.last_seq - state.member.read_seq) == (5, 3, 2)
+    assert state.last == msg("group:2", 5, sender="alice")
+    m = await store.mark_read("group:2", "bob", 4)
+    assert m is not None and m.read_seq == 4
+    m = await store.mark_read("group:2", "bob", 2)  # never back
+    assert m is not None and m.read_seq == 4
+    m = await store.mark_read("group:2", "bob", 99)  # never past the last seq
+    assert m is not None and m.read_seq == 5
+    await store.mark_read_many([("group:2", "alice", 5), ("group:2", "nobody", 5)])
+    alice = await store.member("group:2", "alice")
+    assert alice is not None and alice.read_seq == 5
+    assert await store.mark_read("group:2", "nobody", 1) is None
+
+
+async def test_removed_members_keep_what_they_could_read_and_come_back(store: Store) -> None:
+    await store.create_conversation("group:3", "group", None, b"{}", [("alice", "owner"), ("bob", "member")], 10)
+    await store.commit_many([msg("group:3", i) for i in (1, 2)])
+    gone = await store.remove_member("group:3", "bob")
+    assert gone is not None and gone.left_seq == 2 and not gone.active
+    assert await store.remove_member("group:3", "bob") is None
+    await store.commit_many([msg("group:3", i) for i in (3, 4)])
+    (state,) = await store.user_conversations("bob")
+    assert state.member.left_seq == 2 and state.last_seq == 2, "nothing after the removal"
+    assert await store.user_conversations("bob", include_left=False) == []
+    assert await store.user_rooms("bob", 10) == [] and await store.user_rooms("alice", 10) == ["group:3"]
+    assert await store.update_member("group:3", "bob", role="admin") is None
+    assert await store.add_members("group:3", [("bob", "member")], 10) == ["bob"]
+    back = await store.member("group:3", "bob")
+    assert back is not None and back.active and back.read_seq == 4
+    muted = await store.update_member("group:3", "bob", muted_until=0)
+    assert muted is not None and muted.muted(T0) and muted.muted_until == 0
+    unmuted = await store.update_member("group:3", "bob", muted_until=None, role="admin")
+    assert unmuted is not None and not unmuted.muted(T0) and unmuted.role == "admin"
+
+
+async def test_a_users_list_changes_since_a_cursor_paged_by_activity(store: Store) -> None:
+    for i in range(5):
+        await store.create_conversation(f"dm:u{i}:zoe", "dm", None, b"{}", [(f"u{i}", "member"), ("zoe", "member")], 2)
+        await store.commit(msg(f"dm:u{i}:zoe", 1, ts=T0 + 1000 * i))
+    states = await store.user_conversations("zoe", since_ms=0, limit=3)
+    assert [s.conv.room for s in states] == ["dm:u4:zoe", "dm:u3:zoe", "dm:u2:zoe"]
+    nxt = await store.user_conversations("zoe", since_ms=0, limit=3, before=(states[-1].activity, states[-1].conv.room))
+    assert [s.conv.room for s in nxt] == ["dm:u1:zoe", "dm:u0:zoe"]
+    # Membership rows were created now (after T0): a cursor past them and past T0 + 4000
+    # sees only what changes later.
+    cursor = max(s.activity for s in states)
+    assert await store.user_conversations("zoe", since_ms=cursor) == []
+    await store.commit(msg("dm:u1:zoe", 2, ts=cursor + 10))
+    assert [s.conv.room for s in await store.user_conversations("zoe", since_ms=cursor)] == ["dm:u1:zoe"]
+
+
+async def test_recall_leaves_a_tombstone_everywhere(store: Store) -> None:
+    from gateway.store import RECALLED
+
+    await store.create_conversation("group:4", "group", None, b"{}", [("alice", "owner")], 10)
+    await store.commit_many([msg("group:4", 1, data={"text": "秘密的订单号码 123"}), msg("group:4", 2)])
+    before = await store.conversation("group:4")
+    old = await store.recall("group:4", 1, "alice", T0 + 5)
+    assert old is not None and orjson.loads(old.data) == {"text": "秘密的订单号码 123"}
+    assert await store.recall("group:4", 1, "alice", T0 + 6) is None, "once"
+    assert await store.recall("group:4", 9, "alice", T0 + 6) is None
+    (m1, m2) = await store.messages("group:4")
+    assert (m1.type, orjson.loads(m1.data), m1.seq, m1.sender) == (RECALLED, {"by": "alice", "at": T0 + 5}, 1, "u1")
+    assert m2.type == "chat"
+    assert await store.search("订单号码", limit=10) == []
+    assert await store.recalled_since(["group:4", "group:x"], T0) == {"group:4": [1]}
+    assert await store.recalled_since(["group:4"], T0 + 5) == {}
+    after = await store.conversation("group:4")
+    assert before is not None and after is not None and after.updated_at >= before.updated_at

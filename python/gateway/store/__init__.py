@@ -1,5 +1,23 @@
 """Message storage in the company's own database (see :mod:`gateway.store.base`)."""
 
-from .base import SCHEMA_VERSION, DeadLetter, Lease, OutboxEntry, SchemaError, Store, StoredMessage, StoreStats, StoreUnavailable
+from .base import (
+    RECALLED,
+    SCHEMA_VERSION,
+    Conversation,
+    ConversationState,
+    DeadLetter,
+    Lease,
+    Member,
+    OutboxEntry,
+    SchemaError,
+    Store,
+    StoredMessage,
+    StoreStats,
+    StoreUnavailable,
+    TooManyMembers,
+)
 
-__all__ = ["SCHEMA_VERSION", "DeadLetter", "Lease", "OutboxEntry", "SchemaError", "Store", "StoreStats", "StoreUnavailable", "StoredMessage"]
+__all__ = [
+    "RECALLED", "SCHEMA_VERSION", "Conversation", "ConversationState", "DeadLetter", "Lease", "Member", "OutboxEntry", "SchemaError", "Store",
+    "StoreStats", "StoreUnavailable", "StoredMessage", "TooManyMembers",
+]

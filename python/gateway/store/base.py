@@ -36,14 +36,20 @@ from dataclasses import dataclass, field
 from ..protocol.frames import message_parts, splice
 
 __all__ = [
-    "SCHEMA_VERSION", "DeadLetter", "Lease", "OutboxEntry", "SchemaError", "Store", "StoreStats", "StoreUnavailable", "StoredMessage",
+    "SCHEMA_VERSION", "Conversation", "ConversationState", "DeadLetter", "Lease", "Member", "OutboxEntry", "SchemaError", "Store",
+    "StoreStats", "StoreUnavailable", "StoredMessage", "TooManyMembers",
 ]
 
 #: The schema this code reads and writes. ``gateway migrate`` brings a database to it; a
 #: database at another version is refused at start-up (:class:`SchemaError`).
 #: Version 2 added the outbox (``outbox``, ``outbox_cursors``, ``outbox_dead``) and
-#: ``room_floors`` (the highest seq of a room's deleted messages).
-SCHEMA_VERSION = 2
+#: ``room_floors`` (the highest seq of a room's deleted messages). Version 3:
+#: conversations (``rooms`` and ``room_members`` in use, with roles, mutes, removals and
+#: read positions; ``recalls``).
+SCHEMA_VERSION = 3
+
+#: Type of a recalled message (its data becomes ``{"by": user, "at": ms}``).
+RECALLED = "recalled"
 
 
 class StoreUnavailable(RuntimeError):
@@ -119,6 +125,61 @@ class DeadLetter:
     event: bytes
     error: str
     failed_at: int
+
+
+class TooManyMembers(ValueError):
+    """Adding members would pass the conversation's cap."""
+
+
+@dataclass(frozen=True, slots=True)
+class Conversation:
+    """A conversation (a room whose members and messages outlive the sockets).
+    ``meta``: the JSON object given at creation (name, avatar...). ``updated_at``: the
+    last change other than a message (members, meta, a recall), ms."""
+
+    room: str
+    kind: str
+    created_at: int
+    creator: str | None = None
+    meta: bytes = b"{}"
+    updated_at: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    """A user's membership. ``read_seq``: how far they have read. ``left_seq``: None while
+    a member; once removed (or left), the conversation's last seq at that moment (they may
+    still read up to it). ``muted_until``: ms, None when not muted (0: for good)."""
+
+    room: str
+    user: str
+    role: str = "member"
+    joined_at: int = 0
+    read_seq: int = 0
+    muted_until: int | None = None
+    left_seq: int | None = None
+    updated_at: int = 0
+
+    @property
+    def active(self) -> bool:
+        return self.left_seq is None
+
+    def muted(self, now_ms: int) -> bool:
+        return self.muted_until is not None and (self.muted_until == 0 or self.muted_until > now_ms)
+
+
+@dataclass(frozen=True, slots=True)
+class ConversationState:
+    """One entry of a user's conversation list (:meth:`Store.user_conversations`):
+    ``last`` is the newest message they may read (None: none yet), ``last_seq`` its seq
+    (0 without one), ``activity`` the newest of its ts, the conversation's and the
+    membership's ``updated_at`` (the list's order and the sync cursor's measure)."""
+
+    conv: Conversation
+    member: Member
+    last_seq: int
+    last: StoredMessage | None
+    activity: int
 
 
 class Lease(abc.ABC):
@@ -334,6 +395,88 @@ class Store(abc.ABC):
     async def lead(self, name: str) -> Lease | None:
         """Try to take the lease ``name`` among every process that uses this database;
         None when another holds it. Raises :class:`StoreUnavailable`."""
+
+    # ---- conversations -----------------------------------------------------------------
+    #
+    # A conversation is a row of ``rooms`` (its kind, creator, meta) and its members'
+    # rows. These are small writes, one transaction each; none of them is on the path of
+    # a message (a message's commit does not touch them: a conversation's last seq is its
+    # newest message's, read when a list is built).
+
+    @abc.abstractmethod
+    async def create_conversation(
+        self, room: str, kind: str, creator: str | None, meta: bytes, members: Sequence[tuple[str, str]], max_members: int,
+    ) -> tuple[Conversation, bool]:
+        """Create ``room`` with ``members`` ((user, role) pairs), or, when it exists,
+        add those of ``members`` who are not active members. Returns (the conversation,
+        whether it was created). :class:`TooManyMembers` beyond ``max_members``."""
+
+    @abc.abstractmethod
+    async def conversation(self, room: str) -> Conversation | None:
+        """The conversation, or None."""
+
+    @abc.abstractmethod
+    async def add_members(self, room: str, members: Sequence[tuple[str, str]], max_members: int) -> list[str]:
+        """Make ``members`` active members (a removed one comes back, keeping its read
+        position); returns the users who were not active members before. The
+        conversation must exist (:class:`KeyError` otherwise); :class:`TooManyMembers`
+        when the active members would pass ``max_members`` (nothing is added)."""
+
+    @abc.abstractmethod
+    async def remove_member(self, room: str, user: str) -> Member | None:
+        """End ``user``'s membership (``left_seq`` = the room's last seq); the member row
+        as it is now, or None when they were not an active member."""
+
+    @abc.abstractmethod
+    async def update_member(self, room: str, user: str, *, role: str | None = None, muted_until: int | bool | None = False) -> Member | None:
+        """Change an active member's ``role`` and/or ``muted_until`` (``False``: keep; None:
+        unmute). The row after, or None when not an active member."""
+
+    @abc.abstractmethod
+    async def member(self, room: str, user: str) -> Member | None:
+        """``user``'s row in ``room`` (active or removed), or None."""
+
+    @abc.abstractmethod
+    async def members(self, room: str, *, offset: int = 0, limit: int = 100) -> list[Member]:
+        """Active members, by join time."""
+
+    @abc.abstractmethod
+    async def member_count(self, room: str) -> int:
+        """Active members."""
+
+    @abc.abstractmethod
+    async def user_rooms(self, user: str, limit: int) -> list[str]:
+        """Conversations ``user`` is an active member of, most recently changed first (the
+        ones a connection is attached to)."""
+
+    @abc.abstractmethod
+    async def mark_read(self, room: str, user: str, seq: int) -> Member | None:
+        """Move ``read_seq`` to ``seq`` (never back, never past the room's last seq);
+        the row after, or None when ``user`` has no row."""
+
+    @abc.abstractmethod
+    async def mark_read_many(self, items: Sequence[tuple[str, str, int]]) -> None:
+        """:meth:`mark_read` for many (room, user, seq) at once, in one transaction (a
+        sender's own messages count as read: the app batches those)."""
+
+    @abc.abstractmethod
+    async def recall(self, room: str, seq: int, by: str, at_ms: int) -> StoredMessage | None:
+        """Replace the message's type and data by a tombstone (:data:`RECALLED`, ``{"by":
+        by, "at": at_ms}``), note the recall, and mark the conversation changed. Returns
+        the message as it was, or None (no such message, or already recalled)."""
+
+    @abc.abstractmethod
+    async def recalled_since(self, rooms: Sequence[str], since_ms: int) -> dict[str, list[int]]:
+        """Seqs recalled after ``since_ms`` in each of ``rooms`` (rooms without: absent)."""
+
+    @abc.abstractmethod
+    async def user_conversations(
+        self, user: str, *, since_ms: int = 0, limit: int = 100, before: tuple[int, str] | None = None, include_left: bool = True,
+    ) -> list[ConversationState]:
+        """``user``'s conversations whose ``activity`` is after ``since_ms``, most recent
+        first, at most ``limit``; ``before`` = (activity, room) of the last one of the
+        previous page. Removed memberships are included (``member.left_seq`` set, their
+        ``last`` at most that seq) unless ``include_left`` is False."""
 
     async def commit_many(self, msgs: Sequence[StoredMessage]) -> list[StoredMessage]:
         """:meth:`commit` for several messages (one group commit)."""

@@ -104,8 +104,23 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import asyncpg
+import orjson
 
-from .base import SCHEMA_VERSION, DeadLetter, Lease, OutboxEntry, SchemaError, Store, StoredMessage, StoreUnavailable
+from .base import (
+    RECALLED,
+    SCHEMA_VERSION,
+    Conversation,
+    ConversationState,
+    DeadLetter,
+    Lease,
+    Member,
+    OutboxEntry,
+    SchemaError,
+    Store,
+    StoredMessage,
+    StoreUnavailable,
+    TooManyMembers,
+)
 
 __all__ = ["MIGRATIONS", "PostgresStore", "describe_dsn", "migration_lock_key"]
 
@@ -233,6 +248,16 @@ MIGRATIONS: tuple[Migration, ...] = (
         "CREATE TRIGGER messages_floor AFTER DELETE ON {s}.messages REFERENCING OLD TABLE AS gone "
         "FOR EACH STATEMENT EXECUTE FUNCTION {s}.keep_room_floors()",
     )),
+    Migration(3, "conversations: roles, mutes, removals, read positions; recalls", (
+        "ALTER TABLE {s}.rooms ADD COLUMN creator text",
+        "ALTER TABLE {s}.rooms ADD COLUMN updated_at bigint NOT NULL DEFAULT 0",
+        "ALTER TABLE {s}.room_members ADD COLUMN role text NOT NULL DEFAULT 'member'",
+        "ALTER TABLE {s}.room_members ADD COLUMN muted_until bigint",
+        "ALTER TABLE {s}.room_members ADD COLUMN left_seq bigint",
+        "ALTER TABLE {s}.room_members ADD COLUMN updated_at bigint NOT NULL DEFAULT 0",
+        "CREATE TABLE {s}.recalls (room text NOT NULL, seq bigint NOT NULL, at bigint NOT NULL, by text NOT NULL, PRIMARY KEY (room, seq))",
+        "CREATE INDEX recalls_at ON {s}.recalls (room, at)",
+    )),
 )
 assert MIGRATIONS[-1].version == SCHEMA_VERSION and [m.version for m in MIGRATIONS] == list(range(1, SCHEMA_VERSION + 1))
 
@@ -277,6 +302,18 @@ def _position(pos: str | None) -> tuple[str, int]:
 def _entry(r: Any) -> OutboxEntry:
     msg = _row(r[8:]) if r[8] is not None else None
     return OutboxEntry(f"{r[1]}:{r[0]}", r[2], r[4], r[5], r[3], msg, r[6].encode() if r[6] is not None else None, r[7])
+
+
+_CONV_COLS = "room, kind, created_at, creator, meta::text, updated_at"
+_MEMBER_COLS = "room, user_id, role, joined_at, last_read_seq, muted_until, left_seq, updated_at"
+
+
+def _conversation(r: Any) -> Conversation:
+    return Conversation(r[0], r[1], int(r[2]), r[3], (r[4] or "{}").encode(), int(r[5]))
+
+
+def _member(r: Any) -> Member:
+    return Member(r[0], r[1], r[2], int(r[3]), int(r[4]), r[5], r[6], int(r[7]))
 
 
 class _ConnLease(Lease):
@@ -1093,3 +1130,181 @@ class PostgresStore(Store):
             await self._close_conn(conn)
             return None
         return _ConnLease(conn, key, self.timeout)
+
+    # ---- conversations ---------------------------------------------------------------
+
+    def _last_seq_sql(self, arg: str) -> str:
+        s = self.schema
+        return (f"greatest((SELECT coalesce(max(seq), 0) FROM {s}.messages WHERE room = {arg}), "
+                f"(SELECT coalesce(max(seq), 0) FROM {s}.room_floors WHERE room = {arg}))")
+
+    async def _add_members(self, conn: Any, room: str, members: Sequence[tuple[str, str]], max_members: int, now: int) -> list[str]:
+        """In the caller's transaction (the room's row locked): make ``members`` active."""
+        s = self.schema
+        active = {r[0] for r in await conn.fetch(f"SELECT user_id FROM {s}.room_members WHERE room = $1 AND left_seq IS NULL", room)}
+        new: dict[str, str] = {}
+        for user, role in members:
+            if user not in active:
+                new.setdefault(user, role)
+        if len(active) + len(new) > max_members:
+            raise TooManyMembers(f"{room} would have {len(active) + len(new)} members (at most {max_members})")
+        if new:
+            last = await conn.fetchval(f"SELECT {self._last_seq_sql('$1')}", room)
+            await conn.execute(
+                f"INSERT INTO {s}.room_members AS m (room, user_id, joined_at, last_read_seq, role, updated_at) "
+                "SELECT $1, u, $2, $3, r, $2 FROM unnest($4::text[], $5::text[]) AS x(u, r) "
+                "ON CONFLICT (room, user_id) DO UPDATE SET left_seq = NULL, role = EXCLUDED.role, joined_at = EXCLUDED.joined_at, "
+                "last_read_seq = greatest(m.last_read_seq, EXCLUDED.last_read_seq), updated_at = EXCLUDED.updated_at",
+                room, now, last, list(new), list(new.values()),
+            )
+        return list(new)
+
+    async def create_conversation(
+        self, room: str, kind: str, creator: str | None, meta: bytes, members: Sequence[tuple[str, str]], max_members: int,
+    ) -> tuple[Conversation, bool]:
+        s = self.schema
+
+        async def run(conn: Any) -> tuple[Conversation, bool]:
+            now = _now_ms()
+            async with conn.transaction():
+                created = await conn.fetchval(
+                    f"INSERT INTO {s}.rooms (room, kind, created_at, meta, creator, updated_at) VALUES ($1, $2, $3, $4::jsonb, $5, $3) "
+                    "ON CONFLICT (room) DO NOTHING RETURNING true", room, kind, now, meta.decode(), creator,
+                ) is not None
+                await conn.execute(f"SELECT 1 FROM {s}.rooms WHERE room = $1 FOR UPDATE", room)
+                if await self._add_members(conn, room, members, max_members, now) and not created:
+                    await conn.execute(f"UPDATE {s}.rooms SET updated_at = $2 WHERE room = $1", room, now)
+                row = await conn.fetchrow(f"SELECT {_CONV_COLS} FROM {s}.rooms WHERE room = $1", room)
+            return _conversation(row), created
+
+        result: tuple[Conversation, bool] = await self._read(run, "creating a conversation")
+        return result
+
+    async def conversation(self, room: str) -> Conversation | None:
+        rows = await self._fetch(f"SELECT {_CONV_COLS} FROM {self.schema}.rooms WHERE room = $1", [room], "reading a conversation")
+        return _conversation(rows[0]) if rows else None
+
+    async def add_members(self, room: str, members: Sequence[tuple[str, str]], max_members: int) -> list[str]:
+        s = self.schema
+
+        async def run(conn: Any) -> list[str]:
+            now = _now_ms()
+            async with conn.transaction():
+                if await conn.fetchval(f"SELECT 1 FROM {s}.rooms WHERE room = $1 FOR UPDATE", room) is None:
+                    raise KeyError(room)
+                added = await self._add_members(conn, room, members, max_members, now)
+                if added:
+                    await conn.execute(f"UPDATE {s}.rooms SET updated_at = $2 WHERE room = $1", room, now)
+            return added
+
+        result: list[str] = await self._read(run, "adding members")
+        return result
+
+    async def remove_member(self, room: str, user: str) -> Member | None:
+        s = self.schema
+
+        async def run(conn: Any) -> Member | None:
+            now = _now_ms()
+            async with conn.transaction():
+                row = await conn.fetchrow(
+                    f"UPDATE {s}.room_members SET left_seq = {self._last_seq_sql('$1')}, updated_at = $3 "
+                    f"WHERE room = $1 AND user_id = $2 AND left_seq IS NULL RETURNING {_MEMBER_COLS}", room, user, now,
+                )
+                if row is not None:
+                    await conn.execute(f"UPDATE {s}.rooms SET updated_at = $2 WHERE room = $1", room, now)
+            return _member(row) if row is not None else None
+
+        result: Member | None = await self._read(run, "removing a member")
+        return result
+
+    async def update_member(self, room: str, user: str, *, role: str | None = None, muted_until: int | bool | None = False) -> Member | None:
+        sets, args = ["updated_at = $3"], [room, user, _now_ms()]
+        if role is not None:
+            args.append(role)
+            sets.append(f"role = ${len(args)}")
+        if muted_until is not False:
+            args.append(muted_until)
+            sets.append(f"muted_until = ${len(args)}")
+        sql = f"UPDATE {self.schema}.room_members SET {', '.join(sets)} WHERE room = $1 AND user_id = $2 AND left_seq IS NULL RETURNING {_MEMBER_COLS}"
+        rows = await self._fetch(sql, args, "updating a member")
+        return _member(rows[0]) if rows else None
+
+    async def member(self, room: str, user: str) -> Member | None:
+        rows = await self._fetch(f"SELECT {_MEMBER_COLS} FROM {self.schema}.room_members WHERE room = $1 AND user_id = $2", [room, user], "reading a member")
+        return _member(rows[0]) if rows else None
+
+    async def members(self, room: str, *, offset: int = 0, limit: int = 100) -> list[Member]:
+        sql = (f"SELECT {_MEMBER_COLS} FROM {self.schema}.room_members WHERE room = $1 AND left_seq IS NULL "
+               "ORDER BY joined_at, user_id LIMIT $2 OFFSET $3")
+        return [_member(r) for r in await self._fetch(sql, [room, limit, offset], "reading members")]
+
+    async def member_count(self, room: str) -> int:
+        rows = await self._fetch(f"SELECT count(*) FROM {self.schema}.room_members WHERE room = $1 AND left_seq IS NULL", [room], "counting members")
+        return int(rows[0][0])
+
+    async def user_rooms(self, user: str, limit: int) -> list[str]:
+        return [c.conv.room for c in await self.user_conversations(user, limit=limit, include_left=False)]
+
+    def _mark_read_sql(self) -> str:
+        s = self.schema
+        top = f"(SELECT coalesce(max(seq), 0) FROM {s}.messages WHERE room = $1)"
+        return (f"UPDATE {s}.room_members SET last_read_seq = least($3, {top}), updated_at = $4 "
+                f"WHERE room = $1 AND user_id = $2 AND last_read_seq < least($3, {top})")
+
+    async def mark_read(self, room: str, user: str, seq: int) -> Member | None:
+        rows = await self._fetch(self._mark_read_sql() + f" RETURNING {_MEMBER_COLS}", [room, user, seq, _now_ms()], "marking read")
+        return _member(rows[0]) if rows else await self.member(room, user)
+
+    async def mark_read_many(self, items: Sequence[tuple[str, str, int]]) -> None:
+        now = _now_ms()
+        sql = self._mark_read_sql()
+        await self._read(lambda c: c.executemany(sql, [(r, u, seq, now) for r, u, seq in items], timeout=self.timeout), "marking read")
+
+    async def recall(self, room: str, seq: int, by: str, at_ms: int) -> StoredMessage | None:
+        s = self.schema
+        tomb = orjson.dumps({"by": by, "at": at_ms}).decode()
+
+        async def run(conn: Any) -> StoredMessage | None:
+            async with conn.transaction():
+                row = await conn.fetchrow(f"SELECT {_COLS} FROM {s}.messages WHERE room = $1 AND seq = $2 FOR UPDATE", room, seq)
+                if row is None or row[3] == RECALLED:
+                    return None
+                await conn.execute(f"UPDATE {s}.messages SET type = $3, data = $4 WHERE room = $1 AND seq = $2", room, seq, RECALLED, tomb)
+                await conn.execute(f"INSERT INTO {s}.recalls (room, seq, at, by) VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING", room, seq, at_ms, by)
+                await conn.execute(f"UPDATE {s}.rooms SET updated_at = greatest(updated_at, $2) WHERE room = $1", room, at_ms)
+            return _row(row)
+
+        result: StoredMessage | None = await self._read(run, "recalling a message")
+        return result
+
+    async def recalled_since(self, rooms: Sequence[str], since_ms: int) -> dict[str, list[int]]:
+        if not rooms:
+            return {}
+        sql = f"SELECT room, seq FROM {self.schema}.recalls WHERE room = ANY($1::text[]) AND at > $2 ORDER BY room, seq"
+        out: dict[str, list[int]] = {}
+        for room, seq in await self._fetch(sql, [list(rooms), since_ms], "reading recalls"):
+            out.setdefault(room, []).append(int(seq))
+        return out
+
+    async def user_conversations(
+        self, user: str, *, since_ms: int = 0, limit: int = 100, before: tuple[int, str] | None = None, include_left: bool = True,
+    ) -> list[ConversationState]:
+        s = self.schema
+        activity = "greatest(coalesce(l.ts, 0), c.updated_at, m.updated_at)"
+        args: list[Any] = [user, since_ms, limit]
+        where = f"m.user_id = $1 AND {activity} > $2" + ("" if include_left else " AND m.left_seq IS NULL")
+        if before is not None:
+            args += [before[0], before[1]]
+            where += f" AND ({activity} < $4 OR ({activity} = $4 AND m.room > $5))"
+        mcols = ", ".join("m." + c for c in _MEMBER_COLS.split(", "))
+        ccols = ", ".join("c." + c for c in _CONV_COLS.split(", "))
+        lcols = ", ".join("l." + c for c in _COLS.split(", "))
+        sql = (f"SELECT {mcols}, {ccols}, {lcols}, {activity} AS activity FROM {s}.room_members m JOIN {s}.rooms c ON c.room = m.room "
+               f"LEFT JOIN LATERAL (SELECT {_COLS} FROM {s}.messages x WHERE x.room = m.room "
+               "AND x.seq <= coalesce(m.left_seq, 9223372036854775807) ORDER BY x.seq DESC LIMIT 1) l ON true "
+               f"WHERE {where} ORDER BY activity DESC, m.room LIMIT $3")
+        out = []
+        for r in await self._fetch(sql, args, "listing conversations"):
+            last = _row(r[14:23]) if r[14] is not None else None
+            out.append(ConversationState(_conversation(r[8:14]), _member(r[0:8]), last.seq if last is not None else 0, last, int(r[23])))
+        return out

@@ -110,7 +110,21 @@ from typing import Any, TypeVar
 
 import orjson
 
-from .base import SCHEMA_VERSION, DeadLetter, Lease, OutboxEntry, SchemaError, Store, StoredMessage, StoreUnavailable
+from .base import (
+    RECALLED,
+    SCHEMA_VERSION,
+    Conversation,
+    ConversationState,
+    DeadLetter,
+    Lease,
+    Member,
+    OutboxEntry,
+    SchemaError,
+    Store,
+    StoredMessage,
+    StoreUnavailable,
+    TooManyMembers,
+)
 
 __all__ = ["MIGRATIONS", "SqliteStore"]
 
@@ -235,6 +249,23 @@ MIGRATIONS: list[tuple[int, tuple[str, ...]]] = [
             INSERT INTO room_floors (room, seq) VALUES (old.room, old.seq) ON CONFLICT (room) DO UPDATE SET seq = max(seq, excluded.seq);
         END""",
         "INSERT INTO meta (key, value) VALUES ('outbox', '0') ON CONFLICT (key) DO NOTHING",
+    )),
+    (3, (
+        # Conversations: the rooms and room_members of version 1 come into use.
+        "ALTER TABLE rooms ADD COLUMN creator TEXT",
+        "ALTER TABLE rooms ADD COLUMN updated_at INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE room_members ADD COLUMN role TEXT NOT NULL DEFAULT 'member'",
+        "ALTER TABLE room_members ADD COLUMN muted_until INTEGER",
+        "ALTER TABLE room_members ADD COLUMN left_seq INTEGER",
+        "ALTER TABLE room_members ADD COLUMN updated_at INTEGER NOT NULL DEFAULT 0",
+        "CREATE TABLE recalls (room TEXT NOT NULL, seq INTEGER NOT NULL, at INTEGER NOT NULL, by TEXT NOT NULL, PRIMARY KEY (room, seq)) WITHOUT ROWID",
+        "CREATE INDEX recalls_at ON recalls (room, at)",
+        # A recall rewrites a message's data: its trigrams follow (when it was indexed).
+        """CREATE TRIGGER messages_fts_update AFTER UPDATE OF data ON messages
+            WHEN old.id <= (SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'fts_indexed') BEGIN
+            INSERT INTO messages_fts (messages_fts, rowid, data) VALUES ('delete', old.id, old.data);
+            INSERT INTO messages_fts (rowid, data) VALUES (new.id, new.data);
+        END""",
     )),
 ]
 
@@ -811,6 +842,192 @@ class SqliteStore(Store):
             raise _unavailable(e, "lead") from e
         return None if fd is None else _FileLease(fd)
 
+    # ---- conversations -----------------------------------------------------------------
+
+    async def create_conversation(
+        self, room: str, kind: str, creator: str | None, meta: bytes, members: Sequence[tuple[str, str]], max_members: int,
+    ) -> tuple[Conversation, bool]:
+        def run(conn: sqlite3.Connection) -> tuple[Conversation, bool]:
+            now = _now_ms()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                row = conn.execute(f"SELECT {_CONV_COLS} FROM rooms WHERE room = ?", (room,)).fetchone()
+                created = row is None
+                if created:
+                    conn.execute("INSERT INTO rooms (room, kind, created_at, meta, creator, updated_at) VALUES (?, ?, ?, ?, ?, ?)",
+                                 (room, kind, now, meta.decode(), creator, now))
+                if _add_members(conn, room, members, max_members, now) and not created:
+                    conn.execute("UPDATE rooms SET updated_at = ? WHERE room = ?", (now, room))
+                row = conn.execute(f"SELECT {_CONV_COLS} FROM rooms WHERE room = ?", (room,)).fetchone()
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            return _conversation(row), created
+
+        return await self._call(run)
+
+    async def conversation(self, room: str) -> Conversation | None:
+        rows = await self._read(_fetch(f"SELECT {_CONV_COLS} FROM rooms WHERE room = ?", (room,)), "conversation")
+        return _conversation(rows[0]) if rows else None
+
+    async def add_members(self, room: str, members: Sequence[tuple[str, str]], max_members: int) -> list[str]:
+        def run(conn: sqlite3.Connection) -> list[str]:
+            now = _now_ms()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                if conn.execute("SELECT 1 FROM rooms WHERE room = ?", (room,)).fetchone() is None:
+                    raise KeyError(room)
+                added = _add_members(conn, room, members, max_members, now)
+                if added:
+                    conn.execute("UPDATE rooms SET updated_at = ? WHERE room = ?", (now, room))
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            return added
+
+        return await self._call(run)
+
+    async def remove_member(self, room: str, user: str) -> Member | None:
+        def run(conn: sqlite3.Connection) -> Member | None:
+            now = _now_ms()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                last = _last_seq(conn, room)
+                row = conn.execute(
+                    f"UPDATE room_members SET left_seq = ?, updated_at = ? WHERE room = ? AND user_id = ? AND left_seq IS NULL RETURNING {_MEMBER_COLS}",
+                    (last, now, room, user),
+                ).fetchone()
+                if row is not None:
+                    conn.execute("UPDATE rooms SET updated_at = ? WHERE room = ?", (now, room))
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            return _member(row) if row is not None else None
+
+        return await self._call(run)
+
+    async def update_member(self, room: str, user: str, *, role: str | None = None, muted_until: int | bool | None = False) -> Member | None:
+        sets, args = ["updated_at = ?"], [_now_ms()]
+        if role is not None:
+            sets.append("role = ?")
+            args.append(role)  # type: ignore[arg-type]
+        if muted_until is not False:
+            sets.append("muted_until = ?")
+            args.append(muted_until)  # type: ignore[arg-type]
+        sql = f"UPDATE room_members SET {', '.join(sets)} WHERE room = ? AND user_id = ? AND left_seq IS NULL RETURNING {_MEMBER_COLS}"
+
+        def run(conn: sqlite3.Connection) -> Member | None:
+            row = conn.execute(sql, (*args, room, user)).fetchone()
+            return _member(row) if row is not None else None
+
+        return await self._call(run)
+
+    async def member(self, room: str, user: str) -> Member | None:
+        rows = await self._read(_fetch(f"SELECT {_MEMBER_COLS} FROM room_members WHERE room = ? AND user_id = ?", (room, user)), "member")
+        return _member(rows[0]) if rows else None
+
+    async def members(self, room: str, *, offset: int = 0, limit: int = 100) -> list[Member]:
+        sql = f"SELECT {_MEMBER_COLS} FROM room_members WHERE room = ? AND left_seq IS NULL ORDER BY joined_at, user_id LIMIT ? OFFSET ?"
+        return [_member(r) for r in await self._read(_fetch(sql, (room, limit, offset)), "members")]
+
+    async def member_count(self, room: str) -> int:
+        rows = await self._read(_fetch("SELECT count(*) FROM room_members WHERE room = ? AND left_seq IS NULL", (room,)), "member_count")
+        return int(rows[0][0])
+
+    async def user_rooms(self, user: str, limit: int) -> list[str]:
+        return [c.conv.room for c in await self.user_conversations(user, limit=limit, include_left=False)]
+
+    async def mark_read(self, room: str, user: str, seq: int) -> Member | None:
+        def run(conn: sqlite3.Connection) -> Member | None:
+            row = conn.execute(_MARK_READ + f" RETURNING {_MEMBER_COLS}", (seq, room, _now_ms(), room, user, seq, room)).fetchone()
+            if row is None:
+                rows = conn.execute(f"SELECT {_MEMBER_COLS} FROM room_members WHERE room = ? AND user_id = ?", (room, user)).fetchall()
+                return _member(rows[0]) if rows else None
+            return _member(row)
+
+        return await self._call(run)
+
+    async def mark_read_many(self, items: Sequence[tuple[str, str, int]]) -> None:
+        now = _now_ms()
+        rows = [(seq, room, now, room, user, seq, room) for room, user, seq in items]
+
+        def run(conn: sqlite3.Connection) -> None:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.executemany(_MARK_READ, rows)
+            conn.execute("COMMIT")
+
+        await self._call(run)
+
+    async def recall(self, room: str, seq: int, by: str, at_ms: int) -> StoredMessage | None:
+        tomb = orjson.dumps({"by": by, "at": at_ms}).decode()
+
+        def run(conn: sqlite3.Connection) -> StoredMessage | None:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                row = conn.execute(f"SELECT {_COLUMNS} FROM messages WHERE room = ? AND seq = ?", (room, seq)).fetchone()
+                if row is None or row[3] == RECALLED:
+                    conn.execute("COMMIT")
+                    return None
+                conn.execute("UPDATE messages SET type = ?, data = ? WHERE room = ? AND seq = ?", (RECALLED, tomb, room, seq))
+                conn.execute("INSERT INTO recalls (room, seq, at, by) VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING", (room, seq, at_ms, by))
+                conn.execute("UPDATE rooms SET updated_at = max(updated_at, ?) WHERE room = ?", (at_ms, room))
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            return _message(row)
+
+        return await self._call(run)
+
+    async def recalled_since(self, rooms: Sequence[str], since_ms: int) -> dict[str, list[int]]:
+        if not rooms:
+            return {}
+        out: dict[str, list[int]] = {}
+        for i in range(0, len(rooms), 500):
+            part = list(rooms[i:i + 500])
+            sql = f"SELECT room, seq FROM recalls WHERE room IN ({','.join('?' * len(part))}) AND at > ? ORDER BY room, seq"
+            for room, seq in await self._read(_fetch(sql, (*part, since_ms)), "recalled_since"):
+                out.setdefault(room, []).append(int(seq))
+        return out
+
+    async def user_conversations(
+        self, user: str, *, since_ms: int = 0, limit: int = 100, before: tuple[int, str] | None = None, include_left: bool = True,
+    ) -> list[ConversationState]:
+        """See :meth:`Store.user_conversations`: one query; per membership, the newest
+        readable message is found through the ``(room, seq)`` index."""
+        where = ["activity > ?"]
+        args: list[Any] = [user, since_ms]
+        if before is not None:
+            where.append("(activity < ? OR (activity = ? AND room > ?))")
+            args += [before[0], before[0], before[1]]
+        left = "" if include_left else " AND m.left_seq IS NULL"
+        sql = f"""
+            WITH mine AS (
+                SELECT m.room, m.user_id, m.role, m.joined_at, m.last_read_seq, m.muted_until, m.left_seq, m.updated_at AS m_updated,
+                    (SELECT x.id FROM messages x WHERE x.room = m.room AND x.seq <= ifnull(m.left_seq, 9223372036854775807)
+                     ORDER BY x.seq DESC LIMIT 1) AS last_id
+                FROM room_members m WHERE m.user_id = ?{left}
+            ), listed AS (
+                SELECT mine.*, {", ".join(f"c.{c.strip()} AS c_{c.strip()}" for c in _CONV_COLS.split(","))},
+                    {", ".join(f"l.{c.strip()} AS l_{c.strip()}" for c in _COLUMNS.split(","))},
+                    max(ifnull(l.ts, 0), c.updated_at, mine.m_updated) AS activity
+                FROM mine JOIN rooms c ON c.room = mine.room LEFT JOIN messages l ON l.id = mine.last_id
+            )
+            SELECT * FROM listed WHERE {" AND ".join(where)} ORDER BY activity DESC, room LIMIT ?"""
+        args.append(limit)
+        rows = await self._read(_fetch(sql, tuple(args)), "user_conversations")
+        out = []
+        for r in rows:
+            member = _member(r[0:8])
+            conv = _conversation(r[9:15])
+            last = _message(r[15:24]) if r[15] is not None else None
+            out.append(ConversationState(conv, member, last.seq if last is not None else 0, last, int(r[24])))
+        return out
+
     async def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``fn`` once on the writer thread, between batches."""
         if self._state != "open":
@@ -1272,6 +1489,54 @@ class SqliteStore(Store):
         if not same and self._moved is None:
             self._moved = f"sqlite store: {self.path} was removed or replaced while open; restart the gateway"
             log.error("%s", self._moved)
+
+
+_CONV_COLS = "room, kind, created_at, creator, meta, updated_at"
+_MEMBER_COLS = "room, user_id, role, joined_at, last_read_seq, muted_until, left_seq, updated_at"
+#: Args: (seq, room, now, room, user, seq, room): read_seq = max(read_seq, min(seq, last seq)).
+_MARK_READ = (
+    "UPDATE room_members SET last_read_seq = max(last_read_seq, min(?, ifnull((SELECT max(seq) FROM messages WHERE room = ?), 0))), "
+    "updated_at = ? WHERE room = ? AND user_id = ? AND last_read_seq < ? AND last_read_seq < ifnull((SELECT max(seq) FROM messages WHERE room = ?), 0)"
+)
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _conversation(r: Any) -> Conversation:
+    return Conversation(r[0], r[1], int(r[2]), r[3], (r[4] or "{}").encode(), int(r[5]))
+
+
+def _member(r: Any) -> Member:
+    return Member(r[0], r[1], r[2], int(r[3]), int(r[4]), r[5], r[6], int(r[7]))
+
+
+def _last_seq(conn: sqlite3.Connection, room: str) -> int:
+    row = conn.execute(
+        "SELECT max(ifnull((SELECT max(seq) FROM messages WHERE room = ?1), 0), ifnull((SELECT seq FROM room_floors WHERE room = ?1), 0))", (room,),
+    ).fetchone()
+    return int(row[0])
+
+
+def _add_members(conn: sqlite3.Connection, room: str, members: Sequence[tuple[str, str]], max_members: int, now: int) -> list[str]:
+    """In the caller's transaction: make ``members`` active (new ones start having read
+    everything so far); raises :class:`TooManyMembers`."""
+    active = {u for (u,) in conn.execute("SELECT user_id FROM room_members WHERE room = ? AND left_seq IS NULL", (room,))}
+    new: dict[str, str] = {}
+    for user, role in members:
+        if user not in active:
+            new.setdefault(user, role)
+    if len(active) + len(new) > max_members:
+        raise TooManyMembers(f"{room} would have {len(active) + len(new)} members (at most {max_members})")
+    last = _last_seq(conn, room)
+    conn.executemany(
+        "INSERT INTO room_members (room, user_id, joined_at, last_read_seq, role, updated_at) VALUES (?, ?, ?, ?, ?, ?) "
+        "ON CONFLICT (room, user_id) DO UPDATE SET left_seq = NULL, role = excluded.role, joined_at = excluded.joined_at, "
+        "last_read_seq = max(last_read_seq, excluded.last_read_seq), updated_at = excluded.updated_at",
+        [(room, u, now, last, r, now) for u, r in new.items()],
+    )
+    return list(new)
 
 
 class _FileLease(Lease):
