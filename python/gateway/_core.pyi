@@ -131,10 +131,11 @@ class Engine:
         member. Returns the member count."""
     def broadcast(self, data: bytes, priority: int = ...) -> int:
         """Queue to every local connection."""
-    def join(self, conn: int, room: str) -> int:
+    def join(self, conn: int, room: str, cap: int | None = None) -> int:
         """1 joined, 0 already a member, -1 no such (or closing) connection, -2 the
-        connection is in ``limits_max_rooms_per_conn`` rooms, -3 the room is new and the
-        node has ``limits_max_rooms`` rooms."""
+        connection is in ``cap`` rooms (default ``limits_max_rooms_per_conn``; the app
+        passes more for connections it attached conversations to), -3 the room is new
+        and the node has ``limits_max_rooms`` rooms."""
     def is_member(self, conn: int, room: str) -> bool:
         """Whether ``conn`` is in ``room`` (cheap: no list is built)."""
     def leave(self, conn: int, room: str) -> bool: ...

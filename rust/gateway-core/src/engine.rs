@@ -339,6 +339,11 @@ impl Engine {
         self.sh.hub.join(conn, room)
     }
 
+    /// [`Engine::join`] with another cap on the connection's rooms (see [`Hub::join_capped`]).
+    pub fn join_capped(&self, conn: u64, room: &str, cap: usize) -> Join {
+        self.sh.hub.join_capped(conn, room, cap)
+    }
+
     pub fn is_member(&self, conn: u64, room: &str) -> bool {
         self.sh.hub.is_member(conn, room)
     }

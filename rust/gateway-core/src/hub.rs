@@ -294,6 +294,13 @@ impl Hub {
     }
 
     pub fn join(&self, conn_id: u64, room: &str) -> Join {
+        self.join_capped(conn_id, room, self.max_rooms_per_conn)
+    }
+
+    /// [`Hub::join`] with another cap on the connection's rooms: the app attaches a
+    /// user's conversations to its connections beyond the cap of rooms a client may
+    /// join by itself (and raises that cap by what it attached).
+    pub fn join_capped(&self, conn_id: u64, room: &str, cap: usize) -> Join {
         let Some(c) = self.conn(conn_id) else { return Join::NoSuchConn };
         if c.is_closing() {
             return Join::NoSuchConn;
@@ -303,7 +310,7 @@ impl Hub {
             if rooms.iter().any(|r| &**r == room) {
                 return Join::AlreadyMember;
             }
-            if rooms.len() >= self.max_rooms_per_conn {
+            if rooms.len() >= cap {
                 metrics::inc(&self.counters.rooms_refused_conn);
                 return Join::ConnRoomsFull;
             }
@@ -626,6 +633,19 @@ mod tests {
         assert_eq!(h.room_counts("live:1"), (0, 0));
         assert!(h.room("live:1").is_none(), "empty rooms are removed");
         assert_eq!(h.counters.rooms_current.load(Relaxed), 0);
+    }
+
+    #[test]
+    fn join_capped_lets_the_app_go_past_the_per_connection_cap() {
+        let h =
+            Arc::new(Hub::new(Arc::new(Counters::default()), 1 << 20, 64, usize::MAX, 5).with_room_caps(2, usize::MAX));
+        add(&h, 1, "u1");
+        assert_eq!(h.join(1, "a:1"), Join::Joined);
+        assert_eq!(h.join(1, "a:2"), Join::Joined);
+        assert_eq!(h.join(1, "a:3"), Join::ConnRoomsFull);
+        assert_eq!(h.join_capped(1, "a:3", 3), Join::Joined);
+        assert_eq!(h.join_capped(1, "a:4", 3), Join::ConnRoomsFull);
+        assert_eq!(h.join_capped(1, "a:3", 0), Join::AlreadyMember);
     }
 
     #[test]

@@ -265,9 +265,15 @@ impl Engine {
     }
 
     /// Returns 1 joined, 0 already a member, -1 no such (or closing) connection, -2 over
-    /// the per-connection room cap, -3 over the node's room cap.
-    fn join(&self, conn: u64, room: &str) -> i8 {
-        match self.inner.join(conn, room) {
+    /// the per-connection room cap (`cap`, default `limits_max_rooms_per_conn`), -3 over
+    /// the node's room cap.
+    #[pyo3(signature = (conn, room, cap = None))]
+    fn join(&self, conn: u64, room: &str, cap: Option<usize>) -> i8 {
+        let joined = match cap {
+            Some(cap) => self.inner.join_capped(conn, room, cap),
+            None => self.inner.join(conn, room),
+        };
+        match joined {
             Join::Joined => 1,
             Join::AlreadyMember => 0,
             Join::NoSuchConn => -1,
