@@ -274,8 +274,23 @@ class StoreConfig:
     retention_interval: float = 600.0
 
 
+@dataclass
+class ConversationsConfig:
+    """Conversations (routes of kind ``dm``, ``group``, ``notice``): docs/protocol.md,
+    "Conversations"."""
+
+    #: Conversations a connection receives live after its first ``sync``: its user's most
+    #: recently active ones; the rest reach it through ``sync`` (docs/scaling.md).
+    max_attached: int = 1000
+    #: Seconds a sync cursor reaches back, for changes another node committed late.
+    sync_margin: float = 10.0
+    #: Seconds a sender's own read position (its messages count as read) waits to be
+    #: written with others, in one transaction.
+    read_flush_interval: float = 0.5
+
+
 #: Room events an outbox endpoint may ask for, besides ``message``.
-OUTBOX_EVENTS = ("message", "join", "leave", "kick", "ban")
+OUTBOX_EVENTS = ("message", "join", "leave", "kick", "ban", "recall", "member")
 
 
 @dataclass
@@ -297,7 +312,8 @@ class OutboxEndpoint:
     #: Message types it gets (empty: every type).
     types: list[str] = field(default_factory=list)
     #: What it gets: ``message`` (stored messages) and room events ``join``, ``leave``,
-    #: ``kick``, ``ban``.
+    #: ``kick``, ``ban``, and of conversations ``recall`` and ``member`` (added, removed,
+    #: role or mute changed).
     events: list[str] = field(default_factory=lambda: ["message"])
     #: Extra request headers (e.g. ``Authorization``).
     headers: dict[str, str] = field(default_factory=dict)
@@ -351,6 +367,7 @@ class Config:
     drain: DrainConfig = field(default_factory=DrainConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     outbox: OutboxConfig = field(default_factory=OutboxConfig)
+    conversations: ConversationsConfig = field(default_factory=ConversationsConfig)
     routes: list[RouteConfig] = field(default_factory=Router.default_routes)
     #: Free-form settings of plugins: ``[plugins.<name>]`` tables, not validated here
     #: (each plugin reads and checks its own: ``gateway.config.plugins.get(name, {})``).
@@ -455,6 +472,13 @@ class Config:
             raise ConfigError("drain.timeout", "must be >= 0")
         self._check_store()
         self._check_outbox()
+        cv = self.conversations
+        if cv.max_attached < 0:
+            raise ConfigError("conversations.max_attached", "must be >= 0")
+        if cv.sync_margin < 0:
+            raise ConfigError("conversations.sync_margin", "must be >= 0")
+        if cv.read_flush_interval <= 0:
+            raise ConfigError("conversations.read_flush_interval", "must be > 0")
         self.auth.check("auth")
         if self.auth.mode == "dev" and s.host not in _LOOPBACK and not self.auth.dev_allow_remote:
             raise ConfigError(

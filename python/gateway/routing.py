@@ -35,6 +35,8 @@ PRIO_LOW, PRIO_NORMAL, PRIO_HIGH = int(Priority.LOW), int(Priority.NORMAL), int(
 MAX_ROOM_LEN = 128
 _ROOM_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789:_-.@|"
 _RULES = ("all", "authenticated", "owner", "acl", "none")
+#: Route kinds: live rooms and the conversation kinds.
+KINDS = ("room", "dm", "group", "notice")
 
 JoinRule = Callable[[Identity, "Route"], bool]
 PublishRule = Callable[[Identity, "Route", str], bool]
@@ -104,6 +106,26 @@ class RouteConfig:
     durable_types: list[str] | None = None
     #: Days stored messages of this route are kept; 0 = forever.
     retention_days: float = 0.0
+    #: ``"room"``: members are the connections that joined (live rooms). A conversation
+    #: kind (docs/protocol.md, "Conversations"): ``"dm"`` (pattern ``<prefix>:{a}:{b}``,
+    #: the two users), ``"group"``, ``"notice"`` (pattern ``<prefix>:{user_id}``): members
+    #: kept in the store, every message stored (``store = "durable"``), no ``join``.
+    kind: str = "room"
+    #: Conversations: most active members (groups); seconds a sender may recall a message
+    #: (owners and admins of a group: any time); whether a dm's peer gets read receipts.
+    members_max: int = 2000
+    recall_seconds: float = 120.0
+    read_receipts: bool = True
+    #: Groups: who may create one with the ``create`` op (a rule as for ``join``; "none":
+    #: the HTTP API only), and who may ``invite``: ``"admin"`` (owners and admins),
+    #: ``"member"`` (any member) or ``"none"`` (the API only).
+    create: str = "authenticated"
+    invite: str = "admin"
+
+    @property
+    def conversation(self) -> bool:
+        """Whether the route's rooms are conversations (members kept in the store)."""
+        return self.kind != "room"
 
     def check(self, prefix: str) -> None:
         """Validate the settings; raise :class:`ConfigError` naming ``<prefix>.<field>``."""
@@ -171,6 +193,34 @@ class RouteConfig:
             raise err("single_session", "must be true or false")
         if not isinstance(self.guests_read, bool):
             raise err("guests_read", "must be true or false")
+        self._check_conversation(err, params)
+
+    def _check_conversation(self, err: Callable[[str, str], ConfigError], params: dict[str, int]) -> None:
+        if self.kind not in KINDS:
+            raise err("kind", f"must be one of {', '.join(KINDS)}, got {self.kind!r}")
+        if not _is_int(self.members_max) or self.members_max < 1:
+            raise err("members_max", "must be an integer >= 1")
+        if not _is_num(self.recall_seconds) or self.recall_seconds < 0:
+            raise err("recall_seconds", "must be a number of seconds >= 0")
+        if not isinstance(self.read_receipts, bool):
+            raise err("read_receipts", "must be true or false")
+        if self.create not in _RULES:
+            raise err("create", f"must be one of {', '.join(_RULES)}, got {self.create!r}")
+        if self.invite not in ("admin", "member", "none"):
+            raise err("invite", f"must be 'admin', 'member' or 'none', got {self.invite!r}")
+        if self.kind == "room":
+            return
+        if self.store != "durable":
+            raise err("store", f"a {self.kind} conversation keeps its messages: store must be 'durable'")
+        if self.pattern == "*":
+            raise err("pattern", "a conversation route needs a literal prefix (e.g. 'group:{group_id}')")
+        segs = self.pattern.split(":")
+        prefix_then_placeholders = len(segs) == len(params) + 1 and not segs[0].startswith("{")
+        if not prefix_then_placeholders or len(params) != {"dm": 2, "notice": 1}.get(self.kind, max(1, len(params))):
+            shape = {"dm": "'<prefix>:{a}:{b}'", "notice": "'<prefix>:{user_id}'", "group": "'<prefix>:{id}'"}[self.kind]
+            raise err("pattern", f"a {self.kind} route's pattern is {shape}")
+        if self.kind == "notice" and "user_id" not in params:
+            raise err("pattern", "a notice route's pattern is '<prefix>:{user_id}'")
 
 
 def _is_int(v: Any) -> bool:
@@ -378,11 +428,15 @@ class Router:
         """The built-in routes: ``live:{room_id}`` (public live rooms), ``user:{user_id}``
         (per-user push channel: owner joins, nobody publishes), ``cs:{session_id}``
         (customer service: join and publish by the token's rooms claim, 20 msgs/s per
-        room) and the catch-all ``*`` (authenticated users)."""
+        room), the conversations ``dm:{a}:{b}``, ``group:{group_id}`` and
+        ``notice:{user_id}``, and the catch-all ``*`` (authenticated users)."""
         return [
             RouteConfig("live:{room_id}"),
             RouteConfig("user:{user_id}", join="owner", publish="none"),
             RouteConfig("cs:{session_id}", join="acl", publish="acl", room_rate=20.0, room_burst=40, store="durable"),
+            RouteConfig("dm:{a}:{b}", kind="dm", join="none", store="durable", members_max=2),
+            RouteConfig("group:{group_id}", kind="group", join="none", store="durable"),
+            RouteConfig("notice:{user_id}", kind="notice", join="none", publish="none", store="durable", members_max=1),
             RouteConfig("*", join="authenticated"),
         ]
 

@@ -13,6 +13,7 @@ from gateway.broker.commands import (
     Ban,
     Broadcast,
     CloseRoom,
+    ConvMember,
     Command,
     Kick,
     Mute,
@@ -37,6 +38,8 @@ ALL: list[Command] = [
     Ban("*", "u2"),
     Unban("*", "u2"),
     CloseRoom("live:1", "the show is over"),
+    ConvMember("group:1", "u1", "added", "admin"),
+    ConvMember("dm:a:b", "b", "removed"),
 ]
 
 

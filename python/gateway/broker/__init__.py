@@ -11,7 +11,7 @@ from .base import (
     Presence,
     PublishResult,
 )
-from .commands import Ban, Broadcast, CloseRoom, Command, Kick, Mute, Unban, Unmute
+from .commands import Ban, Broadcast, CloseRoom, Command, ConvMember, Kick, Mute, Unban, Unmute
 from .memory import MemoryBroker
 
 __all__ = [
@@ -22,6 +22,7 @@ __all__ = [
     "BrokerHandler",
     "CloseRoom",
     "Command",
+    "ConvMember",
     "HistoryPolicy",
     "HistoryResult",
     "Kick",

@@ -33,6 +33,7 @@ __all__ = [
     "Broadcast",
     "CloseRoom",
     "Command",
+    "ConvMember",
     "Kick",
     "Mute",
     "Unban",
@@ -114,7 +115,19 @@ class CloseRoom:
     reason: str = "room closed"
 
 
-Command: TypeAlias = Kick | Broadcast | Mute | Unmute | Ban | Unban | CloseRoom
+@dataclass(frozen=True, slots=True)
+class ConvMember:
+    """``user``'s membership of conversation ``room`` changed: ``event`` is ``"added"``
+    (attach the user's connections that follow conversations), ``"removed"`` (detach
+    them) or ``"updated"`` (role or mute: forget what is cached). ``role``: the new one."""
+
+    room: str
+    user: str
+    event: str
+    role: str = ""
+
+
+Command: TypeAlias = Kick | Broadcast | Mute | Unmute | Ban | Unban | CloseRoom | ConvMember
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,6 +158,8 @@ def _fields(cmd: Command) -> tuple[str, dict[str, Any]]:
             return "unban", {"room": room, "user": user}
         case CloseRoom(room, reason):
             return "close_room", {"room": room, "reason": reason}
+        case ConvMember(room, user, event, role):
+            return "conv_member", {"room": room, "user": user, "event": event, "role": role}
     raise TypeError(f"not a command: {cmd!r}")
 
 
@@ -221,6 +236,14 @@ def _command(kind: str, d: dict[str, Any]) -> Command:
         if not isinstance(reason, str):
             raise BadCommand("field 'reason' must be a string")
         return CloseRoom(_str(d, "room"), reason)
+    if kind == "conv_member":
+        event = _str(d, "event")
+        if event not in ("added", "removed", "updated"):
+            raise BadCommand(f"unknown membership event {event!r}")
+        role = d.get("role", "")
+        if not isinstance(role, str):
+            raise BadCommand("field 'role' must be a string")
+        return ConvMember(_str(d, "room"), _str(d, "user"), event, role)
     raise BadCommand(f"unknown command kind {kind!r}")
 
 

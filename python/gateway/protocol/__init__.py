@@ -21,21 +21,29 @@ from .frames import (
     push,
     splice,
 )
-from .requests import BadRequest, Join, Leave, Ping, Publish, Request, Resume, parse, request_id
+from .requests import BadRequest, Create, History, Invite, Join, Leave, Ping, Publish, Read, Recall, Remove, Request, Resume, Sync, Typing, parse, request_id
 
 __all__ = [
     "PROTOCOL_VERSION",
     "SUBPROTOCOLS",
     "BadRequest",
     "CloseCode",
+    "Create",
     "ErrorCode",
+    "History",
+    "Invite",
     "Join",
     "Leave",
     "Ping",
     "Priority",
     "Publish",
+    "Read",
+    "Recall",
+    "Remove",
     "Request",
     "Resume",
+    "Sync",
+    "Typing",
     "ack",
     "connected",
     "drain",

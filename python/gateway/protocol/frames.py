@@ -104,3 +104,28 @@ def seq_of(frame: bytes) -> int:
 def splice(head: bytes, seq: int, epoch: str, tail: bytes) -> bytes:
     """Join :func:`message_parts` with the assigned ``seq`` and ``epoch``."""
     return head + str(seq).encode() + b',"epoch":' + _dumps(epoch) + tail
+
+
+# ---- conversations (protocol 1.1) ---------------------------------------------------------
+
+
+def read_event(room: str, user: str, seq: int) -> bytes:
+    """``user`` has read ``room`` up to ``seq`` (their other devices; a dm's peer)."""
+    return _dumps({"op": "read", "room": room, "user": user, "seq": seq})
+
+
+def recall_event(room: str, seq: int, by: str, ts: int) -> bytes:
+    return _dumps({"op": "recall", "room": room, "seq": seq, "by": by, "ts": ts})
+
+
+def typing_event(room: str, user: str) -> bytes:
+    return _dumps({"op": "typing", "room": room, "user": user})
+
+
+def conv_event(room: str, event: str, role: str | None = None) -> bytes:
+    """The connection's user was ``added`` to or ``removed`` from ``room`` (or their
+    membership was ``updated``)."""
+    frame: dict[str, Any] = {"op": "conv", "room": room, "event": event}
+    if role:
+        frame["role"] = role
+    return _dumps(frame)
