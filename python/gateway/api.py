@@ -26,6 +26,7 @@ import asyncio
 import heapq
 import hmac
 import logging
+import secrets
 import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, cast
@@ -37,8 +38,9 @@ from aiohttp.typedefs import Handler
 from yarl import URL
 
 from .broker import BrokerError
-from .errors import NotRunning
+from .errors import NotRunning, Reject
 from .protocol import frames
+from .protocol.codes import ErrorCode
 from .routing import valid_room_name
 from .store import Store, StoreUnavailable
 
@@ -67,6 +69,13 @@ class BadRequest(Exception):
         super().__init__(message)
         self.status = status
         self.reason = reason
+
+
+#: HTTP status of a refusal by the conversation rules (the error code goes in the body).
+_REJECT_STATUS: dict[int, int] = {
+    ErrorCode.NOT_MEMBER: 403, ErrorCode.FORBIDDEN: 403, ErrorCode.MUTED: 403, ErrorCode.RECALL_DENIED: 403,
+    ErrorCode.NO_CONVERSATION: 404, ErrorCode.NO_ROUTE: 404, ErrorCode.TOO_MANY_MEMBERS: 409, ErrorCode.TOO_LARGE: 413,
+}
 
 
 def _json(data: Any, status: int = 200) -> web.Response:
@@ -467,6 +476,9 @@ def build_app(gw: Gateway) -> web.Application:
             return _json({"error": f"broker unavailable: {e}", "local": True}, 503)
         except StoreUnavailable as e:
             return _json({"error": f"message store unavailable: {e}"}, 503)
+        except Reject as e:
+            refused.labels("rejected").inc()
+            return _json({"error": e.message, "code": e.code}, _REJECT_STATUS.get(e.code, 400))
         except ValueError as e:
             refused.labels("bad_request").inc()
             return _json({"error": str(e)}, 400)
@@ -526,9 +538,9 @@ def build_app(gw: Gateway) -> web.Application:
             raise BadRequest("field 'data' is required")
         prio = _prio(d)
         idem = _idem_kw(req, d)
-        first = await gw.send_user(user, d["data"], type=_str(d, "type", default="push"), priority=2 if prio is None else prio, **idem)
-        out: dict[str, Any] = {"user": user, "sent": True}
-        if first is False:
+        res = await gw.notify(user, d["data"], type=_str(d, "type", default="push"), priority=2 if prio is None else prio, **idem)
+        out: dict[str, Any] = {"user": user, "sent": True, "room": res["room"], "seq": res["seq"], "delivered": res["delivered"]}
+        if res["duplicate"]:
             replays.labels("send").inc()
             out["duplicate"] = True
         return _json(out)
@@ -727,6 +739,178 @@ def build_app(gw: Gateway) -> web.Application:
         log.info("outbox %s: %d dead letter(s) queued again on request", name, n)
         return _json({"endpoint": name, "replayed": n})
 
+    # ---- conversations ---------------------------------------------------------------
+
+    def _conv(req: web.Request) -> str:
+        cv = gw.conversations
+        if not cv.enabled:
+            raise BadRequest("conversations need a conversation route (kind dm, group or notice) and the store", 404, "no_store")
+        room = req.match_info["room"]
+        if not valid_room_name(room):
+            raise BadRequest("invalid conversation id")
+        cv.route(room)
+        return room
+
+    def _member_json(m: Any) -> dict[str, Any]:
+        return {"user": m.user, "role": m.role, "joined_at": m.joined_at, "read_seq": m.read_seq, "muted_until": m.muted_until,
+                "member": m.active, "left_seq": m.left_seq}
+
+    async def create_conversation(req: web.Request) -> web.Response:
+        """A group (``members``, ``creator`` its owner, ``meta``), or a dm (``members``:
+        the two users); idempotent by ``room``."""
+        cv = gw.conversations
+        d = await read_json(req)
+        kind = _str(d, "kind", default="group")
+        members = d.get("members", [])
+        if not isinstance(members, list) or not all(isinstance(u, str) and u for u in members) or len(members) > 2000:
+            raise BadRequest("members must be a list of user ids")
+        meta = d.get("meta", {})
+        if not isinstance(meta, dict):
+            raise BadRequest("meta must be an object")
+        creator = d.get("creator")
+        if creator is not None and not isinstance(creator, str):
+            raise BadRequest("creator must be a user id")
+        if kind == "dm":
+            if len(set(members)) != 2:
+                raise BadRequest("a dm has two members")
+            prefix = next((r.pattern.split(":", 1)[0] for r in gw.config.routes if r.kind == "dm"), None)
+            if prefix is None or not cv.enabled:
+                raise BadRequest("no dm route is configured", 404, "no_route")
+            from .app.conversations import dm_room
+
+            room = dm_room(prefix, members[0], members[1])
+            route = cv.route(room)
+            await cv.ensure_dm(route, room, creator)
+            return _json({"room": room, "kind": "dm"})
+        if kind != "group":
+            raise BadRequest("kind must be 'group' or 'dm' (notices are created by /v1/send)")
+        if not cv.enabled:
+            raise BadRequest("conversations need a conversation route and the store", 404, "no_store")
+        room = d.get("room") or f"{cv.group_prefix()}:{secrets.token_hex(8)}"
+        if not isinstance(room, str) or not valid_room_name(room):
+            raise BadRequest("room must be a valid conversation id")
+        created = await cv.create_group(room, creator, orjson.dumps(meta), members)
+        return _json({"room": room, "kind": "group", "created": created})
+
+    async def get_conversation(req: web.Request) -> web.Response:
+        room = _conv(req)
+        store = _store()
+        c = await store.conversation(room)
+        if c is None:
+            raise BadRequest(f"no conversation {room}", 404, "no_conversation")
+        body = {"room": c.room, "kind": c.kind, "creator": c.creator, "created_at": c.created_at, "updated_at": c.updated_at,
+                "members": await store.member_count(room), "last_seq": await store.last_seq(room), "meta": orjson.Fragment(c.meta)}
+        return _json(body)
+
+    async def conversation_members(req: web.Request) -> web.Response:
+        room = _conv(req)
+        offset = _int(req.query, "offset", 0, 0)
+        limit = _int(req.query, "limit", 100, 1, 1000)
+        assert offset is not None and limit is not None
+        ms = await _store().members(room, offset=offset, limit=limit)
+        return _json({"room": room, "offset": offset, "members": [_member_json(m) for m in ms]})
+
+    async def add_conversation_members(req: web.Request) -> web.Response:
+        room = _conv(req)
+        d = await read_json(req)
+        users = d.get("users")
+        if not isinstance(users, list) or not users or not all(isinstance(u, str) and u for u in users):
+            raise BadRequest("users must be a non-empty list of user ids")
+        role = _str(d, "role", default="member")
+        if role not in ("owner", "admin", "member"):
+            raise BadRequest("role must be owner, admin or member")
+        added = await gw.conversations.add_members(room, users, by=d.get("by") if isinstance(d.get("by"), str) else None, role=role)
+        return _json({"room": room, "added": added})
+
+    async def remove_conversation_member(req: web.Request) -> web.Response:
+        room = _conv(req)
+        user = req.match_info["user"]
+        if not await gw.conversations.remove_member(room, user, by=None):
+            raise BadRequest(f"{user} is not a member of {room}", 404, "not_member")
+        return _json({"room": room, "removed": user})
+
+    async def update_conversation_member(req: web.Request) -> web.Response:
+        room = _conv(req)
+        user = req.match_info["user"]
+        d = await read_json(req)
+        role = d.get("role")
+        if role is not None and role not in ("owner", "admin", "member"):
+            raise BadRequest("role must be owner, admin or member")
+        muted: int | bool | None = False
+        if "muted_until" in d:
+            muted = d["muted_until"]
+            if muted is not None and (not isinstance(muted, int) or isinstance(muted, bool) or muted < 0):
+                raise BadRequest("muted_until must be a time in ms (0: for good) or null")
+        m = await gw.conversations.update_member(room, user, role=role, muted_until=muted)
+        if m is None:
+            raise BadRequest(f"{user} is not a member of {room}", 404, "not_member")
+        return _json({"room": room, **_member_json(m)})
+
+    async def post_conversation_message(req: web.Request) -> web.Response:
+        """Post as the system (no ``from``) or as a member (``from``)."""
+        room = _conv(req)
+        d = await read_json(req)
+        if "data" not in d:
+            raise BadRequest("field 'data' is required")
+        sender = d.get("from")
+        if sender is not None and (not isinstance(sender, str) or not sender):
+            raise BadRequest("from must be a user id")
+        seq, dup = await gw.conversations.post(room, _str(d, "type", default="chat"), d["data"], sender, _idempotency_key(req, d))
+        out: dict[str, Any] = {"room": room, "seq": seq}
+        if dup:
+            replays.labels("publish").inc()
+            out["duplicate"] = True
+        return _json(out)
+
+    async def recall_conversation_message(req: web.Request) -> web.Response:
+        room = _conv(req)
+        d = await read_json(req)
+        seq = d.get("seq")
+        if not isinstance(seq, int) or isinstance(seq, bool) or seq < 1:
+            raise BadRequest("seq must be a positive integer")
+        raw_by = d.get("by")
+        by = raw_by if isinstance(raw_by, str) and raw_by else "system"
+        ok = await gw.conversations.do_recall(room, seq, by)
+        if not ok:
+            raise BadRequest(f"no message {seq} to recall in {room} (or recalled already)", 404, "no_message")
+        return _json({"room": room, "seq": seq, "recalled": True})
+
+    async def read_conversation(req: web.Request) -> web.Response:
+        """Mark read on a user's behalf (their devices get a ``read`` frame)."""
+        room = _conv(req)
+        d = await read_json(req)
+        user = _str(d, "user")
+        seq = d.get("seq")
+        if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
+            raise BadRequest("seq must be an integer >= 0")
+        m, last = await gw.conversations.mark_read(room, user, seq)
+        return _json({"room": room, "user": user, "read_seq": m.read_seq, "unread": max(0, last - m.read_seq)})
+
+    async def user_conversations(req: web.Request) -> web.Response:
+        """A user's conversations, most recently active first, with unread counts."""
+        store = _store()
+        user = req.match_info["user"]
+        since = _int(req.query, "since", 0, 0)
+        limit = _int(req.query, "limit", 50, 1, 500)
+        assert since is not None and limit is not None
+        before = None
+        if req.query.get("before_activity") is not None:
+            act = _int(req.query, "before_activity", None, 0)
+            assert act is not None
+            before = (act, req.query.get("before_room", ""))
+        states = await store.user_conversations(user, since_ms=since, limit=limit + 1, before=before)
+        more = len(states) > limit
+        states = states[:limit]
+        epoch = store.epoch
+        out = [{
+            "room": st.conv.room, "kind": st.conv.kind, "meta": orjson.Fragment(st.conv.meta), "role": st.member.role,
+            "member": st.member.active, "last_seq": st.last_seq, "read_seq": st.member.read_seq,
+            "unread": max(0, st.last_seq - st.member.read_seq), "updated": st.activity,
+            "last": orjson.Fragment(st.last.frame(epoch)) if st.last is not None else None,
+        } for st in states]
+        nxt = {"before_activity": states[-1].activity, "before_room": states[-1].conv.room} if more else None
+        return _json({"user": user, "conversations": out, "more": more, "next": nxt})
+
     async def stats(req: web.Request) -> web.Response:
         eng = gw.engine_or_raise()
         all_rooms = eng.rooms()
@@ -783,6 +967,17 @@ def build_app(gw: Gateway) -> web.Application:
     r.add_get("/v1/export", export)
     r.add_get("/v1/search", search)
     r.add_delete("/v1/users/{user}/messages", delete_user_messages)
+    r.add_post("/v1/conversations", create_conversation)
+    r.add_get("/v1/conversations/{room}", get_conversation)
+    r.add_get("/v1/conversations/{room}/members", conversation_members)
+    r.add_post("/v1/conversations/{room}/members", add_conversation_members)
+    r.add_delete("/v1/conversations/{room}/members/{user}", remove_conversation_member)
+    r.add_patch("/v1/conversations/{room}/members/{user}", update_conversation_member)
+    r.add_post("/v1/conversations/{room}/messages", post_conversation_message)
+    r.add_get("/v1/conversations/{room}/messages", room_messages)
+    r.add_post("/v1/conversations/{room}/recall", recall_conversation_message)
+    r.add_post("/v1/conversations/{room}/read", read_conversation)
+    r.add_get("/v1/users/{user}/conversations", user_conversations)
     r.add_get("/v1/outbox", outbox)
     r.add_get("/v1/outbox/{endpoint}/dead", dead_letters)
     r.add_post("/v1/outbox/{endpoint}/dead/replay", replay)

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 from .._core import EV_CLOSED, EV_CONNECT, EV_MESSAGE, Engine, raise_fd_limit
 from ..auth import Authenticator
 from ..broker import Broker, MemoryBroker, PublishResult
-from ..broker.commands import Ban, Broadcast, CloseRoom, Command, Kick, Mute, Unban, Unmute
+from ..broker.commands import Ban, Broadcast, CloseRoom, Command, ConvMember, Kick, Mute, Unban, Unmute
 from ..config import Config
 from ..errors import NotRunning
 from ..limits import RateLimiter
@@ -39,6 +39,7 @@ from ..protocol import frames
 from ..protocol.codes import CloseCode, Priority
 from ..routing import Router
 from .certs import CertWatcher
+from .conversations import Conversations
 from .hooks import Hooks
 from .members import Members
 from .outbox import Outbox
@@ -107,8 +108,13 @@ class Gateway:
         self._outbox_task: asyncio.Future[Any] | None = None
         self.member_events = Members(self.broker, self.hooks, self.tasks, self.outbox)
         self.rooms = Rooms(config, self.router, self.broker, self.engine_or_raise, self.member_events, self.stats, self.storage)
+        #: Conversations (dm, group, notice routes; protocol 1.1).
+        self.conversations = Conversations(
+            config, self.router, self.storage, self.broker, self.engine_or_raise, self.rooms, self.stats, self.outbox, self.tasks,
+        )
         self.sessions = Sessions(
-            config, self.engine_or_raise, self.auth, self.policy, self.broker, self.hooks, self.rooms, self.member_events, self.tasks, self.stats
+            config, self.engine_or_raise, self.auth, self.policy, self.broker, self.hooks, self.rooms, self.member_events, self.tasks, self.stats,
+            self.conversations,
         )
         self.plugins: list[Plugin] = []
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -180,6 +186,25 @@ class Gateway:
         False when ``idempotency_key`` was already used (nothing sent again)."""
         idem = None if idempotency_key is None else f"s\x00{idempotency_key}"
         return await self.broker.send_user(user, frames.push(type, data), int(priority), idem)
+
+    async def notify(self, user: str, data: Any, type: str = "notice", priority: int = Priority.HIGH, idempotency_key: str | None = None) -> dict[str, Any]:
+        """A notice to ``user`` from the system (an order status...): stored in their
+        notice conversation (``notice:{user_id}``) and delivered to their connections that
+        sync conversations, on any node, now or on their next sync; connections of older
+        clients get it as a ``push`` frame (with ``room`` and ``seq``). Returns ``{"room",
+        "seq", "delivered": "live" | "stored", "duplicate"}``: "live" when one of the
+        user's connections had it (other nodes as of their last presence report).
+        Without a notice route or a store: :meth:`send_user` alone (``room`` None)."""
+        cv = self.conversations
+        room = cv.notice_room(user) if cv.enabled else None
+        if room is None:
+            first = await self.send_user(user, data, type, priority, idempotency_key)
+            return {"room": None, "seq": 0, "delivered": "live", "duplicate": not first}
+        seq, duplicate = await cv.post(room, type, data, None, idempotency_key)
+        live = await cv.online(room, user)
+        if not duplicate:
+            await self.broker.send_user(user, frames.push(type, data, room=room, seq=seq), int(priority))
+        return {"room": room, "seq": seq, "delivered": "live" if live else "stored", "duplicate": duplicate}
 
     async def broadcast(self, data: Any, type: str = "broadcast", priority: int = Priority.NORMAL) -> None:
         """Push to every connection on every node."""
@@ -314,6 +339,8 @@ class Gateway:
                             self.tasks.spawn(self.rooms.leave(c, r, notify="banned"))
             case Unban(room, user):
                 mod.unban(room, user)
+            case ConvMember():
+                self.conversations.apply(cmd)
             case CloseRoom(room, _reason):
                 eng = self.engine_or_raise()
                 for conn, _user, _meta in eng.room_members(room, 0, 1 << 30):
@@ -434,6 +461,7 @@ class Gateway:
             await self._api_runner.cleanup()
             self._api_runner = None
         await self.broker.close()
+        await self.conversations.close()
         if self._outbox_task is not None:  # cancelled above: let it give the lease up
             await asyncio.wait((self._outbox_task,), timeout=5.0)
             self._outbox_task = None

@@ -62,7 +62,7 @@ class Rooms:
         keep = self.storage.mode(route, mtype) if self.storage.enabled else "none"
         data_json = orjson.dumps(data) if keep != "none" else None
         head, tail = frames.message_parts(room, mtype, prio, sender, data if data_json is None else orjson.Fragment(data_json), ts)
-        recoverable = mtype in cfg.recoverable_types
+        recoverable = mtype in cfg.recoverable_types or cfg.conversation
         key = (mtype if mtype in cfg.priorities else "other", prio)
         published = self.stats.published
         published[key] = published.get(key, 0) + 1
@@ -123,6 +123,8 @@ class Rooms:
         if conns == 0:
             await self.broker.unsubscribe(room)
         route = self.router.match(room)
+        if route is not None and route.cfg.conversation:
+            return  # attached by sync, not joined: no presence event, no leave to report
         if route is not None:
             await self.presence_change(room, route, "leave", client.user)
         self.members.on_leave(client, room)

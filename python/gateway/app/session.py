@@ -12,7 +12,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
@@ -25,7 +25,25 @@ from ..errors import AuthError, HookTimeout, Reject
 from ..policy import Policy
 from ..protocol import frames
 from ..protocol.codes import CloseCode, ErrorCode, Priority
-from ..protocol.requests import MAX_PAGE, BadRequest, History, Join, Leave, Ping, Publish, parse, request_id
+from ..protocol.requests import (
+    MAX_PAGE,
+    BadRequest,
+    Create,
+    History,
+    Invite,
+    Join,
+    Leave,
+    Ping,
+    Publish,
+    Read,
+    Recall,
+    Remove,
+    Request,
+    Sync,
+    Typing,
+    parse,
+    request_id,
+)
 from ..routing import Route
 from ..store import StoreUnavailable
 from .expiry import TokenExpiry
@@ -35,6 +53,9 @@ from .plugins import DROP, Message
 from .rooms import Rooms
 from .stats import Stats
 from .tasks import Tasks
+
+if TYPE_CHECKING:
+    from .conversations import Conversations
 
 __all__ = ["MAX_BACKLOG", "Client", "Sessions"]
 
@@ -147,8 +168,11 @@ class Sessions:
         members: Members,
         tasks: Tasks,
         stats: Stats,
+        conversations: Conversations | None = None,
     ) -> None:
         self.config = config
+        #: Conversations (protocol 1.1); None in tests that build sessions alone.
+        self.conversations = conversations
         self.engine = engine
         self.auth = auth
         self.policy = policy
@@ -233,6 +257,8 @@ class Sessions:
         if self.config.log.access_log:
             log.info("disconnected", extra={"conn": conn, "user": client.user, "code": code, "reason": reason})
         client.closed(rooms)
+        if self.conversations is not None:
+            self.conversations.detach_conn(conn)
         for room in rooms:
             self.tasks.spawn(self.rooms.after_leave(client, room))
         self.members.on_disconnect(client, code, reason)
@@ -303,6 +329,8 @@ class Sessions:
                 await self.history(c, req)
             elif isinstance(req, Ping):
                 pass  # answered by the engine (its frame, its rate limit); never sent here
+            else:
+                await self._conversation_op(c, req)
             c.errors = 0
         except Reject as r:
             self.error(c, req.id, r.code, r.message)
@@ -318,14 +346,46 @@ class Sessions:
 
     # ---- ops ---------------------------------------------------------------------------------
 
+    async def _conversation_op(self, c: Client, req: Request) -> None:
+        """The ops of protocol 1.1 (docs/protocol.md, "Conversations")."""
+        cv = self.conversations
+        if cv is None or not cv.enabled:
+            raise Reject(ErrorCode.UNKNOWN_OP, "conversations are not enabled on this gateway (no conversation route, or no store)")
+        if c.identity.guest:
+            raise Reject(ErrorCode.FORBIDDEN, "guests have no conversations")
+        try:
+            if isinstance(req, Sync):
+                await cv.sync(c, req)
+            elif isinstance(req, Read):
+                await cv.read(c, req)
+            elif isinstance(req, Recall):
+                await cv.recall(c, req)
+            elif isinstance(req, Typing):
+                await cv.typing(c, req)
+            elif isinstance(req, Create):
+                await cv.create(c, req)
+            elif isinstance(req, Invite):
+                await cv.invite(c, req)
+            elif isinstance(req, Remove):
+                await cv.remove(c, req)
+        except StoreUnavailable:
+            self.stats.store_unavailable += 1
+            raise Reject(ErrorCode.STORE_UNAVAILABLE, "the message store is unavailable: retry later") from None
+
     async def join(self, c: Client, req: Join) -> None:
         room = req.room
+        cv = self.conversations
+        match = self.router.match(room)
+        if match is not None and match.cfg.conversation:
+            raise Reject(ErrorCode.FORBIDDEN, f"{room} is a conversation: members receive it after sync, without join")
         verdict, route = self.policy.check_join(c.identity, room)
         if not verdict.ok or route is None:
             raise Reject(verdict.code, verdict.message)
         await self.hooks.chain("on_join", c, room, _check_join)
         eng = self.engine()
-        joined = eng.join(c.conn, room)
+        # Conversations attached to the connection do not count against its rooms.
+        attached = cv.attached_rooms(c.conn) if cv is not None else 0
+        joined = eng.join(c.conn, room, self.config.limits.max_rooms_per_conn + attached) if attached else eng.join(c.conn, room)
         if joined == -1:
             return  # the connection is gone
         if joined < -1:
@@ -352,12 +412,18 @@ class Sessions:
         """A page of a room's messages before ``before_seq`` (the newest page without it),
         for anyone who may join the room: from the store for rooms that keep messages
         (no limit on how far back), from the broker's ring otherwise."""
+        match = self.router.match(req.room)
+        if match is not None and match.cfg.conversation and self.conversations is not None and self.conversations.enabled:
+            try:
+                return await self.conversations.history(c, req, match)
+            except StoreUnavailable:
+                raise Reject(ErrorCode.STORE_UNAVAILABLE, "the message store is unavailable: retry later") from None
         verdict, route = self.policy.check_join(c.identity, req.room)
         if not verdict.ok or route is None:
             raise Reject(verdict.code, verdict.message)
         if self.storage.keeps(route):
             try:
-                msgs, epoch, more = await self.storage.page(req.room, req.before_seq, req.limit)
+                msgs, epoch, more = await self.storage.page(req.room, req.before_seq, req.limit, req.after_seq)
             except StoreUnavailable:
                 raise Reject(ErrorCode.STORE_UNAVAILABLE, "the message store is unavailable: retry later") from None
         else:
@@ -365,8 +431,13 @@ class Sessions:
             ring = h.messages
             if req.before_seq is not None:
                 ring = [f for f in ring if frames.seq_of(f) < req.before_seq]
-            more = len(ring) > req.limit
-            msgs, epoch = ring[-req.limit:], h.epoch
+            if req.after_seq is not None:
+                ring = [f for f in ring if frames.seq_of(f) > req.after_seq]
+                more = len(ring) > req.limit
+                msgs, epoch = ring[: req.limit], h.epoch
+            else:
+                more = len(ring) > req.limit
+                msgs, epoch = ring[-req.limit:], h.epoch
         self.engine().send(c.conn, frames.history_ack(req.id, req.room, epoch, msgs, more), Priority.NORMAL)
 
     async def _history(self, room: str, route: Route, req: Join) -> tuple[HistoryResult, bool]:
@@ -423,12 +494,22 @@ class Sessions:
     async def publish(self, c: Client, req: Publish) -> None:
         room = req.room
         eng = self.engine()
-        if not eng.is_member(c.conn, room):
+        cv = self.conversations
+        match = self.router.match(room)
+        conversation = match is not None and match.cfg.conversation and cv is not None and cv.enabled
+        if not conversation and not eng.is_member(c.conn, room):
             raise Reject(ErrorCode.NOT_JOINED, f"join {room} before publishing")
         verdict, route = self.policy.check_publish(c.identity, room, req.type, req.size)
         if not verdict.ok or route is None:
             self.stats.count_drop(verdict.code)
             raise Reject(verdict.code, verdict.message)
+        if conversation:
+            assert cv is not None
+            try:
+                await cv.check_publish(c, room, route)
+            except StoreUnavailable:
+                self.stats.store_unavailable += 1
+                raise Reject(ErrorCode.STORE_UNAVAILABLE, "the message could not be stored: retry with the same cid") from None
         m = await self.hooks.chain("on_message", c, Message(room, req.type, req.data, c, verdict.priority, cid=req.cid), _message)
         if m is DROP:
             self.stats.dropped["filter"] += 1
@@ -456,6 +537,8 @@ class Sessions:
             if target == room or not seq:
                 seq = res.seq
             dup = dup or res.duplicate
+            if cv is not None and troute.cfg.conversation:
+                cv.published(target, c.user, res.seq)
             if self.hooks.has("after_publish") and not res.duplicate:
                 # The message as published into ``target`` (a copy when re-routed), so
                 # the hook can tell which room ``res`` belongs to.

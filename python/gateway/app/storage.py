@@ -94,9 +94,10 @@ class Storage:
     @staticmethod
     def mode(route: Route, mtype: str) -> str:
         """``"none"``, ``"archive"`` or ``"durable"`` for a message of ``mtype`` in a room of
-        ``route``. Only recoverable types (those with a ``seq``) are kept."""
+        ``route``. Only recoverable types (those with a ``seq``) are kept; in a
+        conversation every type is."""
         cfg = route.cfg
-        if cfg.store == "none" or mtype not in cfg.recoverable_types:
+        if cfg.store == "none" or (mtype not in cfg.recoverable_types and not cfg.conversation):
             return "none"
         if cfg.store == "durable" and (cfg.durable_types is None or mtype in cfg.durable_types):
             return "durable"
@@ -189,14 +190,16 @@ class Storage:
         recovered = have == list(range(since + 1, seq + 1))
         return HistoryResult(msgs, seq, cur_epoch, recovered)
 
-    async def page(self, room: str, before_seq: int | None, limit: int) -> tuple[list[bytes], str, bool]:
-        """Messages before ``before_seq`` (newest first page when None), oldest first, the
-        epoch they are framed with (the room's current one), and whether older ones remain."""
+    async def page(self, room: str, before_seq: int | None, limit: int, after_seq: int | None = None) -> tuple[list[bytes], str, bool]:
+        """Messages before ``before_seq`` (newest first page when None), or the first ones
+        after ``after_seq`` (paging forward), oldest first; the epoch they are framed with
+        (the room's current one), and whether more remain in the paging direction."""
         assert self.store is not None
         _, epoch = await self.position(room, await self.broker.history(room, limit=0))
-        msgs = await self.store.messages(room, before_seq=before_seq, limit=limit + 1)
+        msgs = await self.store.messages(room, before_seq=before_seq, after_seq=after_seq, limit=limit + 1)
         more = len(msgs) > limit
-        msgs = msgs[-limit:] if more else msgs
+        if more:
+            msgs = msgs[:limit] if after_seq is not None else msgs[-limit:]
         return [m.frame(epoch) for m in msgs], epoch, more
 
     async def keep(self, mode: str, msg: StoredMessage) -> StoredMessage:

@@ -63,8 +63,10 @@ def history_ack(req_id: Any, room: str, epoch: str, msgs: list[bytes], more: boo
     return _dumps({"op": "ack", "id": req_id, "room": room, "epoch": epoch, "msgs": [orjson.Fragment(m) for m in msgs], "more": more})
 
 
-def push(msg_type: str, data: Any) -> bytes:
-    return _dumps({"op": "push", "type": msg_type, "data": data, "ts": now_ms()})
+def push(msg_type: str, data: Any, **extra: Any) -> bytes:
+    """A ``push`` to one user; ``extra``: ``room``/``seq`` when it is also stored as a
+    notice (clients that sync conversations get that ``msg`` and skip this push)."""
+    return _dumps({"op": "push", "type": msg_type, "data": data, "ts": now_ms(), **extra})
 
 
 def presence_counts(room: str, conns: int, users: int) -> bytes:

@@ -1,0 +1,618 @@
+"""Conversations: rooms whose members and messages outlive the sockets (docs/protocol.md,
+"Conversations").
+
+What lives where:
+
+- **Members** are rows in the store (:meth:`gateway.store.Store.members`), cached here
+  for a short while per (conversation, user); every node forgets a cached row when the
+  :class:`~gateway.broker.commands.ConvMember` command says it changed.
+- **Messages** are room messages of routes whose ``kind`` is ``dm``, ``group`` or
+  ``notice``: published through :meth:`Rooms.publish <gateway.app.rooms.Rooms.publish>`
+  (one broker publish per message per node, committed before the ack), numbered per
+  conversation.
+- **Delivery without join**: after its first ``sync`` a connection is *attached*: put in
+  the engine room of each of its user's conversations (the most recently active
+  ``conversations.max_attached``), and the node subscribes to them in the broker once,
+  not once per member. A user added to a conversation later is attached on every node
+  by the ``ConvMember`` command; a removed one detached.
+- **Unread** is arithmetic (last seq minus read seq). A sender's own messages count as
+  read: their read position moves with each message, written in batches
+  (``conversations.read_flush_interval``), never on the path of the ack.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from .._core import Engine
+from ..broker import Broker, BrokerError, ConvMember
+from ..config import Config
+from ..errors import Reject
+from ..protocol import frames
+from ..protocol.codes import ErrorCode, Priority
+from ..protocol.requests import Create, History, Invite, Read, Recall, Remove, Sync, Typing
+from ..routing import Route, Router, valid_room_name
+from ..store import Member, Store, StoreUnavailable, TooManyMembers
+from .storage import Storage
+
+if TYPE_CHECKING:
+    from .outbox import Outbox
+    from .rooms import Rooms
+    from .session import Client
+    from .stats import Stats
+    from .tasks import Tasks
+
+__all__ = ["Conversations", "dm_room"]
+
+log = logging.getLogger("gateway")
+
+#: (conversation, user) rows cached, and for how long (seconds): a row changed on another
+#: node is forgotten at once (ConvMember), this only bounds a lost command's effect.
+_MEMBERS, _MEMBER_TTL = 100_000, 30.0
+#: Conversations known to exist (a dm's first message creates it).
+_KNOWN = 100_000
+#: Least seconds between two typing frames of one user in one conversation.
+_TYPING_EVERY = 1.0
+_ADMINS = ("owner", "admin")
+
+
+def dm_room(prefix: str, a: str, b: str) -> str:
+    """The id of the dm between ``a`` and ``b`` (``<prefix>:<lower>:<higher>``)."""
+    lo, hi = sorted((a, b))
+    return f"{prefix}:{lo}:{hi}"
+
+
+class _Attached:
+    """What a connection that follows conversations is attached to."""
+
+    __slots__ = ("ready", "rooms")
+
+    def __init__(self) -> None:
+        self.rooms: set[str] = set()
+        self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+
+class Conversations:
+    """The node's conversations: membership checks, attaching connections, the 1.1 ops,
+    and the server-side helpers the HTTP API and plugins use."""
+
+    def __init__(
+        self, config: Config, router: Router, storage: Storage, broker: Broker, engine: Callable[[], Engine], rooms: Rooms,
+        stats: Stats, outbox: Outbox, tasks: Tasks,
+    ) -> None:
+        self.config = config
+        self.cfg = config.conversations
+        self.router = router
+        self.storage = storage
+        self.broker = broker
+        self.engine = engine
+        self.rooms = rooms
+        self.stats = stats
+        self.outbox = outbox
+        self.tasks = tasks
+        self._members: OrderedDict[tuple[str, str], tuple[Member | None, float]] = OrderedDict()
+        self._known: OrderedDict[str, None] = OrderedDict()
+        #: conn -> what it is attached to (connections that sent sync).
+        self._attached: dict[int, _Attached] = {}
+        self._typing: OrderedDict[tuple[str, str], float] = OrderedDict()
+        #: (room, user) -> seq: senders' read positions waiting to be written.
+        self._reads: dict[tuple[str, str], int] = {}
+        self._flush: asyncio.TimerHandle | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.storage.store is not None and any(r.conversation for r in self.config.routes)
+
+    @property
+    def store(self) -> Store:
+        store = self.storage.store
+        if store is None:
+            raise Reject(ErrorCode.NO_CONVERSATION, "conversations need the message store")
+        return store
+
+    # ---- routes and members -------------------------------------------------------------
+
+    def route(self, room: str) -> Route:
+        """The conversation route of ``room``; 4033 when ``room`` is not a conversation."""
+        route = self.router.match(room)
+        if route is None or not route.cfg.conversation:
+            raise Reject(ErrorCode.NO_CONVERSATION, f"{room} is not a conversation")
+        return route
+
+    def dm_users(self, route: Route, room: str) -> tuple[str, str]:
+        """The two users of a dm id; 4033 unless they are distinct and in order."""
+        a, b = _dm_pair(route)
+        if a >= b or ":" in b:
+            raise Reject(ErrorCode.NO_CONVERSATION, f"{room}: a dm id names two different users (without ':') in ascending order")
+        return a, b
+
+    async def member(self, room: str, user: str) -> Member | None:
+        """``user``'s row (cached up to :data:`_MEMBER_TTL` s; ConvMember forgets it)."""
+        key = (room, user)
+        hit = self._members.get(key)
+        now = time.monotonic()
+        if hit is not None and now - hit[1] < _MEMBER_TTL:
+            return hit[0]
+        m = await self.store.member(room, user)
+        self._members[key] = (m, now)
+        self._members.move_to_end(key)
+        if len(self._members) > _MEMBERS:
+            self._members.popitem(last=False)
+        return m
+
+    def forget(self, room: str, user: str) -> None:
+        self._members.pop((room, user), None)
+
+    async def require_member(self, room: str, user: str) -> Member:
+        """The active membership, or 4031 (4033 when the conversation does not exist)."""
+        m = await self.member(room, user)
+        if m is None or not m.active:
+            if m is None and await self.store.conversation(room) is None:
+                raise Reject(ErrorCode.NO_CONVERSATION, f"no conversation {room}")
+            raise Reject(ErrorCode.NOT_MEMBER, f"not a member of {room}")
+        return m
+
+    async def ensure_dm(self, route: Route, room: str, creator: str | None) -> None:
+        """Create the dm (both users members) unless it is known to exist."""
+        if room in self._known:
+            return
+        a, b = self.dm_users(route, room)
+        _, created = await self.store.create_conversation(room, "dm", creator, b"{}", [(a, "member"), (b, "member")], 2)
+        self._remember(room)
+        if created:
+            for u in (a, b):
+                await self._announce(ConvMember(room, u, "added", "member"))
+
+    async def ensure_notice(self, route: Route, room: str) -> None:
+        if room in self._known:
+            return
+        user = route.params["user_id"]
+        _, created = await self.store.create_conversation(room, "notice", None, b"{}", [(user, "member")], 1)
+        self._remember(room)
+        if created:
+            await self._announce(ConvMember(room, user, "added", "member"))
+
+    def _remember(self, room: str) -> None:
+        self._known[room] = None
+        self._known.move_to_end(room)
+        if len(self._known) > _KNOWN:
+            self._known.popitem(last=False)
+
+    async def _announce(self, cmd: ConvMember) -> None:
+        """Run ``cmd`` on every node (this one at once); a broker failure is logged: the
+        change is in the store, and sync shows it."""
+        try:
+            await self.broker.command(cmd)
+        except BrokerError as e:
+            log.warning("conversation %s: other nodes were not told that %s was %s (%s)", cmd.room, cmd.user, cmd.event, e)
+
+    # ---- publishing ---------------------------------------------------------------------
+
+    async def check_publish(self, c: Client, room: str, route: Route) -> None:
+        """May ``c`` post into conversation ``room`` (rules and rates already checked)?
+        Creates a dm on its first message."""
+        if route.cfg.kind == "dm":
+            a, b = self.dm_users(route, room)
+            if c.user not in (a, b):
+                raise Reject(ErrorCode.NOT_MEMBER, f"not a member of {room}")
+            await self.ensure_dm(route, room, c.user)
+            return
+        m = await self.require_member(room, c.user)
+        if m.muted(frames.now_ms()):
+            raise Reject(ErrorCode.MUTED, f"muted in {room}")
+
+    def published(self, room: str, user: str, seq: int) -> None:
+        """``user`` posted ``seq``: it counts as read for them (written in a batch)."""
+        if seq <= 0:
+            return
+        key = (room, user)
+        if self._reads.get(key, 0) < seq:
+            self._reads[key] = seq
+        if self._flush is None:
+            self._flush = asyncio.get_running_loop().call_later(self.cfg.read_flush_interval, self._flush_reads)
+
+    def _flush_reads(self) -> None:
+        self._flush = None
+        items = [(room, user, seq) for (room, user), seq in self._reads.items()]
+        self._reads.clear()
+        if items:
+            self.tasks.spawn(self._write_reads(items))
+
+    async def _write_reads(self, items: list[tuple[str, str, int]]) -> None:
+        try:
+            await self.store.mark_read_many(items)
+        except Exception as e:  # a sender's badge is a convenience: logged, not retried
+            log.warning("conversations: %d read position(s) of senders not written (%s)", len(items), e)
+
+    async def close(self) -> None:
+        """Write the pending read positions."""
+        if self._flush is not None:
+            self._flush.cancel()
+            self._flush = None
+        items = [(room, user, seq) for (room, user), seq in self._reads.items()]
+        self._reads.clear()
+        if items and self.storage.store is not None:
+            await self._write_reads(items)
+
+    # ---- attaching connections ----------------------------------------------------------
+
+    def attached_rooms(self, conn: int) -> int:
+        """How many conversations ``conn`` is attached to (they do not count against the
+        rooms a client may join)."""
+        a = self._attached.get(conn)
+        return len(a.rooms) if a is not None else 0
+
+    def _cap(self, conn: int) -> int:
+        return self.config.limits.max_rooms_per_conn + self.cfg.max_attached
+
+    async def attach(self, c: Client) -> None:
+        """Attach ``c`` to its user's conversations (once per connection; a second call
+        waits for the first)."""
+        a = self._attached.get(c.conn)
+        if a is not None:
+            await asyncio.shield(a.ready)
+            return
+        a = self._attached[c.conn] = _Attached()
+        try:
+            rooms = await self.store.user_rooms(c.user, self.cfg.max_attached) if self.cfg.max_attached else []
+            await asyncio.gather(*(self._attach_one(c.conn, room, a) for room in rooms))
+        except BaseException as e:
+            a.ready.set_exception(e if isinstance(e, Exception) else RuntimeError("cancelled"))
+            a.ready.exception()  # retrieved: waiters get it through their own await
+            if self._attached.get(c.conn) is a:
+                del self._attached[c.conn]
+            raise
+        a.ready.set_result(None)
+
+    async def _attach_one(self, conn: int, room: str, a: _Attached) -> bool:
+        if len(a.rooms) >= self.cfg.max_attached:
+            return False
+        joined = self.engine().join(conn, room, self._cap(conn))
+        if joined != 1:
+            return False
+        a.rooms.add(room)
+        await self.broker.subscribe(room)
+        return True
+
+    def detach_conn(self, conn: int) -> None:
+        """``conn`` closed (the engine took it out of its rooms)."""
+        a = self._attached.pop(conn, None)
+        if a is not None and not a.ready.done():
+            a.ready.cancel()
+
+    def apply(self, cmd: ConvMember) -> None:
+        """A membership changed (on any node): forget the cached row, attach or detach
+        the user's connections here that follow conversations, and tell them."""
+        self.forget(cmd.room, cmd.user)
+        if cmd.event == "updated":
+            return
+        eng = self.engine()
+        for conn in eng.user_conns(cmd.user):
+            a = self._attached.get(conn)
+            if a is None:
+                continue
+            if cmd.event == "added":
+                self.tasks.spawn(self._added(conn, cmd, a))
+            elif cmd.room in a.rooms:
+                a.rooms.discard(cmd.room)
+                eng.send(conn, frames.conv_event(cmd.room, "removed"), Priority.HIGH)
+                if eng.leave(conn, cmd.room) and eng.room_counts(cmd.room)[0] == 0:
+                    self.tasks.spawn(self.broker.unsubscribe(cmd.room))
+
+    async def _added(self, conn: int, cmd: ConvMember, a: _Attached) -> None:
+        try:
+            await asyncio.shield(a.ready)
+            if await self._attach_one(conn, cmd.room, a):
+                self.engine().send(conn, frames.conv_event(cmd.room, "added", cmd.role or None), Priority.HIGH)
+        except Exception as e:
+            log.debug("attaching conn %d to %s failed: %s", conn, cmd.room, e)
+
+    # ---- the 1.1 ops --------------------------------------------------------------------
+
+    async def sync(self, c: Client, req: Sync) -> None:
+        """The ack of ``sync``: conversations changed since ``req.since``, each with its
+        unread count, last message, newest unread messages and recalls."""
+        store = self.store
+        await self.attach(c)
+        cursor = frames.now_ms()
+        margin = int(self.cfg.sync_margin * 1000)
+        since = max(0, req.since - margin) if req.since else 0
+        states = await store.user_conversations(c.user, since_ms=since, limit=req.limit + 1, before=req.before)
+        more = len(states) > req.limit
+        states = states[: req.limit]
+        recalled = await store.recalled_since([s.conv.room for s in states], since) if req.since else {}
+        epoch = self.storage.epoch
+        convs: list[bytes] = []
+        for st in states:
+            room = st.conv.room
+            m = st.member
+            unread = max(0, st.last_seq - m.read_seq)
+            msgs: list[bytes] = []
+            if req.msgs and unread:
+                page = await store.messages(room, before_seq=st.last_seq + 1, limit=min(unread, req.msgs))
+                msgs = [x.frame(epoch) for x in page if x.seq > m.read_seq]
+            peer_read = None
+            route = self.router.match(room)
+            if route is not None and route.cfg.kind == "dm" and route.cfg.read_receipts and m.active:
+                a, b = _dm_pair(route)
+                peer = await self.member(room, b if c.user == a else a)
+                peer_read = peer.read_seq if peer is not None else 0
+            convs.append(orjson.dumps({
+                "room": room, "kind": st.conv.kind, "meta": orjson.Fragment(st.conv.meta), "role": m.role, "member": m.active,
+                "last_seq": st.last_seq, "read_seq": m.read_seq, "unread": unread, "muted_until": m.muted_until,
+                "updated": st.activity, "last": orjson.Fragment(st.last.frame(epoch)) if st.last is not None else None,
+                "msgs": [orjson.Fragment(x) for x in msgs], "more_msgs": unread > len(msgs),
+                "recalled": recalled.get(room, []), "peer_read_seq": peer_read,
+            }))
+        nxt = [states[-1].activity, states[-1].conv.room] if more else None
+        body = orjson.dumps({"op": "ack", "id": req.id, "cursor": cursor, "more": more, "next": nxt, "convs": [orjson.Fragment(x) for x in convs]})
+        self.engine().send(c.conn, body, Priority.HIGH)
+
+    async def history(self, c: Client, req: History, route: Route) -> None:
+        """A page of a conversation for a member (a removed one: up to their removal)."""
+        room = req.room
+        m = await self.member(room, c.user)
+        if m is None:
+            if await self.store.conversation(room) is None and route.cfg.kind != "dm":
+                raise Reject(ErrorCode.NO_CONVERSATION, f"no conversation {room}")
+            raise Reject(ErrorCode.NOT_MEMBER, f"not a member of {room}")
+        store = self.store
+        top = (m.left_seq + 1) if m.left_seq is not None else None
+        before = req.before_seq if top is None or (req.before_seq is not None and req.before_seq < top) else top
+        if req.after_seq is not None:
+            page = await store.messages(room, after_seq=req.after_seq, before_seq=before, limit=req.limit + 1)
+            more = len(page) > req.limit
+            page = page[: req.limit]
+        else:
+            page = await store.messages(room, before_seq=before, limit=req.limit + 1)
+            more = len(page) > req.limit
+            page = page[-req.limit:] if more else page
+        epoch = self.storage.epoch
+        self.engine().send(c.conn, frames.history_ack(req.id, room, epoch, [x.frame(epoch) for x in page], more), Priority.HIGH)
+
+    async def read(self, c: Client, req: Read) -> None:
+        self.route(req.room)
+        await self.require_member(req.room, c.user)
+        m, last = await self.mark_read(req.room, c.user, req.seq)
+        self.engine().send(c.conn, frames.ack(req.id, room=req.room, read_seq=m.read_seq, unread=max(0, last - m.read_seq)), Priority.HIGH)
+
+    async def mark_read(self, room: str, user: str, seq: int) -> tuple[Member, int]:
+        """Move ``user``'s read position; tell their other devices (and a dm's peer when
+        the route sends read receipts). Returns (the row, the conversation's last seq)."""
+        store = self.store
+        m = await store.mark_read(room, user, seq)
+        if m is None:
+            raise Reject(ErrorCode.NOT_MEMBER, f"not a member of {room}")
+        self._members[(room, user)] = (m, time.monotonic())
+        last = await store.last_seq(room)
+        frame = frames.read_event(room, user, m.read_seq)
+        try:
+            await self.broker.send_user(user, frame, Priority.HIGH)
+            route = self.router.match(room)
+            if route is not None and route.cfg.kind == "dm" and route.cfg.read_receipts:
+                a, b = _dm_pair(route)
+                await self.broker.send_user(b if user == a else a, frame, Priority.NORMAL)
+        except BrokerError as e:
+            log.debug("read event of %s in %s reached this node only: %s", user, room, e)
+        return m, last
+
+    async def recall(self, c: Client, req: Recall) -> None:
+        route = self.route(req.room)
+        m = await self.require_member(req.room, c.user)
+        msgs = await self.store.messages(req.room, after_seq=req.seq - 1, limit=1)
+        target = msgs[0] if msgs and msgs[0].seq == req.seq else None
+        if target is None:
+            raise Reject(ErrorCode.RECALL_DENIED, f"no message {req.seq} in {req.room}")
+        admin = route.cfg.kind == "group" and m.role in _ADMINS
+        if not admin:
+            if target.sender != c.user:
+                raise Reject(ErrorCode.RECALL_DENIED, "only the sender (or a group's owner or admin) may recall a message")
+            if frames.now_ms() - target.ts > route.cfg.recall_seconds * 1000:
+                raise Reject(ErrorCode.RECALL_DENIED, f"too late to recall: the limit is {route.cfg.recall_seconds:g} s")
+        if not await self.do_recall(req.room, req.seq, c.user):
+            raise Reject(ErrorCode.RECALL_DENIED, f"message {req.seq} was already recalled")
+        self.engine().send(c.conn, frames.ack(req.id, room=req.room, seq=req.seq), Priority.HIGH)
+
+    async def do_recall(self, room: str, seq: int, by: str) -> bool:
+        """Recall without checks (the API, plugins, moderation): tombstone in the store,
+        a ``recall`` frame to the members online, an outbox event. False when there was
+        nothing to recall."""
+        at = frames.now_ms()
+        old = await self.store.recall(room, seq, by, at)
+        if old is None:
+            return False
+        try:
+            await self.broker.publish_frame(room, frames.recall_event(room, seq, by, at), Priority.HIGH)
+        except BrokerError as e:
+            log.warning("recall of %s#%d reached this node's members only (%s); the others see it on sync", room, seq, e)
+        self.outbox.record(room, "recall", seq=seq, by=by, sender=old.sender)
+        return True
+
+    async def typing(self, c: Client, req: Typing) -> None:
+        self.route(req.room)
+        await self.require_member(req.room, c.user)
+        key = (req.room, c.user)
+        now = time.monotonic()
+        last = self._typing.get(key)
+        if last is not None and now - last < _TYPING_EVERY:
+            return
+        self._typing[key] = now
+        self._typing.move_to_end(key)
+        if len(self._typing) > _KNOWN:
+            self._typing.popitem(last=False)
+        try:
+            await self.broker.publish_frame(req.room, frames.typing_event(req.room, c.user), Priority.LOW)
+        except BrokerError:
+            pass  # ephemeral: lost with the broker
+
+    async def create(self, c: Client, req: Create) -> None:
+        """A group created by a client (the route's ``create`` rule decides who may)."""
+        prefix = self.group_prefix()
+        room = req.room or f"{prefix}:{secrets.token_hex(8)}"
+        route = self.route(room)
+        if route.cfg.kind != "group":
+            raise Reject(ErrorCode.NO_CONVERSATION, f"{room} is not a group")
+        if not _rule_allows(route.cfg.create, c, route, room):
+            raise Reject(ErrorCode.FORBIDDEN, f"not allowed to create {room}")
+        created = await self.create_group(room, c.user, req.meta, req.members, route)
+        if not created:
+            raise Reject(ErrorCode.FORBIDDEN, f"{room} exists already")
+        self.engine().send(c.conn, frames.ack(req.id, room=room), Priority.HIGH)
+
+    def group_prefix(self) -> str:
+        for r in self.config.routes:
+            if r.kind == "group":
+                return r.pattern.split(":", 1)[0]
+        raise Reject(ErrorCode.NO_CONVERSATION, "no group route is configured")
+
+    async def create_group(self, room: str, creator: str | None, meta: bytes, members: list[str], route: Route | None = None) -> bool:
+        """Create group ``room`` (``creator`` its owner, the others members); False when
+        it exists (nothing changes). 4034 beyond the route's ``members_max``."""
+        route = route or self.route(room)
+        owners = [(creator, "owner")] if creator else []
+        try:
+            _, created = await self.store.create_conversation(
+                room, "group", creator, meta, owners + [(u, "member") for u in members if u != creator], route.cfg.members_max,
+            )
+        except TooManyMembers as e:
+            raise Reject(ErrorCode.TOO_MANY_MEMBERS, str(e)) from None
+        if not created:
+            return False
+        self._remember(room)
+        for u, role in owners + [(u, "member") for u in members if u != creator]:
+            await self._announce(ConvMember(room, u, "added", role))
+        self.outbox.record(room, "member", event="created", by=creator, users=[creator, *members] if creator else members)
+        return True
+
+    async def invite(self, c: Client, req: Invite) -> None:
+        route = self.route(req.room)
+        m = await self.require_member(req.room, c.user)
+        rule = route.cfg.invite
+        if rule == "none" or (rule == "admin" and m.role not in _ADMINS) or route.cfg.kind != "group":
+            raise Reject(ErrorCode.FORBIDDEN, f"not allowed to add members to {req.room}")
+        added = await self.add_members(req.room, req.users, by=c.user, route=route)
+        self.engine().send(c.conn, frames.ack(req.id, room=req.room, added=added), Priority.HIGH)
+
+    async def add_members(self, room: str, users: list[str], *, by: str | None, role: str = "member", route: Route | None = None) -> list[str]:
+        """Add ``users`` (the API, plugins, ``invite``): a system message in the
+        conversation, their connections attached everywhere. Returns the new ones."""
+        route = route or self.route(room)
+        try:
+            added = await self.store.add_members(room, [(u, role) for u in users], route.cfg.members_max)
+        except TooManyMembers as e:
+            raise Reject(ErrorCode.TOO_MANY_MEMBERS, str(e)) from None
+        except KeyError:
+            raise Reject(ErrorCode.NO_CONVERSATION, f"no conversation {room}") from None
+        for u in added:
+            await self._announce(ConvMember(room, u, "added", role))
+        if added:
+            await self._system(room, route, {"event": "added", "users": added, "by": by})
+            self.outbox.record(room, "member", event="added", users=added, by=by)
+        return added
+
+    async def remove(self, c: Client, req: Remove) -> None:
+        route = self.route(req.room)
+        m = await self.require_member(req.room, c.user)
+        if req.user != c.user:
+            target = await self.member(req.room, req.user)
+            if route.cfg.kind != "group" or m.role not in _ADMINS or (target is not None and target.role == "owner"):
+                raise Reject(ErrorCode.FORBIDDEN, f"not allowed to remove {req.user} from {req.room}")
+        if not await self.remove_member(req.room, req.user, by=c.user, route=route):
+            raise Reject(ErrorCode.NOT_MEMBER, f"{req.user} is not a member of {req.room}")
+        self.engine().send(c.conn, frames.ack(req.id, room=req.room), Priority.HIGH)
+
+    async def remove_member(self, room: str, user: str, *, by: str | None, route: Route | None = None) -> bool:
+        """End ``user``'s membership (a system message first, so they see it)."""
+        route = route or self.route(room)
+        if (await self.member(room, user)) is None:
+            return False
+        await self._system(room, route, {"event": "removed", "users": [user], "by": by})
+        gone = await self.store.remove_member(room, user)
+        if gone is None:
+            return False
+        await self._announce(ConvMember(room, user, "removed"))
+        self.outbox.record(room, "member", event="removed", users=[user], by=by)
+        return True
+
+    async def update_member(self, room: str, user: str, *, role: str | None = None, muted_until: int | bool | None = False) -> Member | None:
+        m = await self.store.update_member(room, user, role=role, muted_until=muted_until)
+        if m is not None:
+            await self._announce(ConvMember(room, user, "updated", m.role))
+            self.outbox.record(room, "member", event="updated", users=[user], role=m.role, muted_until=m.muted_until)
+        return m
+
+    async def _system(self, room: str, route: Route, data: dict[str, Any]) -> None:
+        """A ``system`` message in the conversation (stored, counted, seen by members)."""
+        try:
+            await self.rooms.publish(room, route, "system", data, Priority.HIGH, None)
+        except (BrokerError, StoreUnavailable) as e:
+            log.warning("conversation %s: the system message %s was not published (%s)", room, data.get("event"), e)
+
+    # ---- the system's messages ----------------------------------------------------------
+
+    async def post(self, room: str, mtype: str, data: Any, sender: str | None, idempotency_key: str | None = None) -> tuple[int, bool]:
+        """Post into a conversation from the server side (the API, plugins): as
+        ``sender`` (a member; None: the system). Returns (seq, duplicate)."""
+        route = self.route(room)
+        if route.cfg.kind == "dm":
+            await self.ensure_dm(route, room, sender)
+        elif route.cfg.kind == "notice":
+            await self.ensure_notice(route, room)
+        elif await self.store.conversation(room) is None:
+            raise Reject(ErrorCode.NO_CONVERSATION, f"no conversation {room}")
+        if sender is not None and route.cfg.kind != "dm":
+            await self.require_member(room, sender)
+        idem = None if idempotency_key is None else f"a\x00{idempotency_key}"
+        cid = None if idempotency_key is None else f"api:{idempotency_key}"
+        res = await self.rooms.publish(room, route, mtype, data, self.router.priority(route, mtype), sender, idem, cid)
+        if sender is not None:
+            self.published(room, sender, res.seq)
+        return res.seq, res.duplicate
+
+    def notice_room(self, user: str) -> str | None:
+        """The notice conversation of ``user``, or None without a notice route."""
+        for r in self.config.routes:
+            if r.kind == "notice":
+                room = r.pattern.replace("{user_id}", user)
+                return room if valid_room_name(room) and self.router.match(room) is not None else None
+        return None
+
+    async def online(self, room: str, user: str) -> bool:
+        """Whether ``user`` has a connection attached to ``room`` (this node exactly;
+        other nodes as of their last presence report)."""
+        eng = self.engine()
+        if any(eng.is_member(conn, room) for conn in eng.user_conns(user)):
+            return True
+        if self.broker.presence.shared:
+            try:
+                return (await self.broker.presence.counts(room))[0] > 0
+            except BrokerError:
+                return False
+        return False
+
+
+def _dm_pair(route: Route) -> tuple[str, str]:
+    """The two user ids of a dm route's room, in the pattern's order."""
+    names = [seg[1:-1] for seg in route.cfg.pattern.split(":")[1:]]
+    return route.params[names[0]], route.params[names[1]]
+
+
+def _rule_allows(rule: str, c: Client, route: Route, room: str) -> bool:
+    ident = c.identity
+    if rule == "all":
+        return True
+    if rule == "authenticated":
+        return not ident.guest
+    if rule == "owner":
+        return not ident.guest and route.params.get("user_id") == ident.user
+    if rule == "acl":
+        return not ident.guest and ident.rooms is not None and ident.may_join(room)
+    return False
