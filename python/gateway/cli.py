@@ -22,6 +22,7 @@ from typing import Any
 from ._core import EngineError
 from .config import Config, load_config
 from .errors import ConfigError
+from .store.base import SchemaError, StoreUnavailable
 
 log = logging.getLogger("gateway")
 
@@ -268,6 +269,9 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, EngineError) as e:  # bind failures and the like
         log.error("cannot start: %s", e)
         return 1
+    except (SchemaError, StoreUnavailable) as e:  # the message store: too old a schema, unreachable
+        print(f"gateway: cannot start: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
