@@ -10,7 +10,11 @@ Invariants checked on every input:
 - an echoed ``id`` is None, a number or a string of at most 64 characters;
 - a ``Join``'s history is 0..50, a resume's seq >= 0 and epoch <= 64 characters;
 - a ``Publish``'s ``cid`` is None or 1..64 characters, ``size`` is the input's length;
-- a ``History``'s ``limit`` is 1..100 and its ``before_seq`` None or positive;
+- a ``History``'s ``limit`` is 1..100 (1..200 paging forward), ``before_seq`` None or
+  positive, ``after_seq`` None or >= 0 and below ``before_seq``;
+- the conversation ops (protocol 1.1): ``Sync`` limits in range, ``before`` a pair;
+  ``Read``/``Recall`` seqs in range; ``Create``/``Invite`` user lists bounded, no
+  repeats, ``meta`` a JSON object of at most 4 KB; ``Remove`` names a user;
 - rooms are non-empty strings; a request parses the same twice (no hidden state).
 """
 
@@ -21,7 +25,31 @@ import sys
 import atheris
 
 with atheris.instrument_imports():
-    from gateway.protocol.requests import MAX_CID_LEN, MAX_HISTORY, MAX_PAGE, BadRequest, History, Join, Leave, Ping, Publish, parse
+    import orjson
+    from gateway.protocol.requests import (
+        MAX_CID_LEN,
+        MAX_HISTORY,
+        MAX_META_BYTES,
+        MAX_PAGE,
+        MAX_PAGE_FORWARD,
+        MAX_SYNC_CONVS,
+        MAX_SYNC_MSGS,
+        MAX_USERS,
+        BadRequest,
+        Create,
+        History,
+        Invite,
+        Join,
+        Leave,
+        Ping,
+        Publish,
+        Read,
+        Recall,
+        Remove,
+        Sync,
+        Typing,
+        parse,
+    )
 
 
 def _check_id(rid: object) -> None:
@@ -51,8 +79,25 @@ def test_one_input(data: bytes) -> None:
         assert isinstance(req.room, str) and req.room
     elif isinstance(req, History):
         assert isinstance(req.room, str) and req.room
-        assert 1 <= req.limit <= MAX_PAGE
+        assert 1 <= req.limit <= (MAX_PAGE if req.after_seq is None else MAX_PAGE_FORWARD)
         assert req.before_seq is None or req.before_seq >= 1
+        assert req.after_seq is None or (req.after_seq >= 0 and (req.before_seq is None or req.after_seq < req.before_seq))
+    elif isinstance(req, Sync):
+        assert req.since >= 0 and 1 <= req.limit <= MAX_SYNC_CONVS and 0 <= req.msgs <= MAX_SYNC_MSGS
+        assert req.before is None or (isinstance(req.before[0], int) and isinstance(req.before[1], str))
+    elif isinstance(req, (Read, Recall)):
+        assert isinstance(req.room, str) and req.room and req.seq >= (1 if isinstance(req, Recall) else 0)
+    elif isinstance(req, Typing):
+        assert isinstance(req.room, str) and req.room
+    elif isinstance(req, (Create, Invite)):
+        users = req.members if isinstance(req, Create) else req.users
+        assert len(users) <= MAX_USERS and len(set(users)) == len(users) and all(isinstance(u, str) and u for u in users)
+        if isinstance(req, Create):
+            assert isinstance(orjson.loads(req.meta), dict) and len(req.meta) <= MAX_META_BYTES
+        else:
+            assert users
+    elif isinstance(req, Remove):
+        assert isinstance(req.room, str) and req.room and isinstance(req.user, str) and req.user
     else:
         assert isinstance(req, Ping)
     assert parse(data, binary) == req
