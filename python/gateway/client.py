@@ -377,13 +377,78 @@ class GatewayClient:
             fields["cid"] = cid
         return await self.request("publish", timeout=timeout, **fields)
 
-    async def history(self, room: str, before_seq: int | None = None, limit: int = 50, timeout: float | None = None) -> dict[str, Any]:
-        """A page of ``room``'s messages, oldest first: the newest page, or the one before
-        ``before_seq``. Returns the ack (``msgs``, ``more``, ``epoch``)."""
+    async def history(
+        self, room: str, before_seq: int | None = None, limit: int = 50, timeout: float | None = None, after_seq: int | None = None,
+    ) -> dict[str, Any]:
+        """A page of ``room``'s messages, oldest first: the newest page, the one before
+        ``before_seq``, or (``after_seq``, up to 200) the first ones after it. Returns the
+        ack (``msgs``, ``more``, ``epoch``)."""
         fields: dict[str, Any] = {"room": room, "limit": limit}
         if before_seq is not None:
             fields["before_seq"] = before_seq
+        if after_seq is not None:
+            fields["after_seq"] = after_seq
         return await self.request("history", timeout=timeout, **fields)
+
+    # ---- conversations (protocol 1.1) -------------------------------------------------------
+
+    async def sync(self, since: int | None = None, limit: int = 100, msgs: int = 20, timeout: float | None = None) -> dict[str, Any]:
+        """Conversations changed since ``since`` (the ``cursor`` of the previous sync; None:
+        all), every page of them: returns ``{"cursor", "convs"}`` (each conversation with
+        ``unread``, ``last``, ``msgs``...; docs/protocol.md, "Conversations"). The first
+        sync of a connection makes it receive its conversations' messages without join.
+        Keep ``cursor`` for the next call (after a reconnect)."""
+        convs: list[dict[str, Any]] = []
+        before: list[Any] | None = None
+        while True:
+            fields: dict[str, Any] = {"limit": limit, "msgs": msgs}
+            if since:
+                fields["since"] = since
+            if before is not None:
+                fields["before"] = before
+            ack = await self.request("sync", timeout=timeout, **fields)
+            convs += ack["convs"]
+            if not ack.get("more"):
+                return {"cursor": ack["cursor"], "convs": convs}
+            before = ack["next"]
+
+    async def read(self, room: str, seq: int, timeout: float | None = None) -> dict[str, Any]:
+        """Mark ``room`` read up to ``seq``: the ack has ``read_seq`` and ``unread``; the
+        user's other devices (and a dm's peer) get a ``read`` frame."""
+        return await self.request("read", timeout=timeout, room=room, seq=seq)
+
+    async def recall(self, room: str, seq: int, timeout: float | None = None) -> dict[str, Any]:
+        """Recall message ``seq`` (the sender within the route's limit; group owners and
+        admins any time): members see a tombstone."""
+        return await self.request("recall", timeout=timeout, room=room, seq=seq)
+
+    async def typing(self, room: str) -> None:
+        """Tell the conversation's members online that this user is typing (no ack)."""
+        await self.send({"op": "typing", "room": room})
+
+    async def create_group(self, members: list[str], meta: Mapping[str, Any] | None = None, room: str | None = None,
+                           timeout: float | None = None) -> str:
+        """Create a group (this user its owner); returns its id."""
+        fields: dict[str, Any] = {"kind": "group", "members": members, "meta": dict(meta or {})}
+        if room is not None:
+            fields["room"] = room
+        ack = await self.request("create", timeout=timeout, **fields)
+        return str(ack["room"])
+
+    async def invite(self, room: str, users: list[str], timeout: float | None = None) -> list[str]:
+        """Add ``users`` to a group; returns those who were not members."""
+        ack = await self.request("invite", timeout=timeout, room=room, users=users)
+        return list(ack.get("added") or [])
+
+    async def remove(self, room: str, user: str, timeout: float | None = None) -> None:
+        """Remove ``user`` from a group (owners, admins; anyone may remove themselves)."""
+        await self.request("remove", timeout=timeout, room=room, user=user)
+
+    @staticmethod
+    def dm_room(a: str, b: str, prefix: str = "dm") -> str:
+        """The id of the dm between users ``a`` and ``b``."""
+        lo, hi = sorted((a, b))
+        return f"{prefix}:{lo}:{hi}"
 
     async def publish_nowait(self, room: str, data: Any, type: str = "chat") -> None:
         """Publish without an ``id``: no ack comes back (errors still do, in :attr:`events`)."""

@@ -293,3 +293,35 @@ async def test_bad_requests_get_clear_errors(tmp_path: Path) -> None:
         await c.close()
     finally:
         assert not g.finish()
+
+
+async def test_the_python_client_pages_sync_and_speaks_every_op(tmp_path: Path) -> None:
+    g = gateway(tmp_path).start()
+    me = f"me{uniq()}"
+    peers = [f"p{i}{uniq()}" for i in range(5)]
+    try:
+        c = await g.client(me)
+        first = await c.sync()
+        assert first["convs"] == []
+        others = [await g.client(p) for p in peers]
+        for i, o in enumerate(others):
+            await o.sync()
+            await o.publish(GatewayClient.dm_room(me, peers[i]), {"n": i})
+        s = await c.sync(limit=2, msgs=1)  # three pages, one request each
+        assert sorted(x["room"] for x in s["convs"]) == sorted(GatewayClient.dm_room(me, p) for p in peers)
+        assert all(x["unread"] == 1 and len(x["msgs"]) == 1 for x in s["convs"])
+        room = await c.create_group(peers[:2], {"name": "py"})
+        assert await c.invite(room, [peers[2]]) == [peers[2]]
+        ack = await c.publish(room, {"hello": "all"})
+        assert (await c.read(room, ack["seq"]))["unread"] == 0
+        await c.recall(room, ack["seq"])
+        await c.typing(room)
+        await c.remove(room, peers[2])
+        page = await c.history(room, after_seq=0, limit=200)
+        assert [m["type"] for m in page["msgs"]] == ["system", "recalled", "system"]
+        again = await c.sync(since=s["cursor"])  # what changed since (and within sync_margin before it)
+        assert again["convs"][0]["room"] == room and again["convs"][0]["recalled"] == [ack["seq"]]
+        for x in (c, *others):
+            await x.close()
+    finally:
+        assert not g.finish()
