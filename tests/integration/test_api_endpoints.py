@@ -113,7 +113,8 @@ async def test_send_to_user_on_every_connection(api_gw: GatewayProcess) -> None:
     try:
         futs = [c.wait_event(lambda f: f.get("op") == "push", 10) for c in (a, b)]
         status, body = await api_gw.api("POST", "/v1/send", {"user": user, "type": "order", "data": {"order": 7, "status": "shipped"}})
-        assert (status, body) == (200, {"user": user, "sent": True})
+        # Stored in the user's notice conversation too (the default routes and store).
+        assert (status, body) == (200, {"user": user, "sent": True, "room": f"notice:{user}", "seq": 1, "delivered": "live"})
         for f in futs:
             push = await f
             assert (push["type"], push["data"]) == ("order", {"order": 7, "status": "shipped"})

@@ -25,6 +25,10 @@ class FakeGateway:
     async def send_user(self, user: str, data: Any, type: str = "push", priority: int = 2) -> None:
         self.calls.append(("send_user", user, type, priority))
 
+    async def notify(self, user: str, data: Any, type: str = "push", priority: int = 2) -> dict[str, Any]:
+        await self.send_user(user, data, type, priority)  # no notice conversation here: a push
+        return {"room": None, "seq": 0, "delivered": "live", "duplicate": False}
+
     async def broadcast(self, data: Any, type: str = "broadcast", priority: int = 1) -> None:
         self.calls.append(("broadcast", type, priority))
 

@@ -50,7 +50,9 @@ def test_defaults() -> None:
     cfg = load_config(environ={}, sets=DEV)
     assert isinstance(cfg, Config)
     assert (cfg.server.port, cfg.server.ws_path, cfg.api.host, cfg.api.port) == (8080, "/ws", "127.0.0.1", 8081)
-    assert [r.pattern for r in cfg.routes] == ["live:{room_id}", "user:{user_id}", "cs:{session_id}", "*"]
+    assert [r.pattern for r in cfg.routes] == [
+        "live:{room_id}", "user:{user_id}", "cs:{session_id}", "dm:{a}:{b}", "group:{group_id}", "notice:{user_id}", "*"]
+    assert [r.kind for r in cfg.routes if r.kind != "room"] == ["dm", "group", "notice"]
     assert cfg.node_id, "a node id is generated"
 
 

@@ -586,10 +586,11 @@ class Conversations:
         return None
 
     async def online(self, room: str, user: str) -> bool:
-        """Whether ``user`` has a connection attached to ``room`` (this node exactly;
-        other nodes as of their last presence report)."""
+        """Whether ``user`` got ``room``'s message live: a connection of theirs on this node
+        (attached, or an older client that gets the ``push``), or one attached to
+        ``room`` on another node as of that node's last presence report."""
         eng = self.engine()
-        if any(eng.is_member(conn, room) for conn in eng.user_conns(user)):
+        if eng.user_conns(user):
             return True
         if self.broker.presence.shared:
             try:
