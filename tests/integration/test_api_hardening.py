@@ -423,10 +423,11 @@ async def test_idempotent_send(key_gw: GatewayProcess) -> None:
         for path in ("/v1/send", f"/v1/users/{user}/send"):
             status, out = await key_gw.api("POST", path, {"user": user, "type": "order", "data": {"id": 1}}, headers={"Idempotency-Key": k})
             assert status == 200, out
+            stored = {"room": f"notice:{user}", "seq": 1, "delivered": "live"}  # kept in the user's notice conversation
             if path == "/v1/send":
-                assert out == {"user": user, "sent": True}
+                assert out == {"user": user, "sent": True, **stored}
             else:
-                assert out == {"user": user, "sent": True, "duplicate": True}
+                assert out == {"user": user, "sent": True, **stored, "duplicate": True}
         await asyncio.sleep(0.5)
         assert [p["data"] for p in seen] == [{"id": 1}]
     finally:
