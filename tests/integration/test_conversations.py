@@ -283,11 +283,14 @@ async def test_bad_requests_get_clear_errors(tmp_path: Path) -> None:
             ({"op": "publish", "room": "dm:x:y", "data": {}}, 4031),
             ({"op": "read", "room": "live:1", "seq": 1}, 4033),
             ({"op": "create", "members": ["a", "b"]}, 4034),
+            ({"op": "remove", "room": f"dm:{u}:zzz", "user": u}, 4003),
         ]
         for i, (frame, code) in enumerate(cases):
             with pytest.raises(GatewayError) as e:
                 await c.request(frame.pop("op"), **frame)
             assert e.value.code == code, (i, frame, e.value)
+        # A dm nobody wrote in yet pages as empty for its users.
+        assert (await c.request("history", room=f"dm:{u}:zzz"))["msgs"] == []
         # Still connected and working.
         assert "convs" in await sync(c)
         await c.close()

@@ -361,7 +361,11 @@ class Conversations:
         room = req.room
         m = await self.member(room, c.user)
         if m is None:
-            if await self.store.conversation(room) is None and route.cfg.kind != "dm":
+            if route.cfg.kind == "dm" and c.user in self.dm_users(route, room):
+                # A dm nobody has written in yet: empty.
+                self.engine().send(c.conn, frames.history_ack(req.id, room, self.storage.epoch, [], False), Priority.HIGH)
+                return
+            if await self.store.conversation(room) is None:
                 raise Reject(ErrorCode.NO_CONVERSATION, f"no conversation {room}")
             raise Reject(ErrorCode.NOT_MEMBER, f"not a member of {room}")
         store = self.store
@@ -520,10 +524,12 @@ class Conversations:
 
     async def remove(self, c: Client, req: Remove) -> None:
         route = self.route(req.room)
+        if route.cfg.kind != "group":
+            raise Reject(ErrorCode.FORBIDDEN, f"members of a {route.cfg.kind} cannot be removed")
         m = await self.require_member(req.room, c.user)
         if req.user != c.user:
             target = await self.member(req.room, req.user)
-            if route.cfg.kind != "group" or m.role not in _ADMINS or (target is not None and target.role == "owner"):
+            if m.role not in _ADMINS or (target is not None and target.role == "owner"):
                 raise Reject(ErrorCode.FORBIDDEN, f"not allowed to remove {req.user} from {req.room}")
         if not await self.remove_member(req.room, req.user, by=c.user, route=route):
             raise Reject(ErrorCode.NOT_MEMBER, f"{req.user} is not a member of {req.room}")
