@@ -285,3 +285,29 @@ async def test_two_nodes_on_postgres_one_delivers_and_the_other_takes_over_after
         await rec.stop()
         for n in nodes:
             assert not n.finish()
+
+
+async def test_conversation_events_reach_the_outbox(tmp_path: Path) -> None:
+    rec = Receiver(SECRET)
+    await rec.start()
+    cfg = ROUTES.format(url=rec.url).replace('rooms = ["cs:*", "live:*"]', 'rooms = ["group:*"]').replace(
+        'events = ["message", "join", "leave", "kick", "ban"]', 'events = ["message", "recall", "member"]')
+    cfg = cfg.replace("[outbox]", '[[routes]]\npattern = "group:{id}"\nkind = "group"\njoin = "none"\nstore = "durable"\nuser_rate = 0\n\n[outbox]')
+    g = GatewayProcess(tmp_path, ["limits.client_rate=0"], config=cfg, env={"OUTBOX_SECRET": SECRET}).start()
+    try:
+        room = (await api(g, "POST", "/v1/conversations", {"kind": "group", "creator": "own", "members": ["m1"]}))["room"]
+        await api(g, "POST", f"/v1/conversations/{room}/members", {"users": ["m2"], "by": "own"})
+        seq = (await api(g, "POST", f"/v1/conversations/{room}/messages", {"from": "m1", "data": {"text": "hi"}}))["seq"]
+        await api(g, "POST", f"/v1/conversations/{room}/recall", {"seq": seq, "by": "own"})
+
+        await eventually(lambda: any(e["event"] == "recall" for e in rec.delivered()), timeout=20, what="the recall event")
+        events = rec.delivered()
+        members = [(e["change"], e["users"], e.get("by")) for e in events if e["event"] == "member"]
+        assert members == [("created", ["own", "m1"], "own"), ("added", ["m2"], "own")]
+        msgs = [(e["seq"], e["type"], e["from"]) for e in events if e["event"] == "message"]
+        assert (seq, "chat", "m1") in msgs and any(t == "system" for _, t, _ in msgs)
+        (recall,) = [e for e in events if e["event"] == "recall"]
+        assert (recall["room"], recall["seq"], recall["by"], recall["sender"]) == (room, seq, "own", "m1")
+    finally:
+        await rec.stop()
+        assert not g.finish()

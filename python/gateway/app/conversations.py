@@ -493,7 +493,7 @@ class Conversations:
         self._remember(room)
         for u, role in owners + [(u, "member") for u in members if u != creator]:
             await self._announce(ConvMember(room, u, "added", role))
-        self.outbox.record(room, "member", event="created", by=creator, users=[creator, *members] if creator else members)
+        self.outbox.record(room, "member", change="created", by=creator, users=[creator, *members] if creator else members)
         return True
 
     async def invite(self, c: Client, req: Invite) -> None:
@@ -519,7 +519,7 @@ class Conversations:
             await self._announce(ConvMember(room, u, "added", role))
         if added:
             await self._system(room, route, {"event": "added", "users": added, "by": by})
-            self.outbox.record(room, "member", event="added", users=added, by=by)
+            self.outbox.record(room, "member", change="added", users=added, by=by)
         return added
 
     async def remove(self, c: Client, req: Remove) -> None:
@@ -545,14 +545,14 @@ class Conversations:
         if gone is None:
             return False
         await self._announce(ConvMember(room, user, "removed"))
-        self.outbox.record(room, "member", event="removed", users=[user], by=by)
+        self.outbox.record(room, "member", change="removed", users=[user], by=by)
         return True
 
     async def update_member(self, room: str, user: str, *, role: str | None = None, muted_until: int | bool | None = False) -> Member | None:
         m = await self.store.update_member(room, user, role=role, muted_until=muted_until)
         if m is not None:
             await self._announce(ConvMember(room, user, "updated", m.role))
-            self.outbox.record(room, "member", event="updated", users=[user], role=m.role, muted_until=m.muted_until)
+            self.outbox.record(room, "member", change="updated", users=[user], role=m.role, muted_until=m.muted_until)
         return m
 
     async def _system(self, room: str, route: Route, data: dict[str, Any]) -> None:

@@ -175,8 +175,8 @@ class Outbox:
             return False
         if not any(kind in ep.events and (ep.wants_room(room) if room else True) for ep in self.endpoints):
             return False
-        body = {"id": f"evt:{self.node_id}:{self._boot}:{next(self._ids)}", "event": kind, "room": room,
-                "ts": int(time.time() * 1000), "node": self.node_id, **fields}
+        body = {**fields, "id": f"evt:{self.node_id}:{self._boot}:{next(self._ids)}", "event": kind, "room": room,
+                "ts": int(time.time() * 1000), "node": self.node_id}
         return store.event(room, kind, orjson.dumps(body))
 
     # ---- delivering ------------------------------------------------------------------
