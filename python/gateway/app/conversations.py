@@ -38,9 +38,9 @@ from ..config import Config
 from ..errors import Reject
 from ..protocol import frames
 from ..protocol.codes import ErrorCode, Priority
-from ..protocol.requests import Create, History, Invite, Read, Recall, Remove, Sync, Typing
+from ..protocol.requests import MAX_SYNC_CONVS, Create, History, Invite, Read, Recall, Remove, Sync, Typing
 from ..routing import Route, Router, valid_room_name
-from ..store import Member, Store, StoreUnavailable, TooManyMembers
+from ..store import ConversationState, Member, Store, StoreUnavailable, TooManyMembers
 from .storage import Storage
 
 if TYPE_CHECKING:
@@ -59,6 +59,9 @@ log = logging.getLogger("gateway")
 _MEMBERS, _MEMBER_TTL = 100_000, 30.0
 #: Conversations known to exist (a dm's first message creates it).
 _KNOWN = 100_000
+#: Conversations one sync reads at most (changed since its cursor), and how long its list
+#: serves the next pages (seconds).
+_SYNC_CAP, _PAGES_TTL = 10_000, 60.0
 #: Least seconds between two typing frames of one user in one conversation.
 _TYPING_EVERY = 1.0
 _ADMINS = ("owner", "admin")
@@ -105,6 +108,8 @@ class Conversations:
         self._typing: OrderedDict[tuple[str, str], float] = OrderedDict()
         #: (room, user) -> seq: senders' read positions waiting to be written.
         self._reads: dict[tuple[str, str], int] = {}
+        #: conn -> (since, when, the changed list): later pages of a sync read from it.
+        self._pages: dict[int, tuple[int, float, list[ConversationState]]] = {}
         self._flush: asyncio.TimerHandle | None = None
 
     @property
@@ -253,16 +258,22 @@ class Conversations:
     def _cap(self, conn: int) -> int:
         return self.config.limits.max_rooms_per_conn + self.cfg.max_attached
 
-    async def attach(self, c: Client) -> None:
+    async def attach(self, c: Client, known: list[ConversationState] | None = None) -> None:
         """Attach ``c`` to its user's conversations (once per connection; a second call
-        waits for the first)."""
+        waits for the first). ``known``: the user's whole list, already read (else it is
+        read here)."""
         a = self._attached.get(c.conn)
         if a is not None:
             await asyncio.shield(a.ready)
             return
         a = self._attached[c.conn] = _Attached()
         try:
-            rooms = await self.store.user_rooms(c.user, self.cfg.max_attached) if self.cfg.max_attached else []
+            if not self.cfg.max_attached:
+                rooms: list[str] = []
+            elif known is not None:
+                rooms = [st.conv.room for st in known if st.member.active][: self.cfg.max_attached]
+            else:
+                rooms = await self.store.user_rooms(c.user, self.cfg.max_attached)
             await asyncio.gather(*(self._attach_one(c.conn, room, a) for room in rooms))
         except BaseException as e:
             a.ready.set_exception(e if isinstance(e, Exception) else RuntimeError("cancelled"))
@@ -284,6 +295,7 @@ class Conversations:
 
     def detach_conn(self, conn: int) -> None:
         """``conn`` closed (the engine took it out of its rooms)."""
+        self._pages.pop(conn, None)
         a = self._attached.pop(conn, None)
         if a is not None and not a.ready.done():
             a.ready.cancel()
@@ -319,42 +331,72 @@ class Conversations:
 
     async def sync(self, c: Client, req: Sync) -> None:
         """The ack of ``sync``: conversations changed since ``req.since``, each with its
-        unread count, last message, newest unread messages and recalls."""
+        unread count, last message, newest unread messages and recalls.
+
+        NOTE: the first page reads the whole changed list (one query: a row per
+        membership and a probe of the ``(room, seq)`` index each) and keeps it for the
+        connection's next pages (:data:`_PAGES_TTL`); the unread messages of a page come
+        in one more round trip, whatever the number of conversations. Measured with
+        ``loadtest/bench/conversations.py sync`` (1,000 conversations, 50 unread)."""
         store = self.store
-        await self.attach(c)
         cursor = frames.now_ms()
         margin = int(self.cfg.sync_margin * 1000)
         since = max(0, req.since - margin) if req.since else 0
-        states = await store.user_conversations(c.user, since_ms=since, limit=req.limit + 1, before=req.before)
+        states = await self._changed(c, since, req.before)
+        if c.conn not in self._attached:
+            await self.attach(c, states if since == 0 and req.before is None else None)
+        else:
+            await self.attach(c)
         more = len(states) > req.limit
         states = states[: req.limit]
         recalled = await store.recalled_since([s.conv.room for s in states], since) if req.since else {}
+        unread_of = {st.conv.room: max(0, st.last_seq - st.member.read_seq) for st in states}
+        wanted = [(st.conv.room, st.member.read_seq, min(unread_of[st.conv.room], req.msgs))
+                  for st in states if req.msgs and unread_of[st.conv.room] and st.member.active]
+        pages = await store.newest_messages(wanted)
         epoch = self.storage.epoch
         convs: list[bytes] = []
         for st in states:
             room = st.conv.room
             m = st.member
-            unread = max(0, st.last_seq - m.read_seq)
-            msgs: list[bytes] = []
-            if req.msgs and unread:
-                page = await store.messages(room, before_seq=st.last_seq + 1, limit=min(unread, req.msgs))
-                msgs = [x.frame(epoch) for x in page if x.seq > m.read_seq]
-            peer_read = None
+            unread = unread_of[room]
+            msgs = [x.frame(epoch) for x in pages.get(room, ())]
             route = self.router.match(room)
-            if route is not None and route.cfg.kind == "dm" and route.cfg.read_receipts and m.active:
-                a, b = _dm_pair(route)
-                peer = await self.member(room, b if c.user == a else a)
-                peer_read = peer.read_seq if peer is not None else 0
+            receipts = route is not None and route.cfg.kind == "dm" and route.cfg.read_receipts
             convs.append(orjson.dumps({
                 "room": room, "kind": st.conv.kind, "meta": orjson.Fragment(st.conv.meta), "role": m.role, "member": m.active,
                 "last_seq": st.last_seq, "read_seq": m.read_seq, "unread": unread, "muted_until": m.muted_until,
                 "updated": st.activity, "last": orjson.Fragment(st.last.frame(epoch)) if st.last is not None else None,
                 "msgs": [orjson.Fragment(x) for x in msgs], "more_msgs": unread > len(msgs),
-                "recalled": recalled.get(room, []), "peer_read_seq": peer_read,
+                "recalled": recalled.get(room, []), "peer_read_seq": (st.peer_read_seq or 0) if receipts else None,
             }))
         nxt = [states[-1].activity, states[-1].conv.room] if more else None
         body = orjson.dumps({"op": "ack", "id": req.id, "cursor": cursor, "more": more, "next": nxt, "convs": [orjson.Fragment(x) for x in convs]})
         self.engine().send(c.conn, body, Priority.HIGH)
+
+    async def _changed(self, c: Client, since: int, before: tuple[int, str] | None) -> list[ConversationState]:
+        """The user's conversations changed since ``since`` after ``before`` (most recent
+        first): from the list the first page read, while it is fresh."""
+        if before is not None:
+            cached = self._pages.get(c.conn)
+            if cached is not None and cached[0] == since and time.monotonic() - cached[1] < _PAGES_TTL:
+                states = cached[2]
+                key = (-before[0], before[1])
+                lo, hi = 0, len(states)
+                while lo < hi:  # the first entry after ``before`` in (activity desc, room) order
+                    mid = (lo + hi) // 2
+                    if (-states[mid].activity, states[mid].conv.room) <= key:
+                        lo = mid + 1
+                    else:
+                        hi = mid
+                return states[lo:]
+            return await self.store.user_conversations(c.user, since_ms=since, limit=_SYNC_CAP, before=before)
+        states = await self.store.user_conversations(c.user, since_ms=since, limit=_SYNC_CAP)
+        if len(states) > MAX_SYNC_CONVS:
+            self._pages[c.conn] = (since, time.monotonic(), states)
+        else:
+            self._pages.pop(c.conn, None)
+        return states
 
     async def history(self, c: Client, req: History, route: Route) -> None:
         """A page of a conversation for a member (a removed one: up to their removal)."""

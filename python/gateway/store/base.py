@@ -173,13 +173,15 @@ class ConversationState:
     """One entry of a user's conversation list (:meth:`Store.user_conversations`):
     ``last`` is the newest message they may read (None: none yet), ``last_seq`` its seq
     (0 without one), ``activity`` the newest of its ts, the conversation's and the
-    membership's ``updated_at`` (the list's order and the sync cursor's measure)."""
+    membership's ``updated_at`` (the list's order and the sync cursor's measure);
+    ``peer_read_seq``: in a ``dm``, how far the other user has read (None otherwise)."""
 
     conv: Conversation
     member: Member
     last_seq: int
     last: StoredMessage | None
     activity: int
+    peer_read_seq: int | None = None
 
 
 class Lease(abc.ABC):
@@ -468,6 +470,11 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def recalled_since(self, rooms: Sequence[str], since_ms: int) -> dict[str, list[int]]:
         """Seqs recalled after ``since_ms`` in each of ``rooms`` (rooms without: absent)."""
+
+    @abc.abstractmethod
+    async def newest_messages(self, wanted: Sequence[tuple[str, int, int]]) -> dict[str, list[StoredMessage]]:
+        """For each ``(room, after_seq, limit)``: the newest ``limit`` messages with a seq
+        above ``after_seq`` (oldest first), in one round trip (a sync's unread pages)."""
 
     @abc.abstractmethod
     async def user_conversations(

@@ -1299,12 +1299,31 @@ class PostgresStore(Store):
         mcols = ", ".join("m." + c for c in _MEMBER_COLS.split(", "))
         ccols = ", ".join("c." + c for c in _CONV_COLS.split(", "))
         lcols = ", ".join("l." + c for c in _COLS.split(", "))
-        sql = (f"SELECT {mcols}, {ccols}, {lcols}, {activity} AS activity FROM {s}.room_members m JOIN {s}.rooms c ON c.room = m.room "
+        peer = (f"CASE WHEN c.kind = 'dm' THEN (SELECT p.last_read_seq FROM {s}.room_members p "
+                "WHERE p.room = m.room AND p.user_id <> m.user_id LIMIT 1) END")
+        sql = (f"SELECT {mcols}, {ccols}, {lcols}, {activity} AS activity, {peer} AS peer_read "
+               f"FROM {s}.room_members m JOIN {s}.rooms c ON c.room = m.room "
                f"LEFT JOIN LATERAL (SELECT {_COLS} FROM {s}.messages x WHERE x.room = m.room "
                "AND x.seq <= coalesce(m.left_seq, 9223372036854775807) ORDER BY x.seq DESC LIMIT 1) l ON true "
                f"WHERE {where} ORDER BY activity DESC, m.room LIMIT $3")
         out = []
         for r in await self._fetch(sql, args, "listing conversations"):
             last = _row(r[14:23]) if r[14] is not None else None
-            out.append(ConversationState(_conversation(r[8:14]), _member(r[0:8]), last.seq if last is not None else 0, last, int(r[23])))
+            out.append(ConversationState(_conversation(r[8:14]), _member(r[0:8]), last.seq if last is not None else 0, last, int(r[23]), r[24]))
+        return out
+
+    async def newest_messages(self, wanted: Sequence[tuple[str, int, int]]) -> dict[str, list[StoredMessage]]:
+        if not wanted:
+            return {}
+        s = self.schema
+        xcols = ", ".join("x." + c for c in _COLS.split(", "))
+        sql = (f"SELECT {xcols} FROM unnest($1::text[], $2::int8[], $3::int4[]) AS k(room, after, lim) "
+               f"CROSS JOIN LATERAL (SELECT {_COLS} FROM {s}.messages m WHERE m.room = k.room AND m.seq > k.after "
+               "ORDER BY m.seq DESC LIMIT k.lim) x")
+        rows = await self._fetch(sql, [[w[0] for w in wanted], [w[1] for w in wanted], [w[2] for w in wanted]], "reading messages")
+        out: dict[str, list[StoredMessage]] = {}
+        for r in rows:
+            out.setdefault(r[0], []).append(_row(r))
+        for msgs in out.values():
+            msgs.sort(key=lambda m: m.seq)
         return out

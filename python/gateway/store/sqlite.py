@@ -1014,7 +1014,9 @@ class SqliteStore(Store):
             ), listed AS (
                 SELECT mine.*, {", ".join(f"c.{c.strip()} AS c_{c.strip()}" for c in _CONV_COLS.split(","))},
                     {", ".join(f"l.{c.strip()} AS l_{c.strip()}" for c in _COLUMNS.split(","))},
-                    max(ifnull(l.ts, 0), c.updated_at, mine.m_updated) AS activity
+                    max(ifnull(l.ts, 0), c.updated_at, mine.m_updated) AS activity,
+                    CASE WHEN c.kind = 'dm' THEN (SELECT p.last_read_seq FROM room_members p WHERE p.room = mine.room AND p.user_id <> mine.user_id)
+                    END AS peer_read
                 FROM mine JOIN rooms c ON c.room = mine.room LEFT JOIN messages l ON l.id = mine.last_id
             )
             SELECT * FROM listed WHERE {" AND ".join(where)} ORDER BY activity DESC, room LIMIT ?"""
@@ -1025,8 +1027,17 @@ class SqliteStore(Store):
             member = _member(r[0:8])
             conv = _conversation(r[9:15])
             last = _message(r[15:24]) if r[15] is not None else None
-            out.append(ConversationState(conv, member, last.seq if last is not None else 0, last, int(r[24])))
+            out.append(ConversationState(conv, member, last.seq if last is not None else 0, last, int(r[24]), r[25]))
         return out
+
+    async def newest_messages(self, wanted: Sequence[tuple[str, int, int]]) -> dict[str, list[StoredMessage]]:
+        """See :meth:`Store.newest_messages`: every page in one reader job."""
+        sql = f"SELECT {_COLUMNS} FROM messages WHERE room = ? AND seq > ? ORDER BY seq DESC LIMIT ?"
+
+        def run(conn: sqlite3.Connection) -> dict[str, list[StoredMessage]]:
+            return {room: [_message(r) for r in reversed(conn.execute(sql, (room, after, limit)).fetchall())] for room, after, limit in wanted}
+
+        return await self._read(run, "newest_messages") if wanted else {}
 
     async def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``fn`` once on the writer thread, between batches."""
