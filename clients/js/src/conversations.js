@@ -31,7 +31,7 @@ export const CONVERSATION_DEFAULTS = {
 };
 
 const CONV_CID_MAX = 64;
-const CONV_MISSING_MAX = 1000; // seqs remembered per conversation as skipped by a live gap
+const CONV_MISSING_MAX = 1024; // seqs remembered per conversation as skipped by a live gap
 const CONV_FILL_PAGE = 100;
 const CONV_STATE_VERSION = 1;
 
