@@ -899,10 +899,12 @@ export class Conversations extends Emitter {
     };
     return page(null).then(() => {
       if (typeof cursor === "number") this._cursor = cursor;
-      // Placeholders the sync did not confirm are not conversations of this user.
+      // Placeholders without a message that the sync did not confirm are not conversations
+      // of this user (one with a message stays: a message is stored before it is delivered,
+      // and a later sync names it).
       const gone = [];
       this._convs.forEach((c) => {
-        if (c.placeholder && c.placeholderRound < round) gone.push(c.room);
+        if (c.placeholder && c.placeholderRound < round && !c.last) gone.push(c.room);
       });
       for (let i = 0; i < gone.length; i++) {
         this._convs.delete(gone[i]);
@@ -918,6 +920,10 @@ export class Conversations extends Emitter {
   }
 
   _syncSoon() {
+    if (this._syncing) {
+      this._syncAgain = true; // the running sync may have been answered before the change
+      return;
+    }
     if (!this._ready) return; // the connection's own sync comes
     this._setTimer("syncSoon", 30, () => {
       if (this._isOpen()) this.sync().catch((e) => isConnectionError(e) || this.emit("error", e));
@@ -1037,9 +1043,11 @@ export class Conversations extends Emitter {
     const held = this._release(it);
     for (let k = 0; k < held.length; k++) this._accept(held[k], "live");
     if (this._outbox.indexOf(it) < 0) return; // discarded or closed meanwhile
-    const expired = this.options.sendTimeout > 0 && now() - it.first > this.options.sendTimeout;
+    const expired = this.options.sendTimeout > 0 && it.first > 0 && now() - it.first > this.options.sendTimeout;
     if (!this._closed && !expired && (isConnectionError(e) || isRetryableServerError(e))) {
       it.state = "queued";
+      // Time offline does not count against sendTimeout: the queue is there to wait.
+      if (e.code === ErrorCodes.CONNECTION_LOST || e.code === ErrorCodes.OFFLINE) it.first = 0;
       if (isRetryableServerError(e)) it.waitUntil = now() + Math.min(16000, this.options.retryDelay * Math.pow(2, Math.min(4, it.tries - 1)));
       this._pendingChanged(it.room);
       this._flushSoon();
@@ -1048,8 +1056,8 @@ export class Conversations extends Emitter {
     }
     it.state = "failed";
     it.error = e;
-    if (expired && isConnectionError(e)) {
-      it.error = new GatewayError(ErrorCodes.TIMEOUT, "no ack for the message (cid " + it.cid + ") within " + this.options.sendTimeout + " ms, sent " + it.tries + " time(s): resend() it (same cid, never a duplicate)");
+    if (expired && e.code === ErrorCodes.TIMEOUT) {
+      it.error = new GatewayError(ErrorCodes.TIMEOUT, "no ack for the message (cid " + it.cid + ") within " + this.options.sendTimeout + " ms, sent " + it.tries + " time(s): resend() it (same cid: the server does not store it twice)");
     }
     this._pendingChanged(it.room);
     this._scheduleSave();
@@ -1217,7 +1225,14 @@ export class Conversations extends Emitter {
    * unsent messages made before the user was known. */
   _load(user) {
     if (this.user === user) return;
-    const unsent = this._outbox;
+    let unsent = this._outbox;
+    if (this.user !== null) {
+      // Another user: the previous one's list stays in storage for their next login; their
+      // unsent messages are rejected (and forgotten), never sent as this user.
+      this._rejectOutbox(new GatewayError(ErrorCodes.CLOSED, "the user changed from " + this.user + " to " + user));
+      this._saveNow();
+      unsent = [];
+    }
     this.user = user;
     this._reset();
     this._outbox = [];
