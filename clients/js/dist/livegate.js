@@ -1005,23 +1005,34 @@
 
     /** A page of `room`: the newest, the one before `beforeSeq`, or (paging forward) the one
      * after `afterSeq`; `limit` 1-100 (200 forward). Resolves with the ack (`msgs` oldest
-     * first, `more`). The messages are merged into the list (and the memory cache). */
+     * first, `more`). The messages are merged into the list (and the memory cache). A dm of
+     * this user without any message yet is an empty page. */
     history(room, opts) {
       opts = opts || {};
       const frame = { op: "history", room: room, limit: opts.limit || 50 };
       if (opts.beforeSeq != null) frame.before_seq = opts.beforeSeq;
       if (opts.afterSeq != null) frame.after_seq = opts.afterSeq;
-      return this._call(frame).then((ack) => {
-        this._ingestPage(room, ack.msgs, "history");
-        return ack;
-      });
+      return this._call(frame).then(
+        (ack) => {
+          this._ingestPage(room, ack.msgs, "history");
+          return ack;
+        },
+        (e) => {
+          // A dm of this user that has no message yet does not exist on the server (its first
+          // message creates it), which answers 4031: that is an empty conversation.
+          if (e.code === ErrorCode.NOT_MEMBER && this._ownDm(room)) return { op: "ack", room: room, msgs: [], more: false, local: true };
+          throw e;
+        }
+      );
     }
 
     /** Tell the others in `room` that this user is typing (at most one frame per
-     * `typingInterval`; nothing when offline). Returns whether a frame was sent. */
+     * `typingInterval`; nothing when offline or before the conversation exists). Returns
+     * whether a frame was sent. */
     typing(room) {
       const t = now();
-      if (!this._isOpen() || t - (this._typingAt[room] || 0) < this.options.typingInterval) return false;
+      // Not before the conversation exists (a new dm): nobody would get it, the server says 4033.
+      if (!this._convs.has(room) || !this._isOpen() || t - (this._typingAt[room] || 0) < this.options.typingInterval) return false;
       this._typingAt[room] = t;
       return this.client._sendFrame({ op: "typing", room: room });
     }
@@ -1474,6 +1485,14 @@
       };
     }
 
+    /** Whether `room` is a dm id that names this user. */
+    _ownDm(room) {
+      const me = this.user || this.client.user;
+      if (!me || this._kindOfRoom(room) !== "dm") return false;
+      const parts = String(room).split(":");
+      return parts.length === 3 && (parts[1] === me || parts[2] === me);
+    }
+
     _prefixOf(kind) {
       const p = this.options.prefixes || {};
       for (const k in p) if (p[k] === kind) return k;
@@ -1782,7 +1801,7 @@
       if (!r || r.busy || !r.waiters.length || !this._ready || !this._isOpen()) return;
       const c = this._convs.get(room);
       const local = () => ({ op: "ack", room: room, read_seq: c ? c.read_seq : r.want, unread: c ? this._unread(c) : 0, local: true });
-      if (c && r.want <= c.server_read) {
+      if (r.want <= (c ? c.server_read : 0)) {
         const w = r.waiters;
         r.waiters = [];
         const a = local();
