@@ -6,8 +6,8 @@
 
 import { test, after } from "node:test";
 import assert from "node:assert/strict";
-import { Client, ErrorCodes, memoryStorage } from "../../clients/js/src/index.js";
-import { waitFor, sleep } from "./helpers.mjs";
+import { Client, ErrorCodes, memoryStorage, miniProgramStorage, createAdapter } from "../../clients/js/src/index.js";
+import { waitFor, sleep, fakeMiniProgram } from "./helpers.mjs";
 
 /** A server scripted by the test: `handlers[op](frame)` answer requests (defaults: an empty
  * sync, empty history pages); `push(frame)` sends a frame; `drop()` cuts the connection. */
@@ -220,5 +220,40 @@ test("another user on the same client: the previous user's list stays in storage
   assert.deepEqual(saved.outbox, []);
   await sleep(50);
   assert.equal(srv.ops("publish").filter((f) => f.cid === "u1-msg").length, 1, "not sent again as u2");
+  c.close();
+});
+
+test("each platform's storage: wx, tt, uni (key, data) and Alipay ({key, data}); strings in, strings out, missing keys null", () => {
+  for (const kind of ["wx", "tt", "my", "uni"]) {
+    const api = fakeMiniProgram(kind);
+    const st = createAdapter(kind, api).storage;
+    assert.ok(st, kind);
+    assert.equal(st.get("k"), null, `${kind}: a missing key`);
+    st.set("k", '{"v":1}');
+    assert.equal(st.get("k"), '{"v":1}');
+    assert.equal(api.storage.get("k"), '{"v":1}', `${kind}: through the platform's API`);
+    st.remove("k");
+    assert.equal(st.get("k"), null);
+  }
+  assert.equal(miniProgramStorage({ connectSocket() {} }, "wx"), null, "no storage API: none (the SDK then keeps memory)");
+  const c = new Client({ url: "ws://x/ws", platform: { connect() {} }, conversations: true, autoConnect: false });
+  c.conversations.storage.set("a", "b");
+  assert.equal(c.conversations.storage.get("a"), "b", "an adapter without storage: memory");
+  c.close();
+});
+
+test("close() rejects unsent messages; connect() again works as before", async () => {
+  const srv = scriptedServer("me");
+  srv.handlers.publish = () => {}; // never acknowledged
+  const c = make(srv);
+  await online(c);
+  const lost = c.conversations.send("dm:me:you", { t: 1 });
+  c.close();
+  await assert.rejects(lost, (e) => e.code === ErrorCodes.CLOSED);
+  await assert.rejects(c.conversations.send("dm:me:you", { t: 2 }), (e) => e.code === ErrorCodes.CLOSED);
+  assert.deepEqual(c.conversations.pending(), []);
+  srv.handlers.publish = (f) => srv.push({ op: "ack", id: f.id, seq: 1 });
+  await online(c);
+  assert.equal((await c.conversations.send("dm:me:you", { t: 3 })).seq, 1);
   c.close();
 });

@@ -10,7 +10,7 @@ import { ErrorCodes, GatewayError } from "./errors.js";
 import { createAdapter } from "./adapters.js";
 import { Conversations } from "./conversations.js";
 
-export const VERSION = "1.0.0";
+export const VERSION = "1.1.0";
 
 /** Defaults of every option (see docs/sdk-js.md). Times are in milliseconds. */
 export const DEFAULTS = {

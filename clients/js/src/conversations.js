@@ -224,7 +224,7 @@ export class Conversations extends Emitter {
     if (typeof cid !== "string" || !cid || cid.length > CONV_CID_MAX) {
       return Promise.reject(new TypeError("livegate: `cid` must be a non-empty string of at most " + CONV_CID_MAX + " characters"));
     }
-    if (this._closed || (this.client._stopped && this.client.state === "closed")) return Promise.reject(this._closedError());
+    if (this._stoppedClient()) return Promise.reject(this._closedError());
     for (let i = 0; i < this._outbox.length; i++) {
       const it = this._outbox[i];
       if (it.cid === cid && it.room === room) {
@@ -447,6 +447,7 @@ export class Conversations extends Emitter {
   // ------------------------------------------------------------------ from the client
 
   _onConnected() {
+    this._closed = false; // connect() after close() starts over
     const user = this.client.user;
     if (user && user !== this.user) this._load(user);
     this._ready = false;
@@ -1167,6 +1168,11 @@ export class Conversations extends Emitter {
     return this.client.state === "open" && !!this.client._sock;
   }
 
+  /** The client was closed (or gave up) and not connected again since. */
+  _stoppedClient() {
+    return this.client._stopped && this.client.state === "closed";
+  }
+
   _closedError() {
     return new GatewayError(ErrorCodes.CLOSED, "client closed");
   }
@@ -1176,7 +1182,7 @@ export class Conversations extends Emitter {
   _whenOpen() {
     if (this._isOpen()) return Promise.resolve();
     const c = this.client;
-    if (this._closed || (c._stopped && c.state === "closed")) return Promise.reject(this._closedError());
+    if (this._stoppedClient()) return Promise.reject(this._closedError());
     c._autoConnect();
     return new Promise((resolve, reject) => {
       const w = { resolve: resolve, reject: reject, timer: null };
