@@ -70,6 +70,45 @@ room_burst = 40
 pattern = "*"
 `;
 
+/** Conversation routes (protocol 1.1) as in tests/integration/test_conversations.py: dms and
+ * groups without rate limits (`rated = true`: the dm route keeps the default 5 msgs/s per
+ * user, burst 10), notices, a live room route and the catch-all. */
+export function convConfig({ rated = false, groupMax = 50, recallSeconds = 60 } = {}) {
+  const rate = rated ? "" : "user_rate = 0\nroom_rate = 0\n";
+  return `
+[[routes]]
+pattern = "dm:{a}:{b}"
+kind = "dm"
+join = "none"
+store = "durable"
+members_max = 2
+${rate}
+[[routes]]
+pattern = "group:{group_id}"
+kind = "group"
+join = "none"
+store = "durable"
+members_max = ${groupMax}
+user_rate = 0
+room_rate = 0
+recall_seconds = ${recallSeconds}
+
+[[routes]]
+pattern = "notice:{user_id}"
+kind = "notice"
+join = "none"
+publish = "none"
+store = "durable"
+members_max = 1
+
+[[routes]]
+pattern = "live:{room_id}"
+
+[[routes]]
+pattern = "*"
+`;
+}
+
 export const BASE_SETS = [
   "auth.mode=dev",
   "log.json=false",
@@ -212,6 +251,18 @@ export class Gateway {
     return body;
   }
 
+  /** POST /v1/send on the internal API: a notice to `user` (stored in notice:<user>). */
+  async send(user, type, data) {
+    const r = await fetch(`http://127.0.0.1:${this.apiPort}/v1/send`, {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify({ user, type, data }),
+    });
+    const body = await r.json();
+    if (r.status !== 200) throw new Error(`send failed (${r.status}): ${JSON.stringify(body)}`);
+    return body;
+  }
+
   /** GET /v1/stats on the internal API. */
   async stats() {
     const r = await fetch(`http://127.0.0.1:${this.apiPort}/v1/stats`);
@@ -344,8 +395,13 @@ function utf8Bytes(s) {
  * `background()` simulates the app going to the background the way WeChat does it: every
  * existing task goes silent for good (no onMessage, no onClose ever again; sends are dropped)
  * and onAppHide listeners run. `foreground()` runs onAppShow listeners.
+ *
+ * Storage: `getStorageSync`/`setStorageSync`/`removeStorageSync` over `api.storage` (a Map;
+ * pass `storage` to share one between two fakes: an app restarted on the same phone), with
+ * each platform's shape (Alipay: `{key, data}` objects; a missing key reads as ""). Also
+ * `setTabBarBadge`/`removeTabBarBadge` (recorded in `api.badges`).
  */
-export function fakeMiniProgram(kind = "wx") {
+export function fakeMiniProgram(kind = "wx", { storage = null } = {}) {
   const showCbs = [];
   const hideCbs = [];
   const api = {
@@ -363,6 +419,26 @@ export function fakeMiniProgram(kind = "wx") {
     onAppHide: (cb) => hideCbs.push(cb),
     offAppShow: (cb) => showCbs.splice(showCbs.indexOf(cb), 1),
     offAppHide: (cb) => hideCbs.splice(hideCbs.indexOf(cb), 1),
+    storage: storage || new Map(),
+    badges: [], // setTabBarBadge texts ("" for removeTabBarBadge)
+    getStorageSync(key) {
+      const k = kind === "my" ? key.key : key;
+      const v = api.storage.has(k) ? api.storage.get(k) : "";
+      return kind === "my" ? { data: v } : v;
+    },
+    setStorageSync(key, data) {
+      if (kind === "my") api.storage.set(key.key, key.data);
+      else api.storage.set(key, data);
+    },
+    removeStorageSync(key) {
+      api.storage.delete(kind === "my" ? key.key : key);
+    },
+    setTabBarBadge(o) {
+      api.badges.push(o.text);
+    },
+    removeTabBarBadge() {
+      api.badges.push("");
+    },
     background() {
       for (const t of api.tasks) t._zombie = true;
       for (const cb of hideCbs.slice()) cb();

@@ -5,6 +5,8 @@
 //     (set by the client; each socket reports onclose at most once)
 //   socket.send(text) -> boolean, socket.close(code, reason), socket.protocol (string or null)
 //   adapter.watchLifecycle(onShow, onHide) -> unbind   (optional)
+//   adapter.storage: {get(key) -> string|null, set(key, string), remove(key)} (optional; the
+//     platform's key-value storage, used by conversations to keep the list across launches)
 
 import { noop, payloadText, utf8Decode, base64Decode, clientCloseCode, truncateUtf8 } from "./util.js";
 import { CloseCode, ABNORMAL_CLOSURE } from "./codes.js";
@@ -56,6 +58,70 @@ function headerValue(headers, name) {
   return null;
 }
 
+/** Key-value storage in memory (lost when the app is closed). */
+export function memoryStorage() {
+  const m = new Map();
+  return {
+    get: (k) => (m.has(k) ? m.get(k) : null),
+    set: (k, v) => {
+      m.set(k, String(v));
+    },
+    remove: (k) => {
+      m.delete(k);
+    },
+  };
+}
+
+/** The synchronous storage of a mini-program API (`wx`, `tt`, `uni`: `getStorageSync(key)`,
+ * `setStorageSync(key, data)`; Alipay `my`: `getStorageSync({key})` -> `{data}`,
+ * `setStorageSync({key, data})`), or null when it has none. Values are strings. */
+export function miniProgramStorage(api, kind) {
+  if (!api || typeof api.getStorageSync !== "function" || typeof api.setStorageSync !== "function") return null;
+  if (kind === "my") {
+    return {
+      get(k) {
+        const r = api.getStorageSync({ key: k });
+        const v = r && typeof r === "object" ? r.data : r;
+        return typeof v === "string" && v ? v : null;
+      },
+      set(k, v) {
+        api.setStorageSync({ key: k, data: String(v) });
+      },
+      remove(k) {
+        if (typeof api.removeStorageSync === "function") api.removeStorageSync({ key: k });
+      },
+    };
+  }
+  return {
+    get(k) {
+      const v = api.getStorageSync(k); // "" when the key is missing
+      return typeof v === "string" && v ? v : null;
+    },
+    set(k, v) {
+      api.setStorageSync(k, String(v));
+    },
+    remove(k) {
+      if (typeof api.removeStorageSync === "function") api.removeStorageSync(k);
+    },
+  };
+}
+
+/** `localStorage` of a browser page, or null (none, or blocked). */
+export function browserStorage() {
+  let ls = null;
+  try {
+    ls = typeof localStorage !== "undefined" ? localStorage : null;
+  } catch (e) {
+    ls = null; // access denied (sandboxed iframe, privacy settings)
+  }
+  if (!ls) return null;
+  return {
+    get: (k) => ls.getItem(k),
+    set: (k, v) => ls.setItem(k, String(v)),
+    remove: (k) => ls.removeItem(k),
+  };
+}
+
 /**
  * Adapter for a mini-program API object: `wx` (WeChat), `tt` (Douyin/ByteDance), `my`
  * (Alipay), `uni` (uni-app), or anything with the same `connectSocket` + SocketTask shape.
@@ -68,6 +134,7 @@ export function miniProgramAdapter(api, kind) {
   kind = kind || "wx";
   return {
     name: kind,
+    storage: miniProgramStorage(api, kind),
     connect(o) {
       const sock = newSocket();
       const close = closer(sock);
@@ -150,6 +217,7 @@ export function browserAdapter(WebSocketImpl) {
   if (!WS) throw new Error("livegate: no WebSocket implementation available");
   return {
     name: "browser",
+    storage: browserStorage(),
     connect(o) {
       const sock = newSocket();
       const close = closer(sock);

@@ -8,8 +8,9 @@ import { ErrorCode, CloseCode, ABNORMAL_CLOSURE } from "./codes.js";
 import { Emitter } from "./emitter.js";
 import { ErrorCodes, GatewayError } from "./errors.js";
 import { createAdapter } from "./adapters.js";
+import { Conversations } from "./conversations.js";
 
-export const VERSION = "1.0.0";
+export const VERSION = "1.1.0";
 
 /** Defaults of every option (see docs/sdk-js.md). Times are in milliseconds. */
 export const DEFAULTS = {
@@ -43,6 +44,7 @@ export const DEFAULTS = {
   lateWindow: 1024, // per room: seqs below the position remembered as missing (late arrivals)
   history: 0, // default `history` of join()
   autoConnect: true, // join()/publish() connect when idle
+  conversations: false, // true or an options object (CONVERSATION_DEFAULTS): sync conversations on every connect
   random: Math.random,
 };
 
@@ -81,6 +83,7 @@ export function backoffDelay(attempt, o, random) {
  *   "closed"); the room is not rejoined
  * - `drain` (frame), `error` (GatewayError for error frames without a request, or Error),
  *   `token` (new token), `frame` (every frame received)
+ * Conversations (protocol 1.1) are in `client.conversations` (their own events).
  */
 export class Client extends Emitter {
   constructor(options) {
@@ -120,7 +123,23 @@ export class Client extends Emitter {
     this._unbindLifecycle = null;
     this._stopped = false;
     this._reconnectOnShow = false;
+    this._conv = null;
     this._scheduleTokenRefresh();
+    if (o.conversations) this._conversations();
+  }
+
+  /** The conversations of this user (protocol 1.1, see conversations.js): created on first
+   * use (or by the `conversations` option); from then on every connection sends `sync`. */
+  get conversations() {
+    return this._conversations();
+  }
+
+  _conversations() {
+    if (!this._conv) {
+      const co = this.options.conversations;
+      this._conv = new Conversations(this, co && typeof co === "object" ? co : {});
+    }
+    return this._conv;
   }
 
   // ------------------------------------------------------------------ public API
@@ -263,6 +282,7 @@ export class Client extends Emitter {
       this._clearTimer("reconnect");
       this._reconnectOnShow = true;
     }
+    if (this._conv) this._conv._onHide(); // save now: the app may be killed in the background
     this.emit("hide");
   }
 
@@ -340,6 +360,7 @@ export class Client extends Emitter {
     const err = this._closedError();
     this._failPending(err, true);
     this._failQueue(err);
+    if (this._conv) this._conv._onClose(err);
     this._rooms.forEach((r) => this._settleWaiters(r, null, err));
     this._rooms.clear();
     this._rejectConnectWaiters(err);
@@ -471,6 +492,7 @@ export class Client extends Emitter {
       r.repairing = false;
       r.repairGen++;
     });
+    if (this._conv) this._conv._onDisconnected();
     this.emit("disconnect", info);
     if (this._stopped) return;
     const final = FINAL_CLOSE_CODES[info.code];
@@ -513,6 +535,7 @@ export class Client extends Emitter {
     this._clearAllTimers();
     const err = new GatewayError(ErrorCodes.CLOSED, why + " (" + info.code + (info.reason ? " " + info.reason : "") + ")");
     this._failQueue(err);
+    if (this._conv) this._conv._onClose(err);
     this._rooms.forEach((r) => this._settleWaiters(r, null, err));
     this._rejectConnectWaiters(err);
     this._setState("closed");
@@ -567,7 +590,15 @@ export class Client extends Emitter {
       case "pong":
         break;
       case "msg":
-        this._onRoomMessage(f);
+        // Conversations cannot be joined: a message of a room not joined is theirs.
+        if (this._conv && !this._rooms.has(f.room)) this._conv._onFrame(f);
+        else this._onRoomMessage(f);
+        break;
+      case "read":
+      case "recall":
+      case "typing":
+      case "conv":
+        if (this._conv) this._conv._onFrame(f);
         break;
       case "batch": {
         // Entries are `msg` frames, and also the room's `presence` events of the window.
@@ -592,7 +623,9 @@ export class Client extends Emitter {
         this.emit("presence", f);
         break;
       case "push":
-        this.emit("push", f);
+        // With conversations on, a push that names a room is a stored notice the list gets
+        // as a message of that conversation: not surfaced twice.
+        if (!(this._conv && f.room)) this.emit("push", f);
         break;
       case "drain":
         this._onDrain(f);
@@ -620,6 +653,7 @@ export class Client extends Emitter {
     const w = this._connectWaiters;
     this._connectWaiters = [];
     for (let i = 0; i < w.length; i++) w[i].resolve(f);
+    if (this._conv) this._conv._onConnected(); // sync, then the queued sends
     // Rejoin (resume) every room, then flush the offline queue.
     const gen = this._gen;
     const rooms = Array.from(this._rooms.values());

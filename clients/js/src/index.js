@@ -2,8 +2,9 @@
 // The single-file build (dist/livegate.js) exports the same names.
 
 export { Client, connect, backoffDelay, DEFAULTS, VERSION } from "./client.js";
+export { Conversations, CONVERSATION_DEFAULTS, dmId } from "./conversations.js";
 export { GatewayError, ErrorCodes } from "./errors.js";
 export { ErrorCode, CloseCode, Priority, ABNORMAL_CLOSURE } from "./codes.js";
 export { Emitter } from "./emitter.js";
-export { createAdapter, browserAdapter, miniProgramAdapter, miniProgramMessageText, detectPlatform } from "./adapters.js";
+export { createAdapter, browserAdapter, miniProgramAdapter, miniProgramMessageText, detectPlatform, memoryStorage, miniProgramStorage, browserStorage } from "./adapters.js";
 export { jwtExp, truncateUtf8, utf8Length, utf8Decode, base64Decode } from "./util.js";
