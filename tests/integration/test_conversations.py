@@ -216,7 +216,9 @@ async def test_groups_recall_and_removal(tmp_path: Path) -> None:
 
 
 async def test_same_cid_across_a_reconnect_is_one_message(tmp_path: Path) -> None:
-    g = gateway(tmp_path).start()
+    # Past the broker's idempotency window too (a phone offline longer than it): the store
+    # still knows the cid, and nothing is published again.
+    g = gateway(tmp_path, "broker.idempotency_ttl=0.5").start()
     u, v = f"u{uniq()}", f"v{uniq()}"
     room = dm(u, v)
     try:
@@ -224,12 +226,20 @@ async def test_same_cid_across_a_reconnect_is_one_message(tmp_path: Path) -> Non
         await sync(c)
         first = await c.publish(room, {"pay": 1}, cid="order-9")
         await c.close()
+        await asyncio.sleep(1.0)
         c = await g.client(u)
         await sync(c)
+        peer = await g.client(v)
+        await sync(peer)
         again = await c.publish(room, {"pay": 1}, cid="order-9")
         assert again["seq"] == first["seq"] and again.get("dup") is True
+        nxt = await c.publish(room, {"pay": 2}, cid="order-10")
+        assert nxt["seq"] == first["seq"] + 1, "no seq was taken by the retry"
+        got = await peer.recv(timeout=10)
+        assert got["seq"] == nxt["seq"], "the retry was not published again"
         page = await c.request("history", room=room)
-        assert [m["seq"] for m in page["msgs"]] == [first["seq"]]
+        assert [m["seq"] for m in page["msgs"]] == [first["seq"], nxt["seq"]]
+        await peer.close()
         await c.close()
     finally:
         assert not g.finish()
@@ -289,8 +299,10 @@ async def test_bad_requests_get_clear_errors(tmp_path: Path) -> None:
             with pytest.raises(GatewayError) as e:
                 await c.request(frame.pop("op"), **frame)
             assert e.value.code == code, (i, frame, e.value)
-        # A dm nobody wrote in yet pages as empty for its users.
+        # A dm nobody wrote in yet pages as empty for its users, reads as read.
         assert (await c.request("history", room=f"dm:{u}:zzz"))["msgs"] == []
+        assert (await c.request("read", room=f"dm:{u}:zzz", seq=5))["unread"] == 0
+        await c.typing(f"dm:{u}:zzz")
         # Still connected and working.
         assert "convs" in await sync(c)
         await c.close()

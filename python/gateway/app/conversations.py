@@ -424,8 +424,15 @@ class Conversations:
         epoch = self.storage.epoch
         self.engine().send(c.conn, frames.history_ack(req.id, room, epoch, [x.frame(epoch) for x in page], more), Priority.HIGH)
 
+    async def _unwritten_dm(self, route: Route, room: str, user: str) -> bool:
+        """Whether ``room`` is a dm of ``user`` that nobody has written in yet."""
+        return route.cfg.kind == "dm" and user in self.dm_users(route, room) and await self.member(room, user) is None
+
     async def read(self, c: Client, req: Read) -> None:
-        self.route(req.room)
+        route = self.route(req.room)
+        if await self._unwritten_dm(route, req.room, c.user):
+            self.engine().send(c.conn, frames.ack(req.id, room=req.room, read_seq=0, unread=0), Priority.HIGH)
+            return
         await self.require_member(req.room, c.user)
         m, last = await self.mark_read(req.room, c.user, req.seq)
         self.engine().send(c.conn, frames.ack(req.id, room=req.room, read_seq=m.read_seq, unread=max(0, last - m.read_seq)), Priority.HIGH)
@@ -483,7 +490,9 @@ class Conversations:
         return True
 
     async def typing(self, c: Client, req: Typing) -> None:
-        self.route(req.room)
+        route = self.route(req.room)
+        if await self._unwritten_dm(route, req.room, c.user):
+            return  # nobody follows it yet
         await self.require_member(req.room, c.user)
         key = (req.room, c.user)
         now = time.monotonic()

@@ -67,6 +67,14 @@ class Rooms:
         published = self.stats.published
         published[key] = published.get(key, 0) + 1
         policy = HistoryPolicy(cfg.history_size, cfg.history_ttl)
+        if keep == "durable" and cid is not None:
+            # A retry later than the broker's idempotency window (a phone offline with an
+            # unacknowledged send): the store still knows the cid. Answer with the stored
+            # message instead of publishing it again under a new seq.
+            stored = await self.storage.find_cid(room, sender, cid)
+            if stored is not None:
+                self.stats.duplicates += 1
+                return PublishResult(stored.seq, self.storage.epoch, True)
         for attempt in range(3):
             if keep != "none":
                 policy.floor = await self.storage.floor(room, fresh=attempt > 0)

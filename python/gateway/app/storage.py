@@ -202,6 +202,15 @@ class Storage:
             msgs = msgs[:limit] if after_seq is not None else msgs[-limit:]
         return [m.frame(epoch) for m in msgs], epoch, more
 
+    async def find_cid(self, room: str, sender: str | None, cid: str) -> StoredMessage | None:
+        """The message stored in ``room`` with ``(sender, cid)``, or None (also when the
+        store cannot say: the publish then goes on, and its commit catches a duplicate)."""
+        assert self.store is not None
+        try:
+            return await self.store.find_cid(room, sender, cid)
+        except StoreUnavailable:
+            return None
+
     async def keep(self, mode: str, msg: StoredMessage) -> StoredMessage:
         """Store ``msg`` as ``mode`` says. Durable: returns the stored message once
         committed (its ``seq`` is the first one when this was a retry); raises

@@ -472,6 +472,10 @@ class Store(abc.ABC):
         """Seqs recalled after ``since_ms`` in each of ``rooms`` (rooms without: absent)."""
 
     @abc.abstractmethod
+    async def find_cid(self, room: str, sender: str | None, cid: str) -> StoredMessage | None:
+        """The message of ``room`` stored with this ``(sender, cid)``, or None."""
+
+    @abc.abstractmethod
     async def newest_messages(self, wanted: Sequence[tuple[str, int, int]]) -> dict[str, list[StoredMessage]]:
         """For each ``(room, after_seq, limit)``: the newest ``limit`` messages with a seq
         above ``after_seq`` (oldest first), in one round trip (a sync's unread pages)."""

@@ -1312,6 +1312,11 @@ class PostgresStore(Store):
             out.append(ConversationState(_conversation(r[8:14]), _member(r[0:8]), last.seq if last is not None else 0, last, int(r[23]), r[24]))
         return out
 
+    async def find_cid(self, room: str, sender: str | None, cid: str) -> StoredMessage | None:
+        sql = f"SELECT {_COLS} FROM {self.schema}.messages WHERE room = $1 AND coalesce(sender, '') = $2 AND cid = $3"
+        rows = await self._fetch(sql, [room, sender or "", cid], "reading a message by cid")
+        return _row(rows[0]) if rows else None
+
     async def newest_messages(self, wanted: Sequence[tuple[str, int, int]]) -> dict[str, list[StoredMessage]]:
         if not wanted:
             return {}

@@ -1030,6 +1030,11 @@ class SqliteStore(Store):
             out.append(ConversationState(conv, member, last.seq if last is not None else 0, last, int(r[24]), r[25]))
         return out
 
+    async def find_cid(self, room: str, sender: str | None, cid: str) -> StoredMessage | None:
+        sql = f"SELECT {_COLUMNS} FROM messages WHERE room = ? AND ifnull(sender, '') = ? AND cid = ?"
+        rows = await self._read(_fetch(sql, (room, sender or "", cid)), "find_cid")
+        return _message(rows[0]) if rows else None
+
     async def newest_messages(self, wanted: Sequence[tuple[str, int, int]]) -> dict[str, list[StoredMessage]]:
         """See :meth:`Store.newest_messages`: every page in one reader job."""
         sql = f"SELECT {_COLUMNS} FROM messages WHERE room = ? AND seq > ? ORDER BY seq DESC LIMIT ?"
