@@ -237,7 +237,10 @@ def test_chat_view_dm_to_an_offline_user_badge_read_receipts_typing_reply_recall
     click(alice, '.cmsg.mine[data-seq="2"] button.recall', "alice recalls message 2")
     s = see(bob, lambda s: any(m["tomb"] for m in s["msgs"]), "bob sees the recall")
     assert [(m["seq"], m["text"], m["tomb"]) for m in s["msgs"]] == [
-        (1, lines[0], False), (2, "alice recalled a message", True), (3, lines[2], False), (4, "on my way", False)
+        (1, lines[0], False),
+        (2, "alice recalled a message", True),
+        (3, lines[2], False),
+        (4, "on my way", False),
     ], s["msgs"]
     see(alice, lambda s: [m["text"] for m in s["msgs"] if m["tomb"]] == ["You recalled a message"], "alice sees her recall")
 
