@@ -466,7 +466,7 @@ class PostgresStore(Store):
             log.warning("store closed with %d archive message(s) not written (PostgreSQL at %s)", left, self.where)
         if self._pool is not None:
             if not left and not pending:
-                with contextlib.suppress(*_ANY_DB):
+                with contextlib.suppress(*_ANY_DB, StoreUnavailable):  # down: the next start takes a new epoch
                     await self._read(lambda c: c.execute(
                         f"UPDATE {self.schema}.meta SET value = '1' WHERE key = 'clean_close'", timeout=self.timeout), "closing")
             with contextlib.suppress(*_UNAVAILABLE):

@@ -152,6 +152,7 @@ class ArchiveLog:
         self.consumer = b""
         self._redis: Any = None
         self._task: asyncio.Task[None] | None = None
+        self._upkeep: asyncio.Task[None] | None = None
         self._stopping = False
         self._wake = asyncio.Event()
         self._reading = False  # in a blocking read: nothing in hand
@@ -159,8 +160,6 @@ class ArchiveLog:
         self._own = True  # re-read this consumer's own pending entries first
         self._cursors: list[bytes] = [b"0-0"] * n
         self._next_claim = 0.0
-        self._next_check = 0.0
-        self._next_sweep = time.monotonic() + 60.0
 
     # ---- lifecycle -----------------------------------------------------------------------
 
@@ -178,6 +177,7 @@ class ArchiveLog:
             self._redis.set_response_callback(cmd, _raw)
         self._next_claim = time.monotonic()
         self._task = asyncio.ensure_future(self._run())
+        self._upkeep = asyncio.ensure_future(self._upkeep_loop())
 
     async def close(self) -> None:
         """Stop: the batch in hand is written and acknowledged (for up to
@@ -185,6 +185,12 @@ class ArchiveLog:
         another node (or this one, restarted under the same id)."""
         self._stopping = True
         self._wake.set()
+        if self._upkeep is not None:
+            self._upkeep.cancel()
+            try:
+                await self._upkeep
+            except (asyncio.CancelledError, Exception):
+                pass
         t = self._task
         if t is not None and not t.done():
             done, _ = await asyncio.wait([t], timeout=self.stop_timeout)
@@ -256,12 +262,6 @@ class ArchiveLog:
 
     async def _round(self) -> None:
         now = time.monotonic()
-        if now >= self._next_check:
-            self._next_check = now + self.check_interval
-            forget = now >= self._next_sweep
-            if forget:
-                self._next_sweep = now + self.sweep_interval
-            await self._check(forget)
         if self._own:
             entries = await self._read(b"0")
             if not entries:
@@ -366,6 +366,25 @@ class ArchiveLog:
             self.broker._warn("archive-lost", "archive log: %d entries trimmed (broker.archive_maxlen) before they were written (%s)", n, reason)
 
     # ---- upkeep --------------------------------------------------------------------------
+
+    async def _upkeep_loop(self) -> None:
+        """:meth:`_check` every :attr:`check_interval`, beside the consumer (which may be
+        busy retrying a batch while the store is down: the lag is worth watching then)."""
+        next_sweep = time.monotonic() + 60.0
+        while not self._stopping:
+            now = time.monotonic()
+            forget = now >= next_sweep
+            if forget:
+                next_sweep = now + self.sweep_interval
+            try:
+                await self._check(forget)
+            except (RedisError, OSError, TimeoutError) as e:
+                self.stats.errors["redis"] = self.stats.errors.get("redis", 0) + 1
+                self.broker._warn("archive-redis", "archive log: redis failed: %s: %s (retrying)", type(e).__name__, e)
+            except Exception as e:
+                self.stats.errors["other"] = self.stats.errors.get("other", 0) + 1
+                self.broker._warn("archive-bug", "archive log: unexpected %s: %s (retrying)", type(e).__name__, e)
+            await self._sleep(self.check_interval)
 
     async def _check(self, forget: bool) -> None:
         """archive_check.lua on every stream: trim, lag, pending, lost entries; with
