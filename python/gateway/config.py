@@ -222,7 +222,7 @@ class BrokerConfig:
     archive_streams: int = 4
     #: Entries the log holds at most, all streams together (approximately: Redis trims
     #: whole blocks of ~100) while the store is down or slow; entries trimmed before they
-    #: were written are lost (``gateway_archive_log_lost_total``). ~0.5 KB each for chat.
+    #: were written are lost (``gateway_archive_log_lost_total``). ~250 bytes each for chat.
     archive_maxlen: int = 1_000_000
     #: Seconds an entry a node read may stay unwritten before another node takes it
     #: over (its node died or is stuck).
