@@ -133,7 +133,7 @@ class ArchiveLogStats:
     #: Entries this node took over from other consumers (dead or stuck nodes).
     claimed: int = 0
     #: Failed rounds, each retried: ``redis``, ``store``, ``other``.
-    errors: dict[str, int] = field(default_factory=lambda: {"redis": 0, "store": 0})
+    errors: dict[str, int] = field(default_factory=lambda: {"redis": 0, "store": 0, "other": 0})
     #: Entries that will never be stored, by reason: ``trimmed_unread`` (trimmed by the
     #: log's MAXLEN before any node read them), ``trimmed_pending`` (trimmed after a node
     #: read them but before it acknowledged them), ``malformed``, ``refused`` (by the

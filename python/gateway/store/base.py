@@ -177,8 +177,9 @@ class Store(abc.ABC):
         :class:`StoreUnavailable` when they could not all be written (some may be:
         writing them again is harmless).
 
-        This default goes through :meth:`commit` (so they count as ``committed``); the
-        PostgreSQL store overrides it to keep them off the commit writers."""
+        This default goes through :meth:`commit` (so they count as ``committed`` and in the
+        commit latency; SQLite has one writer anyway); the PostgreSQL store overrides it to
+        keep them off the commit writers."""
         import asyncio
 
         results = await asyncio.gather(*(self.commit(m) for m in msgs), return_exceptions=True)
