@@ -16,11 +16,13 @@ import pytest
 from support.redis import RedisServer, command
 from support.wait import eventually
 
-from gateway.broker import HistoryPolicy
+from gateway.app.storage import Storage
+from gateway.broker import Broker, HistoryPolicy, MemoryBroker
 from gateway.broker.redis import RedisBroker
 from gateway.broker.redis.archive import ArchiveLog, parse_entry
-from gateway.config import BrokerConfig
+from gateway.config import BrokerConfig, Config
 from gateway.protocol import message_parts
+from gateway.routing import RouteConfig, Router
 from gateway.store import StoredMessage, StoreUnavailable
 
 pytestmark = pytest.mark.redis
@@ -104,6 +106,21 @@ def backlog(srv: RedisServer, keys: list[str]) -> int:
         info = command(srv.port, "XINFO", "GROUPS", key).split()
         total += int(info[info.index("pending") + 1]) + int(info[info.index("lag") + 1])
     return total
+
+
+def test_which_brokers_take_archive_messages_into_a_log(tmp_path: Any) -> None:
+    def storage(broker: Broker, routes: list[RouteConfig]) -> Storage:
+        cfg = Config()
+        cfg.routes = routes
+        cfg.store.path = str(tmp_path / "store.db")
+        return Storage(cfg, Router(routes), broker)
+
+    archive = [RouteConfig(pattern="arch:{id}", store="archive")]
+    assert storage(RedisBroker(BrokerConfig(kind="redis")), archive).log_archive
+    assert not storage(MemoryBroker(), archive).log_archive  # today's write-behind from memory
+    assert not storage(RedisBroker(BrokerConfig(kind="redis", archive_streams=0)), archive).log_archive
+    assert not storage(RedisBroker(BrokerConfig(kind="redis", cluster=True)), archive).log_archive
+    assert not storage(RedisBroker(BrokerConfig(kind="redis")), [RouteConfig(pattern="live:{id}")]).log_archive  # no store
 
 
 def test_entries_that_publish_lua_did_not_write_are_malformed() -> None:
