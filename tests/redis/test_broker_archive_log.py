@@ -210,18 +210,22 @@ async def test_a_stuck_consumers_entries_are_taken_over_and_written_once(redis_s
 
 async def test_a_graceful_stop_writes_the_batch_in_hand(redis_server: RedisServer) -> None:
     store = FakeStore()
-    gate = asyncio.Event()
+    gate, reading = asyncio.Event(), asyncio.Event()
     real = store.write_archive
 
     async def slow(msgs: Sequence[StoredMessage]) -> int:
+        reading.set()
         await gate.wait()
         return await real(msgs)
 
+    # All ten are in the log before the consumer starts: its first read takes them all.
+    publisher = await make(redis_server.url, "P", archive_streams=1)
+    await asyncio.gather(*(pub(publisher, "live:s", i) for i in range(10)))
+    await publisher.close()
     b = RedisBroker(BrokerConfig(kind="redis", url=redis_server.url, archive_streams=1))
     b.consume_archive(slow)
     await b.start(Sink(), "A")
-    await asyncio.gather(*(pub(b, "live:s", i) for i in range(10)))
-    await asyncio.sleep(0.3)  # read, waiting for the store
+    await asyncio.wait_for(reading.wait(), 10)  # read, waiting for the store
     closing = asyncio.ensure_future(b.close())
     await asyncio.sleep(0.1)
     assert not closing.done()
