@@ -215,6 +215,20 @@ class BrokerConfig:
     #: Seconds a publish's idempotency key (client ``cid``, API ``Idempotency-Key``) is
     #: remembered: a retry within it returns the first result instead of a duplicate.
     idempotency_ttl: float = 600.0
+    #: The archive log (``store = "archive"`` messages with the redis broker; see
+    #: docs/operations.md, "The message store"): the streams it is spread over (a room
+    #: always uses the same one). 0 = no log: archive messages are written behind from
+    #: the publishing node's memory, as with the memory broker (and with ``cluster``).
+    archive_streams: int = 4
+    #: Entries the log holds at most, all streams together (approximately: Redis trims
+    #: whole blocks of ~100) while the store is down or slow; entries trimmed before they
+    #: were written are lost (``gateway_archive_log_lost_total``). ~250 bytes each for chat.
+    archive_maxlen: int = 1_000_000
+    #: Seconds an entry a node read may stay unwritten before another node takes it
+    #: over (its node died or is stuck).
+    archive_claim_after: float = 30.0
+    #: Entries a node reads, writes (one transaction) and acknowledges per round.
+    archive_batch: int = 500
 
 
 @dataclass
@@ -466,6 +480,14 @@ class Config:
             raise ConfigError("broker.leave_grace", "must be >= 0")
         if b.idempotency_ttl <= 0:
             raise ConfigError("broker.idempotency_ttl", "must be > 0")
+        if not 0 <= b.archive_streams <= 64:
+            raise ConfigError("broker.archive_streams", "must be 0..64 (0 = no archive log: write behind from node memory)")
+        if b.archive_maxlen < 100:
+            raise ConfigError("broker.archive_maxlen", "must be >= 100 entries")
+        if not 0 < b.archive_claim_after <= 86400:
+            raise ConfigError("broker.archive_claim_after", "must be > 0 and <= 86400 seconds")
+        if not 1 <= b.archive_batch <= 10_000:
+            raise ConfigError("broker.archive_batch", "must be 1..10000")
         if self.log.level.lower() not in ("debug", "info", "warning", "error", "critical"):
             raise ConfigError("log.level", "must be debug, info, warning, error or critical")
         if self.drain.timeout < 0:

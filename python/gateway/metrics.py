@@ -133,6 +133,7 @@ class EngineCollector:
         yield GaugeMetricFamily("gateway_ready", "1 while /readyz answers ready", value=1 if gw.ready else 0)
         yield from _store(gw)
         yield from _outbox(gw)
+        yield from _archive_log(gw)
 
 
     def _histograms(self, eng: Any) -> Any:
@@ -269,6 +270,33 @@ def _outbox(gw: Gateway) -> Any:
             backlog.add_metric([ep.name], st.backlog)
             lag.add_metric([ep.name], st.lag)
     yield from (delivered, dead, failures, backlog, lag)
+
+
+def _archive_log(gw: Gateway) -> Any:
+    """The broker's archive log (Redis broker with a store: docs/operations.md, "The
+    message store"). Lag and pending are the whole log's, the same on every node (take
+    the max across nodes); the counters are this node's (sum them)."""
+    st = gw.broker.stats.archive
+    if st is None:
+        return
+    if st.lag >= 0:
+        yield GaugeMetricFamily("gateway_archive_log_lag", "Archive log entries no node has read yet (all nodes report the same)", value=st.lag)
+        yield GaugeMetricFamily("gateway_archive_log_pending", "Archive log entries read by a node but not yet written and acknowledged (all nodes report the same)", value=st.pending)
+    for name, doc, value in (
+        ("written", "Archive log entries this node wrote to the store and acknowledged", st.written),
+        ("claimed", "Archive log entries this node took over from other nodes (dead or stuck) after broker.archive_claim_after", st.claimed),
+    ):
+        c = CounterMetricFamily(f"gateway_archive_log_{name}", doc)
+        c.add_metric([], value)
+        yield c
+    err = CounterMetricFamily("gateway_archive_log_errors", "Failed archive log rounds on this node (each retried), by what failed", labels=["kind"])
+    for kind, n in sorted(st.errors.items()):
+        err.add_metric([kind], n)
+    yield err
+    lost = CounterMetricFamily("gateway_archive_log_lost", "Archive log entries that will never be stored, by reason (trimmed: broker.archive_maxlen was reached)", labels=["reason"])
+    for reason, n in sorted(st.lost.items()):
+        lost.add_metric([reason], n)
+    yield lost
 
 
 def _cumulative(bounds: tuple[float, ...], counts: list[int]) -> list[tuple[str, float]]:

@@ -350,6 +350,28 @@ async def test_archive_backlog_is_bounded_while_the_writer_is_stalled(backend: B
     assert [m.seq for m in await s.messages("live:1", limit=200)] == list(range(1, 101))
 
 
+async def test_write_archive_returns_once_committed_stores_a_redelivery_once_and_drops_what_is_refused(
+    backend: Backend, opened: list[Store], store: Store,
+) -> None:
+    """What the Redis archive log needs before it acknowledges its entries."""
+    batch = [msg("live:a", i, sender=f"u{i % 3}") for i in range(1, 301)]
+    assert await store.write_archive(batch) == 0
+    other = await start(backend, opened)  # another node's store: committed when it returned
+    assert await other.last_seq("live:a") == 300
+    d0 = store.stats.duplicates
+    assert await store.write_archive([*batch[:50], msg("live:a", 301)]) == 0  # a redelivered batch
+    assert store.stats.duplicates - d0 == 50
+    assert [m.seq for m in await other.messages("live:a", after_seq=0, limit=1000)] == list(range(1, 302))
+    worse = StoredMessage("live:a", 302, T0, "chat", 1, "\ud800", b"{}", None, "")  # a lone surrogate: refused
+    assert await store.write_archive([msg("live:a", 303), worse, msg("live:a", 304)]) == 1
+    assert store.stats.archive_dropped == 1
+    assert [m.seq for m in await store.messages("live:a", after_seq=300)] == [301, 303, 304]
+    assert await store.write_archive([]) == 0
+    await store.close()
+    with pytest.raises(StoreUnavailable):
+        await store.write_archive([msg("live:a", 305)])
+
+
 async def test_a_commit_waits_for_a_stalled_writer_or_fails_clearly(backend: Backend, opened: list[Store]) -> None:
     s = await start(backend, opened, stall_timeout=0.3)
     async with backend.stall():

@@ -249,9 +249,10 @@ class FailingBroker(Broker):
     async def close(self) -> None:
         await self.mem.close()
 
-    async def publish(self, room: str, head: bytes, tail: bytes, prio: int, recoverable: bool, history: HistoryPolicy, idem: str | None = None) -> PublishResult:
+    async def publish(self, room: str, head: bytes, tail: bytes, prio: int, recoverable: bool, history: HistoryPolicy, idem: str | None = None,
+                      archive: tuple[str, str | None] | None = None) -> PublishResult:
         if not self.down:
-            return await self.mem.publish(room, head, tail, prio, recoverable, history, idem)
+            return await self.mem.publish(room, head, tail, prio, recoverable, history, idem, archive)
         if self.mem._handler is not None:
             self.mem._handler.deliver_room(room, P.splice(head, 0, "", tail), prio)
         self.stats.publish_errors += 1

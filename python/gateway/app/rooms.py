@@ -54,13 +54,17 @@ class Rooms:
     ) -> PublishResult:
         """Encode once and hand to the broker (one call per message per node), then keep it
         as the route says (:mod:`gateway.app.storage`): a durable message returns once it
-        is committed. Raises BrokerError (counted) after local delivery when the broker is
-        down, StoreUnavailable when a durable message could not be committed (it was
-        published; a retry with the same ``idem``/``cid`` commits it under the same seq)."""
+        is committed; an archive message is marked for the broker's archive log when it
+        keeps one (:attr:`Storage.log_archive`), else queued for the store's writer.
+        Raises BrokerError (counted) after local delivery when the broker is down,
+        StoreUnavailable when a durable message could not be committed (it was published;
+        a retry with the same ``idem``/``cid`` commits it under the same seq)."""
         ts = frames.now_ms()
         cfg = route.cfg
         keep = self.storage.mode(route, mtype) if self.storage.enabled else "none"
-        data_json = orjson.dumps(data) if keep != "none" else None
+        logged = keep == "archive" and self.storage.log_archive
+        # The store's copy of the data (the JSON text); a logged message's is in the frame.
+        data_json = orjson.dumps(data) if keep != "none" and not logged else None
         head, tail = frames.message_parts(room, mtype, prio, sender, data if data_json is None else orjson.Fragment(data_json), ts)
         recoverable = mtype in cfg.recoverable_types or cfg.conversation
         key = (mtype if mtype in cfg.priorities else "other", prio)
@@ -80,15 +84,17 @@ class Rooms:
                 policy.floor = await self.storage.floor(room, fresh=attempt > 0)
                 policy.epoch = self.storage.epoch
             try:
-                res = await self.broker.publish(room, head, tail, int(prio), recoverable, policy, idem)
+                res = await self.broker.publish(room, head, tail, int(prio), recoverable, policy, idem, (cfg.pattern, cid) if logged else None)
             except BrokerError:
                 self.stats.broker_publish_errors += 1
                 raise
             if res.duplicate:
                 self.stats.duplicates += 1
-            if keep == "none" or res.seq <= 0 or data_json is None:
+            if keep == "none" or res.seq <= 0:
                 return res
             self.storage.advance(room, res.seq)
+            if data_json is None:
+                return res  # in the broker's archive log: its consumers store it
             msg = StoredMessage(room, res.seq, ts, mtype, int(prio), sender, data_json, cid, cfg.pattern)
             stored = await self.storage.keep(keep, msg)
             if stored.seq != res.seq:

@@ -9,7 +9,12 @@ broker gave it:
   does. A publish whose commit fails is answered with error 5030: the client retries with
   the same ``cid`` and gets the same ``seq``;
 - ``archive`` types (and the recoverable types of a durable route that are not durable)
-  are queued for the store's writer and the publish goes on.
+  never hold up the publish. With a broker that keeps an archive log (the Redis broker,
+  :attr:`~gateway.broker.Broker.archives`) the publish itself appends them to the log,
+  and every node's consumer writes the log to the store (exactly once across the nodes,
+  whichever node dies: :mod:`gateway.broker.redis.archive`); otherwise (the memory
+  broker) they are queued in this node's memory for the store's writer
+  (:meth:`~gateway.store.Store.archive`).
 
 Rooms that keep messages continue their sequence from the store when the broker starts
 them afresh: every publish into them carries the room's floor (:meth:`Storage.floor`).
@@ -69,6 +74,9 @@ class Storage:
         self.store: Store | None = open_store(config.store) if config.needs_store else None
         if self.store is not None:
             self.store.outbox = bool(config.outbox.endpoints)
+        #: Archive messages go through the broker's archive log (marked in the publish),
+        #: not through :meth:`Store.archive`.
+        self.log_archive = self.store is not None and broker.archives
         #: room -> (highest seq known taken, when read from the store): a bounded LRU; a
         #: miss or an old entry asks the store.
         self._floors: OrderedDict[str, tuple[int, float]] = OrderedDict()
@@ -83,9 +91,14 @@ class Storage:
         return self.store.epoch if self.store is not None else ""
 
     async def start(self) -> None:
+        """Start the store; before the broker starts, so that it consumes its archive log."""
         if self.store is not None:
             await self.store.start()
-            log.info("message store: %s (%s)", self.store.kind, self.config.store.path if self.store.kind == "sqlite" else "postgres")
+            log.info("message store: %s (%s); archive messages %s", self.store.kind,
+                     self.config.store.path if self.store.kind == "sqlite" else "postgres",
+                     "through the broker's archive log" if self.log_archive else "written behind from this node's memory")
+            if self.log_archive:
+                self.broker.consume_archive(self.store.write_archive)
 
     async def close(self) -> None:
         if self.store is not None:
@@ -214,7 +227,8 @@ class Storage:
     async def keep(self, mode: str, msg: StoredMessage) -> StoredMessage:
         """Store ``msg`` as ``mode`` says. Durable: returns the stored message once
         committed (its ``seq`` is the first one when this was a retry); raises
-        StoreUnavailable. Archive: queues it and returns it."""
+        StoreUnavailable. Archive: queues it and returns it (not called for archive
+        messages when :attr:`log_archive`: the broker's log has them)."""
         assert self.store is not None
         if mode == "durable":
             return await self.store.commit(msg)

@@ -15,10 +15,20 @@ from __future__ import annotations
 
 import abc
 import bisect
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .commands import Command
+
+if TYPE_CHECKING:
+    from ..store import StoredMessage
+
+#: Where a broker that keeps an archive log (:attr:`Broker.archives`) writes it: stores
+#: the messages and returns once they are committed (how many the database refused as
+#: malformed: those are dropped); raises on anything else (the entries are kept and
+#: written again later). See :meth:`gateway.store.Store.write_archive`.
+ArchiveWriter = Callable[[Sequence["StoredMessage"]], Awaitable[int]]
 
 
 class BrokerError(RuntimeError):
@@ -106,9 +116,33 @@ class BrokerStats:
     lag_buckets: list[int] = field(default_factory=lambda: [0] * (len(LAG_BUCKETS) + 1))
     lag_sum: float = 0.0
 
+    #: The archive log's figures, on a node that consumes it (:meth:`Broker.consume_archive`).
+    archive: ArchiveLogStats | None = None
+
     def observe_lag(self, seconds: float) -> None:
         self.lag_buckets[bisect.bisect_left(LAG_BUCKETS, seconds)] += 1
         self.lag_sum += seconds
+
+
+@dataclass(slots=True)
+class ArchiveLogStats:
+    """The archive log as this node sees it (``gateway_archive_log_*``)."""
+
+    #: Entries this node wrote to the store and acknowledged.
+    written: int = 0
+    #: Entries this node took over from other consumers (dead or stuck nodes).
+    claimed: int = 0
+    #: Failed rounds, each retried: ``redis``, ``store``, ``other``.
+    errors: dict[str, int] = field(default_factory=lambda: {"redis": 0, "store": 0, "other": 0})
+    #: Entries that will never be stored, by reason: ``trimmed_unread`` (trimmed by the
+    #: log's MAXLEN before any node read them), ``trimmed_pending`` (trimmed after a node
+    #: read them but before it acknowledged them), ``malformed``, ``refused`` (by the
+    #: database).
+    lost: dict[str, int] = field(default_factory=lambda: {"trimmed_unread": 0, "trimmed_pending": 0, "malformed": 0, "refused": 0})
+    #: The whole log as Redis last reported it (the same on every node; -1 until known):
+    #: entries no node has read yet, and entries read but not yet acknowledged.
+    lag: int = -1
+    pending: int = -1
 
 
 class Presence(abc.ABC):
@@ -201,9 +235,29 @@ class Broker(abc.ABC):
         """True while the broker can serve cross-node traffic."""
         return True
 
+    @property
+    def archives(self) -> bool:
+        """True when the broker keeps an archive log that outlives this node: a message
+        :meth:`publish` is asked to ``archive`` goes into the log in the same atomic step
+        that numbers and publishes it, and every node's :meth:`consume_archive` writes
+        the log to the store, each entry exactly once across the nodes (a node that dies
+        leaves its entries to the others). False (the default, the memory broker): the
+        caller keeps archive messages itself (:meth:`gateway.store.Store.archive`, written
+        behind from this node's memory)."""
+        return False
+
+    def consume_archive(self, write: ArchiveWriter) -> None:
+        """Write the archive log with ``write`` (the store), from :meth:`start` until
+        :meth:`close`, which finishes the batch in hand first. Called before :meth:`start`,
+        on nodes that have a store. Entries are acknowledged in the log only after
+        ``write`` returned; while it raises they are kept and retried. A broker that does
+        not :attr:`archive <archives>` ignores it."""
+        return None
+
     @abc.abstractmethod
     async def publish(
-        self, room: str, head: bytes, tail: bytes, prio: int, recoverable: bool, history: HistoryPolicy, idem: str | None = None
+        self, room: str, head: bytes, tail: bytes, prio: int, recoverable: bool, history: HistoryPolicy, idem: str | None = None,
+        archive: tuple[str, str | None] | None = None,
     ) -> PublishResult:
         """Publish one room message (see :func:`gateway.protocol.message_parts`).
 
@@ -218,6 +272,15 @@ class Broker(abc.ABC):
         the last ``broker.idempotency_ttl`` seconds, on any node, publishes nothing and
         returns the first publish's result with ``duplicate=True``. The check and the
         publish are one atomic step.
+
+        Archive: ``archive`` is ``(route, cid)`` (the :class:`~gateway.store.StoredMessage`
+        fields the frame does not carry: the matched route's pattern and the client
+        message id or None) for a message the store keeps behind the publish. When
+        :attr:`archives` is True and the message gets a ``seq``, the broker appends the
+        numbered frame with them to its archive log, in the same atomic step as the
+        numbering and the publish: a message is published and logged, or neither. A
+        duplicate (see Idempotency) is not logged again. Ignored when :attr:`archives` is
+        False (then the caller archives the message itself).
 
         Failure: raises :class:`BrokerError` after still delivering to local members, so a
         broken broker never silences a node's own rooms.

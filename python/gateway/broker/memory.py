@@ -159,8 +159,11 @@ class MemoryBroker(Broker):
             del self._rings[room]
 
     async def publish(
-        self, room: str, head: bytes, tail: bytes, prio: int, recoverable: bool, history: HistoryPolicy, idem: str | None = None
+        self, room: str, head: bytes, tail: bytes, prio: int, recoverable: bool, history: HistoryPolicy, idem: str | None = None,
+        archive: tuple[str, str | None] | None = None,
     ) -> PublishResult:
+        """See :meth:`Broker.publish`; ``archive`` is ignored (no archive log: the caller
+        archives through the store's write-behind)."""
         if idem is not None:
             first = self._idem.get(("r", room, idem))
             if isinstance(first, PublishResult):

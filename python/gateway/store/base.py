@@ -292,6 +292,33 @@ class Store(abc.ABC):
         full: the message is not stored (``archive_dropped``). Duplicates by ``(room,
         seq)`` or ``cid`` are skipped, so writing the same message twice is harmless."""
 
+    async def write_archive(self, msgs: Sequence[StoredMessage]) -> int:
+        """Write archive messages now and return once they are committed: the Redis
+        broker's archive log (:mod:`gateway.broker.redis.archive`) acknowledges its
+        entries after this, so what it hands over is never only in memory. Duplicates by
+        ``(room, seq)`` or ``cid`` are skipped, so a redelivered entry is stored once. A
+        message the database refuses as such (malformed) is left out and counted in
+        ``archive_dropped``, as :meth:`archive` does; returns how many were. Raises
+        :class:`StoreUnavailable` when they could not all be written (some may be:
+        writing them again is harmless).
+
+        This default goes through :meth:`commit` (so they count as ``committed`` and in the
+        commit latency; SQLite has one writer anyway); the PostgreSQL store overrides it to
+        keep them off the commit writers."""
+        import asyncio
+
+        results = await asyncio.gather(*(self.commit(m) for m in msgs), return_exceptions=True)
+        refused = 0
+        for r in results:
+            if isinstance(r, StoreUnavailable):
+                raise r
+            if isinstance(r, ValueError):  # the database refused this message as such
+                refused += 1
+            elif isinstance(r, BaseException):
+                raise r
+        self.stats.archive_dropped += refused
+        return refused
+
     @property
     @abc.abstractmethod
     def backlog(self) -> int:

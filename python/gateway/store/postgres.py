@@ -603,7 +603,7 @@ class PostgresStore(Store):
             log.warning("store closed with %d archive message(s) not written (PostgreSQL at %s)", left, self.where)
         if self._pool is not None:
             if not left and not pending:
-                with contextlib.suppress(*_ANY_DB):
+                with contextlib.suppress(*_ANY_DB, StoreUnavailable):  # down: the next start takes a new epoch
                     await self._read(lambda c: c.execute(
                         f"UPDATE {self.schema}.meta SET value = '1' WHERE key = 'clean_close'", timeout=self.timeout), "closing")
             with contextlib.suppress(*_UNAVAILABLE):
@@ -724,6 +724,38 @@ class PostgresStore(Store):
         if len(q) == 1 or len(q) >= self.max_batch:
             w.wake.set()
         return True
+
+    async def write_archive(self, msgs: Sequence[StoredMessage]) -> int:
+        """See :meth:`Store.write_archive`: one INSERT (one transaction) on a pooled
+        connection, so that durable commits never wait behind a batch of the archive log
+        on their writers; a batch the database refuses is split to find the message at
+        fault (as the writers do)."""
+        if not self._started or self._closing:
+            raise StoreUnavailable("the store is closed" if self._closing else "the store is not started")
+        batch = sorted(msgs, key=lambda m: (m.room, m.seq))  # the writers' lock order: no deadlock with them
+        if not batch:
+            return 0
+        try:
+            return await self._read(lambda c: self._insert_archive(c, batch), "writing archive messages")
+        except asyncpg.exceptions.TransactionRollbackError as e:
+            self.stats.errors += 1
+            raise StoreUnavailable(f"PostgreSQL at {self.where}: writing archive messages failed ({e}): try again") from e
+
+    async def _insert_archive(self, conn: asyncpg.Connection, msgs: list[StoredMessage]) -> int:
+        dups = self.stats.duplicates
+        try:
+            await self._insert(conn, msgs)
+        except _BAD_ROWS as e:
+            if len(msgs) == 1:
+                self._reject((msgs[0], None, 0.0), e)
+                return 1
+            half = len(msgs) // 2
+            return await self._insert_archive(conn, msgs[:half]) + await self._insert_archive(conn, msgs[half:])
+        self.stats.batches += 1
+        self.stats.batched_messages += len(msgs)
+        self.stats.archived += len(msgs) - (self.stats.duplicates - dups)
+        self._written += len(msgs)
+        return 0
 
     @property
     def backlog(self) -> int:

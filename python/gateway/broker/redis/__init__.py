@@ -2,7 +2,8 @@
 
 Modules: ``broker`` (the broker: publish, history, subscriptions, commands, moderation),
 ``pubsub`` (pub/sub connections), ``reorder`` (per-room seq order, pure), ``presence``,
-``debounce`` (hook join/leave debounce), ``scripts`` (the Lua scripts in ``lua/``).
+``debounce`` (hook join/leave debounce), ``archive`` (the archive log: archive messages
+on their way to the store), ``scripts`` (the Lua scripts in ``lua/``).
 """
 
 from .broker import RedisBroker

@@ -16,11 +16,13 @@ every key of a room and its channel live in one slot)::
     P:{mod}:state     hash  ["mute"|"ban", room, user] -> encoded command (no TTL)
     P:{P:ctl}:u:...   send_user idempotency key (TTL idempotency_ttl)
     P:ctl             channel  node|command  (commands.encode; send_user frames)
+    P:{archive}:N     stream  the archive log (archive.py; N < broker.archive_streams)
 
 A room message costs ONE round trip: ``EVALSHA`` of ``lua/publish.lua``, which checks the
 idempotency key (when given), assigns the seq (a new random epoch whenever the seq key
 was lost), splices it into the frame, appends it to the stream and publishes it on the
-room channel (``SPUBLISH`` with ``cluster = true``). The publishing node delivers locally
+room channel (``SPUBLISH`` with ``cluster = true``); a message the store archives is
+also appended to the archive log in that step (:mod:`.archive`). The publishing node delivers locally
 from the reply (the same bytes, via :func:`gateway.protocol.splice`) and ignores its own
 echo. Every node re-orders what it delivers by seq (:mod:`.reorder`, waiting at most
 :attr:`RedisBroker.reorder_wait` for a gap), so a room's messages reach local members in
@@ -65,6 +67,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from ...config import BrokerConfig
 from ...protocol import splice
 from ..base import (
+    ArchiveWriter,
     Broker,
     BrokerError,
     BrokerHandler,
@@ -77,6 +80,7 @@ from ..commands import Command, UserFrame, decode, decode_message, encode, encod
 from ..idem import IdempotencyMap
 from ..moderation import in_force, sets_state, state_key
 from . import scripts
+from .archive import ArchiveLog, stream_index, stream_keys
 from .debounce import RedisDebounce
 from .presence import RedisPresence
 from .pubsub import PubSubConn, frame_lag, parse_room_message, sub_commands
@@ -160,6 +164,11 @@ class RedisBroker(Broker):
         self._local_idem: IdempotencyMap[PublishResult | bool] = IdempotencyMap(cfg.idempotency_ttl, 10_000)
         self.presence: RedisPresence = RedisPresence(self)
         self.debounce: RedisDebounce = RedisDebounce(self)
+        #: The archive log's streams and the ``MAXLEN ~`` of each (publish.lua's arguments).
+        self.archive_keys = stream_keys(p, cfg.archive_streams)
+        self._archive_maxlen = str(-(-cfg.archive_maxlen // max(1, cfg.archive_streams))).encode()
+        #: This node's consumer of the archive log, once :meth:`consume_archive` was called.
+        self.archive_log: ArchiveLog | None = None
 
     @property
     def closed(self) -> bool:
@@ -233,6 +242,8 @@ class RedisBroker(Broker):
             log.error("redis broker %s not reachable: starting degraded (local delivery only) and retrying", self._safe_url())
         self.debounce.start(self.node_b)
         self._clock_task = asyncio.ensure_future(self._clock_loop())
+        if self.archive_log is not None:
+            self.archive_log.start(self.node_b)
 
     async def _clock_loop(self) -> None:
         """Keep ``_clock_offset_ms`` (Redis ``TIME`` minus this host's clock) so publish
@@ -273,6 +284,9 @@ class RedisBroker(Broker):
     async def close(self) -> None:
         if self._closed:
             return
+        if self.archive_log is not None:
+            # First, while the store is still open: the batch in hand is written and acked.
+            await self.archive_log.close()
         # A graceful stop drained its clients (their leaves went through the debounce):
         # leave the heartbeat hash, so this instance is never listed as gone.
         await self.debounce.close()
@@ -304,6 +318,18 @@ class RedisBroker(Broker):
     def ready(self) -> bool:
         ps = self._ch_conn.get(self._ctl)
         return ps is not None and ps.up and not self._closed
+
+    @property
+    def archives(self) -> bool:
+        """See :attr:`Broker.archives`: True unless ``broker.archive_streams`` is 0, or in
+        cluster mode (the publish script can only write keys of the room's slot)."""
+        return self.cfg.archive_streams > 0 and not self.cluster
+
+    def consume_archive(self, write: ArchiveWriter) -> None:
+        """See :meth:`Broker.consume_archive` and :mod:`.archive`."""
+        if self.archives and self.archive_log is None:
+            self.archive_log = ArchiveLog(self, write)
+            self.stats.archive = self.archive_log.stats
 
     # ---- logging and accounting ----------------------------------------------------------
 
@@ -583,12 +609,15 @@ class RedisBroker(Broker):
     # ---- Broker interface ----------------------------------------------------------------
 
     async def publish(
-        self, room: str, head: bytes, tail: bytes, prio: int, recoverable: bool, history: HistoryPolicy, idem: str | None = None
+        self, room: str, head: bytes, tail: bytes, prio: int, recoverable: bool, history: HistoryPolicy, idem: str | None = None,
+        archive: tuple[str, str | None] | None = None,
     ) -> PublishResult:
         """See :meth:`Broker.publish`. With ``idem``, the key ``P:{room}:i:<idem>`` is
         checked and set inside the same script (per room, across nodes). While Redis is
         unreachable keys are remembered on this node only (a retry then is not delivered
-        here again, but still raises); once Redis is back a retry is published."""
+        here again, but still raises); once Redis is back a retry is published. With
+        ``archive`` (and :attr:`archives`), the script appends the message to the room's
+        archive stream (:mod:`.archive`)."""
         h = self._handler
         rec = recoverable and history.size > 0
         err: BaseException | None = None
@@ -601,6 +630,9 @@ class RedisBroker(Broker):
             ]
             if idem is not None:
                 keys = (*keys, f"{self.prefix}:{{{room}}}:i:{idem}".encode())
+            if archive is not None and rec and self.archives:
+                keys = (*keys, self.archive_keys[stream_index(room, len(self.archive_keys))])
+                args += (self._archive_maxlen, archive[0]) if archive[1] is None else (self._archive_maxlen, archive[0], archive[1])
             try:
                 reply = await self._eval(scripts.PUBLISH, keys, args)
             except (TimeoutError, RedisError, OSError) as e:

@@ -35,9 +35,10 @@ MEMBER_LEAVE = Script.load("member_leave.lua", prelude="sum_live.lua")
 MEMBER_CONFIRM = Script.load("member_confirm.lua", prelude="sum_live.lua")
 HEARTBEAT = Script.load("heartbeat.lua")
 SEND_USER = Script.load("send_user.lua")
+ARCHIVE_CHECK = Script.load("archive_check.lua")
 
 #: Every script, loaded with ``SCRIPT LOAD`` after each (re)connect.
-ALL = (PUBLISH, HISTORY, PRESENCE, MEMBER_JOIN, MEMBER_LEAVE, MEMBER_CONFIRM, HEARTBEAT, SEND_USER)
+ALL = (PUBLISH, HISTORY, PRESENCE, MEMBER_JOIN, MEMBER_LEAVE, MEMBER_CONFIRM, HEARTBEAT, SEND_USER, ARCHIVE_CHECK)
 
 # Texts under the names the single-module broker exported.
 PUBLISH_LUA = PUBLISH.text

@@ -1,22 +1,37 @@
 -- Publish one room message (one round trip per message).
--- KEYS: state hash, stream, channel[, idempotency key]. ARGV: head, tail, origin node,
--- prio, recoverable ("1"/"0"), maxlen, history ttl ms, epoch candidate, state ttl ms,
--- sharded ("1"/"0"), deadline (Redis time in ms, or ""), idempotency ttl ms, floor (the
--- highest seq the caller knows taken in a room whose messages are stored: a room whose
--- state was lost (expired, FLUSHALL) numbers on after it, never reusing a stored seq).
--- Returns {seq, epoch}; publishes ``node|prio|seq|epoch|frame``. With KEYS[4]: when that
--- key exists (the same idempotency key within its ttl) nothing is published and the
--- first publish's {seq, epoch, 1} is returned; otherwise it is set to "seq epoch".
+-- KEYS: state hash, stream, channel[, idempotency key][, archive stream]. ARGV: head,
+-- tail, origin node, prio, recoverable ("1"/"0"), maxlen, history ttl ms, epoch
+-- candidate, state ttl ms, sharded ("1"/"0"), deadline (Redis time in ms, or ""),
+-- idempotency ttl ms, floor (the highest seq the caller knows taken in a room whose
+-- messages are stored: a room whose state was lost (expired, FLUSHALL) numbers on after
+-- it, never reusing a stored seq)[, archive maxlen, route[, cid]].
+-- Returns {seq, epoch}; publishes ``node|prio|seq|epoch|frame``. With the idempotency
+-- key: when it exists (the same key within its ttl) nothing is published and the first
+-- publish's {seq, epoch, 1} is returned; otherwise it is set to "seq epoch".
 -- Past the deadline (the publishing node stopped waiting and acked "degraded": Redis was
 -- stopped or slow) nothing happens and {-1, ""} is returned.
+-- Archive log: with ARGV[14] (the log's approximate MAXLEN) the LAST key is an archive
+-- stream; a recoverable message is appended to it as {f = frame, r = route (ARGV[15])
+-- [, c = cid (ARGV[16])]} in the same step that numbers and publishes it, so a message is
+-- either published and logged or neither. A duplicate (idempotency key hit) and a
+-- message past its deadline are not logged. gateway.broker.redis.archive writes the log
+-- to the store.
+local nkeys = #KEYS
+local alog = nil
+if ARGV[14] and ARGV[14] ~= '' then
+  alog = KEYS[nkeys]
+  nkeys = nkeys - 1
+end
+local ikey = nil
+if nkeys >= 4 then ikey = KEYS[4] end
 if ARGV[11] ~= '' then
   local t = redis.call('TIME')
   if tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) > tonumber(ARGV[11]) then
     return {-1, ''}
   end
 end
-if KEYS[4] then
-  local prev = redis.call('GET', KEYS[4])
+if ikey then
+  local prev = redis.call('GET', ikey)
   if prev then
     local s, e = string.match(prev, '^(%d+) (.*)$')
     if s then return {tonumber(s), e, 1} end
@@ -53,6 +68,13 @@ if seq > 0 then
     redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[6], id, 'f', frame)
   end
   redis.call('PEXPIRE', KEYS[2], ARGV[7])
+  if alog then
+    if ARGV[16] then
+      redis.call('XADD', alog, 'MAXLEN', '~', ARGV[14], '*', 'f', frame, 'r', ARGV[15], 'c', ARGV[16])
+    else
+      redis.call('XADD', alog, 'MAXLEN', '~', ARGV[14], '*', 'f', frame, 'r', ARGV[15])
+    end
+  end
 end
 local msg = ARGV[3] .. '|' .. ARGV[4] .. '|' .. seq .. '|' .. epoch .. '|' .. frame
 if ARGV[10] == '1' then
@@ -60,7 +82,7 @@ if ARGV[10] == '1' then
 else
   redis.call('PUBLISH', KEYS[3], msg)
 end
-if KEYS[4] then
-  redis.call('SET', KEYS[4], seq .. ' ' .. epoch, 'PX', ARGV[12])
+if ikey then
+  redis.call('SET', ikey, seq .. ' ' .. epoch, 'PX', ARGV[12])
 end
 return {seq, epoch}
