@@ -14,7 +14,7 @@ sessions, rooms, hooks), ``protocol/`` (codes, request parser, frames), ``broker
 
 from __future__ import annotations
 
-from .app import DROP, Client, Gateway, Message, Plugin
+from .app import DROP, Client, Gateway, MemberChange, Message, Plugin
 from .auth import ConnectRequest, Identity
 from .config import Config, load_config
 from .errors import ConfigError, Reject
@@ -30,6 +30,7 @@ __all__ = [
     "ErrorCode",
     "Gateway",
     "Identity",
+    "MemberChange",
     "Message",
     "Plugin",
     "Priority",

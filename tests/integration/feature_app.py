@@ -1,13 +1,15 @@
 """A plugin app for tests/integration/test_plugin_api.py, loaded with
 ``--app tests.integration.feature_app:make_app``: plugin settings from
 ``[plugins.feature]``, a counter made with ``Gateway.counter``, ``after_publish`` per
-re-routed target and the rooms seen by ``on_disconnect``, reported into ``audit:feature``."""
+re-routed target and the rooms seen by ``on_disconnect``, reported into ``audit:feature``;
+``on_member`` rules for conversations."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from gateway.app import Client, Gateway, Message, Plugin
+from gateway.app import Client, Gateway, MemberChange, Message, Plugin
+from gateway.errors import Reject
 from gateway.broker import PublishResult
 from gateway.config import Config
 
@@ -36,6 +38,13 @@ class FeaturePlugin(Plugin):
         self.published.labels(msg.room.split(":", 1)[0]).inc()
         event = {"event": "after_publish", "room": msg.room, "rooms": msg.rooms, "seq": result.seq, "tag": self.settings.get("tag")}
         await self.gw.publish(AUDIT, event, type="audit")
+
+    def on_member(self, client: Client, change: MemberChange) -> bool:
+        """Conversations: nobody may add a user named ``blocked*``; ``vip:`` groups are
+        made only by users whose token has the vip role."""
+        if change.action in ("create", "invite") and any(u.startswith("blocked") for u in change.users):
+            raise Reject(4050, "that user cannot be added")
+        return not (change.action == "create" and b'"vip"' in change.meta and client.identity.meta.get("role") != "vip")
 
     async def on_disconnect(self, client: Client, code: int, reason: str) -> None:
         await self.gw.publish(AUDIT, {"event": "disconnect", "user": client.user, "rooms": sorted(client.rooms), "code": code}, type="audit")

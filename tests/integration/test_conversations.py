@@ -340,3 +340,25 @@ async def test_the_python_client_pages_sync_and_speaks_every_op(tmp_path: Path) 
             await x.close()
     finally:
         assert not g.finish()
+
+
+async def test_on_member_hooks_decide_who_may_create_invite_and_remove(tmp_path: Path) -> None:
+    g = GatewayProcess(tmp_path, ["limits.client_rate=0"], config=ROUTES, app="tests.integration.feature_app:make_app").start()
+    u = f"u{uniq()}"
+    try:
+        c = await g.client(u)
+        await sync(c)
+        with pytest.raises(GatewayError) as e:
+            await c.request("create", members=["blocked1"])
+        assert (e.value.code, e.value.message) == (4050, "that user cannot be added")
+        with pytest.raises(GatewayError) as e:
+            await c.request("create", members=["x"], meta={"tier": "vip"})
+        assert e.value.code == 4003
+        room = (await c.request("create", members=["x"], meta={"name": "ok"}))["room"]
+        with pytest.raises(GatewayError) as e:
+            await c.request("invite", room=room, users=["y", "blocked2"])
+        assert e.value.code == 4050
+        assert (await c.request("invite", room=room, users=["y"]))["added"] == ["y"]
+        await c.close()
+    finally:
+        assert not g.finish()

@@ -13,7 +13,7 @@
 
 from ..errors import HookTimeout, NotRunning, Reject
 from .node import Gateway
-from .plugins import DROP, HOOKS, Message, Plugin
+from .plugins import DROP, HOOKS, MemberChange, Message, Plugin
 from .session import MAX_BACKLOG, Client
 
-__all__ = ["DROP", "HOOKS", "MAX_BACKLOG", "Client", "Gateway", "HookTimeout", "Message", "NotRunning", "Plugin", "Reject"]
+__all__ = ["DROP", "HOOKS", "MAX_BACKLOG", "Client", "Gateway", "HookTimeout", "MemberChange", "Message", "NotRunning", "Plugin", "Reject"]

@@ -41,9 +41,11 @@ from ..protocol.codes import ErrorCode, Priority
 from ..protocol.requests import MAX_SYNC_CONVS, Create, History, Invite, Read, Recall, Remove, Sync, Typing
 from ..routing import Route, Router, valid_room_name
 from ..store import ConversationState, Member, Store, StoreUnavailable, TooManyMembers
+from .plugins import MemberChange
 from .storage import Storage
 
 if TYPE_CHECKING:
+    from .hooks import Hooks
     from .outbox import Outbox
     from .rooms import Rooms
     from .session import Client
@@ -89,7 +91,7 @@ class Conversations:
 
     def __init__(
         self, config: Config, router: Router, storage: Storage, broker: Broker, engine: Callable[[], Engine], rooms: Rooms,
-        stats: Stats, outbox: Outbox, tasks: Tasks,
+        stats: Stats, outbox: Outbox, tasks: Tasks, hooks: Hooks | None = None,
     ) -> None:
         self.config = config
         self.cfg = config.conversations
@@ -101,6 +103,7 @@ class Conversations:
         self.stats = stats
         self.outbox = outbox
         self.tasks = tasks
+        self.hooks = hooks
         self._members: OrderedDict[tuple[str, str], tuple[Member | None, float]] = OrderedDict()
         self._known: OrderedDict[str, None] = OrderedDict()
         #: conn -> what it is attached to (connections that sent sync).
@@ -517,10 +520,23 @@ class Conversations:
             raise Reject(ErrorCode.NO_CONVERSATION, f"{room} is not a group")
         if not _rule_allows(route.cfg.create, c, route, room):
             raise Reject(ErrorCode.FORBIDDEN, f"not allowed to create {room}")
+        await self._hook(c, MemberChange(room, "group", "create", tuple(req.members), req.meta))
         created = await self.create_group(room, c.user, req.meta, req.members, route)
         if not created:
             raise Reject(ErrorCode.FORBIDDEN, f"{room} exists already")
         self.engine().send(c.conn, frames.ack(req.id, room=room), Priority.HIGH)
+
+    async def _hook(self, c: Client, change: MemberChange) -> None:
+        """Run the ``on_member`` hooks: False or :class:`Reject` denies (4003)."""
+        if self.hooks is None or not self.hooks.has("on_member"):
+            return
+
+        def check(ch: MemberChange, r: Any) -> MemberChange:
+            if r is False:
+                raise Reject(ErrorCode.FORBIDDEN, f"{ch.action} refused in {ch.room}")
+            return ch
+
+        await self.hooks.chain("on_member", c, change, check)
 
     def group_prefix(self) -> str:
         for r in self.config.routes:
@@ -553,6 +569,7 @@ class Conversations:
         rule = route.cfg.invite
         if rule == "none" or (rule == "admin" and m.role not in _ADMINS) or route.cfg.kind != "group":
             raise Reject(ErrorCode.FORBIDDEN, f"not allowed to add members to {req.room}")
+        await self._hook(c, MemberChange(req.room, route.cfg.kind, "invite", tuple(req.users)))
         added = await self.add_members(req.room, req.users, by=c.user, route=route)
         self.engine().send(c.conn, frames.ack(req.id, room=req.room, added=added), Priority.HIGH)
 
@@ -582,6 +599,7 @@ class Conversations:
             target = await self.member(req.room, req.user)
             if m.role not in _ADMINS or (target is not None and target.role == "owner"):
                 raise Reject(ErrorCode.FORBIDDEN, f"not allowed to remove {req.user} from {req.room}")
+        await self._hook(c, MemberChange(req.room, route.cfg.kind, "remove", (req.user,)))
         if not await self.remove_member(req.room, req.user, by=c.user, route=route):
             raise Reject(ErrorCode.NOT_MEMBER, f"{req.user} is not a member of {req.room}")
         self.engine().send(c.conn, frames.ack(req.id, room=req.room), Priority.HIGH)

@@ -110,7 +110,7 @@ class Gateway:
         self.rooms = Rooms(config, self.router, self.broker, self.engine_or_raise, self.member_events, self.stats, self.storage)
         #: Conversations (dm, group, notice routes; protocol 1.1).
         self.conversations = Conversations(
-            config, self.router, self.storage, self.broker, self.engine_or_raise, self.rooms, self.stats, self.outbox, self.tasks,
+            config, self.router, self.storage, self.broker, self.engine_or_raise, self.rooms, self.stats, self.outbox, self.tasks, self.hooks,
         )
         self.sessions = Sessions(
             config, self.engine_or_raise, self.auth, self.policy, self.broker, self.hooks, self.rooms, self.member_events, self.tasks, self.stats,
@@ -165,6 +165,7 @@ class Gateway:
     after_publish = property(lambda self: self._decorator("after_publish"), doc="Decorator: ``after_publish(msg, result)``.")
     after_join = property(lambda self: self._decorator("after_join"), doc="Decorator: ``after_join(client, room)``.")
     after_connect = property(lambda self: self._decorator("after_connect"), doc="Decorator: ``after_connect(client)``.")
+    on_member = property(lambda self: self._decorator("on_member"), doc="Decorator: ``on_member(client, change)``.")
 
     # ---- helpers for plugins and the HTTP API --------------------------------------------
 

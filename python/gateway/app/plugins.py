@@ -11,13 +11,13 @@ if TYPE_CHECKING:
     from .node import Gateway
     from .session import Client
 
-__all__ = ["DROP", "HOOKS", "Message", "Plugin"]
+__all__ = ["DROP", "HOOKS", "MemberChange", "Message", "Plugin"]
 
 #: Returned by an ``on_message`` hook: drop the message silently (the sender still gets an ack).
 DROP: Any = object()
 
 #: Every hook name, in the order a connection meets them.
-HOOKS = ("on_connect", "on_join", "on_message", "on_leave", "on_disconnect", "after_publish", "after_connect", "after_join")
+HOOKS = ("on_connect", "on_join", "on_message", "on_leave", "on_disconnect", "after_publish", "after_connect", "after_join", "on_member")
 
 
 @dataclass(slots=True)
@@ -39,6 +39,20 @@ class Message:
     cid: str | None = None
 
 
+@dataclass(slots=True, frozen=True)
+class MemberChange:
+    """A client asks to change a conversation's members (``on_member``): ``action`` is
+    ``"create"`` (a new group: ``users`` its members besides the creator, ``meta`` its
+    JSON object), ``"invite"`` (add ``users``) or ``"remove"`` (``users``: the one
+    removed; the client itself when it leaves). ``kind``: the conversation's kind."""
+
+    room: str
+    kind: str
+    action: str
+    users: tuple[str, ...]
+    meta: bytes = b"{}"
+
+
 class Plugin:
     """Base class for plugins. Override any hook; each may be sync or ``async``.
 
@@ -53,6 +67,9 @@ class Plugin:
       per target room, with ``msg.room`` = that room.
     - ``after_join(client, room)``, ``after_connect(client)``: once per real change (with
       the Redis broker, debounced across nodes).
+    - ``on_member(client, change)``: a client creates a group, invites or removes members
+      (a :class:`MemberChange`, after the route's rules allowed it): return False or
+      raise :class:`~gateway.Reject` to deny. The HTTP API does not run it.
 
     ``setup(gateway)`` runs once at start (async allowed) and ``teardown()`` at stop.
     Settings: ``gateway.config.plugins.get(self.name, {})`` (the ``[plugins.<name>]``
