@@ -16,7 +16,7 @@ Scenarios:
            (100) connections in as many durable rooms, open loop: each publish is sent at
            its scheduled time whatever the earlier ones are doing, and its latency counts
            from that time (no coordinated omission); p50/p90/p99/p99.9/max.
-  archive  live-room fan-out with and without archiving, in one run: one ``bench:`` room
+  archive  live-room fan-out with and without archiving, in one run: one ``live:`` room
            of ``--members`` (5,000) receivers fed by gw-load, route ``store = "none"``
            (A) vs ``store = "archive"`` (B), a fresh gateway per side and round, the order
            alternating, ``--rounds`` (5) rounds at ``--rate max`` and at 200 msgs/s (the
@@ -68,6 +68,20 @@ sys.path[:0] = [str(HERE), str(ROOT / "tests")]
 from run import BENCH_TOML, GW_LOAD, RAW, fmt_f, fmt_int, free_port, http_json, log, machine, table  # noqa: E402
 
 CLK = os.sysconf("SC_CLK_TCK")
+
+#: The live room of the archive A/B: bench:{id}'s settings, but a history ring (a route
+#: numbers messages only when history_size > 0, and only numbered messages are stored).
+LIVE_ROUTE = """
+[[routes]]
+pattern = "live:{{id}}"
+join = "authenticated"
+publish = "authenticated"
+room_rate = 0
+user_rate = 0
+history_size = {history}
+max_message_bytes = 65536
+store = "{store}"
+"""
 
 DURABLE_ROUTE = """
 [[routes]]
@@ -306,11 +320,14 @@ def client_main(argv: list[str]) -> int:
     p.add_argument("--room-prefix", default="dur:r")
     p.add_argument("--user-prefix", default="p")
     p.add_argument("--drain", type=float, default=3.0)
+    p.add_argument("--out", required=True, help="file for the JSON result")
     a = p.parse_args(argv)
     import uvloop
 
     res = uvloop.run(ClientRun(a).main())
-    sys.stdout.write(json.dumps(res) + "\n")
+    # To a file, not stdout: a result larger than the pipe (64 KiB) came out cut there when
+    # the parent was still reading another client's.
+    Path(a.out).write_text(json.dumps(res))
     return 0
 
 
@@ -337,6 +354,13 @@ def thread_cpu(pid: int) -> dict[str, float]:
         name = "main" if t.name == str(pid) else f"{head.split('(', 1)[1]}/{t.name}"
         out[name] = (int(f[11]) + int(f[12])) / CLK
     return out
+
+
+def machine_busy() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine so far (/proc/stat: all but idle and iowait)."""
+    f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    total = sum(f[:8])
+    return (total - f[3] - f[4]) / CLK, total / CLK
 
 
 class PgCluster:
@@ -395,7 +419,7 @@ class PgCluster:
 
 def gw_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
-    env["PYTHONPATH"] = str(ROOT / "python")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "python"), os.environ.get("STORE_GW_EXTRA_PATH")]))
     return env
 
 
@@ -403,13 +427,11 @@ class Gateway:
     """A fresh gateway with the bench config, extra TOML and a fresh store."""
 
     def __init__(self, extra_toml: str, sets: list[str], kind: str, pg: PgCluster | None, cpus: str | None, tag: str,
-                 route_store: str | None = None) -> None:
+                 ) -> None:
         self.tmp = Path(tempfile.mkdtemp(prefix="store-gw-"))
         self.port, self.api = free_port(), free_port()
         self.pg, self.dsn = pg, None
         text = BENCH_TOML.read_text()
-        if route_store is not None:  # the bench:{id} route keeps its messages as told
-            text = text.replace('pattern = "bench:{id}"\n', f'pattern = "bench:{{id}}"\nstore = "{route_store}"\n', 1)
         store = f'[store]\nkind = "{kind}"\npath = "{self.tmp}/store.db"\n'
         if kind == "postgres":
             assert pg is not None
@@ -486,7 +508,7 @@ def client_run(gw: Gateway, conns: int, rate: float, a: argparse.Namespace) -> d
     first = 0
     for i, n in enumerate(per):
         cmd = [sys.executable, str(Path(__file__).resolve()), "_client", "--port", str(gw.port), "--conns", str(n), "--first", str(first),
-               "--rate", str(rate / procs if rate > 0 else 0), "--user-prefix", f"p{i}x"]
+               "--rate", str(rate / procs if rate > 0 else 0), "--user-prefix", f"p{i}x", "--out", str(gw.tmp / f"client-{i}.json")]
         if a.client_cpus:
             cmd = ["taskset", "-c", a.client_cpus, *cmd]
         children.append(subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -505,16 +527,19 @@ def client_run(gw: Gateway, conns: int, rate: float, a: argparse.Namespace) -> d
             c.stdin.write(f"GO {a.warmup} {a.seconds}\n")
             c.stdin.flush()
         time.sleep(a.warmup)
-        s0, t0, pg0, m0 = thread_cpu(gw.pid), time.monotonic(), gw.pg.cpu() if gw.pg else 0.0, gw.metrics()
+        s0, t0, pg0, m0, b0 = thread_cpu(gw.pid), time.monotonic(), gw.pg.cpu() if gw.pg else 0.0, gw.metrics(), machine_busy()
         time.sleep(max(0.0, go + a.warmup + a.seconds - time.monotonic()))
-        s1, t1, pg1, m1 = thread_cpu(gw.pid), time.monotonic(), gw.pg.cpu() if gw.pg else 0.0, gw.metrics()
+        s1, t1, pg1, m1, b1 = thread_cpu(gw.pid), time.monotonic(), gw.pg.cpu() if gw.pg else 0.0, gw.metrics(), machine_busy()
         outs = []
         for c in children:
-            out, err = c.communicate(timeout=a.drain + 60)
-            lines = [ln for ln in out.splitlines() if ln.startswith("{")]
-            if c.returncode != 0 or not lines:
+            assert c.stdin is not None and c.stdout is not None and c.stderr is not None
+            c.stdin.close()
+            c.stdout.read()
+            err = c.stderr.read()  # (small: no deadlock)
+            c.wait(a.drain + 60)
+            if c.returncode != 0:
                 raise RuntimeError(f"client failed ({c.returncode}): {err[-2000:]}")
-            outs.append(json.loads(lines[-1]))
+            outs.append(json.loads(Path(c.args[c.args.index("--out") + 1]).read_text()))
     finally:
         for c in children:
             if c.poll() is None:
@@ -537,12 +562,19 @@ def client_run(gw: Gateway, conns: int, rate: float, a: argparse.Namespace) -> d
         "p50_ms": pct(lat, 50), "p90_ms": pct(lat, 90), "p99_ms": pct(lat, 99), "p999_ms": pct(lat, 99.9),
         "max_ms": lat[-1] / 1000 if lat else float("nan"), "samples": len(lat),
         "committed_per_s": mdelta(m0, m1, "gateway_store_committed_total") / wall,
+        # The store's own view: commit() queued -> committed, mean over the window (the
+        # rest of the ack latency is the client, the sockets and the gateway's loop).
+        "commit_ms_mean": (mdelta(m0, m1, "gateway_store_commit_seconds_sum") / n * 1e3
+                           if (n := mdelta(m0, m1, "gateway_store_commit_seconds_count")) else float("nan")),
         "batch": mdelta(m0, m1, "gateway_store_batched_messages_total") / batches if batches else 0.0,
         "server_cores": server_cpu, "server_main_thread": threads.get("main", 0.0),
         "server_busiest_other_threads": [(k, round(v, 3)) for v, k in others[:4]],
         "server_us_per_ack": server_cpu * wall / acks * 1e6 if acks else float("nan"),
         "pg_cores": (pg1 - pg0) / wall if gw.pg else None,
         "pg_us_per_ack": (pg1 - pg0) / acks * 1e6 if gw.pg and acks else None,
+        # The whole machine over the window (every process, other people's work included):
+        # 2.0 = both cores busy.
+        "machine_busy_cores": (b1[0] - b0[0]) / wall,
         "client_procs": len(children), "client_cores": sum(o["cpu_s"] for o in outs) / a.seconds,
         "client_us_per_ack": sum(o["cpu_s"] for o in outs) / acks * 1e6 if acks else float("nan"),
     }
@@ -558,7 +590,7 @@ def measure_durable(kind: str, conns: int, rate: float, a: argparse.Namespace, p
     r.update(kind=kind, load_before=load)
     log(f"{kind} conns={conns} rate={rate or 'closed'}: {r['acks_per_s']:,.0f} acks/s p50 {r['p50_ms']:.1f} p99 {r['p99_ms']:.1f} ms, "
         f"server {r['server_cores']:.2f} cores (main {r['server_main_thread']:.2f}), pg {r['pg_cores'] or 0:.2f}, "
-        f"client {r['client_cores']:.2f}, batch {r['batch']:.1f}, errors {r['errors']}, load {load:.2f}")
+        f"client {r['client_cores']:.2f}, machine {r['machine_busy_cores']:.2f}, batch {r['batch']:.1f}, commit mean {r['commit_ms_mean']:.1f} ms, errors {r['errors']}, load {load:.2f}")
     return r
 
 
@@ -633,10 +665,10 @@ def sc_latency(a: argparse.Namespace, pg: PgCluster | None) -> dict[str, Any]:
 
 def fanout_once(route_store: str, rate: str, a: argparse.Namespace, tag: str) -> dict[str, Any]:
     load = os.getloadavg()[0]
-    gw = Gateway("", a.set, "sqlite", None, a.server_cpus, tag, route_store=route_store)
+    gw = Gateway(LIVE_ROUTE.format(history=a.history, store=route_store), a.set, "sqlite", None, a.server_cpus, tag)
     try:
         m0 = gw.metrics()
-        args = [str(GW_LOAD), "--url", f"ws://127.0.0.1:{gw.port}/ws", "--conns", str(a.members), "--room", "bench:arch", "--sources", "8",
+        args = [str(GW_LOAD), "--url", f"ws://127.0.0.1:{gw.port}/ws", "--conns", str(a.members), "--room", "live:arch", "--sources", "8",
                 "--connect-inflight", "256", "--publishers", "2", "--rate", rate, "--warmup", "1", "--duration", str(a.fan_seconds),
                 "--drain-wait", "1", "--lat-sample", "4", "--ping-interval", "20", "--window", "32", "--server-pid", str(gw.pid),
                 "--quiet", "--timeout", "120"]
@@ -705,7 +737,7 @@ def sc_archive(a: argparse.Namespace, pg: PgCluster | None) -> dict[str, Any]:
         summary.append([rate, spread(dn), spread(da), spread(ratios, 3), spread(nss, 3),
                         spread([r["msgs_per_s"] for r in arch]), f"{sum(r['archived'] for r in arch):,.0f} / {sum(r['published_total'] for r in arch):,}",
                         fmt_int(sum(r["archive_dropped"] for r in arch)), fmt_int(max(r["backlog_at_end"] for r in arch))])
-    md = (f"One `bench:` room, {a.members:,} receivers + 2 publishers (gw-load, window 32), memory broker, SQLite; route "
+    md = (f"One `live:` room (`history_size = {a.history}` on both sides), {a.members:,} receivers + 2 publishers (gw-load, window 32), memory broker, SQLite; route "
           f"`store = \"none\"` vs `\"archive\"`, a fresh gateway per side, order alternating per round; {a.fan_seconds:g} s measured "
           "after 1 s warmup. `archived` counts every message the writer stored during the gateway's life (warmup included) "
           "against every message published.\n\n"
@@ -742,6 +774,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--members", type=int, default=5000, help="archive: receivers in the room")
     ap.add_argument("--fan-rates", default="max,200", help="archive: gw-load --rate values")
     ap.add_argument("--fan-seconds", type=float, default=5.0)
+    ap.add_argument("--history", type=int, default=50, help="archive: the live route's history_size (both sides)")
     ap.add_argument("--server-cpus", default=None, help="taskset -c for the gateway")
     ap.add_argument("--client-cpus", default=None, help="taskset -c for the clients")
     ap.add_argument("--set", action="append", default=[], metavar="K=V", help="gateway --set (repeatable), e.g. store.batch_ms=2")
