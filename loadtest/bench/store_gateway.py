@@ -19,7 +19,7 @@ Scenarios:
   archive  live-room fan-out with and without archiving, in one run: one ``live:`` room
            of ``--members`` (5,000) receivers fed by gw-load, route ``store = "none"``
            (A) vs ``store = "archive"`` (B), a fresh gateway per side and round, the order
-           alternating, ``--rounds`` (5) rounds at ``--rate max`` and at 200 msgs/s (the
+           alternating, ``--rounds`` (6) rounds at ``--rate max`` and at 200 msgs/s (the
            live-room rate); deliveries/s, server CPU per delivery, the B/A ratio per round
            and its median, and the archive's messages written/s, backlog and drops
            (``gateway_store_*`` from /metrics).
@@ -42,7 +42,7 @@ Output: markdown tables on stdout and in ``loadtest/results/raw/store-gw-<stamp>
 every row records the machine's 1-min load average before it.
 """
 
-# ruff: noqa: RUF001 (typographic signs in the tables)
+# ruff: noqa: RUF001, RUF002 (typographic signs in the tables)
 from __future__ import annotations
 
 import argparse
@@ -139,8 +139,9 @@ class Conn(asyncio.Protocol):
         self.closed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]  (uvloop's is no asyncio.Transport subclass)
-        transport.write(
+        # (uvloop's transport is no asyncio.Transport subclass: no isinstance check)
+        self.transport = t = transport  # type: ignore[assignment]
+        t.write(  # type: ignore[attr-defined]
             f"GET /ws?user={self.run.user_prefix}{self.k} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
             "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
             "Sec-WebSocket-Protocol: gateway.v1\r\n\r\n".encode())
@@ -367,7 +368,7 @@ class PgCluster:
     """A private PostgreSQL cluster for the run (tests/support/postgres.py) and fresh databases on it."""
 
     def __init__(self) -> None:
-        from support.postgres import PostgresServer, install_postgres
+        from support.postgres import PostgresServer, install_postgres  # type: ignore[import-not-found,unused-ignore]
 
         bindir, out = install_postgres()
         if not bindir:
@@ -391,7 +392,7 @@ class PgCluster:
                 await c.close()
 
         asyncio.run(create())
-        dsn = self.server.dsn(name)
+        dsn: str = self.server.dsn(name)
         subprocess.run([sys.executable, "-m", "gateway", "migrate", "--dsn", dsn], env=gw_env(), cwd=ROOT, check=True,
                        capture_output=True, timeout=120)
         return dsn
@@ -539,7 +540,7 @@ def client_run(gw: Gateway, conns: int, rate: float, a: argparse.Namespace) -> d
             c.wait(a.drain + 60)
             if c.returncode != 0:
                 raise RuntimeError(f"client failed ({c.returncode}): {err[-2000:]}")
-            outs.append(json.loads(Path(c.args[c.args.index("--out") + 1]).read_text()))
+            outs.append(json.loads((gw.tmp / f"client-{children.index(c)}.json").read_text()))
     finally:
         for c in children:
             if c.poll() is None:
@@ -598,26 +599,29 @@ def kinds_in_order(kinds: list[str], r: int) -> list[str]:
     return kinds if r % 2 == 0 else list(reversed(kinds))
 
 
-DURABLE_COLS = ["store", "publishers", "round", "acks/s", "ack p50 ms", "ack p99 ms", "msgs / txn", "errors", "gateway cores (main thread)",
-                "gateway µs/ack", "PostgreSQL cores", "client cores", "load before"]
+DURABLE_COLS = ["store", "publishers", "round", "acks/s", "ack p50 ms", "ack p99 ms", "commit mean ms", "msgs / txn", "errors",
+                "gateway cores (main thread)", "gateway µs/ack", "PostgreSQL cores", "client cores", "machine busy cores", "load before"]
 
 
 def durable_row(r: dict[str, Any], rnd: Any) -> list[Any]:
-    return [r["kind"], fmt_int(r["conns"]), rnd, fmt_int(r["acks_per_s"]), fmt_f(r["p50_ms"]), fmt_f(r["p99_ms"]), fmt_f(r["batch"]),
-            sum(r["errors"].values()) or "0", f"{r['server_cores']:.2f} ({r['server_main_thread']:.2f})", fmt_int(r["server_us_per_ack"]),
-            fmt_f(r["pg_cores"], 2) if r["pg_cores"] is not None else "–", fmt_f(r["client_cores"], 2), fmt_f(r["load_before"], 2)]
+    return [r["kind"], fmt_int(r["conns"]), rnd, fmt_int(r["acks_per_s"]), fmt_f(r["p50_ms"]), fmt_f(r["p99_ms"]), fmt_f(r["commit_ms_mean"]),
+            fmt_f(r["batch"]), sum(r["errors"].values()) or "0", f"{r['server_cores']:.2f} ({r['server_main_thread']:.2f})",
+            fmt_int(r["server_us_per_ack"]), fmt_f(r["pg_cores"], 2) if r["pg_cores"] is not None else "–", fmt_f(r["client_cores"], 2),
+            fmt_f(r["machine_busy_cores"], 2), fmt_f(r["load_before"], 2)]
 
 
 def spread(values: list[float], nd: int = 0) -> str:
     """median (min–max) of the rounds."""
-    f = (lambda x: f"{x:,.{nd}f}")
+    def f(x: float) -> str:
+        return f"{x:,.{nd}f}"
+
     return f"{f(statistics.median(values))} ({f(min(values))}–{f(max(values))})" if len(values) > 1 else f(values[0])
 
 
 def sc_durable(a: argparse.Namespace, pg: PgCluster | None) -> dict[str, Any]:
     runs: list[dict[str, Any]] = []
     rows = []
-    for rnd in range(a.rounds):
+    for rnd in range(a.rounds or 3):
         for kind in kinds_in_order(a.kinds, rnd):
             for n in a.publishers:
                 r = measure_durable(kind, n, 0.0, a, pg, f"-durable-{kind}-{n}")
@@ -638,13 +642,13 @@ def sc_durable(a: argparse.Namespace, pg: PgCluster | None) -> dict[str, Any]:
 
 
 LAT_COLS = ["store", "rate", "conns", "round", "acks/s", "p50 ms", "p90 ms", "p99 ms", "p99.9 ms", "max ms", "msgs / txn", "errors",
-            "gateway cores", "PostgreSQL cores", "client cores", "load before"]
+            "gateway cores", "PostgreSQL cores", "client cores", "machine busy cores", "load before"]
 
 
 def sc_latency(a: argparse.Namespace, pg: PgCluster | None) -> dict[str, Any]:
     runs: list[dict[str, Any]] = []
     rows = []
-    for rnd in range(a.rounds):
+    for rnd in range(a.rounds or 5):
         for kind in kinds_in_order(a.kinds, rnd):
             r = measure_durable(kind, a.conns, a.rate, a, pg, f"-latency-{kind}")
             r["round"] = rnd + 1
@@ -652,7 +656,7 @@ def sc_latency(a: argparse.Namespace, pg: PgCluster | None) -> dict[str, Any]:
             rows.append([kind, fmt_int(a.rate), fmt_int(a.conns), rnd + 1, fmt_int(r["acks_per_s"]), fmt_f(r["p50_ms"]), fmt_f(r["p90_ms"]),
                          fmt_f(r["p99_ms"]), fmt_f(r["p999_ms"]), fmt_f(r["max_ms"]), fmt_f(r["batch"]), sum(r["errors"].values()) or "0",
                          fmt_f(r["server_cores"], 2), fmt_f(r["pg_cores"], 2) if r["pg_cores"] is not None else "–",
-                         fmt_f(r["client_cores"], 2), fmt_f(r["load_before"], 2)])
+                         fmt_f(r["client_cores"], 2), fmt_f(r["machine_busy_cores"], 2), fmt_f(r["load_before"], 2)])
     summary = [[kind, spread([r["p50_ms"] for r in runs if r["kind"] == kind], 1), spread([r["p99_ms"] for r in runs if r["kind"] == kind], 1)]
                for kind in a.kinds]
     md = (f"Open loop: {a.rate:,.0f} publishes/s over {a.conns} connections (each its own durable room), latency from each "
@@ -705,7 +709,8 @@ def fanout_once(route_store: str, rate: str, a: argparse.Namespace, tag: str) ->
 def sc_archive(a: argparse.Namespace, pg: PgCluster | None) -> dict[str, Any]:
     runs: list[dict[str, Any]] = []
     rows = []
-    for rnd in range(a.rounds):
+    rounds = a.rounds or 6
+    for rnd in range(rounds):
         for rate in a.fan_rates:
             order = ["none", "archive"] if rnd % 2 == 0 else ["archive", "none"]
             pair = {}
@@ -727,7 +732,7 @@ def sc_archive(a: argparse.Namespace, pg: PgCluster | None) -> dict[str, Any]:
     summary = []
     for rate in a.fan_rates:
         ratios, nss, dn, da = [], [], [], []
-        for rnd in range(1, a.rounds + 1):
+        for rnd in range(1, rounds + 1):
             p = {r["store"]: r for r in runs if r["round"] == rnd and r["rate"] == rate}
             ratios.append(p["archive"]["deliveries_per_s"] / p["none"]["deliveries_per_s"])
             nss.append((p["archive"]["server_ns"] or 0) / (p["none"]["server_ns"] or 1))
@@ -766,7 +771,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--publishers", default="64,256,1000", help="durable: connections (closed loop), comma-separated")
     ap.add_argument("--rate", type=float, default=1000.0, help="latency: publishes/s")
     ap.add_argument("--conns", type=int, default=100, help="latency: connections (rooms)")
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=None, help="rounds of every scenario (default: durable 3, latency 5, archive 6)")
     ap.add_argument("--warmup", type=float, default=2.0)
     ap.add_argument("--seconds", type=float, default=8.0)
     ap.add_argument("--drain", type=float, default=3.0)
