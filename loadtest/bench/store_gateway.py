@@ -364,6 +364,19 @@ def machine_busy() -> tuple[float, float]:
     return (total - f[3] - f[4]) / CLK, total / CLK
 
 
+def wait_idle(a: argparse.Namespace) -> float:
+    """Wait (up to ``--idle-wait`` s) until the machine's busy cores over a second are below
+    ``--idle-below``: other people's work on the shared machine. Returns the seconds waited."""
+    t = time.monotonic()
+    while time.monotonic() - t < a.idle_wait:
+        b0 = machine_busy()
+        time.sleep(1.0)
+        b1 = machine_busy()
+        if (b1[0] - b0[0]) / ((b1[1] - b0[1]) / (os.cpu_count() or 1)) < a.idle_below:
+            break
+    return time.monotonic() - t
+
+
 class PgCluster:
     """A private PostgreSQL cluster for the run (tests/support/postgres.py) and fresh databases on it."""
 
@@ -576,22 +589,25 @@ def client_run(gw: Gateway, conns: int, rate: float, a: argparse.Namespace) -> d
         # The whole machine over the window (every process, other people's work included):
         # 2.0 = both cores busy.
         "machine_busy_cores": (b1[0] - b0[0]) / wall,
+        # What nobody of this run used: other people's processes (and unattributed kernel time).
+        "others_cores": (b1[0] - b0[0]) / wall - server_cpu - ((pg1 - pg0) / wall if gw.pg else 0.0) - sum(o["cpu_s"] for o in outs) / a.seconds,
         "client_procs": len(children), "client_cores": sum(o["cpu_s"] for o in outs) / a.seconds,
         "client_us_per_ack": sum(o["cpu_s"] for o in outs) / acks * 1e6 if acks else float("nan"),
     }
 
 
 def measure_durable(kind: str, conns: int, rate: float, a: argparse.Namespace, pg: PgCluster | None, tag: str) -> dict[str, Any]:
+    waited = wait_idle(a)
     load = os.getloadavg()[0]
     gw = Gateway(DURABLE_ROUTE, a.set, kind, pg if kind == "postgres" else None, a.server_cpus, tag)
     try:
         r = client_run(gw, conns, rate, a)
     finally:
         gw.stop()
-    r.update(kind=kind, load_before=load)
+    r.update(kind=kind, load_before=load, idle_waited_s=waited)
     log(f"{kind} conns={conns} rate={rate or 'closed'}: {r['acks_per_s']:,.0f} acks/s p50 {r['p50_ms']:.1f} p99 {r['p99_ms']:.1f} ms, "
         f"server {r['server_cores']:.2f} cores (main {r['server_main_thread']:.2f}), pg {r['pg_cores'] or 0:.2f}, "
-        f"client {r['client_cores']:.2f}, machine {r['machine_busy_cores']:.2f}, batch {r['batch']:.1f}, commit mean {r['commit_ms_mean']:.1f} ms, errors {r['errors']}, load {load:.2f}")
+        f"client {r['client_cores']:.2f}, machine {r['machine_busy_cores']:.2f} (others {r['others_cores']:.2f}), batch {r['batch']:.1f}, commit mean {r['commit_ms_mean']:.1f} ms, errors {r['errors']}, load {load:.2f}")
     return r
 
 
@@ -600,14 +616,24 @@ def kinds_in_order(kinds: list[str], r: int) -> list[str]:
 
 
 DURABLE_COLS = ["store", "publishers", "round", "acks/s", "ack p50 ms", "ack p99 ms", "commit mean ms", "msgs / txn", "errors",
-                "gateway cores (main thread)", "gateway µs/ack", "PostgreSQL cores", "client cores", "machine busy cores", "load before"]
+                "gateway cores (main thread)", "gateway µs/ack", "PostgreSQL cores", "client cores", "others' cores", "load before"]
 
 
 def durable_row(r: dict[str, Any], rnd: Any) -> list[Any]:
     return [r["kind"], fmt_int(r["conns"]), rnd, fmt_int(r["acks_per_s"]), fmt_f(r["p50_ms"]), fmt_f(r["p99_ms"]), fmt_f(r["commit_ms_mean"]),
             fmt_f(r["batch"]), sum(r["errors"].values()) or "0", f"{r['server_cores']:.2f} ({r['server_main_thread']:.2f})",
             fmt_int(r["server_us_per_ack"]), fmt_f(r["pg_cores"], 2) if r["pg_cores"] is not None else "–", fmt_f(r["client_cores"], 2),
-            fmt_f(r["machine_busy_cores"], 2), fmt_f(r["load_before"], 2)]
+            fmt_f(r["others_cores"], 2), fmt_f(r["load_before"], 2)]
+
+
+#: A run during which other processes used more than this many cores counts as disturbed.
+DISTURBED = 0.3
+
+
+def quiet(rs: list[dict[str, Any]], key: str, nd: int = 0) -> str:
+    """The median of ``key`` over the undisturbed runs of ``rs``, with their count."""
+    q = [r[key] for r in rs if r["others_cores"] <= DISTURBED]
+    return f"{spread(q, nd)} (n={len(q)})" if q else "none"
 
 
 def spread(values: list[float], nd: int = 0) -> str:
@@ -632,17 +658,18 @@ def sc_durable(a: argparse.Namespace, pg: PgCluster | None) -> dict[str, Any]:
     for kind in a.kinds:
         for n in a.publishers:
             rs = [r for r in runs if r["kind"] == kind and r["conns"] == n]
-            summary.append([kind, fmt_int(n), spread([r["acks_per_s"] for r in rs]), spread([r["p99_ms"] for r in rs], 1),
+            summary.append([kind, fmt_int(n), spread([r["acks_per_s"] for r in rs]), quiet(rs, "acks_per_s"), spread([r["p99_ms"] for r in rs], 1),
                             spread([r["server_us_per_ack"] for r in rs]), spread([r["client_cores"] for r in rs], 2)])
     md = ("Every round, per store: a fresh gateway per publisher count; closed loop, one publish in flight per connection, "
           f"each connection in its own durable room; {a.warmup:g} s warmup, {a.seconds:g} s measured.\n\n"
           + table(DURABLE_COLS, rows) + "\n\nMedian (min–max) over the rounds:\n\n"
-          + table(["store", "publishers", "acks/s", "ack p99 ms", "gateway µs/ack", "client cores"], summary))
+          + table(["store", "publishers", "acks/s", f"acks/s, rounds with others' cores ≤ {DISTURBED}", "ack p99 ms", "gateway µs/ack",
+                   "client cores"], summary))
     return {"runs": runs, "markdown": md}
 
 
 LAT_COLS = ["store", "rate", "conns", "round", "acks/s", "p50 ms", "p90 ms", "p99 ms", "p99.9 ms", "max ms", "msgs / txn", "errors",
-            "gateway cores", "PostgreSQL cores", "client cores", "machine busy cores", "load before"]
+            "gateway cores", "PostgreSQL cores", "client cores", "others' cores", "load before"]
 
 
 def sc_latency(a: argparse.Namespace, pg: PgCluster | None) -> dict[str, Any]:
@@ -656,18 +683,19 @@ def sc_latency(a: argparse.Namespace, pg: PgCluster | None) -> dict[str, Any]:
             rows.append([kind, fmt_int(a.rate), fmt_int(a.conns), rnd + 1, fmt_int(r["acks_per_s"]), fmt_f(r["p50_ms"]), fmt_f(r["p90_ms"]),
                          fmt_f(r["p99_ms"]), fmt_f(r["p999_ms"]), fmt_f(r["max_ms"]), fmt_f(r["batch"]), sum(r["errors"].values()) or "0",
                          fmt_f(r["server_cores"], 2), fmt_f(r["pg_cores"], 2) if r["pg_cores"] is not None else "–",
-                         fmt_f(r["client_cores"], 2), fmt_f(r["machine_busy_cores"], 2), fmt_f(r["load_before"], 2)])
-    summary = [[kind, spread([r["p50_ms"] for r in runs if r["kind"] == kind], 1), spread([r["p99_ms"] for r in runs if r["kind"] == kind], 1)]
-               for kind in a.kinds]
+                         fmt_f(r["client_cores"], 2), fmt_f(r["others_cores"], 2), fmt_f(r["load_before"], 2)])
+    summary = [[kind, spread([r["p50_ms"] for r in runs if r["kind"] == kind], 1), spread([r["p99_ms"] for r in runs if r["kind"] == kind], 1),
+                quiet([r for r in runs if r["kind"] == kind], "p99_ms", 1)] for kind in a.kinds]
     md = (f"Open loop: {a.rate:,.0f} publishes/s over {a.conns} connections (each its own durable room), latency from each "
           f"publish's scheduled send time to its ack; {a.warmup:g} s warmup, {a.seconds:g} s measured.\n\n" + table(LAT_COLS, rows)
-          + "\n\nMedian (min–max) over the rounds:\n\n" + table(["store", "ack p50 ms", "ack p99 ms"], summary))
+          + "\n\nMedian (min–max) over the rounds:\n\n" + table(["store", "ack p50 ms", "ack p99 ms", f"ack p99 ms, rounds with others' cores ≤ {DISTURBED}"], summary))
     return {"runs": runs, "markdown": md}
 
 
 # ------------------------------------------------------------------ archive A/B
 
 def fanout_once(route_store: str, rate: str, a: argparse.Namespace, tag: str) -> dict[str, Any]:
+    waited = wait_idle(a)
     load = os.getloadavg()[0]
     gw = Gateway(LIVE_ROUTE.format(history=a.history, store=route_store), a.set, "sqlite", None, a.server_cpus, tag)
     try:
@@ -678,7 +706,12 @@ def fanout_once(route_store: str, rate: str, a: argparse.Namespace, tag: str) ->
                 "--quiet", "--timeout", "120"]
         if a.client_cpus:
             args = ["taskset", "-c", a.client_cpus, *args]
+        b0, g0, c0, th0 = machine_busy(), proc_cpu(gw.pid), resource.getrusage(resource.RUSAGE_CHILDREN), thread_cpu(gw.pid)
         p = subprocess.run(args, capture_output=True, text=True, timeout=180, check=False)
+        b1, g1, c1, th1 = machine_busy(), proc_cpu(gw.pid), resource.getrusage(resource.RUSAGE_CHILDREN), thread_cpu(gw.pid)
+        # Other people's CPU over the gw-load run: the machine's minus the gateway's and gw-load's.
+        span = (b1[1] - b0[1]) / (os.cpu_count() or 1)
+        others = ((b1[0] - b0[0]) - (g1 - g0) - ((c1.ru_utime + c1.ru_stime) - (c0.ru_utime + c0.ru_stime))) / span if span else 0.0
         lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
         if p.returncode != 0 or not lines:
             raise RuntimeError(f"gw-load failed ({p.returncode}): {p.stderr[-2000:]}")
@@ -699,10 +732,14 @@ def fanout_once(route_store: str, rate: str, a: argparse.Namespace, tag: str) ->
          "client_util": d.get("client_cpu_util"), "published_total": total,
          "archived": mdelta(m0, m1, "gateway_store_archived_total"), "archive_dropped": mdelta(m0, m1, "gateway_store_archive_dropped_total"),
          "store_errors": mdelta(m0, m1, "gateway_store_errors_total"), "batches": mdelta(m0, m1, "gateway_store_batches_total"),
-         "backlog_at_end": backlog_end, "backlog_drain_s": drain_s if route_store != "none" else 0.0}
+         "backlog_at_end": backlog_end, "backlog_drain_s": drain_s if route_store != "none" else 0.0, "others_cores": others,
+         "idle_waited_s": waited,
+         # CPU seconds per gateway thread over the whole gw-load run (connects included):
+         # "main" is the Python loop, "python/<tid>" the store's threads, "gateway-io/<tid>" the engine's.
+         "thread_cpu_s": {k: round(th1.get(k, 0.0) - th0.get(k, 0.0), 3) for k in th1 if th1.get(k, 0.0) - th0.get(k, 0.0) >= 0.01}}
     log(f"archive A/B store={route_store} rate={rate}: {r['deliveries_per_s']:,.0f} dlv/s ratio {r['ratio']}, {r['msgs_per_s']:,.0f} msgs/s, "
         f"server {r['server_ns']} ns/dlv, archived {r['archived']:.0f}/{total} dropped {r['archive_dropped']:.0f}, "
-        f"backlog at end {backlog_end:.0f}, load {load:.2f}")
+        f"backlog at end {backlog_end:.0f}, others {others:.2f} cores, load {load:.2f}")
     return r
 
 
@@ -728,18 +765,23 @@ def sc_archive(a: argparse.Namespace, pg: PgCluster | None) -> dict[str, Any]:
                              f"{r['archived']:,.0f} / {r['published_total']:,}" if side == "archive" else "–",
                              fmt_int(r["archive_dropped"]) if side == "archive" else "–",
                              fmt_int(r["backlog_at_end"]) if side == "archive" else "–",
-                             f"{ratio:.3f}" if side == "archive" else "", f"{ns:.3f}" if side == "archive" else "", fmt_f(r["load_before"], 2)])
+                             f"{ratio:.3f}" if side == "archive" else "", f"{ns:.3f}" if side == "archive" else "", fmt_f(r["others_cores"], 2),
+                             fmt_f(r["load_before"], 2)])
     summary = []
     for rate in a.fan_rates:
-        ratios, nss, dn, da = [], [], [], []
+        ratios, nss, dn, da, qr, qn = [], [], [], [], [], []
         for rnd in range(1, rounds + 1):
             p = {r["store"]: r for r in runs if r["round"] == rnd and r["rate"] == rate}
             ratios.append(p["archive"]["deliveries_per_s"] / p["none"]["deliveries_per_s"])
             nss.append((p["archive"]["server_ns"] or 0) / (p["none"]["server_ns"] or 1))
+            if max(p["archive"]["others_cores"], p["none"]["others_cores"]) <= DISTURBED:
+                qr.append(ratios[-1])
+                qn.append(nss[-1])
             dn.append(p["none"]["deliveries_per_s"])
             da.append(p["archive"]["deliveries_per_s"])
         arch = [r for r in runs if r["rate"] == rate and r["store"] == "archive"]
-        summary.append([rate, spread(dn), spread(da), spread(ratios, 3), spread(nss, 3),
+        summary.append([rate, spread(dn), spread(da), spread(ratios, 3), f"{spread(qr, 3)} (n={len(qr)})" if qr else "none", spread(nss, 3),
+                        f"{spread(qn, 3)} (n={len(qn)})" if qn else "none",
                         spread([r["msgs_per_s"] for r in arch]), f"{sum(r['archived'] for r in arch):,.0f} / {sum(r['published_total'] for r in arch):,}",
                         fmt_int(sum(r["archive_dropped"] for r in arch)), fmt_int(max(r["backlog_at_end"] for r in arch))])
     md = (f"One `live:` room (`history_size = {a.history}` on both sides), {a.members:,} receivers + 2 publishers (gw-load, window 32), memory broker, SQLite; route "
@@ -747,10 +789,12 @@ def sc_archive(a: argparse.Namespace, pg: PgCluster | None) -> dict[str, Any]:
           "after 1 s warmup. `archived` counts every message the writer stored during the gateway's life (warmup included) "
           "against every message published.\n\n"
           + table(["round", "rate", "store", "msgs/s in", "deliveries/s", "delivery ratio", "p99 ms", "server ns/dlv", "archived / published",
-                   "dropped", "backlog at end", "dlv/s archive / none", "ns/dlv archive / none", "load before"], rows)
+                   "dropped", "backlog at end", "dlv/s archive / none", "ns/dlv archive / none", "others' cores", "load before"], rows)
           + "\n\nMedian (min–max) over the rounds:\n\n"
-          + table(["rate", "dlv/s none", "dlv/s archive", "archive / none", "server ns/dlv archive / none", "archive writes/s",
-                   "archived / published (all rounds)", "dropped", "largest backlog at end"], summary))
+          + table(["rate", "dlv/s none", "dlv/s archive", "archive / none", "archive / none, undisturbed rounds", "server ns/dlv archive / none",
+                   "the same, undisturbed rounds", "archive writes/s",
+                   "archived / published (all rounds)", "dropped", "largest backlog at end"], summary)
+          + f"\n\nUndisturbed: both sides of the round ran while other processes used at most {DISTURBED} cores.")
     return {"runs": runs, "markdown": md}
 
 
@@ -782,6 +826,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--history", type=int, default=50, help="archive: the live route's history_size (both sides)")
     ap.add_argument("--server-cpus", default=None, help="taskset -c for the gateway")
     ap.add_argument("--client-cpus", default=None, help="taskset -c for the clients")
+    ap.add_argument("--idle-below", type=float, default=0.5, help="start a measurement once the machine's busy cores are below this")
+    ap.add_argument("--idle-wait", type=float, default=60.0, help="... waiting at most this many seconds (0: don't wait)")
     ap.add_argument("--set", action="append", default=[], metavar="K=V", help="gateway --set (repeatable), e.g. store.batch_ms=2")
     a = ap.parse_args(argv)
     a.kinds = a.kind.split(",")
