@@ -52,6 +52,15 @@ store = "archive"
 retention_days = 0.00002
 
 [[routes]]
+pattern = "nohist:{id}"
+join = "all"
+publish = "all"
+user_rate = 0
+room_rate = 0
+store = "durable"
+history_size = 0
+
+[[routes]]
 pattern = "plain:{id}"
 join = "all"
 publish = "all"
@@ -245,5 +254,22 @@ async def test_many_concurrent_durable_publishes_are_all_acked_in_order(tmp_path
         assert [m["seq"] for m in r.json()["messages"]] == list(range(101, 201))
         for c in clients:
             await c.close()
+    finally:
+        assert not g.finish()
+
+
+async def test_a_route_without_history_still_keeps_its_messages(tmp_path: Path) -> None:
+    """history_size = 0 shows no history on join; the store keeps every message anyway."""
+    g = gateway(tmp_path).start()
+    room = f"nohist:{uniq()}"
+    try:
+        c = await g.client("ivan")
+        ack = await c.join(room, history=10)
+        assert ack["msgs"] == []
+        acks = [await c.publish(room, {"n": i}) for i in range(3)]
+        assert [a["seq"] for a in acks] == [1, 2, 3]
+        page = await c.history(room, limit=10)
+        assert [m["data"] for m in page["msgs"]] == [{"n": 0}, {"n": 1}, {"n": 2}]
+        await c.close()
     finally:
         assert not g.finish()

@@ -70,7 +70,9 @@ class Rooms:
         key = (mtype if mtype in cfg.priorities else "other", prio)
         published = self.stats.published
         published[key] = published.get(key, 0) + 1
-        policy = HistoryPolicy(cfg.history_size, cfg.history_ttl)
+        # A kept message needs a seq, and brokers number only what their history holds:
+        # a route that keeps messages but shows no history still gets a ring of one.
+        policy = HistoryPolicy(max(cfg.history_size, 1) if keep != "none" else cfg.history_size, cfg.history_ttl)
         if keep == "durable" and cid is not None:
             # A retry later than the broker's idempotency window (a phone offline with an
             # unacknowledged send): the store still knows the cid. Answer with the stored
