@@ -15,6 +15,7 @@ from support.fixtures import (  # noqa: F401  (fixtures and hooks are registered
     postgres_db,
     postgres_dsn,
     postgres_server,
+    private_pg,
     pytest_runtest_makereport,
     redis_binary,
     redis_server,

@@ -9,8 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,9 +16,8 @@ from signal import SIGKILL
 from typing import Any
 
 import pytest
-from support import ROOT
 from support.gateway import GatewayProcess, uniq
-from support.postgres import PostgresServer
+from support.postgres import PostgresServer, migrate
 from support.redis import RedisServer, command
 from support.wait import eventually
 
@@ -37,10 +34,6 @@ store = "archive"
 history_size = 20
 """
 
-
-def migrate(dsn: str) -> None:
-    p = subprocess.run([sys.executable, "-m", "gateway", "migrate", "--dsn", dsn], cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert p.returncode == 0, p.stderr
 
 
 def node(tmp: Path, name: str, redis: RedisServer, dsn: str, *sets: str) -> GatewayProcess:
@@ -137,16 +130,6 @@ def proxy(postgres_server: PostgresServer) -> Iterator[CutProxy]:
     yield p
     p.cut()
 
-
-@pytest.fixture
-def private_pg(postgres_server: PostgresServer) -> Iterator[PostgresServer]:
-    """A cluster of this test's own, to stop and start again."""
-    srv = PostgresServer(postgres_server.bindir)
-    try:
-        srv.start()
-        yield srv
-    finally:
-        srv.remove()
 
 
 async def test_a_node_killed_after_its_acks_loses_nothing_another_node_stores_each_once(

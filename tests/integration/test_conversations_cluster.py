@@ -6,14 +6,11 @@ store's), and a read on one node clearing the badge on the other."""
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
-from support import ROOT
 from support.gateway import GatewayProcess, uniq
+from support.postgres import migrate
 from support.redis import RedisServer
 
 ROUTES = """
@@ -40,9 +37,7 @@ pattern = "*"
 
 
 def nodes(redis_server: RedisServer, dsn: str, tmp_path: Path) -> list[GatewayProcess]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "python")}
-    p = subprocess.run([sys.executable, "-m", "gateway", "migrate", "--dsn", dsn], cwd=ROOT, capture_output=True, text=True, timeout=60, env=env)
-    assert p.returncode == 0, p.stderr
+    migrate(dsn)
     sets = ["store.kind=postgres", f"store.dsn={dsn}", "limits.client_rate=0"]
     args = ["--broker", "redis", "--redis-url", redis_server.url]
     return [GatewayProcess(tmp_path / f"n{i}", sets, config=ROUTES, args=args).start() for i in range(2)]

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from support.gateway import GatewayProcess, uniq
+from support.postgres import migrate
 from support.receiver import Receiver
 from support.redis import RedisServer
 from support.wait import eventually
@@ -247,11 +248,7 @@ async def test_two_nodes_on_postgres_one_delivers_and_the_other_takes_over_after
     """Both nodes write the log (PostgreSQL); one holds the lease and delivers. Messages of
     one room published on both nodes at once arrive in seq order. The deliverer is killed
     mid-way: the other node takes the lease and delivers the rest (at least once)."""
-    import subprocess
-    import sys
-
-    p = subprocess.run([sys.executable, "-m", "gateway", "migrate", "--dsn", postgres_db], capture_output=True, text=True, timeout=60)
-    assert p.returncode == 0, p.stderr
+    migrate(postgres_db)
     rec = Receiver(SECRET)
     rec.delay = 0.15  # a slow endpoint: delivery takes seconds, so the kill lands mid-way
     await rec.start()

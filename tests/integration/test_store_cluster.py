@@ -6,15 +6,11 @@ A real PostgreSQL (Debian's, started by the test fixtures) and a real redis-serv
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support import ROOT
 from support.gateway import GatewayProcess, uniq
-from support.postgres import PostgresServer
+from support.postgres import PostgresServer, migrate
 from support.redis import RedisServer, command
 from support.wait import eventually
 
@@ -45,20 +41,6 @@ store = "archive"
 """
 
 
-def migrate(dsn: str) -> None:
-    p = subprocess.run([sys.executable, "-m", "gateway", "migrate", "--dsn", dsn], cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert p.returncode == 0, p.stderr
-
-
-@pytest.fixture
-def private_pg(postgres_server: PostgresServer) -> Iterator[PostgresServer]:
-    """A cluster of this test's own, to stop and start again."""
-    srv = PostgresServer(postgres_server.bindir)
-    try:
-        srv.start()
-        yield srv
-    finally:
-        srv.remove()
 
 
 async def test_two_nodes_one_durable_room_gapless_and_kept_through_flushall(

@@ -5,12 +5,10 @@ it does not see the other node's messages)."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
-from support import ROOT
 from support.gateway import GatewayProcess, uniq
+from support.postgres import migrate
 from support.redis import RedisServer, command
 
 ROUTES = """
@@ -25,8 +23,7 @@ store = "durable"
 
 
 async def test_a_stale_floor_after_flushall_never_loses_an_acknowledged_message(redis_server: RedisServer, postgres_db: str, tmp_path: Path) -> None:
-    p = subprocess.run([sys.executable, "-m", "gateway", "migrate", "--dsn", postgres_db], cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert p.returncode == 0, p.stderr
+    migrate(postgres_db)
     sets = ["store.kind=postgres", f"store.dsn={postgres_db}", "limits.client_rate=0"]
     args = ["--broker", "redis", "--redis-url", redis_server.url]
     a, b = (GatewayProcess(tmp_path / n, sets, config=ROUTES, args=args).start() for n in ("a", "b"))

@@ -19,7 +19,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -57,16 +57,6 @@ async def store(postgres_db: str) -> AsyncIterator[PostgresStore]:
     yield s
     await s.close()
 
-
-@pytest.fixture
-def private_pg(postgres_server: PostgresServer) -> Iterator[PostgresServer]:
-    """A cluster of this test's own, to stop, kill or pause."""
-    srv = PostgresServer(postgres_server.bindir)
-    try:
-        srv.start()
-        yield srv
-    finally:
-        srv.remove()
 
 
 async def count(dsn: str, where: str = "TRUE", *args: Any) -> int:

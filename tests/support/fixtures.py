@@ -19,7 +19,6 @@
 from __future__ import annotations
 
 import gc
-
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -205,6 +204,17 @@ def postgres_server() -> Iterator[PostgresServer]:
 def postgres_dsn(postgres_server: PostgresServer) -> str:
     """DSN of the session cluster's superuser on its ``postgres`` database (may CREATE DATABASE)."""
     return postgres_server.dsn()
+
+
+@pytest.fixture
+def private_pg(postgres_server: PostgresServer) -> Iterator[PostgresServer]:
+    """A PostgreSQL cluster of this test's own, to stop, kill, pause and start again."""
+    srv = PostgresServer(postgres_server.bindir)
+    try:
+        srv.start()
+        yield srv
+    finally:
+        srv.remove()
 
 
 @pytest.fixture

@@ -271,3 +271,14 @@ def drop_database(dsn: str, admin_dsn: str) -> None:
 
 
 __all__ = ["SUPERUSER", "TEST_USER", "PostgresServer", "create_database", "database_of", "drop_database", "find_bindir", "install_postgres"]
+
+
+def migrate(dsn: str) -> None:
+    """``gateway migrate --dsn``: this checkout's schema on the database (fails the test
+    with migrate's own message otherwise)."""
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root / "python"), os.environ.get("PYTHONPATH", "")]))}
+    p = subprocess.run([sys.executable, "-m", "gateway", "migrate", "--dsn", dsn], cwd=root, capture_output=True, text=True, timeout=60, env=env)
+    assert p.returncode == 0, p.stderr

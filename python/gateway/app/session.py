@@ -141,6 +141,13 @@ def _keep(ident: Identity, r: Any) -> Identity:
     return ident
 
 
+#: Requests of protocol 1.1 and the :class:`~gateway.app.conversations.Conversations`
+#: method that answers each.
+_CONVERSATION_OPS: dict[type, str] = {
+    Sync: "sync", Read: "read", Recall: "recall", Typing: "typing", Create: "create", Invite: "invite", Remove: "remove",
+}
+
+
 def _check_join(room: str, r: Any) -> str:
     if r is False:
         raise Reject(ErrorCode.FORBIDDEN, f"not allowed to join {room}")
@@ -353,21 +360,11 @@ class Sessions:
             raise Reject(ErrorCode.UNKNOWN_OP, "conversations are not enabled on this gateway (no conversation route, or no store)")
         if c.identity.guest:
             raise Reject(ErrorCode.FORBIDDEN, "guests have no conversations")
+        op = _CONVERSATION_OPS.get(type(req))
+        if op is None:
+            raise Reject(ErrorCode.UNKNOWN_OP, f"unknown op {type(req).__name__.lower()}")
         try:
-            if isinstance(req, Sync):
-                await cv.sync(c, req)
-            elif isinstance(req, Read):
-                await cv.read(c, req)
-            elif isinstance(req, Recall):
-                await cv.recall(c, req)
-            elif isinstance(req, Typing):
-                await cv.typing(c, req)
-            elif isinstance(req, Create):
-                await cv.create(c, req)
-            elif isinstance(req, Invite):
-                await cv.invite(c, req)
-            elif isinstance(req, Remove):
-                await cv.remove(c, req)
+            await getattr(cv, op)(c, req)
         except StoreUnavailable:
             self.stats.store_unavailable += 1
             raise Reject(ErrorCode.STORE_UNAVAILABLE, "the message store is unavailable: retry later") from None

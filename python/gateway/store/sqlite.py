@@ -586,12 +586,19 @@ class SqliteStore(Store):
             log.exception("store: cannot archive a malformed message")
             self.stats.archive_dropped += 1
             return False
+        if not self._enqueue(_Item(msg, row, None, time.perf_counter())):
+            self.stats.archive_dropped += 1
+            return False
+        return True
+
+    def _enqueue(self, item: _Item) -> bool:
+        """Queue a write-behind item (an archive message, an outbox event) for the
+        writer; False when the backlog (``max_backlog``) is full."""
         with self._cond:
             q = self._queue
             if len(q) + self._inflight >= self.max_backlog:
-                self.stats.archive_dropped += 1
                 return False
-            q.append(_Item(msg, row, None, time.perf_counter()))
+            q.append(item)
             if len(q) >= self._wake_archive:
                 self._cond.notify()
         return True
@@ -745,14 +752,9 @@ class SqliteStore(Store):
             self.stats.events_dropped += 1
             return False
         row = (room, kind, int(time.time() * 1000), body.decode())
-        with self._cond:
-            q = self._queue
-            if len(q) + self._inflight >= self.max_backlog:
-                self.stats.events_dropped += 1
-                return False
-            q.append(_Item(None, row, None, time.perf_counter()))
-            if len(q) >= self._wake_archive:
-                self._cond.notify()
+        if not self._enqueue(_Item(None, row, None, time.perf_counter())):
+            self.stats.events_dropped += 1
+            return False
         return True
 
     async def outbox_read(self, after: str | None, limit: int) -> list[OutboxEntry]:
