@@ -169,10 +169,11 @@ async def opened(backend: Backend) -> AsyncIterator[list[Store]]:
         await s.close()
 
 
-async def start(backend: Backend, opened: list[Store], **options: Any) -> Store:
+async def start(backend: Backend, opened: list[Store], *, outbox: bool = False, **options: Any) -> Store:
     """A started store on the test's database (migrated first, the first time, for the
-    kinds that do not create their schema themselves)."""
+    kinds that do not create their schema themselves); ``outbox``: with the outbox log."""
     s = backend.new_store(**options)
+    s.outbox = outbox
     if not backend.creates_schema and not backend.migrated:
         await s.migrate()
     backend.migrated = True
@@ -527,14 +528,7 @@ async def test_last_seq_never_goes_back_after_erasure_or_retention(store: Store)
 # --------------------------------------------------------------------------- the outbox log
 
 async def outbox_store(backend: Backend, opened: list[Store], **options: Any) -> Store:
-    s = backend.new_store(**options)
-    s.outbox = True
-    if not backend.creates_schema and not backend.migrated:
-        await s.migrate()
-    backend.migrated = True
-    await s.start()
-    opened.append(s)
-    return s
+    return await start(backend, opened, outbox=True, **options)
 
 
 async def read_all(store: Store, after: str | None = None, limit: int = 1000) -> list[Any]:

@@ -114,6 +114,7 @@ class Conversations:
         #: conn -> (since, when, the changed list): later pages of a sync read from it.
         self._pages: dict[int, tuple[int, float, list[ConversationState]]] = {}
         self._flush: asyncio.TimerHandle | None = None
+        self._writing = False
 
     @property
     def enabled(self) -> bool:
@@ -229,16 +230,22 @@ class Conversations:
 
     def _flush_reads(self) -> None:
         self._flush = None
+        if self._writing:  # one batch at a time: the next one waits for this one
+            self._flush = asyncio.get_running_loop().call_later(self.cfg.read_flush_interval, self._flush_reads)
+            return
         items = [(room, user, seq) for (room, user), seq in self._reads.items()]
         self._reads.clear()
         if items:
             self.tasks.spawn(self._write_reads(items))
 
     async def _write_reads(self, items: list[tuple[str, str, int]]) -> None:
+        self._writing = True
         try:
             await self.store.mark_read_many(items)
         except Exception as e:  # a sender's badge is a convenience: logged, not retried
             log.warning("conversations: %d read position(s) of senders not written (%s)", len(items), e)
+        finally:
+            self._writing = False
 
     async def close(self) -> None:
         """Write the pending read positions."""

@@ -485,8 +485,11 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def mark_read_many(self, items: Sequence[tuple[str, str, int]]) -> None:
-        """:meth:`mark_read` for many (room, user, seq) at once, in one transaction (a
-        sender's own messages count as read: the app batches those)."""
+        """Move read positions forward for many (room, user, seq) at once, in one
+        transaction, where ``seq`` is a stored message's (the app batches a sender's own
+        messages, which count as read): never back, not checked against the room's last
+        seq. Rows are locked in (room, user) order, so concurrent batches (several nodes)
+        cannot deadlock."""
 
     @abc.abstractmethod
     async def recall(self, room: str, seq: int, by: str, at_ms: int) -> StoredMessage | None:

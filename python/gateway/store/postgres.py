@@ -1288,9 +1288,19 @@ class PostgresStore(Store):
         return _member(rows[0]) if rows else await self.member(room, user)
 
     async def mark_read_many(self, items: Sequence[tuple[str, str, int]]) -> None:
-        now = _now_ms()
-        sql = self._mark_read_sql()
-        await self._read(lambda c: c.executemany(sql, [(r, u, seq, now) for r, u, seq in items], timeout=self.timeout), "marking read")
+        if not items:
+            return
+        s = self.schema
+        items = sorted(items)
+        # One statement; the rows are locked in (room, user) order first (FOR UPDATE in an
+        # ordered CTE), so two nodes' batches never lock the same rows in opposite orders.
+        sql = (f"WITH x AS (SELECT * FROM unnest($1::text[], $2::text[], $3::int8[]) AS t(room, user_id, seq)), "
+               f"locked AS (SELECT m.room, m.user_id, x.seq FROM {s}.room_members m JOIN x ON m.room = x.room AND m.user_id = x.user_id "
+               "WHERE m.last_read_seq < x.seq ORDER BY m.room, m.user_id FOR UPDATE OF m) "
+               f"UPDATE {s}.room_members m SET last_read_seq = l.seq, updated_at = $4 FROM locked l "
+               "WHERE m.room = l.room AND m.user_id = l.user_id AND m.last_read_seq < l.seq")
+        args = ([i[0] for i in items], [i[1] for i in items], [i[2] for i in items], _now_ms())
+        await self._read(lambda c: c.execute(sql, *args, timeout=self.timeout), "marking read")
 
     async def recall(self, room: str, seq: int, by: str, at_ms: int) -> StoredMessage | None:
         s = self.schema

@@ -954,11 +954,12 @@ class SqliteStore(Store):
 
     async def mark_read_many(self, items: Sequence[tuple[str, str, int]]) -> None:
         now = _now_ms()
-        rows = [(seq, room, now, room, user, seq, room) for room, user, seq in items]
+        rows = sorted((seq, now, room, user, seq) for room, user, seq in items)
+        sql = "UPDATE room_members SET last_read_seq = ?, updated_at = ? WHERE room = ? AND user_id = ? AND last_read_seq < ?"
 
         def run(conn: sqlite3.Connection) -> None:
             conn.execute("BEGIN IMMEDIATE")
-            conn.executemany(_MARK_READ, rows)
+            conn.executemany(sql, rows)
             conn.execute("COMMIT")
 
         await self._call(run)
@@ -1272,21 +1273,7 @@ class SqliteStore(Store):
     def _insert(self, conn: sqlite3.Connection, rows: list[_Row], events: list[Any] | None = None) -> int:
         """Insert ``rows`` (and outbox ``events``) in one transaction; the number of
         messages actually inserted."""
-        if events:
-            conn.execute("BEGIN IMMEDIATE")
-            total = 0
-            for i in range(0, len(rows), ROWS_PER_STATEMENT):
-                part = rows[i:i + ROWS_PER_STATEMENT]
-                cur = conn.execute(_insert_sql(len(part)), [x for r in part for x in r])
-                total += cur.rowcount
-                if cur.rowcount > 0:
-                    self._wrote(cur.lastrowid)
-            for i in range(0, len(events), ROWS_PER_STATEMENT):
-                part = events[i:i + ROWS_PER_STATEMENT]
-                conn.execute(_EVENT_SQL + ",".join(["(?,?,?,?)"] * len(part)), [x for r in part for x in r])
-            conn.execute("COMMIT")
-            return total
-        if len(rows) <= ROWS_PER_STATEMENT:  # one statement: its own transaction
+        if not events and len(rows) <= ROWS_PER_STATEMENT:  # one statement: its own transaction
             cur = conn.execute(_insert_sql(len(rows)), [x for r in rows for x in r])
             if cur.rowcount > 0:
                 self._wrote(cur.lastrowid)
@@ -1299,6 +1286,9 @@ class SqliteStore(Store):
             total += cur.rowcount
             if cur.rowcount > 0:
                 self._wrote(cur.lastrowid)
+        for i in range(0, len(events or ()), ROWS_PER_STATEMENT):
+            part = (events or [])[i:i + ROWS_PER_STATEMENT]
+            conn.execute(_EVENT_SQL + ",".join(["(?,?,?,?)"] * len(part)), [x for r in part for x in r])
         conn.execute("COMMIT")
         return total
 
