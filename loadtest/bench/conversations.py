@@ -36,8 +36,8 @@ conversation (paged by 200) and the unread counts add up.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -54,7 +54,6 @@ import orjson  # noqa: E402
 
 from gateway.store import StoredMessage  # noqa: E402
 from gateway.store.sqlite import SqliteStore  # noqa: E402
-
 
 BENCH_TOML = ROOT / "loadtest" / "bench" / "gateway-bench.toml"
 
@@ -176,7 +175,7 @@ def pct(xs: list[float]) -> dict[str, float]:
     xs = sorted(xs)
 
     def q(p: float) -> float:
-        return round(xs[min(len(xs) - 1, max(0, int(round(p * len(xs) + 0.5)) - 1))], 2)
+        return round(xs[min(len(xs) - 1, max(0, math.ceil(p * len(xs)) - 1))], 2)  # nearest rank
 
     return {"p50": q(0.50), "p90": q(0.90), "p99": q(0.99), "max": round(xs[-1], 2), "n": len(xs)}
 
