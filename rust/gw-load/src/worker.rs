@@ -153,6 +153,10 @@ struct Publisher {
     next_id: u64,
     /// Publishes sent since the current publishing phase started.
     sent_in_phase: u64,
+    /// Fixed rate: this publisher's offset in its period (its number /
+    /// publishers, in [0, 1)), so that many slow publishers do not all send
+    /// at the same instants.
+    phase: f64,
 }
 
 pub struct Worker {
@@ -388,8 +392,11 @@ impl Worker {
         let pub_slot = if is_pub {
             let slot = self.pubs.len();
             let room = cfg.publish_room(gid as u64 - cfg.args.conns as u64);
+
             let room_json = serde_json::to_string(&room).expect("string serializes");
-            self.pubs.push(Publisher { conn: idx, room_json, next_id: 2, sent_in_phase: 0 });
+            let p = gid as u64 - cfg.args.conns as u64;
+            let phase = p as f64 / cfg.publishers().max(1) as f64;
+            self.pubs.push(Publisher { conn: idx, room_json, next_id: 2, sent_in_phase: 0, phase });
             slot as u32
         } else {
             NOT_PUBLISHER
@@ -663,12 +670,15 @@ impl Worker {
 
     // ----- publishing -----
 
-    /// Fixed-rate pacing: each publisher sends `floor(rate * elapsed)`
-    /// messages since the phase started.
+    /// Fixed-rate pacing: each publisher sends `floor(rate * elapsed + phase)`
+    /// messages since the phase started (publisher k of P is k/P of a period
+    /// ahead: P publishers at r/P msgs/s each send evenly spread, not in
+    /// bursts of P).
     fn publish_fixed_rate(&mut self, now: Instant) {
         let elapsed = now.duration_since(self.phase_started).as_secs_f64();
-        let due = (elapsed * self.rate_per_pub) as u64;
+        let base = elapsed * self.rate_per_pub;
         for slot in 0..self.pubs.len() {
+            let due = (base + self.pubs[slot].phase) as u64;
             let backlog = due.saturating_sub(self.pubs[slot].sent_in_phase).min(MAX_PUB_BURST);
             if backlog == 0 {
                 continue;
