@@ -39,6 +39,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -288,6 +289,7 @@ def sc_group(args: argparse.Namespace) -> dict[str, Any]:
         redis.stop()
         pg.stop()
         pg.remove()
+        shutil.rmtree(tmp, ignore_errors=True)
     return {"scenario": "group", "members": args.members, "rate": args.rate, "duration_s": args.duration, "runs": runs}
 def _group_round(r: int, load: float, create_s: float, members: int, la: dict[str, Any], lb: dict[str, Any]) -> dict[str, Any]:
     """Merge the two processes' per-message records: the last member's receipt of each
@@ -374,6 +376,7 @@ def sc_dm(args: argparse.Namespace) -> dict[str, Any]:
         if pg is not None:
             pg.stop()
             pg.remove()
+        shutil.rmtree(tmp, ignore_errors=True)
     return {"scenario": "dm", "users": args.users, "window": args.window, "rate": args.rate, "runs": runs}
 
 
