@@ -13,7 +13,11 @@ User classes (pick some by naming them after the options, e.g. `locust ... Chatt
 * ``GiftUser``         sends gifts (high priority) at ``--gift-rate`` msgs/s;
 * ``ReconnectStormUser`` connects, joins and disconnects in a tight loop;
 * ``CustomerServiceUser`` a customer and an agent in a one-to-one ``cs:`` room: the customer
-                       asks, the agent answers what it received.
+                       asks, the agent answers what it received;
+* ``ChatUser``         conversations (protocol 1.1): ``sync`` on connect, dms to the others of
+                       its circle (``--chat-circle`` users) and posts in the circle's group,
+                       reads what arrived, and now and then goes offline (socket dropped) and
+                       comes back with ``sync`` from its cursor.
 
 What appears in locust's statistics (request type / name):
 
@@ -23,7 +27,10 @@ What appears in locust's statistics (request type / name):
 * ``WS ping``               app-level ping to pong;
 * ``RECV msg chat|gift|cs`` receive latency: now minus the publisher's timestamp ``t``
                             (ms) embedded in the message data (same machine clock);
-* ``WS disconnect``         unexpected closes (failures, with the close code).
+* ``WS disconnect``         unexpected closes (failures, with the close code);
+* ``WS sync`` / ``WS sync (since cursor)`` / ``WS create`` / ``WS read`` / ``WS publish-ack dm|group``
+                            the conversation ops (ChatUser); ``RECV msg dm|group`` their receive
+                            latency (live messages only, not the ones a sync brings back).
 """
 
 from __future__ import annotations
@@ -64,6 +71,10 @@ def _options(parser: Any) -> None:
                         help="chance per viewer heartbeat that the app is backgrounded (socket dropped)")
     parser.add_argument("--recv-sample", type=int, default=1, env_var="LOCUST_RECV_SAMPLE",
                         help="report the receive latency of every K-th message (big rooms)")
+    parser.add_argument("--chat-circle", type=int, default=5, env_var="LOCUST_CHAT_CIRCLE",
+                        help="ChatUser: users per circle (a group, and the dm peers of each)")
+    parser.add_argument("--offline-chance", type=float, default=0.1, env_var="LOCUST_OFFLINE_CHANCE",
+                        help="ChatUser: chance per task that the user goes offline for 0.5-2 s")
 
 
 def ws_url(host: str, user: str) -> str:
@@ -374,16 +385,19 @@ class GatewayClient:
         room = str(m.get("room"))
         seq = m.get("seq") or 0
         pos = self.rooms.get(room)
+        if pos is None and seq and room.startswith(("dm:", "group:")):
+            pos = self.rooms[room] = {"seq": 0, "epoch": None}  # a conversation that came to us
         if pos is not None and seq:
             if m.get("epoch") is not None:
                 pos["epoch"] = m["epoch"]
             pos["seq"] = max(pos["seq"], seq)
         data = m.get("data")
-        if isinstance(data, dict) and isinstance(data.get("t"), (int, float)):
+        own = m.get("from") == self.uid and room.startswith(("dm:", "group:"))  # a conversation's copy to its sender
+        if not own and isinstance(data, dict) and isinstance(data.get("t"), (int, float)):
             self._sample += 1
             if self._sample >= self.sample_every:
                 self._sample = 0
-                label = "cs" if room.startswith("cs:") else m.get("type", "?")
+                label = next((k for k in ("cs", "dm", "group") if room.startswith(k + ":")), m.get("type", "?"))
                 self.fire("RECV", f"msg {label}", max(0.0, now_ms() - data["t"]))
         if self.keep_inbox:
             self.inbox.append(m)
@@ -533,3 +547,105 @@ class CustomerServiceUser(User):
     def on_stop(self) -> None:
         self.customer.close()
         self.agent.close()
+
+
+_chat_ids = itertools.count()
+
+
+def dm_room(a: str, b: str) -> str:
+    lo, hi = sorted((a, b))
+    return f"dm:{lo}:{hi}"
+
+
+class ChatUser(User):
+    """Conversations (protocol 1.1): users in circles of ``--chat-circle``. Each syncs on
+    connect (that attaches it to its conversations: no join), sends dms to the others of
+    its circle and posts in the circle's group (``group:lt-<pid>-<k>``, created with the
+    ``create`` op (``room`` given) by the circle's first user, with every member named up front), reads
+    what arrived, and with ``--offline-chance`` per task goes offline (socket dropped,
+    0.5-2 s away) and comes back with ``sync`` from its cursor."""
+
+    weight = 1
+    wait_time = between(0.3, 1.0)
+
+    def on_start(self) -> None:
+        opts = self.environment.parsed_options
+        size = max(2, getattr(opts, "chat_circle", 5) or 5)
+        j = next(_chat_ids)
+        pid = os.getpid()
+        first = j - j % size
+        self.circle = [f"chat-{pid}-{i}" for i in range(first, first + size)]
+        self.uid = self.circle[j % size]
+        self.peers = [u for u in self.circle if u != self.uid]
+        self.circle_group = f"group:lt-{pid}-{first // size}"
+        self.circle_ready = False
+        self.cursor: int | None = None
+        self.read_seq: dict[str, int] = {}
+        self.client = GatewayClient(self, self.uid)
+        if self._online() and j % size == 0:
+            ack = self.client.request({"op": "create", "kind": "group", "room": self.circle_group, "members": self.peers,
+                                       "meta": {"name": f"circle {first // size}"}}, "WS", "create", wait=True)
+            if ack is not None:
+                self.circle_ready = True
+                self.client.rooms.setdefault(self.circle_group, {"seq": 0, "epoch": None})
+
+    def _online(self) -> bool:
+        """Connect if needed, then sync (from the cursor when there is one)."""
+        if self.client.ws is not None:
+            return True
+        if not self.client.connect():
+            return False
+        frame: dict[str, Any] = {"op": "sync", "limit": 100, "msgs": 20}
+        if self.cursor is not None:
+            frame["since"] = self.cursor
+        ack = self.client.request(frame, "WS", "sync" if self.cursor is None else "sync (since cursor)", wait=True)
+        if ack is None:
+            return False
+        self.cursor = ack.get("cursor", self.cursor)
+        for c in ack.get("convs", []):
+            room = c["room"]
+            self.client.rooms[room] = {"seq": c.get("last_seq", 0), "epoch": None}
+            self.read_seq[room] = c.get("read_seq", 0)
+            if room == self.circle_group and c.get("member"):
+                self.circle_ready = True
+        return True
+
+    @task(3)
+    def dm(self) -> None:
+        if self._online():
+            peer = random.choice(self.peers)
+            self.client.publish(dm_room(self.uid, peer), "chat", {"text": f"hi {peer}"}, "dm")
+            self.client.check_timeouts()
+
+    @task(2)
+    def post_in_group(self) -> None:
+        if not self._online():
+            return
+        if not self.circle_ready:
+            # Created by the circle's first user: it shows up in a sync or a live message.
+            self.circle_ready = self.circle_group in self.client.rooms
+            if not self.circle_ready:
+                return
+        self.client.publish(self.circle_group, "chat", {"text": f"hello {self.circle_group}"}, "group")
+
+    @task(2)
+    def read(self) -> None:
+        if not self._online():
+            return
+        for room, pos in list(self.client.rooms.items()):
+            seq = pos.get("seq", 0)
+            if seq > self.read_seq.get(room, 0) and room.startswith(("dm:", "group:")):
+                if self.client.request({"op": "read", "room": room, "seq": seq}, "WS", "read", wait=True) is not None:
+                    self.read_seq[room] = seq
+                break
+
+    @task(1)
+    def go_offline(self) -> None:
+        opts = self.environment.parsed_options
+        if self.client.ws is not None and random.random() < getattr(opts, "offline_chance", 0.1):
+            self.client.close(abrupt=True)
+            gevent.sleep(random.uniform(0.5, 2.0))
+        self._online()
+
+    def on_stop(self) -> None:
+        self.client.close()

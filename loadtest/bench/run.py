@@ -154,10 +154,11 @@ class Server:
     too: the gateway gets a ``[server.tls]`` section on a second port (its plain
     listener stays), socketify serves only wss://. ``url`` is then the wss:// one,
     ``plain_url`` the ws:// one (None when there is none). ``cpus`` pins the process
-    (``taskset -c``)."""
+    (``taskset -c``). ``config``: the gateway's config file instead of
+    ``gateway-bench.toml`` (without ``tls``)."""
 
     def __init__(self, target: str, sets: list[str] | None = None, tag: str = "",
-                 tls: dict[str, str] | None = None, cpus: str | None = None) -> None:
+                 tls: dict[str, str] | None = None, cpus: str | None = None, config: Path | None = None) -> None:
         self.target = target
         self.port = free_port()
         self.api_port = free_port() if target == "livegate" else None
@@ -166,7 +167,7 @@ class Server:
         py = sys.executable
         RAW.mkdir(parents=True, exist_ok=True)
         if target == "livegate":
-            config = BENCH_TOML
+            config = config or BENCH_TOML
             if tls:
                 # Until the CLI has --tls-port, TLS comes from the config file.
                 self.tls_port = free_port()

@@ -62,6 +62,10 @@ def test_locust_headless_smoke(gateway_factory, tmp_path: Path) -> None:
     assert count("RECV", "msg chat") >= 2  # receive latency from the embedded timestamp
     assert count("RECV", "msg cs") >= 2
     assert count("WS", "ping") >= 1
+    # ChatUser (conversations; one user here, so nobody to receive from): sync on connect,
+    # its posts acked.
+    assert count("WS", "sync") >= 1
+    assert count("WS", "publish-ack dm") + count("WS", "publish-ack group") >= 1
     assert any(name.startswith("resume (recovered=") for _t, name in stats), "no resume after a drop"
     # Receive latency on one machine: sane values, not clock garbage.
     assert 0 <= float(stats[("RECV", "msg chat")]["Average Response Time"]) < 5000

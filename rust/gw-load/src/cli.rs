@@ -126,6 +126,44 @@ pub struct Args {
     #[arg(long)]
     pub no_join: bool,
 
+    /// Conversations (protocol 1.1): instead of `join`, every connection sends
+    /// `{"op":"sync","id":1,"limit":1,"msgs":0}` after `connected` and is ready
+    /// at its ack. The first sync attaches the connection to its user's
+    /// conversations (no join); publishers post into --room (or their dm with
+    /// --dm-pairs) as members.
+    #[arg(long)]
+    pub sync: bool,
+
+    /// Number of the first connection's user: connection i is user
+    /// <prefix><offset + i> (several gw-load processes, e.g. one per node, can
+    /// then share one user numbering).
+    #[arg(long, default_value_t = 0)]
+    pub user_offset: u64,
+
+    /// Direct messages: publishers come in pairs (publisher 2k with 2k+1) and
+    /// each publishes into the dm of its pair, `<--dm-prefix>:<lo>:<hi>` (the two
+    /// user ids in byte order), instead of --room. A publisher counts the
+    /// messages its peer sent it as deliveries (`received`, latency) and its own
+    /// copies as `publisher_received`. Needs an even --publishers; use with
+    /// --sync (and usually --conns 0).
+    #[arg(long)]
+    pub dm_pairs: bool,
+
+    /// Room prefix of the dm route for --dm-pairs.
+    #[arg(long, default_value = "dm")]
+    pub dm_prefix: String,
+
+    /// Track every message's last delivery: for each message (keyed by its
+    /// publisher timestamp `t`), the latest receive time and the number of
+    /// receivers of this process that got it, over all phases. Reported as
+    /// `per_message` ([t, last receive unix µs, receivers]) with the
+    /// publisher's measured range `measured_publish_t_us` and, over the
+    /// measured messages, `last_delivery_ms` (publish to the last receiver of
+    /// this process). Every received message's latency is then recorded
+    /// (--lat-sample is ignored). For fixed, moderate rates.
+    #[arg(long)]
+    pub per_message: bool,
+
     /// Record the latency of every K-th received message (bounds the cost).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     pub lat_sample: u32,
@@ -198,6 +236,12 @@ pub struct Args {
     /// + 2 x drain-wait + 60).
     #[arg(long)]
     pub timeout: Option<f64>,
+
+    /// End the measured phase (or --hold) early once stdin reaches EOF (the
+    /// caller closes it when another process's run is over), then drain and
+    /// report as usual.
+    #[arg(long)]
+    pub stop_on_stdin_eof: bool,
 
     /// Don't print progress lines to stderr (READY is still printed).
     #[arg(long)]
@@ -318,6 +362,12 @@ impl Config {
         if args.slow > 0 && args.no_join {
             return Err("--slow needs joined receivers (not --no-join)".into());
         }
+        if args.sync && args.no_join {
+            return Err("--sync and --no-join exclude each other".into());
+        }
+        if args.dm_pairs && (args.publishers == 0 || args.publishers % 2 != 0) {
+            return Err("--dm-pairs needs an even, non-zero --publishers".into());
+        }
         if args.sources == 0 || args.sources > 254 {
             return Err("--sources must be between 1 and 254".into());
         }
@@ -391,7 +441,7 @@ impl Config {
     /// Request path for connection `i`, carrying its identity.
     pub fn request_path(&self, i: u64, now_secs: u64) -> String {
         let sep = if self.path.contains('?') { '&' } else { '?' };
-        let user = format!("{}{}", self.args.user_prefix, i);
+        let user = self.user(i);
         match &self.args.jwt_secret {
             Some(secret) => {
                 let token = crate::jwt::mint(secret.as_bytes(), &user, now_secs + 3600);
@@ -399,6 +449,25 @@ impl Config {
             }
             None => format!("{}{sep}user={}", self.path, url_encode(&user)),
         }
+    }
+}
+
+impl Config {
+    /// The user id of connection `i` (receivers 0..N, publishers after them).
+    pub fn user(&self, i: u64) -> String {
+        format!("{}{}", self.args.user_prefix, self.args.user_offset + i)
+    }
+
+    /// The room publisher `p` (0-based) posts into: --room, or with
+    /// --dm-pairs the dm with publisher `p ^ 1`.
+    pub fn publish_room(&self, p: u64) -> String {
+        if !self.args.dm_pairs {
+            return self.args.room.clone();
+        }
+        let n = self.args.conns as u64;
+        let (a, b) = (self.user(n + p), self.user(n + (p ^ 1)));
+        let (lo, hi) = if a.as_bytes() <= b.as_bytes() { (a, b) } else { (b, a) };
+        format!("{}:{lo}:{hi}", self.args.dm_prefix)
     }
 }
 
@@ -440,6 +509,20 @@ mod tests {
         assert!(cfg(&["--conns", "2", "--slow", "3"]).is_err());
         assert_eq!(cfg(&["--conns", "2", "--slow", "1"]).unwrap().args.slow, 1);
         assert_eq!(url_encode("a b/c"), "a%20b%2Fc");
+    }
+
+    #[test]
+    fn conversations_identity_and_dm_rooms() {
+        let c = cfg(&["--conns", "0", "--publishers", "12", "--dm-pairs", "--sync", "--user-offset", "5"]).unwrap();
+        assert_eq!(c.request_path(0, 0), "/ws?user=u5");
+        assert_eq!(c.publish_room(0), "dm:u5:u6");
+        assert_eq!(c.publish_room(1), "dm:u5:u6");
+        assert_eq!(c.publish_room(8), "dm:u13:u14");
+        let c = cfg(&["--conns", "0", "--publishers", "6", "--dm-pairs", "--user-offset", "4"]).unwrap();
+        assert_eq!(c.publish_room(4), "dm:u8:u9");
+        assert!(cfg(&["--publishers", "3", "--dm-pairs"]).is_err());
+        assert!(cfg(&["--sync", "--no-join"]).is_err());
+        assert_eq!(cfg(&["--room", "group:g"]).unwrap().publish_room(0), "group:g");
     }
 
     #[test]

@@ -109,6 +109,18 @@ pub struct Ctx {
     pub tls_resumed: u64,
     /// What the first TLS handshake of this thread negotiated.
     pub tls_negotiated: Option<tls::Negotiated>,
+    /// Publish to ack, microseconds (measured phase only).
+    pub ack_lat: Histogram,
+    /// (publisher slot, request id) -> when the publish was queued (µs on
+    /// `epoch`), until its ack or error.
+    pub sent: HashMap<(u32, u64), u64>,
+    /// --dm-pairs: publishers count their peer's messages as deliveries.
+    pub dm: bool,
+    /// --user-prefix as bytes and --user-offset (a sender's connection number).
+    pub user_prefix: Vec<u8>,
+    pub user_offset: u64,
+    /// --per-message: publisher timestamp -> (latest receive, unix µs; receivers).
+    pub per_msg: Option<HashMap<u64, (u64, u32)>>,
 }
 
 impl Ctx {
@@ -287,18 +299,18 @@ impl Conn {
 
     /// Parses WebSocket frames and reacts to each message.
     fn on_frames(&mut self, data: &[u8], ctx: &mut Ctx) -> Result<(), End> {
-        let Conn { reader, state, out, pub_slot, started_us, slow, .. } = self;
+        let Conn { reader, state, out, pub_slot, started_us, slow, gid, .. } = self;
         let mut end: Result<(), End> = Ok(());
         let res = reader.feed(data, |m| match m {
             Message::Text(p) => {
                 // Hot path: an established receiver counting room messages.
                 if *state == State::Ready && *pub_slot == NOT_PUBLISHER {
                     if !*slow {
-                        count_messages(p, ctx, false);
+                        count_messages(p, ctx, false, *gid);
                     }
                     return Flow::Continue;
                 }
-                match on_control_text(p, state, out, *pub_slot, *slow, *started_us, ctx) {
+                match on_control_text(p, state, out, (*pub_slot, *gid), *slow, *started_us, ctx) {
                     Ok(()) => Flow::Continue,
                     Err(e) => {
                         end = Err(e);
@@ -326,13 +338,21 @@ impl Conn {
 
 /// Counts the room messages in a text payload, with latency sampling on
 /// receivers during the measured phase. `publisher` selects which counter is
-/// charged (a publisher's copies of the room traffic are not sampled).
+/// charged (a publisher's copies of the room traffic are not sampled; with
+/// --dm-pairs its peer's messages are deliveries). `gid`: the connection's
+/// number.
 #[inline]
-fn count_messages(p: &[u8], ctx: &mut Ctx, publisher: bool) {
+fn count_messages(p: &[u8], ctx: &mut Ctx, publisher: bool, gid: u32) {
     if publisher {
-        if ctx.measuring {
+        if ctx.dm {
+            count_dm(p, ctx, gid);
+        } else if ctx.measuring {
             ctx.counters.pub_received += ctx.scanner.count(p);
         }
+        return;
+    }
+    if ctx.per_msg.is_some() {
+        count_per_message(p, ctx);
         return;
     }
     let n = if ctx.measuring {
@@ -351,13 +371,64 @@ fn count_messages(p: &[u8], ctx: &mut Ctx, publisher: bool) {
     ctx.counters.received_total += n;
 }
 
+/// --dm-pairs, on a publisher: messages from another user (its peer) are
+/// deliveries with their latency; its own copies count as `pub_received`.
+fn count_dm(p: &[u8], ctx: &mut Ctx, gid: u32) {
+    let own = ctx.user_offset + gid as u64;
+    let (now, measuring) = (ctx.now_us, ctx.measuring);
+    let Ctx { scanner, counters, lat, user_prefix, .. } = ctx;
+    scanner.each_message(p, |s, m| {
+        if s.sender_number(m, user_prefix) == Some(own) {
+            if measuring {
+                counters.pub_received += 1;
+            }
+            return;
+        }
+        counters.received_total += 1;
+        if measuring {
+            counters.received += 1;
+            match s.find_t(m) {
+                Some(t) => lat.record(now.saturating_sub(t)),
+                None => counters.no_t += 1,
+            }
+        }
+    });
+}
+
+/// --per-message, on a receiver: every message's latency (measured phase) and
+/// its latest receive time, in all phases.
+fn count_per_message(p: &[u8], ctx: &mut Ctx) {
+    let (now, measuring) = (ctx.now_us, ctx.measuring);
+    let Ctx { scanner, counters, lat, per_msg, .. } = ctx;
+    let Some(map) = per_msg.as_mut() else { return };
+    let n = scanner.each_message(p, |s, m| match s.find_t(m) {
+        Some(t) => {
+            let e = map.entry(t).or_insert((0, 0));
+            e.0 = e.0.max(now);
+            e.1 += 1;
+            if measuring {
+                lat.record(now.saturating_sub(t));
+            }
+        }
+        None => {
+            if measuring {
+                counters.no_t += 1;
+            }
+        }
+    });
+    counters.received_total += n;
+    if measuring {
+        counters.received += n;
+    }
+}
+
 /// Text frames outside the receiver hot path: the handshake sequence and
 /// publisher acks/errors.
 fn on_control_text(
     p: &[u8],
     state: &mut State,
     out: &mut Vec<u8>,
-    pub_slot: u32,
+    (pub_slot, gid): (u32, u32),
     slow: bool,
     started_us: u64,
     ctx: &mut Ctx,
@@ -390,18 +461,25 @@ fn on_control_text(
             match op {
                 Some(b"ack") => {
                     ctx.counters.acks_total += 1;
+                    let sent = ctx.scanner.request_id(p).and_then(|id| ctx.sent.remove(&(pub_slot, id)));
                     if ctx.measuring {
                         ctx.counters.acks += 1;
+                        if let Some(t0) = sent {
+                            ctx.ack_lat.record(ctx.mono_us().saturating_sub(t0));
+                        }
                     }
                     release_slot(ctx, pub_slot);
                 }
                 Some(b"error") => {
+                    if let Some(id) = ctx.scanner.request_id(p) {
+                        ctx.sent.remove(&(pub_slot, id));
+                    }
                     if ctx.measuring {
                         ctx.counters.errors += 1;
                     }
                     release_slot(ctx, pub_slot);
                 }
-                _ => count_messages(p, ctx, true),
+                _ => count_messages(p, ctx, true, gid),
             }
             Ok(())
         }

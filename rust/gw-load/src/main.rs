@@ -28,6 +28,7 @@ use cli::{Config, Mode, OnOff, Rate};
 use serde_json::{json, Map, Value};
 use stats::{Counters, Histogram, Snapshot};
 use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -35,6 +36,9 @@ use worker::{Phase, Shared, Worker};
 
 /// Extra descriptors besides the connections (epoll fds, stdio, slack).
 const FD_RESERVE: u64 = 64;
+
+/// Set when stdin reached EOF (--stop-on-stdin-eof).
+static STDIN_CLOSED: AtomicBool = AtomicBool::new(false);
 
 fn main() {
     let args = cli::Args::parse();
@@ -45,6 +49,12 @@ fn main() {
             std::process::exit(2);
         }
     };
+    if cfg.args.stop_on_stdin_eof {
+        thread::spawn(|| {
+            let _ = std::io::copy(&mut std::io::stdin().lock(), &mut std::io::sink());
+            STDIN_CLOSED.store(true, Ordering::Release);
+        });
+    }
     let result = match cfg.args.mode {
         Mode::Load => run(cfg),
         Mode::Handshake => run_handshake(cfg),
@@ -138,16 +148,18 @@ impl Coordinator {
     }
 
     /// Sleeps `secs` (printing progress lines labelled `label`), or until the
-    /// overall deadline. Returns false when the deadline was hit.
+    /// overall deadline. Returns false when the deadline was hit. The measured
+    /// phase and --hold also end when stdin closed (--stop-on-stdin-eof).
     fn wait(&mut self, label: &str, secs: f64) -> bool {
         let until = Instant::now() + Duration::from_secs_f64(secs);
+        let stoppable = label == Phase::Measure.name() || label == "hold";
         loop {
             let now = Instant::now();
             if now >= self.deadline {
                 self.timed_out = true;
                 return false;
             }
-            if now >= until {
+            if now >= until || (stoppable && STDIN_CLOSED.load(Ordering::Acquire)) {
                 return true;
             }
             self.progress(label);
@@ -256,6 +268,9 @@ fn run(cfg: Arc<Config>) -> Result<Value, String> {
     let mut counters = Counters::default();
     let mut lat = Histogram::default();
     let mut connect_hist = Histogram::default();
+    let mut ack_lat = Histogram::default();
+    let mut per_msg: Option<std::collections::HashMap<u64, (u64, u32)>> = None;
+    let mut measured_t: Option<(u64, u64)> = None;
     let mut closes: Map<String, Value> = Map::new();
     let mut slow_closes: Map<String, Value> = Map::new();
     let (mut tls_full, mut tls_resumed, mut negotiated) = (0, 0, None);
@@ -267,6 +282,19 @@ fn run(cfg: Arc<Config>) -> Result<Value, String> {
         counters.add(&r.counters);
         lat.merge(&r.lat);
         connect_hist.merge(&r.connect_hist);
+        ack_lat.merge(&r.ack_lat);
+        if let Some(part) = r.per_msg {
+            let all = per_msg.get_or_insert_with(Default::default);
+            for (t, (last, n)) in part {
+                let e = all.entry(t).or_insert((0, 0));
+                e.0 = e.0.max(last);
+                e.1 += n;
+            }
+        }
+        if let Some((lo, hi)) = r.measured_t {
+            let m = measured_t.get_or_insert((lo, hi));
+            *m = (m.0.min(lo), m.1.max(hi));
+        }
         for (map, part) in [(&mut closes, r.closes), (&mut slow_closes, r.slow_closes)] {
             for (k, v) in part {
                 let e = map.entry(k).or_insert(json!(0));
@@ -282,7 +310,21 @@ fn run(cfg: Arc<Config>) -> Result<Value, String> {
     let ratio = if expected > 0 { counters.received as f64 / expected as f64 } else { 0.0 };
     let per_s = if measured_s > 0.0 { counters.received as f64 / measured_s } else { 0.0 };
     let ns_per = if counters.received > 0 { cpu_ns as f64 / counters.received as f64 } else { 0.0 };
-    Ok(json!({
+    let (per_message, last_delivery) = per_message_report(per_msg.as_ref(), measured_t, receivers);
+    let extra = json!({
+        "acks_per_s": if measured_s > 0.0 { (counters.acks as f64 / measured_s).round() } else { 0.0 },
+        "ack_ms": {
+            "p50": ms(ack_lat.quantile(0.50)),
+            "p90": ms(ack_lat.quantile(0.90)),
+            "p99": ms(ack_lat.quantile(0.99)),
+            "max": ms(ack_lat.max()),
+            "samples": ack_lat.count(),
+        },
+        "measured_publish_t_us": measured_t.map(|(lo, hi)| json!([lo, hi])),
+        "last_delivery_ms": last_delivery,
+        "per_message": per_message,
+    });
+    let mut summary = json!({
         "mode": mode,
         "url": cfg.args.url,
         "threads": threads,
@@ -335,7 +377,48 @@ fn run(cfg: Arc<Config>) -> Result<Value, String> {
         "slow_bytes_read_at_end": counters.slow_bytes,
         "msg_type": cfg.args.msg_type,
         "timed_out": co.timed_out,
-    }))
+    });
+    if let (Value::Object(out), Value::Object(more)) = (&mut summary, extra) {
+        out.extend(more);
+    }
+    Ok(summary)
+}
+
+/// --per-message: every message seen, `[t, last receive unix µs, receivers]`
+/// sorted by `t`, and over the messages this process published in the
+/// measured phase (`measured`: their first and last `t`) the time from publish
+/// to the last of this process's receivers: p50/p90/p99/max, how many
+/// messages, and how many reached fewer than `receivers`. Both null without
+/// --per-message; the second also without measured publishes (a receive-only
+/// process: merge its `per_message` with the publisher's).
+fn per_message_report(
+    per_msg: Option<&std::collections::HashMap<u64, (u64, u32)>>,
+    measured: Option<(u64, u64)>,
+    receivers: u64,
+) -> (Value, Value) {
+    let Some(map) = per_msg else { return (Value::Null, Value::Null) };
+    let mut rows: Vec<(u64, u64, u32)> = map.iter().map(|(&t, &(last, n))| (t, last, n)).collect();
+    rows.sort_unstable();
+    let list = Value::Array(rows.iter().map(|&(t, last, n)| json!([t, last, n])).collect());
+    let Some((lo, hi)) = measured else { return (list, Value::Null) };
+    let mut h = Histogram::default();
+    let mut partial = 0u64;
+    for &(t, last, n) in rows.iter().filter(|r| r.0 >= lo && r.0 <= hi) {
+        h.record(last.saturating_sub(t));
+        if (n as u64) < receivers {
+            partial += 1;
+        }
+    }
+    let ms = |us: u64| us as f64 / 1000.0;
+    let report = json!({
+        "p50": ms(h.quantile(0.50)),
+        "p90": ms(h.quantile(0.90)),
+        "p99": ms(h.quantile(0.99)),
+        "max": ms(h.max()),
+        "messages": h.count(),
+        "messages_short_of_receivers": partial,
+    });
+    (list, report)
 }
 
 /// Starts one event-loop thread per --threads: `new(tid, cfg, shared)`, then

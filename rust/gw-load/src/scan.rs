@@ -12,16 +12,27 @@ use memchr::memmem::Finder;
 pub const MSG_MARKER: &[u8] = br#"{"op":"msg""#;
 /// Key of the publisher timestamp inside `data`.
 pub const T_KEY: &[u8] = br#""t":"#;
+/// Key of the sender's user id in a room message envelope.
+pub const FROM_KEY: &[u8] = br#""from":""#;
+/// Key of a request id in an `ack` or `error` frame.
+pub const ID_KEY: &[u8] = br#""id":"#;
 
 /// Pre-built substring searchers (built once per thread).
 pub struct Scanner {
     msg: Finder<'static>,
     t: Finder<'static>,
+    from: Finder<'static>,
+    id: Finder<'static>,
 }
 
 impl Default for Scanner {
     fn default() -> Self {
-        Scanner { msg: Finder::new(MSG_MARKER), t: Finder::new(T_KEY) }
+        Scanner {
+            msg: Finder::new(MSG_MARKER),
+            t: Finder::new(T_KEY),
+            from: Finder::new(FROM_KEY),
+            id: Finder::new(ID_KEY),
+        }
     }
 }
 
@@ -58,6 +69,37 @@ impl Scanner {
             }
         }
         n
+    }
+
+    /// Calls `f` with each room message of `payload` (the bytes after its
+    /// marker, up to the next marker); returns their number.
+    #[inline]
+    pub fn each_message<F: FnMut(&Scanner, &[u8])>(&self, payload: &[u8], mut f: F) -> u64 {
+        let mut n = 0u64;
+        let mut it = self.msg.find_iter(payload).peekable();
+        while let Some(pos) = it.next() {
+            n += 1;
+            let end = it.peek().copied().unwrap_or(payload.len());
+            f(self, &payload[pos + MSG_MARKER.len()..end]);
+        }
+        n
+    }
+
+    /// The number in the sender id `"from":"<prefix><number>"` of a message,
+    /// None when the sender is not of that form.
+    #[inline]
+    pub fn sender_number(&self, msg: &[u8], prefix: &[u8]) -> Option<u64> {
+        let p = self.from.find(msg)? + FROM_KEY.len();
+        let rest = msg[p..].strip_prefix(prefix)?;
+        let end = memchr::memchr(b'"', rest)?;
+        parse_uint(&rest[..end])
+    }
+
+    /// The request id of an `ack`/`error` frame (`"id":<integer>`).
+    #[inline]
+    pub fn request_id(&self, frame: &[u8]) -> Option<u64> {
+        let p = self.id.find(frame)? + ID_KEY.len();
+        parse_uint(&frame[p..])
     }
 
     /// First `"t":<integer>` in `s`, parsed (whitespace after the colon is
@@ -129,6 +171,20 @@ mod tests {
         s.count_and_sample(BATCH.as_bytes(), &mut countdown, 2, |t| ts.push(t));
         // Messages 2, 4 and 6 of the two batches are sampled.
         assert_eq!(ts, vec![None, Some(1000), Some(3000)]);
+    }
+
+    #[test]
+    fn senders_and_request_ids() {
+        let s = Scanner::default();
+        let mut seen = Vec::new();
+        let dm = br#"{"op":"msg","room":"dm:u10:u9","seq":4,"epoch":"e","type":"chat","prio":1,"from":"u10","data":{"t":7,"p":""},"ts":1}"#;
+        let n = s.each_message(dm, |s, m| seen.push((s.sender_number(m, b"u"), s.find_t(m))));
+        assert_eq!((n, seen), (1, vec![(Some(10), Some(7))]));
+        let sys = br#"{"op":"msg","room":"g","seq":1,"from":null,"data":{}}"#;
+        s.each_message(sys, |s, m| assert_eq!(s.sender_number(m, b"u"), None));
+        assert_eq!(s.sender_number(br#","from":"bot7","data":{}"#, b"u"), None);
+        assert_eq!(s.request_id(br#"{"op":"ack","id":123,"seq":9}"#), Some(123));
+        assert_eq!(s.request_id(br#"{"op":"ack","seq":9}"#), None);
     }
 
     #[test]

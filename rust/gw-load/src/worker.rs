@@ -137,16 +137,26 @@ pub struct ThreadResult {
     pub tls_full: u64,
     pub tls_resumed: u64,
     pub tls_negotiated: Option<crate::tls::Negotiated>,
+    pub ack_lat: Histogram,
+    pub per_msg: Option<HashMap<u64, (u64, u32)>>,
+    /// Publisher timestamps (`t`) of the first and last measured publish.
+    pub measured_t: Option<(u64, u64)>,
 }
 
 /// A publisher owned by this thread.
 struct Publisher {
     /// Index into `conns`.
     conn: usize,
+    /// The room it posts into, as a JSON string (with quotes).
+    room_json: String,
     /// Next request id (1 is the join).
     next_id: u64,
     /// Publishes sent since the current publishing phase started.
     sent_in_phase: u64,
+    /// Fixed rate: this publisher's offset in its period (its number /
+    /// publishers, in [0, 1)), so that many slow publishers do not all send
+    /// at the same instants.
+    phase: f64,
 }
 
 pub struct Worker {
@@ -174,8 +184,8 @@ pub struct Worker {
     rate_per_pub: f64,
     phase: Phase,
     phase_started: Instant,
-    /// Room name as a JSON string (with quotes).
-    room_json: String,
+    /// Publisher timestamps of the first and last measured publish.
+    measured_t: Option<(u64, u64)>,
     /// Publish `type` as a JSON string (with quotes).
     type_json: String,
     /// Padding for the publish `data`.
@@ -196,8 +206,11 @@ impl Worker {
 
         let room_json = serde_json::to_string(&cfg.args.room).expect("string serializes");
         let type_json = serde_json::to_string(&cfg.args.msg_type).expect("string serializes");
-        let join_payload =
-            (!cfg.args.no_join).then(|| format!(r#"{{"op":"join","id":1,"room":{room_json}}}"#).into_bytes());
+        let join_payload = if cfg.args.sync {
+            Some(br#"{"op":"sync","id":1,"limit":1,"msgs":0}"#.to_vec())
+        } else {
+            (!cfg.args.no_join).then(|| format!(r#"{{"op":"join","id":1,"room":{room_json}}}"#).into_bytes())
+        };
         // data = {"t":<16 digits>,"p":"<pad>"} -> 29 bytes + padding.
         let padding = "x".repeat(cfg.args.payload_bytes.saturating_sub(29));
         let rate_per_pub = match cfg.rate {
@@ -229,6 +242,12 @@ impl Worker {
                 tls_full: 0,
                 tls_resumed: 0,
                 tls_negotiated: None,
+                ack_lat: Histogram::default(),
+                sent: HashMap::new(),
+                dm: cfg.args.dm_pairs,
+                user_prefix: cfg.args.user_prefix.as_bytes().to_vec(),
+                user_offset: cfg.args.user_offset,
+                per_msg: cfg.args.per_message.then(HashMap::new),
             },
             todo,
             next_todo: 0,
@@ -242,7 +261,7 @@ impl Worker {
             rate_per_pub,
             phase: Phase::Idle,
             phase_started: now,
-            room_json,
+            measured_t: None,
             type_json,
             padding,
             msg_buf: Vec::with_capacity(256),
@@ -298,6 +317,9 @@ impl Worker {
             tls_full: self.ctx.tls_full,
             tls_resumed: self.ctx.tls_resumed,
             tls_negotiated: self.ctx.tls_negotiated,
+            ack_lat: self.ctx.ack_lat,
+            per_msg: self.ctx.per_msg,
+            measured_t: self.measured_t,
         }
     }
 
@@ -369,7 +391,12 @@ impl Worker {
         self.poll.registry().register(&mut stream, Token(idx), Interest::READABLE | Interest::WRITABLE).map_err(err)?;
         let pub_slot = if is_pub {
             let slot = self.pubs.len();
-            self.pubs.push(Publisher { conn: idx, next_id: 2, sent_in_phase: 0 });
+            let room = cfg.publish_room(gid as u64 - cfg.args.conns as u64);
+
+            let room_json = serde_json::to_string(&room).expect("string serializes");
+            let p = gid as u64 - cfg.args.conns as u64;
+            let phase = p as f64 / cfg.publishers().max(1) as f64;
+            self.pubs.push(Publisher { conn: idx, room_json, next_id: 2, sent_in_phase: 0, phase });
             slot as u32
         } else {
             NOT_PUBLISHER
@@ -643,12 +670,15 @@ impl Worker {
 
     // ----- publishing -----
 
-    /// Fixed-rate pacing: each publisher sends `floor(rate * elapsed)`
-    /// messages since the phase started.
+    /// Fixed-rate pacing: each publisher sends `floor(rate * elapsed + phase)`
+    /// messages since the phase started (publisher k of P is k/P of a period
+    /// ahead: P publishers at r/P msgs/s each send evenly spread, not in
+    /// bursts of P).
     fn publish_fixed_rate(&mut self, now: Instant) {
         let elapsed = now.duration_since(self.phase_started).as_secs_f64();
-        let due = (elapsed * self.rate_per_pub) as u64;
+        let base = elapsed * self.rate_per_pub;
         for slot in 0..self.pubs.len() {
+            let due = (base + self.pubs[slot].phase) as u64;
             let backlog = due.saturating_sub(self.pubs[slot].sent_in_phase).min(MAX_PUB_BURST);
             if backlog == 0 {
                 continue;
@@ -696,20 +726,23 @@ impl Worker {
         p.next_id += 1;
         p.sent_in_phase += 1;
         self.msg_buf.clear();
+        let t = sys::unix_micros();
         let _ = write!(
             self.msg_buf,
-            r#"{{"op":"publish","id":{id},"room":{},"type":{},"data":{{"t":{},"p":"{}"}}}}"#,
-            self.room_json,
-            self.type_json,
-            sys::unix_micros(),
-            self.padding
+            r#"{{"op":"publish","id":{id},"room":{},"type":{},"data":{{"t":{t},"p":"{}"}}}}"#,
+            p.room_json, self.type_json, self.padding
         );
         let ci = p.conn;
         self.conns[ci].queue_text(&self.msg_buf, &mut self.ctx.rng);
+        let at = self.ctx.mono_us();
+        self.ctx.sent.insert((slot as u32, id), at);
         self.ctx.pub_inflight[slot] += 1;
         self.ctx.counters.published_total += 1;
         if self.phase == Phase::Measure {
             self.ctx.counters.published += 1;
+            let (lo, hi) = self.measured_t.get_or_insert((t, t));
+            *lo = (*lo).min(t);
+            *hi = (*hi).max(t);
         }
     }
 }
