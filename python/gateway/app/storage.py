@@ -77,6 +77,10 @@ class Storage:
         #: Archive messages go through the broker's archive log (marked in the publish),
         #: not through :meth:`Store.archive`.
         self.log_archive = self.store is not None and broker.archives
+        #: cid look-ups waiting for the next batch (see :meth:`find_cid`).
+        self._cid_wanted: list[tuple[tuple[str, str, str], str | None, asyncio.Future[StoredMessage | None]]] = []
+        self._cid_busy = False
+        self._cid_task: asyncio.Future[None] | None = None
         #: room -> (highest seq known taken, when read from the store): a bounded LRU; a
         #: miss or an old entry asks the store.
         self._floors: OrderedDict[str, tuple[int, float]] = OrderedDict()
@@ -217,12 +221,38 @@ class Storage:
 
     async def find_cid(self, room: str, sender: str | None, cid: str) -> StoredMessage | None:
         """The message stored in ``room`` with ``(sender, cid)``, or None (also when the
-        store cannot say: the publish then goes on, and its commit catches a duplicate)."""
+        store cannot say: the publish then goes on, and its commit catches a duplicate).
+
+        NOTE: asked before every durable publish with a cid, so look-ups are batched like
+        commits: those asked while a batch is out go in the next one, one store round trip
+        each (one query per batch rather than a pooled connection per publish: with one
+        per publish, 9,000 dm publishes/s on PostgreSQL queued behind the pool for
+        seconds)."""
+        assert self.store is not None
+        key = (room, sender or "", cid)
+        fut: asyncio.Future[StoredMessage | None] = asyncio.get_running_loop().create_future()
+        self._cid_wanted.append((key, sender, fut))
+        if not self._cid_busy:
+            self._cid_busy = True
+            self._cid_task = asyncio.ensure_future(self._find_cids())
+        return await fut
+
+    async def _find_cids(self) -> None:
         assert self.store is not None
         try:
-            return await self.store.find_cid(room, sender, cid)
-        except StoreUnavailable:
-            return None
+            while self._cid_wanted:
+                batch, self._cid_wanted = self._cid_wanted, []
+                try:
+                    found = await self.store.find_cids([(k[0], sender, k[2]) for k, sender, _f in batch])
+                except Exception as e:  # unavailable (or a bug): the commit still catches a duplicate
+                    if not isinstance(e, StoreUnavailable):
+                        log.exception("looking up cids failed")
+                    found = {}
+                for key, _sender, fut in batch:
+                    if not fut.done():
+                        fut.set_result(found.get(key))
+        finally:
+            self._cid_busy = False
 
     async def keep(self, mode: str, msg: StoredMessage) -> StoredMessage:
         """Store ``msg`` as ``mode`` says. Durable: returns the stored message once

@@ -502,8 +502,9 @@ class Store(abc.ABC):
         """Seqs recalled after ``since_ms`` in each of ``rooms`` (rooms without: absent)."""
 
     @abc.abstractmethod
-    async def find_cid(self, room: str, sender: str | None, cid: str) -> StoredMessage | None:
-        """The message of ``room`` stored with this ``(sender, cid)``, or None."""
+    async def find_cids(self, keys: Sequence[tuple[str, str | None, str]]) -> dict[tuple[str, str, str], StoredMessage]:
+        """The messages stored with these ``(room, sender, cid)`` (one round trip), keyed
+        by ``(room, sender or "", cid)``; keys without a message are absent."""
 
     @abc.abstractmethod
     async def newest_messages(self, wanted: Sequence[tuple[str, int, int]]) -> dict[str, list[StoredMessage]]:

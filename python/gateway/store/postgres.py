@@ -1354,10 +1354,11 @@ class PostgresStore(Store):
             out.append(ConversationState(_conversation(r[8:14]), _member(r[0:8]), last.seq if last is not None else 0, last, int(r[23]), r[24]))
         return out
 
-    async def find_cid(self, room: str, sender: str | None, cid: str) -> StoredMessage | None:
-        sql = f"SELECT {_COLS} FROM {self.schema}.messages WHERE room = $1 AND coalesce(sender, '') = $2 AND cid = $3"
-        rows = await self._fetch(sql, [room, sender or "", cid], "reading a message by cid")
-        return _row(rows[0]) if rows else None
+    async def find_cids(self, keys: Sequence[tuple[str, str | None, str]]) -> dict[tuple[str, str, str], StoredMessage]:
+        if not keys:
+            return {}
+        rows = await self._fetch(self._sql_by_cid, [[k[0] for k in keys], [k[1] or "" for k in keys], [k[2] for k in keys]], "reading messages by cid")
+        return {(m.room, m.sender or "", m.cid or ""): m for m in map(_row, rows)}
 
     async def newest_messages(self, wanted: Sequence[tuple[str, int, int]]) -> dict[str, list[StoredMessage]]:
         if not wanted:

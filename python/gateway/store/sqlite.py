@@ -1033,10 +1033,19 @@ class SqliteStore(Store):
             out.append(ConversationState(conv, member, last.seq if last is not None else 0, last, int(r[24]), r[25]))
         return out
 
-    async def find_cid(self, room: str, sender: str | None, cid: str) -> StoredMessage | None:
+    async def find_cids(self, keys: Sequence[tuple[str, str | None, str]]) -> dict[tuple[str, str, str], StoredMessage]:
+        """See :meth:`Store.find_cids`: every look-up in one reader job."""
         sql = f"SELECT {_COLUMNS} FROM messages WHERE room = ? AND ifnull(sender, '') = ? AND cid = ?"
-        rows = await self._read(_fetch(sql, (room, sender or "", cid)), "find_cid")
-        return _message(rows[0]) if rows else None
+
+        def run(conn: sqlite3.Connection) -> dict[tuple[str, str, str], StoredMessage]:
+            out = {}
+            for room, sender, cid in keys:
+                row = conn.execute(sql, (room, sender or "", cid)).fetchone()
+                if row is not None:
+                    out[(room, sender or "", cid)] = _message(row)
+            return out
+
+        return await self._read(run, "find_cids") if keys else {}
 
     async def newest_messages(self, wanted: Sequence[tuple[str, int, int]]) -> dict[str, list[StoredMessage]]:
         """See :meth:`Store.newest_messages`: every page in one reader job."""
