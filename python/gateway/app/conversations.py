@@ -38,7 +38,7 @@ from ..config import Config
 from ..errors import Reject
 from ..protocol import frames
 from ..protocol.codes import ErrorCode, Priority
-from ..protocol.requests import MAX_SYNC_CONVS, Create, History, Invite, Read, Recall, Remove, Sync, Typing
+from ..protocol.requests import Create, History, Invite, Read, Recall, Remove, Sync, Typing
 from ..routing import Route, Router, valid_room_name
 from ..store import ConversationState, Member, Store, StoreUnavailable, TooManyMembers
 from .plugins import MemberChange
@@ -286,12 +286,14 @@ class Conversations:
                 rooms = await self.store.user_rooms(c.user, self.cfg.max_attached)
             await asyncio.gather(*(self._attach_one(c.conn, room, a) for room in rooms))
         except BaseException as e:
-            a.ready.set_exception(e if isinstance(e, Exception) else RuntimeError("cancelled"))
-            a.ready.exception()  # retrieved: waiters get it through their own await
+            if not a.ready.done():  # (cancelled when the connection closed meanwhile)
+                a.ready.set_exception(e if isinstance(e, Exception) else RuntimeError("cancelled"))
+                a.ready.exception()  # retrieved: waiters get it through their own await
             if self._attached.get(c.conn) is a:
                 del self._attached[c.conn]
             raise
-        a.ready.set_result(None)
+        if not a.ready.done():
+            a.ready.set_result(None)
 
     async def _attach_one(self, conn: int, room: str, a: _Attached) -> bool:
         if len(a.rooms) >= self.cfg.max_attached:
@@ -352,7 +354,7 @@ class Conversations:
         cursor = frames.now_ms()
         margin = int(self.cfg.sync_margin * 1000)
         since = max(0, req.since - margin) if req.since else 0
-        states = await self._changed(c, since, req.before)
+        states = await self._changed(c, since, req.before, req.limit)
         if c.conn not in self._attached:
             await self.attach(c, states if since == 0 and req.before is None else None)
         else:
@@ -384,7 +386,7 @@ class Conversations:
         body = orjson.dumps({"op": "ack", "id": req.id, "cursor": cursor, "more": more, "next": nxt, "convs": [orjson.Fragment(x) for x in convs]})
         self.engine().send(c.conn, body, Priority.HIGH)
 
-    async def _changed(self, c: Client, since: int, before: tuple[int, str] | None) -> list[ConversationState]:
+    async def _changed(self, c: Client, since: int, before: tuple[int, str] | None, limit: int) -> list[ConversationState]:
         """The user's conversations changed since ``since`` after ``before`` (most recent
         first): from the list the first page read, while it is fresh."""
         if before is not None:
@@ -402,7 +404,7 @@ class Conversations:
                 return states[lo:]
             return await self.store.user_conversations(c.user, since_ms=since, limit=_SYNC_CAP, before=before)
         states = await self.store.user_conversations(c.user, since_ms=since, limit=_SYNC_CAP)
-        if len(states) > MAX_SYNC_CONVS:
+        if len(states) > limit:  # more pages will be asked for
             self._pages[c.conn] = (since, time.monotonic(), states)
         else:
             self._pages.pop(c.conn, None)
