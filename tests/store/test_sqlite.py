@@ -437,3 +437,33 @@ async def test_search_uses_the_index_and_the_unindexed_tail_together(path: Path,
     assert [m.seq for m in found] == list(range(60, 0, -1))
     assert [m.seq for m in await s.search("单已发货", limit=15)] == list(range(60, 45, -1))
     assert [m.seq for m in await s.search("单已发货", limit=5)] == list(range(60, 55, -1))
+
+
+async def test_processes_opening_one_new_file_at_once_all_start(tmp_path: Path) -> None:
+    """The workers of server.workers open the same new file together: one creates the
+    schema (every version in one transaction), the others wait and find it done; none
+    sees a version in between nor fails on the lock."""
+    path = tmp_path / "shared.db"
+    code = """
+        import asyncio, sys
+        from gateway.store.sqlite import SqliteStore
+        async def main():
+            s = SqliteStore(sys.argv[1])
+            await s.start()
+            await s.close()
+            print("ok", flush=True)
+        asyncio.run(main())
+    """
+    # The file exists, empty, and another connection holds its write lock while they
+    # start: SQLite answers "locked" at once to a switch to WAL; they must wait it out.
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    procs = [run_script(code, str(path)) for _ in range(4)]
+    await asyncio.sleep(0.8)  # they are up and blocked (nothing to observe from here)
+    assert all(p.poll() is None for p in procs), [p.communicate() for p in procs if p.poll() is not None]
+    holder.execute("ROLLBACK")
+    holder.close()
+    outs = [p.communicate(timeout=60) for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, outs
+    assert all(o.strip() == "ok" for o, _ in outs), outs
+    assert query(path, "SELECT value FROM meta WHERE key = 'schema_version'") == [(str(SCHEMA_VERSION),)]

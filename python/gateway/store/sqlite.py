@@ -380,36 +380,36 @@ def _schema_version(conn: sqlite3.Connection) -> int | None:
 
 
 def _migrate(conn: sqlite3.Connection, path: str) -> tuple[int, int]:
-    """Apply the missing :data:`MIGRATIONS`, each version in one IMMEDIATE transaction
-    (another process migrating at the same time waits, then finds nothing to do)."""
-    before: int | None = None
-    while True:
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            current = _schema_version(conn)
-            if current is None:
-                raise SchemaError(f"{path} is not a livegate store (it has tables but no schema version in meta)")
-            if current > SCHEMA_VERSION:
-                raise SchemaError(f"{path} has schema version {current}, newer than this gateway's ({SCHEMA_VERSION}): upgrade the gateway")
-            if before is None:
-                before = max(current, 0)
-            pending = [(v, sql) for v, sql in MIGRATIONS if v > current]
-            if not pending:
-                conn.execute("COMMIT")
-                return before, max(current, 0)
-            version, statements = pending[0]
+    """Apply the missing :data:`MIGRATIONS`, all of them in one IMMEDIATE transaction, so
+    no other process ever sees a version in between (another process migrating or
+    creating the file at the same time waits for the lock, then finds nothing to do; the
+    worker processes of ``server.workers`` open a new file at the same moment)."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        current = _schema_version(conn)
+        if current is None:
+            raise SchemaError(f"{path} is not a livegate store (it has tables but no schema version in meta)")
+        if current > SCHEMA_VERSION:
+            raise SchemaError(f"{path} has schema version {current}, newer than this gateway's ({SCHEMA_VERSION}): upgrade the gateway")
+        before = max(current, 0)
+        for version, statements in MIGRATIONS:
+            if version <= current:
+                continue
             try:
                 for sql in statements:
                     conn.execute(sql)
             except sqlite3.Error as e:
-                raise SchemaError(f"{path}: migration from schema version {current} to {version} failed: {e}") from e
+                raise SchemaError(f"{path}: migration from schema version {max(current, 0)} to {version} failed: {e}") from e
             conn.execute("INSERT INTO meta (key, value) VALUES ('schema_version', ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value", (str(version),))
-            conn.execute("COMMIT")
-            log.info("store %s: schema migrated to version %d", path, version)
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
+            current = version
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    if current != before:
+        log.info("store %s: schema migrated from version %d to %d", path, before, current)
+    return before, max(current, 0)
 
 
 class SqliteStore(Store):
@@ -1115,6 +1115,21 @@ class SqliteStore(Store):
             self._closed_fut.set_result(dropped)
 
     def _open_writer(self) -> sqlite3.Connection:
+        """Open the writer's connection; another process creating the same new file at
+        that moment (the workers of ``server.workers``) can make SQLite answer "locked" at
+        once (switching to WAL does not wait): tried again for up to ``busy_timeout``."""
+        deadline = time.monotonic() + max(self.busy_timeout, 1.0)
+        delay = 0.02
+        while True:
+            try:
+                return self._try_open_writer()
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) or time.monotonic() + delay > deadline:
+                    raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.25)
+
+    def _try_open_writer(self) -> sqlite3.Connection:
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         conn = _connect(self.path, timeout=self.busy_timeout)
         try:
