@@ -115,6 +115,10 @@ class EngineCollector:
             hc.add_metric([hook], gw.stats.hook_calls[hook])
         yield ht
         yield hc
+        pr = CounterMetricFamily("gateway_plugin_requests", "Client requests answered by plugins' ops (on_request), by outcome", labels=["op", "outcome"])
+        for (op, outcome), n in gw.stats.plugin_requests.items():
+            pr.add_metric([op, outcome], n)
+        yield pr
         be = CounterMetricFamily("gateway_broker_publish_errors", "Broker publishes that failed")
         be.add_metric([], gw.stats.broker_publish_errors)
         yield be

@@ -6,6 +6,7 @@ re-routed target and the rooms seen by ``on_disconnect``, reported into ``audit:
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from gateway.app import Client, Gateway, MemberChange, Message, Plugin
@@ -18,6 +19,7 @@ AUDIT = "audit:feature"
 
 class FeaturePlugin(Plugin):
     name = "feature"
+    ops = ("feature.echo", "feature.whoami", "feature.refuse", "feature.slow", "feature.broken")
 
     def setup(self, gateway: Gateway) -> None:
         self.gw = gateway
@@ -45,6 +47,18 @@ class FeaturePlugin(Plugin):
         if change.action in ("create", "invite") and any(u.startswith("blocked") for u in change.users):
             raise Reject(4050, "that user cannot be added")
         return not (change.action == "create" and b'"vip"' in change.meta and client.identity.meta.get("role") != "vip")
+
+    async def on_request(self, client: Client, op: str, msg: dict[str, Any]) -> dict[str, Any] | None:
+        """Plugin ops (``Plugin.ops``): each shows one way to answer."""
+        if op == "feature.echo":
+            return {"echo": msg.get("data"), "op": "not-overridable", "id": "nor-this"}
+        if op == "feature.whoami":
+            return None
+        if op == "feature.refuse":
+            raise Reject(4050, "refused by the plugin")
+        if op == "feature.slow":
+            await asyncio.sleep(30)
+        return "not a dict"  # type: ignore[return-value]
 
     async def on_disconnect(self, client: Client, code: int, reason: str) -> None:
         await self.gw.publish(AUDIT, {"event": "disconnect", "user": client.user, "rooms": sorted(client.rooms), "code": code}, type="audit")

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 from gateway.auth import mint_token
-from gateway.client import GatewayClient
+from gateway.client import GatewayClient, GatewayClosed, GatewayError
 from support.clients import recv_until
 from support.gateway import JWT_SECRET, GatewayProcess, uniq
 
@@ -23,6 +23,56 @@ AUDIT = "audit:feature"
 @pytest.fixture(scope="module")
 def feature_gw(module_gateway_factory: Any) -> GatewayProcess:
     return module_gateway_factory("plugins.feature.tag=from-config", "heartbeat.idle_timeout=75", app=APP)  # type: ignore[no-any-return]
+
+
+# ---- plugin ops (on_request) ---------------------------------------------------------------
+
+
+async def test_plugin_ops_answer_with_acks_errors_and_timeouts(gateway_factory: Any) -> None:
+    # A plugin op that returns garbage logs its traceback: allowed here.
+    feature_gw = gateway_factory("hooks.timeout=0.5", app=APP, allow_errors=True)
+    c = await feature_gw.client()
+    try:
+        ack = await c.request("feature.echo", data={"n": [1, 2]})
+        assert ack == {"op": "ack", "id": ack["id"], "echo": {"n": [1, 2]}}, "the plugin's fields; op and id stay the protocol's"
+        assert isinstance(ack["id"], int)
+        assert await c.request("feature.whoami") == {"op": "ack", "id": ack["id"] + 1}
+        for op, code in (("feature.refuse", 4050), ("feature.slow", 4080), ("feature.broken", 5000), ("feature.missing", 4001), ("Feature.Echo", 4001)):
+            with pytest.raises(GatewayError) as e:
+                await c.request(op)
+            assert e.value.code == code, (op, e.value)
+        assert (await c.ping())["op"] == "pong", "the connection survives every failure"
+        text = feature_gw.metrics()
+        assert 'gateway_plugin_requests_total{op="feature.echo",outcome="ok"} 1.0' in text
+        assert 'gateway_plugin_requests_total{op="feature.refuse",outcome="rejected"} 1.0' in text
+        assert 'gateway_plugin_requests_total{op="feature.slow",outcome="timeout"} 1.0' in text
+        assert 'gateway_plugin_requests_total{op="feature.broken",outcome="error"} 1.0' in text
+    finally:
+        await c.close()
+
+
+async def test_plugin_ops_share_the_engines_size_cap(feature_gw: GatewayProcess) -> None:
+    c = await feature_gw.client()
+    try:
+        with pytest.raises(GatewayClosed):  # closed by the engine, before Python sees it
+            await c.request("feature.echo", data="x" * 70_000)
+        assert c.close_code == 1009
+    finally:
+        await c.close()
+
+
+def test_plugin_ops_cannot_take_protocol_names() -> None:
+    from gateway.app.hooks import Hooks
+    from gateway.app.stats import Stats
+    from gateway.config import HooksConfig
+
+    hooks = Hooks(HooksConfig(), Stats())
+    for bad in ("join", "publish", "sync", "Cs.Open", "cs..open", ""):
+        with pytest.raises(ValueError):
+            hooks.add_op(bad, lambda *a: None)
+    hooks.add_op("cs.open", lambda *a: None)
+    with pytest.raises(ValueError, match="two plugins"):
+        hooks.add_op("cs.open", lambda *a: None)
 
 
 

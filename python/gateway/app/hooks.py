@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 from .._eager import run_eager
 from ..config import HooksConfig
 from ..errors import HookTimeout, Reject
+from ..protocol.requests import BUILTIN_OPS, is_op_name
 from .plugins import DROP, HOOKS, Plugin
 from .stats import Stats
 
@@ -37,24 +38,47 @@ class Hooks:
     def __init__(self, cfg: HooksConfig, stats: Stats) -> None:
         self.cfg = cfg
         self.stats = stats
-        self._fns: dict[str, list[Hook]] = {h: [] for h in HOOKS}
+        self._fns: dict[str, list[Hook]] = {h: [] for h in HOOKS if h != "on_request"}
+        #: Plugin ops: op name -> its ``on_request(client, op, msg)``.
+        self.ops: dict[str, Hook] = {}
 
     def add(self, name: str, fn: Hook) -> Hook:
+        if name == "on_request":
+            raise ValueError("on_request answers named ops: register it with gateway.op(name) or Plugin.ops")
         if name not in self._fns:
             raise ValueError(f"unknown hook {name!r} (hooks: {', '.join(HOOKS)})")
         self._fns[name].append(fn)
         return fn
 
+    def add_op(self, op: str, fn: Hook) -> Hook:
+        """Make ``fn(client, op, msg)`` the answer to client op ``op``. Raises ValueError
+        for a name the protocol uses, one that is not an op name, or one already taken."""
+        if op in BUILTIN_OPS:
+            raise ValueError(f"op {op!r} is part of the protocol; pick another name (e.g. 'myplugin.{op}')")
+        if not is_op_name(op):
+            raise ValueError(f"op {op!r} is not an op name (lower-case words joined by dots, e.g. 'cs.open')")
+        if op in self.ops:
+            raise ValueError(f"op {op!r} is answered by two plugins")
+        self.ops[op] = fn
+        return fn
+
     def add_plugin(self, plugin: Plugin) -> None:
-        """Register every hook method ``plugin`` defines."""
-        for h in HOOKS:
+        """Register every hook method ``plugin`` defines, and its ops."""
+        for h in self._fns:
             fn = getattr(plugin, h, None)
             if fn is not None and callable(fn):
                 self._fns[h].append(fn)
+        ops = getattr(plugin, "ops", ())
+        if ops:
+            fn = getattr(plugin, "on_request", None)
+            if fn is None or not callable(fn):
+                raise ValueError(f"plugin {plugin.name!r} names ops but has no on_request")
+            for op in ops:
+                self.add_op(op, fn)
 
     def has(self, *names: str) -> bool:
         """Whether any of ``names`` has a hook (skips work nobody listens to)."""
-        return any(self._fns[n] for n in names)
+        return any(self._fns.get(n) for n in names)
 
     async def call(self, hook: str, fn: Hook, *args: Any) -> Any:
         """Call one hook, sync or async, with the configured timeout for async ones.

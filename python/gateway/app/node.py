@@ -167,6 +167,11 @@ class Gateway:
     after_connect = property(lambda self: self._decorator("after_connect"), doc="Decorator: ``after_connect(client)``.")
     on_member = property(lambda self: self._decorator("on_member"), doc="Decorator: ``on_member(client, change)``.")
 
+    def op(self, name: str) -> Decorator:
+        """Decorator: ``fn(client, op, msg)`` answers the client op ``name`` (see
+        ``Plugin.on_request``)."""
+        return lambda fn: self.hooks.add_op(name, fn)
+
     # ---- helpers for plugins and the HTTP API --------------------------------------------
 
     async def publish(

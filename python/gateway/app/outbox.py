@@ -50,6 +50,7 @@ import asyncio
 import contextlib
 import email.utils
 import fnmatch
+import functools
 import hashlib
 import hmac
 import itertools
@@ -263,6 +264,7 @@ class Outbox:
                 next_lag = now + 1.0
                 await self._measure(ep)
             entries: list[OutboxEntry] = await self._store_call("reading the log", store.outbox_read, ep.cursor, READ_LIMIT)
+            await self._learn_rooms(ep, entries)
             take = self._ready(ep, entries)
             if take == 0:
                 await asyncio.sleep(idle if not entries else min(idle, 0.05))
@@ -281,6 +283,26 @@ class Outbox:
             await self._store_call("saving the cursor", store.outbox_save, ep.name, ep.cursor)
             if take == len(entries) and len(entries) < READ_LIMIT:
                 await self._measure(ep)
+
+    async def _learn_rooms(self, ep: _Endpoint, entries: Sequence[OutboxEntry]) -> None:
+        """Give each room of ``entries`` this endpoint has no last seq for (a new room, or
+        every room after a start or a takeover) the gap wait's base: the highest seq the
+        store holds below the lowest one read. Two nodes may log seq 2 before seq 1 is
+        committed; the first seq read is not a safe base."""
+        store = self.store
+        assert store is not None
+        lowest: dict[str, int] = {}
+        for e in entries:
+            if e.kind == "message" and e.seq is not None and e.room not in ep.last_seq:
+                lowest[e.room] = min(lowest.get(e.room, e.seq), e.seq)
+        rooms = list(lowest.items())
+        for i in range(0, len(rooms), 16):
+            chunk = rooms[i:i + 16]
+            found = await asyncio.gather(*(
+                self._store_call("reading a room's last seq", functools.partial(store.messages, room, before_seq=seq, limit=1))
+                for room, seq in chunk))
+            for (room, _), below in zip(chunk, found, strict=True):
+                ep.last_seq[room] = below[-1].seq if below else 0
 
     def _ready(self, ep: _Endpoint, entries: Sequence[OutboxEntry]) -> int:
         """How many of ``entries`` (from the front) can go now: the longest prefix in

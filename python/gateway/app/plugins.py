@@ -17,7 +17,10 @@ __all__ = ["DROP", "HOOKS", "MemberChange", "Message", "Plugin"]
 DROP: Any = object()
 
 #: Every hook name, in the order a connection meets them.
-HOOKS = ("on_connect", "on_join", "on_message", "on_leave", "on_disconnect", "after_publish", "after_connect", "after_join", "on_member")
+HOOKS = (
+    "on_connect", "on_join", "on_message", "on_leave", "on_disconnect", "after_publish", "after_connect", "after_join", "on_member",
+    "on_request",
+)
 
 
 @dataclass(slots=True)
@@ -70,6 +73,11 @@ class Plugin:
     - ``on_member(client, change)``: a client creates a group, invites or removes members
       (a :class:`MemberChange`, after the route's rules allowed it): return False or
       raise :class:`~gateway.Reject` to deny. The HTTP API does not run it.
+    - ``on_request(client, op, msg)``: answers the client ops named in :attr:`ops` (ops
+      the protocol does not define, e.g. ``"cs.open"``; ``msg`` is the request object).
+      Return a dict (the fields of the ``ack``), None (an empty ``ack``), or raise
+      :class:`~gateway.Reject` (an ``error`` frame with its code). The engine's rate limit
+      and size cap apply as to every op, and ``hooks.timeout`` (error 4080).
 
     ``setup(gateway)`` runs once at start (async allowed) and ``teardown()`` at stop.
     Settings: ``gateway.config.plugins.get(self.name, {})`` (the ``[plugins.<name>]``
@@ -77,6 +85,8 @@ class Plugin:
     """
 
     name = "plugin"
+    #: Client ops :meth:`on_request` answers (see the class docstring).
+    ops: tuple[str, ...] = ()
 
     def setup(self, gateway: Gateway) -> Any:
         return None

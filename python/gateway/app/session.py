@@ -29,6 +29,7 @@ from ..protocol.requests import (
     MAX_PAGE,
     BadRequest,
     Create,
+    Custom,
     History,
     Invite,
     Join,
@@ -336,6 +337,8 @@ class Sessions:
                 await self.history(c, req)
             elif isinstance(req, Ping):
                 pass  # answered by the engine (its frame, its rate limit); never sent here
+            elif isinstance(req, Custom):
+                await self.custom(c, req)
             else:
                 await self._conversation_op(c, req)
             c.errors = 0
@@ -352,6 +355,30 @@ class Sessions:
             self.error(c, req.id, ErrorCode.INTERNAL, "internal error")
 
     # ---- ops ---------------------------------------------------------------------------------
+
+    async def custom(self, c: Client, req: Custom) -> None:
+        """A plugin's op: its ``on_request(client, op, msg)`` answers with the ack's fields
+        (a dict), None (an empty ack) or :class:`Reject`."""
+        fn = self.hooks.ops.get(req.op)
+        if fn is None:
+            raise Reject(ErrorCode.UNKNOWN_OP, f"unknown op {req.op!r}")
+        counts = self.stats.plugin_requests
+        outcome = "error"
+        try:
+            body = await self.hooks.call("on_request", fn, c, req.op, req.msg)
+            if body is not None and not isinstance(body, dict):
+                raise TypeError(f"on_request for {req.op!r} returned {type(body).__name__}, not a dict or None")
+            outcome = "ok"
+        except Reject:
+            outcome = "rejected"
+            raise
+        except HookTimeout:
+            outcome = "timeout"
+            raise
+        finally:
+            counts[(req.op, outcome)] = counts.get((req.op, outcome), 0) + 1
+        fields = {k: v for k, v in body.items() if k not in ("op", "id")} if body else {}
+        self.engine().send(c.conn, frames.ack(req.id, **fields), Priority.HIGH)
 
     async def _conversation_op(self, c: Client, req: Request) -> None:
         """The ops of protocol 1.1 (docs/protocol.md, "Conversations")."""

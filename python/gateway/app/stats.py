@@ -57,6 +57,8 @@ class Stats:
         #: Kept messages whose seq was already stored by another node (republished).
         self.seq_collisions = 0
         self.tokens_expired = 0
+        #: Plugin ops answered, by (op, outcome): ok, rejected, timeout, error.
+        self.plugin_requests: dict[tuple[str, str], int] = {}
 
     def observe_hook(self, hook: str, seconds: float) -> None:
         self.hook_buckets[hook][bisect.bisect_left(HOOK_BUCKETS, seconds)] += 1

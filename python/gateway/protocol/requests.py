@@ -8,6 +8,7 @@ request's *shape* happens here, before any policy, rate limit or hook runs; poli
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,8 +17,8 @@ import orjson
 from .codes import ErrorCode
 
 __all__ = [
-    "MAX_CID_LEN", "MAX_HISTORY", "MAX_PAGE", "MAX_PAGE_FORWARD", "BadRequest", "Create", "History", "Invite", "Join", "Leave", "Ping", "Publish",
-    "Read", "Recall", "Remove", "Request", "Resume", "Sync", "Typing", "parse", "request_id",
+    "BUILTIN_OPS", "MAX_CID_LEN", "MAX_HISTORY", "MAX_PAGE", "MAX_PAGE_FORWARD", "BadRequest", "Create", "Custom", "History", "Invite", "Join", "Leave",
+    "Ping", "Publish", "Read", "Recall", "Remove", "Request", "Resume", "Sync", "Typing", "is_op_name", "parse", "request_id",
 ]
 
 #: The most history messages a join may ask for (``history``); larger asks are capped.
@@ -32,6 +33,16 @@ MAX_USERS, MAX_META_BYTES = 500, 4096
 #: Longest client message id (``cid``) accepted for idempotent publishes.
 MAX_CID_LEN = 64
 _MAX_TYPE_LEN = 64
+
+#: The ops of the protocol itself; a plugin's op (``on_request``) may not take these names.
+BUILTIN_OPS = frozenset({"join", "leave", "publish", "ping", "history", "sync", "read", "recall", "typing", "create", "invite", "remove"})
+_OP_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}(\.[a-z][a-z0-9_]{0,31}){0,3}")
+
+
+def is_op_name(op: str) -> bool:
+    """Whether ``op`` may name a plugin's op: lower-case words joined by dots
+    (``cs.open``), at most 4 parts of 32 characters."""
+    return _OP_NAME.fullmatch(op) is not None
 
 
 class BadRequest(Exception):
@@ -156,7 +167,19 @@ class Remove:
     user: str
 
 
-Request = Join | Leave | Publish | Ping | History | Sync | Read | Recall | Typing | Create | Invite | Remove
+@dataclass(slots=True)
+class Custom:
+    """An op the protocol does not define, for a plugin's ``on_request`` to answer:
+    ``msg`` is the whole request object (``op`` and ``id`` included), ``size`` its bytes.
+    Whether a plugin answers ``op`` is decided by the app (4001 when none does)."""
+
+    id: Any
+    op: str
+    msg: dict[str, Any]
+    size: int
+
+
+Request = Join | Leave | Publish | Ping | History | Sync | Read | Recall | Typing | Create | Invite | Remove | Custom
 
 
 def _room(msg: dict[str, Any], rid: Any) -> str:
@@ -294,6 +317,8 @@ def parse(data: bytes, binary: bool = False) -> Request:
         return Remove(rid, room, user)
     if not isinstance(op, str):
         raise BadRequest(ErrorCode.BAD_REQUEST, "missing field: op", rid)
+    if is_op_name(op):
+        return Custom(rid, op, msg, len(data))
     raise BadRequest(ErrorCode.UNKNOWN_OP, f"unknown op {op[:32]!r}", rid)
 
 
