@@ -106,6 +106,8 @@ class Conversations:
         self.hooks = hooks
         self._members: OrderedDict[tuple[str, str], tuple[Member | None, float]] = OrderedDict()
         self._known: OrderedDict[str, None] = OrderedDict()
+        #: dm creations in flight (ensure_dm): later callers wait for the first one.
+        self._creating: dict[str, asyncio.Future[None]] = {}
         #: conn -> what it is attached to (connections that sent sync).
         self._attached: dict[int, _Attached] = {}
         self._typing: OrderedDict[tuple[str, str], float] = OrderedDict()
@@ -170,15 +172,26 @@ class Conversations:
         return m
 
     async def ensure_dm(self, route: Route, room: str, creator: str | None) -> None:
-        """Create the dm (both users members) unless it is known to exist."""
+        """Create the dm (both users members) unless it is known to exist. Both users'
+        first messages usually arrive together: the second waits for the first's creation
+        instead of making its own."""
+        pending = self._creating.get(room)
+        if pending is not None:
+            await asyncio.wait((pending,))  # never raises; a failed creation is retried below
         if room in self._known:
             return
-        a, b = self.dm_users(route, room)
-        _, created = await self.store.create_conversation(room, "dm", creator, b"{}", [(a, "member"), (b, "member")], 2)
-        self._remember(room)
-        if created:
-            for u in (a, b):
-                await self._announce(ConvMember(room, u, "added", "member"))
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._creating[room] = fut
+        try:
+            a, b = self.dm_users(route, room)
+            _, created = await self.store.create_conversation(room, "dm", creator, b"{}", [(a, "member"), (b, "member")], 2)
+            self._remember(room)
+            if created:
+                for u in (a, b):
+                    await self._announce(ConvMember(room, u, "added", "member"))
+        finally:
+            del self._creating[room]
+            fut.set_result(None)
 
     async def ensure_notice(self, route: Route, room: str) -> None:
         if room in self._known:
