@@ -655,6 +655,18 @@ async def test_create_a_conversation_once_with_its_members(store: Store) -> None
     assert (await store.conversation("group:1")) == again
 
 
+async def test_a_conversation_created_by_many_at_once_is_created_once(store: Store) -> None:
+    """Both users of a dm (and retries) create it together: one creation, the same
+    conversation for all, as read back."""
+    results = await asyncio.gather(*(
+        store.create_conversation("dm:ann:bob", "dm", who, b"{}", [("ann", "member"), ("bob", "member")], 2) for who in ["ann", "bob"] * 10
+    ))
+    assert sum(created for _, created in results) == 1
+    made = next(conv for conv, created in results if created)
+    assert await store.conversation("dm:ann:bob") == made
+    assert [(m.user, m.role, m.active) for m in await store.members("dm:ann:bob")] == [("ann", "member", True), ("bob", "member", True)]
+
+
 async def test_new_members_start_with_what_was_said_read_and_unread_is_arithmetic(store: Store) -> None:
     await store.create_conversation("group:2", "group", None, b"{}", [("alice", "owner")], 10)
     await store.commit_many([msg("group:2", i, sender="alice") for i in (1, 2, 3)])
