@@ -112,7 +112,7 @@ async def test_no_subscription_left_is_not_retried_for_that_session(wechat: Fake
 
 
 async def test_custom_fields_are_filled_and_things_cut_to_twenty_characters(wechat: FakeWeChat) -> None:
-    data = {"thing1": "{department} 客服 {agent} 回复了您的咨询，共 {unread} 条，请尽快查看哦", "character_string2": "{session}"}
+    data = {"thing1": "{department} 客服 {agent} 回复了您的咨询，共 {unread} 条，请尽快查看哦", "character_string2": "{session}"}  # noqa: RUF001 (Chinese punctuation on purpose)
     n = WeChatSubscribe(settings(wechat.url, WECHAT_DATA=json.dumps(data, ensure_ascii=False), WECHAT_PAGE="pages/cs?room={room}"))
     try:
         await n(Session("s9", "openid-ann", "cs:s9"), 12, 1_800_000_000_000)
