@@ -15,6 +15,7 @@ import importlib
 import os
 import shutil
 import subprocess
+import warnings
 import sys
 from pathlib import Path
 from typing import Any
@@ -48,9 +49,20 @@ def _apt_install(commands: list[str], packages: list[str]) -> None:
         pytest.fail(f"could not install {' and '.join(packages)} with apt-get (exit {code}):\n{out}", pytrace=False)
 
 
+#: A font with Chinese glyphs (the desk's pages and the demo are partly in Chinese).
+CJK_FONT = "/usr/share/fonts/truetype/wqy/wqy-zenhei.ttc"
+
+
 def ensure_browser() -> tuple[str, str]:
-    """Paths of chromium and chromedriver, installing Debian's packages when missing."""
+    """Paths of chromium and chromedriver, installing Debian's packages when missing (and
+    a CJK font, so screenshots show Chinese labels, not boxes: best effort, since no
+    assertion reads glyphs)."""
     _apt_install(["chromium", "chromedriver"], ["chromium", "chromium-driver"])
+    if not os.path.exists(CJK_FONT):
+        sudo = [] if os.geteuid() == 0 else ["sudo", "-n"]
+        code, out = _run([*sudo, "apt-get", "install", "-y", "-q", "--no-install-recommends", "fonts-wqy-zenhei"], 900)
+        if code != 0:
+            warnings.warn(f"no CJK font for the screenshots (apt-get exit {code}): {out[-300:]}", stacklevel=2)
     return shutil.which("chromium") or "", shutil.which("chromedriver") or ""
 
 
