@@ -15,7 +15,6 @@ import importlib
 import os
 import shutil
 import subprocess
-import warnings
 import sys
 from pathlib import Path
 from typing import Any
@@ -62,7 +61,7 @@ def ensure_browser() -> tuple[str, str]:
         sudo = [] if os.geteuid() == 0 else ["sudo", "-n"]
         code, out = _run([*sudo, "apt-get", "install", "-y", "-q", "--no-install-recommends", "fonts-wqy-zenhei"], 900)
         if code != 0:
-            warnings.warn(f"no CJK font for the screenshots (apt-get exit {code}): {out[-300:]}", stacklevel=2)
+            print(f"warning: no CJK font for the screenshots (apt-get exit {code}): {out[-300:]}", file=sys.stderr)
     return shutil.which("chromium") or "", shutil.which("chromedriver") or ""
 
 
