@@ -1,0 +1,1 @@
+"""The customer-service desk (docs/customer-service.md)."""
