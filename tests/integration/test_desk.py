@@ -176,10 +176,28 @@ async def test_bot_then_agent_then_close_and_rate(tmp_path: Path) -> None:
         assert rep["agents"][alice]["rating_avg"] == 5 and rep["agents"][alice]["handle_avg_s"] is not None
         assert g.metric('gateway_cs_ratings_total{department="presales",score="5"}') == 1
         assert g.metric('gateway_cs_sessions_total{department="presales",outcome="answered"}') == 1
+        _dashboard_metrics_exported(g)
         await a.close()
         await s.close()
     finally:
         assert not g.finish()
+
+
+def _dashboard_metrics_exported(g: GatewayProcess) -> None:
+    """Every gateway_cs_* series the Grafana dashboard and the alerts query is exported."""
+    import re
+
+    from prometheus_client.parser import text_string_to_metric_families
+    from support.gateway import ROOT
+
+    text = (ROOT / "deploy" / "grafana" / "gateway-dashboard.json").read_text() + (ROOT / "deploy" / "prometheus" / "alerts.yml").read_text()
+    referenced = set(re.findall(r"gateway_cs_[a-z_]+", text))
+    assert len(referenced) >= 6
+    names = set()
+    for f in text_string_to_metric_families(g.metrics()):
+        names |= {s.name for s in f.samples}
+    missing = sorted(referenced - names)
+    assert not missing, missing
 
 
 async def _has(c: GatewayClient, room: str, type: str, text: str) -> bool:
