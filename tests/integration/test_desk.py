@@ -1,0 +1,424 @@
+"""The customer-service desk through real gateways (docs/customer-service.md): the
+shopper's and agents' client ops over real WebSockets, the bot, transfers and write
+access, presence (a blip keeps the chats, a real departure re-queues them), business
+hours, ratings and the HTTP API. Two nodes on Redis: test_desk_cluster.py."""
+
+# ruff: noqa: RUF001 (Chinese text with its own punctuation)
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from support.gateway import GatewayProcess, uniq
+from support.wait import eventually
+
+from gateway.client import GatewayClient, GatewayError
+
+APP = "tests.integration.desk_app:make_app"
+
+ROUTES = """
+[[routes]]
+pattern = "cs:{session}"
+kind = "group"
+join = "none"
+store = "durable"
+members_max = 20
+create = "none"
+invite = "none"
+user_rate = 0
+room_rate = 0
+
+[[routes]]
+pattern = "csi:{session}"
+kind = "group"
+join = "none"
+store = "durable"
+create = "none"
+invite = "none"
+user_rate = 0
+room_rate = 0
+
+[[routes]]
+pattern = "notice:{user_id}"
+kind = "notice"
+join = "none"
+publish = "none"
+store = "durable"
+members_max = 1
+
+[[routes]]
+pattern = "*"
+"""
+
+DESK = """
+[plugins.desk]
+enabled = true
+strategy = "least_busy"
+sticky = true
+grace = {grace}
+bot_turns = 2
+reminder_minutes = {reminder}
+
+[[plugins.desk.departments]]
+name = "presales"
+title = "售前咨询"
+canned = ["您好，请问有什么可以帮您？"]
+
+[[plugins.desk.departments]]
+name = "aftersales"
+{after_hours}
+
+[[plugins.desk.faq]]
+keywords = ["发货", "shipping"]
+answer = "下单后 48 小时内发货。"
+"""
+
+
+def config(*, grace: float = 1.0, reminder: float = 0, after_hours: str = "") -> str:
+    return ROUTES + DESK.format(grace=grace, reminder=reminder, after_hours=after_hours)
+
+
+def gateway(path: Path, cfg: str, *sets: str, app: str | None = APP, **kw: Any) -> GatewayProcess:
+    return GatewayProcess(path, ["limits.client_rate=0", *sets], config=cfg, app=app, **kw)
+
+
+async def agent(g: GatewayProcess, user: str, role: str = "agent", status: str | None = "online") -> GatewayClient:
+    c = await g.client(user, params={"role": role})
+    if status is not None:
+        ack = await c.request("cs.status", status=status)
+        assert ack["status"] == status
+    return c
+
+
+def pushes(c: GatewayClient, type: str) -> asyncio.Future[dict[str, Any]]:
+    return c.wait_event(lambda f: f.get("op") == "push" and f.get("type") == type, timeout=15)
+
+
+async def msgs(c: GatewayClient, room: str) -> list[dict[str, Any]]:
+    page = await c.request("history", room=room, limit=100)
+    return list(page["msgs"])
+
+
+async def api(g: GatewayProcess, method: str, path: str, json: Any = None, *, expect: int = 200) -> Any:
+    status, body = await g.api(method, path, json)
+    assert status == expect, (status, body)
+    return body
+
+
+async def test_bot_then_agent_then_close_and_rate(tmp_path: Path) -> None:
+    g = gateway(tmp_path, config()).start()
+    shopper, alice = uniq("shop"), uniq("alice")
+    try:
+        a = await agent(g, alice)
+        s = await g.client(shopper)
+        await s.sync()
+        card = {"kind": "product", "title": "保温杯", "price": "¥99", "id": "p1"}
+        ack = await s.request("cs.open", department="presales", card=card)
+        assert ack["state"] == "bot" and ack["resumed"] is False and ack["room"] == f"cs:{ack['session']}"
+        sid, room = ack["session"], ack["room"]
+        again = await s.request("cs.open", department="presales")
+        assert again["session"] == sid and again["resumed"] is True
+        # The bot answers what it knows, and hands off after bot_turns (2) answers.
+        await s.publish(room, {"text": "什么时候发货？"})
+        await eventually(lambda: _has(s, room, "cs.bot", "48 小时"), timeout=10, what="the FAQ answer")
+        assigned = pushes(a, "cs.assigned")
+        await s.publish(room, {"text": "还有别的问题"})  # no FAQ match: the fallback hands off
+        got = (await assigned)["data"]
+        assert got["session"] == sid and got["state"] == "assigned" and got["agent"] == alice
+        assert got["context"] == {"tier": "normal", "orders": 3}, "the context hook enriches for agents"
+        assert got["card"] == card
+        # The agent sees the whole transcript, card first.
+        hist = await msgs(a, room)
+        types = [m["type"] for m in hist]
+        assert types.index("cs.card") < types.index("cs.bot") and "chat" in types
+        assert [m["data"]["state"] for m in hist if m["type"] == "cs.state"] == ["bot", "queued", "assigned"]
+        assert hist[[m["type"] for m in hist].index("cs.card")]["from"] == shopper
+        # Both sides write; a note goes to the internal channel only.
+        await a.publish(room, {"text": "您好，我是 alice"})
+        await s.publish(room, {"text": "你好"})
+        n = await a.request("cs.note", session=sid, text="VIP, be nice")
+        assert n["seq"] >= 1
+        with pytest.raises(GatewayError) as e:
+            await s.request("history", room=f"csi:{sid}")
+        assert e.value.code == 4031, e.value  # not a member
+        mine = await a.request("cs.mine")
+        assert [x["session"] for x in mine["sessions"]] == [sid]
+        info = await a.request("cs.info", session=sid)
+        assert info["first_response_at"] and info["context"]["orders"] == 3
+        # Shopper closes; gets the rating card; rates; writes are refused after.
+        ack = await s.request("cs.close", session=sid)
+        assert ack == {"state": "closed"} or ack.get("state") == "closed"
+        await eventually(lambda: _has(s, room, "cs.rating", ""), timeout=10, what="the rating card")
+        with pytest.raises(GatewayError) as e:
+            await s.publish(room, {"text": "one more"})
+        assert e.value.code == 4092
+        with pytest.raises(GatewayError) as e:
+            await a.publish(room, {"text": "one more"})
+        assert e.value.code == 4092
+        with pytest.raises(GatewayError) as e:
+            await s.request("cs.rate", session=sid, score=9)
+        assert e.value.code == 4000
+        with pytest.raises(GatewayError) as e:
+            await a.request("cs.rate", session=sid, score=5)
+        assert e.value.code == 4003, "only the shopper rates"
+        await s.request("cs.rate", session=sid, score=5, comment="很好")
+        # Export of ratings (JSON lines) and the report.
+        status, body = await g.api("GET", "/v1/cs/ratings?from=0")
+        assert status == 200
+        lines = [orjson.loads(x) for x in body.splitlines()] if isinstance(body, (bytes, str)) else [body]
+        assert [(x["session"], x["score"], x["comment"], x["agent"]) for x in lines] == [(sid, 5, "很好", alice)]
+        rep = await api(g, "GET", "/v1/cs/report?from=0")
+        assert rep["departments"]["presales"]["sessions"] == 1 and rep["departments"]["presales"]["answered"] == 1
+        assert rep["agents"][alice]["rating_avg"] == 5 and rep["agents"][alice]["handle_avg_s"] is not None
+        assert g.metric('gateway_cs_ratings_total{department="presales",score="5"}') == 1
+        assert g.metric('gateway_cs_sessions_total{department="presales",outcome="answered"}') == 1
+        _dashboard_metrics_exported(g)
+        await a.close()
+        await s.close()
+    finally:
+        assert not g.finish()
+
+
+def _dashboard_metrics_exported(g: GatewayProcess) -> None:
+    """Every gateway_cs_* series the Grafana dashboard and the alerts query is exported."""
+    import re
+
+    from prometheus_client.parser import text_string_to_metric_families
+    from support.gateway import ROOT
+
+    text = (ROOT / "deploy" / "grafana" / "gateway-dashboard.json").read_text() + (ROOT / "deploy" / "prometheus" / "alerts.yml").read_text()
+    referenced = set(re.findall(r"gateway_cs_[a-z_]+", text))
+    assert len(referenced) >= 6
+    names = set()
+    for f in text_string_to_metric_families(g.metrics()):
+        names |= {s.name for s in f.samples}
+    missing = sorted(referenced - names)
+    assert not missing, missing
+
+
+async def _has(c: GatewayClient, room: str, type: str, text: str) -> bool:
+    for m in await msgs(c, room):
+        if m["type"] == type and text in orjson.dumps(m["data"]).decode():
+            return True
+    return False
+
+
+async def test_transfer_moves_write_access_and_history(tmp_path: Path) -> None:
+    g = gateway(tmp_path, config(), "plugins.desk.bot_turns=0").start()
+    shopper, alice, bob, sup = uniq("shop"), uniq("alice"), uniq("bob"), uniq("sup")
+    try:
+        a = await agent(g, alice)
+        b = await agent(g, bob, status="away")  # away: not picked automatically
+        boss = await agent(g, sup, role="supervisor", status=None)
+        s = await g.client(shopper)
+        assigned = pushes(a, "cs.assigned")
+        ack = await s.request("cs.open", card={"kind": "order", "title": "订单 42"})
+        assert ack["state"] in ("queued", "assigned")
+        sid, room = ack["session"], ack["room"]
+        assert (await assigned)["data"]["session"] == sid
+        await a.publish(room, {"text": "hi from alice"})
+        # Others cannot accept or write; a shopper cannot use agent ops.
+        with pytest.raises(GatewayError) as e:
+            await b.request("cs.accept", session=sid)
+        assert e.value.code == 4090
+        with pytest.raises(GatewayError) as e:
+            await b.publish(room, {"text": "intruder"})
+        assert e.value.code == 4031
+        with pytest.raises(GatewayError) as e:
+            await s.request("cs.queue")
+        assert e.value.code == 4003
+        with pytest.raises(GatewayError) as e:
+            await s.request("cs.accept", session=sid)
+        assert e.value.code == 4003
+        with pytest.raises(GatewayError) as e:
+            await a.request("cs.transfer", session=sid)
+        assert e.value.code == 4000
+        with pytest.raises(GatewayError) as e:
+            await a.request("cs.accept", session="nope")
+        assert e.value.code == 4004
+        # The supervisor watches: reads, cannot write to the shopper.
+        w = await boss.request("cs.watch", session=sid)
+        assert w["room"] == room
+        with pytest.raises(GatewayError) as e:
+            await boss.publish(room, {"text": "boss here"})
+        assert e.value.code == 4003
+        assert any(m["data"] == {"text": "hi from alice"} for m in await msgs(boss, room))
+        # Transfer to bob with a note: alice loses write access, bob sees everything.
+        gone, got = pushes(a, "cs.unassigned"), pushes(b, "cs.assigned")
+        t = await a.request("cs.transfer", session=sid, agent=bob, note="wants a refund")
+        assert t["state"] == "assigned" and t["agent"] == bob
+        assert (await gone)["data"] == {"session": sid, "reason": "transfer"}
+        assert (await got)["data"]["session"] == sid
+        with pytest.raises(GatewayError) as e:
+            await a.publish(room, {"text": "still me"})
+        assert e.value.code == 4031
+        hist = await msgs(b, room)
+        assert any(m["data"] == {"text": "hi from alice"} for m in hist), "the new agent sees the whole history"
+        notes = await msgs(b, f"csi:{sid}")
+        assert any(m["type"] == "cs.note" and m["data"]["text"] == "wants a refund" for m in notes)
+        await b.publish(room, {"text": "bob here"})
+        # Transfer to a department: queued again there (nobody online), then the supervisor closes it.
+        await a.request("cs.status", status="away")
+        t = await b.request("cs.transfer", session=sid, department="aftersales")
+        assert t["state"] == "queued" and t["department"] == "aftersales"
+        q = await a.request("cs.queue", department="aftersales")
+        assert [x["session"] for x in q["sessions"]] == [sid] and q["sessions"][0]["card"]["title"] == "订单 42"
+        c = await boss.request("cs.close", session=sid)
+        assert c["state"] == "closed"
+        with pytest.raises(GatewayError) as e:
+            await a.request("cs.accept", session=sid)
+        assert e.value.code == 4092
+        got_s = await api(g, "GET", f"/v1/cs/sessions/{sid}")
+        assert got_s["transfers"] == 2 and got_s["state"] == "closed" and got_s["closed_by"] == sup
+        for c_ in (a, b, boss, s):
+            await c_.close()
+    finally:
+        assert not g.finish()
+
+
+async def test_an_agent_blip_keeps_the_chats_and_a_departure_requeues_them(tmp_path: Path) -> None:
+    g = gateway(tmp_path, config(grace=1.5), "plugins.desk.bot_turns=0").start()
+    shopper, alice = uniq("shop"), uniq("alice")
+    try:
+        a = await agent(g, alice)
+        s = await g.client(shopper)
+        ack = await s.request("cs.open")
+        sid = ack["session"]
+        await eventually(lambda: _state(g, sid, "assigned"), timeout=10, what="assigned")
+        # A blip: gone for 0.3 s, well within grace.
+        await a.close()
+        await asyncio.sleep(0.3)
+        a = await g.client(alice, params={"role": "agent"})
+        await asyncio.sleep(2.5)
+        assert await _state(g, sid, "assigned"), "a blip must not re-queue the agent's chats"
+        mine = await a.request("cs.mine")
+        assert [x["session"] for x in mine["sessions"]] == [sid]
+        # Really gone: after grace the session is queued again and alice is offline.
+        await a.close()
+        await eventually(lambda: _state(g, sid, "queued"), timeout=10, what="re-queued after grace")
+        agents = (await api(g, "GET", "/v1/cs/agents"))["agents"]
+        assert [(x["user"], x["status"], x["load"]) for x in agents] == [(alice, "offline", 0)]
+        await eventually(lambda: _last_state_by(s, ack["room"], "requeue"), timeout=10, what="the requeue's cs.state")
+        # Back online: she gets it again (sticky and least busy).
+        a = await agent(g, alice)
+        await eventually(lambda: _state(g, sid, "assigned"), timeout=10, what="assigned again")
+        await a.close()
+        await s.close()
+    finally:
+        assert not g.finish()
+
+
+async def _last_state_by(c: GatewayClient, room: str, by: str) -> bool:
+    return [m["data"]["by"] for m in await msgs(c, room) if m["type"] == "cs.state"][-1] == by
+
+
+async def _state(g: GatewayProcess, sid: str, state: str) -> bool:
+    status, body = await g.api("GET", f"/v1/cs/sessions/{sid}")
+    return status == 200 and body["state"] == state
+
+
+async def test_outside_business_hours_the_shopper_gets_the_form(tmp_path: Path) -> None:
+    # aftersales opens only tomorrow (UTC): now it is closed.
+    tomorrow = (dt.datetime.now(dt.UTC) + dt.timedelta(days=1)).strftime("%a").lower()
+    hours = f'hours = {{ tz = "UTC", {tomorrow} = "00:00-24:00" }}\noffline_message = "下班了，请留言"'
+    g = gateway(tmp_path, config(after_hours=hours)).start()
+    shopper = uniq("shop")
+    try:
+        s = await g.client(shopper)
+        ack = await s.request("cs.open", department="aftersales")
+        assert ack["state"] == "offline" and ack["offline"]["message"] == "下班了，请留言"
+        assert ack["offline"]["form"] == ["name", "phone", "message"] and "room" not in ack
+        with pytest.raises(GatewayError) as e:
+            await s.request("cs.form", department="aftersales", fields="no")
+        assert e.value.code == 4000
+        t = await s.request("cs.form", department="aftersales", fields={"phone": "138", "message": "退货"})
+        assert t["ticket"].startswith("t")
+        tickets = (await api(g, "GET", "/v1/cs/tickets?from=0"))["tickets"]
+        assert [(x["ticket"], x["shopper"], x["fields"]["message"]) for x in tickets] == [(t["ticket"], shopper, "退货")]
+        # presales has no hours: open.
+        ack = await s.request("cs.open", department="presales")
+        assert ack["state"] == "bot"
+        with pytest.raises(GatewayError) as e:
+            await s.request("cs.open", department="nope")
+        assert e.value.code == 4000
+        await s.close()
+    finally:
+        assert not g.finish()
+
+
+async def test_http_api_and_the_unread_reply_hook(tmp_path: Path) -> None:
+    g = gateway(tmp_path, config(reminder=0.02), "plugins.desk.bot_turns=0", "plugins.desk.strategy=manual").start()
+    shopper, alice = uniq("vipshop"), uniq("alice")
+    try:
+        r = await api(g, "POST", "/v1/cs/sessions", {"shopper": shopper, "department": "presales", "card": {"kind": "page", "title": "首页"}},
+                      expect=201)
+        sid = r["session"]
+        assert r["state"] == "queued" and r["resumed"] is False
+        r2 = await api(g, "POST", "/v1/cs/sessions", {"shopper": shopper})
+        assert r2["session"] == sid and r2["resumed"] is True
+        await api(g, "POST", "/v1/cs/sessions", {"shopper": ""}, expect=400)
+        await api(g, "POST", "/v1/cs/sessions", {"shopper": "x", "card": "nope"}, expect=400)
+        await api(g, "GET", "/v1/cs/sessions/nope", expect=404)
+        await api(g, "GET", "/v1/cs/report?from=10&to=5", expect=400)
+        status, _ = await g.api("GET", "/v1/cs/sessions", key=False)
+        assert status == 401
+        listed = (await api(g, "GET", "/v1/cs/sessions?state=queued"))["sessions"]
+        assert [x["session"] for x in listed] == [sid]
+        # manual: nothing is assigned by itself; the API accepts for alice.
+        a = await agent(g, alice)
+        await asyncio.sleep(0.3)
+        assert (await api(g, "GET", f"/v1/cs/sessions/{sid}"))["state"] == "queued"
+        got = await api(g, "POST", f"/v1/cs/sessions/{sid}/accept", {"agent": alice})
+        assert got["agent"] == alice and got["state"] == "assigned"
+        await api(g, "POST", f"/v1/cs/sessions/{sid}/accept", {"agent": "zed", "force": True}, expect=409)
+        info = await api(g, "GET", f"/v1/cs/sessions/{sid}")
+        assert info["context"] == {"tier": "vip", "orders": 3}
+        await api(g, "PUT", f"/v1/cs/agents/{alice}", {"status": "nonsense"}, expect=400)
+        ag = await api(g, "PUT", f"/v1/cs/agents/{alice}", {"capacity": 9})
+        assert ag["capacity"] == 9 and ag["load"] == 1
+        n = await api(g, "POST", f"/v1/cs/sessions/{sid}/notes", {"text": "from the CRM"})
+        assert n["seq"] >= 1
+        # The shopper does not read alice's replies: on_unread_reply fires once for the burst.
+        s = await g.client(shopper)
+        remind = pushes(s, "cs.remind")
+        await a.publish(f"cs:{sid}", {"text": "在吗？"})
+        await a.publish(f"cs:{sid}", {"text": "还需要帮助吗？"})
+        got_r = (await remind)["data"]
+        assert got_r["session"] == sid and got_r["unread"] == 2
+        second = pushes(s, "cs.remind")
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(second), 3.0)
+        second.cancel()
+        closed = await api(g, "POST", f"/v1/cs/sessions/{sid}/close", {})
+        assert closed["state"] == "closed"
+        await api(g, "POST", f"/v1/cs/sessions/{sid}/rate", {"score": 0}, expect=400)
+        rated = await api(g, "POST", f"/v1/cs/sessions/{sid}/rate", {"score": 3})
+        assert rated["rating"] == 3
+        await a.close()
+        await s.close()
+    finally:
+        assert not g.finish()
+
+
+@pytest.mark.parametrize(("setting", "needle"), [
+    ("plugins.desk.strategy=fastest", "plugins.desk.strategy"),
+    ("plugins.desk.grace=-1", "plugins.desk.grace"),
+    ("plugins.desk.bogus=1", "plugins.desk.bogus"),
+])
+def test_a_bad_desk_setting_is_a_message_at_start_up(tmp_path: Path, setting: str, needle: str) -> None:
+    import subprocess
+    import sys
+
+    from support.gateway import ROOT
+
+    cfg = tmp_path / "g.toml"
+    cfg.write_text(config())
+    r = subprocess.run([sys.executable, "-m", "gateway", "run", "--config", str(cfg), "--set", setting, "--set", "auth.mode=dev", "--set", "server.host=127.0.0.1", "--set", "server.port=0"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=30,
+                       env={"PYTHONPATH": str(ROOT / "python"), "PATH": "/usr/bin:/bin"})
+    assert r.returncode == 2, (r.returncode, r.stdout[-2000:], r.stderr[-2000:])
+    assert needle in r.stderr + r.stdout and "Traceback" not in r.stderr + r.stdout
