@@ -293,6 +293,37 @@
     return s;
   }
 
+  /** Named one-shot timers (the client's and the conversations'): `set(name, ms, fn)` replaces
+   * the timer of that name; a timer that fired is gone (`has` is false while `fn` runs). */
+  class Timers {
+    constructor() {
+      this._t = {};
+    }
+
+    set(name, ms, fn) {
+      this.clear(name);
+      this._t[name] = setTimeout(() => {
+        this._t[name] = null;
+        fn();
+      }, Math.max(0, ms));
+    }
+
+    clear(name) {
+      if (this._t[name]) {
+        clearTimeout(this._t[name]);
+        this._t[name] = null;
+      }
+    }
+
+    has(name) {
+      return !!this._t[name];
+    }
+
+    clearAll() {
+      for (const k in this._t) this.clear(k);
+    }
+  }
+
   // ---- src/emitter.js
   // A minimal event emitter: a listener that throws never breaks the client.
 
@@ -811,7 +842,7 @@
       this._openWaiters = [];
       this._dirty = new Set();
       this._changeScheduled = false;
-      this._timers = {};
+      this._timers = new Timers();
       this._closed = false;
       if (o.user) this._load(String(o.user));
       if (client.state === "open" && client.user) this._onConnected();
@@ -1161,7 +1192,7 @@
           this._onReady();
           if (e.code !== ErrorCode.UNKNOWN_OP) {
             const d = Math.min(30000, this.options.retryDelay * Math.pow(2, this._syncRetry++));
-            this._setTimer("sync", d, () => {
+            this._timers.set("sync", d, () => {
               if (gen === this.client._gen && this._isOpen()) this.sync().catch(noop);
             });
           }
@@ -1178,7 +1209,7 @@
 
     _onDisconnected() {
       this._ready = false;
-      this._clearTimer("sync");
+      this._timers.clear("sync");
     }
 
     _onHide() {
@@ -1203,7 +1234,7 @@
       }
       this._rejectOutbox(err);
       this._saveNow();
-      for (const k in this._timers) this._clearTimer(k);
+      this._timers.clearAll();
     }
 
     _onFrame(f) {
@@ -1631,7 +1662,7 @@
         return;
       }
       if (!this._ready) return; // the connection's own sync comes
-      this._setTimer("syncSoon", 30, () => {
+      this._timers.set("syncSoon", 30, () => {
         if (this._isOpen()) this.sync().catch((e) => isConnectionError(e) || this.emit("error", e));
       });
     }
@@ -1684,7 +1715,7 @@
         this._sendItem(it);
         if (!this._ready) return; // the send dropped the connection
       }
-      if (wake !== Infinity) this._setTimer("pump", wake - t, () => this._pump());
+      if (wake !== Infinity) this._timers.set("pump", wake - t, () => this._pump());
     }
 
     _sendItem(it) {
@@ -1905,21 +1936,6 @@
       });
     }
 
-    _setTimer(name, ms, fn) {
-      this._clearTimer(name);
-      this._timers[name] = setTimeout(() => {
-        this._timers[name] = null;
-        fn();
-      }, Math.max(0, ms));
-    }
-
-    _clearTimer(name) {
-      if (this._timers[name]) {
-        clearTimeout(this._timers[name]);
-        this._timers[name] = null;
-      }
-    }
-
     _reset() {
       this._convs = new Map();
       this._cursor = null;
@@ -1994,12 +2010,12 @@
     }
 
     _scheduleSave() {
-      if (!this.options.persist || this._timers.save || !this.user) return;
-      this._setTimer("save", this.options.saveDelay, () => this._saveNow());
+      if (!this.options.persist || this._timers.has("save") || !this.user) return;
+      this._timers.set("save", this.options.saveDelay, () => this._saveNow());
     }
 
     _saveNow() {
-      this._clearTimer("save");
+      this._timers.clear("save");
       const key = this._key();
       if (!this.options.persist || !key) return;
       const convs = [];
@@ -2168,7 +2184,7 @@
       this._drainRetry = null;
       this._forceRefresh = false;
       this._tokenPromise = null;
-      this._timers = {};
+      this._timers = new Timers();
       this._unbindLifecycle = null;
       this._stopped = false;
       this._reconnectOnShow = false;
@@ -2325,10 +2341,10 @@
     onHide() {
       if (this._hidden) return;
       this._hidden = true;
-      this._clearTimer("heartbeat");
-      this._clearTimer("probe");
-      if (this._timers.reconnect) {
-        this._clearTimer("reconnect");
+      this._timers.clear("heartbeat");
+      this._timers.clear("probe");
+      if (this._timers.has("reconnect")) {
+        this._timers.clear("reconnect");
         this._reconnectOnShow = true;
       }
       if (this._conv) this._conv._onHide(); // save now: the app may be killed in the background
@@ -2352,13 +2368,13 @@
         const sentAt = now();
         if (!this._sendFrame({ op: "ping" })) return;
         this._lastPing = sentAt;
-        this._setTimer("probe", this.options.showProbeTimeout, () => {
+        this._timers.set("probe", this.options.showProbeTimeout, () => {
           if (this._lastRecv < sentAt) this._drop(ABNORMAL_CLOSURE, "no pong after onShow", 0);
         });
         this._scheduleHeartbeat();
       } else if (this.state === "reconnecting" || this._reconnectOnShow) {
         this._reconnectOnShow = false;
-        this._clearTimer("reconnect");
+        this._timers.clear("reconnect");
         this._openSocket();
       }
     }
@@ -2404,7 +2420,7 @@
       const sock = this._sock;
       this._gen++;
       this._sock = null;
-      this._clearAllTimers();
+      this._timers.clearAll();
       if (sock) sock.close(clientCloseCode(code || CloseCode.NORMAL), truncateUtf8(reason || "client closed", 123));
       const err = this._closedError();
       this._failPending(err, true);
@@ -2438,7 +2454,7 @@
     }
 
     _openSocket() {
-      this._clearTimer("reconnect");
+      this._timers.clear("reconnect");
       if (this._stopped) return;
       if (this._hidden) {
         // A mini-program cannot connect from the background: wait for onShow().
@@ -2504,7 +2520,7 @@
         this._sock = null;
         this._onDisconnected(info || { code: ABNORMAL_CLOSURE, reason: "" });
       };
-      this._setTimer("connect", o.connectTimeout, () => {
+      this._timers.set("connect", o.connectTimeout, () => {
         if (gen === this._gen) this._drop(ABNORMAL_CLOSURE, "no connected frame within " + o.connectTimeout + " ms");
       });
     }
@@ -2527,9 +2543,9 @@
 
     _onDisconnected(info, delay) {
       const wasOpen = this.state === "open";
-      this._clearTimer("connect");
-      this._clearTimer("heartbeat");
-      this._clearTimer("probe");
+      this._timers.clear("connect");
+      this._timers.clear("heartbeat");
+      this._timers.clear("probe");
       this.connectedFrame = null;
       this._failPending(new GatewayError(ErrorCodes.CONNECTION_LOST, "connection lost before the ack (" + info.code + ")"), false);
       this._rooms.forEach((r) => {
@@ -2576,12 +2592,12 @@
         return;
       }
       this.emit("reconnecting", { attempt: this._attempts, delay: d });
-      this._setTimer("reconnect", d, () => this._openSocket());
+      this._timers.set("reconnect", d, () => this._openSocket());
     }
 
     _giveUp(info, why) {
       this._stopped = true;
-      this._clearAllTimers();
+      this._timers.clearAll();
       const err = new GatewayError(ErrorCodes.CLOSED, why + " (" + info.code + (info.reason ? " " + info.reason : "") + ")");
       this._failQueue(err);
       if (this._conv) this._conv._onClose(err);
@@ -2685,7 +2701,7 @@
     }
 
     _onConnected(f) {
-      this._clearTimer("connect");
+      this._timers.clear("connect");
       this.connectedFrame = f;
       this.session = f.session;
       this.user = f.user;
@@ -2732,9 +2748,9 @@
     // ------------------------------------------------------------------ heartbeat
 
     _scheduleHeartbeat() {
-      this._clearTimer("heartbeat");
+      this._timers.clear("heartbeat");
       if (this._hidden || this.state !== "open") return;
-      this._setTimer("heartbeat", this._hbInterval, () => this._heartbeatTick());
+      this._timers.set("heartbeat", this._hbInterval, () => this._heartbeatTick());
     }
 
     _heartbeatTick() {
@@ -3226,45 +3242,24 @@
       p.catch((e) => {
         // Try again in a while (the connection logic also retries on its own).
         this.emit("error", e instanceof Error ? e : new Error(String(e)));
-        if (!this._stopped) this._setTimer("token", 5000, () => this._refreshToken().catch(noop));
+        if (!this._stopped) this._timers.set("token", 5000, () => this._refreshToken().catch(noop));
       });
       return p;
     }
 
     _scheduleTokenRefresh() {
-      this._clearTimer("token");
+      this._timers.clear("token");
       if (!this.options.getToken || this._stopped) return;
       const exp = jwtExp(this._token);
       if (exp === null) return;
       const left = exp * 1000 - now();
       const margin = Math.min(this.options.tokenRefreshMargin, left / 2);
       const delay = Math.min(MAX_TIMER, Math.max(0, left - margin));
-      this._setTimer("token", delay, () => this._refreshToken().catch(noop));
+      this._timers.set("token", delay, () => this._refreshToken().catch(noop));
     }
 
     _maybeRefreshTokenSoon() {
       if (this.options.getToken && this._tokenExpiresWithin(this.options.tokenRefreshMargin)) this._refreshToken().catch(noop);
-    }
-
-    // ------------------------------------------------------------------ timers
-
-    _setTimer(name, ms, fn) {
-      this._clearTimer(name);
-      this._timers[name] = setTimeout(() => {
-        this._timers[name] = null;
-        fn();
-      }, Math.max(0, ms));
-    }
-
-    _clearTimer(name) {
-      if (this._timers[name]) {
-        clearTimeout(this._timers[name]);
-        this._timers[name] = null;
-      }
-    }
-
-    _clearAllTimers() {
-      for (const k in this._timers) this._clearTimer(k);
     }
   }
 
