@@ -9,6 +9,7 @@ import { Emitter } from "./emitter.js";
 import { ErrorCodes, GatewayError } from "./errors.js";
 import { createAdapter } from "./adapters.js";
 import { Conversations } from "./conversations.js";
+import { Desk } from "./desk.js";
 
 export const VERSION = "1.1.0";
 
@@ -83,7 +84,8 @@ export function backoffDelay(attempt, o, random) {
  *   "closed"); the room is not rejoined
  * - `drain` (frame), `error` (GatewayError for error frames without a request, or Error),
  *   `token` (new token), `frame` (every frame received)
- * Conversations (protocol 1.1) are in `client.conversations` (their own events).
+ * Conversations (protocol 1.1) are in `client.conversations` (their own events), the
+ * customer-service desk in `client.desk`.
  */
 export class Client extends Emitter {
   constructor(options) {
@@ -124,6 +126,7 @@ export class Client extends Emitter {
     this._stopped = false;
     this._reconnectOnShow = false;
     this._conv = null;
+    this._desk = null;
     this._scheduleTokenRefresh();
     if (o.conversations) this._conversations();
   }
@@ -132,6 +135,13 @@ export class Client extends Emitter {
    * use (or by the `conversations` option); from then on every connection sends `sync`. */
   get conversations() {
     return this._conversations();
+  }
+
+  /** The customer-service desk (docs/customer-service.md, desk.js): created on first use;
+   * turns the conversations on (a session is the conversation `cs:<id>`). */
+  get desk() {
+    if (!this._desk) this._desk = new Desk(this);
+    return this._desk;
   }
 
   _conversations() {
