@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support.browser import Browsers, ensure_browser, ensure_selenium, js_errors, texts, wait
+from support.browser import Browsers, ensure_browser, ensure_selenium, js_errors, wait
 from support.fixtures import GatewayFactory
 from support.gateway import ROOT
 
@@ -96,12 +96,33 @@ def browsers(browser_paths: tuple[str, str], tmp_path: Path) -> Iterator[Browser
 
 
 def click(d: Any, css: str) -> None:
-    d.find_element("css selector", css).click()
+    """Clicks the first match, found again if the page re-rendered it meanwhile (the
+    console re-renders its lists whenever the queue or the chats change)."""
+    from selenium.common.exceptions import StaleElementReferenceException
+
+    for _ in range(20):
+        try:
+            d.find_element("css selector", css).click()
+            return
+        except StaleElementReferenceException:
+            continue
+    raise AssertionError(f"{css} kept being re-rendered")
 
 
 def one(d: Any, css: str) -> Any:
     found = d.find_elements("css selector", css)
     return found[0] if found else None
+
+
+def texts(d: Any, css: str) -> list[str]:
+    """innerText of every match, read in the page (the transcripts re-render as messages
+    come: elements found by Selenium may be stale by the time their text is read)."""
+    return list(d.execute_script("return Array.from(document.querySelectorAll(arguments[0])).map((e) => e.innerText.trim());", css))
+
+
+def text(d: Any, css: str) -> str | None:
+    """textContent of the first match (read in the page: no stale element)."""
+    return d.execute_script("const e = document.querySelector(arguments[0]); return e ? e.textContent : null;", css)
 
 
 def type_and_send(d: Any, text: str) -> None:
@@ -136,19 +157,20 @@ def test_shopper_opens_agent_accepts_chats_notes_transfers_closes_rating(gateway
     assert sid, "cs.open gave a session"
 
     # alice: the session waits in the queue, with the shopper, the product and a wait time.
-    item = wait(alice, lambda d: one(d, f'.qitem[data-session="{sid}"]'), "the session in alice's queue")
-    assert item.find_element("css selector", ".title").text == "carol"
-    assert title in item.find_element("css selector", ".sub").text
-    wait(alice, lambda d: "⏱" in one(d, f'.qitem[data-session="{sid}"] .wait').text, "a live wait time")
-    first = one(alice, f'.qitem[data-session="{sid}"] .wait').text
-    wait(alice, lambda d: one(d, f'.qitem[data-session="{sid}"] .wait').text != first, "the wait time ticks", timeout=5)
-    item.find_element("css selector", ".accept").click()
+    q = f'.qitem[data-session="{sid}"]'
+    wait(alice, lambda d: one(d, q), "the session in alice's queue")
+    assert text(alice, q + " .title") == "carol"
+    assert title in (text(alice, q + " .sub") or "")
+    wait(alice, lambda d: "⏱" in (text(d, q + " .wait") or ""), "a live wait time")
+    first = text(alice, q + " .wait")
+    wait(alice, lambda d: text(d, q + " .wait") != first, "the wait time ticks", timeout=5)
+    click(alice, q + " .accept")
 
     # Accepted: in alice's chats, gone from the queue; the transcript shows the card.
     wait(alice, lambda d: one(d, f'.mitem[data-session="{sid}"]'), "the session in alice's chats")
     wait(alice, lambda d: not one(d, f'.qitem[data-session="{sid}"]'), "gone from the queue")
     wait(alice, lambda d: title in texts(d, "#transcript .tmsg.card .ptitle"), "the card in alice's transcript")
-    card_price = alice.find_element("css selector", "#transcript .tmsg.card .price").text
+    card_price = text(alice, "#transcript .tmsg.card .price")
     assert card_price == shop.execute_script("return '¥' + document.getElementById('product-price').textContent")
     assert one(alice, "#transcript .tmsg.card img"), "the card has its image"
     wait(alice, lambda d: one(d, "#transcript .tmsg.system[data-state=assigned]"), "the assigned state line")
@@ -206,8 +228,9 @@ def test_shopper_opens_agent_accepts_chats_notes_transfers_closes_rating(gateway
     click(shop, "#rate-submit")
     wait(shop, lambda d: one(d, "#rated"), "thanks for rating")
     shop.save_screenshot(str(ARTIFACTS / "desk-shop.png"))
-    rated = wait(bob, lambda d: one(d, "#transcript .tmsg.rated"), "bob sees the rating")
-    assert "★★★★☆" in rated.text and "回复很快" in rated.text
+    wait(bob, lambda d: one(d, "#transcript .tmsg.rated"), "bob sees the rating")
+    rated = text(bob, "#transcript .tmsg.rated") or ""
+    assert "★★★★☆" in rated and "回复很快" in rated, rated
     bob.save_screenshot(str(ARTIFACTS / "desk-console-closed.png"))
 
     for d, who in ((shop, "shop"), (alice, "alice"), (bob, "bob")):
