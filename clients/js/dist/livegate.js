@@ -2170,6 +2170,27 @@
       return this.conversations.watch(this.room(id), { after: opts && typeof opts.after === "number" ? opts.after : 0, onMessage: onMessage });
     }
 
+    /** The whole transcript of session `s` so far (`opts.notes`: of its internal channel),
+     * oldest first, paged forward with `history` from seq 0 (at most `opts.max` messages,
+     * default 1000) and merged into the conversation (so `follow` and the badges see it). An
+     * agent who just accepted a session reads what was said before with it. */
+    transcript(s, opts) {
+      opts = opts || {};
+      const id = sessionId(s) || this._currentId();
+      const room = opts.notes ? this.noteRoom(id) : this.room(id);
+      const max = opts.max || 1000;
+      const out = [];
+      const page = (after) =>
+        this.conversations.history(room, { afterSeq: after, limit: 100 }).then((ack) => {
+          const msgs = ack.msgs || [];
+          for (let i = 0; i < msgs.length; i++) out.push(msgs[i]);
+          const last = msgs.length ? msgs[msgs.length - 1].seq : after;
+          if (ack.more && msgs.length && out.length < max) return page(last);
+          return out;
+        });
+      return page(0);
+    }
+
     /** Send a chat text into session `s` (shopper or agent). Queued while offline, sent once
      * (same cid) after the reconnect; resolves with the ack (seq). */
     send(s, text, opts) {
