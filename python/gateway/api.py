@@ -75,6 +75,8 @@ class BadRequest(Exception):
 _REJECT_STATUS: dict[int, int] = {
     ErrorCode.NOT_MEMBER: 403, ErrorCode.FORBIDDEN: 403, ErrorCode.MUTED: 403, ErrorCode.RECALL_DENIED: 403,
     ErrorCode.NO_CONVERSATION: 404, ErrorCode.NO_ROUTE: 404, ErrorCode.TOO_MANY_MEMBERS: 409, ErrorCode.TOO_LARGE: 413,
+    # The desk's codes (docs/customer-service.md): not an agent, no session, taken, at capacity, closed.
+    4004: 404, 4090: 409, 4091: 409, 4092: 409,
 }
 
 
@@ -981,6 +983,8 @@ def build_app(gw: Gateway) -> web.Application:
     r.add_get("/v1/outbox", outbox)
     r.add_get("/v1/outbox/{endpoint}/dead", dead_letters)
     r.add_post("/v1/outbox/{endpoint}/dead/replay", replay)
+    for method, path, handler in gw.http_routes:
+        r.add_route(method, path, handler)
     r.add_get("/v1/stats", stats)
     r.add_get("/healthz", healthz)
     r.add_get("/readyz", readyz)

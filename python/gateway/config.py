@@ -304,7 +304,7 @@ class ConversationsConfig:
 
 
 #: Room events an outbox endpoint may ask for, besides ``message``.
-OUTBOX_EVENTS = ("message", "join", "leave", "kick", "ban", "recall", "member")
+OUTBOX_EVENTS = ("message", "join", "leave", "kick", "ban", "recall", "member", "cs.state", "cs.ticket", "cs.rating")
 
 
 @dataclass
@@ -327,7 +327,8 @@ class OutboxEndpoint:
     types: list[str] = field(default_factory=list)
     #: What it gets: ``message`` (stored messages) and room events ``join``, ``leave``,
     #: ``kick``, ``ban``, and of conversations ``recall`` and ``member`` (added, removed,
-    #: role or mute changed).
+    #: role or mute changed); of the desk (docs/customer-service.md) ``cs.state``,
+    #: ``cs.ticket`` and ``cs.rating``.
     events: list[str] = field(default_factory=lambda: ["message"])
     #: Extra request headers (e.g. ``Authorization``).
     headers: dict[str, str] = field(default_factory=dict)

@@ -23,7 +23,7 @@ import inspect
 import logging
 import signal
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .._core import EV_CLOSED, EV_CONNECT, EV_MESSAGE, Engine, raise_fd_limit
@@ -121,8 +121,29 @@ class Gateway:
         self._api_runner: Any = None
         self._metrics_registry: CollectorRegistry | None = None
         self._plugin_metrics: dict[str, Any] = {}
+        #: HTTP routes plugins added (:meth:`http_route`), served by the HTTP API.
+        self.http_routes: list[tuple[str, str, Callable[[Any], Awaitable[Any]]]] = []
         for p in plugins:
             self.use(p)
+        self._use_desk()
+
+    def _use_desk(self) -> None:
+        """``[plugins.desk]``: validated now (a ``ConfigError`` at start-up, never later);
+        the desk is added when ``enabled`` and no ``Desk`` was given."""
+        table = self.config.plugins.get("desk")
+        if table is None:
+            return
+        from ..desk import Desk
+        from ..desk.settings import parse_settings
+
+        given = next((p for p in self.plugins if isinstance(p, Desk)), None)
+        if given is not None:
+            if not given.configured:
+                given.configure(table)
+            return
+        settings = parse_settings(table)
+        if settings.enabled:
+            self.use(Desk(settings=settings))
 
     # ---- the engine ----------------------------------------------------------------------
 
@@ -166,6 +187,17 @@ class Gateway:
     after_join = property(lambda self: self._decorator("after_join"), doc="Decorator: ``after_join(client, room)``.")
     after_connect = property(lambda self: self._decorator("after_connect"), doc="Decorator: ``after_connect(client)``.")
     on_member = property(lambda self: self._decorator("on_member"), doc="Decorator: ``on_member(client, change)``.")
+
+    def http_route(self, method: str, path: str, handler: Callable[[Any], Awaitable[Any]]) -> None:
+        """Serve ``handler(request) -> aiohttp.web.StreamResponse`` on the HTTP API at
+        ``method`` ``path`` (aiohttp route syntax, e.g. ``/v1/cs/sessions/{id}``). Call it
+        in ``setup()``. Paths under ``/v1/`` need the API key like every other; a handler
+        may raise :class:`~gateway.Reject` (its code picks the HTTP status: 4003 -> 403,
+        4004 -> 404, 409x -> 409, else 400), ``ValueError`` (400) or
+        ``gateway.api.BadRequest(message, status)``."""
+        if self._api_runner is not None:
+            raise RuntimeError("http_route() after start: add routes in setup()")
+        self.http_routes.append((method.upper(), path, handler))
 
     def op(self, name: str) -> Decorator:
         """Decorator: ``fn(client, op, msg)`` answers the client op ``name`` (see
@@ -393,6 +425,12 @@ class Gateway:
         await self.broker.start(self, self.node_id)
         for cmd in await self.broker.moderation():
             self.apply(cmd)
+        for p in self.plugins:
+            started = getattr(p, "started", None)
+            if started is not None:
+                r = started()
+                if inspect.isawaitable(r):
+                    await r
         static: dict[str, tuple[str, bytes]] = {}
         if self.config.server.demo:
             from ..demo import static_files

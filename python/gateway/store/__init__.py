@@ -1,10 +1,14 @@
 """Message storage in the company's own database (see :mod:`gateway.store.base`)."""
 
 from .base import (
+    CS_OPEN_STATES,
+    CS_SESSION_FIELDS,
     RECALLED,
     SCHEMA_VERSION,
     Conversation,
     ConversationState,
+    CsSession,
+    CsTicket,
     DeadLetter,
     Lease,
     Member,
@@ -18,6 +22,6 @@ from .base import (
 )
 
 __all__ = [
-    "RECALLED", "SCHEMA_VERSION", "Conversation", "ConversationState", "DeadLetter", "Lease", "Member", "OutboxEntry", "SchemaError", "Store",
-    "StoreStats", "StoreUnavailable", "StoredMessage", "TooManyMembers",
+    "CS_OPEN_STATES", "CS_SESSION_FIELDS", "RECALLED", "SCHEMA_VERSION", "Conversation", "ConversationState", "CsSession", "CsTicket",
+    "DeadLetter", "Lease", "Member", "OutboxEntry", "SchemaError", "Store", "StoreStats", "StoreUnavailable", "StoredMessage", "TooManyMembers",
 ]

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from ..protocol.frames import message_parts, splice
 
 __all__ = [
-    "SCHEMA_VERSION", "Conversation", "ConversationState", "DeadLetter", "Lease", "Member", "OutboxEntry", "SchemaError", "Store",
+    "CS_OPEN_STATES", "CS_SESSION_FIELDS", "SCHEMA_VERSION", "Conversation", "ConversationState", "CsSession", "CsTicket", "DeadLetter", "Lease", "Member", "OutboxEntry", "SchemaError", "Store",
     "StoreStats", "StoreUnavailable", "StoredMessage", "TooManyMembers",
 ]
 
@@ -45,8 +45,9 @@ __all__ = [
 #: Version 2 added the outbox (``outbox``, ``outbox_cursors``, ``outbox_dead``) and
 #: ``room_floors`` (the highest seq of a room's deleted messages). Version 3:
 #: conversations (``rooms`` and ``room_members`` in use, with roles, mutes, removals and
-#: read positions; ``recalls``).
-SCHEMA_VERSION = 3
+#: read positions; ``recalls``). Version 4: the customer-service desk (``cs_sessions``,
+#: ``cs_tickets``).
+SCHEMA_VERSION = 4
 
 #: Type of a recalled message (its data becomes ``{"by": user, "at": ms}``).
 RECALLED = "recalled"
@@ -182,6 +183,71 @@ class ConversationState:
     last: StoredMessage | None
     activity: int
     peer_read_seq: int | None = None
+
+
+#: States of a desk session that count as open (a shopper has at most one).
+CS_OPEN_STATES = ("bot", "queued", "assigned")
+
+
+@dataclass(frozen=True, slots=True)
+class CsSession:
+    """A customer-service session (the desk, docs/customer-service.md): the shopper's
+    conversation ``cs:<id>`` with the bot and then one agent at a time.
+
+    ``state``: ``bot``, ``queued``, ``assigned``, ``closed`` or ``offline`` (opened
+    outside business hours: nothing queued). Times are ms since the Unix epoch, None
+    until they happen. ``last_agent``: the agent of the shopper's previous session when
+    this one opened (for sticky assignment). ``card``: the context card's JSON text.
+    ``transfers``: how often it changed agent or department; ``bot_turns``: the bot's
+    answers."""
+
+    id: str
+    shopper: str
+    department: str
+    state: str
+    opened_at: int
+    agent: str | None = None
+    queued_at: int | None = None
+    assigned_at: int | None = None
+    first_response_at: int | None = None
+    closed_at: int | None = None
+    closed_by: str | None = None
+    last_agent: str | None = None
+    rating: int | None = None
+    rating_comment: str | None = None
+    rated_at: int | None = None
+    card: bytes = b"null"
+    transfers: int = 0
+    bot_turns: int = 0
+    updated_at: int = 0
+
+    @property
+    def room(self) -> str:
+        return f"cs:{self.id}"
+
+    @property
+    def note_room(self) -> str:
+        return f"csi:{self.id}"
+
+    @property
+    def open(self) -> bool:
+        return self.state in CS_OPEN_STATES
+
+
+#: The columns of ``cs_sessions``, in :class:`CsSession` field order.
+CS_SESSION_FIELDS = tuple(CsSession.__dataclass_fields__)
+
+
+@dataclass(frozen=True, slots=True)
+class CsTicket:
+    """An offline form a shopper left (``fields``: its JSON object text)."""
+
+    id: str
+    shopper: str
+    department: str
+    fields: bytes
+    created_at: int
+    session: str | None = None
 
 
 class Lease(abc.ABC):
@@ -519,6 +585,68 @@ class Store(abc.ABC):
         first, at most ``limit``; ``before`` = (activity, room) of the last one of the
         previous page. Removed memberships are included (``member.left_seq`` set, their
         ``last`` at most that seq) unless ``include_left`` is False."""
+
+    # ---- the customer-service desk ------------------------------------------------------
+    #
+    # Sessions are rows of ``cs_sessions``: one small transaction per state change (a
+    # control event, never per message). Who gets a session is arbitrated by the desk's
+    # assignment engine; the store is the durable record, and its conditional updates
+    # (``states``, ``agent``) make a lost race a no-op rather than a double assignment.
+
+    @abc.abstractmethod
+    async def cs_open(self, session: CsSession) -> tuple[CsSession, bool]:
+        """Insert ``session`` unless its shopper has an open one (state in
+        :data:`CS_OPEN_STATES`; at most one per shopper, enforced by the database).
+        Returns (the shopper's open session, whether it is the new one). An ``offline``
+        or ``closed`` session is always inserted."""
+
+    @abc.abstractmethod
+    async def cs_update(
+        self, id: str, changes: dict[str, object], *, states: Sequence[str] | None = None, agent: str | bool | None = False,
+    ) -> CsSession | None:
+        """Set ``changes`` (column -> value; columns of :data:`CS_SESSION_FIELDS` except
+        ``id``, ``shopper``, ``opened_at``; ``card`` as bytes) on the session, in one
+        statement, only if its state is one of ``states`` (None: any) and its agent is
+        ``agent`` (False: any; None: unassigned). ``updated_at`` is set to now. The row
+        after, or None when there is no such session or a condition failed (nothing
+        written). Raises :class:`ValueError` for an unknown column."""
+
+    @abc.abstractmethod
+    async def cs_first_response(self, id: str, at_ms: int) -> bool:
+        """Set ``first_response_at`` to ``at_ms`` unless it is set; True when it was set
+        now (the first agent reply of the session)."""
+
+    @abc.abstractmethod
+    async def cs_session(self, id: str) -> CsSession | None:
+        """The session, or None."""
+
+    @abc.abstractmethod
+    async def cs_open_session(self, shopper: str) -> CsSession | None:
+        """The shopper's open session (state in :data:`CS_OPEN_STATES`), or None."""
+
+    @abc.abstractmethod
+    async def cs_last_agent(self, shopper: str) -> str | None:
+        """The agent of the shopper's most recently opened session that had one."""
+
+    @abc.abstractmethod
+    async def cs_sessions(
+        self, *, states: Sequence[str] | None = None, department: str | None = None, agent: str | None = None, limit: int = 100, offset: int = 0,
+    ) -> list[CsSession]:
+        """Sessions in ``states`` (None: any), of ``department`` and/or ``agent`` when
+        given: queued ones by ``queued_at`` (oldest first), the others newest first."""
+
+    @abc.abstractmethod
+    def cs_between(self, since_ms: int, until_ms: int, *, by: str = "opened_at", batch: int = 1000) -> AsyncIterator[CsSession]:
+        """Sessions with ``since_ms <= <by> < until_ms`` (``by``: ``opened_at`` or
+        ``rated_at``), in that order, read in batches (reports and the ratings export)."""
+
+    @abc.abstractmethod
+    async def cs_add_ticket(self, ticket: CsTicket) -> None:
+        """Store an offline form (an existing id is left as it is)."""
+
+    @abc.abstractmethod
+    async def cs_tickets(self, since_ms: int, until_ms: int, *, limit: int = 1000) -> list[CsTicket]:
+        """Tickets created in ``[since_ms, until_ms)``, oldest first."""
 
     async def commit_many(self, msgs: Sequence[StoredMessage]) -> list[StoredMessage]:
         """:meth:`commit` for several messages (one group commit)."""

@@ -107,10 +107,14 @@ import asyncpg
 import orjson
 
 from .base import (
+    CS_OPEN_STATES,
+    CS_SESSION_FIELDS,
     RECALLED,
     SCHEMA_VERSION,
     Conversation,
     ConversationState,
+    CsSession,
+    CsTicket,
     DeadLetter,
     Lease,
     Member,
@@ -258,6 +262,44 @@ MIGRATIONS: tuple[Migration, ...] = (
         "CREATE TABLE {s}.recalls (room text NOT NULL, seq bigint NOT NULL, at bigint NOT NULL, by text NOT NULL, PRIMARY KEY (room, seq))",
         "CREATE INDEX recalls_at ON {s}.recalls (room, at)",
     )),
+    Migration(4, "customer-service desk: cs_sessions, cs_tickets", (
+        """CREATE TABLE {s}.cs_sessions (
+            id text PRIMARY KEY,
+            shopper text NOT NULL,
+            department text NOT NULL,
+            state text NOT NULL,
+            opened_at bigint NOT NULL,
+            agent text,
+            queued_at bigint,
+            assigned_at bigint,
+            first_response_at bigint,
+            closed_at bigint,
+            closed_by text,
+            last_agent text,
+            rating smallint,
+            rating_comment text,
+            rated_at bigint,
+            card text NOT NULL DEFAULT 'null',
+            transfers integer NOT NULL DEFAULT 0,
+            bot_turns integer NOT NULL DEFAULT 0,
+            updated_at bigint NOT NULL DEFAULT 0
+        )""",
+        "CREATE UNIQUE INDEX cs_sessions_open ON {s}.cs_sessions (shopper) WHERE state IN ('bot', 'queued', 'assigned')",
+        "CREATE INDEX cs_sessions_shopper ON {s}.cs_sessions (shopper, opened_at)",
+        "CREATE INDEX cs_sessions_state ON {s}.cs_sessions (state, department, queued_at)",
+        "CREATE INDEX cs_sessions_agent ON {s}.cs_sessions (agent, state) WHERE agent IS NOT NULL",
+        "CREATE INDEX cs_sessions_opened ON {s}.cs_sessions (opened_at, id)",
+        "CREATE INDEX cs_sessions_rated ON {s}.cs_sessions (rated_at, id) WHERE rated_at IS NOT NULL",
+        """CREATE TABLE {s}.cs_tickets (
+            id text PRIMARY KEY,
+            shopper text NOT NULL,
+            department text NOT NULL,
+            session text,
+            fields text NOT NULL,
+            created_at bigint NOT NULL
+        )""",
+        "CREATE INDEX cs_tickets_created ON {s}.cs_tickets (created_at)",
+    )),
 )
 assert MIGRATIONS[-1].version == SCHEMA_VERSION and [m.version for m in MIGRATIONS] == list(range(1, SCHEMA_VERSION + 1))
 
@@ -314,6 +356,18 @@ def _conversation(r: Any) -> Conversation:
 
 def _member(r: Any) -> Member:
     return Member(r[0], r[1], r[2], int(r[3]), int(r[4]), r[5], r[6], int(r[7]))
+
+
+_CS_COLS = ", ".join(CS_SESSION_FIELDS)
+_CS_OPEN = "(" + ", ".join(f"'{s}'" for s in CS_OPEN_STATES) + ")"
+_CS_SETTABLE = frozenset(CS_SESSION_FIELDS) - {"id", "shopper", "opened_at", "updated_at"}
+
+
+def _cs_session(r: Any) -> CsSession:
+    vals = list(r)
+    i = CS_SESSION_FIELDS.index("card")
+    vals[i] = (vals[i] or "null").encode()
+    return CsSession(*vals)
 
 
 class _ConnLease(Lease):
@@ -1162,6 +1216,118 @@ class PostgresStore(Store):
             await self._close_conn(conn)
             return None
         return _ConnLease(conn, key, self.timeout)
+
+    # ---- the customer-service desk ----------------------------------------------------
+
+    async def cs_open(self, session: CsSession) -> tuple[CsSession, bool]:
+        s = self.schema
+        row = [getattr(session, f).decode() if f == "card" else getattr(session, f) for f in CS_SESSION_FIELDS]
+        ph = ", ".join(f"${i + 1}" for i in range(len(row)))
+
+        async def run(conn: Any) -> tuple[CsSession, bool]:
+            async with conn.transaction():
+                done = await conn.fetchval(f"INSERT INTO {s}.cs_sessions ({_CS_COLS}) VALUES ({ph}) ON CONFLICT DO NOTHING RETURNING true", *row)
+                if done:
+                    return session, True
+                got = await conn.fetchrow(f"SELECT {_CS_COLS} FROM {s}.cs_sessions WHERE shopper = $1 AND state IN {_CS_OPEN}", session.shopper)
+            if got is None:
+                raise ValueError(f"session id {session.id!r} is taken")
+            return _cs_session(got), False
+
+        result: tuple[CsSession, bool] = await self._read(run, "opening a desk session")
+        return result
+
+    async def cs_update(
+        self, id: str, changes: dict[str, object], *, states: Sequence[str] | None = None, agent: str | bool | None = False,
+    ) -> CsSession | None:
+        args: list[Any] = []
+        sets = []
+        for k, v in changes.items():
+            if k not in _CS_SETTABLE:
+                raise ValueError(f"cs_update: cannot set {k!r}")
+            args.append(v.decode() if isinstance(v, bytes) else v)
+            sets.append(f"{k} = ${len(args)}")
+        if not sets:
+            raise ValueError("cs_update: nothing to change")
+        args.append(_now_ms())
+        sets.append(f"updated_at = ${len(args)}")
+        args.append(id)
+        where = [f"id = ${len(args)}"]
+        if states is not None:
+            args.append(list(states))
+            where.append(f"state = ANY(${len(args)}::text[])")
+        if agent is None:
+            where.append("agent IS NULL")
+        elif agent is not False:
+            args.append(str(agent))
+            where.append(f"agent = ${len(args)}")
+        sql = f"UPDATE {self.schema}.cs_sessions SET {', '.join(sets)} WHERE {' AND '.join(where)} RETURNING {_CS_COLS}"
+        rows = await self._fetch(sql, args, "updating a desk session")
+        return _cs_session(rows[0]) if rows else None
+
+    async def cs_first_response(self, id: str, at_ms: int) -> bool:
+        sql = f"UPDATE {self.schema}.cs_sessions SET first_response_at = $2, updated_at = $3 WHERE id = $1 AND first_response_at IS NULL RETURNING true"
+        return bool(await self._fetch(sql, [id, at_ms, _now_ms()], "updating a desk session"))
+
+    async def cs_session(self, id: str) -> CsSession | None:
+        rows = await self._fetch(f"SELECT {_CS_COLS} FROM {self.schema}.cs_sessions WHERE id = $1", [id], "reading a desk session")
+        return _cs_session(rows[0]) if rows else None
+
+    async def cs_open_session(self, shopper: str) -> CsSession | None:
+        sql = f"SELECT {_CS_COLS} FROM {self.schema}.cs_sessions WHERE shopper = $1 AND state IN {_CS_OPEN}"
+        rows = await self._fetch(sql, [shopper], "reading a desk session")
+        return _cs_session(rows[0]) if rows else None
+
+    async def cs_last_agent(self, shopper: str) -> str | None:
+        sql = f"SELECT agent FROM {self.schema}.cs_sessions WHERE shopper = $1 AND agent IS NOT NULL ORDER BY opened_at DESC LIMIT 1"
+        rows = await self._fetch(sql, [shopper], "reading a desk session")
+        return str(rows[0][0]) if rows else None
+
+    async def cs_sessions(
+        self, *, states: Sequence[str] | None = None, department: str | None = None, agent: str | None = None, limit: int = 100, offset: int = 0,
+    ) -> list[CsSession]:
+        where: list[str] = []
+        args: list[Any] = []
+        if states is not None:
+            args.append(list(states))
+            where.append(f"state = ANY(${len(args)}::text[])")
+        if department is not None:
+            args.append(department)
+            where.append(f"department = ${len(args)}")
+        if agent is not None:
+            args.append(agent)
+            where.append(f"agent = ${len(args)}")
+        order = "queued_at, id" if states is not None and tuple(states) == ("queued",) else "opened_at DESC, id"
+        w = ("WHERE " + " AND ".join(where)) if where else ""
+        sql = f"SELECT {_CS_COLS} FROM {self.schema}.cs_sessions {w} ORDER BY {order} LIMIT {int(limit)} OFFSET {int(offset)}"
+        return [_cs_session(r) for r in await self._fetch(sql, args, "listing desk sessions")]
+
+    async def cs_between(self, since_ms: int, until_ms: int, *, by: str = "opened_at", batch: int = 1000) -> AsyncIterator[CsSession]:
+        if by not in ("opened_at", "rated_at"):
+            raise ValueError(f"cs_between: by must be opened_at or rated_at, not {by!r}")
+        sql = (f"SELECT {_CS_COLS} FROM {self.schema}.cs_sessions WHERE {by} >= $1 AND {by} < $2 AND ({by}, id) > ($3, $4) "
+               f"ORDER BY {by}, id LIMIT {int(batch)}")
+        key: tuple[int, str] = (since_ms - 1, "")
+        while True:
+            rows = await self._fetch(sql, [since_ms, until_ms, key[0], key[1]], "reading desk sessions")
+            for r in rows:
+                yield _cs_session(r)
+            if len(rows) < batch:
+                return
+            last = _cs_session(rows[-1])
+            key = (int(getattr(last, by)), last.id)
+
+    async def cs_add_ticket(self, ticket: CsTicket) -> None:
+        sql = (f"INSERT INTO {self.schema}.cs_tickets (id, shopper, department, session, fields, created_at) VALUES ($1, $2, $3, $4, $5, $6) "
+               "ON CONFLICT DO NOTHING")
+        args = [ticket.id, ticket.shopper, ticket.department, ticket.session, ticket.fields.decode(), ticket.created_at]
+        await self._read(lambda c: c.execute(sql, *args), "storing a ticket")
+
+    async def cs_tickets(self, since_ms: int, until_ms: int, *, limit: int = 1000) -> list[CsTicket]:
+        sql = (f"SELECT id, shopper, department, fields, created_at, session FROM {self.schema}.cs_tickets "
+               f"WHERE created_at >= $1 AND created_at < $2 ORDER BY created_at, id LIMIT {int(limit)}")
+        rows = await self._fetch(sql, [since_ms, until_ms], "reading tickets")
+        return [CsTicket(r[0], r[1], r[2], r[3].encode(), int(r[4]), r[5]) for r in rows]
 
     # ---- conversations ---------------------------------------------------------------
 

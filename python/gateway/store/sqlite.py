@@ -111,10 +111,14 @@ from typing import Any, TypeVar
 import orjson
 
 from .base import (
+    CS_OPEN_STATES,
+    CS_SESSION_FIELDS,
     RECALLED,
     SCHEMA_VERSION,
     Conversation,
     ConversationState,
+    CsSession,
+    CsTicket,
     DeadLetter,
     Lease,
     Member,
@@ -266,6 +270,45 @@ MIGRATIONS: list[tuple[int, tuple[str, ...]]] = [
             INSERT INTO messages_fts (messages_fts, rowid, data) VALUES ('delete', old.id, old.data);
             INSERT INTO messages_fts (rowid, data) VALUES (new.id, new.data);
         END""",
+    )),
+    (4, (
+        # The customer-service desk: sessions (one open per shopper) and offline forms.
+        """CREATE TABLE cs_sessions (
+            id TEXT PRIMARY KEY,
+            shopper TEXT NOT NULL,
+            department TEXT NOT NULL,
+            state TEXT NOT NULL,
+            opened_at INTEGER NOT NULL,
+            agent TEXT,
+            queued_at INTEGER,
+            assigned_at INTEGER,
+            first_response_at INTEGER,
+            closed_at INTEGER,
+            closed_by TEXT,
+            last_agent TEXT,
+            rating INTEGER,
+            rating_comment TEXT,
+            rated_at INTEGER,
+            card TEXT NOT NULL DEFAULT 'null',
+            transfers INTEGER NOT NULL DEFAULT 0,
+            bot_turns INTEGER NOT NULL DEFAULT 0,
+            updated_at INTEGER NOT NULL DEFAULT 0
+        ) WITHOUT ROWID""",
+        "CREATE UNIQUE INDEX cs_sessions_open ON cs_sessions (shopper) WHERE state IN ('bot', 'queued', 'assigned')",
+        "CREATE INDEX cs_sessions_shopper ON cs_sessions (shopper, opened_at)",
+        "CREATE INDEX cs_sessions_state ON cs_sessions (state, department, queued_at)",
+        "CREATE INDEX cs_sessions_agent ON cs_sessions (agent, state) WHERE agent IS NOT NULL",
+        "CREATE INDEX cs_sessions_opened ON cs_sessions (opened_at, id)",
+        "CREATE INDEX cs_sessions_rated ON cs_sessions (rated_at, id) WHERE rated_at IS NOT NULL",
+        """CREATE TABLE cs_tickets (
+            id TEXT PRIMARY KEY,
+            shopper TEXT NOT NULL,
+            department TEXT NOT NULL,
+            session TEXT,
+            fields TEXT NOT NULL,
+            created_at INTEGER NOT NULL
+        ) WITHOUT ROWID""",
+        "CREATE INDEX cs_tickets_created ON cs_tickets (created_at)",
     )),
 ]
 
@@ -1056,6 +1099,107 @@ class SqliteStore(Store):
 
         return await self._read(run, "newest_messages") if wanted else {}
 
+    # ---- the customer-service desk ------------------------------------------------------
+
+    async def cs_open(self, session: CsSession) -> tuple[CsSession, bool]:
+        row = _cs_row(session)
+
+        def run(conn: sqlite3.Connection) -> tuple[CsSession, bool]:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                cur = conn.execute(_CS_INSERT, row)
+                if cur.rowcount == 1:
+                    conn.execute("COMMIT")
+                    return session, True
+                got = conn.execute(f"SELECT {_CS_COLS} FROM cs_sessions WHERE shopper = ? AND state IN {_CS_OPEN}", (session.shopper,)).fetchone()
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            if got is None:
+                raise ValueError(f"session id {session.id!r} is taken")
+            return _cs_session(got), False
+
+        return await self._call(run)
+
+    async def cs_update(
+        self, id: str, changes: dict[str, object], *, states: Sequence[str] | None = None, agent: str | bool | None = False,
+    ) -> CsSession | None:
+        sets, args = _cs_sets(changes)
+        where, wargs = ["id = ?"], [id]
+        if states is not None:
+            where.append(f"state IN ({','.join('?' * len(states))})")
+            wargs.extend(states)
+        if agent is None:
+            where.append("agent IS NULL")
+        elif agent is not False:
+            where.append("agent = ?")
+            wargs.append(str(agent))
+        sql = f"UPDATE cs_sessions SET {', '.join(sets)}, updated_at = ? WHERE {' AND '.join(where)} RETURNING {_CS_COLS}"
+
+        def run(conn: sqlite3.Connection) -> CsSession | None:
+            r = conn.execute(sql, (*args, _now_ms(), *wargs)).fetchone()
+            return _cs_session(r) if r is not None else None
+
+        return await self._call(run)
+
+    async def cs_first_response(self, id: str, at_ms: int) -> bool:
+        def run(conn: sqlite3.Connection) -> bool:
+            cur = conn.execute("UPDATE cs_sessions SET first_response_at = ?, updated_at = ? WHERE id = ? AND first_response_at IS NULL", (at_ms, _now_ms(), id))
+            return cur.rowcount == 1
+
+        return await self._call(run)
+
+    async def cs_session(self, id: str) -> CsSession | None:
+        rows = await self._read(_fetch(f"SELECT {_CS_COLS} FROM cs_sessions WHERE id = ?", (id,)), "cs_session")
+        return _cs_session(rows[0]) if rows else None
+
+    async def cs_open_session(self, shopper: str) -> CsSession | None:
+        rows = await self._read(_fetch(f"SELECT {_CS_COLS} FROM cs_sessions WHERE shopper = ? AND state IN {_CS_OPEN}", (shopper,)), "cs_open_session")
+        return _cs_session(rows[0]) if rows else None
+
+    async def cs_last_agent(self, shopper: str) -> str | None:
+        sql = "SELECT agent FROM cs_sessions WHERE shopper = ? AND agent IS NOT NULL ORDER BY opened_at DESC LIMIT 1"
+        rows = await self._read(_fetch(sql, (shopper,)), "cs_last_agent")
+        return str(rows[0][0]) if rows else None
+
+    async def cs_sessions(
+        self, *, states: Sequence[str] | None = None, department: str | None = None, agent: str | None = None, limit: int = 100, offset: int = 0,
+    ) -> list[CsSession]:
+        where, args = _cs_filter(states, department, agent, "?")
+        order = "queued_at, id" if states is not None and tuple(states) == ("queued",) else "opened_at DESC, id"
+        sql = f"SELECT {_CS_COLS} FROM cs_sessions {where} ORDER BY {order} LIMIT ? OFFSET ?"
+        return [_cs_session(r) for r in await self._read(_fetch(sql, (*args, limit, offset)), "cs_sessions")]
+
+    async def cs_between(self, since_ms: int, until_ms: int, *, by: str = "opened_at", batch: int = 1000) -> AsyncIterator[CsSession]:
+        if by not in ("opened_at", "rated_at"):
+            raise ValueError(f"cs_between: by must be opened_at or rated_at, not {by!r}")
+        sql = f"SELECT {_CS_COLS} FROM cs_sessions WHERE {by} >= ? AND {by} < ? AND ({by}, id) > (?, ?) ORDER BY {by}, id LIMIT ?"
+        after: tuple[int, str] = (since_ms - 1, "")
+        while True:
+            rows = await self._read(_fetch(sql, (since_ms, until_ms, after[0], after[1], batch)), "cs_between")
+            for r in rows:
+                s = _cs_session(r)
+                yield s
+            if len(rows) < batch:
+                return
+            last = _cs_session(rows[-1])
+            after = (int(getattr(last, by)), last.id)
+
+    async def cs_add_ticket(self, ticket: CsTicket) -> None:
+        row = (ticket.id, ticket.shopper, ticket.department, ticket.session, ticket.fields.decode(), ticket.created_at)
+
+        def run(conn: sqlite3.Connection) -> None:
+            conn.execute("INSERT INTO cs_tickets (id, shopper, department, session, fields, created_at) VALUES (?,?,?,?,?,?) ON CONFLICT DO NOTHING", row)
+
+        await self._call(run)
+
+    async def cs_tickets(self, since_ms: int, until_ms: int, *, limit: int = 1000) -> list[CsTicket]:
+        sql = "SELECT id, shopper, department, fields, created_at, session FROM cs_tickets WHERE created_at >= ? AND created_at < ? ORDER BY created_at, id LIMIT ?"
+        rows = await self._read(_fetch(sql, (since_ms, until_ms, limit)), "cs_tickets")
+        return [CsTicket(r[0], r[1], r[2], r[3].encode(), r[4], r[5]) for r in rows]
+
     async def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``fn`` once on the writer thread, between batches."""
         if self._state != "open":
@@ -1584,6 +1728,51 @@ class _FileLease(Lease):
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+_CS_COLS = ", ".join(CS_SESSION_FIELDS)
+_CS_OPEN = "(" + ", ".join(f"'{s}'" for s in CS_OPEN_STATES) + ")"
+_CS_INSERT = f"INSERT INTO cs_sessions ({_CS_COLS}) VALUES ({', '.join('?' * len(CS_SESSION_FIELDS))}) ON CONFLICT DO NOTHING"
+#: Columns cs_update may set.
+_CS_SETTABLE = frozenset(CS_SESSION_FIELDS) - {"id", "shopper", "opened_at", "updated_at"}
+
+
+def _cs_row(s: CsSession) -> tuple[Any, ...]:
+    return tuple(getattr(s, f).decode() if f == "card" else getattr(s, f) for f in CS_SESSION_FIELDS)
+
+
+def _cs_session(r: Any) -> CsSession:
+    vals = list(r)
+    i = CS_SESSION_FIELDS.index("card")
+    vals[i] = (vals[i] or "null").encode()
+    return CsSession(*vals)
+
+
+def _cs_sets(changes: dict[str, object]) -> tuple[list[str], list[Any]]:
+    sets, args = [], []
+    for k, v in changes.items():
+        if k not in _CS_SETTABLE:
+            raise ValueError(f"cs_update: cannot set {k!r}")
+        sets.append(f"{k} = ?")
+        args.append(v.decode() if isinstance(v, bytes) else v)
+    if not sets:
+        raise ValueError("cs_update: nothing to change")
+    return sets, args
+
+
+def _cs_filter(states: Sequence[str] | None, department: str | None, agent: str | None, ph: str) -> tuple[str, list[Any]]:
+    where: list[str] = []
+    args: list[Any] = []
+    if states is not None:
+        where.append(f"state IN ({','.join([ph] * len(states))})")
+        args.extend(states)
+    if department is not None:
+        where.append(f"department = {ph}")
+        args.append(department)
+    if agent is not None:
+        where.append(f"agent = {ph}")
+        args.append(agent)
+    return ("WHERE " + " AND ".join(where)) if where else "", args
 
 
 def _fetch(sql: str, args: tuple[Any, ...]) -> Callable[[sqlite3.Connection], list[Any]]:
