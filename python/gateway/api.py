@@ -983,7 +983,7 @@ def build_app(gw: Gateway) -> web.Application:
     r.add_get("/v1/outbox", outbox)
     r.add_get("/v1/outbox/{endpoint}/dead", dead_letters)
     r.add_post("/v1/outbox/{endpoint}/dead/replay", replay)
-    for method, path, handler in gw.http_routes:
+    for method, path, handler in getattr(gw, "http_routes", ()):
         r.add_route(method, path, handler)
     r.add_get("/v1/stats", stats)
     r.add_get("/healthz", healthz)

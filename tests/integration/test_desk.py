@@ -187,3 +187,220 @@ async def _has(c: GatewayClient, room: str, type: str, text: str) -> bool:
         if m["type"] == type and text in orjson.dumps(m["data"]).decode():
             return True
     return False
+
+
+async def test_transfer_moves_write_access_and_history(tmp_path: Path) -> None:
+    g = gateway(tmp_path, config(), "plugins.desk.bot_turns=0").start()
+    shopper, alice, bob, sup = uniq("shop"), uniq("alice"), uniq("bob"), uniq("sup")
+    try:
+        a = await agent(g, alice)
+        b = await agent(g, bob, status="away")  # away: not picked automatically
+        boss = await agent(g, sup, role="supervisor", status=None)
+        s = await g.client(shopper)
+        assigned = pushes(a, "cs.assigned")
+        ack = await s.request("cs.open", card={"kind": "order", "title": "订单 42"})
+        assert ack["state"] in ("queued", "assigned")
+        sid, room = ack["session"], ack["room"]
+        assert (await assigned)["data"]["session"] == sid
+        await a.publish(room, {"text": "hi from alice"})
+        # Others cannot accept or write; a shopper cannot use agent ops.
+        with pytest.raises(GatewayError) as e:
+            await b.request("cs.accept", session=sid)
+        assert e.value.code == 4090
+        with pytest.raises(GatewayError) as e:
+            await b.publish(room, {"text": "intruder"})
+        assert e.value.code == 4031
+        with pytest.raises(GatewayError) as e:
+            await s.request("cs.queue")
+        assert e.value.code == 4003
+        with pytest.raises(GatewayError) as e:
+            await s.request("cs.accept", session=sid)
+        assert e.value.code == 4003
+        with pytest.raises(GatewayError) as e:
+            await a.request("cs.transfer", session=sid)
+        assert e.value.code == 4000
+        with pytest.raises(GatewayError) as e:
+            await a.request("cs.accept", session="nope")
+        assert e.value.code == 4004
+        # The supervisor watches: reads, cannot write to the shopper.
+        w = await boss.request("cs.watch", session=sid)
+        assert w["room"] == room
+        with pytest.raises(GatewayError) as e:
+            await boss.publish(room, {"text": "boss here"})
+        assert e.value.code == 4003
+        assert any(m["data"] == {"text": "hi from alice"} for m in await msgs(boss, room))
+        # Transfer to bob with a note: alice loses write access, bob sees everything.
+        gone, got = pushes(a, "cs.unassigned"), pushes(b, "cs.assigned")
+        t = await a.request("cs.transfer", session=sid, agent=bob, note="wants a refund")
+        assert t["state"] == "assigned" and t["agent"] == bob
+        assert (await gone)["data"] == {"session": sid, "reason": "transfer"}
+        assert (await got)["data"]["session"] == sid
+        with pytest.raises(GatewayError) as e:
+            await a.publish(room, {"text": "still me"})
+        assert e.value.code == 4031
+        hist = await msgs(b, room)
+        assert any(m["data"] == {"text": "hi from alice"} for m in hist), "the new agent sees the whole history"
+        notes = await msgs(b, f"csi:{sid}")
+        assert any(m["type"] == "cs.note" and m["data"]["text"] == "wants a refund" for m in notes)
+        await b.publish(room, {"text": "bob here"})
+        # Transfer to a department: queued again there (nobody online), then the supervisor closes it.
+        await a.request("cs.status", status="away")
+        t = await b.request("cs.transfer", session=sid, department="aftersales")
+        assert t["state"] == "queued" and t["department"] == "aftersales"
+        q = await a.request("cs.queue", department="aftersales")
+        assert [x["session"] for x in q["sessions"]] == [sid] and q["sessions"][0]["card"]["title"] == "订单 42"
+        c = await boss.request("cs.close", session=sid)
+        assert c["state"] == "closed"
+        with pytest.raises(GatewayError) as e:
+            await a.request("cs.accept", session=sid)
+        assert e.value.code == 4092
+        got_s = await api(g, "GET", f"/v1/cs/sessions/{sid}")
+        assert got_s["transfers"] == 2 and got_s["state"] == "closed" and got_s["closed_by"] == sup
+        for c_ in (a, b, boss, s):
+            await c_.close()
+    finally:
+        assert not g.finish()
+
+
+async def test_an_agent_blip_keeps_the_chats_and_a_departure_requeues_them(tmp_path: Path) -> None:
+    g = gateway(tmp_path, config(grace=1.5), "plugins.desk.bot_turns=0").start()
+    shopper, alice = uniq("shop"), uniq("alice")
+    try:
+        a = await agent(g, alice)
+        s = await g.client(shopper)
+        ack = await s.request("cs.open")
+        sid = ack["session"]
+        await eventually(lambda: _state(g, sid, "assigned"), timeout=10, what="assigned")
+        # A blip: gone for 0.3 s, well within grace.
+        await a.close()
+        await asyncio.sleep(0.3)
+        a = await g.client(alice, params={"role": "agent"})
+        await asyncio.sleep(2.5)
+        assert await _state(g, sid, "assigned"), "a blip must not re-queue the agent's chats"
+        mine = await a.request("cs.mine")
+        assert [x["session"] for x in mine["sessions"]] == [sid]
+        # Really gone: after grace the session is queued again and alice is offline.
+        await a.close()
+        await eventually(lambda: _state(g, sid, "queued"), timeout=10, what="re-queued after grace")
+        agents = (await api(g, "GET", "/v1/cs/agents"))["agents"]
+        assert [(x["user"], x["status"], x["load"]) for x in agents] == [(alice, "offline", 0)]
+        await eventually(lambda: _last_state_by(s, ack["room"], "requeue"), timeout=10, what="the requeue's cs.state")
+        # Back online: she gets it again (sticky and least busy).
+        a = await agent(g, alice)
+        await eventually(lambda: _state(g, sid, "assigned"), timeout=10, what="assigned again")
+        await a.close()
+        await s.close()
+    finally:
+        assert not g.finish()
+
+
+async def _last_state_by(c: GatewayClient, room: str, by: str) -> bool:
+    return [m["data"]["by"] for m in await msgs(c, room) if m["type"] == "cs.state"][-1] == by
+
+
+async def _state(g: GatewayProcess, sid: str, state: str) -> bool:
+    status, body = await g.api("GET", f"/v1/cs/sessions/{sid}")
+    return status == 200 and body["state"] == state
+
+
+async def test_outside_business_hours_the_shopper_gets_the_form(tmp_path: Path) -> None:
+    # aftersales opens only tomorrow (UTC): now it is closed.
+    tomorrow = (dt.datetime.now(dt.UTC) + dt.timedelta(days=1)).strftime("%a").lower()
+    hours = f'hours = {{ tz = "UTC", {tomorrow} = "00:00-24:00" }}\noffline_message = "下班了，请留言"'
+    g = gateway(tmp_path, config(after_hours=hours)).start()
+    shopper = uniq("shop")
+    try:
+        s = await g.client(shopper)
+        ack = await s.request("cs.open", department="aftersales")
+        assert ack["state"] == "offline" and ack["offline"]["message"] == "下班了，请留言"
+        assert ack["offline"]["form"] == ["name", "phone", "message"] and "room" not in ack
+        with pytest.raises(GatewayError) as e:
+            await s.request("cs.form", department="aftersales", fields="no")
+        assert e.value.code == 4000
+        t = await s.request("cs.form", department="aftersales", fields={"phone": "138", "message": "退货"})
+        assert t["ticket"].startswith("t")
+        tickets = (await api(g, "GET", "/v1/cs/tickets?from=0"))["tickets"]
+        assert [(x["ticket"], x["shopper"], x["fields"]["message"]) for x in tickets] == [(t["ticket"], shopper, "退货")]
+        # presales has no hours: open.
+        ack = await s.request("cs.open", department="presales")
+        assert ack["state"] == "bot"
+        with pytest.raises(GatewayError) as e:
+            await s.request("cs.open", department="nope")
+        assert e.value.code == 4000
+        await s.close()
+    finally:
+        assert not g.finish()
+
+
+async def test_http_api_and_the_unread_reply_hook(tmp_path: Path) -> None:
+    g = gateway(tmp_path, config(reminder=0.02), "plugins.desk.bot_turns=0", "plugins.desk.strategy=manual").start()
+    shopper, alice = uniq("vipshop"), uniq("alice")
+    try:
+        r = await api(g, "POST", "/v1/cs/sessions", {"shopper": shopper, "department": "presales", "card": {"kind": "page", "title": "首页"}},
+                      expect=201)
+        sid = r["session"]
+        assert r["state"] == "queued" and r["resumed"] is False
+        r2 = await api(g, "POST", "/v1/cs/sessions", {"shopper": shopper})
+        assert r2["session"] == sid and r2["resumed"] is True
+        await api(g, "POST", "/v1/cs/sessions", {"shopper": ""}, expect=400)
+        await api(g, "POST", "/v1/cs/sessions", {"shopper": "x", "card": "nope"}, expect=400)
+        await api(g, "GET", "/v1/cs/sessions/nope", expect=404)
+        await api(g, "GET", "/v1/cs/report?from=10&to=5", expect=400)
+        status, _ = await g.api("GET", "/v1/cs/sessions", key=False)
+        assert status == 401
+        listed = (await api(g, "GET", "/v1/cs/sessions?state=queued"))["sessions"]
+        assert [x["session"] for x in listed] == [sid]
+        # manual: nothing is assigned by itself; the API accepts for alice.
+        a = await agent(g, alice)
+        await asyncio.sleep(0.3)
+        assert (await api(g, "GET", f"/v1/cs/sessions/{sid}"))["state"] == "queued"
+        got = await api(g, "POST", f"/v1/cs/sessions/{sid}/accept", {"agent": alice})
+        assert got["agent"] == alice and got["state"] == "assigned"
+        await api(g, "POST", f"/v1/cs/sessions/{sid}/accept", {"agent": "zed", "force": True}, expect=409)
+        info = await api(g, "GET", f"/v1/cs/sessions/{sid}")
+        assert info["context"] == {"tier": "vip", "orders": 3}
+        await api(g, "PUT", f"/v1/cs/agents/{alice}", {"status": "nonsense"}, expect=400)
+        ag = await api(g, "PUT", f"/v1/cs/agents/{alice}", {"capacity": 9})
+        assert ag["capacity"] == 9 and ag["load"] == 1
+        n = await api(g, "POST", f"/v1/cs/sessions/{sid}/notes", {"text": "from the CRM"})
+        assert n["seq"] >= 1
+        # The shopper does not read alice's replies: on_unread_reply fires once for the burst.
+        s = await g.client(shopper)
+        remind = pushes(s, "cs.remind")
+        await a.publish(f"cs:{sid}", {"text": "在吗？"})
+        await a.publish(f"cs:{sid}", {"text": "还需要帮助吗？"})
+        got_r = (await remind)["data"]
+        assert got_r["session"] == sid and got_r["unread"] == 2
+        second = pushes(s, "cs.remind")
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(second), 3.0)
+        second.cancel()
+        closed = await api(g, "POST", f"/v1/cs/sessions/{sid}/close", {})
+        assert closed["state"] == "closed"
+        await api(g, "POST", f"/v1/cs/sessions/{sid}/rate", {"score": 0}, expect=400)
+        rated = await api(g, "POST", f"/v1/cs/sessions/{sid}/rate", {"score": 3})
+        assert rated["rating"] == 3
+        await a.close()
+        await s.close()
+    finally:
+        assert not g.finish()
+
+
+@pytest.mark.parametrize(("setting", "needle"), [
+    ("plugins.desk.strategy=fastest", "plugins.desk.strategy"),
+    ("plugins.desk.grace=-1", "plugins.desk.grace"),
+    ("plugins.desk.bogus=1", "plugins.desk.bogus"),
+])
+def test_a_bad_desk_setting_is_a_message_at_start_up(tmp_path: Path, setting: str, needle: str) -> None:
+    import subprocess
+    import sys
+
+    from support.gateway import ROOT
+
+    cfg = tmp_path / "g.toml"
+    cfg.write_text(config())
+    r = subprocess.run([sys.executable, "-m", "gateway", "run", "--config", str(cfg), "--set", setting, "--set", "auth.mode=dev", "--set", "server.host=127.0.0.1", "--set", "server.port=0"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=30,
+                       env={"PYTHONPATH": str(ROOT / "python"), "PATH": "/usr/bin:/bin"})
+    assert r.returncode == 2, (r.returncode, r.stdout[-2000:], r.stderr[-2000:])
+    assert needle in r.stderr + r.stdout and "Traceback" not in r.stderr + r.stdout

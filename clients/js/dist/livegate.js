@@ -2074,14 +2074,15 @@
 
 
 
+
   /** Prefixes of the desk's conversations (the routes of docs/customer-service.md). */
   const DESK_ROOMS = { session: "cs:", notes: "csi:" };
 
   /** Error codes of the desk's ops (docs/customer-service.md "Errors"). */
   const DeskError = {
-    BAD_FIELDS: 4000,
-    FORBIDDEN: 4003, // not an agent / not your session
-    NO_SESSION: 4004,
+    BAD_FIELDS: ErrorCode.BAD_REQUEST,
+    FORBIDDEN: ErrorCode.FORBIDDEN, // not an agent / not your session
+    NO_SESSION: ErrorCode.NOT_JOINED, // the protocol's 4004, here: no such session
     TAKEN: 4090, // accept lost the race
     AT_CAPACITY: 4091,
     CLOSED: 4092,

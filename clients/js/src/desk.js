@@ -6,6 +6,7 @@
 // replies on return). Plain ES2017, like client.js.
 
 import { noop } from "./util.js";
+import { ErrorCode } from "./codes.js";
 import { Emitter } from "./emitter.js";
 import { ErrorCodes, GatewayError } from "./errors.js";
 
@@ -14,9 +15,9 @@ export const DESK_ROOMS = { session: "cs:", notes: "csi:" };
 
 /** Error codes of the desk's ops (docs/customer-service.md "Errors"). */
 export const DeskError = {
-  BAD_FIELDS: 4000,
-  FORBIDDEN: 4003, // not an agent / not your session
-  NO_SESSION: 4004,
+  BAD_FIELDS: ErrorCode.BAD_REQUEST,
+  FORBIDDEN: ErrorCode.FORBIDDEN, // not an agent / not your session
+  NO_SESSION: ErrorCode.NOT_JOINED, // the protocol's 4004, here: no such session
   TAKEN: 4090, // accept lost the race
   AT_CAPACITY: 4091,
   CLOSED: 4092,
