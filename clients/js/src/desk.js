@@ -24,6 +24,7 @@ export const DeskError = {
 };
 
 const STATUSES = { online: 1, away: 1, offline: 1 };
+const TRANSCRIPT_MAX = 10 * 100; // messages transcript() fetches at most by default
 
 function sessionId(s) {
   if (s && typeof s === "object") s = s.session;
@@ -114,7 +115,7 @@ export class Desk extends Emitter {
     opts = opts || {};
     const id = sessionId(s) || this._currentId();
     const room = opts.notes ? this.noteRoom(id) : this.room(id);
-    const max = opts.max || 1000;
+    const max = opts.max || TRANSCRIPT_MAX;
     const out = [];
     const page = (after) =>
       this.conversations.history(room, { afterSeq: after, limit: 100 }).then((ack) => {
