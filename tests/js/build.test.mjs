@@ -5,7 +5,7 @@ import assert from "node:assert/strict";
 import { readFileSync } from "node:fs";
 import { join } from "node:path";
 import vm from "node:vm";
-import { buildBundle, buildPage } from "../../clients/js/build.mjs";
+import { buildBundle, buildPage, PAGES } from "../../clients/js/build.mjs";
 import { ROOT } from "./helpers.mjs";
 
 test("dist/livegate.js and python/gateway/static/index.html are up to date (node clients/js/build.mjs)", () => {
@@ -14,6 +14,12 @@ test("dist/livegate.js and python/gateway/static/index.html are up to date (node
   const page = buildPage(bundle);
   assert.equal(readFileSync(join(ROOT, "python/gateway/static/index.html"), "utf8"), page, "index.html is stale: run node clients/js/build.mjs");
   assert.equal(page.split("__WS_PATH__").length - 1, 1, "the page keeps exactly one __WS_PATH__ placeholder");
+  // The desk's pages (/console, /shop) are built the same way.
+  for (const [tpl, out] of PAGES) {
+    const p = buildPage(bundle, tpl);
+    assert.equal(readFileSync(join(ROOT, "python/gateway/static", out), "utf8"), p, `${out} is stale: run node clients/js/build.mjs`);
+    assert.equal(p.split("__WS_PATH__").length - 1, 1, `${out} keeps exactly one __WS_PATH__ placeholder`);
+  }
 });
 
 test("the bundle runs as a plain script (global LiveGate) and as CommonJS", () => {

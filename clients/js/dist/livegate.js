@@ -293,6 +293,37 @@
     return s;
   }
 
+  /** Named one-shot timers (the client's and the conversations'): `set(name, ms, fn)` replaces
+   * the timer of that name; a timer that fired is gone (`has` is false while `fn` runs). */
+  class Timers {
+    constructor() {
+      this._t = {};
+    }
+
+    set(name, ms, fn) {
+      this.clear(name);
+      this._t[name] = setTimeout(() => {
+        this._t[name] = null;
+        fn();
+      }, Math.max(0, ms));
+    }
+
+    clear(name) {
+      if (this._t[name]) {
+        clearTimeout(this._t[name]);
+        this._t[name] = null;
+      }
+    }
+
+    has(name) {
+      return !!this._t[name];
+    }
+
+    clearAll() {
+      for (const k in this._t) this.clear(k);
+    }
+  }
+
   // ---- src/emitter.js
   // A minimal event emitter: a listener that throws never breaks the client.
 
@@ -811,7 +842,7 @@
       this._openWaiters = [];
       this._dirty = new Set();
       this._changeScheduled = false;
-      this._timers = {};
+      this._timers = new Timers();
       this._closed = false;
       if (o.user) this._load(String(o.user));
       if (client.state === "open" && client.user) this._onConnected();
@@ -1161,7 +1192,7 @@
           this._onReady();
           if (e.code !== ErrorCode.UNKNOWN_OP) {
             const d = Math.min(30000, this.options.retryDelay * Math.pow(2, this._syncRetry++));
-            this._setTimer("sync", d, () => {
+            this._timers.set("sync", d, () => {
               if (gen === this.client._gen && this._isOpen()) this.sync().catch(noop);
             });
           }
@@ -1178,7 +1209,7 @@
 
     _onDisconnected() {
       this._ready = false;
-      this._clearTimer("sync");
+      this._timers.clear("sync");
     }
 
     _onHide() {
@@ -1203,7 +1234,7 @@
       }
       this._rejectOutbox(err);
       this._saveNow();
-      for (const k in this._timers) this._clearTimer(k);
+      this._timers.clearAll();
     }
 
     _onFrame(f) {
@@ -1631,7 +1662,7 @@
         return;
       }
       if (!this._ready) return; // the connection's own sync comes
-      this._setTimer("syncSoon", 30, () => {
+      this._timers.set("syncSoon", 30, () => {
         if (this._isOpen()) this.sync().catch((e) => isConnectionError(e) || this.emit("error", e));
       });
     }
@@ -1684,7 +1715,7 @@
         this._sendItem(it);
         if (!this._ready) return; // the send dropped the connection
       }
-      if (wake !== Infinity) this._setTimer("pump", wake - t, () => this._pump());
+      if (wake !== Infinity) this._timers.set("pump", wake - t, () => this._pump());
     }
 
     _sendItem(it) {
@@ -1905,21 +1936,6 @@
       });
     }
 
-    _setTimer(name, ms, fn) {
-      this._clearTimer(name);
-      this._timers[name] = setTimeout(() => {
-        this._timers[name] = null;
-        fn();
-      }, Math.max(0, ms));
-    }
-
-    _clearTimer(name) {
-      if (this._timers[name]) {
-        clearTimeout(this._timers[name]);
-        this._timers[name] = null;
-      }
-    }
-
     _reset() {
       this._convs = new Map();
       this._cursor = null;
@@ -1994,12 +2010,12 @@
     }
 
     _scheduleSave() {
-      if (!this.options.persist || this._timers.save || !this.user) return;
-      this._setTimer("save", this.options.saveDelay, () => this._saveNow());
+      if (!this.options.persist || this._timers.has("save") || !this.user) return;
+      this._timers.set("save", this.options.saveDelay, () => this._saveNow());
     }
 
     _saveNow() {
-      this._clearTimer("save");
+      this._timers.clear("save");
       const key = this._key();
       if (!this.options.persist || !key) return;
       const convs = [];
@@ -2047,11 +2063,314 @@
     }
   }
 
+  // ---- src/desk.js
+  // The customer-service desk (docs/customer-service.md): the `cs.*` plugin ops over the
+  // client's request/ack machinery, and the sessions as conversations (`cs:<id>`, its
+  // transcript; `csi:<id>`, the agents' internal notes). Reached through `client.desk`; it
+  // turns the client's conversations on (a session is a conversation: synced on every
+  // connection, so a shopper whose mini-program was in the background gets the agent's
+  // replies on return). Plain ES2017, like client.js.
+
+
+
+
+
+  /** Prefixes of the desk's conversations (the routes of docs/customer-service.md). */
+  const DESK_ROOMS = { session: "cs:", notes: "csi:" };
+
+  /** Error codes of the desk's ops (docs/customer-service.md "Errors"). */
+  const DeskError = {
+    BAD_FIELDS: ErrorCode.BAD_REQUEST,
+    FORBIDDEN: ErrorCode.FORBIDDEN, // not an agent / not your session
+    NO_SESSION: ErrorCode.NOT_JOINED, // the protocol's 4004, here: no such session
+    TAKEN: 4090, // accept lost the race
+    AT_CAPACITY: 4091,
+    CLOSED: 4092,
+  };
+
+  const STATUSES = { online: 1, away: 1, offline: 1 };
+  const TRANSCRIPT_MAX = 10 * 100; // messages transcript() fetches at most by default
+
+  function sessionId(s) {
+    if (s && typeof s === "object") s = s.session;
+    return typeof s === "string" && s ? s : null;
+  }
+
+  /**
+   * The desk for the client's user: a shopper (open, handoff, close, rate, submitForm) or an
+   * agent (setStatus, queue, mine, accept, transfer, note, info, watch). Events:
+   * - `state` ({session, room, state, agent, department, by, seq, source, msg}): a `cs.state`
+   *   message of a session this user is in (source: "live", "sync", "history", ...)
+   * - `rating` ({session, room, msg}): the rating card (`cs.rating`) arrived: ask for stars
+   * - `message` (msg, {session, room, notes, source}): any message of a session (`notes`:
+   *   from the internal channel `csi:<id>`)
+   * - agents: `queue` ({department, waiting}), `assigned` (session), `unassigned`
+   *   ({session, reason}): the desk's `push` frames `cs.queue`, `cs.assigned`, `cs.unassigned`
+   * - `error` (GatewayError): re-asserting the agent status after a reconnect failed
+   */
+  class Desk extends Emitter {
+    constructor(client) {
+      super();
+      this.client = client;
+      this.current = null; // the shopper's session: the last cs.open ack, updated by cs.state
+      this.status = null; // the agent's status as last acknowledged: {status, capacity, load}
+      this._wantStatus = null; // what setStatus asked for (re-sent after a reconnect)
+      const conv = client.conversations;
+      this.conversations = conv;
+      client.on("frame", (f) => {
+        if (f && f.op === "push" && typeof f.type === "string" && f.type.indexOf("cs.") === 0) this._onPush(f);
+      });
+      conv.on("message", (m, info) => this._onMessage(m, info));
+      client.on("connected", () => this._reassert());
+    }
+
+    // ------------------------------------------------------------------ rooms
+
+    /** The conversation of session `s` (an id or a session object): `cs:<id>`. */
+    room(s) {
+      return DESK_ROOMS.session + sessionId(s);
+    }
+
+    /** The internal channel of session `s`: `csi:<id>` (agents and supervisors). */
+    noteRoom(s) {
+      return DESK_ROOMS.notes + sessionId(s);
+    }
+
+    /** The session id of a desk room (`cs:<id>` or `csi:<id>`), else null. */
+    sessionOf(room) {
+      room = String(room || "");
+      if (room.indexOf(DESK_ROOMS.notes) === 0) return room.slice(DESK_ROOMS.notes.length);
+      if (room.indexOf(DESK_ROOMS.session) === 0) return room.slice(DESK_ROOMS.session.length);
+      return null;
+    }
+
+    // ------------------------------------------------------------------ shopper
+
+    /** Open a session (or resume the shopper's open one: `resumed: true`) with `department`
+     * and the context `card` ({kind, title, image, price, url, id, extra}). Resolves with the
+     * ack: {session, room, state, department, agent?, resumed, offline?: {message, form}}. An
+     * `offline` answer means outside business hours: show the form (submitForm). */
+    open(opts) {
+      opts = opts || {};
+      const fields = {};
+      if (opts.department) fields.department = opts.department;
+      if (opts.card) fields.card = opts.card;
+      return this._op("cs.open", fields).then((ack) => {
+        if (ack.session) {
+          this.current = { session: ack.session, room: ack.room || this.room(ack.session), state: ack.state, department: ack.department, agent: ack.agent || null };
+        }
+        if (ack.offline) this._offlineDepartment = ack.department || opts.department || null;
+        return ack;
+      });
+    }
+
+    /** The transcript of session `s` (default: the current one), message by message in seq
+     * order with no hole, from `opts.after` (default 0: from the start), live ones and, after
+     * a reconnect or a background period, the missed ones. Returns a function that stops it. */
+    follow(s, onMessage, opts) {
+      const id = sessionId(s) || this._currentId();
+      return this.conversations.watch(this.room(id), { after: opts && typeof opts.after === "number" ? opts.after : 0, onMessage: onMessage });
+    }
+
+    /** The whole transcript of session `s` so far (`opts.notes`: of its internal channel),
+     * oldest first, paged forward with `history` from seq 0 (at most `opts.max` messages,
+     * default 1000) and merged into the conversation (so `follow` and the badges see it). An
+     * agent who just accepted a session reads what was said before with it. */
+    transcript(s, opts) {
+      opts = opts || {};
+      const id = sessionId(s) || this._currentId();
+      const room = opts.notes ? this.noteRoom(id) : this.room(id);
+      const max = opts.max || TRANSCRIPT_MAX;
+      const out = [];
+      const page = (after) =>
+        this.conversations.history(room, { afterSeq: after, limit: 100 }).then((ack) => {
+          const msgs = ack.msgs || [];
+          for (let i = 0; i < msgs.length; i++) out.push(msgs[i]);
+          const last = msgs.length ? msgs[msgs.length - 1].seq : after;
+          if (ack.more && msgs.length && out.length < max) return page(last);
+          return out;
+        });
+      return page(0);
+    }
+
+    /** Send a chat text into session `s` (shopper or agent). Queued while offline, sent once
+     * (same cid) after the reconnect; resolves with the ack (seq). */
+    send(s, text, opts) {
+      const id = sessionId(s) || this._currentId();
+      return this.conversations.send(this.room(id), { text: String(text) }, opts);
+    }
+
+    /** Mark session `s` read (its badge clears). */
+    read(s, seq) {
+      const id = sessionId(s) || this._currentId();
+      return this.conversations.read(this.room(id), seq);
+    }
+
+    /** Unread messages of session `s` (the conversation's badge). */
+    unread(s) {
+      const c = this.conversations.get(this.room(sessionId(s) || this._currentId()));
+      return c ? c.unread : 0;
+    }
+
+    /** Ask for a human (also: sending a handoff word as text). Resolves with {state}. */
+    handoff(s) {
+      return this._op("cs.handoff", { session: sessionId(s) || this._currentId() });
+    }
+
+    /** Close session `s` (the shopper's current one by default; agents name it). */
+    close(s) {
+      return this._op("cs.close", { session: sessionId(s) || this._currentId() });
+    }
+
+    /** Rate the session (the current one unless `opts.session`): `score` 1..5, `comment`. */
+    rate(score, comment, opts) {
+      const fields = { session: sessionId(opts && opts.session) || this._currentId(), score: score };
+      if (comment) fields.comment = String(comment);
+      return this._op("cs.rate", fields);
+    }
+
+    /** The offline form (outside business hours): `fields` (an object: name, phone, text...)
+     * for `department` (default: the one the offline cs.open named). Resolves with {ticket}. */
+    submitForm(fields, department) {
+      return this._op("cs.form", { department: department || this._offlineDepartment || (this.current && this.current.department) || null, fields: fields || {} });
+    }
+
+    // ------------------------------------------------------------------ agent
+
+    /** Set this agent's status (`online` | `away` | `offline`) and optionally `capacity`.
+     * Kept: after a reconnect it is sent again. Resolves with {status, capacity, load}. */
+    setStatus(status, capacity) {
+      if (!STATUSES[status]) return Promise.reject(new TypeError('livegate: status must be "online", "away" or "offline"'));
+      const fields = { status: status };
+      if (typeof capacity === "number") fields.capacity = capacity;
+      this._wantStatus = fields;
+      return this._op("cs.status", fields).then((ack) => {
+        this.status = { status: ack.status, capacity: ack.capacity, load: ack.load };
+        return ack;
+      });
+    }
+
+    /** The waiting sessions (of `department`, else of this agent's departments), each
+     * {session, department, shopper, state, waiting_ms, card}. Resolves with the array. */
+    queue(department) {
+      return this._op("cs.queue", department ? { department: department } : {}).then((ack) => ack.sessions || []);
+    }
+
+    /** This agent's assigned sessions (session objects). */
+    mine() {
+      return this._op("cs.mine", {}).then((ack) => ack.sessions || []);
+    }
+
+    /** Take session `s`. Resolves with {session, room, note_room}; rejects with 4090 (taken:
+     * another agent was first) or 4091 (at capacity). */
+    accept(s) {
+      return this._op("cs.accept", { session: sessionId(s) }).then((ack) => {
+        // The agent is now a member of both conversations: sync brings them into the list.
+        this.conversations.sync().catch(noop);
+        return ack;
+      });
+    }
+
+    /** Hand session `s` to another agent (`to.agent`) or department (`to.department`), with
+     * an internal `to.note`. Resolves with {state}. */
+    transfer(s, to) {
+      to = to || {};
+      const fields = { session: sessionId(s) };
+      if (to.agent) fields.agent = to.agent;
+      if (to.department) fields.department = to.department;
+      if (to.note) fields.note = String(to.note);
+      return this._op("cs.transfer", fields);
+    }
+
+    /** An internal note on session `s` (into `csi:<id>`: agents and supervisors only, never
+     * the shopper). Resolves with {seq}. */
+    note(s, text) {
+      return this._op("cs.note", { session: sessionId(s), text: String(text) });
+    }
+
+    /** Session `s` with `context` (the company's enrichment; not stored). */
+    info(s) {
+      return this._op("cs.info", { session: sessionId(s) });
+    }
+
+    /** Supervisors: observe session `s` (read only). */
+    watch(s) {
+      return this._op("cs.watch", { session: sessionId(s) });
+    }
+
+    /** The canned replies of a session's department, from `cs.info` (`canned`, or
+     * `department.canned` when the server gives the department's settings). */
+    canned(s) {
+      return this.info(s).then((info) => {
+        const d = info && info.department;
+        const list = (info && info.canned) || (d && typeof d === "object" && d.canned) || [];
+        return Array.isArray(list) ? list.slice() : [];
+      });
+    }
+
+    // ------------------------------------------------------------------ internals
+
+    _currentId() {
+      if (!this.current) throw new GatewayError(ErrorCodes.CLOSED, "no customer-service session: call desk.open() first");
+      return this.current.session;
+    }
+
+    /** A plugin op once connected (the client connects when idle). */
+    _op(op, fields) {
+      const c = this.client;
+      if (c.state === "open" && c._sock) return c.request(op, fields);
+      c._autoConnect();
+      return c.connect().then(() => c.request(op, fields));
+    }
+
+    _reassert() {
+      const want = this._wantStatus;
+      if (!want || want.status === "offline") return;
+      this.client.request("cs.status", want).then(
+        (ack) => {
+          this.status = { status: ack.status, capacity: ack.capacity, load: ack.load };
+        },
+        (e) => this.emit("error", e)
+      );
+    }
+
+    _onPush(f) {
+      const d = f.data && typeof f.data === "object" ? f.data : {};
+      if (f.type === "cs.queue") this.emit("queue", d);
+      else if (f.type === "cs.assigned") this.emit("assigned", d);
+      else if (f.type === "cs.unassigned") this.emit("unassigned", d);
+    }
+
+    _onMessage(m, info) {
+      const room = m.room || (info && info.room);
+      const id = this.sessionOf(room);
+      if (!id) return;
+      const notes = room.indexOf(DESK_ROOMS.notes) === 0;
+      const source = info && info.source;
+      this.emit("message", m, { session: id, room: room, notes: notes, source: source });
+      if (notes) return;
+      const d = m.data && typeof m.data === "object" ? m.data : {};
+      if (m.type === "cs.state") {
+        const cur = this.current;
+        if (cur && cur.session === id && (typeof m.seq !== "number" || !cur.stateSeq || m.seq > cur.stateSeq)) {
+          cur.state = d.state;
+          if (d.agent !== undefined) cur.agent = d.agent;
+          if (d.department) cur.department = d.department;
+          if (typeof m.seq === "number") cur.stateSeq = m.seq;
+        }
+        this.emit("state", { session: id, room: room, state: d.state, agent: d.agent === undefined ? null : d.agent, department: d.department || null, by: d.by || null, seq: m.seq, source: source, msg: m });
+      } else if (m.type === "cs.rating") {
+        this.emit("rating", { session: id, room: room, msg: m });
+      }
+    }
+  }
+
   // ---- src/client.js
   // The client: one socket for every room, requests matched to acks, heartbeat, reconnect
   // with backoff, resume by (seq, epoch), background/foreground handling, token refresh.
   // Protocol: docs/protocol.md. Written in plain ES2017 (no async/await, no optional chaining)
   // so mini-program runtimes run it without a transpiler.
+
 
 
 
@@ -2132,7 +2451,8 @@
    *   "closed"); the room is not rejoined
    * - `drain` (frame), `error` (GatewayError for error frames without a request, or Error),
    *   `token` (new token), `frame` (every frame received)
-   * Conversations (protocol 1.1) are in `client.conversations` (their own events).
+   * Conversations (protocol 1.1) are in `client.conversations` (their own events), the
+   * customer-service desk in `client.desk`.
    */
   class Client extends Emitter {
     constructor(options) {
@@ -2168,11 +2488,12 @@
       this._drainRetry = null;
       this._forceRefresh = false;
       this._tokenPromise = null;
-      this._timers = {};
+      this._timers = new Timers();
       this._unbindLifecycle = null;
       this._stopped = false;
       this._reconnectOnShow = false;
       this._conv = null;
+      this._desk = null;
       this._scheduleTokenRefresh();
       if (o.conversations) this._conversations();
     }
@@ -2181,6 +2502,13 @@
      * use (or by the `conversations` option); from then on every connection sends `sync`. */
     get conversations() {
       return this._conversations();
+    }
+
+    /** The customer-service desk (docs/customer-service.md, desk.js): created on first use;
+     * turns the conversations on (a session is the conversation `cs:<id>`). */
+    get desk() {
+      if (!this._desk) this._desk = new Desk(this);
+      return this._desk;
     }
 
     _conversations() {
@@ -2325,10 +2653,10 @@
     onHide() {
       if (this._hidden) return;
       this._hidden = true;
-      this._clearTimer("heartbeat");
-      this._clearTimer("probe");
-      if (this._timers.reconnect) {
-        this._clearTimer("reconnect");
+      this._timers.clear("heartbeat");
+      this._timers.clear("probe");
+      if (this._timers.has("reconnect")) {
+        this._timers.clear("reconnect");
         this._reconnectOnShow = true;
       }
       if (this._conv) this._conv._onHide(); // save now: the app may be killed in the background
@@ -2352,13 +2680,13 @@
         const sentAt = now();
         if (!this._sendFrame({ op: "ping" })) return;
         this._lastPing = sentAt;
-        this._setTimer("probe", this.options.showProbeTimeout, () => {
+        this._timers.set("probe", this.options.showProbeTimeout, () => {
           if (this._lastRecv < sentAt) this._drop(ABNORMAL_CLOSURE, "no pong after onShow", 0);
         });
         this._scheduleHeartbeat();
       } else if (this.state === "reconnecting" || this._reconnectOnShow) {
         this._reconnectOnShow = false;
-        this._clearTimer("reconnect");
+        this._timers.clear("reconnect");
         this._openSocket();
       }
     }
@@ -2404,7 +2732,7 @@
       const sock = this._sock;
       this._gen++;
       this._sock = null;
-      this._clearAllTimers();
+      this._timers.clearAll();
       if (sock) sock.close(clientCloseCode(code || CloseCode.NORMAL), truncateUtf8(reason || "client closed", 123));
       const err = this._closedError();
       this._failPending(err, true);
@@ -2438,7 +2766,7 @@
     }
 
     _openSocket() {
-      this._clearTimer("reconnect");
+      this._timers.clear("reconnect");
       if (this._stopped) return;
       if (this._hidden) {
         // A mini-program cannot connect from the background: wait for onShow().
@@ -2504,7 +2832,7 @@
         this._sock = null;
         this._onDisconnected(info || { code: ABNORMAL_CLOSURE, reason: "" });
       };
-      this._setTimer("connect", o.connectTimeout, () => {
+      this._timers.set("connect", o.connectTimeout, () => {
         if (gen === this._gen) this._drop(ABNORMAL_CLOSURE, "no connected frame within " + o.connectTimeout + " ms");
       });
     }
@@ -2527,9 +2855,9 @@
 
     _onDisconnected(info, delay) {
       const wasOpen = this.state === "open";
-      this._clearTimer("connect");
-      this._clearTimer("heartbeat");
-      this._clearTimer("probe");
+      this._timers.clear("connect");
+      this._timers.clear("heartbeat");
+      this._timers.clear("probe");
       this.connectedFrame = null;
       this._failPending(new GatewayError(ErrorCodes.CONNECTION_LOST, "connection lost before the ack (" + info.code + ")"), false);
       this._rooms.forEach((r) => {
@@ -2576,12 +2904,12 @@
         return;
       }
       this.emit("reconnecting", { attempt: this._attempts, delay: d });
-      this._setTimer("reconnect", d, () => this._openSocket());
+      this._timers.set("reconnect", d, () => this._openSocket());
     }
 
     _giveUp(info, why) {
       this._stopped = true;
-      this._clearAllTimers();
+      this._timers.clearAll();
       const err = new GatewayError(ErrorCodes.CLOSED, why + " (" + info.code + (info.reason ? " " + info.reason : "") + ")");
       this._failQueue(err);
       if (this._conv) this._conv._onClose(err);
@@ -2685,7 +3013,7 @@
     }
 
     _onConnected(f) {
-      this._clearTimer("connect");
+      this._timers.clear("connect");
       this.connectedFrame = f;
       this.session = f.session;
       this.user = f.user;
@@ -2732,9 +3060,9 @@
     // ------------------------------------------------------------------ heartbeat
 
     _scheduleHeartbeat() {
-      this._clearTimer("heartbeat");
+      this._timers.clear("heartbeat");
       if (this._hidden || this.state !== "open") return;
-      this._setTimer("heartbeat", this._hbInterval, () => this._heartbeatTick());
+      this._timers.set("heartbeat", this._hbInterval, () => this._heartbeatTick());
     }
 
     _heartbeatTick() {
@@ -3226,45 +3554,24 @@
       p.catch((e) => {
         // Try again in a while (the connection logic also retries on its own).
         this.emit("error", e instanceof Error ? e : new Error(String(e)));
-        if (!this._stopped) this._setTimer("token", 5000, () => this._refreshToken().catch(noop));
+        if (!this._stopped) this._timers.set("token", 5000, () => this._refreshToken().catch(noop));
       });
       return p;
     }
 
     _scheduleTokenRefresh() {
-      this._clearTimer("token");
+      this._timers.clear("token");
       if (!this.options.getToken || this._stopped) return;
       const exp = jwtExp(this._token);
       if (exp === null) return;
       const left = exp * 1000 - now();
       const margin = Math.min(this.options.tokenRefreshMargin, left / 2);
       const delay = Math.min(MAX_TIMER, Math.max(0, left - margin));
-      this._setTimer("token", delay, () => this._refreshToken().catch(noop));
+      this._timers.set("token", delay, () => this._refreshToken().catch(noop));
     }
 
     _maybeRefreshTokenSoon() {
       if (this.options.getToken && this._tokenExpiresWithin(this.options.tokenRefreshMargin)) this._refreshToken().catch(noop);
-    }
-
-    // ------------------------------------------------------------------ timers
-
-    _setTimer(name, ms, fn) {
-      this._clearTimer(name);
-      this._timers[name] = setTimeout(() => {
-        this._timers[name] = null;
-        fn();
-      }, Math.max(0, ms));
-    }
-
-    _clearTimer(name) {
-      if (this._timers[name]) {
-        clearTimeout(this._timers[name]);
-        this._timers[name] = null;
-      }
-    }
-
-    _clearAllTimers() {
-      for (const k in this._timers) this._clearTimer(k);
     }
   }
 
@@ -3284,6 +3591,9 @@
     Conversations: Conversations,
     CONVERSATION_DEFAULTS: CONVERSATION_DEFAULTS,
     dmId: dmId,
+    Desk: Desk,
+    DeskError: DeskError,
+    DESK_ROOMS: DESK_ROOMS,
     GatewayError: GatewayError,
     ErrorCodes: ErrorCodes,
     ErrorCode: ErrorCode,

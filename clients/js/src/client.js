@@ -3,12 +3,13 @@
 // Protocol: docs/protocol.md. Written in plain ES2017 (no async/await, no optional chaining)
 // so mini-program runtimes run it without a transpiler.
 
-import { noop, now, truncateUtf8, jwtExp, withQuery, clientCloseCode, randomId } from "./util.js";
+import { noop, now, truncateUtf8, jwtExp, withQuery, clientCloseCode, randomId, Timers } from "./util.js";
 import { ErrorCode, CloseCode, ABNORMAL_CLOSURE } from "./codes.js";
 import { Emitter } from "./emitter.js";
 import { ErrorCodes, GatewayError } from "./errors.js";
 import { createAdapter } from "./adapters.js";
 import { Conversations } from "./conversations.js";
+import { Desk } from "./desk.js";
 
 export const VERSION = "1.1.0";
 
@@ -83,7 +84,8 @@ export function backoffDelay(attempt, o, random) {
  *   "closed"); the room is not rejoined
  * - `drain` (frame), `error` (GatewayError for error frames without a request, or Error),
  *   `token` (new token), `frame` (every frame received)
- * Conversations (protocol 1.1) are in `client.conversations` (their own events).
+ * Conversations (protocol 1.1) are in `client.conversations` (their own events), the
+ * customer-service desk in `client.desk`.
  */
 export class Client extends Emitter {
   constructor(options) {
@@ -119,11 +121,12 @@ export class Client extends Emitter {
     this._drainRetry = null;
     this._forceRefresh = false;
     this._tokenPromise = null;
-    this._timers = {};
+    this._timers = new Timers();
     this._unbindLifecycle = null;
     this._stopped = false;
     this._reconnectOnShow = false;
     this._conv = null;
+    this._desk = null;
     this._scheduleTokenRefresh();
     if (o.conversations) this._conversations();
   }
@@ -132,6 +135,13 @@ export class Client extends Emitter {
    * use (or by the `conversations` option); from then on every connection sends `sync`. */
   get conversations() {
     return this._conversations();
+  }
+
+  /** The customer-service desk (docs/customer-service.md, desk.js): created on first use;
+   * turns the conversations on (a session is the conversation `cs:<id>`). */
+  get desk() {
+    if (!this._desk) this._desk = new Desk(this);
+    return this._desk;
   }
 
   _conversations() {
@@ -276,10 +286,10 @@ export class Client extends Emitter {
   onHide() {
     if (this._hidden) return;
     this._hidden = true;
-    this._clearTimer("heartbeat");
-    this._clearTimer("probe");
-    if (this._timers.reconnect) {
-      this._clearTimer("reconnect");
+    this._timers.clear("heartbeat");
+    this._timers.clear("probe");
+    if (this._timers.has("reconnect")) {
+      this._timers.clear("reconnect");
       this._reconnectOnShow = true;
     }
     if (this._conv) this._conv._onHide(); // save now: the app may be killed in the background
@@ -303,13 +313,13 @@ export class Client extends Emitter {
       const sentAt = now();
       if (!this._sendFrame({ op: "ping" })) return;
       this._lastPing = sentAt;
-      this._setTimer("probe", this.options.showProbeTimeout, () => {
+      this._timers.set("probe", this.options.showProbeTimeout, () => {
         if (this._lastRecv < sentAt) this._drop(ABNORMAL_CLOSURE, "no pong after onShow", 0);
       });
       this._scheduleHeartbeat();
     } else if (this.state === "reconnecting" || this._reconnectOnShow) {
       this._reconnectOnShow = false;
-      this._clearTimer("reconnect");
+      this._timers.clear("reconnect");
       this._openSocket();
     }
   }
@@ -355,7 +365,7 @@ export class Client extends Emitter {
     const sock = this._sock;
     this._gen++;
     this._sock = null;
-    this._clearAllTimers();
+    this._timers.clearAll();
     if (sock) sock.close(clientCloseCode(code || CloseCode.NORMAL), truncateUtf8(reason || "client closed", 123));
     const err = this._closedError();
     this._failPending(err, true);
@@ -389,7 +399,7 @@ export class Client extends Emitter {
   }
 
   _openSocket() {
-    this._clearTimer("reconnect");
+    this._timers.clear("reconnect");
     if (this._stopped) return;
     if (this._hidden) {
       // A mini-program cannot connect from the background: wait for onShow().
@@ -455,7 +465,7 @@ export class Client extends Emitter {
       this._sock = null;
       this._onDisconnected(info || { code: ABNORMAL_CLOSURE, reason: "" });
     };
-    this._setTimer("connect", o.connectTimeout, () => {
+    this._timers.set("connect", o.connectTimeout, () => {
       if (gen === this._gen) this._drop(ABNORMAL_CLOSURE, "no connected frame within " + o.connectTimeout + " ms");
     });
   }
@@ -478,9 +488,9 @@ export class Client extends Emitter {
 
   _onDisconnected(info, delay) {
     const wasOpen = this.state === "open";
-    this._clearTimer("connect");
-    this._clearTimer("heartbeat");
-    this._clearTimer("probe");
+    this._timers.clear("connect");
+    this._timers.clear("heartbeat");
+    this._timers.clear("probe");
     this.connectedFrame = null;
     this._failPending(new GatewayError(ErrorCodes.CONNECTION_LOST, "connection lost before the ack (" + info.code + ")"), false);
     this._rooms.forEach((r) => {
@@ -527,12 +537,12 @@ export class Client extends Emitter {
       return;
     }
     this.emit("reconnecting", { attempt: this._attempts, delay: d });
-    this._setTimer("reconnect", d, () => this._openSocket());
+    this._timers.set("reconnect", d, () => this._openSocket());
   }
 
   _giveUp(info, why) {
     this._stopped = true;
-    this._clearAllTimers();
+    this._timers.clearAll();
     const err = new GatewayError(ErrorCodes.CLOSED, why + " (" + info.code + (info.reason ? " " + info.reason : "") + ")");
     this._failQueue(err);
     if (this._conv) this._conv._onClose(err);
@@ -636,7 +646,7 @@ export class Client extends Emitter {
   }
 
   _onConnected(f) {
-    this._clearTimer("connect");
+    this._timers.clear("connect");
     this.connectedFrame = f;
     this.session = f.session;
     this.user = f.user;
@@ -683,9 +693,9 @@ export class Client extends Emitter {
   // ------------------------------------------------------------------ heartbeat
 
   _scheduleHeartbeat() {
-    this._clearTimer("heartbeat");
+    this._timers.clear("heartbeat");
     if (this._hidden || this.state !== "open") return;
-    this._setTimer("heartbeat", this._hbInterval, () => this._heartbeatTick());
+    this._timers.set("heartbeat", this._hbInterval, () => this._heartbeatTick());
   }
 
   _heartbeatTick() {
@@ -1177,45 +1187,24 @@ export class Client extends Emitter {
     p.catch((e) => {
       // Try again in a while (the connection logic also retries on its own).
       this.emit("error", e instanceof Error ? e : new Error(String(e)));
-      if (!this._stopped) this._setTimer("token", 5000, () => this._refreshToken().catch(noop));
+      if (!this._stopped) this._timers.set("token", 5000, () => this._refreshToken().catch(noop));
     });
     return p;
   }
 
   _scheduleTokenRefresh() {
-    this._clearTimer("token");
+    this._timers.clear("token");
     if (!this.options.getToken || this._stopped) return;
     const exp = jwtExp(this._token);
     if (exp === null) return;
     const left = exp * 1000 - now();
     const margin = Math.min(this.options.tokenRefreshMargin, left / 2);
     const delay = Math.min(MAX_TIMER, Math.max(0, left - margin));
-    this._setTimer("token", delay, () => this._refreshToken().catch(noop));
+    this._timers.set("token", delay, () => this._refreshToken().catch(noop));
   }
 
   _maybeRefreshTokenSoon() {
     if (this.options.getToken && this._tokenExpiresWithin(this.options.tokenRefreshMargin)) this._refreshToken().catch(noop);
-  }
-
-  // ------------------------------------------------------------------ timers
-
-  _setTimer(name, ms, fn) {
-    this._clearTimer(name);
-    this._timers[name] = setTimeout(() => {
-      this._timers[name] = null;
-      fn();
-    }, Math.max(0, ms));
-  }
-
-  _clearTimer(name) {
-    if (this._timers[name]) {
-      clearTimeout(this._timers[name]);
-      this._timers[name] = null;
-    }
-  }
-
-  _clearAllTimers() {
-    for (const k in this._timers) this._clearTimer(k);
   }
 }
 

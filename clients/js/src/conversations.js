@@ -4,7 +4,7 @@
 // recall, typing, history paging; groups. Reached through `client.conversations`: nothing
 // here runs (no `sync` is sent) until an app turns it on. Plain ES2017, like client.js.
 
-import { noop, now, randomId } from "./util.js";
+import { noop, now, randomId, Timers } from "./util.js";
 import { ErrorCode } from "./codes.js";
 import { Emitter } from "./emitter.js";
 import { ErrorCodes, GatewayError } from "./errors.js";
@@ -125,7 +125,7 @@ export class Conversations extends Emitter {
     this._openWaiters = [];
     this._dirty = new Set();
     this._changeScheduled = false;
-    this._timers = {};
+    this._timers = new Timers();
     this._closed = false;
     if (o.user) this._load(String(o.user));
     if (client.state === "open" && client.user) this._onConnected();
@@ -475,7 +475,7 @@ export class Conversations extends Emitter {
         this._onReady();
         if (e.code !== ErrorCode.UNKNOWN_OP) {
           const d = Math.min(30000, this.options.retryDelay * Math.pow(2, this._syncRetry++));
-          this._setTimer("sync", d, () => {
+          this._timers.set("sync", d, () => {
             if (gen === this.client._gen && this._isOpen()) this.sync().catch(noop);
           });
         }
@@ -492,7 +492,7 @@ export class Conversations extends Emitter {
 
   _onDisconnected() {
     this._ready = false;
-    this._clearTimer("sync");
+    this._timers.clear("sync");
   }
 
   _onHide() {
@@ -517,7 +517,7 @@ export class Conversations extends Emitter {
     }
     this._rejectOutbox(err);
     this._saveNow();
-    for (const k in this._timers) this._clearTimer(k);
+    this._timers.clearAll();
   }
 
   _onFrame(f) {
@@ -945,7 +945,7 @@ export class Conversations extends Emitter {
       return;
     }
     if (!this._ready) return; // the connection's own sync comes
-    this._setTimer("syncSoon", 30, () => {
+    this._timers.set("syncSoon", 30, () => {
       if (this._isOpen()) this.sync().catch((e) => isConnectionError(e) || this.emit("error", e));
     });
   }
@@ -998,7 +998,7 @@ export class Conversations extends Emitter {
       this._sendItem(it);
       if (!this._ready) return; // the send dropped the connection
     }
-    if (wake !== Infinity) this._setTimer("pump", wake - t, () => this._pump());
+    if (wake !== Infinity) this._timers.set("pump", wake - t, () => this._pump());
   }
 
   _sendItem(it) {
@@ -1219,21 +1219,6 @@ export class Conversations extends Emitter {
     });
   }
 
-  _setTimer(name, ms, fn) {
-    this._clearTimer(name);
-    this._timers[name] = setTimeout(() => {
-      this._timers[name] = null;
-      fn();
-    }, Math.max(0, ms));
-  }
-
-  _clearTimer(name) {
-    if (this._timers[name]) {
-      clearTimeout(this._timers[name]);
-      this._timers[name] = null;
-    }
-  }
-
   _reset() {
     this._convs = new Map();
     this._cursor = null;
@@ -1308,12 +1293,12 @@ export class Conversations extends Emitter {
   }
 
   _scheduleSave() {
-    if (!this.options.persist || this._timers.save || !this.user) return;
-    this._setTimer("save", this.options.saveDelay, () => this._saveNow());
+    if (!this.options.persist || this._timers.has("save") || !this.user) return;
+    this._timers.set("save", this.options.saveDelay, () => this._saveNow());
   }
 
   _saveNow() {
-    this._clearTimer("save");
+    this._timers.clear("save");
     const key = this._key();
     if (!this.options.persist || !key) return;
     const convs = [];

@@ -3,6 +3,7 @@
 
 export { Client, connect, backoffDelay, DEFAULTS, VERSION } from "./client.js";
 export { Conversations, CONVERSATION_DEFAULTS, dmId } from "./conversations.js";
+export { Desk, DeskError, DESK_ROOMS } from "./desk.js";
 export { GatewayError, ErrorCodes } from "./errors.js";
 export { ErrorCode, CloseCode, Priority, ABNORMAL_CLOSURE } from "./codes.js";
 export { Emitter } from "./emitter.js";

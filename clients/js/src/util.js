@@ -191,3 +191,34 @@ export function randomId(n, random) {
   while (s.length < n) s += ID_CHARS.charAt(Math.floor(r() * 36) % 36);
   return s;
 }
+
+/** Named one-shot timers (the client's and the conversations'): `set(name, ms, fn)` replaces
+ * the timer of that name; a timer that fired is gone (`has` is false while `fn` runs). */
+export class Timers {
+  constructor() {
+    this._t = {};
+  }
+
+  set(name, ms, fn) {
+    this.clear(name);
+    this._t[name] = setTimeout(() => {
+      this._t[name] = null;
+      fn();
+    }, Math.max(0, ms));
+  }
+
+  clear(name) {
+    if (this._t[name]) {
+      clearTimeout(this._t[name]);
+      this._t[name] = null;
+    }
+  }
+
+  has(name) {
+    return !!this._t[name];
+  }
+
+  clearAll() {
+    for (const k in this._t) this.clear(k);
+  }
+}
