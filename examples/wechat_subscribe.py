@@ -209,8 +209,15 @@ class WeChatSubscribe:
 def make_app(config: Any) -> Any:
     """``gateway run --app examples.wechat_subscribe:make_app``: the desk with this
     notifier as its ``on_unread_reply``."""
-    from gateway.app import Gateway
+    from gateway.app import Gateway, Plugin
     from gateway.desk import Desk
 
     notifier = WeChatSubscribe(WeChatSettings.from_env())
-    return Gateway(config, plugins=[Desk(on_unread_reply=notifier)])
+
+    class CloseHttp(Plugin):
+        name = "wechat-subscribe"
+
+        async def teardown(self) -> None:
+            await notifier.close()
+
+    return Gateway(config, plugins=[Desk(on_unread_reply=notifier), CloseHttp()])

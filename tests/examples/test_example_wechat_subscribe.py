@@ -1,8 +1,10 @@
 """examples/wechat_subscribe.py against a local server that speaks WeChat's two endpoints
 (``/cgi-bin/stable_token``, ``/cgi-bin/message/subscribe/send``) and records the calls."""
 
+# ruff: noqa: RUF001 (Chinese text with its own punctuation)
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -112,7 +114,7 @@ async def test_no_subscription_left_is_not_retried_for_that_session(wechat: Fake
 
 
 async def test_custom_fields_are_filled_and_things_cut_to_twenty_characters(wechat: FakeWeChat) -> None:
-    data = {"thing1": "{department} 客服 {agent} 回复了您的咨询，共 {unread} 条，请尽快查看哦", "character_string2": "{session}"}  # noqa: RUF001 (Chinese punctuation on purpose)
+    data = {"thing1": "{department} 客服 {agent} 回复了您的咨询，共 {unread} 条，请尽快查看哦", "character_string2": "{session}"}
     n = WeChatSubscribe(settings(wechat.url, WECHAT_DATA=json.dumps(data, ensure_ascii=False), WECHAT_PAGE="pages/cs?room={room}"))
     try:
         await n(Session("s9", "openid-ann", "cs:s9"), 12, 1_800_000_000_000)
@@ -143,3 +145,67 @@ async def test_an_unreachable_wechat_is_counted_never_raised() -> None:
 def test_bad_settings_are_clear_errors(env: dict[str, str], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         settings("http://127.0.0.1:1", **env)
+
+
+DESK_CONFIG = """
+[[routes]]
+pattern = "cs:{session}"
+kind = "group"
+join = "none"
+store = "durable"
+create = "none"
+invite = "none"
+
+[[routes]]
+pattern = "csi:{session}"
+kind = "group"
+join = "none"
+store = "durable"
+create = "none"
+invite = "none"
+
+[[routes]]
+pattern = "*"
+
+[plugins.desk]
+enabled = true
+bot_turns = 0
+reminder_minutes = 0.02
+
+[[plugins.desk.departments]]
+name = "presales"
+"""
+
+
+async def test_the_desk_reminds_an_offline_shopper_through_wechat(wechat: FakeWeChat, example_gateway: Any) -> None:
+    """The example app end to end: a shopper asks and leaves; the agent answers; after
+    ``reminder_minutes`` one subscribe message names the shopper and their session."""
+    g = example_gateway("examples.wechat_subscribe:make_app", "limits.client_rate=0", config=DESK_CONFIG, env={
+        "WECHAT_APPID": "wxapp", "WECHAT_SECRET": "s3cret", "WECHAT_TEMPLATE_ID": "tpl-1", "WECHAT_API_BASE": wechat.url,
+    })
+    agent = await g.client("alice", params={"role": "agent"})
+    shopper = await g.client("openid-ann")
+    try:
+        assert (await agent.request("cs.status", status="online"))["status"] == "online"
+        opened = await shopper.request("cs.open", department="presales", card={"kind": "product", "title": "保温杯"})
+        sid = opened["session"]
+        await shopper.close()  # the mini-program goes to the background
+        mine: list[Any] = []
+        for _ in range(100):
+            mine = (await agent.request("cs.mine"))["sessions"]
+            if mine:
+                break
+            await asyncio.sleep(0.05)
+        assert [m["session"] for m in mine] == [sid], "assigned to the only agent online"
+        await agent.publish(f"cs:{sid}", {"text": "您好，有货的"})
+        for _ in range(200):
+            if wechat.sends:
+                break
+            await asyncio.sleep(0.05)
+        assert len(wechat.sends) == 1, wechat.sends
+        body = wechat.sends[0][1]
+        assert (body["touser"], body["page"], body["data"]["thing1"]["value"]) == ("openid-ann", f"pages/service/chat?session={sid}", "您有1条客服回复未读")
+        await asyncio.sleep(2.0)
+        assert len(wechat.sends) == 1, "once per burst of replies"
+    finally:
+        await agent.close()

@@ -762,6 +762,8 @@ class Desk(Plugin):
                 s = await self._session(_sid(msg))
                 info = session_json(s)
                 info["context"] = await self.context(s)
+                dept = self.settings.department(s.department)
+                info["canned"] = list(dept.canned) if dept is not None else []
                 return info
             case "cs.watch":
                 s = await self.watch(actor, _sid(msg))
