@@ -52,10 +52,11 @@ def _user(d: Mapping[str, Any], key: str, *, required: bool = True) -> str | Non
 
 
 def _range(q: Mapping[str, str]) -> tuple[int, int]:
-    """``from``/``to``: ms since the Unix epoch (``to`` defaults to now, ``from`` to a day before)."""
+    """``from``/``to``: ms since the Unix epoch, ``to`` exclusive (by default: up to and
+    including this ms), ``from`` a day before ``to`` by default."""
     from ..api import BadRequest
 
-    now = int(time.time() * 1000)
+    now = int(time.time() * 1000) + 1
     try:
         until = int(q.get("to", now))
         since = int(q.get("from", until - 86_400_000))
