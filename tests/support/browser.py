@@ -50,6 +50,7 @@ def _apt_install(commands: list[str], packages: list[str]) -> None:
 
 #: A font with Chinese glyphs (the desk's pages and the demo are partly in Chinese).
 CJK_FONT = "/usr/share/fonts/truetype/wqy/wqy-zenhei.ttc"
+EMOJI_FONT = "/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"
 
 
 def ensure_browser() -> tuple[str, str]:
@@ -57,9 +58,9 @@ def ensure_browser() -> tuple[str, str]:
     a CJK font, so screenshots show Chinese labels, not boxes: best effort, since no
     assertion reads glyphs)."""
     _apt_install(["chromium", "chromedriver"], ["chromium", "chromium-driver"])
-    if not os.path.exists(CJK_FONT):
+    if not (os.path.exists(CJK_FONT) and os.path.exists(EMOJI_FONT)):
         sudo = [] if os.geteuid() == 0 else ["sudo", "-n"]
-        code, out = _run([*sudo, "apt-get", "install", "-y", "-q", "--no-install-recommends", "fonts-wqy-zenhei"], 900)
+        code, out = _run([*sudo, "apt-get", "install", "-y", "-q", "--no-install-recommends", "fonts-wqy-zenhei", "fonts-noto-color-emoji"], 900)
         if code != 0:
             print(f"warning: no CJK font for the screenshots (apt-get exit {code}): {out[-300:]}", file=sys.stderr)
     return shutil.which("chromium") or "", shutil.which("chromedriver") or ""
