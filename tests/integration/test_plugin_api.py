@@ -224,3 +224,44 @@ async def test_stats_broker_section(gw: GatewayProcess) -> None:
     status, text = await gw.api("GET", "/metrics")
     assert "gateway_broker_reconnects_total 0.0" in text
     assert "gateway_tokens_expired_total" in text
+
+
+async def test_room_hooks_of_a_plugin_scoped_to_rooms_skip_the_others() -> None:
+    from gateway.app import Message, Plugin
+    from gateway.app.hooks import Hooks
+    from gateway.app.stats import Stats
+    from gateway.config import HooksConfig
+
+    seen: list[tuple[str, str]] = []
+
+    class Scoped(Plugin):
+        name = "scoped"
+        rooms = ("cs:", "csi:")
+
+        def on_message(self, client: Any, msg: Message) -> None:
+            seen.append(("on_message", msg.room))
+
+        def after_publish(self, msg: Message, result: Any) -> None:
+            seen.append(("after_publish", msg.room))
+
+        def on_join(self, client: Any, room: str) -> None:
+            seen.append(("on_join", room))
+
+        def on_disconnect(self, client: Any, code: int, reason: str) -> None:
+            seen.append(("on_disconnect", reason))
+
+    hooks = Hooks(HooksConfig(), Stats())
+    hooks.add_plugin(Scoped())
+    assert hooks.wants("after_publish", "cs:1") and hooks.wants("after_publish", "csi:1")
+    assert not hooks.wants("after_publish", "live:1"), "a live room's publish spawns no after_publish task"
+    for room in ("live:1", "cs:1"):
+        m = Message(room, "chat", {}, None)
+        assert await hooks.chain("on_message", None, m, lambda s, r: s) is m
+        await hooks.notify("after_publish", m, None)
+        await hooks.chain("on_join", None, room, lambda s, r: s)
+    await hooks.notify("on_disconnect", None, 1000, "bye")
+    assert seen == [("on_message", "cs:1"), ("after_publish", "cs:1"), ("on_join", "cs:1"), ("on_disconnect", "bye")]
+    with pytest.raises(ValueError, match="prefixes"):
+        hooks.add("on_connect", lambda *a: None, rooms=("cs:",))
+    with pytest.raises(ValueError, match="prefixes"):
+        hooks.add("on_message", lambda *a: None, rooms="cs:")  # type: ignore[arg-type]

@@ -32,6 +32,19 @@ def _consume_result(t: asyncio.Future[Any]) -> None:
         t.exception()
 
 
+#: Hooks about one room, which a plugin may limit to some rooms (``Plugin.rooms``).
+ROOM_HOOKS = ("on_join", "on_message", "on_leave", "after_join", "after_publish")
+
+
+def _room_of(hook: str, args: tuple[Any, ...]) -> str:
+    """The room a room hook's call is about: ``(client, room)`` or ``(client, msg)`` or
+    ``(msg, result)``."""
+    if hook == "after_publish":
+        return str(args[0].room)
+    x = args[1]
+    return x if isinstance(x, str) else str(x.room)
+
+
 class Hooks:
     """Hook functions by name, in registration (plugin) order."""
 
@@ -39,15 +52,22 @@ class Hooks:
         self.cfg = cfg
         self.stats = stats
         self._fns: dict[str, list[Hook]] = {h: [] for h in HOOKS if h != "on_request"}
+        #: Per hook, in step with ``_fns``: the room prefixes a room hook is for (None: all).
+        self._scopes: dict[str, list[tuple[str, ...] | None]] = {h: [] for h in self._fns}
         #: Plugin ops: op name -> its ``on_request(client, op, msg)``.
         self.ops: dict[str, Hook] = {}
 
-    def add(self, name: str, fn: Hook) -> Hook:
+    def add(self, name: str, fn: Hook, rooms: tuple[str, ...] | None = None) -> Hook:
+        """Register ``fn`` for hook ``name``; ``rooms``: for a room hook (see
+        :data:`ROOM_HOOKS`), the room-name prefixes it is called for (None: every room)."""
         if name == "on_request":
             raise ValueError("on_request answers named ops: register it with gateway.op(name) or Plugin.ops")
         if name not in self._fns:
             raise ValueError(f"unknown hook {name!r} (hooks: {', '.join(HOOKS)})")
+        if rooms is not None and (name not in ROOM_HOOKS or isinstance(rooms, str) or not all(isinstance(p, str) and p for p in rooms)):
+            raise ValueError(f"rooms must be a tuple of room-name prefixes, for room hooks only ({', '.join(ROOM_HOOKS)})")
         self._fns[name].append(fn)
+        self._scopes[name].append(tuple(rooms) if rooms is not None else None)
         return fn
 
     def add_op(self, op: str, fn: Hook) -> Hook:
@@ -64,10 +84,11 @@ class Hooks:
 
     def add_plugin(self, plugin: Plugin) -> None:
         """Register every hook method ``plugin`` defines, and its ops."""
+        rooms = getattr(plugin, "rooms", None)
         for h in self._fns:
             fn = getattr(plugin, h, None)
             if fn is not None and callable(fn):
-                self._fns[h].append(fn)
+                self.add(h, fn, rooms if h in ROOM_HOOKS else None)
         ops = getattr(plugin, "ops", ())
         if ops:
             fn = getattr(plugin, "on_request", None)
@@ -79,6 +100,10 @@ class Hooks:
     def has(self, *names: str) -> bool:
         """Whether any of ``names`` has a hook (skips work nobody listens to)."""
         return any(self._fns.get(n) for n in names)
+
+    def wants(self, hook: str, room: str) -> bool:
+        """Whether a ``hook`` (a room hook) is registered for ``room``."""
+        return any(scope is None or room.startswith(scope) for scope in self._scopes[hook])
 
     async def call(self, hook: str, fn: Hook, *args: Any) -> Any:
         """Call one hook, sync or async, with the configured timeout for async ones.
@@ -124,7 +149,9 @@ class Hooks:
         the subject the next hook sees (or raises to refuse). Stops early when it
         returns :data:`DROP`. A timed-out hook is skipped when ``hooks.fallback`` is
         ``allow``; otherwise :class:`HookTimeout` propagates."""
-        for fn in self._fns[hook]:
+        for fn, scope in zip(self._fns[hook], self._scopes[hook], strict=True):
+            if scope is not None and not _room_of(hook, (head, subject)).startswith(scope):
+                continue
             try:
                 r = await self.call(hook, fn, head, subject)
             except HookTimeout:
@@ -139,7 +166,9 @@ class Hooks:
     async def notify(self, hook: str, *args: Any) -> None:
         """Run a notification hook (``on_leave``, ``after_publish``, ...): failures are
         counted and logged by :meth:`call`; notifications cannot refuse anything."""
-        for fn in self._fns[hook]:
+        for fn, scope in zip(self._fns[hook], self._scopes[hook], strict=True):
+            if scope is not None and not _room_of(hook, args).startswith(scope):
+                continue
             try:
                 await self.call(hook, fn, *args)
             except Exception:

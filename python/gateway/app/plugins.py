@@ -87,6 +87,10 @@ class Plugin:
     name = "plugin"
     #: Client ops :meth:`on_request` answers (see the class docstring).
     ops: tuple[str, ...] = ()
+    #: Room-name prefixes the room hooks (``on_join``, ``on_message``, ``on_leave``,
+    #: ``after_join``, ``after_publish``) are called for, e.g. ``("cs:",)``; None: every
+    #: room. A plugin about some rooms costs nothing on the others' messages.
+    rooms: tuple[str, ...] | None = None
 
     def setup(self, gateway: Gateway) -> Any:
         return None

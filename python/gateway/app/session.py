@@ -563,7 +563,7 @@ class Sessions:
             dup = dup or res.duplicate
             if cv is not None and troute.cfg.conversation:
                 cv.published(target, c.user, res.seq)
-            if self.hooks.has("after_publish") and not res.duplicate:
+            if not res.duplicate and self.hooks.wants("after_publish", target):
                 # The message as published into ``target`` (a copy when re-routed), so
                 # the hook can tell which room ``res`` belongs to.
                 pm = m if m.room == target else dataclasses.replace(m, room=target)
