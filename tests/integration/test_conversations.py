@@ -74,6 +74,59 @@ def dm(a: str, b: str) -> str:
     return f"dm:{lo}:{hi}"
 
 
+async def test_a_reconnect_while_messages_flow_misses_none_of_them(tmp_path: Path) -> None:
+    """A sender posts every 5 ms; the reader drops its socket and comes back with a sync
+    from its cursor, again and again. Every message after its read position arrives, in
+    the sync's snapshot or live (a message fanned out before the attach and committed
+    after the snapshot was in neither: bench/sync_gap.py found it)."""
+    g = gateway(tmp_path).start()
+    alice, bob = f"alice{uniq()}", f"bob{uniq()}"
+    room = dm(alice, bob)
+    seen: set[int] = set()
+
+    def on_msg(m: dict[str, Any]) -> None:
+        if m.get("room") == room and m.get("seq"):
+            seen.add(m["seq"])
+
+    a = await g.client(alice)
+    await a.publish(room, {"text": "first"})
+    b = await g.client(bob, on_message=on_msg)
+    stop = False
+
+    async def pump() -> None:
+        while not stop:
+            await a.publish(room, {"text": "x"})
+            await asyncio.sleep(0.005)
+
+    try:
+        cursor = (await sync(b))["cursor"]
+        p = asyncio.ensure_future(pump())
+        lost: list[int] = []
+        for _ in range(15):
+            await asyncio.sleep(0.1)
+            top = max(seen, default=0)
+            if top:
+                await b.read(room, top)
+            b.abort()
+            await asyncio.sleep(0.05)
+            await b.connect()
+            ack = await sync(b, since=cursor, msgs=50)
+            cursor = ack["cursor"]
+            for c in ack["convs"]:
+                if c["room"] == room:
+                    seen.update(m["seq"] for m in c["msgs"])
+            await asyncio.sleep(0.2)
+            lost += [x for x in range(top + 1, max(seen) + 1) if x not in seen]
+        stop = True
+        await p
+        assert lost == [], "seqs neither in a sync nor delivered live"
+    finally:
+        stop = True
+        await a.close()
+        await b.close()
+        assert not g.finish()
+
+
 async def test_a_thousand_messages_to_an_offline_user_arrive_through_sync_and_history(tmp_path: Path) -> None:
     g = gateway(tmp_path).start()
     alice, bob = f"alice{uniq()}", f"bob{uniq()}"

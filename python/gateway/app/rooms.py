@@ -59,9 +59,17 @@ class Rooms:
         Raises BrokerError (counted) after local delivery when the broker is down,
         StoreUnavailable when a durable message could not be committed (it was published;
         a retry with the same ``idem``/``cid`` commits it under the same seq)."""
+        keep = self.storage.mode(route, mtype) if self.storage.enabled else "none"
+        if keep == "durable":
+            with self.storage.durable_publish(room):  # (Storage.settled waits for it)
+                return await self._publish(room, route, mtype, data, prio, sender, idem, cid, keep)
+        return await self._publish(room, route, mtype, data, prio, sender, idem, cid, keep)
+
+    async def _publish(
+        self, room: str, route: Route, mtype: str, data: Any, prio: int, sender: str | None, idem: str | None, cid: str | None, keep: str,
+    ) -> PublishResult:
         ts = frames.now_ms()
         cfg = route.cfg
-        keep = self.storage.mode(route, mtype) if self.storage.enabled else "none"
         logged = keep == "archive" and self.storage.log_archive
         # The store's copy of the data (the JSON text); a logged message's is in the frame.
         data_json = orjson.dumps(data) if keep != "none" and not logged else None

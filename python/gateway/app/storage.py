@@ -23,9 +23,11 @@ them afresh: every publish into them carries the room's floor (:meth:`Storage.fl
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Collection, Iterator
 from typing import TYPE_CHECKING
 
 from ..broker import HistoryResult
@@ -84,6 +86,9 @@ class Storage:
         #: room -> (highest seq known taken, when read from the store): a bounded LRU; a
         #: miss or an old entry asks the store.
         self._floors: OrderedDict[str, tuple[int, float]] = OrderedDict()
+        #: room -> this node's durable publishes in flight (published, or about to be,
+        #: and not committed yet): see :meth:`settled`.
+        self._inflight: dict[str, list[asyncio.Future[None]]] = {}
 
     @property
     def enabled(self) -> bool:
@@ -253,6 +258,32 @@ class Storage:
                         fut.set_result(found.get(key))
         finally:
             self._cid_busy = False
+
+    @contextlib.contextmanager
+    def durable_publish(self, room: str) -> Iterator[None]:
+        """Around a durable publish, from before the broker sees it until its commit
+        ended (either way): what :meth:`settled` waits for."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        pending = self._inflight.setdefault(room, [])
+        pending.append(fut)
+        try:
+            yield
+        finally:
+            fut.set_result(None)
+            pending.remove(fut)
+            if not pending:
+                del self._inflight[room]
+
+    async def settled(self, rooms: Collection[str]) -> None:
+        """Wait until this node's durable publishes into ``rooms`` that are in flight now
+        are committed (or failed), at most ``store.timeout``. A connection attached to
+        ``rooms`` gets later messages live; a snapshot read after this has every message
+        this node fanned out before (they are fanned out before the commit)."""
+        if not self._inflight:
+            return
+        waits = [f for room, fs in self._inflight.items() if room in rooms for f in fs]
+        if waits:
+            await asyncio.wait(waits, timeout=self.config.store.timeout)
 
     async def keep(self, mode: str, msg: StoredMessage) -> StoredMessage:
         """Store ``msg`` as ``mode`` says. Durable: returns the stored message once
