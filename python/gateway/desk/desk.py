@@ -808,26 +808,21 @@ class Desk(Plugin):
                 await lease.release()
 
     async def _remind_once(self) -> None:
+        """One round: one store query (:meth:`Store.cs_unread_replies`) for every assigned
+        session whose shopper's oldest unread agent message is due."""
         now = _now_ms()
         due = self.settings.reminder_minutes * 60_000
         seen: set[str] = set()
-        for s in await self.store.cs_sessions(states=("assigned",), limit=10_000):
+        for u in await self.store.cs_unread_replies(first_before_ms=int(now - due) + 1, limit=10_000):
+            s = u.session
             seen.add(s.id)
-            m = await self.store.member(s.room, s.shopper)
-            if m is None:
+            if self._reminded.get(s.id) == u.first_seq:
                 continue
-            unread = [x for x in await self.store.messages(s.room, after_seq=m.read_seq, limit=200) if x.sender is not None and x.sender != s.shopper]
-            if not unread:
-                self._reminded.pop(s.id, None)
-                continue
-            first = unread[0]
-            if now - first.ts < due or self._reminded.get(s.id) == first.seq:
-                continue
-            self._reminded[s.id] = first.seq
+            self._reminded[s.id] = u.first_seq
             hook = self.reminder_hook
             assert hook is not None
             try:
-                r = hook(s, len(unread), first.ts)
+                r = hook(s, u.unread, u.first_ts)
                 if inspect.isawaitable(r):
                     await r
             except Exception:
