@@ -422,3 +422,30 @@ def test_a_bad_desk_setting_is_a_message_at_start_up(tmp_path: Path, setting: st
                        env={"PYTHONPATH": str(ROOT / "python"), "PATH": "/usr/bin:/bin"})
     assert r.returncode == 2, (r.returncode, r.stdout[-2000:], r.stderr[-2000:])
     assert needle in r.stderr + r.stdout and "Traceback" not in r.stderr + r.stdout
+
+
+async def test_shopper_messages_cost_no_store_read_once_past_the_bot(tmp_path: Path) -> None:
+    """After the ack, each shopper chat message checks whether the bot answers: once the
+    session is past the bot (it never goes back) that costs no store read."""
+    g = gateway(tmp_path, config(), app="tests.integration.desk_app:make_counting_app").start()
+    shopper, alice = uniq("shop"), uniq("alice")
+    try:
+        a = await agent(g, alice)
+        s = await g.client(shopper)
+        ack = await s.request("cs.open")
+        room = ack["room"]
+        assert ack["state"] == "bot"
+        await s.publish(room, {"text": "发货多久？"})  # the bot answers (a store read and a write)
+        await s.publish(room, {"text": "人工"})       # handoff word: queued, then assigned to alice
+        await eventually(lambda: _state(g, ack["session"], "assigned"), timeout=10, what="assigned")
+        before = (await a.request("test.reads"))["cs_session"]
+        for i in range(20):
+            await s.publish(room, {"text": f"还在吗 {i}"})
+        await a.publish(room, {"text": "在的"})
+        await asyncio.sleep(0.3)  # after_publish runs after the acks
+        after = (await a.request("test.reads"))["cs_session"]
+        assert after - before <= 1, f"{after - before} cs_session reads for 21 messages"
+        await a.close()
+        await s.close()
+    finally:
+        assert not g.finish()

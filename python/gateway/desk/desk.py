@@ -137,6 +137,10 @@ class Desk(Plugin):
         self._snapshot: list[AgentState] = []
         self._build: str | None = None
         self._responded: OrderedDict[str, None] = OrderedDict()
+        #: Sessions known to be past the bot (a session never goes back to ``bot``, so this
+        #: holds on every node without invalidation): their shopper's messages cost no
+        #: store read (docs/customer-service.md, "The bot").
+        self._past_bot: OrderedDict[str, None] = OrderedDict()
         self._reminded: dict[str, int] = {}
         self._tasks: list[asyncio.Future[Any]] = []
 
@@ -336,6 +340,7 @@ class Desk(Plugin):
             await self._post(s.room, "cs.card", card, shopper)
         await self._state_changed(s, "open" if via == "client" else via)
         if state == "queued":
+            self._no_bot(s.id)
             await self.eng.enqueue(s.id, s.department, now, last)
             await self._queue_changed(s.department)
             await self.dispatch(s.department)
@@ -345,6 +350,7 @@ class Desk(Plugin):
         """bot -> queued (a no-op in any other state)."""
         now = _now_ms()
         q = await self.store.cs_update(s.id, {"state": "queued", "queued_at": now}, states=("bot",))
+        self._no_bot(s.id)  # queued now, or already past the bot
         if q is None:
             return await self._session(s.id)
         await self._state_changed(q, by)
@@ -642,11 +648,16 @@ class Desk(Plugin):
             if len(self._responded) > 10_000:
                 self._responded.popitem(last=False)
             return
-        text = msg.data.get("text") if isinstance(msg.data, dict) else None
-        if not isinstance(text, str):
+        text = msg.data.get("text") if isinstance(msg.data, dict) and msg.type == "chat" else None
+        if not isinstance(text, str) or sid in self._past_bot:
             return
         s = await self.store.cs_session(sid)
-        if s is None or s.shopper != user or s.state != "bot":
+        if s is None:
+            return
+        if s.state != "bot":
+            self._no_bot(sid)
+            return
+        if s.shopper != user:
             return
         if text.strip().lower() in self.settings.handoff_words:
             await self.handoff(s, "handoff")
@@ -908,6 +919,12 @@ class Desk(Plugin):
         finally:
             if lease is not None:
                 await lease.release()
+
+    def _no_bot(self, sid: str) -> None:
+        self._past_bot[sid] = None
+        self._past_bot.move_to_end(sid)
+        if len(self._past_bot) > 100_000:
+            self._past_bot.popitem(last=False)
 
     async def _remind_once(self) -> None:
         """One round: one store query (:meth:`Store.cs_unread_replies`) for every assigned
