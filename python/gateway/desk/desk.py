@@ -439,23 +439,20 @@ class Desk(Plugin):
         if to_agent is not None:
             r = await self.eng.claim(sid, to_agent, s.department)
             if r != OK:
-                if old is not None:
-                    await self.eng.claim(sid, old, None, force=True)
+                await self._give_back(sid, old)
                 raise Reject(FULL if r == "full" else NOT_AGENT if r == "offline" else TAKEN, f"{to_agent} cannot take it ({r})")
             t = await self.store.cs_update(sid, {"agent": to_agent, "state": "assigned", "assigned_at": _now_ms(), "transfers": s.transfers + 1,
                                                  "last_agent": old}, states=(s.state,), agent=old)
             if t is None:
                 await self.eng.release(sid, to_agent)
-                raise Reject(TAKEN, f"session {sid} changed meanwhile: try again")
+                raise await self._changed(sid, old)
         else:
             now = _now_ms()
             assert to_dept is not None
             t = await self.store.cs_update(sid, {"agent": None, "state": "queued", "department": to_dept, "queued_at": now, "transfers": s.transfers + 1,
                                                  "last_agent": old}, states=(s.state,), agent=old)
             if t is None:
-                if old is not None:
-                    await self.eng.claim(sid, old, None, force=True)
-                raise Reject(TAKEN, f"session {sid} changed meanwhile: try again")
+                raise await self._changed(sid, old)
             await self.eng.dequeue(sid, s.department)
             await self.eng.enqueue(sid, to_dept, now, None)
         if note:
@@ -481,6 +478,23 @@ class Desk(Plugin):
         if old is not None:
             await self.dispatch(s.department)
         return await self._session(sid)
+
+    async def _give_back(self, sid: str, old: str | None) -> None:
+        """A transfer failed after releasing ``sid`` from ``old`` in the engine: give it
+        back, unless the store says it is no longer ``old``'s (closed or re-queued
+        meanwhile: giving it back would hold a slot of ``old`` for good)."""
+        if old is None:
+            return
+        cur = await self.store.cs_session(sid)
+        if cur is not None and cur.state == "assigned" and cur.agent == old:
+            await self.eng.claim(sid, old, None, force=True)
+
+    async def _changed(self, sid: str, old: str | None) -> Reject:
+        await self._give_back(sid, old)
+        cur = await self.store.cs_session(sid)
+        if cur is not None and not cur.open:
+            return Reject(CLOSED, f"session {sid} is {cur.state}")
+        return Reject(TAKEN, f"session {sid} changed meanwhile: try again")
 
     async def close(self, actor: Actor, sid: str, *, reason: str | None = None) -> CsSession:
         s = await self._session(sid)
@@ -539,7 +553,9 @@ class Desk(Plugin):
         return r
 
     async def form(self, shopper: str, department: Any, fields: Any, session: str | None = None) -> str:
-        dept = self.settings.department(department if isinstance(department, str) else None)
+        if department is not None and not isinstance(department, str):
+            raise Reject(BAD, "department must be a string")
+        dept = self.settings.department(department)
         if dept is None:
             raise Reject(BAD, f"no department {department!r}")
         raw = orjson.dumps(fields) if isinstance(fields, dict) else b""
