@@ -548,3 +548,42 @@ async def test_transfers_racing_closes_leak_no_capacity(tmp_path: Path) -> None:
             await c.close()
     finally:
         assert not g.finish()
+
+
+async def test_who_may_rate_close_watch_and_form(tmp_path: Path) -> None:
+    g = gateway(tmp_path, config(), "plugins.desk.bot_turns=0").start()
+    shopper, other, alice, bob, sup = uniq("shop"), uniq("other"), uniq("alice"), uniq("bob"), uniq("sup")
+    try:
+        a = await agent(g, alice)
+        s = await g.client(shopper)
+        ack = await s.request("cs.open")
+        sid, room = ack["session"], ack["room"]
+        await eventually(lambda: _state(g, sid, "assigned"), timeout=10, what="assigned")
+        b = await agent(g, bob)
+        o = await g.client(other)
+        # Rating: the shopper's own session, once it is closed.
+        assert await _code(s, "cs.rate", session=sid, score=5) == 4000, "not closed yet"
+        assert await _code(o, "cs.rate", session=sid, score=1) == 4003, "not theirs"
+        # Closing: not by another agent, nor another shopper.
+        assert await _code(b, "cs.close", session=sid) == 4003
+        assert await _code(o, "cs.close", session=sid) == 4003
+        # Watching: supervisors only; a watcher reads but does not write to the shopper.
+        assert await _code(b, "cs.watch", session=sid) == 4003
+        boss = await agent(g, sup, role="supervisor", status="away")
+        w = await boss.request("cs.watch", session=sid)
+        assert (w["session"], w["room"], w["note_room"]) == (sid, room, f"csi:{sid}")
+        with pytest.raises(GatewayError) as e:
+            await boss.publish(room, {"text": "hi"})
+        assert e.value.code == 4003
+        assert await _code(boss, "cs.note", session=sid, text="watching") == "ok"
+        # The offline form: the department must be a department's name.
+        assert await _code(s, "cs.form", department=5, fields={"phone": "1"}) == 4000
+        assert await _code(s, "cs.form", department="nope", fields={"phone": "1"}) == 4000
+        assert await _code(s, "cs.open", department="nope") == 4000
+        assert await _code(s, "cs.open", department="presales", card={"kind": "product", "title": "x" * 5000}) == 4000
+        await s.request("cs.close", session=sid)
+        assert await _code(s, "cs.rate", session=sid, score=5) == "ok"
+        for c in (a, b, s, o, boss):
+            await c.close()
+    finally:
+        assert not g.finish()

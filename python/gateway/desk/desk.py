@@ -544,6 +544,8 @@ class Desk(Plugin):
             raise Reject(NOT_AGENT, "only the shopper rates a session")
         if s.state == "offline":
             raise Reject(CLOSED, "an offline session cannot be rated")
+        if s.state != "closed":
+            raise Reject(BAD, f"session {sid} is {s.state}: it is rated once closed")
         r = await self.store.cs_update(sid, {"rating": score, "rating_comment": comment, "rated_at": _now_ms()})
         assert r is not None and self.gw is not None
         self.m_ratings.labels(r.department, str(score)).inc()
