@@ -22,3 +22,31 @@ def make_app(config: Config) -> Gateway:
 
     gw = Gateway(config, plugins=[Desk(context=context, on_unread_reply=remind)])
     return gw
+
+
+def make_counting_app(config: Config) -> Gateway:
+    """:func:`make_app` whose store counts ``cs_session`` reads; the op ``test.reads``
+    answers ``{"cs_session": n}`` (the per-message cost of the desk)."""
+    gw = make_app(config)
+    desk = next(p for p in gw.plugins if isinstance(p, Desk))
+    reads = {"cs_session": 0}
+    started = desk.started
+
+    async def counting_started() -> None:
+        store = desk.store
+        orig = store.cs_session
+
+        async def cs_session(id: str) -> SessionInfo | None:
+            reads["cs_session"] += 1
+            return await orig(id)
+
+        store.cs_session = cs_session  # type: ignore[method-assign]
+        await started()
+
+    desk.started = counting_started  # type: ignore[method-assign]
+
+    @gw.op("test.reads")
+    async def _reads(client: Any, op: str, msg: Any) -> dict[str, int]:
+        return dict(reads)
+
+    return gw

@@ -422,3 +422,168 @@ def test_a_bad_desk_setting_is_a_message_at_start_up(tmp_path: Path, setting: st
                        env={"PYTHONPATH": str(ROOT / "python"), "PATH": "/usr/bin:/bin"})
     assert r.returncode == 2, (r.returncode, r.stdout[-2000:], r.stderr[-2000:])
     assert needle in r.stderr + r.stdout and "Traceback" not in r.stderr + r.stdout
+
+
+async def test_shopper_messages_cost_no_store_read_once_past_the_bot(tmp_path: Path) -> None:
+    """After the ack, each shopper chat message checks whether the bot answers: once the
+    session is past the bot (it never goes back) that costs no store read."""
+    g = gateway(tmp_path, config(), app="tests.integration.desk_app:make_counting_app").start()
+    shopper, alice = uniq("shop"), uniq("alice")
+    try:
+        a = await agent(g, alice)
+        s = await g.client(shopper)
+        ack = await s.request("cs.open")
+        room = ack["room"]
+        assert ack["state"] == "bot"
+        await s.publish(room, {"text": "发货多久？"})  # the bot answers (a store read and a write)
+        await s.publish(room, {"text": "人工"})       # handoff word: queued, then assigned to alice
+        await eventually(lambda: _state(g, ack["session"], "assigned"), timeout=10, what="assigned")
+        before = (await a.request("test.reads"))["cs_session"]
+        for i in range(20):
+            await s.publish(room, {"text": f"还在吗 {i}"})
+        await a.publish(room, {"text": "在的"})
+        await asyncio.sleep(0.3)  # after_publish runs after the acks
+        after = (await a.request("test.reads"))["cs_session"]
+        assert after - before <= 1, f"{after - before} cs_session reads for 21 messages"
+        await a.close()
+        await s.close()
+    finally:
+        assert not g.finish()
+
+
+GARBAGE: list[Any] = [None, 0, -1, 1.5, True, "", "x" * 70, [], ["a"], {}, {"a": 1}, "no-such-session", "x" * 5000]
+
+
+async def _code(c: GatewayClient, op: str, **fields: Any) -> int | str:
+    try:
+        await c.request(op, timeout=10, **fields)
+        return "ok"
+    except GatewayError as e:
+        return e.code
+
+
+async def test_garbage_to_every_op_is_a_clear_4xxx_error(tmp_path: Path) -> None:
+    """A shopper (and an agent, and a supervisor) sending bad fields to every cs.* op gets
+    a 4xxx error, never a 5000 or a traceback in the log (g.finish checks)."""
+    g = gateway(tmp_path, config(), "plugins.desk.bot_turns=0", "limits.max_errors=1000000").start()
+    shopper, alice, sup = uniq("shop"), uniq("alice"), uniq("sup")
+    try:
+        a = await agent(g, alice)
+        boss = await agent(g, sup, role="supervisor", status="away")
+        s = await g.client(shopper)
+        sid = (await s.request("cs.open"))["session"]
+        fields = ("session", "department", "card", "score", "comment", "fields", "status", "capacity", "agent", "note", "text")
+        bad: list[tuple[str, str, str, Any, Any]] = []
+        for c, who in ((s, "shopper"), (a, "agent"), (boss, "supervisor")):
+            for op in ("cs.open", "cs.handoff", "cs.close", "cs.rate", "cs.form", "cs.status", "cs.queue", "cs.mine", "cs.accept",
+                       "cs.transfer", "cs.note", "cs.info", "cs.watch"):
+                for field in fields:
+                    for v in GARBAGE:
+                        extra: dict[str, Any] = {"session": sid} if field != "session" else {}
+                        if op in ("cs.open", "cs.close", "cs.status"):
+                            extra = {}  # these change state: garbage alone
+                        code = await _code(c, op, **{**extra, field: v})
+                        if code == "ok" or not (isinstance(code, int) and 4000 <= code < 5000):
+                            bad.append((who, op, field, v if not isinstance(v, str) or len(v) < 80 else f"str*{len(v)}", code))
+        # What is fine to succeed with garbage in a field the op does not read, or with a
+        # value it ignores: keep only the answers that are wrong.
+        wrong = [b for b in bad if b[4] != "ok" or not _ignorable(*b[:4])]
+        assert not wrong, "\n".join(map(repr, wrong))
+        for c in (s, a, boss):
+            await c.close()
+    finally:
+        assert not g.finish()
+
+
+def _ignorable(who: str, op: str, field: str, v: Any) -> bool:
+    reads = {
+        "cs.open": {"department", "card"}, "cs.handoff": {"session"}, "cs.close": {"session"}, "cs.rate": {"session", "score", "comment"},
+        "cs.form": {"department", "fields", "session"}, "cs.status": {"status", "capacity"}, "cs.queue": {"department"}, "cs.mine": set(),
+        "cs.accept": {"session"}, "cs.transfer": {"session", "agent", "department", "note"}, "cs.note": {"session", "text"},
+        "cs.info": {"session"}, "cs.watch": {"session"},
+    }
+    if field not in reads[op]:
+        return True
+    if field in ("card", "fields") and isinstance(v, dict) and (v or field == "card"):
+        return True  # a valid card / form
+    if field in ("text", "note") and isinstance(v, str) and v.strip() and len(v) <= 4000:
+        return True  # a valid note
+    if field == "capacity" and type(v) is int and 0 <= v <= 1000:
+        return True
+    if v is None and (op, field) in {("cs.open", "department"), ("cs.open", "card"), ("cs.rate", "comment"), ("cs.form", "session"),
+                                      ("cs.status", "status"), ("cs.status", "capacity"), ("cs.queue", "department"),
+                                      ("cs.transfer", "note")}:
+        return True  # optional: absent
+    return False
+
+
+async def test_transfers_racing_closes_leak_no_capacity(tmp_path: Path) -> None:
+    """A transfer and a close of the same session at once: whichever wins, the engine's
+    load of each agent equals their assigned sessions in the store afterwards (a lost
+    transfer must not give a closed session back to its agent)."""
+    g = gateway(tmp_path, config(), "plugins.desk.bot_turns=0", "plugins.desk.capacity=100").start()
+    alice, bob, sup = uniq("alice"), uniq("bob"), uniq("sup")
+    try:
+        a = await agent(g, alice)
+        boss = await agent(g, sup, role="supervisor", status="away")
+        shoppers = [await g.client(uniq("shop")) for _ in range(12)]
+        sids = [(await c.request("cs.open"))["session"] for c in shoppers]
+        for sid in sids:
+            await eventually(lambda sid=sid: _state(g, sid, "assigned"), timeout=10, what="assigned")
+        b = await agent(g, bob)
+        # Sent together, the close first: both read the session, the close writes first.
+        results = await asyncio.gather(*(asyncio.gather(
+            _code(boss, "cs.close", session=sid),
+            _code(a, "cs.transfer", session=sid, **({"department": "aftersales"} if i % 2 else {"agent": bob}))) for i, sid in enumerate(sids)))
+        assert all(r[0] == "ok" for r in results), results
+        await asyncio.sleep(0.5)
+        for sid in sids:
+            assert await _state(g, sid, "closed")
+        agents = {x["user"]: x["load"] for x in (await api(g, "GET", "/v1/cs/agents"))["agents"]}
+        assert agents[alice] == 0 and agents[bob] == 0, agents
+        assert all(r[1] in ("ok", 4092) for r in results), results  # a transfer that lost to the close: 4092 closed
+        # Later sessions still reach alice: her capacity was not eaten up.
+        assert (await a.request("cs.status", status="online", capacity=1))["load"] == 0
+        for c in [a, b, boss, *shoppers]:
+            await c.close()
+    finally:
+        assert not g.finish()
+
+
+async def test_who_may_rate_close_watch_and_form(tmp_path: Path) -> None:
+    g = gateway(tmp_path, config(), "plugins.desk.bot_turns=0").start()
+    shopper, other, alice, bob, sup = uniq("shop"), uniq("other"), uniq("alice"), uniq("bob"), uniq("sup")
+    try:
+        a = await agent(g, alice)
+        s = await g.client(shopper)
+        ack = await s.request("cs.open")
+        sid, room = ack["session"], ack["room"]
+        await eventually(lambda: _state(g, sid, "assigned"), timeout=10, what="assigned")
+        b = await agent(g, bob)
+        o = await g.client(other)
+        # Rating: the shopper's own session, once it is closed.
+        assert await _code(s, "cs.rate", session=sid, score=5) == 4000, "not closed yet"
+        assert await _code(o, "cs.rate", session=sid, score=1) == 4003, "not theirs"
+        # Closing: not by another agent, nor another shopper.
+        assert await _code(b, "cs.close", session=sid) == 4003
+        assert await _code(o, "cs.close", session=sid) == 4003
+        # Watching: supervisors only; a watcher reads but does not write to the shopper.
+        assert await _code(b, "cs.watch", session=sid) == 4003
+        boss = await agent(g, sup, role="supervisor", status="away")
+        w = await boss.request("cs.watch", session=sid)
+        assert (w["session"], w["room"], w["note_room"]) == (sid, room, f"csi:{sid}")
+        with pytest.raises(GatewayError) as e:
+            await boss.publish(room, {"text": "hi"})
+        assert e.value.code == 4003
+        assert await _code(boss, "cs.note", session=sid, text="watching") == "ok"
+        # The offline form: the department must be a department's name.
+        assert await _code(s, "cs.form", department=5, fields={"phone": "1"}) == 4000
+        assert await _code(s, "cs.form", department="nope", fields={"phone": "1"}) == 4000
+        assert await _code(s, "cs.open", department="nope") == 4000
+        assert await _code(s, "cs.open", department="presales", card={"kind": "product", "title": "x" * 5000}) == 4000
+        await s.request("cs.close", session=sid)
+        assert await _code(s, "cs.rate", session=sid, score=5) == "ok"
+        for c in (a, b, s, o, boss):
+            await c.close()
+    finally:
+        assert not g.finish()

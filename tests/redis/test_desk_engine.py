@@ -110,3 +110,43 @@ async def test_two_redis_engines_race(redis_server: RedisServer) -> None:
     finally:
         await one.close()
         await two.close()
+
+
+async def test_presence_across_nodes_and_taking_a_gone_agent_once(engine: Assigner) -> None:
+    await engine.set_agent("a", status="online", capacity=2, departments=("pre",))
+    await engine.conn_up("a", "n1", 1000)
+    await engine.conn_up("a", "n2", 2000)
+    assert await engine.conns("a") == {"n1": 1000, "n2": 2000}
+    assert await engine.connected("a", 1500) and not await engine.connected("a", 2000)
+    await engine.conn_down("a", "n1")
+    await engine.mark_gone("a", 100)
+    assert not await engine.take_gone("a", 100, 1500), "a live connection on n2"
+    a = await engine.agent("a")
+    assert a is not None and a.status == "online" and a.gone == 100
+    assert not await engine.take_gone("a", 99, 3000), "another gone mark"
+    # Many nodes' timers at once: exactly one takes the agent offline.
+    got = await asyncio.gather(*(engine.take_gone("a", 100, 3000) for _ in range(8)))
+    assert sorted(got) == [False] * 7 + [True]
+    a = await engine.agent("a")
+    assert a is not None and a.status == "offline" and a.gone == 0
+    # A connection clears the gone mark.
+    await engine.set_agent("a", status="online")
+    await engine.mark_gone("a", 200)
+    await engine.conn_up("a", "n3", 5000)
+    a = await engine.agent("a")
+    assert a is not None and a.gone == 0 and not await engine.take_gone("a", 200, 6000)
+
+
+async def test_pick_skips_a_queued_session_that_already_has_an_owner(engine: Assigner) -> None:
+    """A rebuild that raced an assignment may queue an assigned session again: pick drops
+    it instead of giving it to a second agent."""
+    assert await engine.take_rebuild() and await engine.built()
+    await engine.set_agent("a", status="online", capacity=5, departments=("pre",))
+    await engine.set_agent("b", status="online", capacity=5, departments=("pre",))
+    await engine.enqueue("s1", "pre", 10)
+    await engine.enqueue("s2", "pre", 20)
+    assert await engine.claim("s1", "a", None) == "ok"  # not out of the queue
+    got = await engine.pick("pre", "least_busy", False)
+    assert got is not None and got[0] == "s2"
+    assert await engine.owner("s1") == "a" and await engine.queue("pre") == []
+    assert sum(x.load for x in await engine.agents()) == 2

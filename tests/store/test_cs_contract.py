@@ -8,7 +8,7 @@ import dataclasses
 
 import pytest
 
-from gateway.store import CsSession, CsTicket, Store
+from gateway.store import CsSession, CsTicket, Store, StoredMessage
 
 from test_contract import T0, backend, opened, start, store  # noqa: F401  (fixtures)
 
@@ -92,3 +92,34 @@ async def test_tickets(store: Store) -> None:
     got = await store.cs_tickets(T0, T0 + 5)
     assert got == [t]
     assert [x.id for x in await store.cs_tickets(T0, T0 + 100)] == ["t1", "t2"]
+
+
+async def test_unread_replies_in_one_query(store: Store) -> None:
+    def m(room: str, seq: int, sender: str | None, ts: int) -> StoredMessage:
+        return StoredMessage(room, seq, ts, "chat" if sender else "cs.state", 2, sender, b'{"text":"x"}', None, "cs:*")
+
+    # a1: the shopper read up to 2; agent replies at 3 and 5, the shopper wrote 4, a system line 6.
+    # a2: all read.  a3: one unread reply, but too recent.  q1: not assigned.  a4: the shopper is no member.
+    for sid, shopper, state in [("a1", "w1", "assigned"), ("a2", "w2", "assigned"), ("a3", "w3", "assigned"), ("q1", "w4", "queued"),
+                                ("a4", "w5", "assigned")]:
+        await store.cs_open(sess(sid, shopper, state=state, agent="alice" if state == "assigned" else None))
+        room = f"cs:{sid}"
+        await store.create_conversation(room, "group", None, b"{}", [(shopper, "shopper"), ("alice", "agent")] if sid != "a4" else [("alice", "agent")], 20)
+    for msg in [m("cs:a1", 1, "w1", T0 + 1), m("cs:a1", 2, "alice", T0 + 2), m("cs:a1", 3, "alice", T0 + 3), m("cs:a1", 4, "w1", T0 + 4),
+                m("cs:a1", 5, "bob", T0 + 5), m("cs:a1", 6, None, T0 + 6),
+                m("cs:a2", 1, "alice", T0 + 1), m("cs:a3", 1, "alice", T0 + 500), m("cs:q1", 1, "alice", T0 + 1), m("cs:a4", 1, "alice", T0 + 1)]:
+        await store.commit(msg)
+    await store.mark_read("cs:a1", "w1", 2)
+    await store.mark_read("cs:a2", "w2", 1)
+    got = await store.cs_unread_replies(first_before_ms=T0 + 100)
+    assert [(u.session.id, u.unread, u.first_seq, u.first_ts) for u in got] == [("a1", 2, 3, T0 + 3)]
+    assert got[0].session.shopper == "w1" and got[0].session.agent == "alice" and got[0].session.state == "assigned"
+    # The cut-off is strict, and the limit applies (by session id).
+    assert [u.session.id for u in await store.cs_unread_replies(first_before_ms=T0 + 3)] == []
+    later = await store.cs_unread_replies(first_before_ms=T0 + 501)
+    assert [(u.session.id, u.unread, u.first_seq) for u in later] == [("a1", 2, 3), ("a3", 1, 1)]
+    assert [u.session.id for u in await store.cs_unread_replies(first_before_ms=T0 + 501, limit=1)] == ["a1"]
+    # Reading clears it; a closed session is left out.
+    await store.mark_read("cs:a1", "w1", 6)
+    await store.cs_update("a3", {"state": "closed", "closed_at": T0 + 600})
+    assert await store.cs_unread_replies(first_before_ms=T0 + 10_000) == []

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -121,3 +122,29 @@ def test_the_gateway_validates_the_table_at_construction() -> None:
     assert [p.name for p in gw.plugins] == ["desk"]
     cfg.plugins = {"desk": {"enabled": False}}
     assert Gateway(cfg).plugins == []
+
+
+def test_the_example_config_has_a_working_desk_section(tmp_path: Path) -> None:
+    """gateway.example.toml's commented desk section, uncommented, is a valid desk with the
+    routes it needs (group, durable cs: and csi:) and a department."""
+    import re
+
+    from gateway.config import load_config
+    from gateway.routing import Router
+
+    text = (Path(__file__).resolve().parents[2] / "gateway.example.toml").read_text()
+    block = re.search(r"^# --- desk ---\n(.*?)^# --- end desk ---\n", text, re.S | re.M)
+    assert block is not None, "the example has a desk section"
+    on = "\n".join(line[2:] if line.startswith("# ") else line.lstrip("#") for line in block.group(1).splitlines())
+    # The routes come after the plugin tables: put the desk at the end, as a user may.
+    cfg_text = text.replace(block.group(0), "") + "\n" + on + "\n"
+    path = tmp_path / "gateway.toml"
+    path.write_text(cfg_text)
+    cfg = load_config(str(path), environ={"GATEWAY_AUTH__SECRET": "q3V9x-Lr0aT7mZ2pK8sW4yB6nD1fH5jG0cE"})
+    st = parse_settings(cfg.plugins["desk"])
+    assert st.enabled and [d.name for d in st.departments] == ["presales"] and st.faq and "alice" in st.agents
+    assert st.departments[0].hours is not None and st.departments[0].canned
+    router = Router(cfg.routes)
+    for room in ("cs:s1", "csi:s1"):
+        route = router.match(room)
+        assert route is not None and route.cfg.kind == "group" and route.cfg.store == "durable", room

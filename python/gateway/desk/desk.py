@@ -21,7 +21,7 @@ import logging
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -130,7 +130,17 @@ class Desk(Plugin):
         self.configured = settings is not None
         self.gw: Gateway | None = None
         self._gone: dict[str, asyncio.Future[Any]] = {}
+        #: Agents whose connection on this node the engine was told of (refreshed each round).
+        self._reported: set[str] = set()
+        #: Every agent as this node last saw them (restored after a Redis wipe), and the
+        #: engine's build mark it saw then.
+        self._snapshot: list[AgentState] = []
+        self._build: str | None = None
         self._responded: OrderedDict[str, None] = OrderedDict()
+        #: Sessions known to be past the bot (a session never goes back to ``bot``, so this
+        #: holds on every node without invalidation): their shopper's messages cost no
+        #: store read (docs/customer-service.md, "The bot").
+        self._past_bot: OrderedDict[str, None] = OrderedDict()
         self._reminded: dict[str, int] = {}
         self._tasks: list[asyncio.Future[Any]] = []
 
@@ -201,18 +211,29 @@ class Desk(Plugin):
         from the store if it is empty, start the loops."""
         await self.eng.start()
         if await self.eng.take_rebuild():
-            queued = await self.store.cs_sessions(states=("queued",), limit=100_000)
-            assigned = await self.store.cs_sessions(states=("assigned",), limit=100_000)
-            await self.eng.rebuild([(s.id, s.department, s.queued_at or s.opened_at, s.last_agent) for s in queued],
-                                   [(s.id, s.agent) for s in assigned if s.agent])
-            for a, cfg in self.settings.agents.items():
-                if await self.eng.agent(a) is None:
-                    await self.eng.set_agent(a, capacity=cfg.capacity, departments=cfg.departments)
-            log.info("desk: engine rebuilt from the store (%d queued, %d assigned)", len(queued), len(assigned))
+            await self._rebuild()
         assert self.gw is not None
         self._tasks.append(self.gw.tasks.start(self._gauges_loop()))
+        self._tasks.append(self.gw.tasks.start(self._presence_loop()))
         if self.reminder_hook is not None and self.settings.reminder_minutes > 0:
             self._tasks.append(self.gw.tasks.start(self._reminder_loop()))
+
+    async def _rebuild(self, agents: Sequence[AgentState] = ()) -> None:
+        """Load the engine's hot state from the store (the caller won
+        :meth:`Assigner.take_rebuild`): ``agents`` (status, capacity, departments, gone
+        mark: as this node last saw them) first, then the queues, owners and loads."""
+        for a in agents:
+            await self.eng.set_agent(a.user, status=a.status, capacity=a.capacity, departments=a.departments)
+            if a.gone:
+                await self.eng.mark_gone(a.user, a.gone)
+        queued = await self.store.cs_sessions(states=("queued",), limit=100_000)
+        assigned = await self.store.cs_sessions(states=("assigned",), limit=100_000)
+        await self.eng.rebuild([(s.id, s.department, s.queued_at or s.opened_at, s.last_agent) for s in queued],
+                               [(s.id, s.agent) for s in assigned if s.agent])
+        for a_, cfg in self.settings.agents.items():
+            if await self.eng.agent(a_) is None:
+                await self.eng.set_agent(a_, capacity=cfg.capacity, departments=cfg.departments)
+        log.info("desk: engine rebuilt from the store (%d queued, %d assigned, %d agents)", len(queued), len(assigned), len(agents))
 
     async def teardown(self) -> None:
         for t in self._tasks:
@@ -319,6 +340,7 @@ class Desk(Plugin):
             await self._post(s.room, "cs.card", card, shopper)
         await self._state_changed(s, "open" if via == "client" else via)
         if state == "queued":
+            self._no_bot(s.id)
             await self.eng.enqueue(s.id, s.department, now, last)
             await self._queue_changed(s.department)
             await self.dispatch(s.department)
@@ -328,6 +350,7 @@ class Desk(Plugin):
         """bot -> queued (a no-op in any other state)."""
         now = _now_ms()
         q = await self.store.cs_update(s.id, {"state": "queued", "queued_at": now}, states=("bot",))
+        self._no_bot(s.id)  # queued now, or already past the bot
         if q is None:
             return await self._session(s.id)
         await self._state_changed(q, by)
@@ -416,23 +439,20 @@ class Desk(Plugin):
         if to_agent is not None:
             r = await self.eng.claim(sid, to_agent, s.department)
             if r != OK:
-                if old is not None:
-                    await self.eng.claim(sid, old, None, force=True)
+                await self._give_back(sid, old)
                 raise Reject(FULL if r == "full" else NOT_AGENT if r == "offline" else TAKEN, f"{to_agent} cannot take it ({r})")
             t = await self.store.cs_update(sid, {"agent": to_agent, "state": "assigned", "assigned_at": _now_ms(), "transfers": s.transfers + 1,
                                                  "last_agent": old}, states=(s.state,), agent=old)
             if t is None:
                 await self.eng.release(sid, to_agent)
-                raise Reject(TAKEN, f"session {sid} changed meanwhile: try again")
+                raise await self._changed(sid, old)
         else:
             now = _now_ms()
             assert to_dept is not None
             t = await self.store.cs_update(sid, {"agent": None, "state": "queued", "department": to_dept, "queued_at": now, "transfers": s.transfers + 1,
                                                  "last_agent": old}, states=(s.state,), agent=old)
             if t is None:
-                if old is not None:
-                    await self.eng.claim(sid, old, None, force=True)
-                raise Reject(TAKEN, f"session {sid} changed meanwhile: try again")
+                raise await self._changed(sid, old)
             await self.eng.dequeue(sid, s.department)
             await self.eng.enqueue(sid, to_dept, now, None)
         if note:
@@ -458,6 +478,23 @@ class Desk(Plugin):
         if old is not None:
             await self.dispatch(s.department)
         return await self._session(sid)
+
+    async def _give_back(self, sid: str, old: str | None) -> None:
+        """A transfer failed after releasing ``sid`` from ``old`` in the engine: give it
+        back, unless the store says it is no longer ``old``'s (closed or re-queued
+        meanwhile: giving it back would hold a slot of ``old`` for good)."""
+        if old is None:
+            return
+        cur = await self.store.cs_session(sid)
+        if cur is not None and cur.state == "assigned" and cur.agent == old:
+            await self.eng.claim(sid, old, None, force=True)
+
+    async def _changed(self, sid: str, old: str | None) -> Reject:
+        await self._give_back(sid, old)
+        cur = await self.store.cs_session(sid)
+        if cur is not None and not cur.open:
+            return Reject(CLOSED, f"session {sid} is {cur.state}")
+        return Reject(TAKEN, f"session {sid} changed meanwhile: try again")
 
     async def close(self, actor: Actor, sid: str, *, reason: str | None = None) -> CsSession:
         s = await self._session(sid)
@@ -507,6 +544,8 @@ class Desk(Plugin):
             raise Reject(NOT_AGENT, "only the shopper rates a session")
         if s.state == "offline":
             raise Reject(CLOSED, "an offline session cannot be rated")
+        if s.state != "closed":
+            raise Reject(BAD, f"session {sid} is {s.state}: it is rated once closed")
         r = await self.store.cs_update(sid, {"rating": score, "rating_comment": comment, "rated_at": _now_ms()})
         assert r is not None and self.gw is not None
         self.m_ratings.labels(r.department, str(score)).inc()
@@ -516,7 +555,9 @@ class Desk(Plugin):
         return r
 
     async def form(self, shopper: str, department: Any, fields: Any, session: str | None = None) -> str:
-        dept = self.settings.department(department if isinstance(department, str) else None)
+        if department is not None and not isinstance(department, str):
+            raise Reject(BAD, "department must be a string")
+        dept = self.settings.department(department)
         if dept is None:
             raise Reject(BAD, f"no department {department!r}")
         raw = orjson.dumps(fields) if isinstance(fields, dict) else b""
@@ -625,11 +666,16 @@ class Desk(Plugin):
             if len(self._responded) > 10_000:
                 self._responded.popitem(last=False)
             return
-        text = msg.data.get("text") if isinstance(msg.data, dict) else None
-        if not isinstance(text, str):
+        text = msg.data.get("text") if isinstance(msg.data, dict) and msg.type == "chat" else None
+        if not isinstance(text, str) or sid in self._past_bot:
             return
         s = await self.store.cs_session(sid)
-        if s is None or s.shopper != user or s.state != "bot":
+        if s is None:
+            return
+        if s.state != "bot":
+            self._no_bot(sid)
+            return
+        if s.shopper != user:
             return
         if text.strip().lower() in self.settings.handoff_words:
             await self.handoff(s, "handoff")
@@ -651,13 +697,28 @@ class Desk(Plugin):
         if reply.handoff or turns >= self.settings.bot_turns:
             await self.handoff(s2, "bot" if reply.handoff else "turns")
 
+    @property
+    def _presence_every(self) -> float:
+        """Seconds between two rounds of the presence loop."""
+        return min(5.0, max(0.2, self.settings.grace / 3))
+
+    @property
+    def _presence_ttl_ms(self) -> int:
+        """How long a node's report of an agent's connection holds without a refresh."""
+        return int(max(2.0, 3 * self._presence_every) * 1000)
+
+    def _node(self) -> str:
+        assert self.gw is not None
+        return self.gw.node_id
+
     def after_connect(self, client: Client) -> Awaitable[None] | None:
         if not self.actor(client).is_agent:
             return None
         t = self._gone.pop(client.user, None)
         if t is not None:
             t.cancel()
-        return self.eng.mark_back(client.user)
+        self._reported.add(client.user)
+        return self.eng.conn_up(client.user, self._node(), _now_ms() + self._presence_ttl_ms)
 
     def on_disconnect(self, client: Client, code: int, reason: str) -> Awaitable[None] | None:
         if not self.actor(client).is_agent:
@@ -669,10 +730,17 @@ class Desk(Plugin):
         return self._went(client.user)
 
     async def _went(self, user: str) -> None:
+        """``user``'s last connection closed. With the Redis broker this hook runs once,
+        on one node, when the user has had no connection on any node for
+        ``broker.leave_grace`` (a reconnect on another node, a second device: no call)."""
+        self._reported.discard(user)
+        await self.eng.conn_down(user, self._node())
+        await self._mark_gone(user, _now_ms())
+
+    async def _mark_gone(self, user: str, at: int) -> None:
         a = await self.eng.agent(user)
         if a is None or a.status == "offline":
             return
-        at = _now_ms()
         await self.eng.mark_gone(user, at)
         old = self._gone.pop(user, None)
         if old is not None:
@@ -683,10 +751,11 @@ class Desk(Plugin):
     async def _gone_after(self, user: str, at: int) -> None:
         await asyncio.sleep(self.settings.grace)
         self._gone.pop(user, None)
-        a = await self.eng.agent(user)
-        if a is None or a.gone != at:
-            return  # back meanwhile (on any node)
-        await self.eng.set_agent(user, status="offline")
+        await self._take_gone(user, at)
+
+    async def _take_gone(self, user: str, at: int) -> None:
+        if not await self.eng.take_gone(user, at, _now_ms()):
+            return  # back meanwhile (on any node), or another node took it
         n = await self.requeue_agent(user, "gone")
         log.info("desk: agent %s gone for %gs: offline, %d sessions re-queued", user, self.settings.grace, n)
 
@@ -730,7 +799,7 @@ class Desk(Plugin):
             case "cs.status":
                 a = await self.set_status(client.user, msg.get("status"), msg.get("capacity"))
                 if msg.get("status") == "online":
-                    await self.eng.mark_back(client.user)
+                    await self.eng.conn_up(client.user, self._node(), _now_ms() + self._presence_ttl_ms)
                 return {"status": a.status, "capacity": a.capacity, "load": a.load, "departments": list(a.departments)}
             case "cs.queue":
                 dept = msg.get("department")
@@ -784,6 +853,68 @@ class Desk(Plugin):
                     self.m_waiting.labels(d.name).set(len(await self.eng.queue(d.name)))
             await asyncio.sleep(5.0)
 
+    async def _presence_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._presence_every)
+            try:
+                await self._presence_once()
+            except Exception as e:
+                log.warning("desk: presence round failed: %s", e)
+
+    async def _presence_once(self) -> None:
+        """One round: notice a wiped engine (rebuild it, one node at a time); refresh this
+        node's reports of its agents' connections; take care of agents whose node died
+        (its reports expired: gone as of now) or whose gone mark outlived its node's timer."""
+        eng = self.eng
+        build = await eng.built()
+        if build is None:
+            if await eng.take_rebuild():
+                log.warning("desk: the engine's hot state is gone (Redis wiped?): rebuilding it from the store")
+                await self._rebuild(self._snapshot)
+                self._build = await eng.built()
+                for d in self.settings.departments:
+                    await self.dispatch(d.name)
+            return
+        if build != self._build:
+            if self._build is not None:
+                # Another node rebuilt it: add the agents it did not know of as this node saw them.
+                restored = 0
+                for a in self._snapshot:
+                    if await eng.agent(a.user) is None:
+                        await eng.set_agent(a.user, status=a.status, capacity=a.capacity, departments=a.departments)
+                        if a.gone:
+                            await eng.mark_gone(a.user, a.gone)
+                        restored += 1
+                if restored:
+                    log.info("desk: %d agents restored after a rebuild of the engine by another node", restored)
+                    for d in self.settings.departments:
+                        await self.dispatch(d.name)
+            self._build = build
+        now = _now_ms()
+        node, until = self._node(), now + self._presence_ttl_ms
+        assert self.gw is not None
+        local = {c.user for c in list(self.gw.clients.values()) if self.actor(c).is_agent}
+        for user in self._reported - local:
+            await eng.conn_down(user, node)
+        for user in local:
+            await eng.conn_up(user, node, until)
+        self._reported = local
+        agents = await eng.agents()
+        for a in agents:
+            if a.status == "offline" or a.user in local or a.user in self._gone:
+                continue
+            conns = await eng.conns(a.user)
+            if any(u > now for u in conns.values()):
+                continue
+            if not a.gone and conns:
+                for n in conns:
+                    await eng.conn_down(a.user, n)
+                log.info("desk: agent %s: the node of their connection went silent: gone", a.user)
+                await self._mark_gone(a.user, now)
+            elif a.gone and now - a.gone > self.settings.grace * 1000 + self._presence_ttl_ms:
+                await self._take_gone(a.user, a.gone)
+        self._snapshot = agents
+
     async def _reminder_loop(self) -> None:
         """On the node holding the ``desk.reminder`` lease: fire ``on_unread_reply`` for
         sessions whose shopper has had an unread agent reply for ``reminder_minutes``,
@@ -807,27 +938,28 @@ class Desk(Plugin):
             if lease is not None:
                 await lease.release()
 
+    def _no_bot(self, sid: str) -> None:
+        self._past_bot[sid] = None
+        self._past_bot.move_to_end(sid)
+        if len(self._past_bot) > 100_000:
+            self._past_bot.popitem(last=False)
+
     async def _remind_once(self) -> None:
+        """One round: one store query (:meth:`Store.cs_unread_replies`) for every assigned
+        session whose shopper's oldest unread agent message is due."""
         now = _now_ms()
         due = self.settings.reminder_minutes * 60_000
         seen: set[str] = set()
-        for s in await self.store.cs_sessions(states=("assigned",), limit=10_000):
+        for u in await self.store.cs_unread_replies(first_before_ms=int(now - due) + 1, limit=10_000):
+            s = u.session
             seen.add(s.id)
-            m = await self.store.member(s.room, s.shopper)
-            if m is None:
+            if self._reminded.get(s.id) == u.first_seq:
                 continue
-            unread = [x for x in await self.store.messages(s.room, after_seq=m.read_seq, limit=200) if x.sender is not None and x.sender != s.shopper]
-            if not unread:
-                self._reminded.pop(s.id, None)
-                continue
-            first = unread[0]
-            if now - first.ts < due or self._reminded.get(s.id) == first.seq:
-                continue
-            self._reminded[s.id] = first.seq
+            self._reminded[s.id] = u.first_seq
             hook = self.reminder_hook
             assert hook is not None
             try:
-                r = hook(s, len(unread), first.ts)
+                r = hook(s, u.unread, u.first_ts)
                 if inspect.isawaitable(r):
                     await r
             except Exception:

@@ -17,6 +17,7 @@ rebuilt from it at start when it is empty (:meth:`Assigner.rebuild`).
 from __future__ import annotations
 
 import abc
+import secrets
 import time
 from dataclasses import dataclass, field
 from importlib import resources
@@ -138,6 +139,37 @@ class Assigner(abc.ABC):
     async def mark_back(self, user: str) -> None:
         """``user`` is connected again."""
 
+    @abc.abstractmethod
+    async def built(self) -> str | None:
+        """The mark of the hot state's current build (a new one after each
+        :meth:`take_rebuild`), or None when it is not there: after a Redis wipe (FLUSHALL,
+        a failover to an empty replica); then one caller of :meth:`take_rebuild`
+        rebuilds it."""
+
+    @abc.abstractmethod
+    async def conn_up(self, user: str, node: str, until: int) -> None:
+        """``user`` has a connection on ``node``, as of now and until ``until`` (ms; the
+        node refreshes it while the connection lasts); clears the gone mark."""
+
+    @abc.abstractmethod
+    async def conn_down(self, user: str, node: str) -> None:
+        """``user`` has no connection on ``node`` any more."""
+
+    @abc.abstractmethod
+    async def conns(self, user: str) -> dict[str, int]:
+        """The nodes where ``user`` has (or had, when expired) a connection: node -> until."""
+
+    @abc.abstractmethod
+    async def take_gone(self, user: str, at: int, now: int) -> bool:
+        """``user`` has been gone since ``at`` and the grace ran out: set them offline and
+        clear the mark, atomically, and True, only if the mark is still ``at`` and no node
+        has a live connection of theirs (``until > now``). Of concurrent callers (several
+        nodes), at most one gets True."""
+
+    async def connected(self, user: str, now: int) -> bool:
+        """Whether some node has a live connection of ``user``."""
+        return any(u > now for u in (await self.conns(user)).values())
+
 
 class MemoryAssigner(Assigner):
     def __init__(self) -> None:
@@ -146,6 +178,7 @@ class MemoryAssigner(Assigner):
         self._owner: dict[str, str] = {}
         self._agents: dict[str, AgentState] = {}
         self._rr: dict[str, str] = {}
+        self._conns: dict[str, dict[str, int]] = {}
         self._built = False
 
     def _agent(self, user: str) -> AgentState:
@@ -210,9 +243,14 @@ class MemoryAssigner(Assigner):
         if strategy == "manual":
             return None
         q = self._queues.get(department)
+        while q:
+            session = min(q, key=lambda s: (q[s], s))
+            if session not in self._owner:
+                break
+            del q[session]  # already assigned (queued again by a rebuild): not waiting
+            self._sticky.pop(session, None)
         if not q:
             return None
-        session = min(q, key=lambda s: (q[s], s))
         chosen: str | None = None
         if sticky:
             st = self._sticky.get(session)
@@ -267,6 +305,31 @@ class MemoryAssigner(Assigner):
         if a is not None:
             a.gone = 0
 
+    async def built(self) -> str | None:
+        return "memory" if self._built else None
+
+    async def conn_up(self, user: str, node: str, until: int) -> None:
+        self._conns.setdefault(user, {})[node] = until
+        await self.mark_back(user)
+
+    async def conn_down(self, user: str, node: str) -> None:
+        c = self._conns.get(user)
+        if c is not None:
+            c.pop(node, None)
+            if not c:
+                del self._conns[user]
+
+    async def conns(self, user: str) -> dict[str, int]:
+        return dict(self._conns.get(user, {}))
+
+    async def take_gone(self, user: str, at: int, now: int) -> bool:
+        a = self._agents.get(user)
+        if a is None or a.gone != at or await self.connected(user, now):
+            return False
+        a.gone = 0
+        a.status = "offline"
+        return True
+
 
 def _lua(name: str) -> str:
     return (resources.files("gateway.desk") / "lua" / name).read_text(encoding="utf-8")
@@ -298,7 +361,7 @@ class RedisAssigner(Assigner):
             pool = BlockingConnectionPool.from_url(self.url, max_connections=16, timeout=5.0)
             self._redis = Redis(connection_pool=pool)
             self._pool = pool
-        for name in ("pick", "claim", "release", "agent"):
+        for name in ("pick", "claim", "release", "agent", "gone"):
             self._scripts[name] = self._redis.register_script(_lua(f"{name}.lua"))
 
     async def close(self) -> None:
@@ -313,7 +376,7 @@ class RedisAssigner(Assigner):
         return await self._scripts[name](keys=[self.p + "owner"], args=[self.p, *args])
 
     async def take_rebuild(self) -> bool:
-        return bool(await self._redis.set(self.p + "built", "1", nx=True))
+        return bool(await self._redis.set(self.p + "built", secrets.token_hex(8), nx=True))
 
     async def rebuild(self, queued: list[tuple[str, str, int, str | None]], assigned: list[tuple[str, str]]) -> None:
         for s, d, at, st in queued:
@@ -389,3 +452,22 @@ class RedisAssigner(Assigner):
 
     async def mark_back(self, user: str) -> None:
         await self._redis.hdel(self.p + "a:" + user, "gone")
+
+    async def built(self) -> str | None:
+        r = await self._redis.get(self.p + "built")
+        return _s(r) if r is not None else None
+
+    async def conn_up(self, user: str, node: str, until: int) -> None:
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.hset(self.p + "on:" + user, node, until)
+        pipe.hdel(self.p + "a:" + user, "gone")
+        await pipe.execute()
+
+    async def conn_down(self, user: str, node: str) -> None:
+        await self._redis.hdel(self.p + "on:" + user, node)
+
+    async def conns(self, user: str) -> dict[str, int]:
+        return {_s(k): int(v) for k, v in (await self._redis.hgetall(self.p + "on:" + user)).items()}
+
+    async def take_gone(self, user: str, at: int, now: int) -> bool:
+        return bool(await self._run("gone", user, str(at), now))

@@ -9,6 +9,7 @@ from .base import (
     ConversationState,
     CsSession,
     CsTicket,
+    CsUnread,
     DeadLetter,
     Lease,
     Member,
@@ -22,6 +23,6 @@ from .base import (
 )
 
 __all__ = [
-    "CS_OPEN_STATES", "CS_SESSION_FIELDS", "RECALLED", "SCHEMA_VERSION", "Conversation", "ConversationState", "CsSession", "CsTicket",
+    "CS_OPEN_STATES", "CS_SESSION_FIELDS", "RECALLED", "SCHEMA_VERSION", "Conversation", "ConversationState", "CsSession", "CsTicket", "CsUnread",
     "DeadLetter", "Lease", "Member", "OutboxEntry", "SchemaError", "Store", "StoreStats", "StoreUnavailable", "StoredMessage", "TooManyMembers",
 ]

@@ -234,6 +234,20 @@ class CsSession:
         return self.state in CS_OPEN_STATES
 
 
+@dataclass(frozen=True, slots=True)
+class CsUnread:
+    """An assigned session whose shopper has unread messages from agents
+    (:meth:`Store.cs_unread_replies`): ``unread`` of them (messages of ``cs:<id>`` after
+    the shopper's read position with a sender other than the shopper; system messages,
+    whose sender is None, do not count); ``first_seq`` and ``first_ts`` (ms) are the
+    oldest one's."""
+
+    session: CsSession
+    unread: int
+    first_seq: int
+    first_ts: int
+
+
 #: The columns of ``cs_sessions``, in :class:`CsSession` field order.
 CS_SESSION_FIELDS = tuple(CsSession.__dataclass_fields__)
 
@@ -639,6 +653,13 @@ class Store(abc.ABC):
     def cs_between(self, since_ms: int, until_ms: int, *, by: str = "opened_at", batch: int = 1000) -> AsyncIterator[CsSession]:
         """Sessions with ``since_ms <= <by> < until_ms`` (``by``: ``opened_at`` or
         ``rated_at``), in that order, read in batches (reports and the ratings export)."""
+
+    @abc.abstractmethod
+    async def cs_unread_replies(self, *, first_before_ms: int, limit: int = 10_000) -> list[CsUnread]:
+        """Assigned sessions whose shopper has unread agent messages, the oldest of which
+        is older than ``first_before_ms`` (``first_ts < first_before_ms``), in one query
+        (the desk's reminder round): at most ``limit``, by session id. A session whose
+        shopper is not a member of ``cs:<id>`` is left out. See :class:`CsUnread`."""
 
     @abc.abstractmethod
     async def cs_add_ticket(self, ticket: CsTicket) -> None:

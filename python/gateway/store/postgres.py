@@ -115,6 +115,7 @@ from .base import (
     ConversationState,
     CsSession,
     CsTicket,
+    CsUnread,
     DeadLetter,
     Lease,
     Member,
@@ -1316,6 +1317,18 @@ class PostgresStore(Store):
                 return
             last = _cs_session(rows[-1])
             key = (int(getattr(last, by)), last.id)
+
+    async def cs_unread_replies(self, *, first_before_ms: int, limit: int = 10_000) -> list[CsUnread]:
+        cols = ", ".join(f"s.{c}" for c in CS_SESSION_FIELDS)
+        sc = self.schema
+        sql = (f"SELECT {cols}, u.n, u.first_seq, u.first_ts FROM {sc}.cs_sessions s "
+               f"JOIN {sc}.room_members r ON r.room = 'cs:' || s.id AND r.user_id = s.shopper "
+               "CROSS JOIN LATERAL (SELECT count(*) AS n, min(m.seq) AS first_seq, (array_agg(m.ts ORDER BY m.seq))[1] AS first_ts "
+               f"FROM {sc}.messages m WHERE m.room = r.room AND m.seq > r.last_read_seq AND m.sender IS NOT NULL AND m.sender <> s.shopper) u "
+               f"WHERE s.state = 'assigned' AND u.n > 0 AND u.first_ts < $1 ORDER BY s.id LIMIT {int(limit)}")
+        n = len(CS_SESSION_FIELDS)
+        rows = await self._fetch(sql, [first_before_ms], "reading unread desk replies")
+        return [CsUnread(_cs_session(list(r)[:n]), int(r[n]), int(r[n + 1]), int(r[n + 2])) for r in rows]
 
     async def cs_add_ticket(self, ticket: CsTicket) -> None:
         sql = (f"INSERT INTO {self.schema}.cs_tickets (id, shopper, department, session, fields, created_at) VALUES ($1, $2, $3, $4, $5, $6) "

@@ -119,6 +119,7 @@ from .base import (
     ConversationState,
     CsSession,
     CsTicket,
+    CsUnread,
     DeadLetter,
     Lease,
     Member,
@@ -1186,6 +1187,17 @@ class SqliteStore(Store):
                 return
             last = _cs_session(rows[-1])
             after = (int(getattr(last, by)), last.id)
+
+    async def cs_unread_replies(self, *, first_before_ms: int, limit: int = 10_000) -> list[CsUnread]:
+        cols = ", ".join(f"s.{c}" for c in CS_SESSION_FIELDS)
+        # SQLite: the bare m.seq / m.ts of an aggregate query with one min() come from the row of that min.
+        sql = (f"SELECT {cols}, count(*), min(m.seq), m.ts FROM cs_sessions s "
+               "JOIN room_members r ON r.room = 'cs:' || s.id AND r.user_id = s.shopper "
+               "JOIN messages m ON m.room = r.room AND m.seq > r.last_read_seq AND m.sender IS NOT NULL AND m.sender <> s.shopper "
+               "WHERE s.state = 'assigned' GROUP BY s.id HAVING m.ts < ? ORDER BY s.id LIMIT ?")
+        n = len(CS_SESSION_FIELDS)
+        rows = await self._read(_fetch(sql, (first_before_ms, limit)), "cs_unread_replies")
+        return [CsUnread(_cs_session(r[:n]), int(r[n]), int(r[n + 1]), int(r[n + 2])) for r in rows]
 
     async def cs_add_ticket(self, ticket: CsTicket) -> None:
         row = (ticket.id, ticket.shopper, ticket.department, ticket.session, ticket.fields.decode(), ticket.created_at)

@@ -4,9 +4,17 @@
 local p, dept, strategy, sticky, now = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 if strategy == 'manual' then return false end
 local q = p .. 'q:' .. dept
-local head = redis.call('ZRANGE', q, 0, 0)
-if #head == 0 then return false end
-local s = head[1]
+local s = nil
+while true do
+  local head = redis.call('ZRANGE', q, 0, 0)
+  if #head == 0 then return false end
+  s = head[1]
+  -- A session that already has an owner (queued again by a rebuild that raced an
+  -- assignment) is no longer waiting: drop it from the queue.
+  if redis.call('HEXISTS', KEYS[1], s) == 0 then break end
+  redis.call('ZREM', q, s)
+  redis.call('HDEL', p .. 'sticky', s)
+end
 local function room_left(u)
   local a = redis.call('HMGET', p .. 'a:' .. u, 'status', 'cap', 'load')
   if a[1] ~= 'online' then return nil end
