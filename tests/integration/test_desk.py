@@ -576,13 +576,20 @@ async def test_who_may_rate_close_watch_and_form(tmp_path: Path) -> None:
             await boss.publish(room, {"text": "hi"})
         assert e.value.code == 4003
         assert await _code(boss, "cs.note", session=sid, text="watching") == "ok"
-        # The offline form: the department must be a department's name.
+        # Notes and details: the session's agent and supervisors; not another agent.
+        assert await _code(b, "cs.note", session=sid, text="not mine") == 4003
+        assert await _code(b, "cs.info", session=sid) == 4003
+        assert await _code(a, "cs.info", session=sid) == "ok"
+        assert await _code(boss, "cs.info", session=sid) == "ok"
+        # The offline form: the department must be a department's name, a session the shopper's.
+        assert await _code(o, "cs.form", department="presales", fields={"phone": "1"}, session=sid) == 4004
         assert await _code(s, "cs.form", department=5, fields={"phone": "1"}) == 4000
         assert await _code(s, "cs.form", department="nope", fields={"phone": "1"}) == 4000
         assert await _code(s, "cs.open", department="nope") == 4000
         assert await _code(s, "cs.open", department="presales", card={"kind": "product", "title": "x" * 5000}) == 4000
         await s.request("cs.close", session=sid)
         assert await _code(s, "cs.rate", session=sid, score=5) == "ok"
+        assert await _code(s, "cs.rate", session=sid, score=1) == 4000, "rated once"
         for c in (a, b, s, o, boss):
             await c.close()
     finally:

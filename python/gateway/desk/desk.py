@@ -112,6 +112,9 @@ class Desk(Plugin):
     Redis when the broker is Redis, else memory)."""
 
     name = "desk"
+    #: Its room hooks (on_message, after_publish) are about sessions only: live rooms'
+    #: messages never reach them.
+    rooms = ("cs:",)
     ops = (
         "cs.open", "cs.handoff", "cs.close", "cs.rate", "cs.form",
         "cs.status", "cs.queue", "cs.mine", "cs.accept", "cs.transfer", "cs.note", "cs.info", "cs.watch",
@@ -546,6 +549,8 @@ class Desk(Plugin):
             raise Reject(CLOSED, "an offline session cannot be rated")
         if s.state != "closed":
             raise Reject(BAD, f"session {sid} is {s.state}: it is rated once closed")
+        if s.rating is not None:
+            raise Reject(BAD, f"session {sid} is already rated")
         r = await self.store.cs_update(sid, {"rating": score, "rating_comment": comment, "rated_at": _now_ms()})
         assert r is not None and self.gw is not None
         self.m_ratings.labels(r.department, str(score)).inc()
@@ -563,6 +568,10 @@ class Desk(Plugin):
         raw = orjson.dumps(fields) if isinstance(fields, dict) else b""
         if not isinstance(fields, dict) or not fields or len(raw) > self.settings.max_card_bytes:
             raise Reject(BAD, f"fields must be a non-empty object of at most {self.settings.max_card_bytes} bytes")
+        if session is not None:
+            own = await self.store.cs_session(session)
+            if own is None or own.shopper != shopper:
+                raise Reject(NO_SESSION, f"no session {session} of yours")
         tid = "t" + secrets.token_hex(8)
         await self.store.cs_add_ticket(CsTicket(tid, shopper, dept.name, raw, _now_ms(), session))
         assert self.gw is not None
@@ -573,6 +582,8 @@ class Desk(Plugin):
         if not actor.is_agent:
             raise Reject(NOT_AGENT, "only agents write notes")
         s = await self._session(sid)
+        if not actor.is_supervisor and s.agent != actor.user:
+            raise Reject(NOT_AGENT, f"session {sid} is not yours (supervisors may note any session)")
         await self._ensure_internal(s, [actor.user] if actor.role != "api" else [])
         return await self._post(s.note_room, "cs.note", {"text": text}, actor.user if actor.role != "api" else None)
 
@@ -829,6 +840,8 @@ class Desk(Plugin):
                 return {"seq": await self.note(actor, _sid(msg), text)}
             case "cs.info":
                 s = await self._session(_sid(msg))
+                if not actor.is_supervisor and s.agent != actor.user and s.state not in ("bot", "queued"):
+                    raise Reject(NOT_AGENT, f"session {s.id} is not yours (agents see their own and waiting ones)")
                 info = session_json(s)
                 info["context"] = await self.context(s)
                 dept = self.settings.department(s.department)
