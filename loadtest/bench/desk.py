@@ -137,6 +137,7 @@ class Stats:
         self.lat: dict[str, list[float]] = {}
         self.count: dict[str, int] = {}
         self.errors: dict[str, int] = {}
+        self.details: list[Any] = []  # the first few failures, with what the actor saw
 
     def inside(self, t: float | None = None) -> bool:
         t = time.perf_counter() if t is None else t
@@ -150,6 +151,8 @@ class Stats:
             self.lat.setdefault(name, []).append(ms)
 
     def error(self, name: str, e: BaseException | str) -> None:
+        if time.perf_counter() >= self.t1:
+            return  # the end: clients are being closed
         key = f"{name}: {e if isinstance(e, str) else type(e).__name__ + ' ' + str(e)[:80]}"
         self.errors[key] = self.errors.get(key, 0) + 1
 
@@ -165,6 +168,9 @@ class Shopper:
         self.waiting: dict[int, float] = {}
         self.keys = itertools.count(1)
         self.changed = asyncio.Event()
+        self.offline_n = 0
+        self.via_sync: set[tuple[str, int]] = set()
+        self.reconnected_at: float | None = None
 
     async def online(self) -> None:
         if self.c.connected:
@@ -174,6 +180,7 @@ class Shopper:
         if self.cursor is not None:
             self.st.add("sync (since cursor)")
         self.cursor = ack["cursor"]
+        self.reconnected_at = time.perf_counter()
         for conv in ack["convs"]:
             if str(conv.get("room", "")).startswith("cs:"):
                 for m in conv.get("msgs", []):
@@ -194,6 +201,8 @@ class Shopper:
         if room in self.states:  # a session of this run (every message of it counts once)
             self.st.add("conversation messages (seen by the shopper)")
         typ, data, now = m.get("type"), m.get("data") if isinstance(m.get("data"), dict) else {}, time.perf_counter()
+        if via_sync and typ in ("cs.state", "cs.rating", "chat"):
+            self.via_sync.add((room, seq))
         if typ == "cs.state":
             self.states.setdefault(room, {}).setdefault(str(data.get("state")), now)
         elif typ == "cs.rating":
@@ -224,6 +233,24 @@ class Shopper:
                 pass
         return True
 
+    async def diagnose(self, what: str, sid: str, room: str) -> None:
+        """What the shopper saw against what the conversation holds (history)."""
+        if len(self.st.details) >= 10:
+            return
+        seen = self.seen.get(room, set())
+        d: dict[str, Any] = {"what": what, "session": sid, "shopper": self.uid, "offline_in_session": self.offline_n,
+                             "seqs_seen": sorted(seen), "via_sync": sorted(q for r, q in self.via_sync if r == room),
+                             "s_since_last_reconnect": round(time.perf_counter() - self.reconnected_at, 2) if self.reconnected_at else None}
+        try:
+            await self.online()
+            page = await self.c.request("history", room=room, after_seq=0, limit=100)
+            d["history"] = [(m.get("seq"), m.get("type"), (m.get("data") or {}).get("state") if isinstance(m.get("data"), dict) else None)
+                            for m in page.get("msgs", [])]
+            d["missing"] = [x for x in d["history"] if x[0] not in seen]
+        except (GatewayClosed, GatewayError, TimeoutError) as e:
+            d["history_error"] = str(e)
+        self.st.details.append(d)
+
     def state(self, room: str, s: str) -> float | None:
         return self.states.get(room, {}).get(s)
 
@@ -246,6 +273,7 @@ class Shopper:
             self.st.error("cs.open", "resumed an open session")
         sid, room = ack["session"], ack["room"]
         self.states.setdefault(room, {})
+        self.offline_n = 0
         self.st.add("sessions opened")
         if ack["state"] == "bot":
             for text in ("什么时候发货？", "我要改地址"):  # an FAQ answer, then the fallback hands off
@@ -275,6 +303,7 @@ class Shopper:
             self.st.add("sessions rated")
         else:
             self.st.error("rating card", "no cs.rating within 15 s of the close")
+            await self.diagnose("no rating card", sid, room)
         self.states.pop(room, None)
         self.seen.pop(room, None)
         self.waiting.clear()
@@ -302,10 +331,12 @@ class Shopper:
                 self.c.abort()  # backgrounded: the answer arrives while away
                 await asyncio.sleep(random.uniform(0.5, 2.0))
                 self.st.add("went offline")
+                self.offline_n += 1
                 await self.online()
             if not await self.until(lambda k=k: k not in self.waiting or self.state(room, "closed") is not None, 20.0):
                 self.waiting.pop(k, None)
                 self.st.error("answer", "no answer within 20 s")
+                await self.diagnose("no answer", room[3:], room)
                 return
             if self.last_seq.get(room):
                 await self.c.send({"op": "read", "room": room, "seq": self.last_seq[room]})
@@ -321,6 +352,29 @@ class Agent:
         self.tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
+        await self.c.connect()
+        await self.c.sync(limit=1, msgs=0)
+        await self.c.request("cs.status", status="online", capacity=self.a.capacity)
+        self.watch = asyncio.ensure_future(self._watch())
+
+    async def _watch(self) -> None:
+        """An agent whose connection closed (it should not) reports why and comes back
+        (within the desk's grace: its sessions stay)."""
+        while True:
+            code, reason = await self.c.wait_closed()
+            self.st.error("agent connection closed", f"{code} {reason} {self.c.dead_reason or ''}".strip())
+            if len(self.st.details) < 10:
+                self.st.details.append({"what": "agent connection closed", "agent": self.uid, "code": code, "reason": reason,
+                                        "dead_reason": self.c.dead_reason, "at_s": round(time.perf_counter() - self.st.t0, 1),
+                                        "sessions": len(self.sessions)})
+            await asyncio.sleep(0.5)
+            try:
+                await self.start_again()
+            except (GatewayClosed, GatewayError, TimeoutError, OSError) as e:
+                self.st.error("agent reconnect", e)
+                return
+
+    async def start_again(self) -> None:
         await self.c.connect()
         await self.c.sync(limit=1, msgs=0)
         await self.c.request("cs.status", status="online", capacity=self.a.capacity)
@@ -441,6 +495,8 @@ async def drive(urls: list[str], pids: list[int], api_ports: list[int], a: argpa
     for t in tasks:
         t.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
+    for ag in agents:
+        ag.watch.cancel()
     for c in [*(x.c for x in shoppers), *(x.c for x in agents)]:
         c.abort()
 
@@ -464,6 +520,7 @@ async def drive(urls: list[str], pids: list[int], api_ports: list[int], a: argpa
         "counts": dict(sorted(n.items())),
         "latency_ms": {k: pct(v) for k, v in sorted(st.lat.items())},
         "errors": st.errors,
+        "error_details": st.details,
         "gateway": {
             "cpu_s": round(gw_cpu, 2), "cores": round(gw_cpu / wall, 2),
             # All of the gateway's CPU in the window divided by sessions opened / chat messages /
