@@ -482,7 +482,12 @@ async def drive(urls: list[str], pids: list[int], api_ports: list[int], a: argpa
     rss0 = [rss_mib(p) for p in pids]
     st.t0 = time.perf_counter()
     st.t1 = st.t0 + a.duration
-    await asyncio.sleep(a.duration)
+    samples: list[dict[str, Any]] = []  # every 10 s: the gateway's RSS and CPU, sessions held
+    while time.perf_counter() < st.t1:
+        await asyncio.sleep(min(10.0, max(0.0, st.t1 - time.perf_counter())))
+        samples.append({"t_s": round(time.perf_counter() - st.t0), "rss_mib": [rss_mib(p) for p in pids],
+                        "gateway_cpu_s": round(sum(proc_cpu_s(p) for p in pids) - sum(cpu0), 2),
+                        "sessions_opened": st.count.get("sessions opened", 0), "held": sum(len(ag.sessions) for ag in agents)})
     wall = time.perf_counter() - st.t0
     cpu1 = [proc_cpu_s(p) for p in pids]
     me1 = sum(os.times()[:2])
@@ -534,6 +539,7 @@ async def drive(urls: list[str], pids: list[int], api_ports: list[int], a: argpa
             "store_commits_per_s": round(delta("gateway_store_commit_seconds_count") / wall, 1),
             "messages_published_per_s": round(delta("gateway_messages_published_total") / wall, 1),
         },
+        "samples": samples,
         "load_generator": {"cpu_s": round(me_cpu, 2), "cores": round(me_cpu / wall, 2)},
         "machine": {"busy_cores": round(busy / wall, 2), "others_cores": round((busy - gw_cpu - me_cpu) / wall, 2)},
     }
@@ -574,7 +580,7 @@ def main() -> None:
     text = DESK_TOML.read_text()
     text = re.sub(r"(?m)^host = .*$", "", text)  # Server passes --host
     config.write_text(text)
-    sets = [*a.set, "limits.max_conns_per_ip=100000", f"conversations.max_attached={max(1000, a.capacity * 10)}"]
+    sets = ["limits.max_conns_per_ip=100000", *a.set]
     if a.bot:
         sets.append("plugins.desk.bot_turns=2")
     redis = pg = None
