@@ -504,6 +504,11 @@ async def drive(urls: list[str], pids: list[int], api_ports: list[int], a: argpa
         ag.watch.cancel()
     for c in [*(x.c for x in shoppers), *(x.c for x in agents)]:
         c.abort()
+    await asyncio.sleep(10.0)  # does the memory go with the connections?
+    rss_closed = [rss_mib(p) for p in pids]
+    from run import http_json
+
+    stats_closed = [http_json(f"http://127.0.0.1:{p}/v1/stats") for p in api_ports]
 
     gw_cpu = sum(cpu1) - sum(cpu0)
     me_cpu = me1 - me0
@@ -535,7 +540,8 @@ async def drive(urls: list[str], pids: list[int], api_ports: list[int], a: argpa
             "cpu_ms_per_published_message": round(gw_cpu / delta("gateway_messages_published_total") * 1000, 3)
             if delta("gateway_messages_published_total") else None,
             "cores_per_1000_sessions_held": round(gw_cpu / wall / held * 1000, 3) if held else None,
-            "rss_mib_window_start": rss0, "rss_mib_window_end": rss1,
+            "rss_mib_window_start": rss0, "rss_mib_window_end": rss1, "rss_mib_10s_after_every_client_left": rss_closed,
+            "stats_10s_after_every_client_left": stats_closed,
             "store_commits_per_s": round(delta("gateway_store_commit_seconds_count") / wall, 1),
             "messages_published_per_s": round(delta("gateway_messages_published_total") / wall, 1),
         },
