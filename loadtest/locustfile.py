@@ -1,3 +1,4 @@
+# ruff: noqa: RUF001  (Chinese text with its own punctuation)
 """Locust scenarios for the live-chat gateway (WebSocket users, docs/protocol.md).
 
 Start a gateway with the load-test config, then run locust headless:
@@ -50,6 +51,7 @@ from urllib.parse import urlsplit
 import gevent
 import gevent.event
 import gevent.lock
+import gevent.queue
 from gevent.event import AsyncResult
 from locust import User, between, constant_throughput, events, task
 
@@ -75,10 +77,29 @@ def _options(parser: Any) -> None:
                         help="ChatUser: users per circle (a group, and the dm peers of each)")
     parser.add_argument("--offline-chance", type=float, default=0.1, env_var="LOCUST_OFFLINE_CHANCE",
                         help="ChatUser: chance per task that the user goes offline for 0.5-2 s")
+    # The customer-service desk (ShopperUser, DeskAgentUser; gateway config loadtest/desk.toml).
+    parser.add_argument("--desk-agents", type=int, default=50, env_var="LOCUST_DESK_AGENTS",
+                        help="DeskAgentUser: how many of the users are agents (fixed count, spawned first)")
+    parser.add_argument("--desk-capacity", type=int, default=20, env_var="LOCUST_DESK_CAPACITY",
+                        help="DeskAgentUser: sessions an agent holds at once (cs.status capacity)")
+    parser.add_argument("--desk-msgs", default="2-6", env_var="LOCUST_DESK_MSGS",
+                        help="ShopperUser: chat messages per session, a range lo-hi")
+    parser.add_argument("--desk-think", default="1-3", env_var="LOCUST_DESK_THINK",
+                        help="ShopperUser: seconds of think time before each message, a range lo-hi")
+    parser.add_argument("--desk-offline-chance", type=float, default=0.1, env_var="LOCUST_DESK_OFFLINE_CHANCE",
+                        help="ShopperUser: chance per message that the app goes offline right after sending it "
+                             "(socket cut, 0.5-2 s away, back with sync: the answer comes with the sync)")
+    parser.add_argument("--desk-close-after", type=int, default=4, env_var="LOCUST_DESK_CLOSE_AFTER",
+                        help="DeskAgentUser: the agent closes a session after answering this many messages")
+    parser.add_argument("--desk-answer-delay", default="0.5-2", env_var="LOCUST_DESK_ANSWER_DELAY",
+                        help="DeskAgentUser: seconds the agent takes to answer (typing), a range lo-hi (0: at once)")
+    parser.add_argument("--desk-start-delay", type=float, default=2.0, env_var="LOCUST_DESK_START_DELAY",
+                        help="ShopperUser: seconds a shopper waits after its start (the agents come online first)")
 
 
-def ws_url(host: str, user: str) -> str:
-    """``--host`` (ws://, wss:// or http://host:port[/path]) -> the endpoint for ``user``."""
+def ws_url(host: str, user: str, extra: str = "") -> str:
+    """``--host`` (ws://, wss:// or http://host:port[/path]) -> the endpoint for ``user``
+    (``extra``: more query parameters, e.g. ``role=agent``)."""
     if host.startswith("http"):
         host = "ws" + host[4:]
     if "://" not in host:
@@ -87,7 +108,7 @@ def ws_url(host: str, user: str) -> str:
     if "/" not in rest:
         rest += "/ws"
     sep = "&" if "?" in rest else "?"
-    return f"{scheme}://{rest}{sep}user={user}"
+    return f"{scheme}://{rest}{sep}user={user}" + (f"&{extra}" if extra else "")
 
 
 def now_ms() -> float:
@@ -215,10 +236,17 @@ class GatewayClient:
     """One WebSocket of a locust user: request/ack bookkeeping, a receiver greenlet that
     reports receive latency, and room positions (seq, epoch) for resume."""
 
-    def __init__(self, user: User, uid: str) -> None:
+    def __init__(self, user: User, uid: str, query: str = "") -> None:
         self.user = user
         self.env = user.environment
         self.uid = uid
+        self.query = query  # more query parameters of the endpoint (``role=agent``)
+        #: Callbacks (run in the reader greenlet: must not block): room messages and pushes.
+        self.on_msg: Any = None
+        self.on_push: Any = None
+        #: Request id -> error codes that are an expected answer (reported as a success
+        #: named ``<name> (<code>)``, e.g. a chat that crossed the session's close: 4092).
+        self.ok_codes: dict[int, tuple[int, ...]] = {}
         self.ws: WebSocket | None = None
         self.reader: gevent.Greenlet | None = None
         self.pending: dict[int, tuple[float, str, str, AsyncResult | None]] = {}
@@ -241,7 +269,7 @@ class GatewayClient:
         self.closing = False
         t0 = time.perf_counter()
         try:
-            ws = WebSocket(ws_url(self.user.host, self.uid), timeout=10)
+            ws = WebSocket(ws_url(self.user.host, self.uid, self.query), timeout=10)
             first = json.loads(ws.recv())
             if first.get("op") != "connected":
                 raise RuntimeError(f"expected connected, got {first.get('op')}")
@@ -274,17 +302,22 @@ class GatewayClient:
             if res is not None:
                 res.set(None)
         self.pending.clear()
+        self.ok_codes.clear()
 
     # -- requests
-    def request(self, frame: dict, kind: str, name: str, wait: bool = False) -> dict | None:
+    def request(self, frame: dict, kind: str, name: str, wait: bool = False, ok_codes: tuple[int, ...] = ()) -> dict | None:
         """Send ``frame`` with a fresh id; its ack/error is reported as (kind, name).
-        With ``wait`` the ack (or None on error/timeout/close) is returned."""
+        With ``wait`` the ack (or None on error/timeout/close) is returned; an error
+        whose code is in ``ok_codes`` is reported as a success ``<name> (<code>)`` and
+        returned as the error frame."""
         if self.ws is None:
             return None
         rid = self.next_id
         self.next_id += 1
         frame["id"] = rid
         res = AsyncResult() if wait else None
+        if ok_codes:
+            self.ok_codes[rid] = ok_codes
         self.pending[rid] = (time.perf_counter(), kind, name, res)
         try:
             self.ws.send(json.dumps(frame))
@@ -297,6 +330,7 @@ class GatewayClient:
         try:
             return res.get(timeout=ACK_TIMEOUT)
         except gevent.Timeout:
+            self.ok_codes.pop(rid, None)
             if self.pending.pop(rid, None) is not None:
                 self.fire(kind, name, ACK_TIMEOUT * 1000, TimeoutError(f"no ack within {ACK_TIMEOUT} s"))
             return None
@@ -326,6 +360,7 @@ class GatewayClient:
         for rid, (t0, kind, name, res) in list(self.pending.items()):
             if t0 < limit and res is None:
                 del self.pending[rid]
+                self.ok_codes.pop(rid, None)
                 self.fire(kind, name, ACK_TIMEOUT * 1000, TimeoutError(f"no reply within {ACK_TIMEOUT} s"))
 
     # -- receiving
@@ -358,6 +393,9 @@ class GatewayClient:
         elif op == "batch":
             for m in f.get("msgs", []):
                 self._on_msg(m)
+        elif op == "push":
+            if self.on_push is not None:
+                self.on_push(f)
         elif op in ("ack", "pong", "error"):
             rid = f.get("id")
             if op == "pong" and rid is None:
@@ -370,7 +408,12 @@ class GatewayClient:
                 return
             t0, kind, name, res = entry
             ms = (time.perf_counter() - t0) * 1000
-            if op == "error":
+            expected = self.ok_codes.pop(rid, ())
+            if op == "error" and f.get("code") in expected:
+                self.fire(kind, f"{name} ({f.get('code')})", ms)
+                if res is not None:
+                    res.set(f)
+            elif op == "error":
                 self.fire(kind, name, ms, RuntimeError(f"{f.get('code')}: {f.get('message')}"))
                 if res is not None:
                     res.set(None)
@@ -399,6 +442,8 @@ class GatewayClient:
                 self._sample = 0
                 label = next((k for k in ("cs", "dm", "group") if room.startswith(k + ":")), m.get("type", "?"))
                 self.fire("RECV", f"msg {label}", max(0.0, now_ms() - data["t"]))
+        if self.on_msg is not None:
+            self.on_msg(m)
         if self.keep_inbox:
             self.inbox.append(m)
             self.inbox_event.set()
@@ -649,3 +694,309 @@ class ChatUser(User):
 
     def on_stop(self) -> None:
         self.client.close()
+
+
+# ---------------------------------------------------------------- customer-service desk
+
+def _span(text: str, default: tuple[float, float]) -> tuple[float, float]:
+    """``"lo-hi"`` or ``"x"`` -> (lo, hi)."""
+    try:
+        parts = [float(x) for x in str(text).split("-", 1)]
+    except ValueError:
+        return default
+    return (parts[0], parts[-1]) if parts else default
+
+
+_desk_ids = itertools.count(1)
+_CARDS = [
+    {"kind": "product", "id": "p1001", "title": "保温杯 500ml", "price": "¥99", "image": "https://img.example.com/p1001.jpg",
+     "url": "/pages/item/item?id=p1001"},
+    {"kind": "product", "id": "p2002", "title": "Running shoes 42", "price": "¥399", "image": "https://img.example.com/p2002.jpg",
+     "url": "/pages/item/item?id=p2002"},
+    {"kind": "order", "id": "o-88231", "title": "订单 88231", "price": "¥1288", "url": "/pages/order/order?id=o-88231"},
+]
+_QUESTIONS = ["这个有货吗？", "什么时候能到？", "can I change the size?", "有优惠券吗？", "颜色和图片一样吗？", "is it waterproof?"]
+#: Seconds a shopper waits for an agent / for an answer / for the rating card.
+ASSIGN_TIMEOUT = 60.0
+ANSWER_TIMEOUT = 15.0
+
+
+class _DeskSide:
+    """Bookkeeping of one side of desk sessions: messages of ``cs:`` rooms handled once
+    (a sync after a reconnect brings back what was missed; live copies may overlap it)."""
+
+    def __init__(self) -> None:
+        self.seen: dict[str, set[int]] = {}
+        self.changed = gevent.event.Event()
+
+    def first_time(self, m: dict) -> bool:
+        room, seq = str(m.get("room")), m.get("seq") or 0
+        if not seq:
+            return True
+        s = self.seen.setdefault(room, set())
+        if seq in s:
+            return False
+        s.add(seq)
+        return True
+
+    def wait(self, pred: Any, timeout: float) -> bool:
+        """Until ``pred()`` (re-checked on every change) or ``timeout`` s."""
+        deadline = time.perf_counter() + timeout
+        while not pred():
+            left = deadline - time.perf_counter()
+            if left <= 0:
+                return False
+            self.changed.clear()
+            if pred():
+                return True
+            self.changed.wait(min(left, 1.0))
+        return True
+
+
+class ShopperUser(User):
+    """A shopper of the customer-service desk (docs/customer-service.md), one session
+    after the other: connect and ``sync`` (attached to its conversations), ``cs.open``
+    with a product or order card, wait for the agent (the ``cs.state`` ``assigned``
+    message of the session's conversation), then ``--desk-msgs`` chat messages, each after
+    ``--desk-think`` seconds, each waiting for the agent's answer (and ``read``-ing it);
+    with ``--desk-offline-chance`` right after a message the app goes offline (socket cut,
+    0.5-2 s) and comes back with ``sync`` from its cursor, which brings the answer given
+    meanwhile. Then ``cs.close`` (unless the agent closed it), the rating card, ``cs.rate``,
+    a pause (``wait_time``), the next session. Needs the desk (loadtest/desk.toml)."""
+
+    weight = 20
+    wait_time = between(0.5, 2.0)  # between sessions
+
+    def on_start(self) -> None:
+        self.uid = f"shopper-{os.getpid()}-{next(_desk_ids)}"
+        self.client = GatewayClient(self, self.uid)
+        self.client.on_msg = self._on_msg
+        self.side = _DeskSide()
+        self.cursor: int | None = None
+        self.states: dict[str, dict[str, float]] = {}  # room -> state (or "rating") -> perf_counter when seen
+        self.waiting: dict[int, float] = {}  # chat key -> perf_counter when sent
+        self.keys = itertools.count(1)
+        self.last_seq: dict[str, int] = {}
+        gevent.sleep(getattr(self.environment.parsed_options, "desk_start_delay", 2.0))
+
+    def _online(self) -> bool:
+        if self.client.ws is not None:
+            return True
+        if not self.client.connect():
+            return False
+        frame: dict[str, Any] = {"op": "sync", "limit": 20, "msgs": 20}
+        if self.cursor is not None:
+            frame["since"] = self.cursor
+        ack = self.client.request(frame, "WS", "sync" if self.cursor is None else "sync (since cursor)", wait=True)
+        if ack is None:
+            return False
+        self.cursor = ack.get("cursor", self.cursor)
+        for c in ack.get("convs", []):
+            if str(c.get("room", "")).startswith("cs:"):
+                for m in c.get("msgs", []):
+                    self._handle(m, via_sync=True)
+        return True
+
+    def _on_msg(self, m: dict) -> None:
+        if str(m.get("room", "")).startswith("cs:"):
+            self._handle(m, via_sync=False)
+
+    def _handle(self, m: dict, via_sync: bool) -> None:
+        if not self.side.first_time(m):
+            return
+        room = str(m.get("room"))
+        seq = m.get("seq") or 0
+        self.last_seq[room] = max(self.last_seq.get(room, 0), seq)
+        typ, data = m.get("type"), m.get("data")
+        data = data if isinstance(data, dict) else {}
+        now = time.perf_counter()
+        if typ == "cs.state":
+            self.states.setdefault(room, {}).setdefault(str(data.get("state")), now)
+        elif typ == "cs.rating":
+            self.states.setdefault(room, {}).setdefault("rating", now)
+        elif typ == "chat" and m.get("from") not in (None, self.uid):
+            t0 = self.waiting.pop(data.get("re"), None) if isinstance(data.get("re"), int) else None
+            if t0 is not None:
+                name = "answer after offline (sync)" if via_sync else "answer (chat -> agent reply)"
+                self.client.fire("DESK", name, (now - t0) * 1000)
+        self.side.changed.set()
+
+    def _seen_state(self, room: str, state: str) -> float | None:
+        return self.states.get(room, {}).get(state)
+
+    @task
+    def consult(self) -> None:
+        if not self._online():
+            return
+        opts = self.environment.parsed_options
+        t_open = time.perf_counter()
+        ack = self.client.request({"op": "cs.open", "card": random.choice(_CARDS)}, "WS", "cs.open", wait=True)
+        if ack is None or "room" not in ack:
+            return
+        sid, room = ack["session"], ack["room"]
+        if ack.get("state") == "bot":
+            self._talk_to_bot(room)
+        if ack.get("resumed"):
+            self.client.fire("DESK", "session resumed", 0)
+        assigned = self.side.wait(lambda: self._seen_state(room, "assigned") is not None or self._seen_state(room, "closed") is not None,
+                                  ASSIGN_TIMEOUT)
+        t_assigned = self._seen_state(room, "assigned")
+        if t_assigned is not None:
+            start = self._seen_state(room, "queued") if ack.get("state") == "bot" else t_open
+            self.client.fire("DESK", "assign (open -> assigned)" if ack.get("state") != "bot" else "assign (queued -> assigned)",
+                             max(0.0, (t_assigned - (start or t_open)) * 1000))
+        elif not assigned:
+            self.client.fire("DESK", "assign (open -> assigned)", ASSIGN_TIMEOUT * 1000,
+                             TimeoutError(f"no agent within {ASSIGN_TIMEOUT:g} s"))
+        if t_assigned is not None:
+            self._chat(room, opts)
+        if self._online() and self._seen_state(room, "closed") is None:
+            self.client.request({"op": "cs.close", "session": sid}, "WS", "cs.close", wait=True)
+        if self.side.wait(lambda: self._seen_state(room, "rating") is not None, 10.0):
+            score = random.choice([3, 4, 5, 5, 5])
+            if self._online():
+                self.client.request({"op": "cs.rate", "session": sid, "score": score, "comment": "谢谢" if score > 3 else None},
+                                    "WS", "cs.rate", wait=True)
+        else:
+            self.client.fire("DESK", "rating card", 10_000, TimeoutError("no cs.rating message within 10 s of the close"))
+        self.states.pop(room, None)
+        self.side.seen.pop(room, None)
+        self.waiting.clear()
+
+    def _talk_to_bot(self, room: str) -> None:
+        """The bot variant: one FAQ question (answered), then one it cannot answer (the
+        fallback hands off)."""
+        for text in ("什么时候发货？", "我要改地址"):
+            if self._seen_state(room, "queued") is not None or not self._online():
+                return
+            self.client.request({"op": "publish", "room": room, "type": "chat", "data": {"text": text}}, "WS",
+                                "publish-ack cs shopper", wait=True)
+            self.side.wait(lambda: self._seen_state(room, "queued") is not None, 2.0)
+
+    def _chat(self, room: str, opts: Any) -> None:
+        lo, hi = _span(getattr(opts, "desk_msgs", "2-6"), (2, 6))
+        think = _span(getattr(opts, "desk_think", "1-3"), (1, 3))
+        offline = getattr(opts, "desk_offline_chance", 0.1)
+        for _ in range(random.randint(int(lo), int(hi))):
+            gevent.sleep(random.uniform(*think))
+            if self._seen_state(room, "closed") is not None or not self._online():
+                return
+            k = next(self.keys)
+            self.waiting[k] = time.perf_counter()
+            ack = self.client.request({"op": "publish", "room": room, "type": "chat",
+                                       "data": {"text": random.choice(_QUESTIONS), "k": k}},
+                                      "WS", "publish-ack cs shopper", wait=True, ok_codes=(4092,))
+            if ack is None or ack.get("op") == "error":
+                self.waiting.pop(k, None)
+                return  # closed by the agent meanwhile (4092), or the connection went
+            if random.random() < offline:
+                self.client.close(abrupt=True)  # backgrounded: the answer arrives while away
+                gevent.sleep(random.uniform(0.5, 2.0))
+                if not self._online():
+                    return
+            if not self.side.wait(lambda k=k: k not in self.waiting or self._seen_state(room, "closed") is not None, ANSWER_TIMEOUT):
+                self.waiting.pop(k, None)
+                self.client.fire("DESK", "answer (chat -> agent reply)", ANSWER_TIMEOUT * 1000,
+                                 TimeoutError(f"no answer within {ANSWER_TIMEOUT:g} s"))
+                return
+            if self.client.ws is not None and self.last_seq.get(room):
+                self.client.request({"op": "read", "room": room, "seq": self.last_seq[room]}, "WS", "read")
+
+    def on_stop(self) -> None:
+        self.client.close()
+
+
+class DeskAgentUser(User):
+    """An agent of the desk: connects with ``role=agent`` (dev auth), ``sync`` (attached
+    to its conversations: new sessions' messages arrive live), ``cs.status online`` with
+    ``--desk-capacity``; answers every chat message of its sessions (after
+    ``--desk-answer-delay``), and closes a session after ``--desk-close-after`` answers.
+    ``--desk-agents`` of them (a fixed count, spawned before the shoppers)."""
+
+    weight = 1
+    fixed_count = 50  # from --desk-agents (init listener below)
+    wait_time = between(0, 0)
+
+    def on_start(self) -> None:
+        self.uid = f"agent-{os.getpid()}-{next(_desk_ids)}"
+        self.client = GatewayClient(self, self.uid, "role=agent")
+        self.client.on_msg = self._on_msg
+        self.client.on_push = self._on_push
+        self.side = _DeskSide()
+        self.sessions: dict[str, dict[str, Any]] = {}  # room -> {"session", "answers"}
+        self.closed: set[str] = set()
+        self.jobs: gevent.queue.Queue = gevent.queue.Queue()
+        opts = self.environment.parsed_options
+        self.delay = _span(getattr(opts, "desk_answer_delay", "0.5-2"), (0.5, 2))
+        self.close_after = getattr(opts, "desk_close_after", 4)
+        self._online()
+
+    def _online(self) -> bool:
+        if self.client.ws is not None:
+            return True
+        if not self.client.connect():
+            return False
+        if self.client.request({"op": "sync", "limit": 1, "msgs": 0}, "WS", "sync", wait=True) is None:
+            return False
+        cap = getattr(self.environment.parsed_options, "desk_capacity", 20)
+        return self.client.request({"op": "cs.status", "status": "online", "capacity": cap}, "WS", "cs.status", wait=True) is not None
+
+    def _on_push(self, f: dict) -> None:
+        data = f.get("data") if isinstance(f.get("data"), dict) else {}
+        if f.get("type") == "cs.assigned":
+            self.sessions[str(data.get("room"))] = {"session": data.get("session"), "answers": 0}
+            since = data.get("queued_at") or data.get("opened_at")
+            if isinstance(since, (int, float)):
+                self.client.fire("DESK", "assigned push (queued -> agent)", max(0.0, now_ms() - since))
+        elif f.get("type") == "cs.unassigned":
+            self.sessions.pop(f"cs:{data.get('session')}", None)
+
+    def _on_msg(self, m: dict) -> None:
+        room = str(m.get("room", ""))
+        if not room.startswith("cs:") or not self.side.first_time(m):
+            return
+        data = m.get("data") if isinstance(m.get("data"), dict) else {}
+        if m.get("type") == "chat" and m.get("from") not in (None, self.uid):
+            self.jobs.put((room, data.get("k")))
+        elif m.get("type") == "cs.state" and data.get("state") == "closed":
+            self.sessions.pop(room, None)
+            self.closed.add(room)
+            self.side.seen.pop(room, None)
+
+    @task
+    def work(self) -> None:
+        if not self._online():
+            gevent.sleep(1)
+            return
+        try:
+            room, k = self.jobs.get(timeout=1.0)
+        except gevent.queue.Empty:
+            self.client.check_timeouts()
+            return
+        if self.delay[1] > 0:
+            gevent.spawn_later(random.uniform(*self.delay), self._answer, room, k)
+        else:
+            self._answer(room, k)
+
+    def _answer(self, room: str, k: Any) -> None:
+        if room in self.closed or self.client.ws is None:
+            return  # closed meanwhile
+        # (a chat may come before the cs.assigned push: the session is known by its room)
+        s = self.sessions.setdefault(room, {"session": room[3:], "answers": 0})
+        self.client.request({"op": "publish", "room": room, "type": "chat", "data": {"text": "您好，已为您查询：有货，48 小时内发货。", "re": k}},
+                            "WS", "publish-ack cs agent", ok_codes=(4092,))
+        s["answers"] += 1
+        if s["answers"] >= self.close_after:
+            self.sessions.pop(room, None)
+            self.closed.add(room)
+            self.client.request({"op": "cs.close", "session": s["session"]}, "WS", "cs.close (agent)")
+
+    def on_stop(self) -> None:
+        self.client.close()
+
+
+@events.init.add_listener
+def _desk_agents(environment: Any, **_kw: Any) -> None:
+    opts = environment.parsed_options
+    if opts is not None and getattr(opts, "desk_agents", None) is not None:
+        DeskAgentUser.fixed_count = max(0, int(opts.desk_agents))
