@@ -200,6 +200,36 @@ async def test_live_delivery_without_join_and_reading_on_one_device_clears_the_o
         assert not g.finish()
 
 
+async def test_new_conversations_past_max_attached_push_out_the_oldest(tmp_path: Path) -> None:
+    """A connection follows at most ``max_attached`` conversations; one it joins later (an
+    agent's next desk session) is attached in place of the least recently attached one,
+    not left silent."""
+    g = gateway(tmp_path, "conversations.max_attached=3").start()
+    owner, mem = f"own{uniq()}", f"mem{uniq()}"
+    try:
+        o, m = await g.client(owner), await g.client(mem)
+        await sync(o)
+        await sync(m)
+        rooms = []
+        for i in range(6):
+            added = m.wait_event(lambda f: f.get("op") == "conv" and f.get("event") == "added", timeout=10)
+            rooms.append((await o.request("create", members=[mem], meta={"name": f"g{i}"}))["room"])
+            assert (await added)["room"] == rooms[-1], "told of each new one (attached)"
+        while m.recv_nowait() is not None:
+            pass  # the groups' "added" system messages
+        await o.publish(rooms[-1], {"text": "newest"})
+        got = await m.recv(timeout=10)
+        assert (got["room"], got["data"]) == (rooms[-1], {"text": "newest"})
+        # The oldest was detached: its messages wait for the next sync.
+        cursor = (await sync(m))["cursor"]
+        await o.publish(rooms[0], {"text": "to the oldest"})
+        assert conv(await sync(m, since=cursor), rooms[0])["last"]["data"] == {"text": "to the oldest"}
+        await o.close()
+        await m.close()
+    finally:
+        assert not g.finish()
+
+
 async def test_groups_recall_and_removal(tmp_path: Path) -> None:
     g = gateway(tmp_path).start()
     owner, mem, out = f"own{uniq()}", f"mem{uniq()}", f"out{uniq()}"

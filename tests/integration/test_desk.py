@@ -594,3 +594,35 @@ async def test_who_may_rate_close_watch_and_form(tmp_path: Path) -> None:
             await c.close()
     finally:
         assert not g.finish()
+
+
+async def test_an_open_cut_by_the_hook_deadline_still_completes(tmp_path: Path) -> None:
+    """``hooks.timeout`` answers 4080 before a slow ``cs.open`` is done; the open runs to
+    its end anyway, so the retry resumes a whole session: queued, assigned, writable."""
+    g = gateway(tmp_path, config(), "plugins.desk.bot_turns=0", "hooks.timeout=0.03", "store.batch_ms=20").start()
+    shopper, alice = uniq("shop"), uniq("alice")
+    try:
+        a = await g.client(alice, params={"role": "agent"})
+        assert await _code(a, "cs.status", status="online") in ("ok", 4080)
+        s = await g.client(shopper)
+        assert await _code(s, "cs.open", department="presales", card={"kind": "page", "title": "x"}) == 4080, "slower than the deadline"
+        sid = None
+        for _ in range(100):
+            status, body = await g.api("GET", "/v1/cs/sessions?state=assigned")
+            if status == 200 and body["sessions"]:
+                sid = body["sessions"][0]["session"]
+                break
+            await asyncio.sleep(0.05)
+        assert sid is not None, "the cut-off open was queued and assigned"
+        for _ in range(50):
+            try:
+                ack = await s.request("cs.open", department="presales")
+                break
+            except GatewayError as e:
+                assert e.code == 4080
+        assert ack["session"] == sid and ack["resumed"] is True and ack["agent"] == alice
+        await s.publish(ack["room"], {"text": "still there?"})
+        await a.close()
+        await s.close()
+    finally:
+        assert not g.finish()

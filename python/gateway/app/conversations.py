@@ -81,7 +81,8 @@ class _Attached:
     __slots__ = ("ready", "rooms")
 
     def __init__(self) -> None:
-        self.rooms: set[str] = set()
+        #: Attached rooms, the least recently attached first (evicted first at the cap).
+        self.rooms: dict[str, None] = {}
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
 
@@ -291,7 +292,8 @@ class Conversations:
         a = self._attached[c.conn] = _Attached()
         try:
             rooms = await self.store.user_rooms(c.user, self.cfg.max_attached) if self.cfg.max_attached else []
-            await asyncio.gather(*(self._attach_one(c.conn, room, a) for room in rooms))
+            # The least active first: they are the first to go when new ones come.
+            await asyncio.gather(*(self._attach_one(c.conn, room, a) for room in reversed(rooms)))
         except BaseException as e:
             if not a.ready.done():  # (cancelled when the connection closed meanwhile)
                 a.ready.set_exception(e if isinstance(e, Exception) else RuntimeError("cancelled"))
@@ -302,13 +304,24 @@ class Conversations:
         if not a.ready.done():
             a.ready.set_result(None)
 
-    async def _attach_one(self, conn: int, room: str, a: _Attached) -> bool:
-        if len(a.rooms) >= self.cfg.max_attached:
+    async def _attach_one(self, conn: int, room: str, a: _Attached, *, evict: bool = False) -> bool:
+        """Attach ``conn`` to ``room``. At ``max_attached``: refused, or with ``evict`` (a
+        new membership) the least recently attached room is detached to make room (sync
+        still reports it; an agent's closed sessions go this way)."""
+        if room in a.rooms:
             return False
-        joined = self.engine().join(conn, room, self._cap(conn))
+        eng = self.engine()
+        if len(a.rooms) >= self.cfg.max_attached:
+            if not evict or not a.rooms:
+                return False
+            old = next(iter(a.rooms))
+            del a.rooms[old]
+            if eng.leave(conn, old) and eng.room_counts(old)[0] == 0:
+                self.tasks.spawn(self.broker.unsubscribe(old))
+        joined = eng.join(conn, room, self._cap(conn))
         if joined != 1:
             return False
-        a.rooms.add(room)
+        a.rooms[room] = None
         await self.broker.subscribe(room)
         return True
 
@@ -333,7 +346,7 @@ class Conversations:
             if cmd.event == "added":
                 self.tasks.spawn(self._added(conn, cmd, a))
             elif cmd.room in a.rooms:
-                a.rooms.discard(cmd.room)
+                del a.rooms[cmd.room]
                 eng.send(conn, frames.conv_event(cmd.room, "removed"), Priority.HIGH)
                 if eng.leave(conn, cmd.room) and eng.room_counts(cmd.room)[0] == 0:
                     self.tasks.spawn(self.broker.unsubscribe(cmd.room))
@@ -341,7 +354,7 @@ class Conversations:
     async def _added(self, conn: int, cmd: ConvMember, a: _Attached) -> None:
         try:
             await asyncio.shield(a.ready)
-            if await self._attach_one(conn, cmd.room, a):
+            if await self._attach_one(conn, cmd.room, a, evict=True):
                 self.engine().send(conn, frames.conv_event(cmd.room, "added", cmd.role or None), Priority.HIGH)
         except Exception as e:
             log.debug("attaching conn %d to %s failed: %s", conn, cmd.room, e)

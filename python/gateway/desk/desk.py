@@ -48,6 +48,8 @@ NOT_AGENT, NO_SESSION, BAD, TAKEN, FULL, CLOSED = 4003, 4004, 4000, 4090, 4091, 
 AGENT_ROLES = ("agent", "supervisor")
 #: Wait buckets (seconds) of gateway_cs_wait_seconds / handle_seconds.
 _WAIT_BUCKETS = (5, 15, 30, 60, 120, 300, 600, 1800, 3600)
+#: Seconds a department's queue changes are gathered before its agents are told.
+QUEUE_PUSH_DELAY = 0.2
 _HANDLE_BUCKETS = (30, 60, 180, 300, 600, 1200, 1800, 3600, 7200)
 
 ContextHook = Callable[[CsSession], "Awaitable[dict[str, Any]] | dict[str, Any]"]
@@ -69,6 +71,12 @@ class Actor:
     @property
     def is_supervisor(self) -> bool:
         return self.role in ("supervisor", "api")
+
+
+def _retrieve(t: asyncio.Future[Any]) -> None:
+    """An op's outcome is read even when nobody waits for it any more (timed out)."""
+    if not t.cancelled():
+        t.exception()
 
 
 def _now_ms() -> int:
@@ -146,6 +154,7 @@ class Desk(Plugin):
         self._past_bot: OrderedDict[str, None] = OrderedDict()
         self._reminded: dict[str, int] = {}
         self._tasks: list[asyncio.Future[Any]] = []
+        self._queue_pending: set[str] = set()
 
     # ---- set-up --------------------------------------------------------------------------
 
@@ -281,12 +290,27 @@ class Desk(Plugin):
         except BrokerError as e:
             log.warning("desk: push %s to %s failed: %s", type, user, e)
 
-    async def _queue_changed(self, department: str) -> None:
-        q = await self.eng.queue(department)
-        self.m_waiting.labels(department).set(len(q))
-        for a in await self.eng.agents():
-            if department in a.departments and a.status != "offline":
-                await self._push(a.user, "cs.queue", {"department": department, "waiting": len(q)})
+    def _queue_changed(self, department: str) -> None:
+        """Tell the department's agents its queue changed: at most one ``cs.queue`` push
+        per agent every :data:`QUEUE_PUSH_DELAY` (an open and its assignment, or a burst
+        of opens, make one)."""
+        if department in self._queue_pending:
+            return
+        self._queue_pending.add(department)
+        assert self.gw is not None
+        self.gw.tasks.spawn(self._queue_push(department))
+
+    async def _queue_push(self, department: str) -> None:
+        await asyncio.sleep(QUEUE_PUSH_DELAY)
+        self._queue_pending.discard(department)
+        try:
+            q = await self.eng.queue(department)
+            self.m_waiting.labels(department).set(len(q))
+            for a in await self.eng.agents():
+                if department in a.departments and a.status != "offline":
+                    await self._push(a.user, "cs.queue", {"department": department, "waiting": len(q)})
+        except (BrokerError, StoreUnavailable) as e:
+            log.warning("desk: the queue of %s was not pushed: %s", department, e)
 
     async def context(self, s: CsSession) -> dict[str, Any] | None:
         if self.context_hook is None:
@@ -345,7 +369,7 @@ class Desk(Plugin):
         if state == "queued":
             self._no_bot(s.id)
             await self.eng.enqueue(s.id, s.department, now, last)
-            await self._queue_changed(s.department)
+            self._queue_changed(s.department)
             await self.dispatch(s.department)
         return s, False, None
 
@@ -358,7 +382,7 @@ class Desk(Plugin):
             return await self._session(s.id)
         await self._state_changed(q, by)
         await self.eng.enqueue(q.id, q.department, now, q.last_agent)
-        await self._queue_changed(q.department)
+        self._queue_changed(q.department)
         await self.dispatch(q.department)
         return await self._session(q.id)
 
@@ -374,7 +398,7 @@ class Desk(Plugin):
             picked = True
             await self._assigned(r[0], r[1], "assign")
         if picked:
-            await self._queue_changed(department)
+            self._queue_changed(department)
 
     async def _assigned(self, sid: str, agent: str, by: str) -> CsSession | None:
         """The engine gave ``sid`` to ``agent``: record it (or undo it if the session
@@ -417,7 +441,7 @@ class Desk(Plugin):
         got = await self._assigned(sid, actor.user, "accept")
         if got is None or got.agent != actor.user:
             raise Reject(CLOSED if got is not None and not got.open else TAKEN, f"session {sid} is no longer waiting")
-        await self._queue_changed(s.department)
+        self._queue_changed(s.department)
         return got
 
     async def transfer(self, actor: Actor, sid: str, to_agent: str | None, to_dept: str | None, note: str | None) -> CsSession:
@@ -476,7 +500,7 @@ class Desk(Plugin):
             await self._push(to_agent, "cs.assigned", info)
         else:
             await self._state_changed(t, "transfer", **{"from": old})
-            await self._queue_changed(t.department)
+            self._queue_changed(t.department)
             await self.dispatch(t.department)
         if old is not None:
             await self.dispatch(s.department)
@@ -534,7 +558,7 @@ class Desk(Plugin):
             await self._push(s.agent, "cs.unassigned", {"session": sid, "reason": "closed"})
             await self.dispatch(s.department)
         if s.state == "queued":
-            await self._queue_changed(s.department)
+            self._queue_changed(s.department)
         return c
 
     async def rate(self, actor: Actor, sid: str, score: Any, comment: Any) -> CsSession:
@@ -637,7 +661,7 @@ class Desk(Plugin):
             await self.eng.enqueue(sid, q.department, q.queued_at or now, None)
             await self._state_changed(q, "requeue", reason=reason)
             await self._push(user, "cs.unassigned", {"session": sid, "reason": "requeue"})
-            await self._queue_changed(q.department)
+            self._queue_changed(q.department)
             await self.dispatch(q.department)
         return n
 
@@ -772,7 +796,15 @@ class Desk(Plugin):
 
     # ---- client ops ----------------------------------------------------------------------
 
-    async def on_request(self, client: Client, op: str, msg: dict[str, Any]) -> dict[str, Any] | None:
+    def on_request(self, client: Client, op: str, msg: dict[str, Any]) -> Awaitable[dict[str, Any] | None]:
+        """A desk op. It runs to its end even when ``hooks.timeout`` answers the client
+        first (4080): a session is never left half opened, half assigned or half closed
+        (the client's retry finds it done)."""
+        task = asyncio.ensure_future(self._request(client, op, msg))
+        task.add_done_callback(_retrieve)
+        return asyncio.shield(task)
+
+    async def _request(self, client: Client, op: str, msg: dict[str, Any]) -> dict[str, Any] | None:
         actor = self.actor(client)
         match op:
             case "cs.open":
