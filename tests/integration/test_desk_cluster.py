@@ -46,7 +46,10 @@ capacity = 1
 
 def nodes(redis_server: RedisServer, dsn: str, tmp_path: Path, desk: str = DESK) -> list[GatewayProcess]:
     migrate(dsn)
-    sets = ["store.kind=postgres", f"store.dsn={dsn}", "limits.client_rate=0", "hooks.timeout=30", "broker.leave_grace=0.5"]
+    # A prefix of its own: the session's Redis is shared, and another test's agents (still
+    # "online" until their node's reports expire) must not be picked for this test's sessions.
+    sets = ["store.kind=postgres", f"store.dsn={dsn}", "limits.client_rate=0", "hooks.timeout=30", "broker.leave_grace=0.5",
+            f"broker.prefix={uniq('t')}"]
     args = ["--broker", "redis", "--redis-url", redis_server.url]
     return [GatewayProcess(tmp_path / f"n{i}", sets, config=ROUTES + desk, args=args).start() for i in range(2)]
 

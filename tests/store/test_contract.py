@@ -667,6 +667,18 @@ async def test_a_conversation_created_by_many_at_once_is_created_once(store: Sto
     assert [(m.user, m.role, m.active) for m in await store.members("dm:ann:bob")] == [("ann", "member", True), ("bob", "member", True)]
 
 
+async def test_user_rooms_all_of_them_or_the_most_active(store: Store) -> None:
+    for i in range(4):
+        await store.create_conversation(f"group:ur{i}", "group", None, b"{}", [("amy", "member")], 10)
+    # Activity by last message: ur1 newest, then ur3; ur0 and ur2 have none.
+    later = int(time.time() * 1000) + 60_000
+    await store.commit_many([msg("group:ur3", 1, sender="x", ts=later + 10), msg("group:ur1", 1, sender="x", ts=later + 20)])
+    assert sorted(await store.user_rooms("amy", 4)) == ["group:ur0", "group:ur1", "group:ur2", "group:ur3"], "all when they fit"
+    assert await store.user_rooms("amy", 2) == ["group:ur1", "group:ur3"], "else the most active"
+    await store.remove_member("group:ur1", "amy")
+    assert sorted(await store.user_rooms("amy", 10)) == ["group:ur0", "group:ur2", "group:ur3"], "active memberships only"
+
+
 async def test_new_members_start_with_what_was_said_read_and_unread_is_arithmetic(store: Store) -> None:
     await store.create_conversation("group:2", "group", None, b"{}", [("alice", "owner")], 10)
     await store.commit_many([msg("group:2", i, sender="alice") for i in (1, 2, 3)])

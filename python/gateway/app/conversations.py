@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from .._core import Engine
+from .._eager import run_eager
 from ..broker import Broker, BrokerError, ConvMember
 from ..config import Config
 from ..errors import Reject
@@ -292,8 +293,21 @@ class Conversations:
         a = self._attached[c.conn] = _Attached()
         try:
             rooms = await self.store.user_rooms(c.user, self.cfg.max_attached) if self.cfg.max_attached else []
-            # The least active first: they are the first to go when new ones come.
-            await asyncio.gather(*(self._attach_one(c.conn, room, a) for room in reversed(rooms)))
+            # The least active first: they are the first to go when new ones come. Joined
+            # in one pass, subscribed eagerly: only subscriptions that must wait for the
+            # broker become tasks (a user in 1,000 conversations, one node: none).
+            eng = self.engine()
+            cap = self._cap(c.conn)
+            waits = []
+            for room in reversed(rooms):
+                if len(a.rooms) >= self.cfg.max_attached or eng.join(c.conn, room, cap) != 1:
+                    continue
+                a.rooms[room] = None
+                _, task = run_eager(self.broker.subscribe(room))
+                if task is not None:
+                    waits.append(task)
+            if waits:
+                await asyncio.gather(*waits)
         except BaseException as e:
             if not a.ready.done():  # (cancelled when the connection closed meanwhile)
                 a.ready.set_exception(e if isinstance(e, Exception) else RuntimeError("cancelled"))

@@ -555,8 +555,11 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def user_rooms(self, user: str, limit: int) -> list[str]:
-        """Conversations ``user`` is an active member of, most recently changed first (the
-        ones a connection is attached to)."""
+        """Up to ``limit`` conversations ``user`` is an active member of (the ones a
+        connection is attached to): every one when there are no more than ``limit``,
+        most recently changed membership (joined, read, role) first; otherwise the
+        ``limit`` most recently active (by their last message), most active first.
+        The common case is one index read of the memberships, with no message probe."""
 
     @abc.abstractmethod
     async def mark_read(self, room: str, user: str, seq: int) -> Member | None:

@@ -1472,6 +1472,12 @@ class PostgresStore(Store):
         return int(rows[0][0])
 
     async def user_rooms(self, user: str, limit: int) -> list[str]:
+        rows = await self._fetch(
+            f"SELECT room FROM {self.schema}.room_members WHERE user_id = $1 AND left_seq IS NULL ORDER BY updated_at DESC LIMIT $2",
+            [user, limit + 1], "reading a user's conversations",
+        )
+        if len(rows) <= limit:
+            return [r[0] for r in rows]
         return [c.conv.room for c in await self.user_conversations(user, limit=limit, include_left=False)]
 
     def _mark_read_sql(self) -> str:

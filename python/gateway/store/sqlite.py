@@ -984,6 +984,10 @@ class SqliteStore(Store):
         return int(rows[0][0])
 
     async def user_rooms(self, user: str, limit: int) -> list[str]:
+        sql = "SELECT room FROM room_members WHERE user_id = ? AND left_seq IS NULL ORDER BY updated_at DESC LIMIT ?"
+        rows = await self._read(_fetch(sql, (user, limit + 1)), "user_rooms")
+        if len(rows) <= limit:
+            return [r[0] for r in rows]
         return [c.conv.room for c in await self.user_conversations(user, limit=limit, include_left=False)]
 
     async def mark_read(self, room: str, user: str, seq: int) -> Member | None:
