@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from support.desk import DESK_ROUTES
 
 from examples.wechat_subscribe import WeChatSettings, WeChatSubscribe
 
@@ -147,23 +148,7 @@ def test_bad_settings_are_clear_errors(env: dict[str, str], message: str) -> Non
         settings("http://127.0.0.1:1", **env)
 
 
-DESK_CONFIG = """
-[[routes]]
-pattern = "cs:{session}"
-kind = "group"
-join = "none"
-store = "durable"
-create = "none"
-invite = "none"
-
-[[routes]]
-pattern = "csi:{session}"
-kind = "group"
-join = "none"
-store = "durable"
-create = "none"
-invite = "none"
-
+DESK_CONFIG = DESK_ROUTES + """
 [[routes]]
 pattern = "*"
 

@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 from support.browser import Browsers, ensure_browser, ensure_selenium, js_errors, wait
+from support.desk import DESK_ROUTES
 from support.fixtures import GatewayFactory
 from support.gateway import ROOT
 
@@ -30,24 +31,7 @@ ARTIFACTS = ROOT / "target" / "artifacts"
 CANNED = ["您好，请问有什么可以帮您？", "稍等，我帮您查一下。"]
 
 #: The desk's routes and settings (docs/customer-service.md "Set-up"): no bot, manual claim.
-DESK_CONFIG = f"""
-[[routes]]
-pattern = "cs:{{session}}"
-kind = "group"
-join = "none"
-store = "durable"
-members_max = 20
-create = "none"
-invite = "none"
-
-[[routes]]
-pattern = "csi:{{session}}"
-kind = "group"
-join = "none"
-store = "durable"
-create = "none"
-invite = "none"
-
+DESK_CONFIG = DESK_ROUTES + f"""
 [[routes]]
 pattern = "*"
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import orjson
 import pytest
+from support.desk import DESK_ROUTES
 from support.gateway import GatewayProcess, uniq
 from support.wait import eventually
 
@@ -20,28 +21,7 @@ from gateway.client import GatewayClient, GatewayError
 
 APP = "tests.integration.desk_app:make_app"
 
-ROUTES = """
-[[routes]]
-pattern = "cs:{session}"
-kind = "group"
-join = "none"
-store = "durable"
-members_max = 20
-create = "none"
-invite = "none"
-user_rate = 0
-room_rate = 0
-
-[[routes]]
-pattern = "csi:{session}"
-kind = "group"
-join = "none"
-store = "durable"
-create = "none"
-invite = "none"
-user_rate = 0
-room_rate = 0
-
+ROUTES = DESK_ROUTES + """
 [[routes]]
 pattern = "notice:{user_id}"
 kind = "notice"

@@ -75,10 +75,13 @@ class Assigner(abc.ABC):
         """True for exactly one caller while the hot state is empty (a new Redis, a
         restarted single node): that caller then calls :meth:`rebuild`."""
 
-    @abc.abstractmethod
     async def rebuild(self, queued: list[tuple[str, str, int, str | None]], assigned: list[tuple[str, str]]) -> None:
         """Load ``queued`` ((session, department, queued_at ms, sticky agent)) and
         ``assigned`` ((session, agent): owners and loads) from the store."""
+        for s, d, at, st in queued:
+            await self.enqueue(s, d, at, st)
+        for s, a in assigned:
+            await self.claim(s, a, None, force=True)
 
     @abc.abstractmethod
     async def enqueue(self, session: str, department: str, queued_at: int, sticky: str | None = None) -> None:
@@ -190,12 +193,6 @@ class MemoryAssigner(Assigner):
     async def take_rebuild(self) -> bool:
         first, self._built = not self._built, True
         return first
-
-    async def rebuild(self, queued: list[tuple[str, str, int, str | None]], assigned: list[tuple[str, str]]) -> None:
-        for s, d, at, st in queued:
-            await self.enqueue(s, d, at, st)
-        for s, a in assigned:
-            await self.claim(s, a, None, force=True)
 
     async def enqueue(self, session: str, department: str, queued_at: int, sticky: str | None = None) -> None:
         self._queues.setdefault(department, {})[session] = queued_at
@@ -377,12 +374,6 @@ class RedisAssigner(Assigner):
 
     async def take_rebuild(self) -> bool:
         return bool(await self._redis.set(self.p + "built", secrets.token_hex(8), nx=True))
-
-    async def rebuild(self, queued: list[tuple[str, str, int, str | None]], assigned: list[tuple[str, str]]) -> None:
-        for s, d, at, st in queued:
-            await self.enqueue(s, d, at, st)
-        for s, a in assigned:
-            await self.claim(s, a, None, force=True)
 
     async def enqueue(self, session: str, department: str, queued_at: int, sticky: str | None = None) -> None:
         pipe = self._redis.pipeline(transaction=True)
