@@ -20,7 +20,11 @@ def make_app(config: Config) -> Gateway:
         assert gw is not None
         await gw.send_user(s.shopper, {"session": s.id, "unread": unread, "since_ms": since_ms}, type="cs.remind")
 
-    gw = Gateway(config, plugins=[Desk(context=context, on_unread_reply=remind)])
+    def route(shopper: str, card: Any) -> str | None:
+        """The company's rule: returns ("ret*" shoppers) go to after-sales."""
+        return "aftersales" if shopper.startswith("ret") else None
+
+    gw = Gateway(config, plugins=[Desk(context=context, on_unread_reply=remind, route=route)])
     return gw
 
 

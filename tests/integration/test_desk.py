@@ -50,6 +50,7 @@ canned = ["您好，请问有什么可以帮您？"]
 
 [[plugins.desk.departments]]
 name = "aftersales"
+card_kinds = ["order", "refund"]
 {after_hours}
 
 [[plugins.desk.faq]]
@@ -604,5 +605,23 @@ async def test_an_open_cut_by_the_hook_deadline_still_completes(tmp_path: Path) 
         await s.publish(ack["room"], {"text": "still there?"})
         await a.close()
         await s.close()
+    finally:
+        assert not g.finish()
+
+
+async def test_the_department_comes_from_the_shopper_the_rules_or_the_card(tmp_path: Path) -> None:
+    g = gateway(tmp_path, config()).start()
+    try:
+        async def opened(user: str, **kw: Any) -> str:
+            c = await g.client(user)
+            try:
+                return str((await c.request("cs.open", **kw))["department"])
+            finally:
+                await c.close()
+
+        assert await opened(uniq("shop"), card={"kind": "order", "id": "o1"}) == "aftersales", "the card's kind"
+        assert await opened(uniq("shop"), card={"kind": "product", "id": "p1"}) == "presales", "no rule: the first"
+        assert await opened(uniq("ret"), card={"kind": "product", "id": "p1"}) == "aftersales", "the company's route hook"
+        assert await opened(uniq("shop"), department="presales", card={"kind": "order"}) == "presales", "the shopper's choice wins"
     finally:
         assert not g.finish()

@@ -98,6 +98,8 @@ def test_actor_roles() -> None:
     ({"agents": [{"user": "x", "departments": ["nope"]}]}, "plugins.desk.agents[0].departments"),
     ({"agents": [{"user": "x", "capacity": 0}]}, "plugins.desk.agents[0].capacity"),
     ({"faq": [{"keywords": [], "answer": "x"}]}, "plugins.desk.faq[0].keywords"),
+    ({"departments": [{"name": "a", "card_kinds": "order"}]}, "plugins.desk.departments[0].card_kinds"),
+    ({"departments": [{"name": "a", "card_kinds": ["order"]}, {"name": "b", "card_kinds": ["order"]}]}, "plugins.desk.departments[1].card_kinds"),
     ({"engine": "etcd"}, "plugins.desk.engine"),
     ({"typo": 1}, "plugins.desk.typo"),
 ])

@@ -54,6 +54,7 @@ _HANDLE_BUCKETS = (30, 60, 180, 300, 600, 1200, 1800, 3600, 7200)
 
 ContextHook = Callable[[CsSession], "Awaitable[dict[str, Any]] | dict[str, Any]"]
 ReminderHook = Callable[[CsSession, int, int], "Awaitable[None] | None"]
+RouteHook = Callable[[str, Any], "Awaitable[str | None] | str | None"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,7 +116,9 @@ class Desk(Plugin):
     ``bot``: answers first (default: the keyword FAQ bot of ``[[plugins.desk.faq]]``,
     none without entries). ``context(session) -> dict``: the company's data shown to
     agents (not stored). ``on_unread_reply(session, unread, since_ms)``: the shopper
-    has had unread agent replies for ``reminder_minutes``. ``clock``: Unix seconds
+    has had unread agent replies for ``reminder_minutes``. ``route(shopper, card) ->
+    department | None``: the company's rules for a session opened without a department
+    (before the departments' ``card_kinds``). ``clock``: Unix seconds
     (business hours; tests inject one). ``engine``: an :class:`Assigner` (default:
     Redis when the broker is Redis, else memory)."""
 
@@ -130,11 +133,13 @@ class Desk(Plugin):
 
     def __init__(
         self, *, bot: Bot | None = None, context: ContextHook | None = None, on_unread_reply: ReminderHook | None = None,
+        route: RouteHook | None = None,
         clock: Callable[[], float] = time.time, engine: Assigner | None = None, settings: DeskSettings | None = None,
     ) -> None:
         self.bot = bot
         self.context_hook = context
         self.reminder_hook = on_unread_reply
+        self.route_hook = route
         self.clock = clock
         self.engine: Assigner | None = engine
         self.settings = settings or DeskSettings(enabled=True)
@@ -335,7 +340,16 @@ class Desk(Plugin):
     async def open(self, shopper: str, department: str | None, card: Any, *, via: str = "client") -> tuple[CsSession, bool, dict[str, Any] | None]:
         """Open (or resume) the shopper's session: (session, resumed, offline info)."""
         st = self.settings
-        dept = st.department(department)
+        if department is None and self.route_hook is not None:
+            # The company's rules (its code) first, then the card's kind, then the first.
+            try:
+                r = self.route_hook(shopper, card)
+                if inspect.isawaitable(r):
+                    r = await asyncio.wait_for(r, 5.0)
+                department = r if isinstance(r, str) else None
+            except Exception:
+                log.exception("desk: the route hook failed for %s: the card's department is used", shopper)
+        dept = st.department(department) if department is not None else (st.department_for_card(card) or st.department(None))
         if dept is None:
             raise Reject(BAD, f"no department {department!r} (departments: {', '.join(d.name for d in st.departments)})")
         card_bytes = orjson.dumps(card) if card is not None else b"null"

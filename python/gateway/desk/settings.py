@@ -51,6 +51,9 @@ class Department:
     canned: tuple[str, ...] = ()
     hours: Hours | None = None
     offline_message: str = "现在是非工作时间，请留言，我们会尽快联系您。"
+    #: Context-card kinds (``card.kind``) whose sessions come here when the shopper names
+    #: no department, e.g. ``["order", "refund"]`` for after-sales.
+    card_kinds: tuple[str, ...] = ()
 
     def open_at(self, when: float) -> bool:
         return self.hours is None or self.hours.open_at(when)
@@ -98,6 +101,13 @@ class DeskSettings:
         if name is None:
             return self.departments[0]
         return next((d for d in self.departments if d.name == name), None)
+
+    def department_for_card(self, card: Any) -> Department | None:
+        """The department whose ``card_kinds`` has ``card["kind"]`` (None: no rule)."""
+        kind = card.get("kind") if isinstance(card, dict) else None
+        if not isinstance(kind, str):
+            return None
+        return next((d for d in self.departments if kind in d.card_kinds), None)
 
     def agent_departments(self, user: str) -> tuple[str, ...]:
         a = self.agents.get(user)
@@ -208,9 +218,9 @@ def parse_settings(table: Any) -> DeskSettings:
         where = f"plugins.desk.departments[{i}]"
         if not isinstance(d, dict):
             raise ConfigError(where, "must be a table")
-        bad = sorted(set(d) - {"name", "title", "canned", "hours", "holidays", "offline_message"})
+        bad = sorted(set(d) - {"name", "title", "canned", "hours", "holidays", "offline_message", "card_kinds"})
         if bad:
-            raise ConfigError(f"{where}.{bad[0]}", "unknown setting (known: name, title, canned, hours, holidays, offline_message)")
+            raise ConfigError(f"{where}.{bad[0]}", "unknown setting (known: name, title, canned, hours, holidays, offline_message, card_kinds)")
         name = d.get("name")
         if not isinstance(name, str) or not _NAME.match(name):
             raise ConfigError(f"{where}.name", "required: 1..64 letters, digits, '_', '-' or '.'")
@@ -223,6 +233,11 @@ def parse_settings(table: Any) -> DeskSettings:
         if hours is None and "holidays" in d:
             raise ConfigError(f"{where}.holidays", "holidays need hours (a department without hours is always open)")
         kw: dict[str, Any] = {"offline_message": d["offline_message"]} if "offline_message" in d else {}
+        kinds = _strs(d.get("card_kinds", []), f"{where}.card_kinds")
+        taken = [k for k in kinds for x in depts if k in x.card_kinds]
+        if taken:
+            raise ConfigError(f"{where}.card_kinds", f"card kind {taken[0]!r} already goes to another department")
+        kw["card_kinds"] = kinds
         depts.append(Department(name, d.get("title", ""), _strs(d.get("canned", []), f"{where}.canned"), hours, **kw))
     names = {d.name for d in depts}
     capacity = _num(table, "capacity", 5, 1, 1000, integer=True)
