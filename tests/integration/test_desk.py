@@ -625,3 +625,60 @@ async def test_the_department_comes_from_the_shopper_the_rules_or_the_card(tmp_p
         assert await opened(uniq("shop"), department="presales", card={"kind": "order"}) == "presales", "the shopper's choice wins"
     finally:
         assert not g.finish()
+
+
+async def test_least_busy_within_capacity_then_sticky_to_the_last_agent(tmp_path: Path) -> None:
+    """Through real sockets: sessions go to the least busy agent with room (capacity 2 and
+    1), the rest wait; a returning shopper goes back to their last agent (sticky) when
+    that agent has room, even though another is less busy."""
+    g = gateway(tmp_path, config(), "plugins.desk.bot_turns=0").start()
+    alice, bob = uniq("alice"), uniq("bob")
+    shoppers = [uniq(f"shop{i}") for i in range(4)]
+    clients: list[GatewayClient] = []
+    try:
+        a = await g.client(alice, params={"role": "agent"})
+        b = await g.client(bob, params={"role": "agent"})
+        clients += [a, b]
+        assert (await a.request("cs.status", status="online", capacity=2))["capacity"] == 2
+        assert (await b.request("cs.status", status="online", capacity=1))["capacity"] == 1
+        sids = []
+        for sh in shoppers:
+            c = await g.client(sh)
+            clients.append(c)
+            sids.append((await c.request("cs.open", department="presales"))["session"])
+        await eventually(lambda: _loads(g, {alice: 2, bob: 1}), timeout=10, what="alice 2 (her capacity), bob 1 (his)")
+        states = {s: (await api(g, "GET", f"/v1/cs/sessions/{s}"))["state"] for s in sids}
+        assert sorted(states.values()) == ["assigned", "assigned", "assigned", "queued"], states
+        waiting = next(s for s, st in states.items() if st == "queued")
+        assert waiting == sids[3], "the last to come waits"
+        # Bob's shopper closes; the waiting session goes to bob (the only one with room).
+        agents = {s: (await api(g, "GET", f"/v1/cs/sessions/{s}"))["agent"] for s in sids[:3]}
+        bobs = next(s for s in sids[:3] if agents[s] == bob)
+        i = sids.index(bobs)
+        await clients[2 + i].request("cs.close", session=bobs)
+        await eventually(lambda: _state(g, waiting, "assigned"), timeout=10, what="the waiting one assigned")
+        assert (await api(g, "GET", f"/v1/cs/sessions/{waiting}"))["agent"] == bob
+        # One of alice's shoppers closes and comes back: alice has room (1 of 2), bob has none.
+        alices = next(s for s in sids[:3] if s != bobs)
+        j = sids.index(alices)
+        await clients[2 + j].request("cs.close", session=alices)
+        await eventually(lambda: _loads(g, {alice: 1, bob: 1}), timeout=10, what="alice 1")
+        # Bob gets room again (his session closes): now bob is less busy (0) than alice (1),
+        # but the returning shopper is sticky to alice.
+        await clients[5].request("cs.close", session=waiting)
+        await eventually(lambda: _loads(g, {alice: 1, bob: 0}), timeout=10, what="bob free")
+        again = (await clients[2 + j].request("cs.open", department="presales"))["session"]
+        await eventually(lambda: _state(g, again, "assigned"), timeout=10, what="the return assigned")
+        assert (await api(g, "GET", f"/v1/cs/sessions/{again}"))["agent"] == alice, "sticky: her last agent"
+    finally:
+        for c in clients:
+            await c.close()
+        assert not g.finish()
+
+
+async def _loads(g: GatewayProcess, want: dict[str, int]) -> bool:
+    status, body = await g.api("GET", "/v1/cs/agents")
+    if status != 200:
+        return False
+    got = {x["user"]: x["load"] for x in body["agents"] if x["user"] in want}
+    return got == want
