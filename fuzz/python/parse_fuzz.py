@@ -15,6 +15,8 @@ Invariants checked on every input:
 - the conversation ops (protocol 1.1): ``Sync`` limits in range, ``before`` a pair;
   ``Read``/``Recall`` seqs in range; ``Create``/``Invite`` user lists bounded, no
   repeats, ``meta`` a JSON object of at most 4 KB; ``Remove`` names a user;
+- a plugin op (``Custom``): an op name that is not the protocol's, the request object
+  itself, ``size`` the input's length;
 - rooms are non-empty strings; a request parses the same twice (no hidden state).
 """
 
@@ -35,8 +37,10 @@ with atheris.instrument_imports():
         MAX_SYNC_CONVS,
         MAX_SYNC_MSGS,
         MAX_USERS,
+        BUILTIN_OPS,
         BadRequest,
         Create,
+        Custom,
         History,
         Invite,
         Join,
@@ -48,6 +52,7 @@ with atheris.instrument_imports():
         Remove,
         Sync,
         Typing,
+        is_op_name,
         parse,
     )
 
@@ -98,6 +103,9 @@ def test_one_input(data: bytes) -> None:
             assert users
     elif isinstance(req, Remove):
         assert isinstance(req.room, str) and req.room and isinstance(req.user, str) and req.user
+    elif isinstance(req, Custom):
+        assert is_op_name(req.op) and req.op not in BUILTIN_OPS and req.msg.get("op") == req.op
+        assert req.size == len(data)
     else:
         assert isinstance(req, Ping)
     assert parse(data, binary) == req
