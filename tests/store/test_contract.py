@@ -723,15 +723,17 @@ async def test_removed_members_keep_what_they_could_read_and_come_back(store: St
 
 
 async def test_a_users_list_changes_since_a_cursor_paged_by_activity(store: Store) -> None:
+    # Activity from the messages (a second apart, after the rows' creation times: creations
+    # one after the other may fall in the same ms).
+    later = int(time.time() * 1000) + 60_000
     for i in range(5):
         await store.create_conversation(f"dm:u{i}:zoe", "dm", None, b"{}", [(f"u{i}", "member"), ("zoe", "member")], 2)
-        await store.commit(msg(f"dm:u{i}:zoe", 1, ts=T0 + 1000 * i))
+        await store.commit(msg(f"dm:u{i}:zoe", 1, ts=later + 1000 * i))
     states = await store.user_conversations("zoe", since_ms=0, limit=3)
     assert [s.conv.room for s in states] == ["dm:u4:zoe", "dm:u3:zoe", "dm:u2:zoe"]
     nxt = await store.user_conversations("zoe", since_ms=0, limit=3, before=(states[-1].activity, states[-1].conv.room))
     assert [s.conv.room for s in nxt] == ["dm:u1:zoe", "dm:u0:zoe"]
-    # Membership rows were created now (after T0): a cursor past them and past T0 + 4000
-    # sees only what changes later.
+    # A cursor past the newest activity sees only what changes later.
     cursor = max(s.activity for s in states)
     assert await store.user_conversations("zoe", since_ms=cursor) == []
     await store.commit(msg("dm:u1:zoe", 2, ts=cursor + 10))
