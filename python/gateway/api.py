@@ -422,6 +422,35 @@ def _allowed_hosts(host: str, extra: list[str]) -> frozenset[str]:
 # ---- the application -------------------------------------------------------------------------------
 
 
+#: The app's ``api.read_timeout`` (what :func:`read_json` gives a body without a connection deadline).
+_READ_TIMEOUT = web.AppKey("read_timeout", float)
+
+
+async def read_json(req: web.Request, *, empty: bool = False) -> dict[str, Any]:
+    """The JSON object body, read by the request's deadline (408 after it); ``empty``:
+    no body reads as ``{}`` (else 400). For plugins' routes too (``Gateway.http_route``)."""
+    read_timeout = req.app[_READ_TIMEOUT]
+    conn = req.transport.get_protocol() if req.transport is not None else None
+    loop = asyncio.get_running_loop()
+    deadline = conn.deadline if isinstance(conn, _Conn) else loop.time() + read_timeout
+    try:
+        async with asyncio.timeout_at(deadline):
+            raw = await req.read()
+    except TimeoutError:
+        raise BadRequest(f"request body not received within api.read_timeout ({read_timeout:g} s)", 408, "timeout") from None
+    if not raw:
+        if empty:
+            return {}
+        raise BadRequest("request body must be a JSON object")
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise BadRequest("request body is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise BadRequest("request body must be a JSON object")
+    return data
+
+
 def build_app(gw: Gateway) -> web.Application:
     cfg = gw.config.api
     key = cfg.api_key
@@ -499,26 +528,6 @@ def build_app(gw: Gateway) -> web.Application:
             return await dispatch(request, handler)
         finally:
             conn.end()
-
-    async def read_json(req: web.Request) -> dict[str, Any]:
-        """The JSON object body, read by the request's deadline (408 after it)."""
-        conn = req.transport.get_protocol() if req.transport is not None else None
-        loop = asyncio.get_running_loop()
-        deadline = conn.deadline if isinstance(conn, _Conn) else loop.time() + read_timeout
-        try:
-            async with asyncio.timeout_at(deadline):
-                raw = await req.read()
-        except TimeoutError:
-            raise BadRequest(f"request body not received within api.read_timeout ({read_timeout:g} s)", 408, "timeout") from None
-        if not raw:
-            raise BadRequest("request body must be a JSON object")
-        try:
-            data = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            raise BadRequest("request body is not valid JSON") from None
-        if not isinstance(data, dict):
-            raise BadRequest("request body must be a JSON object")
-        return data
 
     async def publish(req: web.Request) -> web.Response:
         d = await read_json(req)
@@ -952,6 +961,7 @@ def build_app(gw: Gateway) -> web.Application:
         return web.Response(body=body, headers={"Content-Type": ctype})
 
     app = web.Application(middlewares=[guard], client_max_size=MAX_BODY)
+    app[_READ_TIMEOUT] = read_timeout
     r = app.router
     r.add_post("/v1/publish", publish)
     r.add_post("/v1/send", send_user)

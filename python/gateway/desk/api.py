@@ -26,18 +26,10 @@ def _json(data: Any, status: int = 200) -> web.Response:
 
 
 async def _body(req: web.Request) -> dict[str, Any]:
-    from ..api import BadRequest
+    """The JSON object body (none: ``{}``), by the API's read deadline like every route's."""
+    from ..api import read_json
 
-    raw = await req.read()
-    if not raw:
-        return {}
-    try:
-        d = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        raise BadRequest("request body is not valid JSON") from None
-    if not isinstance(d, dict):
-        raise BadRequest("request body must be a JSON object")
-    return d
+    return await read_json(req, empty=True)
 
 
 def _user(d: Mapping[str, Any], key: str, *, required: bool = True) -> str | None:
