@@ -17,7 +17,7 @@ from ..protocol.requests import BUILTIN_OPS, is_op_name
 from .plugins import DROP, HOOKS, Plugin
 from .stats import Stats
 
-__all__ = ["Hooks"]
+__all__ = ["Hooks", "consume_result"]
 
 log = logging.getLogger("gateway")
 
@@ -25,9 +25,9 @@ T = TypeVar("T")
 Hook = Callable[..., Any]
 
 
-def _consume_result(t: asyncio.Future[Any]) -> None:
-    """Done callback for abandoned tasks (timed-out hooks): retrieve the outcome so
-    asyncio does not log "exception was never retrieved"."""
+def consume_result(t: asyncio.Future[Any]) -> None:
+    """Done callback for abandoned tasks (timed-out hooks, desk ops answered early):
+    retrieve the outcome so asyncio does not log "exception was never retrieved"."""
     if not t.cancelled():
         t.exception()
 
@@ -128,7 +128,7 @@ class Hooks:
                         raise
                     if not done:
                         task.cancel()
-                        task.add_done_callback(_consume_result)
+                        task.add_done_callback(consume_result)
                         st.hook_timeouts[hook] += 1
                         log.warning("hook %s (%s) timed out after %.1fs", hook, getattr(fn, "__qualname__", fn), self.cfg.timeout)
                         raise HookTimeout(hook)

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from ..app.hooks import consume_result
 from ..app.plugins import Message, Plugin
 from ..broker import BrokerError
 from ..errors import Reject
@@ -72,12 +73,6 @@ class Actor:
     @property
     def is_supervisor(self) -> bool:
         return self.role in ("supervisor", "api")
-
-
-def _retrieve(t: asyncio.Future[Any]) -> None:
-    """An op's outcome is read even when nobody waits for it any more (timed out)."""
-    if not t.cancelled():
-        t.exception()
 
 
 def _now_ms() -> int:
@@ -815,7 +810,7 @@ class Desk(Plugin):
         first (4080): a session is never left half opened, half assigned or half closed
         (the client's retry finds it done)."""
         task = asyncio.ensure_future(self._request(client, op, msg))
-        task.add_done_callback(_retrieve)
+        task.add_done_callback(consume_result)
         return asyncio.shield(task)
 
     async def _request(self, client: Client, op: str, msg: dict[str, Any]) -> dict[str, Any] | None:
