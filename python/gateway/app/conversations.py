@@ -296,16 +296,7 @@ class Conversations:
             # The least active first: they are the first to go when new ones come. Joined
             # in one pass, subscribed eagerly: only subscriptions that must wait for the
             # broker become tasks (a user in 1,000 conversations, one node: none).
-            eng = self.engine()
-            cap = self._cap(c.conn)
-            waits = []
-            for room in reversed(rooms):
-                if len(a.rooms) >= self.cfg.max_attached or eng.join(c.conn, room, cap) != 1:
-                    continue
-                a.rooms[room] = None
-                _, task = run_eager(self.broker.subscribe(room))
-                if task is not None:
-                    waits.append(task)
+            waits = [t for t in (self._attach_now(c.conn, room, a)[1] for room in reversed(rooms)) if t is not None]
             if waits:
                 await asyncio.gather(*waits)
         except BaseException as e:
@@ -318,26 +309,32 @@ class Conversations:
         if not a.ready.done():
             a.ready.set_result(None)
 
-    async def _attach_one(self, conn: int, room: str, a: _Attached, *, evict: bool = False) -> bool:
-        """Attach ``conn`` to ``room``. At ``max_attached``: refused, or with ``evict`` (a
-        new membership) the least recently attached room is detached to make room (sync
-        still reports it; an agent's closed sessions go this way)."""
+    def _attach_now(self, conn: int, room: str, a: _Attached, *, evict: bool = False) -> tuple[bool, asyncio.Future[None] | None]:
+        """Attach ``conn`` to ``room``: (attached, the broker subscription still to wait
+        for, if any). At ``max_attached``: refused, or with ``evict`` (a new membership)
+        the least recently attached room is detached to make room (sync still reports it;
+        an agent's closed sessions go this way)."""
         if room in a.rooms:
-            return False
+            return False, None
         eng = self.engine()
         if len(a.rooms) >= self.cfg.max_attached:
             if not evict or not a.rooms:
-                return False
+                return False, None
             old = next(iter(a.rooms))
             del a.rooms[old]
             if eng.leave(conn, old) and eng.room_counts(old)[0] == 0:
                 self.tasks.spawn(self.broker.unsubscribe(old))
-        joined = eng.join(conn, room, self._cap(conn))
-        if joined != 1:
-            return False
+        if eng.join(conn, room, self._cap(conn)) != 1:
+            return False, None
         a.rooms[room] = None
-        await self.broker.subscribe(room)
-        return True
+        _, task = run_eager(self.broker.subscribe(room))
+        return True, task
+
+    async def _attach_one(self, conn: int, room: str, a: _Attached, *, evict: bool = False) -> bool:
+        attached, task = self._attach_now(conn, room, a, evict=evict)
+        if task is not None:
+            await task
+        return attached
 
     def detach_conn(self, conn: int) -> None:
         """``conn`` closed (the engine took it out of its rooms)."""
