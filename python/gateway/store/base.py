@@ -822,7 +822,11 @@ class Store(abc.ABC):
         stops at ``limit`` orphans; per file one probe of its refs (primary key) and, per
         ref older than the grace period, one probe of ``messages`` by ``(room, seq)``
         until a live one is found. So a sweep that finds few orphans reads every attached
-        file: call it rarely (hourly), not per message."""
+        file: call it rarely (hourly), not per message. NOTE: measured with 200,000
+        attached files, each in one stored message (5,000 rooms), 10 of them orphans: a
+        sweep read all 200,000 in 0.3-0.7 s on SQLite and 0.76-0.82 s on PostgreSQL
+        (about 8 index pages a file, all cached), so about 4 s per million attached
+        files, on one reader connection."""
 
     async def commit_many(self, msgs: Sequence[StoredMessage]) -> list[StoredMessage]:
         """:meth:`commit` for several messages (one group commit)."""
