@@ -16,6 +16,7 @@ import contextlib
 import math
 import os
 import struct
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
@@ -108,7 +109,7 @@ def thumbnail(path: str | os.PathLike[str], out_path: str | os.PathLike[str], ma
     transparency flattened on white, the first frame of an animation.
     :class:`ProbeError` when Pillow cannot decode it (HEIC: no thumbnail)."""
     out = Path(out_path)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex}.tmp")
     try:
         with Image.open(path, formats=PIL_FORMATS) as im:
             _check_pixels(*im.size)
