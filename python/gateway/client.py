@@ -431,13 +431,14 @@ class GatewayClient:
         headers = {**headers, "Content-Type": f"multipart/form-data; boundary={boundary}", "Content-Length": str(total)}
         if self.token is not None:
             headers["Authorization"] = f"Bearer {self.token}"
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as http:
-            async with http.post(target, data=body(), headers=headers, ssl=self.ssl if self.ssl is not None else True) as r:
-                text = await r.text()
-                if r.status != 200:
-                    raise GatewayError(r.status, text)
-                answer: dict[str, Any] = orjson.loads(text)
-                return answer
+        ssl = self.ssl if self.ssl is not None else True
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as http, \
+                http.post(target, data=body(), headers=headers, ssl=ssl) as r:
+            text = await r.text()
+            if r.status != 200:
+                raise GatewayError(r.status, text)
+            answer: dict[str, Any] = orjson.loads(text)
+            return answer
 
     async def send_media(
         self, room: str, kind: str, file: str | bytes | Any, *, caption: str | None = None, cid: str | None = None,

@@ -369,8 +369,6 @@ class MediaConfig:
     max_inflight: int = 64
     #: Hours an uploaded file that no message carries is kept before it is deleted.
     unsent_hours: float = 24.0
-    #: Hours a file sent in a room that keeps no messages (live rooms) is kept.
-    unkept_hours: float = 24.0
     #: Seconds between sweeps for unsent, orphaned (message deleted, recalled or expired)
     #: and purged files.
     sweep_interval: float = 300.0
@@ -701,7 +699,7 @@ class Config:
         m = self.media
         if m.backend not in ("disk", "s3"):
             raise ConfigError("media.backend", f"must be 'disk' or 's3', got {m.backend!r}")
-        for name in ("url_ttl", "timeout", "idle_timeout", "sweep_interval", "unsent_hours", "unkept_hours"):
+        for name in ("url_ttl", "timeout", "idle_timeout", "sweep_interval", "unsent_hours"):
             if not getattr(m, name) > 0:
                 raise ConfigError(f"media.{name}", "must be > 0")
         if m.url_ttl > 7 * 86400:

@@ -30,6 +30,14 @@ export const ErrorCode = {
   NO_CONVERSATION: 4033,
   /** too many members */
   TOO_MANY_MEMBERS: 4034,
+  /** media: no such file (never uploaded, removed, or judged risky) */
+  MEDIA_NOT_FOUND: 4035,
+  /** media: the file was uploaded by another user */
+  MEDIA_NOT_YOURS: 4036,
+  /** media: the file's kind is not the message type, or the route takes no such kind */
+  MEDIA_KIND: 4037,
+  /** media: already sent in another conversation, and the route forbids reuse */
+  MEDIA_USED: 4038,
   /** rejected by a plugin (the message says why) */
   REJECTED: 4050,
   /** hook timed out and its fallback is deny */

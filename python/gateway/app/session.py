@@ -56,8 +56,8 @@ from .stats import Stats
 from .tasks import Tasks
 
 if TYPE_CHECKING:
-    from .conversations import Conversations
     from ..media.service import Media
+    from .conversations import Conversations
 
 __all__ = ["MAX_BACKLOG", "Client", "Sessions"]
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
+import errno
 import hashlib
 import os
 import re
@@ -89,9 +90,11 @@ class Objects(abc.ABC):
             self._executor.shutdown(wait=False, cancel_futures=True)
 
     @abc.abstractmethod
-    async def put(self, key: str, path: Path, content_type: str) -> None:
+    async def put(self, key: str, path: Path, content_type: str, *, move: bool = False) -> None:
         """Store the finished local file ``path`` under ``key`` (replacing any object
-        there). Readers see the whole object or none of it, never a part."""
+        there). Readers see the whole object or none of it, never a part. ``move``: the
+        caller no longer needs ``path`` (the disk backend renames it into place when it
+        is on the same filesystem instead of copying it)."""
 
     @abc.abstractmethod
     async def delete(self, keys: Sequence[str]) -> None:
@@ -159,9 +162,23 @@ class DiskObjects(Objects):
 
         await self._run(mk)
 
-    def _put(self, key: str, src: Path) -> None:
+    def _put(self, key: str, src: Path, move: bool = False) -> None:
         dest = self.path(key)
         dest.parent.mkdir(parents=True, exist_ok=True)
+        if move:
+            fd = os.open(src, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            try:
+                os.replace(src, dest)
+            except OSError as e:
+                if e.errno != errno.EXDEV:
+                    raise
+            else:
+                _fsync_dir(dest.parent)
+                return
         tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.tmp")
         try:
             with open(src, "rb") as fi, open(tmp, "xb") as fo:
@@ -175,9 +192,9 @@ class DiskObjects(Objects):
             raise
         _fsync_dir(dest.parent)
 
-    async def put(self, key: str, path: Path, content_type: str) -> None:
+    async def put(self, key: str, path: Path, content_type: str, *, move: bool = False) -> None:
         self.path(key)
-        await self._run(self._put, key, Path(path))
+        await self._run(self._put, key, Path(path), move)
 
     def _delete(self, keys: Sequence[str]) -> None:
         dirs = set()
@@ -326,7 +343,7 @@ class S3Objects(Objects):
         if self._made is not None:
             self._made[0].close()
 
-    async def put(self, key: str, path: Path, content_type: str) -> None:
+    async def put(self, key: str, path: Path, content_type: str, *, move: bool = False) -> None:
         k = self.key(key)
         await self._run(lambda: self._client.upload_file(str(path), self.bucket, k, ExtraArgs={"ContentType": content_type}, Config=self._boto()[1]))
 

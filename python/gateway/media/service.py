@@ -51,10 +51,10 @@ from ..errors import AuthError, Reject
 from ..protocol import frames
 from ..protocol.codes import ErrorCode
 from ..routing import MEDIA_KINDS, Route, valid_room_name
-from ..store import MediaFile, StoreUnavailable
+from ..store import MediaFile, Store, StoreUnavailable
 from .objects import DiskObjects, Objects, S3Objects
 from .probe import ProbeError, audio_duration_ms, probe_image, thumbnail, video_info
-from .sniff import HEAD_BYTES, Sniffed, allowed, detect
+from .sniff import HEAD_BYTES, Sniffed, allowed, detect, kind_of
 
 if TYPE_CHECKING:
     from ..app import Gateway
@@ -176,6 +176,12 @@ class Media:
         return self.cfg.enabled and self.gw.storage.enabled
 
     @property
+    def store(self) -> Store:
+        st = self.gw.storage.store
+        assert st is not None, "media needs the store"
+        return st
+
+    @property
     def executor(self) -> ThreadPoolExecutor:
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="media")
@@ -210,7 +216,7 @@ class Media:
         await site.start()
         server = site._server
         assert server is not None
-        port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
         lim = cfg.limits
         self.gw.tasks.start(self._sweep_loop())
         log.info("media: %s storage, uploads at %supload (relayed to 127.0.0.1:%d)", self.objects.name, PREFIX, port)
@@ -274,7 +280,7 @@ class Media:
         presigned = objects.presign(
             key, max(1, exp - int(time.time())),
             content_type=f.mime if purpose == _PURPOSE_FILE else "image/jpeg",
-            filename=None if inline else (f.name or f.file_id),
+            filename=None if inline else (f.name or f.id),
         )
         if presigned is not None:
             return presigned
@@ -357,8 +363,8 @@ class Media:
         got = {i: self._recent[i] for i in ids if i in self._recent}
         missing = [i for i in ids if i not in got]
         if missing:
-            more = await self.gw.storage.store.media_get_many(missing)
-            for i, f in more.items():
+            more = await self.store.media_get_many(missing)
+            for f in more.values():
                 self._remember(f)
             got.update(more)
         return got
@@ -405,7 +411,7 @@ class Media:
         caption = data.get("caption")
         if caption is not None and (not isinstance(caption, str) or len(caption) > _CAPTION_MAX):
             raise self._refuse(ErrorCode.BAD_REQUEST, f"data.caption must be a string of at most {_CAPTION_MAX} characters")
-        store = self.gw.storage.store
+        store = self.store
         f = await store.media_get(fid)
         if f is None or f.state == "removed" or f.verdict == "risky":
             raise self._refuse(ErrorCode.MEDIA_NOT_FOUND, f"no file {fid} (never uploaded, expired or removed)")
@@ -432,7 +438,7 @@ class Media:
         """The message carrying ``f`` got ``seq`` in ``room``: remember where it went (for
         recalls, retention and moderation) when the room keeps its messages."""
         if kept and seq > 0:
-            await self.gw.storage.store.media_ref(f.id, room, seq, frames.now_ms())
+            await self.store.media_ref(f.id, room, seq, frames.now_ms())
 
     # ---- upload ------------------------------------------------------------------------
 
@@ -490,7 +496,7 @@ class Media:
             raise MediaError(411, "bad_request", "Content-Length is required")
         if not req.content_type.startswith("multipart/form-data"):
             raise MediaError(415, "bad_request", "the upload must be multipart/form-data with the file in a part named 'file'")
-        store = self.gw.storage.store
+        store = self.store
         used = await store.media_usage(user, frames.now_ms() - _DAY_MS)
         quota = self.cfg.daily_quota
         if used + max(0, length - _FRAMING) > quota:
@@ -530,8 +536,8 @@ class Media:
             if not allowed(declared, sniffed):
                 raise MediaError(415, "type", f"{sniffed.mime} is not accepted as {declared}", kind=declared)
             return declared
-        kind = "image" if allowed("image", sniffed) else "file"
-        if not allowed(kind, sniffed):
+        kind = kind_of(sniffed)
+        if kind is None:
             raise MediaError(415, "type", f"{sniffed.mime} is not accepted")
         return kind
 
@@ -608,13 +614,13 @@ class Media:
         objects = self.objects
         assert objects is not None
         key = f"{time.strftime('%Y%m%d', time.gmtime())}/{got.file_id}"
-        await objects.put(key, got.path, mime)
+        await objects.put(key, got.path, mime, move=True)
         try:
             if meta.get("thumb"):
-                await objects.put(key + ".t", thumb_path, "image/jpeg")
+                await objects.put(key + ".t", thumb_path, "image/jpeg", move=True)
             now = frames.now_ms()
             rec = MediaFile(got.file_id, user, kind, mime, got.size, got.sha256, got.name, orjson.dumps(meta), key, now)
-            await self.gw.storage.store.media_add(rec)
+            await self.store.media_add(rec)
         except BaseException:
             with contextlib.suppress(Exception):
                 await objects.delete([key, key + ".t"])
@@ -723,7 +729,7 @@ class Media:
         object. None when there is no such file."""
         if verdict not in ("pass", "risky"):
             raise ValueError("verdict must be 'pass' or 'risky'")
-        store = self.gw.storage.store
+        store = self.store
         f = await store.media_set_verdict(file_id, verdict)
         self.m_verdicts.labels(verdict).inc()
         if f is None or verdict == "pass":
@@ -745,11 +751,11 @@ class Media:
             return 0
         objects = self.objects
         assert objects is not None
-        keys = [k for f in files for k in (f.key, f.key + ".t")]
-        await objects.delete(keys)
+        # The records first: a publish from now on is refused (4035), then the objects go.
         ids = [f.id for f in files]
-        store = self.gw.storage.store
+        store = self.store
         n = await (store.media_purge_rows(ids) if purge_rows else store.media_remove(ids))
+        await objects.delete([k for f in files for k in (f.key, f.key + ".t")])
         for i in ids:
             self._recent.pop(i, None)
         self.m_removed.labels(reason).inc(len(files))
@@ -758,7 +764,7 @@ class Media:
     async def purge_user(self, user: str) -> int:
         """Delete every file ``user`` uploaded (a personal-data deletion request)."""
         n = 0
-        store = self.gw.storage.store
+        store = self.store
         while batch := await store.media_of_user(user, 500):
             await self.remove(batch, "purge", purge_rows=True)
             n += len(batch)
@@ -767,15 +773,15 @@ class Media:
     async def sweep(self) -> dict[str, int]:
         """One pass: files uploaded and never sent (``media.unsent_hours``), and files
         whose every message is gone (retention, erasure, recall) or that were sent where
-        nothing is kept (after ``media.unkept_hours``)."""
-        store = self.gw.storage.store
+        nothing is kept, an hour after (``MEDIA_PUBLISH_GRACE_MS``)."""
+        store = self.store
         now = frames.now_ms()
         out = {"unsent": 0, "orphan": 0}
         while batch := await store.media_unsent(now - int(self.cfg.unsent_hours * 3_600_000), 500):
             out["unsent"] += await self.remove(batch, "unsent", purge_rows=True)
             if len(batch) < 500:
                 break
-        while batch := await store.media_orphans(500, unreferenced_before_ms=now - int(self.cfg.unkept_hours * 3_600_000)):
+        while batch := await store.media_orphans(500):
             out["orphan"] += await self.remove(batch, "orphan")
             if len(batch) < 500:
                 break
