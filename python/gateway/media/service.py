@@ -522,6 +522,8 @@ class Media:
                 raise MediaError(400, "bad_request", f"malformed multipart body: {e}") from None
             if got is None:
                 raise MediaError(400, "bad_request", "no file part (name it 'file')")
+            if used + got.size > quota:
+                raise MediaError(429, "quota", f"the daily upload quota ({quota} bytes) would be exceeded ({used} used)", limit=quota)
             return await self._finish(got, user, fields)
         finally:
             if got is not None:

@@ -38,10 +38,16 @@ use crate::server::{Pull, Shared, Wire};
 
 /// Most bytes per read, either side, and per buffer.
 const CHUNK: usize = 64 * 1024;
-/// After the answer, what the client still sends is read and discarded for at most this
-/// long and this many bytes before the socket closes (see `Wire::close_and_drain`).
-const DRAIN_TIME: Duration = Duration::from_secs(1);
+/// After the answer, what the client still sends (the rest of a body refused early) is
+/// read and discarded, up to `media_max_body` bytes, for at most this long (and 5 s
+/// between reads: `Wire::drain`) before the socket closes: a client still writing its
+/// body then reads the answer instead of a connection reset (nginx's lingering close).
+const DRAIN_TIME: Duration = Duration::from_secs(30);
 const DRAIN_BYTES: usize = 1 << 20;
+
+fn drain_bytes(sh: &Shared) -> usize {
+    usize::try_from(sh.cfg.media_max_body).unwrap_or(usize::MAX).max(DRAIN_BYTES)
+}
 
 /// Request headers not passed on: hop-by-hop ones (RFC 9110 §7.6.1; any `Proxy-*` too),
 /// the ones the engine sets itself, and `Expect` (the engine answers `100-continue`).
@@ -119,7 +125,7 @@ async fn refuse(sh: &Shared, wire: &mut Wire<'_>, r: Refusal) {
     let (status, body) = r.answer(sh.cfg.media_max_body);
     let retry: &[(&str, &str)] = if status == 503 || status == 502 { &[("Retry-After", "1")] } else { &[] };
     wire.respond(status, "application/json", body.as_bytes(), retry).await;
-    wire.drain(DRAIN_TIME, DRAIN_BYTES).await;
+    wire.drain(DRAIN_TIME, drain_bytes(sh)).await;
 }
 
 /// The request body's length: `Content-Length` (0 without one). Err: a `Transfer-Encoding`
@@ -365,10 +371,23 @@ pub(crate) async fn relay(
     // body the upstream refused early) is discarded.
     to_up = Vec::new();
     let mut answered = false;
+    // The answer ends at its Content-Length (the upstream may keep its end open, e.g.
+    // aiohttp lingering to read a body it refused), else at the upstream's EOF.
+    let head_only = req.method == "HEAD";
+    let mut resp_head: Vec<u8> = Vec::new();
+    let mut resp_total: Option<Option<u64>> = None;
+    let mut resp_sent: u64 = 0;
     loop {
         if !resp.is_empty() {
             metrics::add(&c.media_relay_bytes_out, resp.len() as u64);
             clock.moved();
+            if resp_total.is_none() {
+                resp_head.extend_from_slice(&resp[..resp.len().min(RESP_HEAD_MAX - resp_head.len().min(RESP_HEAD_MAX))]);
+                resp_total = response_total(&resp_head, head_only);
+                if resp_total.is_none() && resp_head.len() >= RESP_HEAD_MAX {
+                    resp_total = Some(None);
+                }
+            }
             match to_client(wire, &resp, &mut tls_out, &mut clock).await {
                 Ok(()) => answered = true,
                 Err(Stop::ClientGone) => return gone(c),
@@ -377,7 +396,13 @@ pub(crate) async fn relay(
                     return;
                 }
             }
+            resp_sent += resp.len() as u64;
             resp.clear();
+            if let Some(Some(total)) = resp_total {
+                if resp_sent >= total {
+                    break;
+                }
+            }
         }
         enum Ev {
             Up(std::io::Result<()>),
@@ -432,7 +457,31 @@ pub(crate) async fn relay(
         // The upstream closed without a byte of answer.
         return refuse(sh, wire, Refusal::Upstream).await;
     }
-    wire.close_and_drain(DRAIN_TIME, DRAIN_BYTES).await;
+    wire.close_and_drain(DRAIN_TIME, drain_bytes(sh)).await;
+}
+
+/// Longest answer head looked at for its Content-Length.
+const RESP_HEAD_MAX: usize = 16 * 1024;
+
+/// The length of an answer (head and body) from its head: None while the head is
+/// incomplete; Some(None) when only the upstream's EOF ends it (no Content-Length).
+fn response_total(head: &[u8], head_only: bool) -> Option<Option<u64>> {
+    let end = head.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
+    let text = std::str::from_utf8(&head[..end]).ok()?;
+    let mut lines = text.split("\r\n");
+    let status: u16 = lines.next()?.split(' ').nth(1)?.parse().ok()?;
+    if head_only || status == 204 || status == 304 || (100..200).contains(&status) {
+        // No body (1xx answers are not expected: the engine strips Expect).
+        return Some(Some(end as u64));
+    }
+    for line in lines {
+        if let Some((k, v)) = line.split_once(':') {
+            if k.trim().eq_ignore_ascii_case("content-length") {
+                return Some(v.trim().parse::<u64>().ok().map(|n| end as u64 + n));
+            }
+        }
+    }
+    Some(None)
 }
 
 fn gone(c: &Counters) {

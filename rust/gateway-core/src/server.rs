@@ -570,15 +570,16 @@ impl Wire<'_> {
         self.drain(time, bytes).await;
     }
 
-    /// Read and discard input until EOF, for at most `time` or `bytes`.
+    /// Read and discard input until EOF, for at most `time` (and 5 s without a byte) or
+    /// `bytes`.
     pub(crate) async fn drain(&mut self, time: Duration, bytes: usize) {
         let _ = tokio::time::timeout(time, async {
-            let mut sink = vec![0u8; 16 * 1024];
+            let mut sink = vec![0u8; 64 * 1024];
             let mut left = bytes;
             while left > 0 {
-                match self.stream.read(&mut sink).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => left = left.saturating_sub(n),
+                match tokio::time::timeout(Duration::from_secs(5), self.stream.read(&mut sink)).await {
+                    Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
+                    Ok(Ok(n)) => left = left.saturating_sub(n),
                 }
             }
         })

@@ -527,3 +527,15 @@ async fn client_going_away_drops_the_upstream() {
     assert_eq!(n, 10);
     settles(&eng, "media_relay_client_gone", 1).await;
 }
+
+#[test]
+fn answer_length_from_its_head() {
+    use super::response_total;
+    assert_eq!(response_total(b"HTTP/1.1 200 OK\r\nContent-Le", false), None);
+    let h = b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 12\r\n\r\n";
+    assert_eq!(response_total(h, false), Some(Some(h.len() as u64 + 12)));
+    assert_eq!(response_total(h, true), Some(Some(h.len() as u64)));
+    let h = b"HTTP/1.1 304 Not Modified\r\nContent-Length: 99\r\n\r\n";
+    assert_eq!(response_total(h, false), Some(Some(h.len() as u64)));
+    assert_eq!(response_total(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nabc", false), Some(None));
+}
