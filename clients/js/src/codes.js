@@ -14,7 +14,7 @@ export const ErrorCode = {
   NOT_JOINED: 4004,
   /** room name invalid or matches no route */
   INVALID_ROOM: 4005,
-  /** message too large for this room */
+  /** message too large for this room (media: the file exceeds the route's limit for its kind) */
   TOO_LARGE: 4009,
   /** muted or banned */
   MUTED: 4010,
@@ -30,6 +30,14 @@ export const ErrorCode = {
   NO_CONVERSATION: 4033,
   /** too many members */
   TOO_MANY_MEMBERS: 4034,
+  /** media: no such file (never uploaded, expired unsent, or deleted) */
+  NO_SUCH_FILE: 4035,
+  /** media: the file was uploaded by another user */
+  NOT_YOUR_FILE: 4036,
+  /** media: the file's kind is not the message's type, or the kind is not allowed on this route */
+  WRONG_KIND: 4037,
+  /** media: the file is already attached to another message (the route forbids reuse) */
+  FILE_IN_USE: 4038,
   /** rejected by a plugin (the message says why) */
   REJECTED: 4050,
   /** hook timed out and its fallback is deny */
