@@ -393,5 +393,5 @@ test("mediaUrl: absolute URLs (relative ones made so), thumb falls back to url, 
   assert.equal(c.mediaUrl(fresh).expired, false);
   const h = srv.sent.find((f) => f.op === "history");
   assert.deepEqual([h.room, h.before_seq, h.limit], ["live:1", 8, 1]);
-  assert.equal(ErrorCode.NO_SUCH_FILE, 4035);
+  assert.equal(ErrorCode.MEDIA_NOT_FOUND, 4035);
 });

@@ -31,13 +31,13 @@ export const ErrorCode = {
   /** too many members */
   TOO_MANY_MEMBERS: 4034,
   /** media: no such file (never uploaded, expired unsent, or deleted) */
-  NO_SUCH_FILE: 4035,
+  MEDIA_NOT_FOUND: 4035,
   /** media: the file was uploaded by another user */
-  NOT_YOUR_FILE: 4036,
+  MEDIA_NOT_YOURS: 4036,
   /** media: the file's kind is not the message's type, or the kind is not allowed on this route */
-  WRONG_KIND: 4037,
+  MEDIA_KIND: 4037,
   /** media: the file is already attached to another message (the route forbids reuse) */
-  FILE_IN_USE: 4038,
+  MEDIA_USED: 4038,
   /** rejected by a plugin (the message says why) */
   REJECTED: 4050,
   /** hook timed out and its fallback is deny */
