@@ -358,7 +358,7 @@ test("an aborted sendImage publishes nothing", async () => {
   assert.equal(srv.sent.filter((f) => f.op === "publish").length, 0);
 });
 
-test("a conversation room goes through conversations.send (pending, then sent with the same cid); via: 'publish' forces a plain publish", async () => {
+test("a conversation room goes through conversations.send (pending, then sent with the same cid; the sender's copy has the URLs); via: 'publish' forces a plain publish", async () => {
   const srv = scripted("alice");
   const c = client({ url: "ws://127.0.0.1:9/ws", platform: srv.adapter, conversations: { user: "alice" } });
   const pending = [];
@@ -372,6 +372,10 @@ test("a conversation room goes through conversations.send (pending, then sent wi
   assert.equal(sent.length, 1);
   assert.equal(sent[0].cid, ack.cid);
   assert.equal(sent[0].msg.type, "image");
+  // No echo before the ack here: the sender's copy gets the upload's description and URLs.
+  assert.equal(ack.msg, sent[0].msg);
+  assert.deepEqual(ack.msg.data, { file_id: "m_abc", kind: "image", mime: "image/png", size: 6, name: "a.png", w: 2, h: 1, duration: null, thumb: false, url: OK_BODY.url, thumb_url: null, expires: 1 });
+  assert.equal(c.conversations.messages("dm:alice:bob")[0].data.url, OK_BODY.url);
   await c.sendImage("dm:alice:bob", "wxfile://b.jpg", { via: "publish" });
   assert.equal(sent.length, 1, "not through the conversations");
 });

@@ -12,6 +12,8 @@ import { ErrorCodes, UploadError } from "./errors.js";
 export const MEDIA_KINDS = ["image", "voice", "video", "file"];
 
 const MEDIA_CID_LENGTH = 16;
+/** The fields of an upload's answer that describe the file in a message's data. */
+const MEDIA_FIELDS = ["kind", "mime", "size", "name", "w", "h", "duration", "thumb", "url", "thumb_url", "expires"];
 
 /** The upload URL of a gateway WebSocket URL: `wss://host[:port]/ws` ->
  * `https://host[:port]/media/upload` (`ws:` -> `http:`; a path ending in `/ws` keeps its
@@ -213,11 +215,21 @@ export function sendMedia(client, room, kind, file, opts) {
   const p = up.then((media) => {
     const data = { file_id: media.file_id };
     if (typeof opts.caption === "string" && opts.caption) data.caption = opts.caption;
-    const send = viaConversations(client, room, opts.via)
-      ? client.conversations.send(room, data, { type: kind, cid: cid })
-      : client.publish(room, data, { type: kind, cid: cid });
+    const conv = viaConversations(client, room, opts.via);
+    const send = conv ? client.conversations.send(room, data, { type: kind, cid: cid }) : client.publish(room, data, { type: kind, cid: cid });
     return send.then((ack) => {
       ack.media = media;
+      // The sender's copy of the message (conversations) is the server's echo, or, when the
+      // ack came first, built from what was sent ({file_id}): then it gets the upload's
+      // description and URLs (the same the server stores), and the list a `change`.
+      const m = ack.msg;
+      if (m && m.data && typeof m.data === "object" && !m.data.url && m.data.file_id === media.file_id) {
+        for (let i = 0; i < MEDIA_FIELDS.length; i++) {
+          const k = MEDIA_FIELDS[i];
+          if (media[k] !== undefined && m.data[k] === undefined) m.data[k] = media[k];
+        }
+        if (conv && client._conv) client._conv._changed(room);
+      }
       return ack;
     });
   });
