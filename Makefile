@@ -7,7 +7,7 @@ PORT ?= 8080
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup build run test test-rust test-python test-js test-fast autobahn autobahn-tls autobahn-full bench lint clean fuzz fuzz-smoke fuzz-python
+.PHONY: help setup tools build run test test-rust test-python test-js test-fast autobahn autobahn-tls autobahn-full bench lint clean fuzz fuzz-smoke fuzz-python
 
 help: ## Show this help
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -20,7 +20,10 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP) ## Create the virtualenv with the build tool
 
-build: setup ## Build the Rust engine into gateway._core (release) and install the package with test extras
+tools: setup ## Test servers built from crates.io into target/tools: s3s-fs, the S3 server of tests/media (about 80 s the first time)
+	PYTHONPATH=tests $(PY) -m support.s3
+
+build: setup tools ## Build the Rust engine into gateway._core (release) and install the package with test extras
 	$(VENV)/bin/maturin develop --release --extras test -q
 	cargo build --release -p gw-load -q
 

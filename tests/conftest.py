@@ -19,5 +19,6 @@ from support.fixtures import (  # noqa: F401  (fixtures and hooks are registered
     pytest_runtest_makereport,
     redis_binary,
     redis_server,
+    s3_server,
     session_gateway_factory,
 )

@@ -89,6 +89,24 @@ class Engine:
     limits_max_conns_per_user (10: checked by accept, HTTP 429), limits_max_rooms_per_conn
     (100), limits_max_rooms (100000). Engine-only: static_files ({path: (content_type,
     body)}), app_ping (True), close_timeout (2.0 s).
+
+    Media relay (off by default; checked at construction, a bad value raises EngineError
+    naming its key): media_prefix ("" = off; e.g. "/media/": every HTTP request whose path
+    starts with it, any method, is relayed before the other plain-HTTP answers),
+    media_upstream ("ip:port" of the HTTP server on loopback), media_secret (sent as
+    X-Gateway-Media-Secret; visible ASCII), media_max_body (104857600 bytes: a larger
+    Content-Length gets 413 before the body is read; chunked gets 411), media_timeout
+    (300.0 s for the whole exchange), media_idle_timeout (30.0 s without a byte either
+    way), media_max_inflight (64 relays at once: then 503). The upstream gets the client's
+    request line and end-to-end headers (hop-by-hop ones, Expect, and any client-sent
+    X-Gateway-Media-Secret, X-Forwarded-For/-Proto/-Host, X-Real-IP, Forwarded, Via
+    removed) plus X-Gateway-Media-Secret, X-Forwarded-For (the client's address as the
+    engine determined it), X-Forwarded-Proto and Connection: close; one request per
+    connection. The engine's own refusals are JSON {"error", "code"}: 400/411
+    bad_request, 413 too_large (+ "limit"), 503 busy (draining, media_max_inflight; with
+    Retry-After: 1), 502 busy (upstream unreachable or closed without an answer), 408
+    timeout (the client stalled), 504 timeout (the upstream stalled); a timeout after
+    the answer started cuts the connection.
     """
 
     def __init__(self, **kwargs: object) -> None: ...
@@ -155,7 +173,11 @@ class Engine:
         """Close after flushing what is queued. Codes: 1000, 1001, 1008, 1011-1013, 3000-4999."""
     def disconnect_user(self, user: str, code: int = ..., reason: str = ...) -> int: ...
     def counters(self) -> dict[str, int]:
-        """Snapshot of the engine's atomic counters (see gateway.metrics)."""
+        """Snapshot of the engine's atomic counters (see gateway.metrics). Media relay:
+        media_relay_requests, media_relay_refused_{too_large,length_required,bad_request,
+        busy,upstream,timeout,draining}, media_relay_client_gone, media_relay_bytes_in
+        (request body bytes passed to the upstream), media_relay_bytes_out (response bytes
+        passed to the client), media_relay_inflight_current (gauge)."""
     def histograms(self) -> dict[str, tuple[list[tuple[float, int]], float]]:
         """``fanout_seconds`` (one room fan-out round) and ``flush_lag_seconds`` (publish
         to socket write, sampled per write): cumulative ``(le, count)`` buckets ending

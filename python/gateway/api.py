@@ -649,6 +649,7 @@ def build_app(gw: Gateway) -> web.Application:
         before = _int(req.query, "before_seq", None, 1)
         assert limit is not None
         msgs, epoch, more = await gw.storage.page(room, before, limit)
+        msgs = await gw.media.fresh(msgs)
         body = b'{"room":' + orjson.dumps(room) + b',"epoch":' + orjson.dumps(epoch) + b',"more":' + (b"true" if more else b"false")
         body += b',"messages":[' + b",".join(msgs) + b"]}"
         return web.Response(body=body, content_type="application/json")
@@ -664,16 +665,23 @@ def build_app(gw: Gateway) -> web.Application:
         room, user = req.query.get("room") or None, req.query.get("user") or None
         if room and user:
             raise BadRequest("give room or user, not both")
+        # Media messages carry download links valid for ``url_ttl`` seconds (default a day).
+        ttl = _int(req.query, "url_ttl", 86400, 60, 7 * 86400)
         resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
         await resp.prepare(req)
         batch: list[bytes] = []
+
+        async def flush() -> None:
+            out = await gw.media.fresh(batch, ttl)
+            await resp.write(b"\n".join(out) + b"\n")
+            batch.clear()
+
         async for m in store.export(since_ms=since, until_ms=until, room=room, sender=user):
             batch.append(m.frame(store.epoch))
             if len(batch) >= 500:
-                await resp.write(b"\n".join(batch) + b"\n")
-                batch.clear()
+                await flush()
         if batch:
-            await resp.write(b"\n".join(batch) + b"\n")
+            await flush()
         await resp.write_eof()
         return resp
 
@@ -694,8 +702,40 @@ def build_app(gw: Gateway) -> web.Application:
         store = _store()
         user = req.match_info["user"]
         n = await store.delete_user(user)
-        log.info("deleted %d stored messages of user %s on request", n, user)
-        return _json({"user": user, "deleted": n})
+        files = await gw.media.purge_user(user) if gw.media.enabled else 0
+        log.info("deleted %d stored messages and %d files of user %s on request", n, files, user)
+        return _json({"user": user, "deleted": n, "files": files})
+
+    def _media_file_id(req: web.Request) -> str:
+        if not gw.media.enabled:
+            raise BadRequest("media is not enabled on this gateway ([media], and a route that keeps messages)", 404, "bad_request")
+        return req.match_info["file_id"]
+
+    async def media_file(req: web.Request) -> web.Response:
+        """A file's record and fresh download URLs (``url_ttl`` seconds, default media.url_ttl)."""
+        fid = _media_file_id(req)
+        f = await _store().media_get(fid)
+        if f is None:
+            raise BadRequest(f"no file {fid}", 404)
+        ttl = _int(req.query, "url_ttl", int(gw.config.media.url_ttl), 60, 7 * 86400)
+        body: dict[str, Any] = {"owner": f.owner, "state": f.state, "verdict": f.verdict, "room": f.room, "created_at": f.created_at,
+                                "sha256": f.sha256, "refs": [list(r) for r in await _store().media_refs(fid)]}
+        data = gw.media.describe(f)
+        body.update(gw.media.with_urls(f, data, ttl) if f.state != "removed" else data)
+        return _json(body)
+
+    async def media_verdict(req: web.Request) -> web.Response:
+        """A moderation verdict from the company's checker (e.g. WeChat mediaCheckAsync's
+        callback): ``{"verdict": "risky"}`` recalls the messages and deletes the file."""
+        fid = _media_file_id(req)
+        body = await read_json(req)
+        verdict = body.get("verdict")
+        if verdict not in ("pass", "risky"):
+            raise BadRequest("verdict must be 'pass' or 'risky'")
+        f = await gw.media.verdict(fid, verdict, by=str(body.get("by") or "moderation"))
+        if f is None:
+            raise BadRequest(f"no file {fid}", 404)
+        return _json({"file_id": fid, "verdict": verdict})
 
     def _endpoint(req: web.Request) -> str:
         name = req.match_info["endpoint"]
@@ -979,6 +1019,8 @@ def build_app(gw: Gateway) -> web.Application:
     r.add_get("/v1/export", export)
     r.add_get("/v1/search", search)
     r.add_delete("/v1/users/{user}/messages", delete_user_messages)
+    r.add_get("/v1/media/{file_id}", media_file)
+    r.add_post("/v1/media/{file_id}/verdict", media_verdict)
     r.add_post("/v1/conversations", create_conversation)
     r.add_get("/v1/conversations/{room}", get_conversation)
     r.add_get("/v1/conversations/{room}/members", conversation_members)

@@ -303,6 +303,80 @@ class ConversationsConfig:
     read_flush_interval: float = 0.5
 
 
+@dataclass
+class MediaLimits:
+    """Largest upload per kind (bytes) and longest voice/video (seconds):
+    ``[media.limits]``. A route's ``media_limits`` may lower the byte caps for its rooms."""
+
+    image: int = 20 << 20
+    voice: int = 2 << 20
+    video: int = 100 << 20
+    file: int = 100 << 20
+    voice_seconds: float = 60.0
+    video_seconds: float = 300.0
+
+
+@dataclass
+class MediaS3:
+    """An S3-compatible object store (``[media.s3]``): MinIO, Tencent COS, Alibaba OSS,
+    AWS S3. The credentials are better given in the environment
+    (``GATEWAY_MEDIA__S3__SECRET_KEY``)."""
+
+    #: ``https://cos.ap-shanghai.myqcloud.com``, ``http://minio:9000``; empty = AWS.
+    endpoint: str = ""
+    bucket: str = ""
+    region: str = "us-east-1"
+    access_key: str = ""
+    secret_key: str = ""
+    #: Key prefix inside the bucket (``livegate/``).
+    prefix: str = ""
+    #: ``"path"`` (MinIO, most private deployments) or ``"virtual"`` (COS, OSS, AWS).
+    addressing: str = "path"
+    #: Create the bucket at start-up when it is missing (else a start-up error).
+    create_bucket: bool = False
+
+
+@dataclass
+class MediaConfig:
+    """Images, voice, video and files (docs/media.md): uploaded to ``/media/upload`` on
+    the client port, checked, kept on disk or in an S3-compatible store, sent in messages
+    as references and downloaded through short-lived signed URLs. On when the store is
+    (the files' records live there)."""
+
+    enabled: bool = True
+    #: ``"disk"`` (one node: under ``dir``) or ``"s3"`` (``[media.s3]``; several nodes).
+    backend: str = "disk"
+    #: Local directory: the files (disk backend) and uploads in progress (both backends).
+    #: Empty: ``media/`` beside the SQLite file, else ``data/media``.
+    dir: str = ""
+    #: Seconds a download URL is valid after the message is delivered or paged.
+    url_ttl: float = 600.0
+    #: HMAC key of the disk backend's download URLs (at least 32 characters); empty: a
+    #: random key kept in ``<dir>/.url-key`` (several nodes sharing a disk need one key).
+    url_secret: str = ""
+    #: Absolute base of download URLs (``https://chat.example.com``); empty: URLs are
+    #: paths (``/media/f/...``) that the SDKs resolve against the socket's origin.
+    public_url: str = ""
+    limits: MediaLimits = field(default_factory=MediaLimits)
+    #: Bytes one user may upload in any 24 hours.
+    daily_quota: int = 1 << 30
+    #: Uploads in progress per user (more get 429).
+    per_user_uploads: int = 4
+    #: Whole-upload deadline and idle cut-off (seconds), enforced by the engine's relay
+    #: and again by the upload handler; uploads in flight per node (more get 503).
+    timeout: float = 300.0
+    idle_timeout: float = 30.0
+    max_inflight: int = 64
+    #: Hours an uploaded file that no message carries is kept before it is deleted.
+    unsent_hours: float = 24.0
+    #: Seconds between sweeps for unsent, orphaned (message deleted, recalled or expired)
+    #: and purged files.
+    sweep_interval: float = 300.0
+    #: Longest side of image thumbnails (pixels).
+    thumb_size: int = 320
+    s3: MediaS3 = field(default_factory=MediaS3)
+
+
 #: Room events an outbox endpoint may ask for, besides ``message``.
 OUTBOX_EVENTS = ("message", "join", "leave", "kick", "ban", "recall", "member", "cs.state", "cs.ticket", "cs.rating")
 
@@ -383,6 +457,7 @@ class Config:
     store: StoreConfig = field(default_factory=StoreConfig)
     outbox: OutboxConfig = field(default_factory=OutboxConfig)
     conversations: ConversationsConfig = field(default_factory=ConversationsConfig)
+    media: MediaConfig = field(default_factory=MediaConfig)
     routes: list[RouteConfig] = field(default_factory=Router.default_routes)
     #: Free-form settings of plugins: ``[plugins.<name>]`` tables, not validated here
     #: (each plugin reads and checks its own: ``gateway.config.plugins.get(name, {})``).
@@ -495,6 +570,7 @@ class Config:
             raise ConfigError("drain.timeout", "must be >= 0")
         self._check_store()
         self._check_outbox()
+        self._check_media()
         cv = self.conversations
         if cv.max_attached < 0:
             raise ConfigError("conversations.max_attached", "must be >= 0")
@@ -618,6 +694,42 @@ class Config:
         except _core.TlsError as e:
             key, message = e.args
             raise ConfigError(key, message) from None
+
+    def _check_media(self) -> None:
+        m = self.media
+        if m.backend not in ("disk", "s3"):
+            raise ConfigError("media.backend", f"must be 'disk' or 's3', got {m.backend!r}")
+        for name in ("url_ttl", "timeout", "idle_timeout", "sweep_interval", "unsent_hours"):
+            if not getattr(m, name) > 0:
+                raise ConfigError(f"media.{name}", "must be > 0")
+        if m.url_ttl > 7 * 86400:
+            raise ConfigError("media.url_ttl", "must be at most 7 days (604800 s; the longest an S3 presigned URL lives)")
+        for name in ("daily_quota", "per_user_uploads", "max_inflight"):
+            if not getattr(m, name) >= 1:
+                raise ConfigError(f"media.{name}", "must be >= 1")
+        if not 32 <= m.thumb_size <= 2048:
+            raise ConfigError("media.thumb_size", "must be 32..2048 pixels")
+        if m.url_secret and len(m.url_secret) < 32:
+            raise ConfigError("media.url_secret", "must be at least 32 characters (or empty: a random key kept in the media dir)")
+        if m.public_url and not m.public_url.startswith(("https://", "http://")):
+            raise ConfigError("media.public_url", "must be an absolute http(s):// URL (or empty)")
+        lim = m.limits
+        for name in ("image", "voice", "video", "file"):
+            if not 1 <= getattr(lim, name) <= 4 << 30:
+                raise ConfigError(f"media.limits.{name}", "must be 1 byte .. 4 GiB")
+        for name in ("voice_seconds", "video_seconds"):
+            if not getattr(lim, name) > 0:
+                raise ConfigError(f"media.limits.{name}", "must be > 0")
+        if m.enabled and m.backend == "s3":
+            s3 = m.s3
+            if not s3.bucket:
+                raise ConfigError("media.s3.bucket", "must be set for media.backend = 's3'")
+            if s3.addressing not in ("path", "virtual"):
+                raise ConfigError("media.s3.addressing", "must be 'path' or 'virtual'")
+            if s3.endpoint and not s3.endpoint.startswith(("https://", "http://")):
+                raise ConfigError("media.s3.endpoint", "must be an http(s):// URL (or empty for AWS)")
+            if bool(s3.access_key) != bool(s3.secret_key):
+                raise ConfigError("media.s3.secret_key", "give access_key and secret_key together (or neither: the environment's AWS credentials)")
 
     def engine_settings(self) -> dict[str, Any]:
         """Every engine setting as ``Engine(...)`` takes it: ``<section>_<key>`` for each

@@ -78,6 +78,7 @@ class EngineCollector:
         for key, (name, doc) in _SIMPLE.items():
             yield CounterMetricFamily(name.removesuffix("_total"), doc, value=c[key])
         yield from _tls(eng, c)
+        yield from _media_relay(c)
         hs = CounterMetricFamily("gateway_handshake_failures", "Failed HTTP upgrades by reason", labels=["reason"])
         for reason, key in (("timeout", "handshake_timeout"), ("bad_request", "handshake_bad_request"), ("too_large", "handshake_too_large"), ("not_found", "handshake_not_found"), ("auth_timeout", "connects_auth_timeout")):
             hs.add_metric([reason], c[key])
@@ -191,6 +192,20 @@ _TLS_FAILURES = {
     "protocol_version": "tls_fail_version", "no_shared_params": "tls_fail_params", "alert_received": "tls_fail_alert",
     "alpn": "tls_fail_alpn", "other": "tls_fail_other",
 }
+
+
+def _media_relay(c: dict[str, int]) -> Any:
+    """The engine's relay of ``/media/`` requests to the node's media server (zeros when
+    it is off, so alerts have a series)."""
+    yield CounterMetricFamily("gateway_media_relay_requests", "HTTP requests under the media prefix (relayed or refused)", value=c["media_relay_requests"])
+    ref = CounterMetricFamily("gateway_media_relay_refused", "Media requests refused or cut by the engine, by reason", labels=["reason"])
+    for reason in ("too_large", "length_required", "bad_request", "busy", "upstream", "timeout", "draining"):
+        ref.add_metric([reason], c[f"media_relay_refused_{reason}"])
+    yield ref
+    yield CounterMetricFamily("gateway_media_relay_client_gone", "Media relays ended because the client went away", value=c["media_relay_client_gone"])
+    yield CounterMetricFamily("gateway_media_relay_bytes_in", "Request body bytes relayed from clients to the media server", value=c["media_relay_bytes_in"])
+    yield CounterMetricFamily("gateway_media_relay_bytes_out", "Response bytes relayed from the media server to clients", value=c["media_relay_bytes_out"])
+    yield GaugeMetricFamily("gateway_media_relay_inflight", "Media relays in progress", value=c["media_relay_inflight_current"])
 
 
 def _tls(eng: Any, c: dict[str, int]) -> Any:

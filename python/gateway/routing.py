@@ -19,6 +19,7 @@ from .protocol.codes import Priority
 
 __all__ = [
     "MAX_ROOM_LEN",
+    "MEDIA_KINDS",
     "JoinRule",
     "PublishRule",
     "Route",
@@ -37,6 +38,8 @@ _ROOM_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789:_-
 _RULES = ("all", "authenticated", "owner", "acl", "none")
 #: Route kinds: live rooms and the conversation kinds.
 KINDS = ("room", "dm", "group", "notice")
+#: Message types that carry an uploaded file (docs/media.md); the type is the file's kind.
+MEDIA_KINDS = ("image", "voice", "video", "file")
 
 JoinRule = Callable[[Identity, "Route"], bool]
 PublishRule = Callable[[Identity, "Route", str], bool]
@@ -121,6 +124,14 @@ class RouteConfig:
     #: ``"member"`` (any member) or ``"none"`` (the API only).
     create: str = "authenticated"
     invite: str = "admin"
+    #: Media messages (docs/media.md): the kinds (``image``, ``voice``, ``video``, ``file``)
+    #: that may be published here; None = all four on conversations and on routes with
+    #: ``store = "durable"`` (customer-service sessions), none on other live rooms. ``media_limits``: bytes per kind, lower than ``[media.limits]`` for this
+    #: route (checked while the upload streams in when it names the room, and at publish).
+    #: ``media_reuse``: a file may be sent in more than one message (forwarding).
+    media: list[str] | None = None
+    media_limits: dict[str, int] = field(default_factory=dict)
+    media_reuse: bool = False
 
     @property
     def conversation(self) -> bool:
@@ -194,6 +205,25 @@ class RouteConfig:
         if not isinstance(self.guests_read, bool):
             raise err("guests_read", "must be true or false")
         self._check_conversation(err, params)
+        self._check_media(err)
+
+    def media_kinds(self) -> tuple[str, ...]:
+        """The media kinds this route takes (``media``, or its default)."""
+        if self.media is not None:
+            return tuple(self.media)
+        return MEDIA_KINDS if self.conversation or self.store == "durable" else ()
+
+    def _check_media(self, err: Callable[[str, str], ConfigError]) -> None:
+        if self.media is not None and (not isinstance(self.media, (list, tuple)) or not all(k in MEDIA_KINDS for k in self.media)):
+            raise err("media", f"must be null or a list of {', '.join(MEDIA_KINDS)}")
+        if not isinstance(self.media_limits, dict) or not all(
+            k in MEDIA_KINDS and _is_int(v) and v > 0 for k, v in self.media_limits.items()
+        ):
+            raise err("media_limits", f"must map {', '.join(MEDIA_KINDS)} to a byte count > 0")
+        if not isinstance(self.media_reuse, bool):
+            raise err("media_reuse", "must be true or false")
+        if self.media_kinds() and self.types is not None and not set(self.media_kinds()) <= set(self.types):
+            raise err("media", "the media kinds must also be in types")
 
     def _check_conversation(self, err: Callable[[str, str], ConfigError], params: dict[str, int]) -> None:
         if self.kind not in KINDS:

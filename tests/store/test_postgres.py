@@ -82,7 +82,7 @@ async def test_migrate_creates_the_schema_once(postgres_db: str) -> None:
     conn = await asyncpg.connect(postgres_db)
     try:
         tables = {r[0] for r in await conn.fetch("SELECT tablename FROM pg_tables WHERE schemaname = 'livegate'")}
-        assert tables == {"meta", "messages", "rooms", "room_members", "outbox", "outbox_cursors", "outbox_dead", "room_floors", "recalls", "cs_sessions", "cs_tickets"}
+        assert tables == {"meta", "messages", "rooms", "room_members", "outbox", "outbox_cursors", "outbox_dead", "room_floors", "recalls", "cs_sessions", "cs_tickets", "media", "media_refs"}
         meta = dict(await conn.fetch("SELECT key, value FROM livegate.meta"))
         assert meta["schema_version"] == str(SCHEMA_VERSION) and meta["epoch"] and meta["created_at"].isdigit()
         indexes = {r[0]: r[1] for r in await conn.fetch("SELECT indexname, indexdef FROM pg_indexes WHERE tablename = 'messages'")}

@@ -13,7 +13,10 @@
 - ``postgres_server`` / ``postgres_dsn`` (per session): a private PostgreSQL cluster from
   Debian's binaries (:mod:`support.postgres`) and the DSN of its superuser (it may CREATE
   DATABASE); ``postgres_db`` (per test): a fresh empty database on it, dropped afterwards.
-  Code that only has the DSN makes one with ``support.postgres.create_database(dsn)``.
+  Code that only has the DSN makes one with ``support.postgres.create_database(dsn)``;
+- ``s3_server`` (per session): a private S3-compatible server (``s3s-fs``, built from
+  crates.io into target/tools on first use, :mod:`support.s3`) with random keys; clients
+  create their own buckets.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import pytest
 from .gateway import JWT_SECRET, GatewayProcess
 from .postgres import PostgresServer
 from .redis import RedisServer
+from .s3 import S3Server
 
 GatewayFactory = Callable[..., GatewayProcess]
 
@@ -225,3 +229,21 @@ def postgres_db(postgres_server: PostgresServer) -> Iterator[str]:
     dsn = postgres_server.create_database()
     yield dsn
     postgres_server.drop_database(database_of(dsn))
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """The session's S3 server (``s3s-fs`` on a free port, a temp data dir, random keys:
+    ``endpoint``, ``access_key``, ``secret_key``, ``region``); stopped at the end. The
+    binary is built with cargo on first use when ``make tools`` has not built it."""
+    from .s3 import s3s_fs_binary
+
+    try:
+        binary = s3s_fs_binary()
+    except RuntimeError as e:
+        pytest.fail(str(e), pytrace=False)
+    srv = S3Server(binary, tmp_path_factory.mktemp("s3"))
+    try:
+        yield srv.start()
+    finally:
+        srv.stop()

@@ -43,13 +43,13 @@
     NO_CONVERSATION: 4033,
     /** too many members */
     TOO_MANY_MEMBERS: 4034,
-    /** media: no such file (never uploaded, expired unsent, or deleted) */
+    /** media: no such file (never uploaded, removed, or judged risky) */
     MEDIA_NOT_FOUND: 4035,
     /** media: the file was uploaded by another user */
     MEDIA_NOT_YOURS: 4036,
-    /** media: the file's kind is not the message's type, or the kind is not allowed on this route */
+    /** media: the file's kind is not the message type, or the route takes no such kind */
     MEDIA_KIND: 4037,
-    /** media: the file is already attached to another message (the route forbids reuse) */
+    /** media: already sent in another conversation, and the route forbids reuse */
     MEDIA_USED: 4038,
     /** rejected by a plugin (the message says why) */
     REJECTED: 4050,

@@ -46,6 +46,7 @@ from .plugins import MemberChange
 from .storage import Storage
 
 if TYPE_CHECKING:
+    from ..media.service import Media
     from .hooks import Hooks
     from .outbox import Outbox
     from .rooms import Rooms
@@ -106,6 +107,8 @@ class Conversations:
         self.outbox = outbox
         self.tasks = tasks
         self.hooks = hooks
+        #: The node's media service (set by the Gateway): signs the URLs of paged messages.
+        self.media: Media | None = None
         self._members: OrderedDict[tuple[str, str], tuple[Member | None, float]] = OrderedDict()
         self._known: OrderedDict[str, None] = OrderedDict()
         #: dm creations in flight (ensure_dm): later callers wait for the first one.
@@ -403,18 +406,24 @@ class Conversations:
                   for st in states if req.msgs and unread_of[st.conv.room] and st.member.active]
         pages = await store.newest_messages(wanted)
         epoch = self.storage.epoch
+        # Each conversation's last message, then its unread ones: media URLs signed now.
+        groups = [[st.last.frame(epoch)] if st.last is not None else [] for st in states]
+        groups += [[x.frame(epoch) for x in pages.get(st.conv.room, ())] for st in states]
+        if self.media is not None:
+            groups = await self.media.fresh_groups(groups)
         convs: list[bytes] = []
-        for st in states:
+        for i, st in enumerate(states):
             room = st.conv.room
             m = st.member
             unread = unread_of[room]
-            msgs = [x.frame(epoch) for x in pages.get(room, ())]
+            msgs = groups[len(states) + i]
+            last = groups[i][0] if groups[i] else None
             route = self.router.match(room)
             receipts = route is not None and route.cfg.kind == "dm" and route.cfg.read_receipts
             convs.append(orjson.dumps({
                 "room": room, "kind": st.conv.kind, "meta": orjson.Fragment(st.conv.meta), "role": m.role, "member": m.active,
                 "last_seq": st.last_seq, "read_seq": m.read_seq, "unread": unread, "muted_until": m.muted_until,
-                "updated": st.activity, "last": orjson.Fragment(st.last.frame(epoch)) if st.last is not None else None,
+                "updated": st.activity, "last": orjson.Fragment(last) if last is not None else None,
                 "msgs": [orjson.Fragment(x) for x in msgs], "more_msgs": unread > len(msgs),
                 "recalled": recalled.get(room, []), "peer_read_seq": (st.peer_read_seq or 0) if receipts else None,
             }))
@@ -470,7 +479,10 @@ class Conversations:
             more = len(page) > req.limit
             page = page[-req.limit:] if more else page
         epoch = self.storage.epoch
-        self.engine().send(c.conn, frames.history_ack(req.id, room, epoch, [x.frame(epoch) for x in page], more), Priority.HIGH)
+        msgs = [x.frame(epoch) for x in page]
+        if self.media is not None:
+            msgs = await self.media.fresh(msgs)
+        self.engine().send(c.conn, frames.history_ack(req.id, room, epoch, msgs, more), Priority.HIGH)
 
     async def _unwritten_dm(self, route: Route, room: str, user: str) -> bool:
         """Whether ``room`` is a dm of ``user`` that nobody has written in yet."""

@@ -97,6 +97,10 @@ class Hooks:
             for op in ops:
                 self.add_op(op, fn)
 
+    def functions(self, hook: str) -> list[Hook]:
+        """The functions registered for a hook without room scope (``on_media``)."""
+        return list(self._fns[hook])
+
     def has(self, *names: str) -> bool:
         """Whether any of ``names`` has a hook (skips work nobody listens to)."""
         return any(self._fns.get(n) for n in names)

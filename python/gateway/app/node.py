@@ -33,6 +33,7 @@ from ..broker.commands import Ban, Broadcast, CloseRoom, Command, ConvMember, Ki
 from ..config import Config
 from ..errors import NotRunning
 from ..limits import RateLimiter
+from ..media.service import Media
 from ..moderation import Moderation
 from ..policy import Policy
 from ..protocol import frames
@@ -123,6 +124,10 @@ class Gateway:
         self._plugin_metrics: dict[str, Any] = {}
         #: HTTP routes plugins added (:meth:`http_route`), served by the HTTP API.
         self.http_routes: list[tuple[str, str, Callable[[Any], Awaitable[Any]]]] = []
+        #: Images, voice, video and files (``[media]``, docs/media.md).
+        self.media = Media(self)
+        self.sessions.media = self.media
+        self.conversations.media = self.media
         for p in plugins:
             self.use(p)
         self._use_desk()
@@ -187,6 +192,7 @@ class Gateway:
     after_join = property(lambda self: self._decorator("after_join"), doc="Decorator: ``after_join(client, room)``.")
     after_connect = property(lambda self: self._decorator("after_connect"), doc="Decorator: ``after_connect(client)``.")
     on_member = property(lambda self: self._decorator("on_member"), doc="Decorator: ``on_member(client, change)``.")
+    on_media = property(lambda self: self._decorator("on_media"), doc="Decorator: ``on_media(info)`` (docs/media.md, moderation).")
 
     def http_route(self, method: str, path: str, handler: Callable[[Any], Awaitable[Any]]) -> None:
         """Serve ``handler(request) -> aiohttp.web.StreamResponse`` on the HTTP API at
@@ -431,6 +437,9 @@ class Gateway:
                 r = started()
                 if inspect.isawaitable(r):
                     await r
+        settings = self.config.engine_settings()
+        if self.media.enabled:
+            settings.update(await self.media.start())
         static: dict[str, tuple[str, bytes]] = {}
         if self.config.server.demo:
             from ..demo import static_files
@@ -438,7 +447,7 @@ class Gateway:
             static = static_files(self.config.server.ws_path)
         # A certificate that cannot be served fails here with the key to blame.
         self.config.tls_certificate()
-        eng = Engine(static_files=static, **self.config.engine_settings())
+        eng = Engine(static_files=static, **settings)
         self._set_room_options(eng)
         self._engine = eng
         addr = eng.start()
@@ -506,6 +515,7 @@ class Gateway:
             self._api_runner = None
         await self.broker.close()
         await self.conversations.close()
+        await self.media.close()
         if self._outbox_task is not None:  # cancelled above: let it give the lease up
             await asyncio.wait((self._outbox_task,), timeout=5.0)
             self._outbox_task = None

@@ -19,7 +19,7 @@ DROP: Any = object()
 #: Every hook name, in the order a connection meets them.
 HOOKS = (
     "on_connect", "on_join", "on_message", "on_leave", "on_disconnect", "after_publish", "after_connect", "after_join", "on_member",
-    "on_request",
+    "on_request", "on_media",
 )
 
 
@@ -73,6 +73,11 @@ class Plugin:
     - ``on_member(client, change)``: a client creates a group, invites or removes members
       (a :class:`MemberChange`, after the route's rules allowed it): return False or
       raise :class:`~gateway.Reject` to deny. The HTTP API does not run it.
+    - ``on_media(info)``: a file was uploaded (a :class:`~gateway.media.MediaInfo` with a
+      short-lived ``url``): return ``"risky"`` (the file is deleted; a message that
+      carries it is recalled), ``"pass"``, or None when the verdict comes later (call
+      ``gateway.media.verdict(file_id, "risky")``, or ``POST /v1/media/{id}/verdict``).
+      Runs after the upload was answered, under ``hooks.timeout``.
     - ``on_request(client, op, msg)``: answers the client ops named in :attr:`ops` (ops
       the protocol does not define, e.g. ``"cs.open"``; ``msg`` is the request object).
       Return a dict (the fields of the ``ack``), None (an empty ``ack``), or raise

@@ -50,7 +50,7 @@ class Rooms:
 
     async def publish(
         self, room: str, route: Route, mtype: str, data: Any, prio: int, sender: str | None, idem: str | None = None,
-        cid: str | None = None,
+        cid: str | None = None, live: Any = None,
     ) -> PublishResult:
         """Encode once and hand to the broker (one call per message per node), then keep it
         as the route says (:mod:`gateway.app.storage`): a durable message returns once it
@@ -62,18 +62,22 @@ class Rooms:
         keep = self.storage.mode(route, mtype) if self.storage.enabled else "none"
         if keep == "durable":
             with self.storage.durable_publish(room):  # (Storage.settled waits for it)
-                return await self._publish(room, route, mtype, data, prio, sender, idem, cid, keep)
-        return await self._publish(room, route, mtype, data, prio, sender, idem, cid, keep)
+                return await self._publish(room, route, mtype, data, prio, sender, idem, cid, keep, live)
+        return await self._publish(room, route, mtype, data, prio, sender, idem, cid, keep, live)
 
     async def _publish(
         self, room: str, route: Route, mtype: str, data: Any, prio: int, sender: str | None, idem: str | None, cid: str | None, keep: str,
+        live: Any = None,
     ) -> PublishResult:
         ts = frames.now_ms()
         cfg = route.cfg
         logged = keep == "archive" and self.storage.log_archive
         # The store's copy of the data (the JSON text); a logged message's is in the frame.
         data_json = orjson.dumps(data) if keep != "none" and not logged else None
-        head, tail = frames.message_parts(room, mtype, prio, sender, data if data_json is None else orjson.Fragment(data_json), ts)
+        # ``live``: the data as delivered when it differs from what is kept (a media
+        # message's URLs, signed for this delivery only).
+        shown = live if live is not None else data if data_json is None else orjson.Fragment(data_json)
+        head, tail = frames.message_parts(room, mtype, prio, sender, shown, ts)
         recoverable = mtype in cfg.recoverable_types or cfg.conversation
         key = (mtype if mtype in cfg.priorities else "other", prio)
         published = self.stats.published

@@ -56,6 +56,7 @@ from .stats import Stats
 from .tasks import Tasks
 
 if TYPE_CHECKING:
+    from ..media.service import Media
     from .conversations import Conversations
 
 __all__ = ["MAX_BACKLOG", "Client", "Sessions"]
@@ -181,6 +182,8 @@ class Sessions:
         self.config = config
         #: Conversations (protocol 1.1); None in tests that build sessions alone.
         self.conversations = conversations
+        #: The node's media service (set by the Gateway): media publishes and paged URLs.
+        self.media: Media | None = None
         self.engine = engine
         self.auth = auth
         self.policy = policy
@@ -462,6 +465,8 @@ class Sessions:
             else:
                 more = len(ring) > req.limit
                 msgs, epoch = ring[-req.limit:], h.epoch
+        if self.media is not None:
+            msgs = await self.media.fresh(msgs)
         self.engine().send(c.conn, frames.history_ack(req.id, req.room, epoch, msgs, more), Priority.NORMAL)
 
     async def _history(self, room: str, route: Route, req: Join) -> tuple[HistoryResult, bool]:
@@ -500,6 +505,8 @@ class Sessions:
                 size -= len(msgs[0])
                 msgs = msgs[1:]
             h = HistoryResult(msgs, h.seq, h.epoch, False if h.recovered else h.recovered)
+        if self.media is not None and h.messages:
+            h = HistoryResult(await self.media.fresh(h.messages), h.seq, h.epoch, h.recovered)
         return h, False
 
     def _replace_older_sessions(self, c: Client, room: str) -> None:
@@ -534,7 +541,15 @@ class Sessions:
             except StoreUnavailable:
                 self.stats.store_unavailable += 1
                 raise Reject(ErrorCode.STORE_UNAVAILABLE, "the message could not be stored: retry with the same cid") from None
-        m = await self.hooks.chain("on_message", c, Message(room, req.type, req.data, c, verdict.priority, cid=req.cid), _message)
+        data, media = req.data, self.media
+        mfile = None
+        if media is not None and media.enabled and media.applies(route, req.type, data):
+            try:
+                mfile, data = await media.check_publish(c.user, room, route, req.type, data)
+            except StoreUnavailable:
+                self.stats.store_unavailable += 1
+                raise Reject(ErrorCode.STORE_UNAVAILABLE, "the message could not be stored: retry with the same cid") from None
+        m = await self.hooks.chain("on_message", c, Message(room, req.type, data, c, verdict.priority, cid=req.cid), _message)
         if m is DROP:
             self.stats.dropped["filter"] += 1
             eng.send(c.conn, frames.ack(req.id, seq=0), Priority.HIGH)
@@ -549,7 +564,10 @@ class Sessions:
             try:
                 res = await self.rooms.publish(
                     target, troute, m.type, m.data, m.priority, c.user, None if idem is None else f"{idem}\x00{target}", req.cid,
+                    live=None if mfile is None else media.live_data(mfile, m.data),  # type: ignore[union-attr]
                 )
+                if mfile is not None:
+                    await media.sent(mfile, target, res.seq, self.storage.mode(troute, m.type) != "none")  # type: ignore[union-attr]
             except StoreUnavailable:
                 self.stats.store_unavailable += 1
                 raise Reject(ErrorCode.STORE_UNAVAILABLE, "the message could not be stored: retry with the same cid") from None

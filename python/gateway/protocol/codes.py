@@ -29,6 +29,12 @@ class ErrorCode(IntEnum):
     RECALL_DENIED = 4032
     NO_CONVERSATION = 4033
     TOO_MANY_MEMBERS = 4034
+    #: Media messages: no such file (or removed) / uploaded by someone else / its kind is
+    #: not the message type, or the route takes no such kind / already sent elsewhere.
+    MEDIA_NOT_FOUND = 4035
+    MEDIA_NOT_YOURS = 4036
+    MEDIA_KIND = 4037
+    MEDIA_USED = 4038
     REJECTED = 4050
     HOOK_TIMEOUT = 4080
     INTERNAL = 5000

@@ -3,6 +3,9 @@
 from .base import (
     CS_OPEN_STATES,
     CS_SESSION_FIELDS,
+    MEDIA_FIELDS,
+    MEDIA_PUBLISH_GRACE_MS,
+    MEDIA_STATES,
     RECALLED,
     SCHEMA_VERSION,
     Conversation,
@@ -12,6 +15,7 @@ from .base import (
     CsUnread,
     DeadLetter,
     Lease,
+    MediaFile,
     Member,
     OutboxEntry,
     SchemaError,
@@ -23,6 +27,6 @@ from .base import (
 )
 
 __all__ = [
-    "CS_OPEN_STATES", "CS_SESSION_FIELDS", "RECALLED", "SCHEMA_VERSION", "Conversation", "ConversationState", "CsSession", "CsTicket", "CsUnread",
-    "DeadLetter", "Lease", "Member", "OutboxEntry", "SchemaError", "Store", "StoreStats", "StoreUnavailable", "StoredMessage", "TooManyMembers",
+    "CS_OPEN_STATES", "CS_SESSION_FIELDS", "MEDIA_FIELDS", "MEDIA_PUBLISH_GRACE_MS", "MEDIA_STATES", "RECALLED", "SCHEMA_VERSION", "Conversation",
+    "ConversationState", "CsSession", "CsTicket", "CsUnread", "DeadLetter", "Lease", "MediaFile", "Member", "OutboxEntry", "SchemaError", "Store", "StoreStats", "StoreUnavailable", "StoredMessage", "TooManyMembers",
 ]

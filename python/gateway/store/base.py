@@ -36,8 +36,9 @@ from dataclasses import dataclass, field
 from ..protocol.frames import message_parts, splice
 
 __all__ = [
-    "CS_OPEN_STATES", "CS_SESSION_FIELDS", "SCHEMA_VERSION", "Conversation", "ConversationState", "CsSession", "CsTicket", "DeadLetter", "Lease", "Member", "OutboxEntry", "SchemaError", "Store",
-    "StoreStats", "StoreUnavailable", "StoredMessage", "TooManyMembers",
+    "CS_OPEN_STATES", "CS_SESSION_FIELDS", "MEDIA_FIELDS", "MEDIA_PUBLISH_GRACE_MS", "MEDIA_STATES", "SCHEMA_VERSION", "Conversation", "ConversationState", "CsSession",
+    "CsTicket", "DeadLetter", "Lease", "MediaFile", "Member", "OutboxEntry", "SchemaError", "Store", "StoreStats", "StoreUnavailable", "StoredMessage",
+    "TooManyMembers",
 ]
 
 #: The schema this code reads and writes. ``gateway migrate`` brings a database to it; a
@@ -46,8 +47,9 @@ __all__ = [
 #: ``room_floors`` (the highest seq of a room's deleted messages). Version 3:
 #: conversations (``rooms`` and ``room_members`` in use, with roles, mutes, removals and
 #: read positions; ``recalls``). Version 4: the customer-service desk (``cs_sessions``,
-#: ``cs_tickets``).
-SCHEMA_VERSION = 4
+#: ``cs_tickets``). Version 5: media (``media``: uploaded files; ``media_refs``: the
+#: messages that carry them).
+SCHEMA_VERSION = 5
 
 #: Type of a recalled message (its data becomes ``{"by": user, "at": ms}``).
 RECALLED = "recalled"
@@ -264,6 +266,55 @@ class CsTicket:
     session: str | None = None
 
 
+#: States of a media file: uploaded (not sent yet), attached (sent in a message at least
+#: once), removed (its object is deleted; the row stays so that a late publish or link
+#: gets "removed" rather than "missing").
+MEDIA_STATES = ("uploaded", "attached", "removed")
+
+#: How long (ms) after an attach the file's publish may still be on its way into the
+#: store (a commit in flight, an archive message written behind, a Redis archive log
+#: catching up): :meth:`Store.media_orphans` leaves a file alone until its last attach
+#: and every one of its refs are older than this.
+MEDIA_PUBLISH_GRACE_MS = 3_600_000
+
+
+@dataclass(frozen=True, slots=True)
+class MediaFile:
+    """An uploaded file (``media``, docs: the media contract).
+
+    ``id``: ``"m_"`` + random. ``owner``: the uploader. ``kind``: ``image``, ``voice``,
+    ``video`` or ``file``. ``size``: bytes of the original; ``sha256`` its hex digest.
+    ``name``: the sanitised original file name (``""`` when none). ``meta``: JSON object
+    text (``w``, ``h``, ``duration``, ``thumb``, ``thumb_size``...). ``key``: the object
+    key of the original in the object store (the thumbnail's is ``key + ".t"``).
+    ``room``: the first conversation it was attached to; ``attached_at``: its last
+    attach (ms). ``state``: one of :data:`MEDIA_STATES`. ``verdict``: moderation, None
+    (pending or none), ``"pass"`` or ``"risky"``. Times are ms since the Unix epoch."""
+
+    id: str
+    owner: str
+    kind: str
+    mime: str
+    size: int
+    sha256: str
+    name: str
+    meta: bytes
+    key: str
+    created_at: int
+    room: str | None = None
+    attached_at: int | None = None
+    state: str = "uploaded"
+    verdict: str | None = None
+
+    @property
+    def thumb_key(self) -> str:
+        return self.key + ".t"
+
+
+#: The columns of ``media``, in :class:`MediaFile` field order.
+MEDIA_FIELDS = tuple(MediaFile.__dataclass_fields__)
+
+
 class Lease(abc.ABC):
     """Leadership of a named task among every node that uses the database (the outbox
     deliverer), from :meth:`Store.lead`. Held until :meth:`release`, or until the holder
@@ -436,7 +487,12 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def delete_user(self, user: str) -> int:
         """Delete every message ``user`` sent (a personal-data erasure request); returns
-        how many. Runs in batches; other writes go on meanwhile."""
+        how many. Runs in batches; other writes go on meanwhile.
+
+        Media is left alone: the user's files (``media``) and the refs of the deleted
+        messages (``media_refs``) stay. The media service purges a user's files itself
+        (their objects first, from :meth:`media_of_user`, then :meth:`media_purge_rows`),
+        and files that others sent in those messages become :meth:`media_orphans`."""
 
     @abc.abstractmethod
     async def expire(self, route: str, before_ms: int, batch: int = 5000) -> int:
@@ -671,6 +727,106 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def cs_tickets(self, since_ms: int, until_ms: int, *, limit: int = 1000) -> list[CsTicket]:
         """Tickets created in ``[since_ms, until_ms)``, oldest first."""
+
+    # ---- media ----------------------------------------------------------------------------
+    #
+    # Uploaded files are rows of ``media``; the messages that carry them are rows of
+    # ``media_refs`` (file, room, seq). The objects themselves live in the object store
+    # (disk or S3): the store never touches them. Small writes, one statement each (or
+    # one transaction), never on a message's commit path.
+
+    @abc.abstractmethod
+    async def media_add(self, f: MediaFile) -> None:
+        """Store a new file; :class:`ValueError` when its id is taken."""
+
+    @abc.abstractmethod
+    async def media_get(self, id: str) -> MediaFile | None:
+        """The file (in any state, a removed one too), or None."""
+
+    @abc.abstractmethod
+    async def media_get_many(self, ids: Sequence[str]) -> dict[str, MediaFile]:
+        """The files with these ids, in one round trip; missing ones are absent."""
+
+    @abc.abstractmethod
+    async def media_attach(self, id: str, owner: str, room: str, at_ms: int, *, exclusive: bool) -> tuple[MediaFile | None, str]:
+        """Attach the file to a message about to be published in ``room``, in one atomic
+        conditional update: it succeeds when the file exists, ``owner`` uploaded it, it is
+        not removed, and either ``exclusive`` is False (the route lets a file be sent
+        again), or the file was never attached, or it was attached to this same ``room``
+        (a retried publish). Then ``room`` is set if it was None, ``attached_at`` to
+        ``at_ms`` and ``state`` to ``"attached"``, and the answer is (the file after,
+        ``"ok"``). Otherwise nothing changes and the answer is (None, why): ``"missing"``,
+        ``"owner"``, ``"removed"`` or ``"used"`` (attached to another room), in that order
+        of precedence. Of concurrent exclusive attaches of one file to different rooms,
+        exactly one gets ``"ok"``."""
+
+    @abc.abstractmethod
+    async def media_ref(self, id: str, room: str, seq: int, at_ms: int) -> None:
+        """Note that message ``(room, seq)`` carries the file (idempotent)."""
+
+    @abc.abstractmethod
+    async def media_refs(self, id: str) -> list[tuple[str, int]]:
+        """The (room, seq) of the messages that carry the file, in (room, seq) order."""
+
+    @abc.abstractmethod
+    async def media_files_of(self, room: str, seqs: Sequence[int]) -> dict[int, list[str]]:
+        """Which files the messages ``seqs`` of ``room`` carry (seq -> file ids, sorted);
+        messages without files are absent. For recalls and tombstones."""
+
+    @abc.abstractmethod
+    async def media_set_verdict(self, id: str, verdict: str) -> MediaFile | None:
+        """Set the moderation verdict; the file after, or None when there is no such file."""
+
+    @abc.abstractmethod
+    async def media_usage(self, owner: str, since_ms: int) -> int:
+        """Bytes ``owner`` uploaded since ``since_ms`` (``created_at >= since_ms``), in
+        every state (a removed file still counts against the day's quota)."""
+
+    @abc.abstractmethod
+    async def media_remove(self, ids: Sequence[str]) -> int:
+        """Mark the files removed (their objects are gone) and delete their refs, in one
+        transaction. The rows stay, so later look-ups answer ``"removed"`` rather than
+        ``"missing"``. Returns how many files changed state (already removed or missing
+        ones do not count)."""
+
+    @abc.abstractmethod
+    async def media_purge_rows(self, ids: Sequence[str]) -> int:
+        """Delete the files' rows and refs outright (after a user's data purge, once their
+        objects are deleted); returns how many rows were deleted."""
+
+    @abc.abstractmethod
+    async def media_unsent(self, before_ms: int, limit: int) -> list[MediaFile]:
+        """Up to ``limit`` files never attached to a message (state ``"uploaded"``)
+        created before ``before_ms``, oldest first (to delete after ``unsent_ttl``)."""
+
+    @abc.abstractmethod
+    async def media_of_user(self, user: str, limit: int) -> list[MediaFile]:
+        """Up to ``limit`` files ``user`` uploaded that are not removed, oldest first (a
+        user's data purge: delete their objects, then :meth:`media_purge_rows`, again
+        until none is left)."""
+
+    @abc.abstractmethod
+    async def media_orphans(self, limit: int) -> list[MediaFile]:
+        """Up to ``limit`` attached files no stored message uses any more, oldest upload
+        first: every ref points at a message that is gone (retention, an erasure
+        request) or recalled, or the file has no ref at all (its publish never
+        committed). A file is left alone while its last attach or any of its refs is
+        younger than :data:`MEDIA_PUBLISH_GRACE_MS` (its message may not be written
+        yet: archive messages are written behind). The caller deletes the objects and
+        then calls :meth:`media_remove`.
+
+        NOTE: messages of routes that do not store messages are never in the store, so
+        a file sent only there becomes an orphan once the grace period is over.
+
+        Cost: one pass over the attached files (the ``(state, created_at)`` index) that
+        stops at ``limit`` orphans; per file one probe of its refs (primary key) and, per
+        ref older than the grace period, one probe of ``messages`` by ``(room, seq)``
+        until a live one is found. So a sweep that finds few orphans reads every attached
+        file: call it rarely (hourly), not per message. NOTE: measured with 200,000
+        attached files, each in one stored message (5,000 rooms), 10 of them orphans: a
+        sweep read all 200,000 in 0.3-0.7 s on SQLite and 0.76-0.82 s on PostgreSQL
+        (about 8 index pages a file, all cached), so about 4 s per million attached
+        files, on one reader connection."""
 
     async def commit_many(self, msgs: Sequence[StoredMessage]) -> list[StoredMessage]:
         """:meth:`commit` for several messages (one group commit)."""

@@ -75,6 +75,19 @@ on ``data`` through a ``pg_trgm`` GIN index (trigrams of any UTF-8 text, Chinese
 included, when the database's ``LC_CTYPE`` classifies those characters as letters, as
 ``C.UTF-8`` and the ``*.UTF-8`` locales do: :meth:`PostgresStore.migrate` warns otherwise).
 
+**Later versions** add tables beside these: v2 the outbox (``outbox``,
+``outbox_cursors``, ``outbox_dead``) and ``room_floors``; v3 conversations (columns of
+``rooms`` and ``room_members``, ``recalls``); v4 the desk (``cs_sessions``,
+``cs_tickets``); v5 media: ``media`` (uploaded files, keyed by ``id``; ``meta`` is JSON
+text; indexes ``(owner, created_at)`` for a user's daily usage and purge, ``(state,
+created_at)`` for unsent files and the orphan sweep) and ``media_refs (file_id, room,
+seq, at)`` (the messages that carry each file; primary key ``(file_id, room, seq)``,
+index ``(room, seq)`` for the files of recalled messages). No trigger ties media to
+``messages``: retention, erasure and recalls cost nothing more, and
+:meth:`PostgresStore.media_orphans` probes ``messages`` by its primary key instead.
+:meth:`PostgresStore.delete_user` leaves media alone (the media service purges a user's
+files itself).
+
 **Migrations** are numbered steps, each applied in one transaction holding
 an advisory lock held for the whole migration, so nodes that run ``gateway migrate`` at once apply each step
 once. :meth:`PostgresStore.start` never changes the schema: at another version it raises
@@ -109,6 +122,8 @@ import orjson
 from .base import (
     CS_OPEN_STATES,
     CS_SESSION_FIELDS,
+    MEDIA_FIELDS,
+    MEDIA_PUBLISH_GRACE_MS,
     RECALLED,
     SCHEMA_VERSION,
     Conversation,
@@ -118,6 +133,7 @@ from .base import (
     CsUnread,
     DeadLetter,
     Lease,
+    MediaFile,
     Member,
     OutboxEntry,
     SchemaError,
@@ -301,6 +317,34 @@ MIGRATIONS: tuple[Migration, ...] = (
         )""",
         "CREATE INDEX cs_tickets_created ON {s}.cs_tickets (created_at)",
     )),
+    Migration(5, "media: uploaded files and the messages that carry them", (
+        """CREATE TABLE {s}.media (
+            id text PRIMARY KEY,
+            owner text NOT NULL,
+            kind text NOT NULL,
+            mime text NOT NULL,
+            size bigint NOT NULL,
+            sha256 text NOT NULL,
+            name text NOT NULL DEFAULT '',
+            meta text NOT NULL DEFAULT '{{}}',
+            key text NOT NULL,
+            created_at bigint NOT NULL,
+            room text,
+            attached_at bigint,
+            state text NOT NULL DEFAULT 'uploaded',
+            verdict text
+        )""",
+        "CREATE INDEX media_owner ON {s}.media (owner, created_at)",
+        "CREATE INDEX media_state ON {s}.media (state, created_at)",
+        """CREATE TABLE {s}.media_refs (
+            file_id text NOT NULL,
+            room text NOT NULL,
+            seq bigint NOT NULL,
+            at bigint NOT NULL,
+            PRIMARY KEY (file_id, room, seq)
+        )""",
+        "CREATE INDEX media_refs_room ON {s}.media_refs (room, seq)",
+    )),
 )
 assert MIGRATIONS[-1].version == SCHEMA_VERSION and [m.version for m in MIGRATIONS] == list(range(1, SCHEMA_VERSION + 1))
 
@@ -369,6 +413,27 @@ def _cs_session(r: Any) -> CsSession:
     i = CS_SESSION_FIELDS.index("card")
     vals[i] = (vals[i] or "null").encode()
     return CsSession(*vals)
+
+
+_MEDIA_COLS = ", ".join(MEDIA_FIELDS)
+
+
+def _media(r: Any) -> MediaFile:
+    vals = list(r)
+    i = MEDIA_FIELDS.index("meta")
+    vals[i] = (vals[i] or "{}").encode()
+    return MediaFile(*vals)
+
+
+def _attach_refusal(row: Any, owner: str) -> str:
+    """Why an attach changed nothing, from the file's (owner, state) or None."""
+    if row is None:
+        return "missing"
+    if row[0] != owner:
+        return "owner"
+    if row[1] == "removed":
+        return "removed"
+    return "used"
 
 
 class _ConnLease(Lease):
@@ -1341,6 +1406,126 @@ class PostgresStore(Store):
                f"WHERE created_at >= $1 AND created_at < $2 ORDER BY created_at, id LIMIT {int(limit)}")
         rows = await self._fetch(sql, [since_ms, until_ms], "reading tickets")
         return [CsTicket(r[0], r[1], r[2], r[3].encode(), int(r[4]), r[5]) for r in rows]
+
+    # ---- media ------------------------------------------------------------------------
+
+    async def media_add(self, f: MediaFile) -> None:
+        row = [getattr(f, k).decode() if k == "meta" else getattr(f, k) for k in MEDIA_FIELDS]
+        ph = ", ".join(f"${i + 1}" for i in range(len(row)))
+        sql = f"INSERT INTO {self.schema}.media ({_MEDIA_COLS}) VALUES ({ph}) ON CONFLICT DO NOTHING RETURNING true"
+        if not await self._fetch(sql, row, "storing a media file"):
+            raise ValueError(f"media id {f.id!r} is taken")
+
+    async def media_get(self, id: str) -> MediaFile | None:
+        rows = await self._fetch(f"SELECT {_MEDIA_COLS} FROM {self.schema}.media WHERE id = $1", [id], "reading a media file")
+        return _media(rows[0]) if rows else None
+
+    async def media_get_many(self, ids: Sequence[str]) -> dict[str, MediaFile]:
+        if not ids:
+            return {}
+        rows = await self._fetch(f"SELECT {_MEDIA_COLS} FROM {self.schema}.media WHERE id = ANY($1::text[])", [list(ids)], "reading media files")
+        return {r[0]: _media(r) for r in rows}
+
+    async def media_attach(self, id: str, owner: str, room: str, at_ms: int, *, exclusive: bool) -> tuple[MediaFile | None, str]:
+        """See :meth:`Store.media_attach`: one conditional ``UPDATE ... RETURNING``. Of two
+        concurrent ones, the second waits for the first's row lock and then evaluates its
+        condition on the row the first wrote (READ COMMITTED), so it finds the room taken.
+        When it changed nothing, the row is read again to say why."""
+        s = self.schema
+        sql = (f"UPDATE {s}.media SET room = coalesce(room, $3), attached_at = $4, state = 'attached' "
+               "WHERE id = $1 AND owner = $2 AND state <> 'removed' AND (NOT $5::bool OR room IS NULL OR room = $3) "
+               f"RETURNING {_MEDIA_COLS}")
+        rows = await self._fetch(sql, [id, owner, room, at_ms, exclusive], "attaching a media file")
+        if rows:
+            return _media(rows[0]), "ok"
+        got = await self._fetch(f"SELECT owner, state FROM {s}.media WHERE id = $1", [id], "reading a media file")
+        return None, _attach_refusal(got[0] if got else None, owner)
+
+    async def media_ref(self, id: str, room: str, seq: int, at_ms: int) -> None:
+        sql = f"INSERT INTO {self.schema}.media_refs (file_id, room, seq, at) VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING"
+        await self._read(lambda c: c.execute(sql, id, room, seq, at_ms), "storing a media ref")
+
+    async def media_refs(self, id: str) -> list[tuple[str, int]]:
+        rows = await self._fetch(f"SELECT room, seq FROM {self.schema}.media_refs WHERE file_id = $1 ORDER BY room, seq", [id], "reading media refs")
+        return [(str(r[0]), int(r[1])) for r in rows]
+
+    async def media_files_of(self, room: str, seqs: Sequence[int]) -> dict[int, list[str]]:
+        if not seqs:
+            return {}
+        sql = f"SELECT seq, file_id FROM {self.schema}.media_refs WHERE room = $1 AND seq = ANY($2::int8[]) ORDER BY seq, file_id"
+        out: dict[int, list[str]] = {}
+        for seq, fid in await self._fetch(sql, [room, sorted(set(seqs))], "reading media refs"):
+            out.setdefault(int(seq), []).append(str(fid))
+        return out
+
+    async def media_set_verdict(self, id: str, verdict: str) -> MediaFile | None:
+        sql = f"UPDATE {self.schema}.media SET verdict = $2 WHERE id = $1 RETURNING {_MEDIA_COLS}"
+        rows = await self._fetch(sql, [id, verdict], "updating a media file")
+        return _media(rows[0]) if rows else None
+
+    async def media_usage(self, owner: str, since_ms: int) -> int:
+        sql = f"SELECT coalesce(sum(size), 0) FROM {self.schema}.media WHERE owner = $1 AND created_at >= $2"
+        return int(await self._read(lambda c: c.fetchval(sql, owner, since_ms), "reading media usage"))
+
+    async def media_remove(self, ids: Sequence[str]) -> int:
+        if not ids:
+            return 0
+        s = self.schema
+        wanted = list(set(ids))
+
+        async def run(conn: Any) -> int:
+            async with conn.transaction():
+                # The rows are locked in id order first, so two sweeps removing overlapping
+                # files (two nodes) cannot deadlock.
+                n = await conn.fetchval(
+                    f"WITH l AS (SELECT id FROM {s}.media WHERE id = ANY($1::text[]) AND state <> 'removed' ORDER BY id FOR UPDATE), "
+                    f"u AS (UPDATE {s}.media m SET state = 'removed' FROM l WHERE m.id = l.id AND m.state <> 'removed' RETURNING 1) "
+                    "SELECT count(*) FROM u", wanted,
+                )
+                await conn.execute(f"DELETE FROM {s}.media_refs WHERE file_id = ANY($1::text[])", wanted)
+            return int(n)
+
+        result: int = await self._read(run, "removing media files")
+        return result
+
+    async def media_purge_rows(self, ids: Sequence[str]) -> int:
+        if not ids:
+            return 0
+        s = self.schema
+        wanted = list(set(ids))
+
+        async def run(conn: Any) -> int:
+            async with conn.transaction():
+                await conn.execute(f"SELECT 1 FROM {s}.media WHERE id = ANY($1::text[]) ORDER BY id FOR UPDATE", wanted)  # see media_remove
+                await conn.execute(f"DELETE FROM {s}.media_refs WHERE file_id = ANY($1::text[])", wanted)
+                n = await conn.fetchval(f"WITH d AS (DELETE FROM {s}.media WHERE id = ANY($1::text[]) RETURNING 1) SELECT count(*) FROM d", wanted)
+            return int(n)
+
+        result: int = await self._read(run, "purging media files")
+        return result
+
+    async def media_unsent(self, before_ms: int, limit: int) -> list[MediaFile]:
+        sql = (f"SELECT {_MEDIA_COLS} FROM {self.schema}.media WHERE state = 'uploaded' AND created_at < $1 AND attached_at IS NULL "
+               "ORDER BY created_at, id LIMIT $2")
+        return [_media(r) for r in await self._fetch(sql, [before_ms, limit], "reading unsent media files")]
+
+    async def media_of_user(self, user: str, limit: int) -> list[MediaFile]:
+        sql = f"SELECT {_MEDIA_COLS} FROM {self.schema}.media WHERE owner = $1 AND state <> 'removed' ORDER BY created_at, id LIMIT $2"
+        return [_media(r) for r in await self._fetch(sql, [user, limit], "reading a user's media files")]
+
+    async def media_orphans(self, limit: int) -> list[MediaFile]:
+        """See :meth:`Store.media_orphans`: one query (plan: an index scan of
+        ``media_state`` for ``state = 'attached'`` feeding a nested-loop anti join with
+        ``media_refs`` by its primary key, whose filter probes ``messages`` by its
+        primary key; it stops at ``limit`` rows)."""
+        s = self.schema
+        sql = (f"SELECT {', '.join('f.' + c for c in MEDIA_FIELDS)} FROM {s}.media f "
+               "WHERE f.state = 'attached' AND f.attached_at < $1 AND NOT EXISTS ("
+               f"SELECT 1 FROM {s}.media_refs r WHERE r.file_id = f.id AND (r.at >= $1 OR EXISTS ("
+               f"SELECT 1 FROM {s}.messages m WHERE m.room = r.room AND m.seq = r.seq AND m.type <> $2))) "
+               "ORDER BY f.state, f.created_at LIMIT $3")
+        rows = await self._fetch(sql, [_now_ms() - MEDIA_PUBLISH_GRACE_MS, RECALLED, limit], "finding orphaned media files")
+        return [_media(r) for r in rows]
 
     # ---- conversations ---------------------------------------------------------------
 

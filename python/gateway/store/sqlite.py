@@ -48,7 +48,7 @@ cache, when its future resolves. It does not survive a power loss or a kernel cr
 last commits before it may be lost (never corrupted). ``synchronous="FULL"`` fsyncs the
 WAL at every transaction (one per batch), which is what survives a power loss.
 
-Schema (version 1; PostgreSQL keeps the same logical schema):
+Schema (version 5; PostgreSQL keeps the same logical schema):
 
 - ``messages`` is a rowid table with ``id INTEGER PRIMARY KEY AUTOINCREMENT``, and
   ``(room, seq)`` is a unique index. NOTE: not ``WITHOUT ROWID`` keyed by ``(room,
@@ -78,7 +78,20 @@ Schema (version 1; PostgreSQL keeps the same logical schema):
   :meth:`~SqliteStore.search` scans the rows above the watermark itself, so it always
   sees every committed message. A trigger removes deleted rows from the index when they
   were indexed (rowids are never reused, so "indexed" is "``id <=`` watermark").
-- ``rooms`` and ``room_members``: for conversations (the next issue), unused yet.
+- ``rooms`` and ``room_members``: conversations (version 3, with ``recalls``: the
+  recalled (room, seq), whose message rows keep a :data:`~gateway.store.base.RECALLED`
+  tombstone).
+- ``cs_sessions`` and ``cs_tickets``: the customer-service desk (version 4).
+- ``media`` and ``media_refs`` (version 5): uploaded files (:class:`~gateway.store.base.MediaFile`,
+  ``WITHOUT ROWID`` keyed by ``id``; ``meta`` is JSON text) with indexes
+  ``(owner, created_at)`` (a user's daily usage, a user's purge) and ``(state,
+  created_at)`` (unsent files, the orphan sweep); and ``(file_id, room, seq, at)``, the
+  messages that carry each file, keyed by ``(file_id, room, seq)`` with an index on
+  ``(room, seq)`` (which files a recalled message carries). No trigger ties them to
+  ``messages``: deleting or recalling a message costs nothing more, and
+  :meth:`~SqliteStore.media_orphans` finds the files left without a live message by
+  probing ``messages`` through its ``(room, seq)`` index. ``delete_user`` leaves both
+  tables alone (the media service purges a user's files itself).
 - ``meta``: ``schema_version``, ``epoch``, ``created_at``, ``clean_close``, and
   ``fts_indexed`` (SQLite only).
 
@@ -113,6 +126,8 @@ import orjson
 from .base import (
     CS_OPEN_STATES,
     CS_SESSION_FIELDS,
+    MEDIA_FIELDS,
+    MEDIA_PUBLISH_GRACE_MS,
     RECALLED,
     SCHEMA_VERSION,
     Conversation,
@@ -122,6 +137,7 @@ from .base import (
     CsUnread,
     DeadLetter,
     Lease,
+    MediaFile,
     Member,
     OutboxEntry,
     SchemaError,
@@ -310,6 +326,35 @@ MIGRATIONS: list[tuple[int, tuple[str, ...]]] = [
             created_at INTEGER NOT NULL
         ) WITHOUT ROWID""",
         "CREATE INDEX cs_tickets_created ON cs_tickets (created_at)",
+    )),
+    (5, (
+        # Media: uploaded files and the messages that carry them (see the module docstring).
+        """CREATE TABLE media (
+            id TEXT PRIMARY KEY,
+            owner TEXT NOT NULL,
+            kind TEXT NOT NULL,
+            mime TEXT NOT NULL,
+            size INTEGER NOT NULL,
+            sha256 TEXT NOT NULL,
+            name TEXT NOT NULL DEFAULT '',
+            meta TEXT NOT NULL DEFAULT '{}',
+            key TEXT NOT NULL,
+            created_at INTEGER NOT NULL,
+            room TEXT,
+            attached_at INTEGER,
+            state TEXT NOT NULL DEFAULT 'uploaded',
+            verdict TEXT
+        ) WITHOUT ROWID""",
+        "CREATE INDEX media_owner ON media (owner, created_at)",
+        "CREATE INDEX media_state ON media (state, created_at)",
+        """CREATE TABLE media_refs (
+            file_id TEXT NOT NULL,
+            room TEXT NOT NULL,
+            seq INTEGER NOT NULL,
+            at INTEGER NOT NULL,
+            PRIMARY KEY (file_id, room, seq)
+        ) WITHOUT ROWID""",
+        "CREATE INDEX media_refs_room ON media_refs (room, seq)",
     )),
 ]
 
@@ -1216,6 +1261,148 @@ class SqliteStore(Store):
         rows = await self._read(_fetch(sql, (since_ms, until_ms, limit)), "cs_tickets")
         return [CsTicket(r[0], r[1], r[2], r[3].encode(), r[4], r[5]) for r in rows]
 
+    # ---- media --------------------------------------------------------------------------
+
+    async def media_add(self, f: MediaFile) -> None:
+        row = _media_row(f)
+
+        def run(conn: sqlite3.Connection) -> int:
+            return int(conn.execute(_MEDIA_INSERT, row).rowcount)
+
+        if await self._call(run) != 1:
+            raise ValueError(f"media id {f.id!r} is taken")
+
+    async def media_get(self, id: str) -> MediaFile | None:
+        rows = await self._read(_fetch(f"SELECT {_MEDIA_COLS} FROM media WHERE id = ?", (id,)), "media_get")
+        return _media(rows[0]) if rows else None
+
+    async def media_get_many(self, ids: Sequence[str]) -> dict[str, MediaFile]:
+        wanted = list(dict.fromkeys(ids))
+        if not wanted:
+            return {}
+
+        def run(conn: sqlite3.Connection) -> dict[str, MediaFile]:
+            out: dict[str, MediaFile] = {}
+            for i in range(0, len(wanted), 500):
+                part = wanted[i:i + 500]
+                for r in conn.execute(f"SELECT {_MEDIA_COLS} FROM media WHERE id IN ({','.join('?' * len(part))})", part):
+                    out[r[0]] = _media(r)
+            return out
+
+        return await self._read(run, "media_get_many")
+
+    async def media_attach(self, id: str, owner: str, room: str, at_ms: int, *, exclusive: bool) -> tuple[MediaFile | None, str]:
+        """See :meth:`Store.media_attach`: one conditional ``UPDATE ... RETURNING`` on the
+        writer thread (the only writer), then, when it changed nothing, a look at the row
+        to say why."""
+
+        def run(conn: sqlite3.Connection) -> tuple[MediaFile | None, str]:
+            r = conn.execute(_MEDIA_ATTACH, (room, at_ms, id, owner, int(exclusive), room)).fetchone()
+            if r is not None:
+                return _media(r), "ok"
+            got = conn.execute("SELECT owner, state FROM media WHERE id = ?", (id,)).fetchone()
+            return None, _attach_refusal(got, owner)
+
+        return await self._call(run)
+
+    async def media_ref(self, id: str, room: str, seq: int, at_ms: int) -> None:
+        def run(conn: sqlite3.Connection) -> None:
+            conn.execute("INSERT INTO media_refs (file_id, room, seq, at) VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING", (id, room, seq, at_ms))
+
+        await self._call(run)
+
+    async def media_refs(self, id: str) -> list[tuple[str, int]]:
+        rows = await self._read(_fetch("SELECT room, seq FROM media_refs WHERE file_id = ? ORDER BY room, seq", (id,)), "media_refs")
+        return [(str(r[0]), int(r[1])) for r in rows]
+
+    async def media_files_of(self, room: str, seqs: Sequence[int]) -> dict[int, list[str]]:
+        wanted = sorted(set(seqs))
+        if not wanted:
+            return {}
+
+        def run(conn: sqlite3.Connection) -> dict[int, list[str]]:
+            out: dict[int, list[str]] = {}
+            for i in range(0, len(wanted), 500):
+                part = wanted[i:i + 500]
+                sql = f"SELECT seq, file_id FROM media_refs WHERE room = ? AND seq IN ({','.join('?' * len(part))}) ORDER BY seq, file_id"
+                for seq, fid in conn.execute(sql, (room, *part)):
+                    out.setdefault(int(seq), []).append(str(fid))
+            return out
+
+        return await self._read(run, "media_files_of")
+
+    async def media_set_verdict(self, id: str, verdict: str) -> MediaFile | None:
+        def run(conn: sqlite3.Connection) -> MediaFile | None:
+            r = conn.execute(f"UPDATE media SET verdict = ? WHERE id = ? RETURNING {_MEDIA_COLS}", (verdict, id)).fetchone()
+            return _media(r) if r is not None else None
+
+        return await self._call(run)
+
+    async def media_usage(self, owner: str, since_ms: int) -> int:
+        rows = await self._read(_fetch("SELECT ifnull(sum(size), 0) FROM media WHERE owner = ? AND created_at >= ?", (owner, since_ms)), "media_usage")
+        return int(rows[0][0])
+
+    async def media_remove(self, ids: Sequence[str]) -> int:
+        wanted = list(dict.fromkeys(ids))
+        if not wanted:
+            return 0
+
+        def run(conn: sqlite3.Connection) -> int:
+            n = 0
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for i in range(0, len(wanted), 500):
+                    part = wanted[i:i + 500]
+                    marks = ",".join("?" * len(part))
+                    n += conn.execute(f"UPDATE media SET state = 'removed' WHERE id IN ({marks}) AND state <> 'removed'", part).rowcount
+                    conn.execute(f"DELETE FROM media_refs WHERE file_id IN ({marks})", part)
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            return n
+
+        return await self._call(run)
+
+    async def media_purge_rows(self, ids: Sequence[str]) -> int:
+        wanted = list(dict.fromkeys(ids))
+        if not wanted:
+            return 0
+
+        def run(conn: sqlite3.Connection) -> int:
+            n = 0
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for i in range(0, len(wanted), 500):
+                    part = wanted[i:i + 500]
+                    marks = ",".join("?" * len(part))
+                    conn.execute(f"DELETE FROM media_refs WHERE file_id IN ({marks})", part)
+                    n += conn.execute(f"DELETE FROM media WHERE id IN ({marks})", part).rowcount
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            return n
+
+        return await self._call(run)
+
+    async def media_unsent(self, before_ms: int, limit: int) -> list[MediaFile]:
+        sql = f"SELECT {_MEDIA_COLS} FROM media WHERE state = 'uploaded' AND created_at < ? AND attached_at IS NULL ORDER BY created_at, id LIMIT ?"
+        return [_media(r) for r in await self._read(_fetch(sql, (before_ms, limit)), "media_unsent")]
+
+    async def media_of_user(self, user: str, limit: int) -> list[MediaFile]:
+        sql = f"SELECT {_MEDIA_COLS} FROM media WHERE owner = ? AND state <> 'removed' ORDER BY created_at, id LIMIT ?"
+        return [_media(r) for r in await self._read(_fetch(sql, (user, limit)), "media_of_user")]
+
+    async def media_orphans(self, limit: int) -> list[MediaFile]:
+        """See :meth:`Store.media_orphans`: one query on a reader (its plan: a scan of
+        ``media_state`` for ``state = 'attached'``, per file a search of the primary key of
+        ``media_refs`` and per old ref a search of ``messages_room_seq``)."""
+        cutoff = _now_ms() - MEDIA_PUBLISH_GRACE_MS
+        return [_media(r) for r in await self._read(_fetch(_MEDIA_ORPHANS, (cutoff, RECALLED, limit)), "media_orphans")]
+
     async def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``fn`` once on the writer thread, between batches."""
         if self._state != "open":
@@ -1789,6 +1976,45 @@ def _cs_filter(states: Sequence[str] | None, department: str | None, agent: str 
         where.append(f"agent = {ph}")
         args.append(agent)
     return ("WHERE " + " AND ".join(where)) if where else "", args
+
+
+_MEDIA_COLS = ", ".join(MEDIA_FIELDS)
+_MEDIA_INSERT = f"INSERT INTO media ({_MEDIA_COLS}) VALUES ({', '.join('?' * len(MEDIA_FIELDS))}) ON CONFLICT DO NOTHING"
+#: Args: (room, at_ms, id, owner, exclusive, room).
+_MEDIA_ATTACH = (
+    "UPDATE media SET room = ifnull(room, ?), attached_at = ?, state = 'attached' "
+    "WHERE id = ? AND owner = ? AND state <> 'removed' AND (NOT ? OR room IS NULL OR room = ?) "
+    f"RETURNING {_MEDIA_COLS}"
+)
+#: Args: (cutoff, RECALLED, limit). See Store.media_orphans.
+_MEDIA_ORPHANS = (
+    f"SELECT {_MEDIA_COLS} FROM media f WHERE f.state = 'attached' AND f.attached_at < ?1 AND NOT EXISTS ("
+    "SELECT 1 FROM media_refs r WHERE r.file_id = f.id AND (r.at >= ?1 OR EXISTS ("
+    "SELECT 1 FROM messages m WHERE m.room = r.room AND m.seq = r.seq AND m.type <> ?2))) "
+    "ORDER BY f.state, f.created_at LIMIT ?3"
+)
+
+
+def _media_row(f: MediaFile) -> tuple[Any, ...]:
+    return tuple(getattr(f, k).decode() if k == "meta" else getattr(f, k) for k in MEDIA_FIELDS)
+
+
+def _media(r: Any) -> MediaFile:
+    vals = list(r)
+    i = MEDIA_FIELDS.index("meta")
+    vals[i] = (vals[i] or "{}").encode()
+    return MediaFile(*vals)
+
+
+def _attach_refusal(row: Any, owner: str) -> str:
+    """Why an attach changed nothing, from the file's (owner, state) or None."""
+    if row is None:
+        return "missing"
+    if row[0] != owner:
+        return "owner"
+    if row[1] == "removed":
+        return "removed"
+    return "used"
 
 
 def _fetch(sql: str, args: tuple[Any, ...]) -> Callable[[sqlite3.Connection], list[Any]]:

@@ -4,7 +4,8 @@
 //! (`static_files`, `app_ping`, `close_timeout`) are engine-only.
 //!
 //! The engine does not validate ranges; it clamps only where a value would otherwise be
-//! unsafe (each clamp says why where it is applied).
+//! unsafe (each clamp says why where it is applied). The media relay's settings are the
+//! exception: `EngineConfig::check_media` refuses values it cannot serve (at `Engine::new`).
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -103,6 +104,22 @@ pub struct EngineConfig {
     pub limits_max_rooms: usize,
     /// How long a closing connection waits for the peer's close frame.
     pub close_timeout: Duration,
+    /// HTTP requests whose path starts with this are relayed to `media_upstream` (any
+    /// method; never an upgrade); empty = off. See `media.rs`.
+    pub media_prefix: String,
+    /// `ip:port` of the HTTP upstream (the node's media server on loopback).
+    pub media_upstream: String,
+    /// Sent to the upstream as `X-Gateway-Media-Secret` (a client's own is removed).
+    pub media_secret: String,
+    /// Largest request body (Content-Length) relayed; over it: 413 before reading it.
+    pub media_max_body: u64,
+    /// Deadline of one relayed request, from its head read to the end of the response.
+    pub media_timeout: Duration,
+    /// Nothing moved either way for this long: the relay is cut (408/504 when nothing
+    /// was answered yet).
+    pub media_idle_timeout: Duration,
+    /// Relays in flight on this node; over it: 503.
+    pub media_max_inflight: usize,
 }
 
 impl Default for EngineConfig {
@@ -153,6 +170,13 @@ impl Default for EngineConfig {
             limits_max_rooms_per_conn: 100,
             limits_max_rooms: 100_000,
             close_timeout: Duration::from_secs(2),
+            media_prefix: String::new(),
+            media_upstream: String::new(),
+            media_secret: String::new(),
+            media_max_body: 100 << 20,
+            media_timeout: Duration::from_secs(300),
+            media_idle_timeout: Duration::from_secs(30),
+            media_max_inflight: 64,
         }
     }
 }
@@ -180,5 +204,48 @@ impl EngineConfig {
     /// WebSocket ping interval: `heartbeat_interval` when `heartbeat_ws_ping`, else none.
     pub fn ping_interval(&self) -> Option<Duration> {
         (self.heartbeat_ws_ping && !self.heartbeat_interval.is_zero()).then_some(self.heartbeat_interval)
+    }
+}
+
+impl EngineConfig {
+    /// Check the media relay's settings: Ok(None) when it is off (`media_prefix` empty),
+    /// else the upstream's address. Each error names its key.
+    pub fn check_media(&self) -> Result<Option<std::net::SocketAddr>, String> {
+        let p = self.media_prefix.as_str();
+        if p.is_empty() {
+            return Ok(None);
+        }
+        if !p.starts_with('/') || p == "/" || p.bytes().any(|b| !b.is_ascii_graphic() || b == b'?' || b == b'#') {
+            return Err(format!("media_prefix: {p:?} must be a path prefix such as \"/media/\" (not \"/\")"));
+        }
+        let taken = [("server_ws_path", &self.server_ws_path), ("server_health_path", &self.server_health_path)]
+            .into_iter()
+            .chain(self.static_files.keys().map(|k| ("static_files", k)))
+            .find(|(_, path)| !path.is_empty() && path.starts_with(p));
+        if let Some((key, path)) = taken {
+            return Err(format!("media_prefix: {p:?} would take {key} {path:?}"));
+        }
+        let up: std::net::SocketAddr = self.media_upstream.parse().map_err(|_| {
+            format!("media_upstream: {:?} is not an ip:port address (such as \"127.0.0.1:8091\")", self.media_upstream)
+        })?;
+        if up.port() == 0 || up.ip().is_unspecified() {
+            return Err(format!("media_upstream: {up} is not an address to connect to"));
+        }
+        if self.media_secret.is_empty() || !self.media_secret.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err("media_secret: must be set, visible ASCII without spaces".into());
+        }
+        if self.media_max_body == 0 {
+            return Err("media_max_body: must be at least 1 byte".into());
+        }
+        if self.media_timeout.is_zero() {
+            return Err("media_timeout: must be more than 0 s".into());
+        }
+        if self.media_idle_timeout.is_zero() {
+            return Err("media_idle_timeout: must be more than 0 s".into());
+        }
+        if self.media_max_inflight == 0 {
+            return Err("media_max_inflight: must be at least 1".into());
+        }
+        Ok(Some(up))
     }
 }

@@ -102,11 +102,12 @@ fn bind(cfg: &EngineConfig, host: &str, port: u16) -> io::Result<std::net::TcpLi
 
 impl Engine {
     /// Errors: the listener settings that cannot work, each message naming its config key
-    /// (a certificate that cannot be served, a bad `server.trusted_proxies` entry), or the
-    /// event queue's eventfd.
+    /// (a certificate that cannot be served, a bad `server.trusted_proxies` entry, media
+    /// relay settings it cannot serve), or the event queue's eventfd.
     pub fn new(cfg: EngineConfig) -> io::Result<Self> {
         let trusted = TrustedProxies::parse(&cfg.server_trusted_proxies)
             .map_err(|e| invalid(format!("server.trusted_proxies: {e}")))?;
+        let media_upstream = cfg.check_media().map_err(invalid)?;
         let tls = if cfg.server_tls_cert_file.is_empty() && cfg.server_tls_key_file.is_empty() {
             None
         } else {
@@ -136,6 +137,7 @@ impl Engine {
             ips: IpTable::new(cfg.limits_max_conns_per_ip, cfg.limits_max_handshakes_per_ip),
             trusted,
             tls,
+            media_upstream,
             handshake_cpu: tokio::sync::Semaphore::new(io_threads(&cfg).saturating_sub(1).max(1)),
             conn_cap: AtomicUsize::new(cfg.limits_max_conns),
             decoder: cfg.decoder(),

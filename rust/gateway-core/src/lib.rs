@@ -11,6 +11,7 @@ pub mod engine;
 pub mod events;
 pub mod hub;
 pub mod limits;
+mod media;
 pub mod metrics;
 pub mod protocol;
 mod server;

@@ -128,6 +128,26 @@ counters! {
     /// Joins refused over `limits_max_rooms_per_conn` / `limits_max_rooms`.
     rooms_refused_conn,
     rooms_refused_node,
+    /// HTTP requests under `media_prefix` (relayed or refused).
+    media_relay_requests,
+    /// Media requests refused, by reason: Content-Length over `media_max_body` (413),
+    /// chunked / Transfer-Encoding (411), a bad Content-Length (400), over
+    /// `media_max_inflight` (503), upstream unreachable or closed without an answer (502),
+    /// the deadline or idle timeout (408/504, or cut once answering), draining (503).
+    media_relay_refused_too_large,
+    media_relay_refused_length_required,
+    media_relay_refused_bad_request,
+    media_relay_refused_busy,
+    media_relay_refused_upstream,
+    media_relay_refused_timeout,
+    media_relay_refused_draining,
+    /// Relays ended because the client went away (the upstream connection is dropped).
+    media_relay_client_gone,
+    /// Request body bytes passed to the upstream / response bytes passed to the client.
+    media_relay_bytes_in,
+    media_relay_bytes_out,
+    /// Relays in flight (gauge; `media_max_inflight` applies to it).
+    media_relay_inflight_current,
 }
 
 pub fn inc(c: &AtomicU64) {

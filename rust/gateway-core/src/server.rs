@@ -97,6 +97,8 @@ pub struct Shared {
     pub trusted: TrustedProxies,
     /// The TLS listener's certificate, when one is configured.
     pub tls: Option<Acceptor>,
+    /// Where requests under `media_prefix` are relayed (None: the relay is off).
+    pub media_upstream: Option<SocketAddr>,
     /// Handshake crypto (a signature, a key exchange: up to about a millisecond each)
     /// runs on at most I/O threads - 1 at once, so a storm of handshakes never takes
     /// every thread from established connections.
@@ -331,7 +333,7 @@ async fn serve(sh: Arc<Shared>, mut stream: TcpStream, peer: SocketAddr, l: List
 /// The client's byte stream while the connection is set up: plain, or through a TLS
 /// session. Performance does not matter here; everything it holds is freed once the
 /// connection is upgraded (except the session and a partial record, which move on).
-struct Wire<'a> {
+pub(crate) struct Wire<'a> {
     stream: &'a mut TcpStream,
     tls: Option<Box<TlsState>>,
     /// Bytes received and not used yet: after a PROXY header, the start of the TLS or
@@ -340,6 +342,16 @@ struct Wire<'a> {
     /// TLS: application data decrypted along with the end of the handshake (the
     /// request can arrive in the same segment as the client's Finished).
     early: Vec<u8>,
+}
+
+/// What one non-blocking read of the client gave (`Wire::try_pull`).
+pub(crate) enum Pull {
+    /// Bytes appended (0: input that did not complete a TLS record).
+    Data(usize),
+    /// The client closed its side (TLS: close_notify or a bare TCP EOF).
+    Eof,
+    /// Nothing to read now.
+    Empty,
 }
 
 /// A TLS handshake failed, or timed out.
@@ -484,6 +496,95 @@ impl Wire<'_> {
         }
     }
 
+    /// The socket, for readiness (the media relay waits on it beside its upstream).
+    pub(crate) fn socket(&self) -> &TcpStream {
+        self.stream
+    }
+
+    pub(crate) fn is_tls(&self) -> bool {
+        self.tls.is_some()
+    }
+
+    /// One non-blocking read of up to `max` bytes, for bulk transfer (the media relay):
+    /// plain, straight into `dst`; TLS, up to `max` bytes of ciphertext whose plaintext
+    /// is appended to `dst` (a partial record waits in `raw`), and records the session
+    /// wants sent (an alert, a key update) appended to `out` for the caller to send.
+    /// `Ok(Pull::Data(0))` when ciphertext came without a complete record.
+    pub(crate) fn try_pull(&mut self, dst: &mut Vec<u8>, max: usize, out: &mut Vec<u8>) -> io::Result<Pull> {
+        use bytes::BufMut;
+        let Some(t) = self.tls.as_mut() else {
+            if !self.raw.is_empty() {
+                let n = self.raw.len();
+                dst.append(&mut self.raw);
+                return Ok(Pull::Data(n));
+            }
+            dst.reserve(max);
+            return match self.stream.try_read_buf(&mut (&mut *dst).limit(max)) {
+                Ok(0) => Ok(Pull::Eof),
+                Ok(n) => Ok(Pull::Data(n)),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(Pull::Empty),
+                Err(e) => Err(e),
+            };
+        };
+        self.raw.reserve(max);
+        match self.stream.try_read_buf(&mut (&mut self.raw).limit(max)) {
+            Ok(0) => return Ok(Pull::Eof),
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Pull::Empty),
+            Err(e) => return Err(e),
+        }
+        let before = dst.len();
+        let (used, progress) = tls::process(&mut t.sess, &mut self.raw, dst, out)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        self.raw.drain(..used);
+        if self.raw.is_empty() {
+            self.raw = Vec::new();
+        }
+        match progress {
+            Progress::PeerClosed if dst.len() == before => Ok(Pull::Eof),
+            _ => Ok(Pull::Data(dst.len() - before)),
+        }
+    }
+
+    /// TLS: encrypt `data` onto `out` (plain: nothing to do, send `data` itself).
+    pub(crate) fn seal(&mut self, data: &[u8], out: &mut Vec<u8>) -> io::Result<()> {
+        match self.tls.as_mut() {
+            None => Ok(()),
+            Some(t) => tls::encrypt(&mut t.sess, data, out).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e)),
+        }
+    }
+
+    /// End the stream (TLS: close_notify first), then read and discard what the client
+    /// still sends, for at most `time` or `bytes`: closing with unread input would reset
+    /// the connection, and a reset can destroy the answer before the client has read it.
+    pub(crate) async fn close_and_drain(&mut self, time: Duration, bytes: usize) {
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            if let Some(t) = self.tls.as_mut() {
+                let mut out = Vec::new();
+                tls::close_notify(&mut t.sess, &mut out);
+                self.stream.write_all(&out).await?;
+            }
+            self.stream.shutdown().await
+        })
+        .await;
+        self.drain(time, bytes).await;
+    }
+
+    /// Read and discard input until EOF, for at most `time` or `bytes`.
+    pub(crate) async fn drain(&mut self, time: Duration, bytes: usize) {
+        let _ = tokio::time::timeout(time, async {
+            let mut sink = vec![0u8; 16 * 1024];
+            let mut left = bytes;
+            while left > 0 {
+                match self.stream.read(&mut sink).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => left = left.saturating_sub(n),
+                }
+            }
+        })
+        .await;
+    }
+
     async fn write_all(&mut self, data: &[u8]) -> io::Result<()> {
         match self.tls.as_mut() {
             None => self.stream.write_all(data).await,
@@ -496,7 +597,7 @@ impl Wire<'_> {
     }
 
     /// Answer with a short HTTP response and end the stream.
-    async fn respond(&mut self, status: u16, ctype: &str, body: &[u8], extra: &[(&str, &str)]) {
+    pub(crate) async fn respond(&mut self, status: u16, ctype: &str, body: &[u8], extra: &[(&str, &str)]) {
         let resp = handshake::response(status, ctype, body, extra);
         let _ = tokio::time::timeout(Duration::from_secs(2), async {
             self.write_all(&resp).await?;
@@ -656,6 +757,12 @@ async fn upgrade(
                 return None;
             }
         };
+    // The media relay comes before anything else: any method, never an upgrade. Boxed:
+    // its buffers and timers are not part of every handshake's future.
+    if let Some(up) = sh.media_upstream.filter(|_| req.path.starts_with(cfg.media_prefix.as_str())) {
+        Box::pin(crate::media::relay(sh, &mut wire, &req, &buf[used..], client, up)).await;
+        return None;
+    }
     let (key, protocols, extensions) = match req.kind() {
         Kind::Plain => {
             serve_plain(sh, &mut wire, &req).await;

@@ -115,6 +115,13 @@ fn config_from(kwargs: Option<&Bound<'_, PyDict>>) -> PyResult<EngineConfig> {
             "limits_max_rooms_per_conn" => c.limits_max_rooms_per_conn = v.extract()?,
             "limits_max_rooms" => c.limits_max_rooms = v.extract()?,
             "close_timeout" => c.close_timeout = d(&v)?,
+            "media_prefix" => c.media_prefix = v.extract()?,
+            "media_upstream" => c.media_upstream = v.extract()?,
+            "media_secret" => c.media_secret = v.extract()?,
+            "media_max_body" => c.media_max_body = v.extract()?,
+            "media_timeout" => c.media_timeout = d(&v)?,
+            "media_idle_timeout" => c.media_idle_timeout = d(&v)?,
+            "media_max_inflight" => c.media_max_inflight = v.extract()?,
             _ => return Err(PyTypeError::new_err(format!("Engine() got an unexpected keyword argument {key:?}"))),
         }
     }

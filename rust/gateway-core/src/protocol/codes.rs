@@ -64,6 +64,12 @@ pub mod error {
     pub const RECALL_DENIED: u16 = 4032;
     pub const NO_CONVERSATION: u16 = 4033;
     pub const TOO_MANY_MEMBERS: u16 = 4034;
+    /// Media messages (used by the Python side): no such file, not the sender's, wrong
+    /// kind, already sent elsewhere.
+    pub const MEDIA_NOT_FOUND: u16 = 4035;
+    pub const MEDIA_NOT_YOURS: u16 = 4036;
+    pub const MEDIA_KIND: u16 = 4037;
+    pub const MEDIA_USED: u16 = 4038;
     pub const PLUGIN: u16 = 4050;
     pub const HOOK_TIMEOUT: u16 = 4080;
     pub const INTERNAL: u16 = 5000;
