@@ -13,10 +13,12 @@ import assert from "node:assert/strict";
 import { mkdirSync, readFileSync, writeFileSync } from "node:fs";
 import { basename, join } from "node:path";
 import { deflateSync } from "node:zlib";
+import { randomFillSync } from "node:crypto";
 import { Client, dmId, ErrorCode, ErrorCodes, UploadError } from "../../clients/js/src/index.js";
 import { Gateway, fakeMiniProgram, waitFor, LOG_DIR } from "./helpers.mjs";
 
 const DIR = join(LOG_DIR, `media-${process.pid}`);
+const IMAGE_LIMIT = 200000;
 
 // ---------------------------------------------------------------- test files
 
@@ -31,8 +33,8 @@ function crc32(buf) {
   return (crc ^ 0xffffffff) >>> 0;
 }
 
-/** A real PNG (RGB gradient, w x h). */
-function png(w, h) {
+/** A real PNG (RGB gradient, w x h; `noise`: random pixels, which do not compress). */
+function png(w, h, noise = false) {
   const chunk = (type, data) => {
     const len = Buffer.alloc(4);
     len.writeUInt32BE(data.length);
@@ -47,7 +49,8 @@ function png(w, h) {
   ihdr[8] = 8; // bit depth
   ihdr[9] = 2; // RGB
   const raw = Buffer.alloc((w * 3 + 1) * h);
-  for (let y = 0; y < h; y++) {
+  if (noise) randomFillSync(raw);
+  for (let y = 0; y < h && !noise; y++) {
     raw[y * (w * 3 + 1)] = 0;
     for (let x = 0; x < w; x++) {
       const o = y * (w * 3 + 1) + 1 + x * 3;
@@ -56,6 +59,7 @@ function png(w, h) {
       raw[o + 2] = 128;
     }
   }
+  if (noise) for (let y = 0; y < h; y++) raw[y * (w * 3 + 1)] = 0; // filter byte: none
   return Buffer.concat([Buffer.from([137, 80, 78, 71, 13, 10, 26, 10]), chunk("IHDR", ihdr), chunk("IDAT", deflateSync(raw)), chunk("IEND", Buffer.alloc(0))]);
 }
 
@@ -162,7 +166,8 @@ function addUploadFile(api, kind) {
 let gw;
 const clients = [];
 before(async () => {
-  gw = await new Gateway({ name: "media" }).start();
+  // Images up to IMAGE_LIMIT bytes (the 413 test); the other limits are the defaults.
+  gw = await new Gateway({ name: "media", sets: [`media.limits.image=${IMAGE_LIMIT}`] }).start();
 });
 after(async () => {
   clients.forEach((c) => c.close());
@@ -277,7 +282,7 @@ test("wx: a voice message (duration) and a file (PDF) in a dm; the peer download
   assert.ok(got2.bytes.equals(doc));
 });
 
-test("the server's refusals: 401 without a user, 415 for a PDF as an image (UploadError with status and code), 4035/4036/4037 at publish; refreshMedia re-signs", async () => {
+test("the server's refusals: 401 without a user, 415 for a PDF as an image, 413 too large / too long (UploadError with status, code, limit), 4035/4036/4037 at publish; refreshMedia re-signs", async () => {
   const a = `ae${process.pid}`;
   const b = `be${process.pid}`;
   const room = dmId(a, b);
@@ -297,6 +302,14 @@ test("the server's refusals: 401 without a user, 415 for a PDF as an image (Uplo
   const e415 = await bob.sendImage(room, tempFile("doc.pdf", pdf())).catch((e) => e);
   assert.ok(e415 instanceof UploadError, String(e415));
   assert.deepEqual([e415.status, e415.code], [415, "type"]);
+
+  // Too large (413 "too_large", the limit in bytes) and too long (413 "too_long", in ms).
+  const big = png(300, 300, true);
+  assert.ok(big.length > IMAGE_LIMIT);
+  const e413 = await alice.sendImage(room, tempFile("big-noise.png", big)).catch((e) => e);
+  assert.deepEqual([e413.status, e413.code, e413.limit], [413, "too_large", IMAGE_LIMIT], String(e413));
+  const eLong = await alice.sendVoice(room, tempFile("long.wav", wav(61500)), { duration: 61500 }).catch((e) => e);
+  assert.deepEqual([eLong.status, eLong.code, eLong.limit], [413, "too_long", 60000], String(eLong));
 
   // Publish checks: an unknown file, someone else's, the wrong kind.
   const up = await alice.upload(tempFile("a.png", png(16, 16)), { kind: "image", room });
