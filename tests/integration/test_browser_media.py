@@ -177,6 +177,7 @@ def test_chat_view_sends_a_photo_and_a_file_and_the_peer_sees_them(gateway_facto
     }
     for name, (x, y) in centres.items():
         got = shot.getpixel((int(x), int(y)))
+        assert isinstance(got, tuple), got
         want = QUADRANTS[name]
         assert all(abs(g - w) <= 24 for g, w in zip(got, want, strict=True)), f"{name} of the photo at ({x:.0f}, {y:.0f}): {got}, expected about {want}"
 
