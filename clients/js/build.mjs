@@ -19,7 +19,7 @@ import { fileURLToPath } from "node:url";
 
 const here = dirname(fileURLToPath(import.meta.url));
 const root = join(here, "..", "..");
-const ORDER = ["codes.js", "util.js", "emitter.js", "errors.js", "adapters.js", "conversations.js", "desk.js", "client.js"];
+const ORDER = ["codes.js", "util.js", "emitter.js", "errors.js", "adapters.js", "media.js", "conversations.js", "desk.js", "client.js"];
 const PAGE_OUT = join(root, "python", "gateway", "static", "index.html");
 const BUNDLE_OUT = join(here, "dist", "livegate.js");
 /** Pages built like the demo (the bundle inlined): [template name, output file name]. */

@@ -27,7 +27,7 @@
     NOT_JOINED: 4004,
     /** room name invalid or matches no route */
     INVALID_ROOM: 4005,
-    /** message too large for this room */
+    /** message too large for this room (media: the file exceeds the route's limit for its kind) */
     TOO_LARGE: 4009,
     /** muted or banned */
     MUTED: 4010,
@@ -401,6 +401,11 @@
     /** `client.close()` was called, or the server ended the session for good (kicked,
      * replaced by a newer login) */
     CLOSED: "E_CLOSED",
+    /** an upload failed without an HTTP answer (network error, the platform's upload API
+     * failed) or its answer was not the server's JSON */
+    UPLOAD_FAILED: "E_UPLOAD",
+    /** the upload was aborted (`abort()` of the promise `upload()`/`sendImage()`... returned) */
+    ABORTED: "E_ABORTED",
   };
 
   /** A rejected request. `code` is the server's error code (a number, one of `ErrorCode` in
@@ -417,6 +422,21 @@
     }
   }
 
+  /** A failed media upload (`client.upload()`, `sendImage()`, `sendVoice()`, `sendFile()`).
+   * `status`: the HTTP status (0 without an answer); `code`: the server's JSON `code`
+   * ("auth" 401, "bad_request" 400, "too_large" 413, "type" 415, "quota" 429, "timeout" 408,
+   * "busy" 503) or E_UPLOAD / E_ABORTED; `limit`: the byte limit of a 413 (else null); `body`:
+   * the server's JSON answer, if any. */
+  class UploadError extends GatewayError {
+    constructor(code, message, status, body) {
+      super(code, message);
+      this.name = "UploadError";
+      this.status = status || 0;
+      this.body = body || null;
+      this.limit = body && typeof body.limit === "number" ? body.limit : null;
+    }
+  }
+
   // ---- src/adapters.js
   // Socket adapters: each turns a platform's WebSocket API into one small interface.
   //
@@ -427,6 +447,12 @@
   //   adapter.watchLifecycle(onShow, onHide) -> unbind   (optional)
   //   adapter.storage: {get(key) -> string|null, set(key, string), remove(key)} (optional; the
   //     platform's key-value storage, used by conversations to keep the list across launches)
+  //   adapter.upload({url, file, name, fileName, fields, header, kind, onProgress}) -> {promise, abort}
+  //     (optional; media uploads, see media.js): a multipart POST of `file` (a temp file path on
+  //     mini-programs, a Blob/File in browsers) as part `name`, with the form `fields` (strings)
+  //     and the request `header`; `onProgress(loaded, total)`; `promise` resolves with
+  //     {status, data} (the HTTP status and the body as a string) whatever the status, and
+  //     rejects only when there is no answer (network error, the platform's API failed).
 
 
 
@@ -541,6 +567,102 @@
     };
   }
 
+  /** Alipay's `fileType` of `my.uploadFile` (required; 'image' | 'video' | 'audio') for a media
+   * kind. Alipay has no type for other files: they go as 'image' (the runtime does not look at
+   * the bytes; the server takes the kind from the `kind` field and checks the content). */
+  function alipayFileType(kind) {
+    if (kind === "voice") return "audio";
+    if (kind === "video") return "video";
+    return "image";
+  }
+
+  /** The upload of a mini-program API object (`api.uploadFile`), see the interface above:
+   * wx/tt/uni `{url, filePath, name, header, formData}`, Alipay `{url, filePath, fileName,
+   * fileType, header, formData}`; uni-app gets callbacks (so it returns an UploadTask, not a
+   * Promise) and, in an H5 build, a Blob/File as `file`. Results: `{statusCode, data}` (data a
+   * string); Alipay may call `fail` for a non-2xx status (error 19) with the status and data. */
+  function miniProgramUpload(api, kind, o) {
+    if (!api || typeof api.uploadFile !== "function") throw new Error("livegate: " + (kind || "platform") + ".uploadFile is not available");
+    if (typeof o.file !== "string" && !(kind === "uni" && o.file && typeof o.file === "object")) {
+      throw new Error("livegate: " + kind + ".uploadFile needs a temp file path (a string)");
+    }
+    const formData = {};
+    for (const k in o.fields || {}) formData[k] = String(o.fields[k]);
+    const params = { url: o.url, header: o.header || {}, formData: formData };
+    if (typeof o.file === "string") params.filePath = o.file;
+    else params.file = o.file; // uni-app H5: a File/Blob
+    if (kind === "my") {
+      params.fileName = o.name;
+      params.fileType = alipayFileType(o.kind);
+    } else params.name = o.name;
+    if (kind === "uni") params.fileType = alipayFileType(o.kind); // uni passes it on to Alipay (required there)
+    let task = null;
+    const promise = new Promise((resolve, reject) => {
+      params.success = (res) => resolve({ status: res && typeof res.statusCode === "number" ? res.statusCode : 200, data: res ? res.data : "" });
+      params.fail = (e) => {
+        const status = e && typeof e.statusCode === "number" ? e.statusCode : e && typeof e.status === "number" ? e.status : 0;
+        if (status > 0) resolve({ status: status, data: e.data });
+        else {
+          const err = new Error(errText(e) || kind + ".uploadFile failed");
+          err.detail = e;
+          reject(err);
+        }
+      };
+      task = api.uploadFile(params);
+      if (task && typeof task.onProgressUpdate === "function") {
+        task.onProgressUpdate((p) => {
+          p = p || {};
+          const loaded = typeof p.totalBytesSent === "number" ? p.totalBytesSent : p.totalBytesWritten;
+          const total = typeof p.totalBytesExpectedToSend === "number" ? p.totalBytesExpectedToSend : p.totalBytesExpectedToWrite;
+          o.onProgress(typeof loaded === "number" ? loaded : -1, typeof total === "number" ? total : -1, p.progress);
+        });
+      }
+    });
+    return {
+      promise: promise,
+      abort() {
+        if (task && typeof task.abort === "function") task.abort();
+      },
+    };
+  }
+
+  /** The upload of a browser (see the interface above): XMLHttpRequest + FormData, with
+   * progress from `xhr.upload.onprogress`; where there is no XMLHttpRequest (Node, workers),
+   * `fetch` (progress only at the end). `file`: a Blob or File. */
+  function browserUpload(o) {
+    const XHR = typeof XMLHttpRequest !== "undefined" ? XMLHttpRequest : null;
+    if (!XHR && typeof fetch !== "function") throw new Error("livegate: no XMLHttpRequest or fetch to upload with");
+    if (typeof FormData === "undefined") throw new Error("livegate: no FormData to upload with");
+    if (!o.file || typeof o.file !== "object" || typeof o.file.size !== "number") throw new Error("livegate: the file to upload must be a Blob or File");
+    const form = new FormData();
+    for (const k in o.fields || {}) form.append(k, String(o.fields[k]));
+    form.append(o.name, o.file, o.fileName || o.file.name || "blob");
+    const header = o.header || {};
+    if (XHR) {
+      const xhr = new XHR();
+      const promise = new Promise((resolve, reject) => {
+        xhr.open("POST", o.url, true);
+        for (const k in header) xhr.setRequestHeader(k, header[k]);
+        if (xhr.upload) xhr.upload.onprogress = (e) => o.onProgress(e.loaded, e.lengthComputable ? e.total : -1);
+        xhr.onload = () => resolve({ status: xhr.status, data: xhr.responseText });
+        xhr.onerror = () => reject(new Error("network error"));
+        xhr.ontimeout = () => reject(new Error("timed out"));
+        xhr.onabort = () => reject(new Error("aborted"));
+        xhr.send(form);
+      });
+      return { promise: promise, abort: () => xhr.abort() };
+    }
+    const ctl = typeof AbortController !== "undefined" ? new AbortController() : null;
+    const size = o.file.size;
+    const promise = fetch(o.url, { method: "POST", body: form, headers: header, signal: ctl ? ctl.signal : undefined }).then((r) =>
+      r.text().then((t) => {
+        o.onProgress(size, size);
+        return { status: r.status, data: t };
+      })
+    );
+    return { promise: promise, abort: () => ctl && ctl.abort() };
+  }
+
   /**
    * Adapter for a mini-program API object: `wx` (WeChat), `tt` (Douyin/ByteDance), `my`
    * (Alipay), `uni` (uni-app), or anything with the same `connectSocket` + SocketTask shape.
@@ -554,6 +676,7 @@
     return {
       name: kind,
       storage: miniProgramStorage(api, kind),
+      upload: (o) => miniProgramUpload(api, kind, o),
       connect(o) {
         const sock = newSocket();
         const close = closer(sock);
@@ -637,6 +760,7 @@
     return {
       name: "browser",
       storage: browserStorage(),
+      upload: browserUpload,
       connect(o) {
         const sock = newSocket();
         const close = closer(sock);
@@ -721,6 +845,284 @@
       return miniProgramAdapter(api || globalApi(platform), platform);
     }
     throw new Error("livegate: unknown platform " + platform);
+  }
+
+  // ---- src/media.js
+  // Media messages (images, voice, video, files): the bytes go out of band, in a multipart POST
+  // to the gateway's `/media/upload` (the platform's upload API: wx/tt/my/uni.uploadFile, or
+  // XMLHttpRequest in browsers; see adapters.js), then a publish names the file:
+  // `{type: kind, data: {file_id, caption?}}`. Delivered media messages carry signed URLs
+  // (`data.url`, `data.thumb_url`) that expire at `data.expires` (ms); paging (history, sync)
+  // signs them again. Protocol: docs/protocol.md; SDK: docs/sdk-js.md ("Media messages").
+
+
+
+  /** The kinds of media (each is also the `type` of its message). */
+  const MEDIA_KINDS = ["image", "voice", "video", "file"];
+
+  const MEDIA_CID_LENGTH = 16;
+  /** The fields of an upload's answer that describe the file in a message's data. */
+  const MEDIA_FIELDS = ["kind", "mime", "size", "name", "w", "h", "duration", "thumb", "url", "thumb_url", "expires"];
+
+  /** The upload URL of a gateway WebSocket URL: `wss://host[:port]/ws` ->
+   * `https://host[:port]/media/upload` (`ws:` -> `http:`; a path ending in `/ws` keeps its
+   * prefix, `wss://h/live/ws` -> `https://h/live/media/upload`; the query is dropped). */
+  function mediaUploadUrl(wsUrl) {
+    return mediaBase(wsUrl) + "/media/upload";
+  }
+
+  /** `scheme://host[:port][prefix]` of a gateway URL (ws/wss/http/https), the base of the
+   * media paths. */
+  function mediaBase(url) {
+    const m = /^(wss?|https?):\/\/([^/?#]+)([^?#]*)/i.exec(String(url || ""));
+    if (!m) throw new Error("livegate: cannot derive the media URL from " + url + ": pass `mediaUrl`");
+    const scheme = m[1].toLowerCase();
+    const http = scheme === "wss" || scheme === "https" ? "https" : "http";
+    let path = m[3] || "";
+    if (/\/media\/upload\/?$/.test(path)) path = path.replace(/\/media\/upload\/?$/, "");
+    else if (/\/ws\/?$/.test(path)) path = path.replace(/\/ws\/?$/, "");
+    else path = "";
+    return http + "://" + m[2] + path;
+  }
+
+  /** The server's answer to an upload: its JSON (2xx), or an UploadError (`status`, `code`
+   * the server's code word, `limit` for 413). */
+  function parseUploadResult(status, data) {
+    let body = null;
+    if (data && typeof data === "object" && typeof data.byteLength !== "number") body = data; // a runtime that parsed it already
+    else {
+      try {
+        body = JSON.parse(typeof data === "string" ? data : String(data));
+      } catch (e) {
+        body = null;
+      }
+    }
+    if (status >= 200 && status < 300) {
+      if (!body || typeof body.file_id !== "string") throw new UploadError(ErrorCodes.UPLOAD_FAILED, "the upload's answer has no file_id (HTTP " + status + ")", status, body);
+      return body;
+    }
+    const code = body && typeof body.code === "string" ? body.code : ErrorCodes.UPLOAD_FAILED;
+    const msg = (body && (body.error || body.message)) || "HTTP " + status;
+    throw new UploadError(code, msg, status, body);
+  }
+
+  /** Whether the client sends into `room` through its conversations (a conversation room the
+   * client has not joined as a live room) rather than with a plain publish. */
+  function viaConversations(client, room, via) {
+    if (via === "conversations") return true;
+    if (via === "publish") return false;
+    const conv = client._conv;
+    return !!(conv && conv._kindOfRoom(room) && !client._rooms.has(room));
+  }
+
+  function uploadToken(client) {
+    const o = client.options;
+    if (o.getToken && (!client._token || client._tokenExpiresWithin(5000))) return client._refreshToken();
+    return Promise.resolve(client._token);
+  }
+
+  /** A promise with `abort()`. */
+  function abortable(promise, abort) {
+    promise.abort = abort;
+    return promise;
+  }
+
+  /**
+   * Upload `file` (see Client.upload). Returns a Promise of the server's JSON with `abort()`.
+   */
+  function uploadMedia(client, file, opts) {
+    opts = opts || {};
+    const o = client.options;
+    const kind = opts.kind || null;
+    let current = null; // the platform upload in flight
+    let aborted = false;
+    let settled = false;
+    let abortNow = noop;
+    const id = ++client._uploads;
+    const info = { id: id, kind: kind, room: opts.room || null, state: "progress", loaded: 0, total: -1, progress: 0 };
+    const emit = (state, extra) => {
+      const e = {};
+      for (const k in info) e[k] = info[k];
+      e.state = state;
+      for (const k in extra || {}) e[k] = extra[k];
+      client.emit("upload", e);
+    };
+    const onProgress = (loaded, total, pct) => {
+      if (aborted || settled) return;
+      info.loaded = loaded;
+      info.total = total;
+      info.progress = typeof pct === "number" ? Math.max(0, Math.min(100, Math.round(pct))) : total > 0 ? Math.min(100, Math.round((loaded * 100) / total)) : 0;
+      const p = { loaded: info.loaded, total: info.total, progress: info.progress };
+      if (opts.onProgress) {
+        try {
+          opts.onProgress(p);
+        } catch (e) {
+          client.emit("listenerError", e, "upload");
+        }
+      }
+      emit("progress");
+    };
+    const promise = new Promise((resolve, reject) => {
+      abortNow = () => {
+        if (aborted || settled) return;
+        aborted = true;
+        if (current) {
+          try {
+            current.abort();
+          } catch (e) {
+            // already finished
+          }
+        }
+        settled = true;
+        const err = new UploadError(ErrorCodes.ABORTED, "upload aborted", 0, null);
+        emit("failed", { error: err });
+        reject(err);
+      };
+      if (!client.adapter || typeof client.adapter.upload !== "function") {
+        settled = true;
+        reject(new UploadError(ErrorCodes.UPLOAD_FAILED, "the platform adapter " + ((client.adapter && client.adapter.name) || "") + " cannot upload (no adapter.upload)", 0, null));
+        return;
+      }
+      let url;
+      try {
+        url = o.mediaUrl || mediaUploadUrl(o.url);
+      } catch (e) {
+        settled = true;
+        reject(e);
+        return;
+      }
+      url = withQuery(url, o.query || {}); // e.g. {user} in auth.mode = "dev", as the socket sends it
+      const fields = {};
+      if (kind) fields.kind = kind;
+      if (opts.room) fields.room = opts.room;
+      if (typeof opts.duration === "number" && opts.duration >= 0) fields.duration = String(Math.round(opts.duration));
+      for (const k in opts.fields || {}) fields[k] = String(opts.fields[k]);
+      let retried = false;
+      const attempt = (tok) => {
+        if (aborted) return;
+        const header = {};
+        if (tok) header.Authorization = "Bearer " + tok;
+        try {
+          current = client.adapter.upload({ url: url, file: file, name: "file", fileName: opts.name || null, fields: fields, header: header, kind: kind || "file", onProgress: onProgress });
+        } catch (e) {
+          fail(new UploadError(ErrorCodes.UPLOAD_FAILED, (e && e.message) || String(e), 0, null));
+          return;
+        }
+        current.promise.then(
+          (res) => {
+            if (aborted) return;
+            let body;
+            try {
+              body = parseUploadResult(res.status, res.data);
+            } catch (e) {
+              if (e.status === 401 && o.getToken && !retried) {
+                // The token expired meanwhile: once more with a fresh one.
+                retried = true;
+                client._refreshToken().then(attempt, (e2) => fail(e));
+                return;
+              }
+              fail(e);
+              return;
+            }
+            settled = true;
+            if (!info.kind && body.kind) info.kind = body.kind;
+            if (info.total < 0 && typeof body.size === "number") info.total = body.size;
+            info.loaded = info.total >= 0 ? info.total : info.loaded;
+            info.progress = 100;
+            emit("done", { result: body });
+            resolve(body);
+          },
+          (e) => {
+            if (aborted) return;
+            const err = new UploadError(ErrorCodes.UPLOAD_FAILED, "upload failed: " + ((e && e.message) || e), 0, null);
+            err.detail = e;
+            fail(err);
+          }
+        );
+      };
+      const fail = (err) => {
+        if (settled) return;
+        settled = true;
+        emit("failed", { error: err });
+        reject(err);
+      };
+      uploadToken(client).then(attempt, (e) => fail(new UploadError(ErrorCodes.UPLOAD_FAILED, "no token for the upload: " + ((e && e.message) || e), 0, null)));
+    });
+    return abortable(promise, () => abortNow());
+  }
+
+  /**
+   * Upload `file` as `kind`, then publish `{type: kind, data: {file_id, caption?}}` into `room`
+   * (see Client.sendImage). Returns a Promise of the publish ack (plus `media`: the upload's
+   * JSON) with `abort()` (effective while the upload runs).
+   */
+  function sendMedia(client, room, kind, file, opts) {
+    opts = opts || {};
+    if (MEDIA_KINDS.indexOf(kind) < 0) return Promise.reject(new TypeError("livegate: media kind must be one of " + MEDIA_KINDS.join(", ")));
+    const cid = opts.cid !== undefined && opts.cid !== null ? opts.cid : client._conv && viaConversations(client, room, opts.via) ? client._conv.newCid() : randomId(MEDIA_CID_LENGTH, client.options.random);
+    const up = uploadMedia(client, file, { kind: kind, room: room, duration: opts.duration, name: opts.name, fields: opts.fields, onProgress: opts.onProgress });
+    const p = up.then((media) => {
+      const data = { file_id: media.file_id };
+      if (typeof opts.caption === "string" && opts.caption) data.caption = opts.caption;
+      const conv = viaConversations(client, room, opts.via);
+      const send = conv ? client.conversations.send(room, data, { type: kind, cid: cid }) : client.publish(room, data, { type: kind, cid: cid });
+      return send.then((ack) => {
+        ack.media = media;
+        // The sender's copy of the message (conversations) is the server's echo, or, when the
+        // ack came first, built from what was sent ({file_id}): then it gets the upload's
+        // description and URLs (the same the server stores), and the list a `change`.
+        const m = ack.msg;
+        if (m && m.data && typeof m.data === "object" && !m.data.url && m.data.file_id === media.file_id) {
+          for (let i = 0; i < MEDIA_FIELDS.length; i++) {
+            const k = MEDIA_FIELDS[i];
+            if (media[k] !== undefined && m.data[k] === undefined) m.data[k] = media[k];
+          }
+          if (conv && client._conv) client._conv._changed(room);
+        }
+        return ack;
+      });
+    });
+    return abortable(p, up.abort);
+  }
+
+  /** The URLs of a media message (see Client.mediaUrl). */
+  function mediaUrls(client, msg, opts) {
+    const d = msg && msg.data;
+    if (!d || typeof d !== "object" || (!d.url && !d.thumb_url && !d.file_id)) return null;
+    const margin = opts && typeof opts.margin === "number" ? opts.margin : 0;
+    const o = client.options;
+    let base = null;
+    const abs = (u) => {
+      if (typeof u !== "string" || !u) return null;
+      if (u.charAt(0) !== "/" || u.charAt(1) === "/") return u;
+      if (base === null) {
+        try {
+          base = o.mediaUrl ? mediaBase(o.mediaUrl) : mediaBase(o.url);
+        } catch (e) {
+          base = "";
+        }
+      }
+      return base + u;
+    };
+    const expires = typeof d.expires === "number" ? d.expires : null;
+    return {
+      url: abs(d.url),
+      thumbUrl: abs(d.thumb_url) || abs(d.url),
+      expires: expires,
+      expired: !d.url || (expires !== null && now() + margin >= expires),
+    };
+  }
+
+  /** The message `msg` again, from the server (a history page of one: URLs signed anew). */
+  function refreshMedia(client, msg) {
+    const room = msg.room;
+    const q = { beforeSeq: msg.seq + 1, limit: 1 };
+    const page = client._conv && viaConversations(client, room) ? client.conversations.history(room, q) : client.history(room, q);
+    return page.then((ack) => {
+      const msgs = (ack && ack.msgs) || [];
+      for (let i = 0; i < msgs.length; i++) if (msgs[i] && msgs[i].seq === msg.seq) return msgs[i];
+      return null;
+    });
   }
 
   // ---- src/conversations.js
@@ -2386,6 +2788,7 @@
 
 
 
+
   const VERSION = "1.1.0";
 
   /** Defaults of every option (see docs/sdk-js.md). Times are in milliseconds. */
@@ -2421,6 +2824,7 @@
     history: 0, // default `history` of join()
     autoConnect: true, // join()/publish() connect when idle
     conversations: false, // true or an options object (CONVERSATION_DEFAULTS): sync conversations on every connect
+    mediaUrl: null, // the upload URL (POST /media/upload); null = derived from `url` (wss://h/ws -> https://h/media/upload)
     random: Math.random,
   };
 
@@ -2459,6 +2863,8 @@
    *   "closed"); the room is not rejoined
    * - `drain` (frame), `error` (GatewayError for error frames without a request, or Error),
    *   `token` (new token), `frame` (every frame received)
+   * - `upload` ({id, kind, room, state: "progress" | "done" | "failed", loaded, total,
+   *   progress, result?, error?}): media uploads (see upload())
    * Conversations (protocol 1.1) are in `client.conversations` (their own events), the
    * customer-service desk in `client.desk`.
    */
@@ -2502,6 +2908,7 @@
       this._reconnectOnShow = false;
       this._conv = null;
       this._desk = null;
+      this._uploads = 0;
       this._scheduleTokenRefresh();
       if (o.conversations) this._conversations();
     }
@@ -2647,6 +3054,67 @@
         if (this._canSend(room)) this._sendPublish(job);
         else this._enqueue(job);
       });
+    }
+
+    // ------------------------------------------------------------------ media
+
+    /**
+     * Upload `file` to the gateway (POST /media/upload, multipart, out of band: the platform's
+     * uploadFile, or XMLHttpRequest in browsers) with the socket's token. `file`: a temp file
+     * path on mini-programs (wx.chooseMedia, RecorderManager, chooseMessageFile), a Blob/File
+     * in browsers. Options: `kind` ("image" | "voice" | "video" | "file"; the server detects
+     * it when omitted), `room` (its route's limits apply), `duration` (ms, voice/video), `name`
+     * (browsers: the file name sent), `fields` (more form fields), `onProgress({loaded, total,
+     * progress})` (progress 0-100; also `upload` events). Resolves with the server's JSON
+     * (`file_id`, `kind`, `mime`, `size`, `name`, `w`, `h`, `duration`, `url`, ...); rejects with
+     * an UploadError (`status`, `code`: the server's code word, `limit` for 413). The promise
+     * has `abort()` (then E_ABORTED).
+     */
+    upload(file, opts) {
+      return uploadMedia(this, file, opts);
+    }
+
+    /**
+     * Send a photo: upload `file` (see upload()), then publish `{type: "image", data: {file_id,
+     * caption?}}` into `room` with a cid (`opts.cid` or a new one). A conversation room
+     * (dm/group/...: the `conversations` prefixes) that is not joined as a live room goes
+     * through `client.conversations.send` (queued offline, `pending`/`sent` events), others
+     * through `publish`; `opts.via` ("conversations" | "publish") decides otherwise.
+     * Options: `caption`, `onProgress`, `cid`, `via`. Resolves with the publish ack (`seq`,
+     * plus `media`: the upload's JSON); the promise has `abort()` (for the upload).
+     */
+    sendImage(room, file, opts) {
+      return sendMedia(this, room, "image", file, opts);
+    }
+
+    /** Send a voice message (as sendImage; `opts.duration`: ms, as the recorder reported it). */
+    sendVoice(room, file, opts) {
+      return sendMedia(this, room, "voice", file, opts);
+    }
+
+    /** Send a video (as sendImage; `opts.duration`: ms). */
+    sendVideo(room, file, opts) {
+      return sendMedia(this, room, "video", file, opts);
+    }
+
+    /** Send a file (as sendImage; `opts.name`: its name, browsers). */
+    sendFile(room, file, opts) {
+      return sendMedia(this, room, "file", file, opts);
+    }
+
+    /** The URLs of media message `msg`: `{url, thumbUrl, expires, expired}` (relative URLs made
+     * absolute; `thumbUrl` falls back to `url`; `expired`: past `data.expires`, or within
+     * `opts.margin` ms of it), or null when `msg` is not a media message. An expired URL is
+     * refreshed by paging the message again (refreshMedia(), or history/sync): the server
+     * signs its URLs whenever it sends a message. */
+    mediaUrl(msg, opts) {
+      return mediaUrls(this, msg, opts);
+    }
+
+    /** Fetch `msg` again (a history page of one), with freshly signed URLs; resolves with the
+     * message (null if it is gone). */
+    refreshMedia(msg) {
+      return refreshMedia(this, msg);
     }
 
     /** Send any request frame (`op` plus fields) and wait for its ack. */
@@ -3603,6 +4071,7 @@
     DeskError: DeskError,
     DESK_ROOMS: DESK_ROOMS,
     GatewayError: GatewayError,
+    UploadError: UploadError,
     ErrorCodes: ErrorCodes,
     ErrorCode: ErrorCode,
     CloseCode: CloseCode,
@@ -3612,11 +4081,18 @@
     createAdapter: createAdapter,
     browserAdapter: browserAdapter,
     miniProgramAdapter: miniProgramAdapter,
+    miniProgramUpload: miniProgramUpload,
+    browserUpload: browserUpload,
+    alipayFileType: alipayFileType,
     miniProgramMessageText: miniProgramMessageText,
     detectPlatform: detectPlatform,
     memoryStorage: memoryStorage,
     miniProgramStorage: miniProgramStorage,
     browserStorage: browserStorage,
+    MEDIA_KINDS: MEDIA_KINDS,
+    mediaUploadUrl: mediaUploadUrl,
+    mediaBase: mediaBase,
+    parseUploadResult: parseUploadResult,
     jwtExp: jwtExp,
     truncateUtf8: truncateUtf8,
     utf8Length: utf8Length,

@@ -7,6 +7,12 @@
 //   adapter.watchLifecycle(onShow, onHide) -> unbind   (optional)
 //   adapter.storage: {get(key) -> string|null, set(key, string), remove(key)} (optional; the
 //     platform's key-value storage, used by conversations to keep the list across launches)
+//   adapter.upload({url, file, name, fileName, fields, header, kind, onProgress}) -> {promise, abort}
+//     (optional; media uploads, see media.js): a multipart POST of `file` (a temp file path on
+//     mini-programs, a Blob/File in browsers) as part `name`, with the form `fields` (strings)
+//     and the request `header`; `onProgress(loaded, total)`; `promise` resolves with
+//     {status, data} (the HTTP status and the body as a string) whatever the status, and
+//     rejects only when there is no answer (network error, the platform's API failed).
 
 import { noop, payloadText, utf8Decode, base64Decode, clientCloseCode, truncateUtf8 } from "./util.js";
 import { CloseCode, ABNORMAL_CLOSURE } from "./codes.js";
@@ -122,6 +128,102 @@ export function browserStorage() {
   };
 }
 
+/** Alipay's `fileType` of `my.uploadFile` (required; 'image' | 'video' | 'audio') for a media
+ * kind. Alipay has no type for other files: they go as 'image' (the runtime does not look at
+ * the bytes; the server takes the kind from the `kind` field and checks the content). */
+export function alipayFileType(kind) {
+  if (kind === "voice") return "audio";
+  if (kind === "video") return "video";
+  return "image";
+}
+
+/** The upload of a mini-program API object (`api.uploadFile`), see the interface above:
+ * wx/tt/uni `{url, filePath, name, header, formData}`, Alipay `{url, filePath, fileName,
+ * fileType, header, formData}`; uni-app gets callbacks (so it returns an UploadTask, not a
+ * Promise) and, in an H5 build, a Blob/File as `file`. Results: `{statusCode, data}` (data a
+ * string); Alipay may call `fail` for a non-2xx status (error 19) with the status and data. */
+export function miniProgramUpload(api, kind, o) {
+  if (!api || typeof api.uploadFile !== "function") throw new Error("livegate: " + (kind || "platform") + ".uploadFile is not available");
+  if (typeof o.file !== "string" && !(kind === "uni" && o.file && typeof o.file === "object")) {
+    throw new Error("livegate: " + kind + ".uploadFile needs a temp file path (a string)");
+  }
+  const formData = {};
+  for (const k in o.fields || {}) formData[k] = String(o.fields[k]);
+  const params = { url: o.url, header: o.header || {}, formData: formData };
+  if (typeof o.file === "string") params.filePath = o.file;
+  else params.file = o.file; // uni-app H5: a File/Blob
+  if (kind === "my") {
+    params.fileName = o.name;
+    params.fileType = alipayFileType(o.kind);
+  } else params.name = o.name;
+  if (kind === "uni") params.fileType = alipayFileType(o.kind); // uni passes it on to Alipay (required there)
+  let task = null;
+  const promise = new Promise((resolve, reject) => {
+    params.success = (res) => resolve({ status: res && typeof res.statusCode === "number" ? res.statusCode : 200, data: res ? res.data : "" });
+    params.fail = (e) => {
+      const status = e && typeof e.statusCode === "number" ? e.statusCode : e && typeof e.status === "number" ? e.status : 0;
+      if (status > 0) resolve({ status: status, data: e.data });
+      else {
+        const err = new Error(errText(e) || kind + ".uploadFile failed");
+        err.detail = e;
+        reject(err);
+      }
+    };
+    task = api.uploadFile(params);
+    if (task && typeof task.onProgressUpdate === "function") {
+      task.onProgressUpdate((p) => {
+        p = p || {};
+        const loaded = typeof p.totalBytesSent === "number" ? p.totalBytesSent : p.totalBytesWritten;
+        const total = typeof p.totalBytesExpectedToSend === "number" ? p.totalBytesExpectedToSend : p.totalBytesExpectedToWrite;
+        o.onProgress(typeof loaded === "number" ? loaded : -1, typeof total === "number" ? total : -1, p.progress);
+      });
+    }
+  });
+  return {
+    promise: promise,
+    abort() {
+      if (task && typeof task.abort === "function") task.abort();
+    },
+  };
+}
+
+/** The upload of a browser (see the interface above): XMLHttpRequest + FormData, with
+ * progress from `xhr.upload.onprogress`; where there is no XMLHttpRequest (Node, workers),
+ * `fetch` (progress only at the end). `file`: a Blob or File. */
+export function browserUpload(o) {
+  const XHR = typeof XMLHttpRequest !== "undefined" ? XMLHttpRequest : null;
+  if (!XHR && typeof fetch !== "function") throw new Error("livegate: no XMLHttpRequest or fetch to upload with");
+  if (typeof FormData === "undefined") throw new Error("livegate: no FormData to upload with");
+  if (!o.file || typeof o.file !== "object" || typeof o.file.size !== "number") throw new Error("livegate: the file to upload must be a Blob or File");
+  const form = new FormData();
+  for (const k in o.fields || {}) form.append(k, String(o.fields[k]));
+  form.append(o.name, o.file, o.fileName || o.file.name || "blob");
+  const header = o.header || {};
+  if (XHR) {
+    const xhr = new XHR();
+    const promise = new Promise((resolve, reject) => {
+      xhr.open("POST", o.url, true);
+      for (const k in header) xhr.setRequestHeader(k, header[k]);
+      if (xhr.upload) xhr.upload.onprogress = (e) => o.onProgress(e.loaded, e.lengthComputable ? e.total : -1);
+      xhr.onload = () => resolve({ status: xhr.status, data: xhr.responseText });
+      xhr.onerror = () => reject(new Error("network error"));
+      xhr.ontimeout = () => reject(new Error("timed out"));
+      xhr.onabort = () => reject(new Error("aborted"));
+      xhr.send(form);
+    });
+    return { promise: promise, abort: () => xhr.abort() };
+  }
+  const ctl = typeof AbortController !== "undefined" ? new AbortController() : null;
+  const size = o.file.size;
+  const promise = fetch(o.url, { method: "POST", body: form, headers: header, signal: ctl ? ctl.signal : undefined }).then((r) =>
+    r.text().then((t) => {
+      o.onProgress(size, size);
+      return { status: r.status, data: t };
+    })
+  );
+  return { promise: promise, abort: () => ctl && ctl.abort() };
+}
+
 /**
  * Adapter for a mini-program API object: `wx` (WeChat), `tt` (Douyin/ByteDance), `my`
  * (Alipay), `uni` (uni-app), or anything with the same `connectSocket` + SocketTask shape.
@@ -135,6 +237,7 @@ export function miniProgramAdapter(api, kind) {
   return {
     name: kind,
     storage: miniProgramStorage(api, kind),
+    upload: (o) => miniProgramUpload(api, kind, o),
     connect(o) {
       const sock = newSocket();
       const close = closer(sock);
@@ -218,6 +321,7 @@ export function browserAdapter(WebSocketImpl) {
   return {
     name: "browser",
     storage: browserStorage(),
+    upload: browserUpload,
     connect(o) {
       const sock = newSocket();
       const close = closer(sock);

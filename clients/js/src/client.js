@@ -10,6 +10,7 @@ import { ErrorCodes, GatewayError } from "./errors.js";
 import { createAdapter } from "./adapters.js";
 import { Conversations } from "./conversations.js";
 import { Desk } from "./desk.js";
+import { uploadMedia, sendMedia, mediaUrls, refreshMedia } from "./media.js";
 
 export const VERSION = "1.1.0";
 
@@ -46,6 +47,7 @@ export const DEFAULTS = {
   history: 0, // default `history` of join()
   autoConnect: true, // join()/publish() connect when idle
   conversations: false, // true or an options object (CONVERSATION_DEFAULTS): sync conversations on every connect
+  mediaUrl: null, // the upload URL (POST /media/upload); null = derived from `url` (wss://h/ws -> https://h/media/upload)
   random: Math.random,
 };
 
@@ -84,6 +86,8 @@ export function backoffDelay(attempt, o, random) {
  *   "closed"); the room is not rejoined
  * - `drain` (frame), `error` (GatewayError for error frames without a request, or Error),
  *   `token` (new token), `frame` (every frame received)
+ * - `upload` ({id, kind, room, state: "progress" | "done" | "failed", loaded, total,
+ *   progress, result?, error?}): media uploads (see upload())
  * Conversations (protocol 1.1) are in `client.conversations` (their own events), the
  * customer-service desk in `client.desk`.
  */
@@ -127,6 +131,7 @@ export class Client extends Emitter {
     this._reconnectOnShow = false;
     this._conv = null;
     this._desk = null;
+    this._uploads = 0;
     this._scheduleTokenRefresh();
     if (o.conversations) this._conversations();
   }
@@ -272,6 +277,67 @@ export class Client extends Emitter {
       if (this._canSend(room)) this._sendPublish(job);
       else this._enqueue(job);
     });
+  }
+
+  // ------------------------------------------------------------------ media
+
+  /**
+   * Upload `file` to the gateway (POST /media/upload, multipart, out of band: the platform's
+   * uploadFile, or XMLHttpRequest in browsers) with the socket's token. `file`: a temp file
+   * path on mini-programs (wx.chooseMedia, RecorderManager, chooseMessageFile), a Blob/File
+   * in browsers. Options: `kind` ("image" | "voice" | "video" | "file"; the server detects
+   * it when omitted), `room` (its route's limits apply), `duration` (ms, voice/video), `name`
+   * (browsers: the file name sent), `fields` (more form fields), `onProgress({loaded, total,
+   * progress})` (progress 0-100; also `upload` events). Resolves with the server's JSON
+   * (`file_id`, `kind`, `mime`, `size`, `name`, `w`, `h`, `duration`, `url`, ...); rejects with
+   * an UploadError (`status`, `code`: the server's code word, `limit` for 413). The promise
+   * has `abort()` (then E_ABORTED).
+   */
+  upload(file, opts) {
+    return uploadMedia(this, file, opts);
+  }
+
+  /**
+   * Send a photo: upload `file` (see upload()), then publish `{type: "image", data: {file_id,
+   * caption?}}` into `room` with a cid (`opts.cid` or a new one). A conversation room
+   * (dm/group/...: the `conversations` prefixes) that is not joined as a live room goes
+   * through `client.conversations.send` (queued offline, `pending`/`sent` events), others
+   * through `publish`; `opts.via` ("conversations" | "publish") decides otherwise.
+   * Options: `caption`, `onProgress`, `cid`, `via`. Resolves with the publish ack (`seq`,
+   * plus `media`: the upload's JSON); the promise has `abort()` (for the upload).
+   */
+  sendImage(room, file, opts) {
+    return sendMedia(this, room, "image", file, opts);
+  }
+
+  /** Send a voice message (as sendImage; `opts.duration`: ms, as the recorder reported it). */
+  sendVoice(room, file, opts) {
+    return sendMedia(this, room, "voice", file, opts);
+  }
+
+  /** Send a video (as sendImage; `opts.duration`: ms). */
+  sendVideo(room, file, opts) {
+    return sendMedia(this, room, "video", file, opts);
+  }
+
+  /** Send a file (as sendImage; `opts.name`: its name, browsers). */
+  sendFile(room, file, opts) {
+    return sendMedia(this, room, "file", file, opts);
+  }
+
+  /** The URLs of media message `msg`: `{url, thumbUrl, expires, expired}` (relative URLs made
+   * absolute; `thumbUrl` falls back to `url`; `expired`: past `data.expires`, or within
+   * `opts.margin` ms of it), or null when `msg` is not a media message. An expired URL is
+   * refreshed by paging the message again (refreshMedia(), or history/sync): the server
+   * signs its URLs whenever it sends a message. */
+  mediaUrl(msg, opts) {
+    return mediaUrls(this, msg, opts);
+  }
+
+  /** Fetch `msg` again (a history page of one), with freshly signed URLs; resolves with the
+   * message (null if it is gone). */
+  refreshMedia(msg) {
+    return refreshMedia(this, msg);
   }
 
   /** Send any request frame (`op` plus fields) and wait for its ack. */

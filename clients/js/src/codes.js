@@ -14,7 +14,7 @@ export const ErrorCode = {
   NOT_JOINED: 4004,
   /** room name invalid or matches no route */
   INVALID_ROOM: 4005,
-  /** message too large for this room */
+  /** message too large for this room (media: the file exceeds the route's limit for its kind) */
   TOO_LARGE: 4009,
   /** muted or banned */
   MUTED: 4010,
