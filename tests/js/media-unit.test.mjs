@@ -83,7 +83,7 @@ test("wx: uploadFile gets url (+ the socket's query), filePath, name 'file', the
   assert.deepEqual(res, OK_BODY);
   assert.equal(wx.calls.length, 1);
   const p = wx.calls[0];
-  assert.equal(p.url, "https://chat.example.com:8443/media/upload?user=alice");
+  assert.equal(p.url, "https://chat.example.com:8443/media/upload?user=alice&kind=voice&room=dm%3Aalice%3Abob&duration=1234");
   assert.equal(p.filePath, "wxfile://tmp_1.silk");
   assert.equal(p.name, "file");
   assert.deepEqual(p.header, { Authorization: "Bearer TOKEN1" });
@@ -107,7 +107,7 @@ test("tt: the same shape as wx; mediaUrl replaces the derived URL", async () => 
   const c = client({ platform: "tt", api: tt, token: "T", mediaUrl: "https://upload.example/media/upload" });
   await c.upload("ttfile://temp/a.jpg", { kind: "image" });
   const p = tt.calls[0];
-  assert.equal(p.url, "https://upload.example/media/upload");
+  assert.equal(p.url, "https://upload.example/media/upload?kind=image");
   assert.equal(p.name, "file");
   assert.equal(p.filePath, "ttfile://temp/a.jpg");
   assert.deepEqual(p.formData, { kind: "image" });
@@ -258,7 +258,7 @@ test("browser: XMLHttpRequest + FormData (fields first, then the file part 'file
     assert.equal(res.file_id, "m_abc");
     const x = FakeXHR.made[0];
     assert.equal(x.method, "POST");
-    assert.equal(x.url, "http://127.0.0.1:9/media/upload?user=u");
+    assert.equal(x.url, "http://127.0.0.1:9/media/upload?user=u&kind=image&room=dm%3Au%3Av");
     assert.deepEqual(x.headers, { Authorization: "Bearer TB" });
     assert.deepEqual([...x.body.keys()], ["kind", "room", "file"]);
     assert.equal(x.body.get("kind"), "image");

@@ -225,7 +225,7 @@ for (const kind of ["wx", "tt", "my", "uni"]) {
     assert.deepEqual(events, ["progress", "progress", "done"]);
     // The platform call, as the platform wants it.
     const call = api.uploads[0];
-    assert.equal(call.url, `${gw.httpUrl}/media/upload?user=${a}`);
+    assert.equal(call.url, `${gw.httpUrl}/media/upload?user=${a}&kind=image&room=${encodeURIComponent(room)}`);
     assert.equal(call.filePath, path);
     assert.deepEqual(call.formData, { kind: "image", room });
     if (kind === "my") assert.deepEqual([call.fileName, call.fileType, call.name], ["file", "image", undefined]);

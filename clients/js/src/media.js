@@ -147,6 +147,14 @@ export function uploadMedia(client, file, opts) {
     if (kind) fields.kind = kind;
     if (opts.room) fields.room = opts.room;
     if (typeof opts.duration === "number" && opts.duration >= 0) fields.duration = String(Math.round(opts.duration));
+    // The platforms' upload APIs cannot name the part's file: the name goes as a field.
+    if (opts.name) fields.name = String(opts.name);
+    // kind, room and duration also ride in the query string: the server knows them
+    // before the first byte of the file whatever order a platform writes the fields in
+    // (the room's limits then hold while the bytes stream in).
+    const early = {};
+    for (const k of ["kind", "room", "duration"]) if (fields[k] !== undefined) early[k] = fields[k];
+    url = withQuery(url, early);
     for (const k in opts.fields || {}) fields[k] = String(opts.fields[k]);
     let retried = false;
     const attempt = (tok) => {

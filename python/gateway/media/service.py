@@ -501,7 +501,7 @@ class Media:
         quota = self.cfg.daily_quota
         if used + max(0, length - _FRAMING) > quota:
             raise MediaError(429, "quota", f"the daily upload quota ({quota} bytes) would be exceeded ({used} used)", limit=quota)
-        fields: dict[str, str] = {k: v for k, v in req.query.items() if k in ("kind", "room", "duration")}
+        fields: dict[str, str] = {k: v for k, v in req.query.items() if k in ("kind", "room", "duration", "name")}
         got: _Received | None = None
         try:
             try:
@@ -597,6 +597,9 @@ class Media:
 
     async def _finish(self, got: _Received, user: str, fields: dict[str, str]) -> dict[str, Any]:
         kind = got.kind
+        if fields.get("name"):
+            # Mini-programs' upload APIs cannot name the file part: the SDKs send the name.
+            got.name = safe_name(fields["name"])
         declared = fields.get("kind")
         if declared is not None and declared != kind:
             # The kind arrived after the file part: check it now.
