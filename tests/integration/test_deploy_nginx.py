@@ -76,3 +76,19 @@ async def test_websocket_through_nginx(gw: GatewayProcess, nginx: NginxSetup) ->
                 assert msg["op"] == "presence", msg
         assert msg["data"] == {"via": "nginx"}, msg
 
+
+
+async def test_media_uploads_and_downloads_through_nginx(gw: GatewayProcess, nginx: NginxSetup) -> None:
+    """A 3 MB file (over nginx's default client_max_body_size of 1 MB) uploads through the
+    conf's /media/ pass-through and downloads through it byte for byte."""
+    import aiohttp
+
+    from gateway.client import GatewayClient
+
+    tls = client_tls(nginx.cert)
+    c = GatewayClient(f"wss://localhost:{nginx.port}/ws", user=uniq("u"), ssl=tls)
+    pdf = b"%PDF-1.5\n" + bytes(range(256)) * (3 * 4096)
+    up = await c.upload(pdf, kind="file", filename="big.pdf")
+    assert up["size"] == len(pdf)
+    async with aiohttp.ClientSession() as s, s.get(f"https://localhost:{nginx.port}{up['url']}", ssl=tls) as r:
+        assert r.status == 200 and await r.read() == pdf

@@ -401,3 +401,97 @@ async def test_export_carries_links_and_the_api_re_signs(tmp_path: Path) -> None
 
 def _assert(cond: Any, what: str) -> None:
     assert cond, what
+
+
+async def test_the_s3_path_upload_publish_download_expiry_verdict_and_purge(tmp_path: Path, s3_server: Any) -> None:
+    """The same flow against a real S3 server (s3s-fs, SigV4): URLs in messages are its
+    presigned ones, so the bytes never pass the node; forged and expired ones get 403
+    from the store; a risky verdict and a purge delete the objects in the bucket."""
+    s3 = s3_server
+    bucket = f"media-{uniq().lower()}"
+    g = gateway(
+        tmp_path, "media.backend=s3", f"media.s3.endpoint={s3.endpoint}", f"media.s3.bucket={bucket}",
+        f"media.s3.access_key={s3.access_key}", f"media.s3.secret_key={s3.secret_key}", f"media.s3.region={s3.region}",
+        "media.s3.create_bucket=true", "media.s3.prefix=chat/", "media.url_ttl=3",
+    ).start()
+    alice, bob = f"alice{uniq()}", f"bob{uniq()}"
+    room = dm(alice, bob)
+    a = await g.client(alice)
+    b = await g.client(bob)
+    try:
+        await b.request("sync")
+        photo = jpeg(300, 200)
+        ack = await a.send_image(room, photo, filename="s3.jpg")
+        fid = ack["file"]["file_id"]
+        msg = await next_msg(b, lambda m: m.get("room") == room and m.get("type") == "image")
+        url = msg["data"]["url"]
+        assert url.startswith(s3.endpoint + f"/{bucket}/chat/") and "X-Amz-Signature=" in url
+        status, body, headers = await get(url)
+        assert status == 200 and body == photo and headers["Content-Type"] == "image/jpeg"
+        status, thumb, _ = await get(msg["data"]["thumb_url"])
+        assert status == 200 and thumb[:3] == b"\xff\xd8\xff"
+        assert [p for p in s3.data.rglob(fid) if p.is_file()], "the object is in the bucket"
+        assert not [p for p in tmp_path.rglob(fid) if p.is_file()], "nothing of it stays on the node's disk"
+        sig = url.split("X-Amz-Signature=")[1][:64]
+        assert (await get(url.replace(sig, "0" * 64)))[0] == 403
+        pdf = b"%PDF-1.7\n" + bytes(range(256)) * 100
+        sent = await a.send_file(room, pdf, filename="report.pdf")
+        fmsg = await next_msg(b, lambda m: m.get("type") == "file")
+        status, body, headers = await get(fmsg["data"]["url"])
+        assert status == 200 and body == pdf and "attachment" in headers.get("Content-Disposition", "")
+        await asyncio.sleep(4)
+        assert (await get(url))[0] == 403, "expired"
+        # Paged again: fresh presigned URLs.
+        page = await b.request("history", room=room, limit=10)
+        (img,) = [m for m in page["msgs"] if m["type"] == "image"]
+        assert (await get(img["data"]["url"]))[1] == photo
+        # Risky: recalled and deleted from the bucket.
+        recalled = b.wait_event(lambda m: m.get("op") == "recall" and m.get("room") == room, 10)
+        assert (await g.api("POST", f"/v1/media/{fid}/verdict", {"verdict": "risky"}))[0] == 200
+        await recalled
+        assert not [p for p in s3.data.rglob(fid) if p.is_file()]
+        # Purge: the user's other objects go too.
+        status, body = await g.api("DELETE", f"/v1/users/{alice}/messages")
+        assert status == 200 and body["files"] >= 1, body
+        assert not [p for p in s3.data.rglob(sent["file"]["file_id"]) if p.is_file()]
+    finally:
+        await a.close()
+        await b.close()
+        assert not g.finish()
+
+
+async def test_on_media_hooks_judge_uploads_at_once_or_later(tmp_path: Path) -> None:
+    g = GatewayProcess(tmp_path, ["limits.client_rate=0"], config=ROUTES, app="tests.integration.media_app:make_app").start()
+    alice, bob = f"alice{uniq()}", f"bob{uniq()}"
+    room = dm(alice, bob)
+    a = await g.client(alice)
+    b = await g.client(bob)
+    try:
+        await b.request("sync")
+        # Judged risky as soon as it was checked: never sent.
+        bad = await a.upload(jpeg(64, 64), kind="image", filename="bad.jpg")
+
+        async def removed() -> bool:
+            status, body = await g.api("GET", f"/v1/media/{bad['file_id']}")
+            return status == 200 and body["state"] == "removed"
+
+        await eventually(removed, what="the risky upload removed")
+        with pytest.raises(GatewayError) as e:
+            await a.publish(room, {"file_id": bad["file_id"]}, type="image")
+        assert e.value.code == 4035
+        # Passed: sent and kept.
+        ok = await a.send_image(room, jpeg(64, 64), filename="fine.jpg")
+        # A late verdict: the message was delivered, then it is recalled everywhere.
+        recalled = b.wait_event(lambda m: m.get("op") == "recall" and m.get("room") == room, 15)
+        late = await a.send_image(room, jpeg(64, 64), filename="late.jpg")
+        assert (await next_msg(b, lambda m: m.get("seq") == late["seq"]))["type"] == "image"
+        assert (await recalled)["seq"] == late["seq"]
+        page = await b.request("history", room=room, limit=10)
+        types = {m["seq"]: m["type"] for m in page["msgs"]}
+        assert types[late["seq"]] == "recalled" and types[ok["seq"]] == "image"
+        assert (await get(absolute(g, late["file"]["url"])))[0] == 404
+        assert g.metric("moderator_checked_total") is not None
+    finally:
+        await a.close()
+        await b.close()
+        assert not g.finish()

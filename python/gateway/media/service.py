@@ -73,6 +73,9 @@ _FIELD_MAX = 1024
 _CAPTION_MAX = 1000
 _ID_RE = re.compile(r"m_[A-Za-z0-9_-]{22}")
 _DAY_MS = 86_400_000
+#: Records read in the last minute serve downloads and re-signing without a query.
+_RECENT_SECONDS = 60.0
+_RECENT_MAX = 10_000
 #: Image types Pillow decodes (a thumbnail is made); HEIC is kept without one.
 _THUMBNAILED = frozenset({"image/jpeg", "image/png", "image/gif", "image/webp", "image/bmp"})
 #: Types a browser may show inline; everything else downloads as an attachment.
@@ -154,7 +157,7 @@ class Media:
         self._url_key = self.cfg.url_secret.encode()
         self._uploading: dict[str, int] = {}
         #: Recently read records, for downloads (file id -> record); removals evict.
-        self._recent: OrderedDict[str, MediaFile] = OrderedDict()
+        self._recent: OrderedDict[str, tuple[float, MediaFile]] = OrderedDict()
         c, g = gw.counter, gw.gauge
         self.m_uploads = c("gateway_media_uploads", "Uploads by kind and outcome (ok, or the refusal's code).", ("kind", "outcome"))
         self.m_bytes = c("gateway_media_upload_bytes", "Bytes of files accepted.")
@@ -240,14 +243,19 @@ class Media:
                     p.unlink()
         if not self._url_key:
             key_file = self.dir / ".url-key"
-            try:
-                self._url_key = key_file.read_bytes().strip()
-            except FileNotFoundError:
-                key = secrets.token_urlsafe(32).encode()
-                fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            if not key_file.exists():
+                # Written whole under another name, then linked into place: workers
+                # starting together all end up with the first one's key.
+                tmp = self.dir / f".url-key.{os.getpid()}.{secrets.token_hex(4)}"
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
                 with os.fdopen(fd, "wb") as f:
-                    f.write(key)
-                self._url_key = key
+                    f.write(secrets.token_urlsafe(32).encode())
+                    f.flush()
+                    os.fsync(f.fileno())
+                with contextlib.suppress(FileExistsError):
+                    os.link(tmp, key_file)
+                tmp.unlink()
+            self._url_key = key_file.read_bytes().strip()
             if len(self._url_key) < 32:
                 raise RuntimeError(f"{key_file} holds a key shorter than 32 characters: delete it to make a new one")
 
@@ -359,8 +367,16 @@ class Media:
         return out
 
     async def _records(self, ids: Iterable[str]) -> dict[str, MediaFile]:
+        """The records of ``ids`` (those that exist): from the last minute's reads, else
+        in one query. (Another node's removal shows here within a minute; its objects
+        are gone at once, so a download then gets 404 anyway.)"""
         ids = list(ids)
-        got = {i: self._recent[i] for i in ids if i in self._recent}
+        fresh_after = time.monotonic() - _RECENT_SECONDS
+        got: dict[str, MediaFile] = {}
+        for i in ids:
+            hit = self._recent.get(i)
+            if hit is not None and hit[0] >= fresh_after:
+                got[i] = hit[1]
         missing = [i for i in ids if i not in got]
         if missing:
             more = await self.store.media_get_many(missing)
@@ -370,9 +386,9 @@ class Media:
         return got
 
     def _remember(self, f: MediaFile) -> None:
-        self._recent[f.id] = f
+        self._recent[f.id] = (time.monotonic(), f)
         self._recent.move_to_end(f.id)
-        while len(self._recent) > 10_000:
+        while len(self._recent) > _RECENT_MAX:
             self._recent.popitem(last=False)
 
     # ---- publish -----------------------------------------------------------------------
