@@ -7,10 +7,14 @@ its multipart ``upload``, raw sockets for the abusive cases."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
+import json
 import struct
 import time
 import wave
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,8 +55,36 @@ pattern = "*"
 """
 
 
-def gateway(path: Path, *sets: str) -> GatewayProcess:
-    return GatewayProcess(path, ["limits.client_rate=0", *sets], config=ROUTES)
+@dataclass
+class Chat:
+    """A gateway and two connected clients, ``a`` (alice) and ``b`` (bob, synced)."""
+
+    g: GatewayProcess
+    a: GatewayClient
+    b: GatewayClient
+    alice: str
+    bob: str
+
+    @property
+    def room(self) -> str:
+        return dm(self.alice, self.bob)
+
+
+@contextlib.asynccontextmanager
+async def chat(tmp_path: Path, *sets: str, app: str | None = None) -> AsyncIterator[Chat]:
+    """A gateway on ROUTES with ``sets``; both clients closed and the gateway stopped
+    cleanly (no traceback in its log) at the end."""
+    g = GatewayProcess(tmp_path, ["limits.client_rate=0", *sets], config=ROUTES, app=app).start()
+    alice, bob = f"alice{uniq()}", f"bob{uniq()}"
+    a = await g.client(alice)
+    b = await g.client(bob)
+    try:
+        await b.request("sync")
+        yield Chat(g, a, b, alice, bob)
+    finally:
+        await a.close()
+        await b.close()
+        assert not g.finish()
 
 
 def dm(a: str, b: str) -> str:
@@ -116,13 +148,9 @@ async def raw_http(g: GatewayProcess, head: bytes, body: bytes = b"", *, read_af
 
 
 async def test_upload_publish_and_a_second_client_downloads_image_voice_and_file(tmp_path: Path) -> None:
-    g = gateway(tmp_path).start()
-    alice, bob = f"alice{uniq()}", f"bob{uniq()}"
-    room = dm(alice, bob)
-    a = await g.client(alice)
-    b = await g.client(bob)
-    try:
-        await b.request("sync")
+    async with chat(tmp_path) as t:
+        g, a, b = t.g, t.a, t.b
+        room = t.room
         photo = jpeg()
         progress: list[tuple[int, int]] = []
         ack = await a.send_image(room, photo, filename="parcel.jpg", on_progress=lambda s, t: progress.append((s, t)))
@@ -161,16 +189,11 @@ async def test_upload_publish_and_a_second_client_downloads_image_voice_and_file
         sync = await b.request("sync")
         (conv,) = [c for c in sync["convs"] if c["room"] == room]
         assert conv["last"]["type"] == "file" and conv["last"]["data"]["url"]
-    finally:
-        await a.close()
-        await b.close()
-        assert not g.finish()
 
 
 async def test_forged_and_expired_urls_get_403(tmp_path: Path) -> None:
-    g = gateway(tmp_path, "media.url_ttl=1").start()
-    a = await g.client(f"a{uniq()}")
-    try:
+    async with chat(tmp_path, "media.url_ttl=1") as t:
+        g, a = t.g, t.a
         up = await a.upload(jpeg(64, 64), kind="image")
         url = absolute(g, up["url"])
         assert (await get(url))[0] == 200
@@ -182,16 +205,12 @@ async def test_forged_and_expired_urls_get_403(tmp_path: Path) -> None:
         await asyncio.sleep(2.2)
         status, body, _ = await get(url)
         assert status == 403 and b"expired" in body
-    finally:
-        await a.close()
-        assert not g.finish()
 
 
 async def test_limits_hold_while_the_bytes_stream_in_and_at_publish(tmp_path: Path) -> None:
-    g = gateway(tmp_path, "media.limits.image=300000", "media.limits.voice=100000").start()
-    user = f"a{uniq()}"
-    a = await g.client(user)
-    try:
+    async with chat(tmp_path, "media.limits.image=300000", "media.limits.voice=100000") as t:
+        g, a = t.g, t.a
+        user = t.alice
         # 30 MB announced, 256 KiB sent: the refusal comes before the rest is sent.
         boundary = "xyz"
         part = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"big.jpg\"\r\n\r\n").encode()
@@ -223,16 +242,12 @@ async def test_limits_hold_while_the_bytes_stream_in_and_at_publish(tmp_path: Pa
             await owner.upload(big, kind="image", room=room)
         assert e.value.code == 413
         await owner.close()
-    finally:
-        await a.close()
-        assert not g.finish()
 
 
 async def test_renamed_executables_and_bad_requests_are_refused_and_the_node_serves_on(tmp_path: Path) -> None:
-    g = gateway(tmp_path).start()
-    user = f"a{uniq()}"
-    a = await g.client(user)
-    try:
+    async with chat(tmp_path) as t:
+        g, a = t.g, t.a
+        user = t.alice
         for kind in ("image", "file", None):
             with pytest.raises(GatewayError) as e:
                 await a.upload(exe(), kind=kind, filename="photo.jpg")
@@ -261,17 +276,12 @@ async def test_renamed_executables_and_bad_requests_are_refused_and_the_node_ser
         assert (await a.ping())["op"] == "pong"
         up = await a.upload(jpeg(32, 32), kind="image")
         assert up["file_id"].startswith("m_")
-    finally:
-        await a.close()
-        assert not g.finish()
 
 
 async def test_publish_checks_owner_kind_reuse_and_existence(tmp_path: Path) -> None:
-    g = gateway(tmp_path).start()
-    alice, bob, carol = f"alice{uniq()}", f"bob{uniq()}", f"carol{uniq()}"
-    a = await g.client(alice)
-    b = await g.client(bob)
-    try:
+    async with chat(tmp_path) as t:
+        a, b = t.a, t.b
+        alice, bob, carol = t.alice, t.bob, f"carol{uniq()}"
         up = await a.upload(jpeg(64, 64), kind="image")
         fid = up["file_id"]
         with pytest.raises(GatewayError) as e:
@@ -297,20 +307,13 @@ async def test_publish_checks_owner_kind_reuse_and_existence(tmp_path: Path) -> 
         with pytest.raises(GatewayError) as e:
             await a.publish(dm(alice, carol), {"file_id": fid}, type="image")
         assert e.value.code == 4038
-    finally:
-        await a.close()
-        await b.close()
-        assert not g.finish()
 
 
 async def test_a_late_risky_verdict_recalls_the_message_and_deletes_the_object(tmp_path: Path) -> None:
-    g = gateway(tmp_path).start()
-    alice, bob = f"alice{uniq()}", f"bob{uniq()}"
-    room = dm(alice, bob)
-    a = await g.client(alice)
-    b = await g.client(bob)
-    try:
-        await b.request("sync")
+    async with chat(tmp_path) as t:
+        g, a, b = t.g, t.a, t.b
+        alice = t.alice
+        room = t.room
         ack = await a.send_image(room, jpeg(200, 100))
         fid = ack["file"]["file_id"]
         msg = await next_msg(b, lambda m: m.get("type") == "image")
@@ -331,17 +334,12 @@ async def test_a_late_risky_verdict_recalls_the_message_and_deletes_the_object(t
         with pytest.raises(GatewayError) as e:
             await a.publish(dm(alice, f"z{uniq()}"), {"file_id": fid}, type="image")
         assert e.value.code == 4035
-    finally:
-        await a.close()
-        await b.close()
-        assert not g.finish()
 
 
 async def test_user_purge_removes_their_objects_and_unsent_files_are_swept(tmp_path: Path) -> None:
-    g = gateway(tmp_path, "media.unsent_hours=0.0005", "media.sweep_interval=0.5").start()
-    alice, bob = f"alice{uniq()}", f"bob{uniq()}"
-    a = await g.client(alice)
-    try:
+    async with chat(tmp_path, "media.unsent_hours=0.0005", "media.sweep_interval=0.5") as t:
+        g, a = t.g, t.a
+        alice, bob = t.alice, t.bob
         sent = await a.send_image(dm(alice, bob), jpeg(64, 64))
         fid = sent["file"]["file_id"]
         url = absolute(g, sent["file"]["url"])
@@ -357,15 +355,11 @@ async def test_user_purge_removes_their_objects_and_unsent_files_are_swept(tmp_p
         assert (await get(url))[0] == 404
         assert not [p for p in tmp_path.rglob(fid) if p.is_file()]
         assert (await g.api("GET", f"/v1/media/{fid}"))[0] == 404
-    finally:
-        await a.close()
-        assert not g.finish()
 
 
 async def test_quota_and_voice_duration_limits(tmp_path: Path) -> None:
-    g = gateway(tmp_path, "media.daily_quota=600000").start()
-    a = await g.client(f"a{uniq()}")
-    try:
+    async with chat(tmp_path, "media.daily_quota=600000") as t:
+        a = t.a
         with pytest.raises(GatewayError) as e:
             await a.upload(wav(61), kind="voice")
         assert e.value.code == 413 and "too_long" in e.value.message
@@ -374,33 +368,25 @@ async def test_quota_and_voice_duration_limits(tmp_path: Path) -> None:
         with pytest.raises(GatewayError) as e:
             await a.upload(wav(25), kind="voice")
         assert e.value.code == 429 and "quota" in e.value.message
-    finally:
-        await a.close()
-        assert not g.finish()
 
 
 async def test_export_carries_links_and_the_api_re_signs(tmp_path: Path) -> None:
-    g = gateway(tmp_path).start()
-    alice, bob = f"alice{uniq()}", f"bob{uniq()}"
-    room = dm(alice, bob)
-    a = await g.client(alice)
-    try:
+    async with chat(tmp_path) as t:
+        g, a = t.g, t.a
+        room = t.room
         photo = jpeg(100, 100)
         ack = await a.send_image(room, photo)
+        await a.publish(room, {"text": "and some words"})
         status, text = await g.api("GET", f"/v1/export?room={room}&url_ttl=3600")
         assert status == 200
-        lines = [x for x in (text if isinstance(text, str) else "").splitlines() if x] if isinstance(text, str) else text
-        assert lines, text
+        exported = [json.loads(x) for x in text.splitlines() if x]
+        assert [m["type"] for m in exported] == ["image", "chat"]
+        img = exported[0]["data"]
+        assert img["file_id"] == ack["file"]["file_id"] and 3500_000 < img["expires"] - time.time() * 1000 <= 3600_000
+        assert (await get(absolute(g, img["url"])))[1] == photo
         status, body = await g.api("GET", f"/v1/media/{ack['file']['file_id']}")
         assert status == 200 and body["refs"] == [[room, ack["seq"]]]
         assert (await get(absolute(g, body["url"])))[1] == photo
-    finally:
-        await a.close()
-        assert not g.finish()
-
-
-def _assert(cond: Any, what: str) -> None:
-    assert cond, what
 
 
 async def test_the_s3_path_upload_publish_download_expiry_verdict_and_purge(tmp_path: Path, s3_server: Any) -> None:
@@ -409,17 +395,15 @@ async def test_the_s3_path_upload_publish_download_expiry_verdict_and_purge(tmp_
     from the store; a risky verdict and a purge delete the objects in the bucket."""
     s3 = s3_server
     bucket = f"media-{uniq().lower()}"
-    g = gateway(
-        tmp_path, "media.backend=s3", f"media.s3.endpoint={s3.endpoint}", f"media.s3.bucket={bucket}",
-        f"media.s3.access_key={s3.access_key}", f"media.s3.secret_key={s3.secret_key}", f"media.s3.region={s3.region}",
-        "media.s3.create_bucket=true", "media.s3.prefix=chat/", "media.url_ttl=3",
-    ).start()
-    alice, bob = f"alice{uniq()}", f"bob{uniq()}"
-    room = dm(alice, bob)
-    a = await g.client(alice)
-    b = await g.client(bob)
-    try:
-        await b.request("sync")
+    sets = (
+        "media.backend=s3", f"media.s3.endpoint={s3.endpoint}", f"media.s3.bucket={bucket}", f"media.s3.access_key={s3.access_key}",
+        f"media.s3.secret_key={s3.secret_key}", f"media.s3.region={s3.region}", "media.s3.create_bucket=true", "media.s3.prefix=chat/",
+        "media.url_ttl=3",
+    )
+    async with chat(tmp_path, *sets) as t:
+        g, a, b = t.g, t.a, t.b
+        alice = t.alice
+        room = t.room
         photo = jpeg(300, 200)
         ack = await a.send_image(room, photo, filename="s3.jpg")
         fid = ack["file"]["file_id"]
@@ -454,20 +438,12 @@ async def test_the_s3_path_upload_publish_download_expiry_verdict_and_purge(tmp_
         status, body = await g.api("DELETE", f"/v1/users/{alice}/messages")
         assert status == 200 and body["files"] >= 1, body
         assert not [p for p in s3.data.rglob(sent["file"]["file_id"]) if p.is_file()]
-    finally:
-        await a.close()
-        await b.close()
-        assert not g.finish()
 
 
 async def test_on_media_hooks_judge_uploads_at_once_or_later(tmp_path: Path) -> None:
-    g = GatewayProcess(tmp_path, ["limits.client_rate=0"], config=ROUTES, app="tests.integration.media_app:make_app").start()
-    alice, bob = f"alice{uniq()}", f"bob{uniq()}"
-    room = dm(alice, bob)
-    a = await g.client(alice)
-    b = await g.client(bob)
-    try:
-        await b.request("sync")
+    async with chat(tmp_path, app="tests.integration.media_app:make_app") as t:
+        g, a, b = t.g, t.a, t.b
+        room = t.room
         # Judged risky as soon as it was checked: never sent.
         bad = await a.upload(jpeg(64, 64), kind="image", filename="bad.jpg")
 
@@ -491,7 +467,3 @@ async def test_on_media_hooks_judge_uploads_at_once_or_later(tmp_path: Path) -> 
         assert types[late["seq"]] == "recalled" and types[ok["seq"]] == "image"
         assert (await get(absolute(g, late["file"]["url"])))[0] == 404
         assert g.metric("moderator_checked_total") is not None
-    finally:
-        await a.close()
-        await b.close()
-        assert not g.finish()

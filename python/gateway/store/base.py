@@ -32,13 +32,14 @@ from __future__ import annotations
 import abc
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..protocol.frames import message_parts, splice
 
 __all__ = [
     "CS_OPEN_STATES", "CS_SESSION_FIELDS", "MEDIA_FIELDS", "MEDIA_PUBLISH_GRACE_MS", "MEDIA_STATES", "SCHEMA_VERSION", "Conversation", "ConversationState", "CsSession",
     "CsTicket", "DeadLetter", "Lease", "MediaFile", "Member", "OutboxEntry", "SchemaError", "Store", "StoreStats", "StoreUnavailable", "StoredMessage",
-    "TooManyMembers",
+    "TooManyMembers", "attach_refusal",
 ]
 
 #: The schema this code reads and writes. ``gateway migrate`` brings a database to it; a
@@ -305,6 +306,14 @@ class MediaFile:
     attached_at: int | None = None
     state: str = "uploaded"
     verdict: str | None = None
+
+    @classmethod
+    def from_row(cls, r: Any) -> MediaFile:
+        """A record from a database row in :data:`MEDIA_FIELDS` order (``meta`` as text)."""
+        vals = list(r)
+        i = MEDIA_FIELDS.index("meta")
+        vals[i] = (vals[i] or "{}").encode()
+        return cls(*vals)
 
     @property
     def thumb_key(self) -> str:
@@ -833,3 +842,15 @@ class Store(abc.ABC):
         import asyncio
 
         return list(await asyncio.gather(*(self.commit(m) for m in msgs)))
+
+
+def attach_refusal(row: Any, owner: str) -> str:
+    """Why a media attach changed nothing, from the file's ``(owner, state)`` (None: no
+    such file): ``missing``, ``owner``, ``removed`` or ``used``."""
+    if row is None:
+        return "missing"
+    if row[0] != owner:
+        return "owner"
+    if row[1] == "removed":
+        return "removed"
+    return "used"

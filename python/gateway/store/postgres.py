@@ -141,6 +141,7 @@ from .base import (
     StoredMessage,
     StoreUnavailable,
     TooManyMembers,
+    attach_refusal,
 )
 
 __all__ = ["MIGRATIONS", "PostgresStore", "describe_dsn", "migration_lock_key"]
@@ -416,24 +417,6 @@ def _cs_session(r: Any) -> CsSession:
 
 
 _MEDIA_COLS = ", ".join(MEDIA_FIELDS)
-
-
-def _media(r: Any) -> MediaFile:
-    vals = list(r)
-    i = MEDIA_FIELDS.index("meta")
-    vals[i] = (vals[i] or "{}").encode()
-    return MediaFile(*vals)
-
-
-def _attach_refusal(row: Any, owner: str) -> str:
-    """Why an attach changed nothing, from the file's (owner, state) or None."""
-    if row is None:
-        return "missing"
-    if row[0] != owner:
-        return "owner"
-    if row[1] == "removed":
-        return "removed"
-    return "used"
 
 
 class _ConnLease(Lease):
@@ -1418,13 +1401,13 @@ class PostgresStore(Store):
 
     async def media_get(self, id: str) -> MediaFile | None:
         rows = await self._fetch(f"SELECT {_MEDIA_COLS} FROM {self.schema}.media WHERE id = $1", [id], "reading a media file")
-        return _media(rows[0]) if rows else None
+        return MediaFile.from_row(rows[0]) if rows else None
 
     async def media_get_many(self, ids: Sequence[str]) -> dict[str, MediaFile]:
         if not ids:
             return {}
         rows = await self._fetch(f"SELECT {_MEDIA_COLS} FROM {self.schema}.media WHERE id = ANY($1::text[])", [list(ids)], "reading media files")
-        return {r[0]: _media(r) for r in rows}
+        return {r[0]: MediaFile.from_row(r) for r in rows}
 
     async def media_attach(self, id: str, owner: str, room: str, at_ms: int, *, exclusive: bool) -> tuple[MediaFile | None, str]:
         """See :meth:`Store.media_attach`: one conditional ``UPDATE ... RETURNING``. Of two
@@ -1437,9 +1420,9 @@ class PostgresStore(Store):
                f"RETURNING {_MEDIA_COLS}")
         rows = await self._fetch(sql, [id, owner, room, at_ms, exclusive], "attaching a media file")
         if rows:
-            return _media(rows[0]), "ok"
+            return MediaFile.from_row(rows[0]), "ok"
         got = await self._fetch(f"SELECT owner, state FROM {s}.media WHERE id = $1", [id], "reading a media file")
-        return None, _attach_refusal(got[0] if got else None, owner)
+        return None, attach_refusal(got[0] if got else None, owner)
 
     async def media_ref(self, id: str, room: str, seq: int, at_ms: int) -> None:
         sql = f"INSERT INTO {self.schema}.media_refs (file_id, room, seq, at) VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING"
@@ -1461,57 +1444,53 @@ class PostgresStore(Store):
     async def media_set_verdict(self, id: str, verdict: str) -> MediaFile | None:
         sql = f"UPDATE {self.schema}.media SET verdict = $2 WHERE id = $1 RETURNING {_MEDIA_COLS}"
         rows = await self._fetch(sql, [id, verdict], "updating a media file")
-        return _media(rows[0]) if rows else None
+        return MediaFile.from_row(rows[0]) if rows else None
 
     async def media_usage(self, owner: str, since_ms: int) -> int:
         sql = f"SELECT coalesce(sum(size), 0) FROM {self.schema}.media WHERE owner = $1 AND created_at >= $2"
         return int(await self._read(lambda c: c.fetchval(sql, owner, since_ms), "reading media usage"))
 
     async def media_remove(self, ids: Sequence[str]) -> int:
-        if not ids:
-            return 0
         s = self.schema
-        wanted = list(set(ids))
-
-        async def run(conn: Any) -> int:
-            async with conn.transaction():
-                # The rows are locked in id order first, so two sweeps removing overlapping
-                # files (two nodes) cannot deadlock.
-                n = await conn.fetchval(
-                    f"WITH l AS (SELECT id FROM {s}.media WHERE id = ANY($1::text[]) AND state <> 'removed' ORDER BY id FOR UPDATE), "
-                    f"u AS (UPDATE {s}.media m SET state = 'removed' FROM l WHERE m.id = l.id AND m.state <> 'removed' RETURNING 1) "
-                    "SELECT count(*) FROM u", wanted,
-                )
-                await conn.execute(f"DELETE FROM {s}.media_refs WHERE file_id = ANY($1::text[])", wanted)
-            return int(n)
-
-        result: int = await self._read(run, "removing media files")
-        return result
+        return await self._media_rows(ids, "removing media files", (
+            f"DELETE FROM {s}.media_refs WHERE file_id = ANY($1::text[])",
+            f"WITH u AS (UPDATE {s}.media SET state = 'removed' WHERE id = ANY($1::text[]) AND state <> 'removed' RETURNING 1) "
+            "SELECT count(*) FROM u",
+        ))
 
     async def media_purge_rows(self, ids: Sequence[str]) -> int:
+        s = self.schema
+        return await self._media_rows(ids, "purging media files", (
+            f"DELETE FROM {s}.media_refs WHERE file_id = ANY($1::text[])",
+            f"WITH d AS (DELETE FROM {s}.media WHERE id = ANY($1::text[]) RETURNING 1) SELECT count(*) FROM d",
+        ))
+
+    async def _media_rows(self, ids: Sequence[str], what: str, statements: tuple[str, str]) -> int:
+        """In one transaction: lock the rows of ``ids`` in id order (two nodes sweeping
+        overlapping files cannot deadlock), run the first statement, then the second,
+        whose value (a count) is returned."""
         if not ids:
             return 0
-        s = self.schema
         wanted = list(set(ids))
+        first, counted = statements
 
         async def run(conn: Any) -> int:
             async with conn.transaction():
-                await conn.execute(f"SELECT 1 FROM {s}.media WHERE id = ANY($1::text[]) ORDER BY id FOR UPDATE", wanted)  # see media_remove
-                await conn.execute(f"DELETE FROM {s}.media_refs WHERE file_id = ANY($1::text[])", wanted)
-                n = await conn.fetchval(f"WITH d AS (DELETE FROM {s}.media WHERE id = ANY($1::text[]) RETURNING 1) SELECT count(*) FROM d", wanted)
-            return int(n)
+                await conn.execute(f"SELECT 1 FROM {self.schema}.media WHERE id = ANY($1::text[]) ORDER BY id FOR UPDATE", wanted)
+                await conn.execute(first, wanted)
+                return int(await conn.fetchval(counted, wanted))
 
-        result: int = await self._read(run, "purging media files")
+        result: int = await self._read(run, what)
         return result
 
     async def media_unsent(self, before_ms: int, limit: int) -> list[MediaFile]:
         sql = (f"SELECT {_MEDIA_COLS} FROM {self.schema}.media WHERE state = 'uploaded' AND created_at < $1 AND attached_at IS NULL "
                "ORDER BY created_at, id LIMIT $2")
-        return [_media(r) for r in await self._fetch(sql, [before_ms, limit], "reading unsent media files")]
+        return [MediaFile.from_row(r) for r in await self._fetch(sql, [before_ms, limit], "reading unsent media files")]
 
     async def media_of_user(self, user: str, limit: int) -> list[MediaFile]:
         sql = f"SELECT {_MEDIA_COLS} FROM {self.schema}.media WHERE owner = $1 AND state <> 'removed' ORDER BY created_at, id LIMIT $2"
-        return [_media(r) for r in await self._fetch(sql, [user, limit], "reading a user's media files")]
+        return [MediaFile.from_row(r) for r in await self._fetch(sql, [user, limit], "reading a user's media files")]
 
     async def media_orphans(self, limit: int) -> list[MediaFile]:
         """See :meth:`Store.media_orphans`: one query (plan: an index scan of
@@ -1525,7 +1504,7 @@ class PostgresStore(Store):
                f"SELECT 1 FROM {s}.messages m WHERE m.room = r.room AND m.seq = r.seq AND m.type <> $2))) "
                "ORDER BY f.state, f.created_at LIMIT $3")
         rows = await self._fetch(sql, [_now_ms() - MEDIA_PUBLISH_GRACE_MS, RECALLED, limit], "finding orphaned media files")
-        return [_media(r) for r in rows]
+        return [MediaFile.from_row(r) for r in rows]
 
     # ---- conversations ---------------------------------------------------------------
 

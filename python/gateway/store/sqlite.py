@@ -145,6 +145,7 @@ from .base import (
     StoredMessage,
     StoreUnavailable,
     TooManyMembers,
+    attach_refusal,
 )
 
 __all__ = ["MIGRATIONS", "SqliteStore"]
@@ -1274,7 +1275,7 @@ class SqliteStore(Store):
 
     async def media_get(self, id: str) -> MediaFile | None:
         rows = await self._read(_fetch(f"SELECT {_MEDIA_COLS} FROM media WHERE id = ?", (id,)), "media_get")
-        return _media(rows[0]) if rows else None
+        return MediaFile.from_row(rows[0]) if rows else None
 
     async def media_get_many(self, ids: Sequence[str]) -> dict[str, MediaFile]:
         wanted = list(dict.fromkeys(ids))
@@ -1286,7 +1287,7 @@ class SqliteStore(Store):
             for i in range(0, len(wanted), 500):
                 part = wanted[i:i + 500]
                 for r in conn.execute(f"SELECT {_MEDIA_COLS} FROM media WHERE id IN ({','.join('?' * len(part))})", part):
-                    out[r[0]] = _media(r)
+                    out[r[0]] = MediaFile.from_row(r)
             return out
 
         return await self._read(run, "media_get_many")
@@ -1299,9 +1300,9 @@ class SqliteStore(Store):
         def run(conn: sqlite3.Connection) -> tuple[MediaFile | None, str]:
             r = conn.execute(_MEDIA_ATTACH, (room, at_ms, id, owner, int(exclusive), room)).fetchone()
             if r is not None:
-                return _media(r), "ok"
+                return MediaFile.from_row(r), "ok"
             got = conn.execute("SELECT owner, state FROM media WHERE id = ?", (id,)).fetchone()
-            return None, _attach_refusal(got, owner)
+            return None, attach_refusal(got, owner)
 
         return await self._call(run)
 
@@ -1334,7 +1335,7 @@ class SqliteStore(Store):
     async def media_set_verdict(self, id: str, verdict: str) -> MediaFile | None:
         def run(conn: sqlite3.Connection) -> MediaFile | None:
             r = conn.execute(f"UPDATE media SET verdict = ? WHERE id = ? RETURNING {_MEDIA_COLS}", (verdict, id)).fetchone()
-            return _media(r) if r is not None else None
+            return MediaFile.from_row(r) if r is not None else None
 
         return await self._call(run)
 
@@ -1343,29 +1344,20 @@ class SqliteStore(Store):
         return int(rows[0][0])
 
     async def media_remove(self, ids: Sequence[str]) -> int:
-        wanted = list(dict.fromkeys(ids))
-        if not wanted:
-            return 0
-
-        def run(conn: sqlite3.Connection) -> int:
-            n = 0
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                for i in range(0, len(wanted), 500):
-                    part = wanted[i:i + 500]
-                    marks = ",".join("?" * len(part))
-                    n += conn.execute(f"UPDATE media SET state = 'removed' WHERE id IN ({marks}) AND state <> 'removed'", part).rowcount
-                    conn.execute(f"DELETE FROM media_refs WHERE file_id IN ({marks})", part)
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
-            return n
-
-        return await self._call(run)
+        return await self._media_rows(ids, (
+            ("UPDATE media SET state = 'removed' WHERE id IN ({}) AND state <> 'removed'", True),
+            ("DELETE FROM media_refs WHERE file_id IN ({})", False),
+        ))
 
     async def media_purge_rows(self, ids: Sequence[str]) -> int:
+        return await self._media_rows(ids, (
+            ("DELETE FROM media_refs WHERE file_id IN ({})", False),
+            ("DELETE FROM media WHERE id IN ({})", True),
+        ))
+
+    async def _media_rows(self, ids: Sequence[str], statements: Sequence[tuple[str, bool]]) -> int:
+        """Run each statement (``{}``: the ids' placeholders) over ``ids``, 500 at a time,
+        in one transaction; the rows the counted ones changed."""
         wanted = list(dict.fromkeys(ids))
         if not wanted:
             return 0
@@ -1377,8 +1369,9 @@ class SqliteStore(Store):
                 for i in range(0, len(wanted), 500):
                     part = wanted[i:i + 500]
                     marks = ",".join("?" * len(part))
-                    conn.execute(f"DELETE FROM media_refs WHERE file_id IN ({marks})", part)
-                    n += conn.execute(f"DELETE FROM media WHERE id IN ({marks})", part).rowcount
+                    for sql, counted in statements:
+                        changed = conn.execute(sql.format(marks), part).rowcount
+                        n += changed if counted else 0
                 conn.execute("COMMIT")
             except BaseException:
                 if conn.in_transaction:
@@ -1390,18 +1383,18 @@ class SqliteStore(Store):
 
     async def media_unsent(self, before_ms: int, limit: int) -> list[MediaFile]:
         sql = f"SELECT {_MEDIA_COLS} FROM media WHERE state = 'uploaded' AND created_at < ? AND attached_at IS NULL ORDER BY created_at, id LIMIT ?"
-        return [_media(r) for r in await self._read(_fetch(sql, (before_ms, limit)), "media_unsent")]
+        return [MediaFile.from_row(r) for r in await self._read(_fetch(sql, (before_ms, limit)), "media_unsent")]
 
     async def media_of_user(self, user: str, limit: int) -> list[MediaFile]:
         sql = f"SELECT {_MEDIA_COLS} FROM media WHERE owner = ? AND state <> 'removed' ORDER BY created_at, id LIMIT ?"
-        return [_media(r) for r in await self._read(_fetch(sql, (user, limit)), "media_of_user")]
+        return [MediaFile.from_row(r) for r in await self._read(_fetch(sql, (user, limit)), "media_of_user")]
 
     async def media_orphans(self, limit: int) -> list[MediaFile]:
         """See :meth:`Store.media_orphans`: one query on a reader (its plan: a scan of
         ``media_state`` for ``state = 'attached'``, per file a search of the primary key of
         ``media_refs`` and per old ref a search of ``messages_room_seq``)."""
         cutoff = _now_ms() - MEDIA_PUBLISH_GRACE_MS
-        return [_media(r) for r in await self._read(_fetch(_MEDIA_ORPHANS, (cutoff, RECALLED, limit)), "media_orphans")]
+        return [MediaFile.from_row(r) for r in await self._read(_fetch(_MEDIA_ORPHANS, (cutoff, RECALLED, limit)), "media_orphans")]
 
     async def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``fn`` once on the writer thread, between batches."""
@@ -1997,24 +1990,6 @@ _MEDIA_ORPHANS = (
 
 def _media_row(f: MediaFile) -> tuple[Any, ...]:
     return tuple(getattr(f, k).decode() if k == "meta" else getattr(f, k) for k in MEDIA_FIELDS)
-
-
-def _media(r: Any) -> MediaFile:
-    vals = list(r)
-    i = MEDIA_FIELDS.index("meta")
-    vals[i] = (vals[i] or "{}").encode()
-    return MediaFile(*vals)
-
-
-def _attach_refusal(row: Any, owner: str) -> str:
-    """Why an attach changed nothing, from the file's (owner, state) or None."""
-    if row is None:
-        return "missing"
-    if row[0] != owner:
-        return "owner"
-    if row[1] == "removed":
-        return "removed"
-    return "used"
 
 
 def _fetch(sql: str, args: tuple[Any, ...]) -> Callable[[sqlite3.Connection], list[Any]]:

@@ -382,7 +382,8 @@ pub(crate) async fn relay(
             metrics::add(&c.media_relay_bytes_out, resp.len() as u64);
             clock.moved();
             if resp_total.is_none() {
-                resp_head.extend_from_slice(&resp[..resp.len().min(RESP_HEAD_MAX - resp_head.len().min(RESP_HEAD_MAX))]);
+                resp_head
+                    .extend_from_slice(&resp[..resp.len().min(RESP_HEAD_MAX - resp_head.len().min(RESP_HEAD_MAX))]);
                 resp_total = response_total(&resp_head, head_only);
                 if resp_total.is_none() && resp_head.len() >= RESP_HEAD_MAX {
                     resp_total = Some(None);

@@ -558,7 +558,16 @@ impl Wire<'_> {
     /// still sends, for at most `time` or `bytes`: closing with unread input would reset
     /// the connection, and a reset can destroy the answer before the client has read it.
     pub(crate) async fn close_and_drain(&mut self, time: Duration, bytes: usize) {
+        self.respond_and_end(&[]).await;
+        self.drain(time, bytes).await;
+    }
+
+    /// Write `resp` (may be empty), then end the stream (TLS: close_notify first), within 2 s.
+    async fn respond_and_end(&mut self, resp: &[u8]) {
         let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            if !resp.is_empty() {
+                self.write_all(resp).await?;
+            }
             if let Some(t) = self.tls.as_mut() {
                 let mut out = Vec::new();
                 tls::close_notify(&mut t.sess, &mut out);
@@ -567,7 +576,6 @@ impl Wire<'_> {
             self.stream.shutdown().await
         })
         .await;
-        self.drain(time, bytes).await;
     }
 
     /// Read and discard input until EOF, for at most `time` (and 5 s without a byte) or
@@ -600,16 +608,7 @@ impl Wire<'_> {
     /// Answer with a short HTTP response and end the stream.
     pub(crate) async fn respond(&mut self, status: u16, ctype: &str, body: &[u8], extra: &[(&str, &str)]) {
         let resp = handshake::response(status, ctype, body, extra);
-        let _ = tokio::time::timeout(Duration::from_secs(2), async {
-            self.write_all(&resp).await?;
-            if let Some(t) = self.tls.as_mut() {
-                let mut out = Vec::new();
-                tls::close_notify(&mut t.sess, &mut out);
-                self.stream.write_all(&out).await?;
-            }
-            self.stream.shutdown().await
-        })
-        .await;
+        self.respond_and_end(&resp).await;
     }
 
     /// Read the request head. Errors carry the status to answer with.
