@@ -12,28 +12,9 @@ from typing import Any
 from support.gateway import GatewayProcess, uniq
 from support.postgres import migrate
 from support.redis import RedisServer
+from support.routes import conversation, routes
 
-ROUTES = """
-[[routes]]
-pattern = "dm:{a}:{b}"
-kind = "dm"
-join = "none"
-store = "durable"
-members_max = 2
-user_rate = 0
-room_rate = 0
-
-[[routes]]
-pattern = "group:{group_id}"
-kind = "group"
-join = "none"
-store = "durable"
-user_rate = 0
-room_rate = 0
-
-[[routes]]
-pattern = "*"
-"""
+ROUTES = routes(conversation("dm:{a}:{b}", "dm", members_max=2), conversation("group:{group_id}", "group"))
 
 
 def nodes(redis_server: RedisServer, dsn: str, tmp_path: Path) -> list[GatewayProcess]:

@@ -22,37 +22,16 @@ import aiohttp
 import pytest
 from PIL import Image
 from support.gateway import GatewayProcess, uniq
+from support.routes import conversation, route, routes
 from support.wait import eventually
 
 from gateway.client import GatewayClient, GatewayError
 
-ROUTES = """
-[[routes]]
-pattern = "dm:{a}:{b}"
-kind = "dm"
-join = "none"
-store = "durable"
-members_max = 2
-user_rate = 0
-room_rate = 0
-
-[[routes]]
-pattern = "group:{group_id}"
-kind = "group"
-join = "none"
-store = "durable"
-user_rate = 0
-room_rate = 0
-media_limits = { image = 100000 }
-
-[[routes]]
-pattern = "live:{room_id}"
-user_rate = 0
-room_rate = 0
-
-[[routes]]
-pattern = "*"
-"""
+ROUTES = routes(
+    conversation("dm:{a}:{b}", "dm", members_max=2),
+    conversation("group:{group_id}", "group", media_limits={"image": 100_000}),
+    route("live:{room_id}"),
+)
 
 
 @dataclass
@@ -467,3 +446,23 @@ async def test_on_media_hooks_judge_uploads_at_once_or_later(tmp_path: Path) -> 
         assert types[late["seq"]] == "recalled" and types[ok["seq"]] == "image"
         assert (await get(absolute(g, late["file"]["url"])))[0] == 404
         assert g.metric("moderator_checked_total") is not None
+
+
+async def test_a_stalled_upload_is_cut_off_while_others_go_on(tmp_path: Path) -> None:
+    """An upload that stops sending is cut after media.idle_timeout (408 from the engine's
+    relay); meanwhile another upload, pings and messages go through."""
+    async with chat(tmp_path, "media.idle_timeout=1.5") as t:
+        g, a, b = t.g, t.a, t.b
+        head = (f"POST /media/upload?user={t.alice}&kind=file HTTP/1.1\r\nHost: x\r\n"
+                f"Content-Type: multipart/form-data; boundary=b\r\nContent-Length: {1 << 20}\r\n\r\n").encode()
+        body = b'--b\r\nContent-Disposition: form-data; name="file"; filename="f.pdf"\r\n\r\n%PDF-1.4\n' + b"0" * 8000
+        t0 = time.monotonic()
+        stalled = asyncio.ensure_future(raw_http(g, head, body))
+        await asyncio.sleep(0.3)
+        up = await a.upload(jpeg(64, 64), kind="image")
+        ack = await b.publish(t.room, {"file_id": (await b.upload(jpeg(32, 32), kind="image"))["file_id"]}, type="image")
+        assert up["file_id"] and ack["seq"] >= 1 and (await a.ping())["op"] == "pong"
+        answer = await stalled
+        assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+        assert 1.4 < time.monotonic() - t0 < 6
+        await eventually(lambda: not list((tmp_path / "media" / "tmp").iterdir()), what="the cut upload's partial file removed")

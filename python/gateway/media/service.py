@@ -499,6 +499,11 @@ class Media:
             kind = e.extra.pop("kind", kind)
             self.m_uploads.labels(kind, e.code).inc()
             return web.json_response({"error": e.message, "code": e.code, **e.extra}, status=e.status, headers={"Connection": "close"})
+        except ConnectionError:
+            # The client went away (or the engine's relay cut a stalled upload): nobody
+            # reads an answer; what was received is gone already.
+            self.m_uploads.labels(kind, "gone").inc()
+            return web.Response(status=400)
         except TimeoutError:
             self.m_uploads.labels(kind, "timeout").inc()
             return web.json_response({"error": f"the upload took longer than {self.cfg.timeout:g} s", "code": "timeout"}, status=408)
