@@ -39,6 +39,7 @@ from yarl import URL
 
 from .broker import BrokerError
 from .errors import NotRunning, Reject
+from .media.objects import ObjectsError
 from .protocol import frames
 from .protocol.codes import ErrorCode
 from .routing import valid_room_name
@@ -507,6 +508,8 @@ def build_app(gw: Gateway) -> web.Application:
             return _json({"error": f"broker unavailable: {e}", "local": True}, 503)
         except StoreUnavailable as e:
             return _json({"error": f"message store unavailable: {e}"}, 503)
+        except ObjectsError as e:
+            return _json({"error": f"media storage unavailable: {e}"}, 503)
         except Reject as e:
             refused.labels("rejected").inc()
             return _json({"error": e.message, "code": e.code}, _REJECT_STATUS.get(e.code, 400))

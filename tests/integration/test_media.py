@@ -466,3 +466,30 @@ async def test_a_stalled_upload_is_cut_off_while_others_go_on(tmp_path: Path) ->
         assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
         assert 1.4 < time.monotonic() - t0 < 6
         await eventually(lambda: not list((tmp_path / "media" / "tmp").iterdir()), what="the cut upload's partial file removed")
+
+
+async def test_the_object_store_down_gets_503_and_the_node_serves_on(tmp_path: Path, s3_server: Any) -> None:
+    """S3 goes away after start-up: uploads get 503 (retry later), nothing else breaks;
+    when it is back, uploads work again."""
+    from support.s3 import S3Server
+
+    s3 = S3Server(s3_server.binary, tmp_path / "own-s3")
+    s3.start()
+    sets = (
+        "media.backend=s3", f"media.s3.endpoint={s3.endpoint}", "media.s3.bucket=down", f"media.s3.access_key={s3.access_key}",
+        f"media.s3.secret_key={s3.secret_key}", "media.s3.create_bucket=true",
+    )
+    try:
+        async with chat(tmp_path, *sets) as t:
+            a, b = t.a, t.b
+            assert (await a.upload(jpeg(32, 32), kind="image"))["file_id"]
+            s3.stop()
+            with pytest.raises(GatewayError) as e:
+                await a.upload(jpeg(32, 32), kind="image")
+            assert e.value.code == 503 and "unavailable" in e.value.message
+            ack = await a.publish(t.room, {"text": "still here"})
+            assert (await next_msg(b, lambda m: m.get("seq") == ack["seq"]))["data"] == {"text": "still here"}
+            s3.start()
+            assert (await a.upload(jpeg(32, 32), kind="image"))["file_id"]
+    finally:
+        s3.stop()

@@ -335,6 +335,17 @@ class S3Objects(Objects):
             if _code(e) not in ("BucketAlreadyOwnedByYou",):
                 raise ObjectsError(f"{self._where()}: cannot create it: {e}") from e
 
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        """In the pool; the client's errors become :class:`ObjectsError` (what is not
+        found stays :class:`ObjectNotFound`)."""
+        from boto3.exceptions import Boto3Error
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return await super()._run(fn, *args)
+        except (BotoCoreError, ClientError, Boto3Error) as e:
+            raise ObjectsError(f"{self._where()}: {e}") from e
+
     async def start(self) -> None:
         await self._run(self._start)
 

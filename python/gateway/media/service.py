@@ -52,7 +52,7 @@ from ..protocol import frames
 from ..protocol.codes import ErrorCode
 from ..routing import MEDIA_KINDS, Route, valid_room_name
 from ..store import MediaFile, Store, StoreUnavailable
-from .objects import DiskObjects, Objects, S3Objects
+from .objects import DiskObjects, Objects, ObjectsError, S3Objects
 from .probe import ProbeError, audio_duration_ms, probe_image, thumbnail, video_info
 from .sniff import HEAD_BYTES, Sniffed, allowed, detect, kind_of
 
@@ -70,6 +70,7 @@ _FRAMING = 64 << 10
 #: Bytes gathered before a write to the temporary file.
 _WRITE_CHUNK = 1 << 20
 _FIELD_MAX = 1024
+_FIELDS_MAX = 16
 _CAPTION_MAX = 1000
 _ID_RE = re.compile(r"m_[A-Za-z0-9_-]{22}")
 _DAY_MS = 86_400_000
@@ -208,6 +209,10 @@ class Media:
             )
         else:
             self.objects = DiskObjects(self.dir / "files", executor=self.executor)
+            if self.gw.config.broker.kind == "redis" and self.gw.config.server.workers == 1:
+                log.warning("media.backend = 'disk' with the redis broker: a file uploaded through this node is only on this "
+                            "node's disk (%s) unless every node shares it and media.url_secret; several nodes want media.backend = 's3'",
+                            self.dir)
         await self.objects.start()
         app = web.Application(client_max_size=1 << 20)
         app.router.add_post(PREFIX + "upload", self._upload)
@@ -507,9 +512,10 @@ class Media:
         except TimeoutError:
             self.m_uploads.labels(kind, "timeout").inc()
             return web.json_response({"error": f"the upload took longer than {self.cfg.timeout:g} s", "code": "timeout"}, status=408)
-        except StoreUnavailable:
+        except (StoreUnavailable, ObjectsError) as e:
             self.m_uploads.labels(kind, "store").inc()
-            return web.json_response({"error": "the store is unavailable: try again", "code": "unavailable"}, status=503, headers={"Retry-After": "1"})
+            log.warning("upload refused: %s", e)
+            return web.json_response({"error": "storage is unavailable: try again", "code": "unavailable"}, status=503, headers={"Retry-After": "1"})
 
     async def _receive(self, req: web.Request, user: str) -> dict[str, Any]:
         length = req.content_length
@@ -538,6 +544,8 @@ class Media:
                             raise MediaError(400, "bad_request", "one file per upload")
                         got = await self._file_part(part, fields, length)
                     else:
+                        if len(fields) >= _FIELDS_MAX:
+                            raise MediaError(400, "bad_request", f"at most {_FIELDS_MAX} form fields")
                         fields.setdefault(part.name or "", await _small_field(part))
             except (ValueError, AssertionError, RuntimeError, UnicodeDecodeError) as e:
                 raise MediaError(400, "bad_request", f"malformed multipart body: {e}") from None
@@ -777,11 +785,12 @@ class Media:
             return 0
         objects = self.objects
         assert objects is not None
-        # The records first: a publish from now on is refused (4035), then the objects go.
+        # The objects first: if the store cannot delete them (ObjectsError), the records
+        # stay and the next sweep (or the caller's retry) tries again; nothing leaks.
+        await objects.delete([k for f in files for k in (f.key, f.key + ".t")])
         ids = [f.id for f in files]
         store = self.store
         n = await (store.media_purge_rows(ids) if purge_rows else store.media_remove(ids))
-        await objects.delete([k for f in files for k in (f.key, f.key + ".t")])
         for i in ids:
             self._recent.pop(i, None)
         self.m_removed.labels(reason).inc(len(files))
@@ -821,8 +830,8 @@ class Media:
                 n = await self.sweep()
                 if any(n.values()):
                     log.info("media sweep removed %d unsent and %d orphaned files", n["unsent"], n["orphan"])
-            except StoreUnavailable:
-                log.warning("media sweep skipped: store unavailable")
+            except (StoreUnavailable, ObjectsError) as e:
+                log.warning("media sweep stopped for now: %s", e)
             except Exception:
                 log.exception("media sweep failed")
             await asyncio.sleep(interval)
