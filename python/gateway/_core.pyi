@@ -97,7 +97,10 @@ class Engine:
     X-Gateway-Media-Secret; visible ASCII), media_max_body (104857600 bytes: a larger
     Content-Length gets 413 before the body is read; chunked gets 411), media_timeout
     (300.0 s for the whole exchange), media_idle_timeout (30.0 s without a byte either
-    way), media_max_inflight (64 relays at once: then 503). The upstream gets the client's
+    way), media_max_inflight (64 relays at once: then 503), media_rate and
+    media_node_rate (request-body bytes per second read per relay and by all relays
+    together; 0 = no limit; a relay over budget waits before its next read, so TCP
+    slows the client). The upstream gets the client's
     request line and end-to-end headers (hop-by-hop ones, Expect, and any client-sent
     X-Gateway-Media-Secret, X-Forwarded-For/-Proto/-Host, X-Real-IP, Forwarded, Via
     removed) plus X-Gateway-Media-Secret, X-Forwarded-For (the client's address as the

@@ -367,6 +367,12 @@ class MediaConfig:
     timeout: float = 300.0
     idle_timeout: float = 30.0
     max_inflight: int = 64
+    #: Upload bytes per second the node reads, all uploads together (0: no limit), and
+    #: per upload (0: no limit). Uploads cost CPU (about 5 ms per MB on the development
+    #: machine, engine and Python): the node budget keeps them from starving the live
+    #: rooms' fan-out (docs/media.md, "Cost"). Raise it on machines with cores to spare.
+    node_upload_rate: int = 16 << 20
+    upload_rate: int = 0
     #: Hours an uploaded file that no message carries is kept before it is deleted.
     unsent_hours: float = 24.0
     #: Seconds between sweeps for unsent, orphaned (message deleted, recalled or expired)
@@ -704,6 +710,9 @@ class Config:
                 raise ConfigError(f"media.{name}", "must be > 0")
         if m.url_ttl > 7 * 86400:
             raise ConfigError("media.url_ttl", "must be at most 7 days (604800 s; the longest an S3 presigned URL lives)")
+        for name in ("node_upload_rate", "upload_rate"):
+            if not isinstance(getattr(m, name), int) or getattr(m, name) < 0:
+                raise ConfigError(f"media.{name}", "must be a number of bytes per second >= 0 (0: no limit)")
         for name in ("daily_quota", "per_user_uploads", "max_inflight"):
             if not getattr(m, name) >= 1:
                 raise ConfigError(f"media.{name}", "must be >= 1")

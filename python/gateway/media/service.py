@@ -236,6 +236,8 @@ class Media:
             "media_timeout": cfg.timeout,
             "media_idle_timeout": cfg.idle_timeout,
             "media_max_inflight": cfg.max_inflight,
+            "media_rate": cfg.upload_rate,
+            "media_node_rate": cfg.node_upload_rate,
         }
 
     def _prepare_dir(self) -> None:

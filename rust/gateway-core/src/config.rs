@@ -120,6 +120,11 @@ pub struct EngineConfig {
     pub media_idle_timeout: Duration,
     /// Relays in flight on this node; over it: 503.
     pub media_max_inflight: usize,
+    /// Request-body bytes per second one relay reads from its client (0: no limit).
+    pub media_rate: u64,
+    /// Request-body bytes per second all relays together read (0: no limit): the share
+    /// of the node's CPU that uploads may take from the fan-out.
+    pub media_node_rate: u64,
 }
 
 impl Default for EngineConfig {
@@ -177,6 +182,8 @@ impl Default for EngineConfig {
             media_timeout: Duration::from_secs(300),
             media_idle_timeout: Duration::from_secs(30),
             media_max_inflight: 64,
+            media_rate: 0,
+            media_node_rate: 0,
         }
     }
 }

@@ -138,6 +138,7 @@ impl Engine {
             trusted,
             tls,
             media_upstream,
+            media_pace: parking_lot::Mutex::new(crate::media::Pace::new(cfg.media_node_rate)),
             handshake_cpu: tokio::sync::Semaphore::new(io_threads(&cfg).saturating_sub(1).max(1)),
             conn_cap: AtomicUsize::new(cfg.limits_max_conns),
             decoder: cfg.decoder(),

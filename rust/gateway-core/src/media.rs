@@ -228,6 +228,39 @@ impl Clock {
     }
 }
 
+/// A budget of bytes per second, paid after the bytes were read: a debt makes the reader
+/// wait before its next read (TCP backpressure then slows the client). Holds up to a
+/// quarter second of bytes (at least one read) for bursts. Rate 0: no limit.
+pub(crate) struct Pace {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    at: Instant,
+}
+
+impl Pace {
+    pub(crate) fn new(rate: u64) -> Self {
+        let rate = rate as f64;
+        let burst = (rate / 4.0).max(CHUNK as f64);
+        Pace { rate, burst, tokens: burst, at: Instant::now() }
+    }
+
+    /// Pay for `n` bytes read at `now`; how long to wait before reading more.
+    pub(crate) fn pay(&mut self, n: usize, now: Instant) -> Duration {
+        if self.rate <= 0.0 {
+            return Duration::ZERO;
+        }
+        let refill = now.saturating_duration_since(self.at).as_secs_f64() * self.rate;
+        self.tokens = (self.tokens + refill).min(self.burst) - n as f64;
+        self.at = now;
+        if self.tokens >= 0.0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64(-self.tokens / self.rate)
+        }
+    }
+}
+
 /// How a relay stopped early.
 enum Stop {
     /// The client went away (or broke its TLS stream): drop everything.
@@ -289,6 +322,10 @@ pub(crate) async fn relay(
     let mut resp: Vec<u8> = Vec::new();
     let mut off = 0;
     let mut head_rem = head_len;
+    // Upload pacing (media_rate per relay, media_node_rate for all): when set, the
+    // client is not read again before `resume`.
+    let mut pace = Pace::new(cfg.media_rate);
+    let mut resume: Option<Instant> = None;
     loop {
         if off == to_up.len() {
             if body_left == 0 {
@@ -301,16 +338,24 @@ pub(crate) async fn relay(
         enum Ev {
             Up(std::io::Result<tokio::io::Ready>),
             Client(std::io::Result<()>),
+            Resume,
             Timer,
         }
         let interest = if want_write { Interest::READABLE | Interest::WRITABLE } else { Interest::READABLE };
+        let paced = resume.is_some();
         let ev = tokio::select! {
             biased;
             r = up.ready(interest) => Ev::Up(r),
-            r = wire.socket().readable(), if !want_write => Ev::Client(r),
+            r = wire.socket().readable(), if !want_write && !paced => Ev::Client(r),
+            _ = sleep_until(resume.unwrap_or(clock.deadline)), if paced => Ev::Resume,
             _ = sleep_until(clock.at()) => Ev::Timer,
         };
         match ev {
+            Ev::Resume => {
+                resume = None;
+                // Waiting on the budget is not the client being idle.
+                clock.moved();
+            }
             Ev::Up(Err(_)) => break,
             Ev::Up(Ok(r)) => {
                 if r.is_readable() || r.is_read_closed() {
@@ -344,6 +389,11 @@ pub(crate) async fn relay(
                     Ok(Pull::Data(n)) => {
                         if n > 0 {
                             clock.moved();
+                            let now = Instant::now();
+                            let wait = pace.pay(n, now).max(sh.media_pace.lock().pay(n, now));
+                            if !wait.is_zero() {
+                                resume = Some(now + wait);
+                            }
                         }
                         to_up.truncate(usize::try_from(body_left).unwrap_or(usize::MAX).min(to_up.len()));
                         body_left -= to_up.len() as u64;

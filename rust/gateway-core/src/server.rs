@@ -99,6 +99,8 @@ pub struct Shared {
     pub tls: Option<Acceptor>,
     /// Where requests under `media_prefix` are relayed (None: the relay is off).
     pub media_upstream: Option<SocketAddr>,
+    /// The relays' shared budget of request-body bytes per second (`media_node_rate`).
+    pub media_pace: Mutex<crate::media::Pace>,
     /// Handshake crypto (a signature, a key exchange: up to about a millisecond each)
     /// runs on at most I/O threads - 1 at once, so a storm of handshakes never takes
     /// every thread from established connections.

@@ -122,6 +122,8 @@ fn config_from(kwargs: Option<&Bound<'_, PyDict>>) -> PyResult<EngineConfig> {
             "media_timeout" => c.media_timeout = d(&v)?,
             "media_idle_timeout" => c.media_idle_timeout = d(&v)?,
             "media_max_inflight" => c.media_max_inflight = v.extract()?,
+            "media_rate" => c.media_rate = v.extract()?,
+            "media_node_rate" => c.media_node_rate = v.extract()?,
             _ => return Err(PyTypeError::new_err(format!("Engine() got an unexpected keyword argument {key:?}"))),
         }
     }

@@ -539,3 +539,39 @@ fn answer_length_from_its_head() {
     assert_eq!(response_total(h, false), Some(Some(h.len() as u64)));
     assert_eq!(response_total(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nabc", false), Some(None));
 }
+
+#[test]
+fn pace_pays_after_reading_and_refills_at_its_rate() {
+    use super::Pace;
+    let t0 = tokio::time::Instant::now();
+    assert_eq!(Pace::new(0).pay(1 << 30, t0), Duration::ZERO, "rate 0: no limit");
+    let mut p = Pace::new(1_000_000); // burst: 250 kB
+    assert_eq!(p.pay(250_000, t0), Duration::ZERO);
+    let wait = p.pay(100_000, t0);
+    assert!((wait.as_secs_f64() - 0.1).abs() < 1e-6, "{wait:?}");
+    // A second later the debt is paid and the bucket full again (never more than the burst).
+    assert_eq!(p.pay(250_000, t0 + Duration::from_secs(2)), Duration::ZERO);
+    assert!(p.pay(1, t0 + Duration::from_secs(2)) > Duration::ZERO);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_are_paced_per_relay_and_per_node() {
+    // 600 kB at 1 MB/s per relay: the first 250 kB pass at once, the rest take ~0.35 s.
+    for (rate, node) in [(1_000_000u64, 0u64), (0, 1_000_000)] {
+        let (up, got) = echo_upstream().await;
+        let (eng, addr) = start(EngineConfig { media_rate: rate, media_node_rate: node, ..config(up) });
+        let body = vec![7u8; 600_000];
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        let head = format!("POST /media/upload HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n", body.len());
+        let t0 = std::time::Instant::now();
+        c.write_all(head.as_bytes()).await.unwrap();
+        c.write_all(&body).await.unwrap();
+        let resp = read_all(&mut c).await;
+        let took = t0.elapsed();
+        assert_eq!(status(&resp), 200);
+        assert_eq!(got.await.unwrap().1.len(), body.len());
+        assert!(took >= Duration::from_millis(300), "rate {rate}/{node}: {took:?}");
+        assert!(took < Duration::from_secs(3), "rate {rate}/{node}: {took:?}");
+        drop(eng);
+    }
+}
