@@ -2,7 +2,8 @@
 tests.integration.media_app:make_app``): ``on_media`` judges an upload named ``bad*`` risky
 at once; one named ``late*`` gets its verdict a moment later through
 ``gateway.media.verdict`` (the way a WeChat mediaCheckAsync callback lands), after the
-message carrying it was sent; others pass. It fetches each file through the URL it is
+message carrying it was sent; others pass. (``on_message`` drops media messages captioned
+"drop me".) It fetches each file through the URL it is
 given, as a moderation service would."""
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any
 
 import aiohttp
 
-from gateway.app import Gateway, Plugin
+from gateway.app import DROP, Gateway, Message, Plugin
 from gateway.config import Config
 from gateway.media import MediaInfo
 
@@ -40,6 +41,12 @@ class Moderator(Plugin):
             return None
         self.checked.labels("pass").inc()
         return "pass"
+
+    def on_message(self, client: Any, msg: Message) -> Any:
+        # A message a hook drops does not claim its file: it can be sent elsewhere.
+        if isinstance(msg.data, dict) and msg.data.get("caption") == "drop me":
+            return DROP
+        return None
 
     async def _later(self, file_id: str) -> None:
         await asyncio.sleep(1.0)

@@ -422,7 +422,7 @@ async def test_the_s3_path_upload_publish_download_expiry_verdict_and_purge(tmp_
 async def test_on_media_hooks_judge_uploads_at_once_or_later(tmp_path: Path) -> None:
     async with chat(tmp_path, app="tests.integration.media_app:make_app") as t:
         g, a, b = t.g, t.a, t.b
-        room = t.room
+        room, alice = t.room, t.alice
         # Judged risky as soon as it was checked: never sent.
         bad = await a.upload(jpeg(64, 64), kind="image", filename="bad.jpg")
 
@@ -434,8 +434,11 @@ async def test_on_media_hooks_judge_uploads_at_once_or_later(tmp_path: Path) -> 
         with pytest.raises(GatewayError) as e:
             await a.publish(room, {"file_id": bad["file_id"]}, type="image")
         assert e.value.code == 4035
-        # Passed: sent and kept.
-        ok = await a.send_image(room, jpeg(64, 64), filename="fine.jpg")
+        # Passed: sent and kept. Dropped by on_message first: the file was not claimed
+        # by that room, so it goes to another one.
+        dropped = await a.send_image(dm(alice, f"zz{uniq()}"), jpeg(64, 64), filename="fine.jpg", caption="drop me")
+        assert dropped["seq"] == 0
+        ok = await a.publish(room, {"file_id": dropped["file"]["file_id"]}, type="image")
         # A late verdict: the message was delivered, then it is recalled everywhere.
         recalled = b.wait_event(lambda m: m.get("op") == "recall" and m.get("room") == room, 15)
         late = await a.send_image(room, jpeg(64, 64), filename="late.jpg")

@@ -554,6 +554,13 @@ class Sessions:
             self.stats.dropped["filter"] += 1
             eng.send(c.conn, frames.ack(req.id, seq=0), Priority.HIGH)
             return
+        if mfile is not None:
+            assert media is not None
+            try:
+                mfile = await media.attach(mfile, c.user, room, route)
+            except StoreUnavailable:
+                self.stats.store_unavailable += 1
+                raise Reject(ErrorCode.STORE_UNAVAILABLE, "the message could not be stored: retry with the same cid") from None
         idem = f"c\x00{c.user}\x00{req.cid}" if req.cid is not None else None
         seq = 0
         degraded = dup = False

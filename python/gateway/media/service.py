@@ -424,8 +424,9 @@ class Media:
         return cap
 
     async def check_publish(self, user: str, room: str, route: Route, mtype: str, data: Any) -> tuple[MediaFile, dict[str, Any]]:
-        """Check a media ``publish`` and attach the file to ``room``; returns the file and
-        the message's ``data`` as stored. Raises :class:`Reject` with the media codes."""
+        """Check a media ``publish`` (before the hooks run); returns the file and the
+        message's ``data`` as stored. :meth:`attach` then claims the file for the room.
+        Raises :class:`Reject` with the media codes."""
         if mtype not in route.cfg.media_kinds():
             raise self._refuse(ErrorCode.MEDIA_KIND, f"{mtype} messages are not allowed in {room}")
         fid = data.get("file_id") if isinstance(data, dict) else None
@@ -445,13 +446,21 @@ class Media:
         cap = self.limit(f.kind, route)
         if f.size > cap:
             raise self._refuse(ErrorCode.TOO_LARGE, f"file {fid} has {f.size} bytes; {room} takes {f.kind} files up to {cap}")
-        got, why = await store.media_attach(fid, user, room, frames.now_ms(), exclusive=not route.cfg.media_reuse)
+        if f.room is not None and f.room != room and not route.cfg.media_reuse:
+            raise self._refuse(ErrorCode.MEDIA_USED, f"file {fid} was sent in another conversation; upload it again")
+        return f, self.describe(f, caption or None)
+
+    async def attach(self, f: MediaFile, user: str, room: str, route: Route) -> MediaFile:
+        """Claim ``f`` for a message in ``room`` once the hooks let it through: one
+        conditional update, so of two sends of one file into two rooms at once (a route
+        without ``media_reuse``) one gets 4038. A retry into the same room is no reuse."""
+        got, why = await self.store.media_attach(f.id, user, room, frames.now_ms(), exclusive=not route.cfg.media_reuse)
         if got is None:
             if why == "used":
-                raise self._refuse(ErrorCode.MEDIA_USED, f"file {fid} was sent in another conversation; upload it again")
-            raise self._refuse(ErrorCode.MEDIA_NOT_FOUND, f"no file {fid}")
+                raise self._refuse(ErrorCode.MEDIA_USED, f"file {f.id} was sent in another conversation; upload it again")
+            raise self._refuse(ErrorCode.MEDIA_NOT_FOUND, f"no file {f.id} (removed meanwhile)")
         self._remember(got)
-        return got, self.describe(got, caption or None)
+        return got
 
     def _refuse(self, code: int, message: str) -> Reject:
         self.m_refused.labels(str(int(code))).inc()
