@@ -76,6 +76,7 @@ class BadRequest(Exception):
 _REJECT_STATUS: dict[int, int] = {
     ErrorCode.NOT_MEMBER: 403, ErrorCode.FORBIDDEN: 403, ErrorCode.MUTED: 403, ErrorCode.RECALL_DENIED: 403,
     ErrorCode.NO_CONVERSATION: 404, ErrorCode.NO_ROUTE: 404, ErrorCode.TOO_MANY_MEMBERS: 409, ErrorCode.TOO_LARGE: 413,
+    ErrorCode.MEDIA_NOT_FOUND: 404, ErrorCode.MEDIA_NOT_YOURS: 403, ErrorCode.MEDIA_KIND: 422, ErrorCode.MEDIA_USED: 409,
     # The desk's codes (docs/customer-service.md): not an agent, no session, taken, at capacity, closed.
     4004: 404, 4090: 409, 4091: 409, 4092: 409,
 }

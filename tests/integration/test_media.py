@@ -30,6 +30,7 @@ from gateway.client import GatewayClient, GatewayError
 ROUTES = routes(
     conversation("dm:{a}:{b}", "dm", members_max=2),
     conversation("group:{group_id}", "group", media_limits={"image": 100_000}),
+    conversation("notice:{user_id}", "notice", publish="none", members_max=1),
     route("live:{room_id}"),
 )
 
@@ -496,3 +497,27 @@ async def test_the_object_store_down_gets_503_and_the_node_serves_on(tmp_path: P
             assert (await a.upload(jpeg(32, 32), kind="image"))["file_id"]
     finally:
         s3.stop()
+
+
+async def test_the_backend_sends_its_bots_upload_to_a_user_through_the_api(tmp_path: Path) -> None:
+    """A backend uploads as its own bot user (a token it mints; ?user= here), then posts
+    the file as the system into a user's notice conversation: checked like a client's
+    (kind, existence), delivered with signed URLs. As a member, only one's own file."""
+    async with chat(tmp_path) as t:
+        g, a, b = t.g, t.a, t.b
+        bot = await g.client(f"shopbot{uniq()}")
+        photo = jpeg(120, 90)
+        up = await bot.upload(photo, kind="image", filename="order.jpg")
+        notice = f"notice:{t.bob}"
+        status, body = await g.api("POST", f"/v1/conversations/{notice}/messages", {"type": "image", "data": {"file_id": up["file_id"]}})
+        assert status == 200, body
+        msg = await next_msg(b, lambda m: m.get("room") == notice)
+        assert msg["from"] is None and msg["data"]["name"] == "order.jpg"
+        assert (await get(absolute(g, msg["data"]["url"])))[1] == photo
+        status, body = await g.api("POST", f"/v1/conversations/{notice}/messages", {"type": "file", "data": {"file_id": up["file_id"]}})
+        assert status == 422 and body["code"] == 4037, body
+        status, body = await g.api("POST", f"/v1/conversations/{t.room}/messages",
+                                   {"type": "image", "data": {"file_id": (await bot.upload(photo, kind="image"))["file_id"]}, "from": t.alice})
+        assert status == 403 and body["code"] == 4036, body
+        await a.ping()
+        await bot.close()

@@ -704,7 +704,16 @@ class Conversations:
             await self.require_member(room, sender)
         idem = None if idempotency_key is None else f"a\x00{idempotency_key}"
         cid = None if idempotency_key is None else f"api:{idempotency_key}"
-        res = await self.rooms.publish(room, route, mtype, data, self.router.priority(route, mtype), sender, idem, cid)
+        media, mfile, live = self.media, None, None
+        if media is not None and media.enabled and media.applies(route, mtype, data):
+            # A file posted by the system may be anyone's upload (the backend's bot);
+            # as a member, only the member's own.
+            mfile, data = await media.check_publish(sender, room, route, mtype, data)
+            mfile = await media.attach(mfile, sender, room, route)
+            live = media.live_data(mfile, data)
+        res = await self.rooms.publish(room, route, mtype, data, self.router.priority(route, mtype), sender, idem, cid, live=live)
+        if mfile is not None and media is not None:
+            await media.sent(mfile, room, res.seq, True)
         if sender is not None:
             self.published(room, sender, res.seq)
         return res.seq, res.duplicate

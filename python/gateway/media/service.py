@@ -423,10 +423,12 @@ class Media:
             cap = min(cap, int(route.cfg.media_limits[kind]))
         return cap
 
-    async def check_publish(self, user: str, room: str, route: Route, mtype: str, data: Any) -> tuple[MediaFile, dict[str, Any]]:
+    async def check_publish(self, user: str | None, room: str, route: Route, mtype: str, data: Any) -> tuple[MediaFile, dict[str, Any]]:
         """Check a media ``publish`` (before the hooks run); returns the file and the
         message's ``data`` as stored. :meth:`attach` then claims the file for the room.
-        Raises :class:`Reject` with the media codes."""
+        ``user`` None: the system posts (the HTTP API, plugins), which may send a file
+        any user uploaded (e.g. the backend's own bot). Raises :class:`Reject` with the
+        media codes."""
         if mtype not in route.cfg.media_kinds():
             raise self._refuse(ErrorCode.MEDIA_KIND, f"{mtype} messages are not allowed in {room}")
         fid = data.get("file_id") if isinstance(data, dict) else None
@@ -439,7 +441,7 @@ class Media:
         f = await store.media_get(fid)
         if f is None or f.state == "removed" or f.verdict == "risky":
             raise self._refuse(ErrorCode.MEDIA_NOT_FOUND, f"no file {fid} (never uploaded, expired or removed)")
-        if f.owner != user:
+        if user is not None and f.owner != user:
             raise self._refuse(ErrorCode.MEDIA_NOT_YOURS, f"file {fid} was uploaded by another user")
         if f.kind != mtype:
             raise self._refuse(ErrorCode.MEDIA_KIND, f"file {fid} is a {f.kind}, not a {mtype}")
@@ -450,11 +452,12 @@ class Media:
             raise self._refuse(ErrorCode.MEDIA_USED, f"file {fid} was sent in another conversation; upload it again")
         return f, self.describe(f, caption or None)
 
-    async def attach(self, f: MediaFile, user: str, room: str, route: Route) -> MediaFile:
+    async def attach(self, f: MediaFile, user: str | None, room: str, route: Route) -> MediaFile:
         """Claim ``f`` for a message in ``room`` once the hooks let it through: one
         conditional update, so of two sends of one file into two rooms at once (a route
         without ``media_reuse``) one gets 4038. A retry into the same room is no reuse."""
-        got, why = await self.store.media_attach(f.id, user, room, frames.now_ms(), exclusive=not route.cfg.media_reuse)
+        owner = f.owner if user is None else user
+        got, why = await self.store.media_attach(f.id, owner, room, frames.now_ms(), exclusive=not route.cfg.media_reuse)
         if got is None:
             if why == "used":
                 raise self._refuse(ErrorCode.MEDIA_USED, f"file {f.id} was sent in another conversation; upload it again")
