@@ -7,6 +7,8 @@ Tests import helpers from the ``support`` package (tests/ is on ``sys.path``);
 from support.fixtures import (  # noqa: F401  (fixtures and hooks are registered by name)
     _kill_leftovers,
     _servers_still_alive,
+    browser_paths,
+    browsers,
     clients,
     gateway_factory,
     gw,

@@ -17,30 +17,16 @@ skips).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pytest
-from support.browser import Browsers, ensure_browser, ensure_selenium, js_errors, texts, wait
+from support.browser import Browsers, js_errors, texts, wait
 from support.fixtures import GatewayFactory
 from support.gateway import ROOT, uniq
 
 ARTIFACTS = ROOT / "target" / "artifacts"
 
-
-@pytest.fixture(scope="module")
-def browser_paths() -> tuple[str, str]:
-    paths = ensure_browser()
-    ensure_selenium()
-    return paths
-
-
-@pytest.fixture
-def browsers(browser_paths: tuple[str, str], tmp_path: Path) -> Iterator[Browsers]:
-    b = Browsers(browser_paths, tmp_path)
-    yield b
-    b.quit()
 
 
 # First use installs chromium with apt-get (bounded at 2,400 s) and selenium with pip (600 s).

@@ -16,12 +16,10 @@ Screenshots of the consoles and the shop page: ``target/artifacts/desk-console*.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
-from support.browser import Browsers, ensure_browser, ensure_selenium, js_errors, wait
+from support.browser import Browsers, js_errors, wait
 from support.desk import DESK_ROUTES
 from support.fixtures import GatewayFactory
 from support.gateway import ROOT
@@ -64,19 +62,6 @@ departments = ["presales", "aftersales"]
 capacity = 5
 """.replace("'", '"')
 
-
-@pytest.fixture(scope="module")
-def browser_paths() -> tuple[str, str]:
-    paths = ensure_browser()
-    ensure_selenium()
-    return paths
-
-
-@pytest.fixture
-def browsers(browser_paths: tuple[str, str], tmp_path: Path) -> Iterator[Browsers]:
-    b = Browsers(browser_paths, tmp_path)
-    yield b
-    b.quit()
 
 
 def click(d: Any, css: str) -> None:

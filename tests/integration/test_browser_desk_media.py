@@ -13,12 +13,11 @@ Chromium and Selenium as in test_browser_demo.py (never skipped).
 from __future__ import annotations
 
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from support.browser import Browsers, ensure_browser, ensure_selenium, js_errors, wait
+from support.browser import Browsers, js_errors, wait
 from support.fixtures import GatewayFactory
 from support.gateway import ROOT
 from test_browser_desk import DESK_CONFIG, click, one
@@ -50,19 +49,6 @@ def loaded_photo(d: Any) -> dict[str, Any] | None:
 def file_link(d: Any) -> dict[str, Any] | None:
     return next((m for m in media(d) if m["file"]), None)
 
-
-@pytest.fixture(scope="module")
-def browser_paths() -> tuple[str, str]:
-    paths = ensure_browser()
-    ensure_selenium()
-    return paths
-
-
-@pytest.fixture
-def browsers(browser_paths: tuple[str, str], tmp_path: Path) -> Iterator[Browsers]:
-    b = Browsers(browser_paths, tmp_path)
-    yield b
-    b.quit()
 
 
 @pytest.mark.timeout(3060)

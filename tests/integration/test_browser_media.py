@@ -14,12 +14,11 @@ skips).
 from __future__ import annotations
 
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from support.browser import Browsers, ensure_browser, ensure_selenium, js_errors, wait
+from support.browser import Browsers, js_errors, wait
 from support.fixtures import GatewayFactory
 from support.gateway import ROOT
 
@@ -28,19 +27,6 @@ ARTIFACTS = ROOT / "target" / "artifacts"
 #: The quadrants of the test photo (RGB), checked in the screenshot.
 QUADRANTS = {"top_left": (220, 30, 30), "top_right": (30, 180, 40), "bottom_left": (30, 60, 220), "bottom_right": (240, 200, 20)}
 
-
-@pytest.fixture(scope="module")
-def browser_paths() -> tuple[str, str]:
-    paths = ensure_browser()
-    ensure_selenium()
-    return paths
-
-
-@pytest.fixture
-def browsers(browser_paths: tuple[str, str], tmp_path: Path) -> Iterator[Browsers]:
-    b = Browsers(browser_paths, tmp_path)
-    yield b
-    b.quit()
 
 
 def make_photo(path: Path, w: int = 480, h: int = 360) -> Path:

@@ -21,12 +21,11 @@ Chromium, chromedriver, certutil and Selenium are installed on demand
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from support.browser import Browsers, ensure_browser, ensure_selenium, js_errors, nss_trust, texts, wait
+from support.browser import Browsers, js_errors, nss_trust, texts, wait
 from support.certs import TestCA
 from support.fixtures import GatewayFactory
 from support.gateway import GatewayProcess, uniq
@@ -52,19 +51,6 @@ WS_RECORDER = """
 })();
 """
 
-
-@pytest.fixture(scope="module")
-def browser_paths() -> tuple[str, str]:
-    paths = ensure_browser()
-    ensure_selenium()
-    return paths
-
-
-@pytest.fixture
-def browsers(browser_paths: tuple[str, str], tmp_path: Path) -> Iterator[Browsers]:
-    b = Browsers(browser_paths, tmp_path)
-    yield b
-    b.quit()
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ from __future__ import annotations
 import gc
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -32,6 +32,9 @@ from .gateway import JWT_SECRET, GatewayProcess
 from .postgres import PostgresServer
 from .redis import RedisServer
 from .s3 import S3Server
+
+if TYPE_CHECKING:
+    from .browser import Browsers
 
 GatewayFactory = Callable[..., GatewayProcess]
 
@@ -247,3 +250,23 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
         yield srv.start()
     finally:
         srv.stop()
+
+
+@pytest.fixture(scope="session")
+def browser_paths() -> tuple[str, str]:
+    """Chromium and its driver (installed from Debian on first use), and selenium."""
+    from .browser import ensure_browser, ensure_selenium
+
+    paths = ensure_browser()
+    ensure_selenium()
+    return paths
+
+
+@pytest.fixture
+def browsers(browser_paths: tuple[str, str], tmp_path: Path) -> Iterator[Browsers]:
+    """Headless browsers for one test (:class:`support.browser.Browsers`), quit after it."""
+    from .browser import Browsers
+
+    b = Browsers(browser_paths, tmp_path)
+    yield b
+    b.quit()
