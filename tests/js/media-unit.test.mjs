@@ -390,6 +390,12 @@ test("mediaUrl: absolute URLs (relative ones made so), thumb falls back to url, 
   const v = { room: "r", seq: 1, type: "voice", data: { file_id: "m_2", url: "https://s3.example/b/k?X-Amz=1", expires: t - 1 } };
   assert.deepEqual(c.mediaUrl(v), { url: "https://s3.example/b/k?X-Amz=1", thumbUrl: "https://s3.example/b/k?X-Amz=1", expires: t - 1, expired: true });
   assert.equal(c.mediaUrl({ type: "chat", data: { text: "hi" } }), null);
+  // Only http(s) and the server's paths: a message from an unchecked room cannot smuggle a script link.
+  for (const bad of ["javascript:alert(1)", "JAVASCRIPT:alert(1)", "data:text/html,<script>x</script>", "//evil.example/x.jpg"]) {
+    const u = c.mediaUrl({ type: "image", data: { url: bad, thumb_url: bad } });
+    assert.equal(u.url, null, bad);
+    assert.equal(u.thumbUrl, null, bad);
+  }
   assert.equal(c.mediaUrl(null), null);
   await c.connect();
   const fresh = await c.refreshMedia(m);

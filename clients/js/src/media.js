@@ -253,7 +253,9 @@ export function mediaUrls(client, msg, opts) {
   let base = null;
   const abs = (u) => {
     if (typeof u !== "string" || !u) return null;
-    if (u.charAt(0) !== "/" || u.charAt(1) === "/") return u;
+    // Only http(s) URLs and the server's own paths: a message from a room the server does
+    // not check media in could carry `javascript:` or `data:` links.
+    if (u.charAt(0) !== "/" || u.charAt(1) === "/") return /^https?:\/\//i.test(u) ? u : null;
     if (base === null) {
       try {
         base = o.mediaUrl ? mediaBase(o.mediaUrl) : mediaBase(o.url);
