@@ -778,11 +778,6 @@ class Store(abc.ABC):
         """The (room, seq) of the messages that carry the file, in (room, seq) order."""
 
     @abc.abstractmethod
-    async def media_files_of(self, room: str, seqs: Sequence[int]) -> dict[int, list[str]]:
-        """Which files the messages ``seqs`` of ``room`` carry (seq -> file ids, sorted);
-        messages without files are absent. For recalls and tombstones."""
-
-    @abc.abstractmethod
     async def media_set_verdict(self, id: str, verdict: str) -> MediaFile | None:
         """Set the moderation verdict; the file after, or None when there is no such file."""
 

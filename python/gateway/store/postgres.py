@@ -1432,15 +1432,6 @@ class PostgresStore(Store):
         rows = await self._fetch(f"SELECT room, seq FROM {self.schema}.media_refs WHERE file_id = $1 ORDER BY room, seq", [id], "reading media refs")
         return [(str(r[0]), int(r[1])) for r in rows]
 
-    async def media_files_of(self, room: str, seqs: Sequence[int]) -> dict[int, list[str]]:
-        if not seqs:
-            return {}
-        sql = f"SELECT seq, file_id FROM {self.schema}.media_refs WHERE room = $1 AND seq = ANY($2::int8[]) ORDER BY seq, file_id"
-        out: dict[int, list[str]] = {}
-        for seq, fid in await self._fetch(sql, [room, sorted(set(seqs))], "reading media refs"):
-            out.setdefault(int(seq), []).append(str(fid))
-        return out
-
     async def media_set_verdict(self, id: str, verdict: str) -> MediaFile | None:
         sql = f"UPDATE {self.schema}.media SET verdict = $2 WHERE id = $1 RETURNING {_MEDIA_COLS}"
         rows = await self._fetch(sql, [id, verdict], "updating a media file")

@@ -1316,22 +1316,6 @@ class SqliteStore(Store):
         rows = await self._read(_fetch("SELECT room, seq FROM media_refs WHERE file_id = ? ORDER BY room, seq", (id,)), "media_refs")
         return [(str(r[0]), int(r[1])) for r in rows]
 
-    async def media_files_of(self, room: str, seqs: Sequence[int]) -> dict[int, list[str]]:
-        wanted = sorted(set(seqs))
-        if not wanted:
-            return {}
-
-        def run(conn: sqlite3.Connection) -> dict[int, list[str]]:
-            out: dict[int, list[str]] = {}
-            for i in range(0, len(wanted), 500):
-                part = wanted[i:i + 500]
-                sql = f"SELECT seq, file_id FROM media_refs WHERE room = ? AND seq IN ({','.join('?' * len(part))}) ORDER BY seq, file_id"
-                for seq, fid in conn.execute(sql, (room, *part)):
-                    out.setdefault(int(seq), []).append(str(fid))
-            return out
-
-        return await self._read(run, "media_files_of")
-
     async def media_set_verdict(self, id: str, verdict: str) -> MediaFile | None:
         def run(conn: sqlite3.Connection) -> MediaFile | None:
             r = conn.execute(f"UPDATE media SET verdict = ? WHERE id = ? RETURNING {_MEDIA_COLS}", (verdict, id)).fetchone()
