@@ -522,6 +522,11 @@ class Sessions:
             raise Reject(ErrorCode.NOT_JOINED, f"not in room {req.room}")
         self.engine().send(c.conn, frames.ack(req.id, room=req.room), Priority.HIGH)
 
+    def _store_down(self) -> Reject:
+        """The refusal of a publish whose store was unreachable (counted)."""
+        self.stats.store_unavailable += 1
+        return Reject(ErrorCode.STORE_UNAVAILABLE, "the message could not be stored: retry with the same cid")
+
     async def publish(self, c: Client, req: Publish) -> None:
         room = req.room
         eng = self.engine()
@@ -539,16 +544,14 @@ class Sessions:
             try:
                 await cv.check_publish(c, room, route)
             except StoreUnavailable:
-                self.stats.store_unavailable += 1
-                raise Reject(ErrorCode.STORE_UNAVAILABLE, "the message could not be stored: retry with the same cid") from None
+                raise self._store_down() from None
         data, media = req.data, self.media
         mfile = None
         if media is not None and media.enabled and media.applies(route, req.type, data):
             try:
                 mfile, data = await media.check_publish(c.user, room, route, req.type, data)
             except StoreUnavailable:
-                self.stats.store_unavailable += 1
-                raise Reject(ErrorCode.STORE_UNAVAILABLE, "the message could not be stored: retry with the same cid") from None
+                raise self._store_down() from None
         m = await self.hooks.chain("on_message", c, Message(room, req.type, data, c, verdict.priority, cid=req.cid), _message)
         if m is DROP:
             self.stats.dropped["filter"] += 1
@@ -559,8 +562,7 @@ class Sessions:
             try:
                 mfile = await media.attach(mfile, c.user, room, route)
             except StoreUnavailable:
-                self.stats.store_unavailable += 1
-                raise Reject(ErrorCode.STORE_UNAVAILABLE, "the message could not be stored: retry with the same cid") from None
+                raise self._store_down() from None
         idem = f"c\x00{c.user}\x00{req.cid}" if req.cid is not None else None
         seq = 0
         degraded = dup = False
@@ -576,8 +578,7 @@ class Sessions:
                 if mfile is not None:
                     await media.sent(mfile, target, res.seq, self.storage.mode(troute, m.type) != "none")  # type: ignore[union-attr]
             except StoreUnavailable:
-                self.stats.store_unavailable += 1
-                raise Reject(ErrorCode.STORE_UNAVAILABLE, "the message could not be stored: retry with the same cid") from None
+                raise self._store_down() from None
             except BrokerError:
                 # Delivered to this node's members only (seq 0, not recoverable); counted
                 # by Rooms.publish. after_publish does not run: nothing was published.

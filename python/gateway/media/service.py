@@ -41,7 +41,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
-from urllib.parse import quote
 
 import orjson
 from aiohttp import BodyPartReader, MultipartReader, web
@@ -52,7 +51,7 @@ from ..protocol import frames
 from ..protocol.codes import ErrorCode
 from ..routing import MEDIA_KINDS, Route, valid_room_name
 from ..store import MediaFile, Store, StoreUnavailable
-from .objects import DiskObjects, Objects, ObjectsError, S3Objects
+from .objects import DiskObjects, Objects, ObjectsError, S3Objects, content_disposition
 from .probe import ProbeError, audio_duration_ms, probe_image, thumbnail, video_info
 from .sniff import HEAD_BYTES, Sniffed, allowed, detect, kind_of
 
@@ -290,7 +289,7 @@ class Media:
             exp = int(time.time() + ttl)
         objects = self.objects
         assert objects is not None
-        key = f.key if purpose == _PURPOSE_FILE else f.key + ".t"
+        key = f.key if purpose == _PURPOSE_FILE else f.thumb_key
         inline = purpose == _PURPOSE_THUMB or f.mime in _INLINE
         presigned = objects.presign(
             key, max(1, exp - int(time.time())),
@@ -662,16 +661,15 @@ class Media:
         objects = self.objects
         assert objects is not None
         key = f"{time.strftime('%Y%m%d', time.gmtime())}/{got.file_id}"
-        await objects.put(key, got.path, mime, move=True)
+        rec = MediaFile(got.file_id, user, kind, mime, got.size, got.sha256, got.name, orjson.dumps(meta), key, frames.now_ms())
+        await objects.put(rec.key, got.path, mime, move=True)
         try:
             if meta.get("thumb"):
-                await objects.put(key + ".t", thumb_path, "image/jpeg", move=True)
-            now = frames.now_ms()
-            rec = MediaFile(got.file_id, user, kind, mime, got.size, got.sha256, got.name, orjson.dumps(meta), key, now)
+                await objects.put(rec.thumb_key, thumb_path, "image/jpeg", move=True)
             await self.store.media_add(rec)
         except BaseException:
             with contextlib.suppress(Exception):
-                await objects.delete([key, key + ".t"])
+                await objects.delete([rec.key, rec.thumb_key])
             raise
         self.m_bytes.inc(got.size)
         self._remember(rec)
@@ -739,7 +737,7 @@ class Media:
         assert objects is not None
         path = None
         if f is not None and f.state != "removed":
-            path = await objects.open(f.key if purpose == _PURPOSE_FILE else f.key + ".t")
+            path = await objects.open(f.key if purpose == _PURPOSE_FILE else f.thumb_key)
         if f is None or path is None:
             self.m_downloads.labels("gone").inc()
             return web.Response(status=404, text="no such file (removed)\n")
@@ -801,7 +799,7 @@ class Media:
         assert objects is not None
         # The objects first: if the store cannot delete them (ObjectsError), the records
         # stay and the next sweep (or the caller's retry) tries again; nothing leaks.
-        await objects.delete([k for f in files for k in (f.key, f.key + ".t")])
+        await objects.delete([k for f in files for k in (f.key, f.thumb_key)])
         ids = [f.id for f in files]
         store = self.store
         n = await (store.media_purge_rows(ids) if purge_rows else store.media_remove(ids))
@@ -865,8 +863,3 @@ def _unlink(*paths: Path) -> None:
         with contextlib.suppress(FileNotFoundError):
             p.unlink()
 
-
-def content_disposition(name: str) -> str:
-    """``attachment`` with an ASCII fallback and the RFC 5987 UTF-8 name."""
-    ascii_name = name.encode("ascii", "replace").decode().replace("?", "_").replace('"', "")
-    return f"attachment; filename=\"{ascii_name}\"; filename*=UTF-8''{quote(name, safe='')}"
