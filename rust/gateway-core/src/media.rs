@@ -541,24 +541,10 @@ fn gone(c: &Counters) {
 
 /// Records the TLS session wants sent in answer to the client's (best effort).
 async fn flush_tls_out(wire: &mut Wire<'_>, out: &mut Vec<u8>) {
-    if out.is_empty() {
-        return;
+    if !out.is_empty() {
+        let _ = tokio::time::timeout(Duration::from_secs(2), wire.write_raw(out)).await;
+        out.clear();
     }
-    let sock = wire.socket();
-    let _ = tokio::time::timeout(Duration::from_secs(2), async {
-        let mut off = 0;
-        while off < out.len() {
-            sock.writable().await?;
-            match sock.try_write(&out[off..]) {
-                Ok(n) => off += n,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(())
-    })
-    .await;
-    out.clear();
 }
 
 /// Write `data` to the client (through TLS on a TLS listener), each byte the socket

@@ -221,13 +221,20 @@ async fn refuse(stream: &mut TcpStream, status: u16, body: &'static [u8]) {
     let resp = handshake::response(status, "text/plain", body, &[("Retry-After", "1")]);
     let _ = tokio::time::timeout(Duration::from_secs(2), stream.write_all(&resp)).await;
     let _ = stream.shutdown().await;
-    let _ = tokio::time::timeout(Duration::from_millis(500), async {
-        let mut sink = [0u8; 1024];
-        let mut left: usize = 16 * 1024;
+    discard(stream, Duration::from_millis(500), 16 * 1024).await;
+}
+
+/// Read and throw away input until EOF, for at most `time` (and 5 s without a byte) or
+/// `bytes`: a socket closed with unread input is reset, and a reset can destroy the
+/// answer before the client has read it.
+async fn discard(stream: &mut TcpStream, time: Duration, bytes: usize) {
+    let _ = tokio::time::timeout(time, async {
+        let mut sink = vec![0u8; bytes.min(64 * 1024)];
+        let mut left = bytes;
         while left > 0 {
-            match stream.read(&mut sink).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => left = left.saturating_sub(n),
+            match tokio::time::timeout(Duration::from_secs(5), stream.read(&mut sink)).await {
+                Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
+                Ok(Ok(n)) => left = left.saturating_sub(n),
             }
         }
     })
@@ -580,31 +587,24 @@ impl Wire<'_> {
         .await;
     }
 
-    /// Read and discard input until EOF, for at most `time` (and 5 s without a byte) or
-    /// `bytes`.
+    /// Read and discard input until EOF (see [`discard`]).
     pub(crate) async fn drain(&mut self, time: Duration, bytes: usize) {
-        let _ = tokio::time::timeout(time, async {
-            let mut sink = vec![0u8; 64 * 1024];
-            let mut left = bytes;
-            while left > 0 {
-                match tokio::time::timeout(Duration::from_secs(5), self.stream.read(&mut sink)).await {
-                    Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
-                    Ok(Ok(n)) => left = left.saturating_sub(n),
-                }
-            }
-        })
-        .await;
+        discard(self.stream, time, bytes).await;
     }
 
+    /// Write `data` (TLS: sealed first).
     async fn write_all(&mut self, data: &[u8]) -> io::Result<()> {
-        match self.tls.as_mut() {
-            None => self.stream.write_all(data).await,
-            Some(t) => {
-                let mut out = Vec::new();
-                tls::encrypt(&mut t.sess, data, &mut out).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-                self.stream.write_all(&out).await
-            }
+        if self.tls.is_none() {
+            return self.stream.write_all(data).await;
         }
+        let mut out = Vec::new();
+        self.seal(data, &mut out)?;
+        self.write_raw(&out).await
+    }
+
+    /// Write bytes as they are (records already sealed, on a TLS wire).
+    pub(crate) async fn write_raw(&mut self, data: &[u8]) -> io::Result<()> {
+        self.stream.write_all(data).await
     }
 
     /// Answer with a short HTTP response and end the stream.
