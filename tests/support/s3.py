@@ -93,8 +93,9 @@ class S3Server:
     def start(self, timeout: float = 20.0) -> S3Server:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [str(self.binary), "--host", "127.0.0.1", "--port", str(self.port), "--access-key", self.access_key,
-                 "--secret-key", self.secret_key, str(self.data)],
+                [str(self.binary), "--host", "127.0.0.1", "--port", str(self.port), f"--access-key={self.access_key}",
+                 # "=": a random key may start with "-", which would read as an option.
+                 f"--secret-key={self.secret_key}", "--", str(self.data)],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
             )
         eventually_sync(self.ready, timeout, interval=0.05, what=f"s3s-fs on port {self.port} (log: {self.log_path})")
